@@ -93,16 +93,13 @@ impl GroupedCodebook {
         let results: Vec<Result<kmeans::KMeans>> = (0..groups)
             .into_par_iter()
             .map(|g| {
-                let sub = x
-                    .slice(s![.., g * w..(g + 1) * w])
-                    .as_standard_layout()
-                    .into_owned();
+                let sub = x.slice(s![.., g * w..(g + 1) * w]);
                 let gcfg = KMeansConfig {
                     seed: cfg.seed.wrapping_add(g as u64),
                     progress: cfg.progress && groups == 1,
                     ..cfg.clone()
                 };
-                let r = kmeans::fit(sub.view(), &gcfg);
+                let r = kmeans::fit(sub, &gcfg);
                 bar.inc(1);
                 r
             })
@@ -244,7 +241,7 @@ impl GroupedCodebook {
 }
 
 pub fn check_groups(d: usize, groups: usize) -> Result<()> {
-    if groups == 0 || d % groups != 0 {
+    if groups == 0 || !d.is_multiple_of(groups) {
         return Err(QuantError::param(
             "groups",
             format!("must divide the row width D = {d}, got G = {groups}"),

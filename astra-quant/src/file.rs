@@ -235,7 +235,7 @@ impl CodebookFile {
             )));
         }
         let (k, groups, dim, blocks) = (num("k")?, num("groups")?, num("dim")?, num("blocks")?);
-        if groups == 0 || dim % groups != 0 {
+        if groups == 0 || !dim.is_multiple_of(groups) {
             return Err(bad(format!(
                 "groups = {groups} does not divide dim = {dim}"
             )));

@@ -78,6 +78,8 @@ pub struct KMeans {
     pub stats: Vec<IterStats>,
     /// Rows actually used for training (after subsampling).
     pub rows_used: usize,
+    /// Stopped before `iters` because the assignment no longer changed.
+    pub converged: bool,
 }
 
 /// Relative size of the perturbation that separates a split cluster's two halves (faiss uses the same).
@@ -104,7 +106,13 @@ pub fn fit(data: ArrayView2<f32>, cfg: &KMeansConfig) -> Result<KMeans> {
     validate(n, d, cfg.k)?;
     check_finite(data)?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let x = subsample(data, cfg, &mut rng);
+    let sampled = subsample(data, cfg, &mut rng);
+    // Without subsampling, train on the caller's rows in place: copying ViT-scale inputs
+    // (hundreds of MB) costs more than an iteration in page faults.
+    let x: ndarray::CowArray<f32, ndarray::Ix2> = match sampled {
+        Some(s) => s.into(),
+        None => data.as_standard_layout(),
+    };
     let mut centroids = match cfg.init {
         Init::Random => random_rows(x.view(), cfg.k, &mut rng),
         Init::KMeansPlusPlus => kmeans_plus_plus(x.view(), cfg.k, &mut rng),
@@ -123,13 +131,30 @@ pub fn fit(data: ArrayView2<f32>, cfg: &KMeansConfig) -> Result<KMeans> {
         ProgressBar::hidden()
     };
     let mut stats = Vec::with_capacity(cfg.iters);
+    let mut previous: Vec<u32> = Vec::new();
+    let mut converged = false;
     for iter in 0..cfg.iters {
         let t0 = Instant::now();
         let (labels, dists) = nearest(x.view(), centroids.view());
+        // Same assignment as last time: the update would reproduce the current centroids, so
+        // Lloyd's iteration has reached its fixed point (faiss stops here too).
+        if labels == previous {
+            converged = true;
+            stats.push(IterStats {
+                iter,
+                objective: dists.iter().map(|&v| v as f64).sum::<f64>() / x.nrows() as f64,
+                imbalance: stats.last().map_or(1.0, |s: &IterStats| s.imbalance),
+                splits: 0,
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+            bar.inc(1);
+            break;
+        }
         let objective = dists.iter().map(|&v| v as f64).sum::<f64>() / x.nrows() as f64;
         let (mut counts, new) = update_centroids(x.view(), &labels, &centroids);
         centroids = new;
         let splits = split_empty(&mut centroids, &mut counts);
+        previous = if splits == 0 { labels } else { Vec::new() };
         let imbalance = imbalance(&counts, x.nrows());
         stats.push(IterStats {
             iter,
@@ -154,18 +179,24 @@ pub fn fit(data: ArrayView2<f32>, cfg: &KMeansConfig) -> Result<KMeans> {
         centroids,
         stats,
         rows_used: x.nrows(),
+        converged,
     })
 }
 
-fn subsample(data: ArrayView2<f32>, cfg: &KMeansConfig, rng: &mut ChaCha8Rng) -> Array2<f32> {
+/// The rows to train on when there are more than K × max_points_per_centroid; None means all.
+fn subsample(
+    data: ArrayView2<f32>,
+    cfg: &KMeansConfig,
+    rng: &mut ChaCha8Rng,
+) -> Option<Array2<f32>> {
     let n = data.nrows();
     let cap = cfg.k.saturating_mul(cfg.max_points_per_centroid);
     if cfg.max_points_per_centroid == 0 || n <= cap {
-        return data.as_standard_layout().into_owned();
+        return None;
     }
     let mut idx = rand::seq::index::sample(rng, n, cap).into_vec();
     idx.sort_unstable(); // sequential reads of the source
-    gather_rows(data, &idx)
+    Some(gather_rows(data, &idx))
 }
 
 fn gather_rows(data: ArrayView2<f32>, idx: &[usize]) -> Array2<f32> {

@@ -124,18 +124,23 @@ impl ResidualAccumulator {
         let delta: Vec<f64> = bmean.iter().zip(&self.mean).map(|(b, a)| b - a).collect();
         let w = na * nb / total;
         if self.diagonal {
-            for i in 0..d {
-                self.scatter[i] += bscatter[i] + delta[i] * delta[i] * w;
+            for ((s, b), dl) in self.scatter.iter_mut().zip(&bscatter).zip(&delta) {
+                *s += b + dl * dl * w;
             }
         } else {
-            for i in 0..d {
-                for j in 0..d {
-                    self.scatter[i * d + j] += bscatter[i * d + j] + delta[i] * delta[j] * w;
+            for ((srow, brow), di) in self
+                .scatter
+                .chunks_mut(d)
+                .zip(bscatter.chunks(d))
+                .zip(&delta)
+            {
+                for ((s, b), dj) in srow.iter_mut().zip(brow).zip(&delta) {
+                    *s += b + di * dj * w;
                 }
             }
         }
-        for i in 0..d {
-            self.mean[i] += delta[i] * nb / total;
+        for (m, dl) in self.mean.iter_mut().zip(&delta) {
+            *m += dl * nb / total;
         }
         self.count += n as u64;
         Ok(())
@@ -236,7 +241,7 @@ impl NoiseModel {
             NoiseModel::Full { chol, .. } => z.dot(&chol.t()),
             NoiseModel::Diagonal { std, .. } => {
                 let s = ndarray::ArrayView1::from(std.as_slice());
-                z * &s
+                z * s
             }
         };
         out += &ndarray::ArrayView1::from(self.mean());

@@ -1,0 +1,35 @@
+//! Errors of the simulator; each renders as one line naming the field or file at fault.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("{path}:{line}: {reason}")]
+    Csv {
+        path: String,
+        line: usize,
+        reason: String,
+    },
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("profile {profile} has no compute time for {method} on {devices} device(s) with {tokens} tokens")]
+    MissingProfile {
+        profile: String,
+        method: String,
+        devices: u32,
+        tokens: u64,
+    },
+}
+
+pub type Result<T, E = SimError> = std::result::Result<T, E>;
+
+impl SimError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        SimError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,565 @@
+//! Network models: how long a trace's run takes on a given network.
+//!
+//! - `paper`: the paper's latency model (ASTRA.md §4): per device, compute + bits / bandwidth with
+//!   Mbit = 2^20 bit, no overlap, every device on its own link; the slowest device sets the latency.
+//! - `alpha-beta`: every message costs α (per-message latency) + bits / bandwidth on the sender's
+//!   uplink (per-device bandwidths allowed), collectives built from messages by an algorithm
+//!   (direct full mesh, ring, or star through the first peer), ops scheduled by their
+//!   dependencies, so communication overlaps independent compute when `overlap` is on.
+//!
+//! Both take per-device compute slowdowns (heterogeneous devices) and a packet-loss rate: the
+//! baselines retransmit (goodput falls to (1 − p) of the link), ASTRA drops (lost indices mask their
+//! tokens, no time is lost; the expected dropped fraction is reported).
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, SimError};
+use crate::trace::{Collective, OpKind, Run};
+
+/// Bits per "Mbit" in the paper's accounting.
+pub const MBIT: f64 = 1_048_576.0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    Paper,
+    AlphaBeta,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    /// Every device sends its data to every peer itself (a full mesh of unicast streams).
+    Direct,
+    /// Data travel around a ring, one neighbour per step.
+    Ring,
+    /// Through the collective's first peer: gather to it, then it sends on.
+    Star,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Network {
+    pub model: ModelKind,
+    /// Uplink bandwidth (Mbit/s, Mbit = 2^20 bit) per device; one value applies to all.
+    pub mbps: Vec<f64>,
+    /// Per-message latency (ms), alpha-beta only.
+    pub alpha_ms: f64,
+    pub algorithm: Algorithm,
+    /// Let communication overlap compute that does not depend on it (alpha-beta only).
+    pub overlap: bool,
+    /// Packet-loss probability in [0, 1).
+    pub loss: f64,
+    /// Compute-time multiplier per device (1 = the profiled device); one value applies to all.
+    pub slowdown: Vec<f64>,
+}
+
+impl Network {
+    pub fn paper(mbps: f64) -> Self {
+        Network {
+            model: ModelKind::Paper,
+            mbps: vec![mbps],
+            alpha_ms: 0.0,
+            algorithm: Algorithm::Direct,
+            overlap: false,
+            loss: 0.0,
+            slowdown: vec![1.0],
+        }
+    }
+
+    pub fn alpha_beta(mbps: f64, alpha_ms: f64, algorithm: Algorithm, overlap: bool) -> Self {
+        Network {
+            model: ModelKind::AlphaBeta,
+            mbps: vec![mbps],
+            alpha_ms,
+            algorithm,
+            overlap,
+            loss: 0.0,
+            slowdown: vec![1.0],
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.mbps.is_empty() {
+            return Err(SimError::invalid("bandwidth", "no value given"));
+        }
+        if let Some(b) = self.mbps.iter().find(|b| !(b.is_finite() && **b > 0.0)) {
+            return Err(SimError::invalid(
+                "bandwidth",
+                format!("{b} Mbit/s is not a positive number"),
+            ));
+        }
+        if !(self.alpha_ms.is_finite() && self.alpha_ms >= 0.0) {
+            return Err(SimError::invalid(
+                "alpha",
+                format!("{} ms is not a non-negative number", self.alpha_ms),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.loss) {
+            return Err(SimError::invalid(
+                "loss",
+                format!("{} is not a probability in [0, 1)", self.loss),
+            ));
+        }
+        if self.slowdown.is_empty() || self.slowdown.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(SimError::invalid(
+                "slowdown",
+                format!("{:?} must be positive numbers", self.slowdown),
+            ));
+        }
+        if self.model == ModelKind::Paper && self.overlap {
+            return Err(SimError::invalid(
+                "overlap",
+                "the paper model has no overlap; use alpha-beta",
+            ));
+        }
+        Ok(())
+    }
+
+    fn per_device(v: &[f64], d: usize, what: &str, devices: usize) -> Result<f64> {
+        match v.len() {
+            1 => Ok(v[0]),
+            n if n == devices => Ok(v[d]),
+            n => Err(SimError::invalid(
+                what,
+                format!("{n} values for {devices} devices (give 1 or {devices})"),
+            )),
+        }
+    }
+
+    /// Bits per millisecond of device d's uplink.
+    fn bits_per_ms(&self, d: usize, devices: usize) -> Result<f64> {
+        Ok(Self::per_device(&self.mbps, d, "bandwidth", devices)? * MBIT / 1000.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Outcome {
+    pub latency_ms: f64,
+    /// Compute of the device that finishes last (paper) or the largest compute total (alpha-beta).
+    pub compute_ms: f64,
+    /// latency − compute: communication and waiting not hidden behind compute.
+    pub comm_ms: f64,
+    /// Largest number of bits one device puts on the wire (retransmissions included).
+    pub bits_sent: f64,
+    /// Expected fraction of remote tokens whose indices are lost (ASTRA under loss), else 0.
+    pub dropped_fraction: f64,
+}
+
+/// A run prepared for repeated simulation: tags resolved to collective ids once.
+#[derive(Clone, Debug)]
+pub struct CompiledRun {
+    devices: usize,
+    retransmits: bool,
+    ops: Vec<Vec<COp>>,
+    collectives: Vec<CollInfo>,
+}
+
+#[derive(Clone, Debug)]
+struct COp {
+    compute_ms: f64,
+    /// Index into `collectives` for a communication op.
+    coll: Option<usize>,
+    bits: u64,
+    deps: Vec<usize>,
+}
+
+#[derive(Clone, Debug)]
+struct CollInfo {
+    kind: Collective,
+    tag: String,
+    /// (device, op index) of every member, in peer order; the first is the root/sender.
+    members: Vec<(usize, usize)>,
+}
+
+impl CompiledRun {
+    pub fn new(run: &Run) -> Result<Self> {
+        let devices = run.programs.len();
+        let mut collectives: Vec<CollInfo> = Vec::new();
+        let mut by_tag: HashMap<&str, usize> = HashMap::new();
+        let mut ops = Vec::with_capacity(devices);
+        for (d, prog) in run.programs.iter().enumerate() {
+            let mut cops = Vec::with_capacity(prog.len());
+            for (i, op) in prog.iter().enumerate() {
+                let deps = match &op.deps {
+                    Some(v) => v.iter().map(|&x| x as usize).collect(),
+                    None if i > 0 => vec![i - 1],
+                    None => vec![],
+                };
+                let (compute_ms, coll, bits) = match (&op.kind, op.comm()) {
+                    (OpKind::Compute { ms, .. }, _) => (*ms, None, 0),
+                    (_, Some((kind, c))) => {
+                        let id = *by_tag.entry(c.tag.as_str()).or_insert_with(|| {
+                            collectives.push(CollInfo {
+                                kind,
+                                tag: c.tag.clone(),
+                                members: c
+                                    .peers
+                                    .iter()
+                                    .map(|&p| (p as usize, usize::MAX))
+                                    .collect(),
+                            });
+                            collectives.len() - 1
+                        });
+                        let info = &mut collectives[id];
+                        let slot = info.members.iter_mut().find(|(p, _)| *p == d);
+                        match slot {
+                            Some(s) if s.1 == usize::MAX && info.kind == kind => s.1 = i,
+                            _ => {
+                                return Err(SimError::invalid(
+                                    format!("programs[{d}][{i}].tag"),
+                                    format!("'{}' does not match its collective's peers or kind, or repeats on this device", c.tag),
+                                ))
+                            }
+                        }
+                        (0.0, Some(id), c.bits)
+                    }
+                    _ => unreachable!("an op is compute or communication"),
+                };
+                cops.push(COp {
+                    compute_ms,
+                    coll,
+                    bits,
+                    deps,
+                });
+            }
+            ops.push(cops);
+        }
+        if let Some(c) = collectives
+            .iter()
+            .find(|c| c.members.iter().any(|m| m.1 == usize::MAX))
+        {
+            let missing: Vec<usize> = c
+                .members
+                .iter()
+                .filter(|m| m.1 == usize::MAX)
+                .map(|m| m.0)
+                .collect();
+            return Err(SimError::invalid(
+                "programs",
+                format!(
+                    "collective '{}' is never reached by device(s) {missing:?}",
+                    c.tag
+                ),
+            ));
+        }
+        Ok(CompiledRun {
+            devices,
+            retransmits: !run.method.is_astra(),
+            ops,
+            collectives,
+        })
+    }
+
+    pub fn simulate(&self, net: &Network) -> Result<Outcome> {
+        net.validate()?;
+        let n = self.devices;
+        let mut slow = Vec::with_capacity(n);
+        let mut rate = Vec::with_capacity(n);
+        for d in 0..n {
+            slow.push(Network::per_device(&net.slowdown, d, "slowdown", n)?);
+            rate.push(net.bits_per_ms(d, n)?);
+        }
+        // Lost packets: the baselines resend them (expected 1/(1 − p) transmissions each), ASTRA's
+        // indices are not resent.
+        let inflate = if self.retransmits {
+            1.0 / (1.0 - net.loss)
+        } else {
+            1.0
+        };
+        let dropped_fraction = if self.retransmits { 0.0 } else { net.loss };
+        let compute: Vec<f64> = (0..n)
+            .map(|d| self.ops[d].iter().map(|o| o.compute_ms).sum::<f64>() * slow[d])
+            .collect();
+        let bits: Vec<f64> = (0..n)
+            .map(|d| self.ops[d].iter().map(|o| o.bits as f64).sum::<f64>() * inflate)
+            .collect();
+        if net.model == ModelKind::Paper {
+            let (mut worst, mut at) = (f64::NEG_INFINITY, 0);
+            for d in 0..n {
+                let t = compute[d] + bits[d] / rate[d];
+                if t > worst {
+                    worst = t;
+                    at = d;
+                }
+            }
+            return Ok(Outcome {
+                latency_ms: worst,
+                compute_ms: compute[at],
+                comm_ms: worst - compute[at],
+                bits_sent: bits.iter().cloned().fold(0.0, f64::max),
+                dropped_fraction,
+            });
+        }
+        let latency = self.schedule(net, &slow, &rate, inflate)?;
+        let max_compute = compute.iter().cloned().fold(0.0, f64::max);
+        Ok(Outcome {
+            latency_ms: latency,
+            compute_ms: max_compute,
+            comm_ms: latency - max_compute,
+            bits_sent: bits.iter().cloned().fold(0.0, f64::max),
+            dropped_fraction,
+        })
+    }
+
+    /// Dependency-driven list scheduling: per device one compute engine and one NIC (one shared
+    /// engine without overlap); a collective starts when every member is ready and its NIC free.
+    fn schedule(&self, net: &Network, slow: &[f64], rate: &[f64], inflate: f64) -> Result<f64> {
+        let n = self.devices;
+        let mut finish: Vec<Vec<f64>> = self.ops.iter().map(|o| vec![0.0; o.len()]).collect();
+        let mut pc = vec![0usize; n];
+        let mut compute_free = vec![0f64; n];
+        let mut nic_free = vec![0f64; n];
+        let ready_of = |finish: &Vec<Vec<f64>>, d: usize, i: usize| -> f64 {
+            self.ops[d][i]
+                .deps
+                .iter()
+                .map(|&j| finish[d][j])
+                .fold(0.0, f64::max)
+        };
+        loop {
+            let mut progress = false;
+            let mut done = true;
+            for d in 0..n {
+                while pc[d] < self.ops[d].len() {
+                    done = false;
+                    let i = pc[d];
+                    let op = &self.ops[d][i];
+                    match op.coll {
+                        None => {
+                            let engine = if net.overlap {
+                                compute_free[d]
+                            } else {
+                                compute_free[d].max(nic_free[d])
+                            };
+                            let start = ready_of(&finish, d, i).max(engine);
+                            let end = start + op.compute_ms * slow[d];
+                            finish[d][i] = end;
+                            compute_free[d] = end;
+                            if !net.overlap {
+                                nic_free[d] = end;
+                            }
+                            pc[d] += 1;
+                            progress = true;
+                        }
+                        Some(c) => {
+                            let info = &self.collectives[c];
+                            // Every member must be at this collective.
+                            if info.members.iter().any(|&(p, j)| pc[p] != j) {
+                                break;
+                            }
+                            let mut start: f64 = 0.0;
+                            for &(p, j) in &info.members {
+                                let engine = if net.overlap {
+                                    nic_free[p]
+                                } else {
+                                    nic_free[p].max(compute_free[p])
+                                };
+                                start = start.max(ready_of(&finish, p, j).max(engine));
+                            }
+                            let dur = self.collective_ms(info, net, rate, inflate);
+                            for &(p, j) in &info.members {
+                                finish[p][j] = start + dur;
+                                nic_free[p] = start + dur;
+                                if !net.overlap {
+                                    compute_free[p] = start + dur;
+                                }
+                                pc[p] += 1;
+                            }
+                            progress = true;
+                        }
+                    }
+                }
+            }
+            if done || pc.iter().zip(&self.ops).all(|(&p, o)| p == o.len()) {
+                break;
+            }
+            if !progress {
+                let stuck: Vec<String> = (0..n)
+                    .filter(|&d| pc[d] < self.ops[d].len())
+                    .map(|d| {
+                        let tag = self.ops[d][pc[d]]
+                            .coll
+                            .map(|c| self.collectives[c].tag.as_str())
+                            .unwrap_or("?");
+                        format!("device {d} at '{tag}'")
+                    })
+                    .collect();
+                return Err(SimError::invalid(
+                    "programs",
+                    format!("deadlock: {}", stuck.join(", ")),
+                ));
+            }
+        }
+        Ok(finish
+            .iter()
+            .flat_map(|f| f.iter().cloned())
+            .fold(0.0, f64::max))
+    }
+
+    fn collective_ms(&self, info: &CollInfo, net: &Network, rate: &[f64], inflate: f64) -> f64 {
+        let a = net.alpha_ms;
+        let m: Vec<(usize, f64)> = info
+            .members
+            .iter()
+            .map(|&(p, j)| (p, self.ops[p][j].bits as f64 * inflate))
+            .collect();
+        let k = m.len() as f64;
+        let root = m[0].0;
+        let max_over =
+            |f: &dyn Fn(usize, f64) -> f64| m.iter().map(|&(p, b)| f(p, b)).fold(0.0, f64::max);
+        match info.kind {
+            Collective::Send => a + m[0].1 / rate[root],
+            Collective::Gather => {
+                a + m
+                    .iter()
+                    .skip(1)
+                    .map(|&(p, b)| b / rate[p])
+                    .fold(0.0, f64::max)
+            }
+            Collective::AllGather => match net.algorithm {
+                Algorithm::Direct => a + max_over(&|p, b| (k - 1.0) * b / rate[p]),
+                Algorithm::Ring => (k - 1.0) * (a + max_over(&|p, b| b / rate[p])),
+                Algorithm::Star => {
+                    let total: f64 = m.iter().map(|x| x.1).sum();
+                    let up = m
+                        .iter()
+                        .skip(1)
+                        .map(|&(p, b)| b / rate[p])
+                        .fold(0.0, f64::max);
+                    let down: f64 = m.iter().skip(1).map(|x| total - x.1).sum();
+                    2.0 * a + up + down / rate[root]
+                }
+            },
+            // m is each device's shard: 1/k of the reduced vector.
+            Collective::AllReduce => match net.algorithm {
+                Algorithm::Direct => 2.0 * (a + max_over(&|p, b| (k - 1.0) * b / rate[p])),
+                Algorithm::Ring => 2.0 * (k - 1.0) * (a + max_over(&|p, b| b / rate[p])),
+                Algorithm::Star => {
+                    let up = m
+                        .iter()
+                        .skip(1)
+                        .map(|&(p, b)| k * b / rate[p])
+                        .fold(0.0, f64::max);
+                    2.0 * a + up + (k - 1.0) * k * m[0].1 / rate[root]
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::method::{Method, ModelShape};
+    use crate::trace::{BlockSplit, Comm, Op};
+
+    fn run(method: Method, n: u32, compute: f64) -> Run {
+        Run::from_compute(
+            &ModelShape::default(),
+            method,
+            n,
+            1024,
+            compute,
+            BlockSplit::default(),
+        )
+    }
+
+    #[test]
+    fn paper_model_is_compute_plus_bits_over_bandwidth() {
+        let r = CompiledRun::new(&run(Method::Astra { groups: 1 }, 4, 39.16)).unwrap();
+        let o = r.simulate(&Network::paper(10.0)).unwrap();
+        // 12 blocks × 256 tokens × 10 bits at 10 · 2^20 bit/s.
+        assert!((o.comm_ms - 30720.0 / (10.0 * MBIT) * 1000.0).abs() < 1e-9);
+        assert!((o.compute_ms - 39.16).abs() < 1e-9);
+    }
+
+    #[test]
+    fn alpha_beta_without_overlap_adds_up() {
+        // No overlap, direct all-gather: per block α + (N−1)·m/B, plus all compute.
+        let r = CompiledRun::new(&run(Method::Sp, 4, 24.0)).unwrap();
+        let net = Network::alpha_beta(100.0, 0.5, Algorithm::Direct, false);
+        let o = r.simulate(&net).unwrap();
+        let m = 256.0 * 768.0 * 32.0;
+        let expect = 24.0 + 12.0 * (0.5 + 3.0 * m / (100.0 * MBIT / 1000.0));
+        assert!(
+            (o.latency_ms - expect).abs() < 1e-6,
+            "{} vs {expect}",
+            o.latency_ms
+        );
+        // Overlap hides the independent share of compute behind each exchange.
+        let mut ov = net.clone();
+        ov.overlap = true;
+        let o2 = r.simulate(&ov).unwrap();
+        assert!((o.latency_ms - o2.latency_ms - 24.0 * 0.3).abs() < 1e-6);
+        // Ring of 4: 3 steps of α + m/B each.
+        let ring = Network::alpha_beta(100.0, 0.5, Algorithm::Ring, false);
+        let o3 = r.simulate(&ring).unwrap();
+        let expect3 = 24.0 + 12.0 * 3.0 * (0.5 + m / (100.0 * MBIT / 1000.0));
+        assert!((o3.latency_ms - expect3).abs() < 1e-6);
+    }
+
+    #[test]
+    fn slowest_device_sets_the_pace_and_loss_semantics() {
+        let r = CompiledRun::new(&run(Method::Astra { groups: 16 }, 4, 40.0)).unwrap();
+        let mut net = Network::paper(50.0);
+        let base = r.simulate(&net).unwrap();
+        net.slowdown = vec![1.0, 1.0, 2.0, 1.0];
+        let slow = r.simulate(&net).unwrap();
+        assert!((slow.compute_ms - 80.0).abs() < 1e-9);
+        net.slowdown = vec![1.0];
+        net.loss = 0.05;
+        let lossy = r.simulate(&net).unwrap();
+        assert_eq!(lossy.latency_ms, base.latency_ms);
+        assert_eq!(lossy.dropped_fraction, 0.05);
+        let tp = CompiledRun::new(&run(Method::Tp, 4, 27.0)).unwrap();
+        let t0 = tp.simulate(&Network::paper(50.0)).unwrap();
+        let t1 = tp.simulate(&net).unwrap();
+        assert!((t1.comm_ms - t0.comm_ms / 0.95).abs() < 1e-6);
+        // Heterogeneous overlap-free alpha-beta: a slow device delays every collective.
+        let mut ab = Network::alpha_beta(50.0, 0.0, Algorithm::Direct, false);
+        ab.slowdown = vec![1.0, 1.0, 1.5, 1.0];
+        assert!(r.simulate(&ab).unwrap().latency_ms > 60.0);
+        for bad in [vec![0.0], vec![-5.0], vec![f64::NAN]] {
+            let mut n = Network::paper(1.0);
+            n.mbps = bad;
+            assert!(r
+                .simulate(&n)
+                .unwrap_err()
+                .to_string()
+                .starts_with("bandwidth:"));
+        }
+        let mut n = Network::paper(1.0);
+        n.mbps = vec![1.0, 2.0];
+        assert!(r
+            .simulate(&n)
+            .unwrap_err()
+            .to_string()
+            .contains("2 values for 4 devices"));
+    }
+
+    #[test]
+    fn unmatched_collective_is_an_error() {
+        let mk = |tag: &str, peers: Vec<u32>| Op {
+            id: 0,
+            kind: OpKind::AllGather(Comm {
+                bits: 8,
+                peers,
+                tag: tag.into(),
+            }),
+            deps: None,
+        };
+        let r = Run {
+            method: Method::Sp,
+            devices: 2,
+            tokens: 2,
+            programs: vec![vec![mk("a", vec![0, 1])], vec![mk("b", vec![0, 1])]],
+        };
+        let e = CompiledRun::new(&r).unwrap_err().to_string();
+        assert!(
+            e.contains("never reached") || e.contains("does not match"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,439 @@
+//! PNG figures of `reproduce` (plotters, with an embedded DejaVu Sans so no system fonts are needed).
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::error::{Result, SimError};
+use crate::method::Method;
+use crate::paper;
+use crate::reproduce::{find, Reproduction};
+
+static FONT: Once = Once::new();
+
+fn register_font() {
+    FONT.call_once(|| {
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            include_bytes!("../assets/DejaVuSans.ttf"),
+        );
+    });
+}
+
+fn perr<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> SimError + '_ {
+    move |e| SimError::File {
+        path: path.into(),
+        reason: format!("plot: {e}"),
+    }
+}
+
+const W: u32 = 1400;
+const H: u32 = 800;
+
+struct Series {
+    name: String,
+    points: Vec<(f64, f64)>,
+}
+
+/// What a panel shows on its axes; x is (from, to, log scale).
+struct Axes<'a> {
+    title: &'a str,
+    x_desc: &'a str,
+    y_desc: &'a str,
+    x: (f64, f64, bool),
+    x_fmt: &'a dyn Fn(&f64) -> String,
+}
+
+/// One panel: lines with markers, log-scale y, optional log-scale x.
+fn panel(
+    area: &DrawingArea<BitMapBackend, Shift>,
+    path: &Path,
+    axes: Axes,
+    series: &[Series],
+) -> Result<()> {
+    let Axes {
+        title,
+        x_desc,
+        y_desc,
+        x,
+        x_fmt,
+    } = axes;
+    let e = perr(path);
+    let ys = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .filter(|v| *v > 0.0);
+    let (lo, hi) = ys.fold((f64::INFINITY, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
+    // Room below the lowest curve for the legend (lower right), so it covers no data.
+    let (lo, hi) = (lo / 30.0, hi * 1.6);
+    let mut b = ChartBuilder::on(area);
+    b.caption(title, ("sans-serif", 24))
+        .margin(14)
+        .x_label_area_size(48)
+        .y_label_area_size(72);
+    macro_rules! draw {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc(x_desc)
+                .y_desc(y_desc)
+                .label_style(("sans-serif", 16))
+                .axis_desc_style(("sans-serif", 18))
+                .y_label_formatter(&|v| {
+                    if *v >= 1.0 {
+                        format!("{v:.0}")
+                    } else {
+                        let digits = (-v.log10()).ceil().max(0.0) as usize;
+                        format!("{v:.digits$}")
+                    }
+                })
+                .x_label_formatter(x_fmt)
+                .draw()
+                .map_err(&e)?;
+            for (i, s) in series.iter().enumerate() {
+                let color = Palette99::pick(i).to_rgba();
+                chart
+                    .draw_series(LineSeries::new(
+                        s.points.iter().cloned(),
+                        color.stroke_width(3),
+                    ))
+                    .map_err(&e)?
+                    .label(s.name.clone())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+                    });
+                chart
+                    .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                    .map_err(&e)?;
+            }
+            chart
+                .configure_series_labels()
+                .label_font(("sans-serif", 16))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::LowerRight)
+                .draw()
+                .map_err(&e)?;
+        }};
+    }
+    if x.2 {
+        draw!(b
+            .build_cartesian_2d((x.0..x.1).log_scale(), (lo..hi).log_scale())
+            .map_err(&e)?);
+    } else {
+        draw!(b
+            .build_cartesian_2d(x.0..x.1, (lo..hi).log_scale())
+            .map_err(&e)?);
+    }
+    Ok(())
+}
+
+fn render(
+    out: &Path,
+    name: &str,
+    size: (u32, u32),
+    f: impl FnOnce(&DrawingArea<BitMapBackend, Shift>, &Path) -> Result<()>,
+) -> Result<String> {
+    register_font();
+    let final_path = out.join(name);
+    // Render beside the target and rename, so a reader never sees half a PNG.
+    let tmp = out.join(format!(
+        ".{}.{}.tmp.png",
+        name.trim_end_matches(".png"),
+        std::process::id()
+    ));
+    {
+        let root = BitMapBackend::new(&tmp, size).into_drawing_area();
+        root.fill(&WHITE).map_err(perr(&final_path))?;
+        f(&root, &final_path)?;
+        root.present().map_err(perr(&final_path))?;
+    }
+    std::fs::rename(&tmp, &final_path).map_err(|e| SimError::File {
+        path: final_path.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(name.to_string())
+}
+
+pub fn write_all(out: &Path, r: &Reproduction) -> Result<Vec<String>> {
+    std::fs::create_dir_all(out).map_err(|e| SimError::File {
+        path: out.into(),
+        reason: e.to_string(),
+    })?;
+    let methods = Method::paper_methods();
+    let mut names = Vec::new();
+    let by_bw = |m: &Method| Series {
+        name: m.to_string(),
+        points: paper::BANDWIDTHS
+            .iter()
+            .map(|&b| {
+                (
+                    b,
+                    find(&r.rows, &m.to_string(), 4, 1024, b).unwrap().speedup,
+                )
+            })
+            .collect(),
+    };
+    names.push(render(
+        out,
+        "fig1-speedup-vs-bandwidth.png",
+        (W, H),
+        |root, p| {
+            let s: Vec<Series> = methods.iter().map(by_bw).collect();
+            panel(
+                root,
+                p,
+                Axes { title: "Speedup over one device vs bandwidth (N = 4, T = 1024, paper latency model)", x_desc: "bandwidth (Mbit/s, log scale)", y_desc: "speedup (×, log scale)", x: (8.0, 620.0, true), x_fmt: &|v| format!("{v:.0}") },
+                &s,
+            )
+        },
+    )?);
+    names.push(render(
+        out,
+        "fig4-speedup-vs-devices.png",
+        (W, H),
+        |root, p| {
+            let panels = root.split_evenly((1, 2));
+            for (area, bw) in panels.iter().zip([10.0, 100.0]) {
+                let s: Vec<Series> = methods
+                    .iter()
+                    .map(|m| Series {
+                        name: m.to_string(),
+                        points: paper::DEVICES
+                            .iter()
+                            .map(|&n| {
+                                (
+                                    n as f64,
+                                    find(&r.rows, &m.to_string(), n, 1024, bw).unwrap().speedup,
+                                )
+                            })
+                            .collect(),
+                    })
+                    .collect();
+                panel(
+                    area,
+                    p,
+                    Axes {
+                        title: &format!("Speedup vs devices, T = 1024, {bw} Mbit/s"),
+                        x_desc: "devices N",
+                        y_desc: "speedup (×, log scale)",
+                        x: (1.5, 8.5, false),
+                        x_fmt: &|v| format!("{v:.0}"),
+                    },
+                    &s,
+                )?;
+            }
+            Ok(())
+        },
+    )?);
+    names.push(render(
+        out,
+        "fig5-speedup-vs-tokens.png",
+        (W, H),
+        |root, p| {
+            let panels = root.split_evenly((1, 2));
+            for (area, bw) in panels.iter().zip([10.0, 100.0]) {
+                let s: Vec<Series> = methods
+                    .iter()
+                    .map(|m| Series {
+                        name: m.to_string(),
+                        points: paper::TOKENS
+                            .iter()
+                            .map(|&t| {
+                                (
+                                    (t as f64).log2(),
+                                    find(&r.rows, &m.to_string(), 4, t, bw).unwrap().speedup,
+                                )
+                            })
+                            .collect(),
+                    })
+                    .collect();
+                panel(
+                    area,
+                    p,
+                    Axes {
+                        title: &format!("Speedup vs tokens, N = 4, {bw} Mbit/s"),
+                        x_desc: "tokens T (log scale)",
+                        y_desc: "speedup (×, log scale)",
+                        x: (7.6, 12.4, false),
+                        x_fmt: &|v| {
+                            // x is log2 T: label the powers of two.
+                            if (v - v.round()).abs() < 1e-6 {
+                                format!("{}", 2f64.powf(v.round()))
+                            } else {
+                                String::new()
+                            }
+                        },
+                    },
+                    &s,
+                )?;
+            }
+            Ok(())
+        },
+    )?);
+    names.push(render(
+        out,
+        "fig3-latency-breakdown.png",
+        (W, H),
+        |root, p| fig3(root, p, r),
+    )?);
+    names.push(render(
+        out,
+        "fig11-dynamic-network.png",
+        (W, H),
+        |root, p| fig11(root, p, r),
+    )?);
+    Ok(names)
+}
+
+fn fig3(root: &DrawingArea<BitMapBackend, Shift>, p: &Path, r: &Reproduction) -> Result<()> {
+    let e = perr(p);
+    let mut bars: Vec<(String, f64, f64)> = vec![("single".into(), paper::FIG3_SINGLE_MS, 0.0)];
+    for m in Method::paper_methods() {
+        let row = find(&r.rows, &m.to_string(), 4, 1024, 10.0).unwrap();
+        bars.push((m.to_string(), row.outcome.compute_ms, row.outcome.comm_ms));
+    }
+    let n = bars.len();
+    let hi = bars.iter().map(|b| b.1.max(b.2)).fold(0.0, f64::max) * 2.0;
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "Latency split at N = 4, T = 1024, 10 Mbit/s (paper latency model)",
+            ("sans-serif", 24),
+        )
+        .margin(14)
+        .x_label_area_size(70)
+        .y_label_area_size(80)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (1.0f64..hi).log_scale())
+        .map_err(&e)?;
+    let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|v| {
+            let i = v.round();
+            if (v - i).abs() < 1e-6 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("time (ms, log scale)")
+        .label_style(("sans-serif", 16))
+        .axis_desc_style(("sans-serif", 18))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()
+        .map_err(&e)?;
+    let compute = RGBColor(52, 101, 164);
+    let comm = RGBColor(204, 85, 0);
+    chart
+        .draw_series(bars.iter().enumerate().map(|(i, b)| {
+            Rectangle::new(
+                [(i as f64 - 0.38, 1.0), (i as f64 - 0.02, b.1)],
+                compute.filled(),
+            )
+        }))
+        .map_err(&e)?
+        .label("compute")
+        .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 18, y + 6)], compute.filled()));
+    chart
+        .draw_series(
+            bars.iter()
+                .enumerate()
+                .filter(|(_, b)| b.2 > 0.0)
+                .map(|(i, b)| {
+                    Rectangle::new(
+                        [(i as f64 + 0.02, 1.0), (i as f64 + 0.38, b.2)],
+                        comm.filled(),
+                    )
+                }),
+        )
+        .map_err(&e)?
+        .label("communication")
+        .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 18, y + 6)], comm.filled()));
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(&e)?;
+    Ok(())
+}
+
+fn fig11(root: &DrawingArea<BitMapBackend, Shift>, p: &Path, r: &Reproduction) -> Result<()> {
+    let e = perr(p);
+    let (top, bottom) = root.split_vertically(260);
+    let secs = r.trace.seconds() as f64;
+    let mut c = ChartBuilder::on(&top)
+        .caption(
+            "Dynamic network: the paper's 600-s bandwidth trace",
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(72)
+        .build_cartesian_2d(0.0..secs, 0.0..110.0)
+        .map_err(&e)?;
+    c.configure_mesh()
+        .y_desc("Mbit/s")
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 16))
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()
+        .map_err(&e)?;
+    c.draw_series(LineSeries::new(
+        r.trace.mbps.iter().enumerate().map(|(i, &b)| (i as f64, b)),
+        BLACK.stroke_width(2),
+    ))
+    .map_err(&e)?;
+    let max = r.dynamic.iter().map(|d| d.total).max().unwrap_or(1) as f64;
+    let mut c = ChartBuilder::on(&bottom)
+        .caption(
+            "Requests completed so far (Llama-3-8B prefill, 4 devices, one request at a time)",
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(48)
+        .y_label_area_size(72)
+        .build_cartesian_2d(0.0..secs, 0.0..(max * 1.08))
+        .map_err(&e)?;
+    c.configure_mesh()
+        .x_desc("time (s)")
+        .y_desc("requests completed")
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 16))
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()
+        .map_err(&e)?;
+    for (i, d) in r.dynamic.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let mut total = 0usize;
+        let mut points = vec![(0.0, 0.0)];
+        for (w, &n) in d.per_window.iter().enumerate() {
+            total += n;
+            points.push((((w + 1) * 10) as f64, total as f64));
+        }
+        c.draw_series(LineSeries::new(points, color.stroke_width(3)))
+            .map_err(&e)?
+            .label(format!("{} ({} in 600 s)", d.method, d.total))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+            });
+    }
+    c.configure_series_labels()
+        .label_font(("sans-serif", 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(&e)?;
+    Ok(())
+}
