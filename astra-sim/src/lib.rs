@@ -8,10 +8,12 @@
 //! - [`network`]: the paper's latency model and an α-β model with collective algorithms, overlap,
 //!   heterogeneous devices and packet loss;
 //! - [`dynamic`]: the 600-s dynamic-bandwidth experiment;
-//! - [`reproduce`], [`plots`], [`sweep`]: the paper's tables and figures, and arbitrary grids.
+//! - [`reproduce`], [`plots`], [`sweep`]: the paper's tables and figures, and arbitrary grids;
+//! - [`live`]: replay over real TCP between processes behind kernel-shaped links.
 pub mod analytic;
 pub mod dynamic;
 pub mod error;
+pub mod live;
 pub mod method;
 pub mod network;
 pub mod output;

@@ -145,6 +145,68 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Replay runs and compare with the models; with --live over real TCP between processes in
+    /// network namespaces behind kernel-shaped links (needs root; else unshaped loopback).
+    Replay {
+        /// Actually run the processes (without it: predictions only).
+        #[arg(long)]
+        live: bool,
+        /// Do not shape links even when root: loopback, unshaped.
+        #[arg(long)]
+        no_shape: bool,
+        #[arg(long, default_value = "astra-g16,bp-ag-nb1")]
+        methods: String,
+        #[arg(long, default_value = "2,4")]
+        devices: String,
+        #[arg(long, default_value = "1024")]
+        tokens: String,
+        /// Link rates (Mbit/s, 2^20 bit) to replay at.
+        #[arg(long, default_value = "10,50,100")]
+        mbps: String,
+        /// One-way delay added by netem (ms), where the kernel has netem.
+        #[arg(long, default_value_t = 0.0)]
+        delay_ms: f64,
+        /// Packet loss added by netem (percent), where the kernel has netem.
+        #[arg(long, default_value_t = 0.0)]
+        loss_pct: f64,
+        /// Per-device compute slowdowns (one value or one per device).
+        #[arg(long)]
+        slowdown: Option<String>,
+        /// Live runs per configuration (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// A worker waiting longer than this for a peer gives up (seconds).
+        #[arg(long, default_value_t = 30.0)]
+        timeout_s: f64,
+        /// Compute source for the runs: paper-1660ti, a profile CSV, or analytic:TFLOPS:GBPS.
+        #[arg(long, default_value = "paper-1660ti", conflicts_with = "trace")]
+        profile: String,
+        /// Replay the runs of a trace file instead.
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// netem.sh to shape links with.
+        #[arg(long)]
+        netem_script: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Markdown table of measured vs predicted latency.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// One device of a live replay (started by `replay --live`).
+    #[command(hide = true)]
+    ReplayWorker {
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        peers: String,
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long, default_value_t = 1.0)]
+        slowdown: f64,
+        #[arg(long, default_value_t = 30.0)]
+        timeout_s: f64,
+    },
     /// Run the dynamic-bandwidth experiment on any trace and latency table.
     Dynamic {
         /// Bandwidth trace CSV (second,mbps) or "paper".
@@ -290,6 +352,73 @@ fn run() -> Result<()> {
             write_atomic(&out, trace.to_json().as_bytes())?;
             println!("wrote {} runs to {}", trace.runs.len(), out.display());
         }
+        Command::ReplayWorker {
+            rank,
+            peers,
+            run,
+            slowdown,
+            timeout_s,
+        } => {
+            let text = std::fs::read_to_string(&run)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", run.display()))?;
+            let run: astra_sim::trace::Run = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: malformed run: {e}", run.display()))?;
+            let addrs = peers
+                .split(',')
+                .map(|a| {
+                    a.parse::<std::net::SocketAddr>()
+                        .map_err(|_| anyhow::anyhow!("peers: '{a}' is not ADDRESS:PORT"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let report = astra_sim::live::worker(
+                &run,
+                rank,
+                &addrs,
+                slowdown,
+                std::time::Duration::from_secs_f64(timeout_s),
+            )?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Replay {
+            live,
+            no_shape,
+            methods: m,
+            devices,
+            tokens,
+            mbps,
+            delay_ms,
+            loss_pct,
+            slowdown,
+            repeats,
+            timeout_s,
+            profile,
+            trace,
+            netem_script,
+            model,
+            out,
+        } => {
+            replay_command(
+                ReplayArgs {
+                    live,
+                    no_shape,
+                    methods: m,
+                    devices,
+                    tokens,
+                    mbps,
+                    delay_ms,
+                    loss_pct,
+                    slowdown,
+                    repeats,
+                    timeout_s,
+                    profile,
+                    trace,
+                    netem_script,
+                    model,
+                    out,
+                },
+                &command_line,
+            )?;
+        }
         Command::Dynamic {
             bandwidth,
             latencies,
@@ -313,6 +442,189 @@ fn run() -> Result<()> {
                 write_atomic(&o, csv.as_bytes())?;
             }
         }
+    }
+    Ok(())
+}
+
+struct ReplayArgs {
+    live: bool,
+    no_shape: bool,
+    methods: String,
+    devices: String,
+    tokens: String,
+    mbps: String,
+    delay_ms: f64,
+    loss_pct: f64,
+    slowdown: Option<String>,
+    repeats: usize,
+    timeout_s: f64,
+    profile: String,
+    trace: Option<PathBuf>,
+    netem_script: Option<PathBuf>,
+    model: ModelArgs,
+    out: Option<PathBuf>,
+}
+
+fn replay_command(a: ReplayArgs, command_line: &str) -> Result<()> {
+    use astra_sim::live::{self, Links, TCP_GOODPUT};
+    use astra_sim::network::{CompiledRun, Network};
+    use astra_sim::trace::Run;
+
+    let shape = a.model.shape()?;
+    let rates = parse_numbers("mbps", &a.mbps, |v| v)?;
+    if let Some(b) = rates.iter().find(|b| !(b.is_finite() && **b > 0.0)) {
+        bail!("mbps: {b} is not a positive number");
+    }
+    if !(0.0..100.0).contains(&a.loss_pct) || !(a.delay_ms >= 0.0) {
+        bail!("--loss-pct must be in [0, 100) and --delay-ms non-negative");
+    }
+    let slowdown: Vec<f64> = match &a.slowdown {
+        Some(s) => list("slowdown", s)?,
+        None => vec![],
+    };
+    let runs: Vec<Run> = match &a.trace {
+        Some(p) => {
+            let t = Trace::load(p)?;
+            let wanted = methods(&a.methods)?;
+            t.runs
+                .into_iter()
+                .filter(|r| wanted.contains(&r.method) && r.method != Method::Single)
+                .collect()
+        }
+        None => {
+            let src = load_source(&a.profile, shape)?;
+            let split = a.model.split()?;
+            let mut v = Vec::new();
+            for m in methods(&a.methods)? {
+                for n in parse_numbers("devices", &a.devices, |x| x as u32)? {
+                    for t in parse_numbers("tokens", &a.tokens, |x| x as u64)? {
+                        if n == 0 || t == 0 {
+                            bail!("devices and tokens must be positive integers");
+                        }
+                        v.push(Run::from_compute(
+                            &shape,
+                            m,
+                            n,
+                            t,
+                            src.compute_ms(m, n, t)?,
+                            split,
+                        ));
+                    }
+                }
+            }
+            v
+        }
+    };
+    if runs.is_empty() {
+        bail!("no run selected");
+    }
+    let script = a
+        .netem_script
+        .clone()
+        .unwrap_or_else(live::default_netem_script);
+    let shaped = a.live && !a.no_shape && live::can_shape(&script);
+    if a.live {
+        if !shaped {
+            eprintln!("note: links are NOT shaped ({}): loopback TCP at full speed, so measured and predicted latencies are not comparable",
+                if a.no_shape { "--no-shape" } else { "needs root, iproute2 and network namespaces" });
+        }
+        // Ctrl-C and SIGTERM: remove this process's namespaces before exiting.
+        let script_for_signal = script.clone();
+        let prefix = format!("astra-{}", std::process::id());
+        let _ = ctrlc::set_handler(move || {
+            let _ = std::process::Command::new(&script_for_signal)
+                .arg("gc")
+                .status();
+            let _ = std::process::Command::new(&script_for_signal)
+                .args(["down", &prefix])
+                .status();
+            eprintln!("astra-sim: interrupted; namespaces removed");
+            std::process::exit(130);
+        });
+    }
+    let mut table = format!(
+        "| method | devices | tokens | Mbit/s | measured (ms) | alpha-beta (ms) | error | paper model (ms) | runs |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    let mut errors = Vec::new();
+    let mut id = 0usize;
+    for run in &runs {
+        let compiled = CompiledRun::new(run)?;
+        for &rate in &rates {
+            let mut paper = Network::paper(rate);
+            if !slowdown.is_empty() {
+                paper.slowdown = slowdown.clone();
+            }
+            let paper_ms = compiled.simulate(&paper)?.latency_ms;
+            let (measured, alpha, runs_done) = if a.live {
+                let mut ms = Vec::new();
+                let mut alphas = Vec::new();
+                for _ in 0..a.repeats.max(1) {
+                    id += 1;
+                    let links = Links {
+                        mbps: rate,
+                        delay_ms: a.delay_ms,
+                        loss_pct: a.loss_pct,
+                    };
+                    let o = live::replay(
+                        run,
+                        &links,
+                        shaped,
+                        &script,
+                        &slowdown,
+                        std::time::Duration::from_secs_f64(a.timeout_s),
+                        id,
+                    )?;
+                    ms.push(o.measured_ms);
+                    alphas.extend(o.reports.iter().map(|r| r.one_way_ms));
+                }
+                ms.sort_by(f64::total_cmp);
+                alphas.sort_by(f64::total_cmp);
+                (
+                    Some(ms[ms.len() / 2]),
+                    alphas.get(alphas.len() / 2).copied().unwrap_or(0.0),
+                    ms.len(),
+                )
+            } else {
+                (None, a.delay_ms, 0)
+            };
+            // The live counterpart: direct collectives, no overlap, TCP goodput of the shaped rate,
+            // alpha = measured one-way latency (plus netem's delay, which the ping already includes).
+            let mut ab = Network::alpha_beta(rate * TCP_GOODPUT, alpha, Algorithm::Direct, false);
+            if shaped {
+                ab.burst_bits = live::TBF_BURST_BITS;
+            }
+            if !slowdown.is_empty() {
+                ab.slowdown = slowdown.clone();
+            }
+            let predicted = compiled.simulate(&ab)?.latency_ms;
+            let (m_txt, e_txt) = match measured {
+                Some(m) => {
+                    let e = (m - predicted) / predicted * 100.0;
+                    errors.push(e.abs());
+                    (format!("{m:.2}"), format!("{e:+.1}%"))
+                }
+                None => ("—".into(), "—".into()),
+            };
+            let row = format!(
+                "| {} | {} | {} | {} | {} | {predicted:.2} | {} | {paper_ms:.2} | {} |\n",
+                run.method, run.devices, run.tokens, rate, m_txt, e_txt, runs_done
+            );
+            print!("{row}");
+            table.push_str(&row);
+        }
+    }
+    if let Some(o) = &a.out {
+        let worst = errors.iter().cloned().fold(0.0, f64::max);
+        let doc = format!(
+            "# Live replay against the models\n\nCommand: `{command_line}`\n\nLinks: {}. Workers: one process per device, \
+             full-mesh TCP (TCP_NODELAY), compute segments slept, communication sent as real bytes (direct collectives, ops in \
+             program order). Prediction: alpha-beta model, direct algorithm, no overlap, bandwidth = link rate × {TCP_GOODPUT:.4} \
+             (TCP payload per 1514-byte frame, less the ACKs of received data), tbf's two-frame bucket as a free burst per round, alpha = measured one-way latency (ping-pong before each run). Paper model: \
+             compute + bits / rate, each device sending its payload once (no per-peer copies, no protocol overhead).\n\n{table}\n\
+             Largest |error| of the alpha-beta model: {worst:.1}%.\n",
+            if shaped { format!("tc tbf on every device's uplink in its own network namespace{}", if a.delay_ms > 0.0 || a.loss_pct > 0.0 { ", netem delay/loss where the kernel has it" } else { "" }) } else { "NOT shaped (loopback)".into() }
+        );
+        write_atomic(o, doc.as_bytes())?;
     }
     Ok(())
 }

@@ -53,6 +53,10 @@ pub struct Network {
     pub loss: f64,
     /// Compute-time multiplier per device (1 = the profiled device); one value applies to all.
     pub slowdown: Vec<f64>,
+    /// Token-bucket credit (bits) of a shaped uplink that was idle before an exchange: the first
+    /// `burst_bits` of each sender's round leave at line rate (tc tbf's bucket). 0 for a plain link.
+    #[serde(default)]
+    pub burst_bits: f64,
 }
 
 impl Network {
@@ -65,6 +69,7 @@ impl Network {
             overlap: false,
             loss: 0.0,
             slowdown: vec![1.0],
+            burst_bits: 0.0,
         }
     }
 
@@ -77,6 +82,7 @@ impl Network {
             overlap,
             loss: 0.0,
             slowdown: vec![1.0],
+            burst_bits: 0.0,
         }
     }
 
@@ -106,6 +112,12 @@ impl Network {
             return Err(SimError::invalid(
                 "slowdown",
                 format!("{:?} must be positive numbers", self.slowdown),
+            ));
+        }
+        if !(self.burst_bits.is_finite() && self.burst_bits >= 0.0) {
+            return Err(SimError::invalid(
+                "burst",
+                format!("{} bits is not a non-negative number", self.burst_bits),
             ));
         }
         if self.model == ModelKind::Paper && self.overlap {
@@ -400,6 +412,8 @@ impl CompiledRun {
 
     fn collective_ms(&self, info: &CollInfo, net: &Network, rate: &[f64], inflate: f64) -> f64 {
         let a = net.alpha_ms;
+        // Time for `bits` leaving one uplink in one round, after the bucket's free burst.
+        let tx = |bits: f64, p: usize| (bits - net.burst_bits).max(0.0) / rate[p];
         let m: Vec<(usize, f64)> = info
             .members
             .iter()
@@ -410,17 +424,11 @@ impl CompiledRun {
         let max_over =
             |f: &dyn Fn(usize, f64) -> f64| m.iter().map(|&(p, b)| f(p, b)).fold(0.0, f64::max);
         match info.kind {
-            Collective::Send => a + m[0].1 / rate[root],
-            Collective::Gather => {
-                a + m
-                    .iter()
-                    .skip(1)
-                    .map(|&(p, b)| b / rate[p])
-                    .fold(0.0, f64::max)
-            }
+            Collective::Send => a + tx(m[0].1, root),
+            Collective::Gather => a + m.iter().skip(1).map(|&(p, b)| tx(b, p)).fold(0.0, f64::max),
             Collective::AllGather => match net.algorithm {
-                Algorithm::Direct => a + max_over(&|p, b| (k - 1.0) * b / rate[p]),
-                Algorithm::Ring => (k - 1.0) * (a + max_over(&|p, b| b / rate[p])),
+                Algorithm::Direct => a + max_over(&|p, b| tx((k - 1.0) * b, p)),
+                Algorithm::Ring => (k - 1.0) * (a + max_over(&|p, b| tx(b, p))),
                 Algorithm::Star => {
                     let total: f64 = m.iter().map(|x| x.1).sum();
                     let up = m
@@ -434,8 +442,8 @@ impl CompiledRun {
             },
             // m is each device's shard: 1/k of the reduced vector.
             Collective::AllReduce => match net.algorithm {
-                Algorithm::Direct => 2.0 * (a + max_over(&|p, b| (k - 1.0) * b / rate[p])),
-                Algorithm::Ring => 2.0 * (k - 1.0) * (a + max_over(&|p, b| b / rate[p])),
+                Algorithm::Direct => 2.0 * (a + max_over(&|p, b| tx((k - 1.0) * b, p))),
+                Algorithm::Ring => 2.0 * (k - 1.0) * (a + max_over(&|p, b| tx(b, p))),
                 Algorithm::Star => {
                     let up = m
                         .iter()

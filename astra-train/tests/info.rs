@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn libtorch_lib() -> PathBuf {
-    let root = std::env::var_os("LIBTORCH").map(PathBuf::from).expect("cargo sets LIBTORCH (.cargo/config.toml)");
+    let root = std::env::var_os("LIBTORCH")
+        .map(PathBuf::from)
+        .expect("cargo sets LIBTORCH (.cargo/config.toml)");
     root.join("lib")
 }
 
@@ -17,12 +19,19 @@ fn info_runs_without_library_path_and_reports_libtorch_2_11() {
         .env_remove("LD_PRELOAD")
         .output()
         .expect("spawn astra-train");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let loaded = v["libtorch_loaded_version"].as_str().unwrap();
     assert!(loaded.starts_with("2.11.0"), "loaded libtorch {loaded}");
     assert!(v["cpu_threads"].as_i64().unwrap() >= 1);
-    assert_eq!(v["cuda_available"].as_bool().unwrap(), v["cuda_device_count"].as_i64().unwrap() > 0);
+    assert_eq!(
+        v["cuda_available"].as_bool().unwrap(),
+        v["cuda_device_count"].as_i64().unwrap() > 0
+    );
 }
 
 #[test]
@@ -34,7 +43,16 @@ fn binary_links_libtorch_cuda_when_available() {
         .expect("readelf (binutils) is needed for this test");
     let dynamic = String::from_utf8_lossy(&out.stdout);
     assert!(dynamic.contains("libtorch_cpu.so"), "{dynamic}");
-    assert!(dynamic.contains(&lib.display().to_string()), "no rpath to {}: {dynamic}", lib.display());
+    assert!(
+        dynamic.contains(&lib.display().to_string()),
+        "no rpath to {}: {dynamic}",
+        lib.display()
+    );
     let has_cuda = Path::new(&lib).join("libtorch_cuda.so").exists();
-    assert_eq!(dynamic.contains("libtorch_cuda.so"), has_cuda, "libtorch_cuda.so linked iff present in {}", lib.display());
+    assert_eq!(
+        dynamic.contains("libtorch_cuda.so"),
+        has_cuda,
+        "libtorch_cuda.so linked iff present in {}",
+        lib.display()
+    );
 }

@@ -1,0 +1,553 @@
+//! `astra-sim replay --live`: replays a run over real TCP between N worker processes on this
+//! machine, each in its own network namespace behind a kernel-shaped uplink (scripts/netem.sh),
+//! sleeping for compute segments and sending real bytes for communication operations. Without
+//! root (or without namespaces) it falls back to unshaped loopback and says so.
+//!
+//! Wire protocol between workers: after connecting, each side sends its rank (u32 LE); then
+//! frames of `tag: u32 LE, len: u32 LE, payload`. Collectives are executed with the direct
+//! algorithm (every device sends its payload to every peer itself; all-reduce = two such rounds),
+//! ops strictly in program order: the live counterpart of the alpha-beta model with
+//! `algorithm = direct`, `overlap = false`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, SimError};
+use crate::trace::{Collective, OpKind, Run};
+
+/// The fraction of a shaped uplink's rate left for our bytes: TCP carries 1448 payload bytes per
+/// 1514-byte Ethernet frame (1500 MTU, timestamps), and in an all-gather every device also
+/// receives as much as it sends, so its uplink carries a 66-byte ACK per two received frames.
+pub const TCP_GOODPUT: f64 = 1448.0 / (1514.0 + 33.0);
+/// tc tbf bucket set by netem.sh (two frames), in payload bits.
+pub const TBF_BURST_BITS: f64 = 3028.0 * 8.0 * 1448.0 / 1514.0;
+const FRAME_HEADER: usize = 8;
+const BARRIER_TAG: u32 = u32::MAX;
+const PING_TAG: u32 = u32::MAX - 1;
+
+fn err(reason: impl Into<String>) -> SimError {
+    SimError::invalid("live", reason)
+}
+
+/// What a worker reports on stdout (one JSON line).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerReport {
+    pub rank: usize,
+    /// From the start barrier's release to the end of the program.
+    pub elapsed_ms: f64,
+    /// Time spent in compute (sleeping), in sending, and in waiting for peers' data.
+    pub compute_ms: f64,
+    pub send_ms: f64,
+    pub wait_ms: f64,
+    /// Half the median round trip to the next rank measured before the run (0 with one device).
+    pub one_way_ms: f64,
+}
+
+struct Peer {
+    stream: TcpStream,
+    inbox: Receiver<std::io::Result<(u32, usize)>>,
+}
+
+/// Connects rank `rank` to every other address (lower ranks are dialled, higher ranks accepted).
+fn mesh(rank: usize, addrs: &[SocketAddr], timeout: Duration) -> Result<Vec<Option<Peer>>> {
+    let listener = TcpListener::bind(addrs[rank]).map_err(|e| {
+        err(format!(
+            "rank {rank}: cannot listen on {}: {e}",
+            addrs[rank]
+        ))
+    })?;
+    let deadline = Instant::now() + timeout;
+    let mut streams: Vec<Option<TcpStream>> = (0..addrs.len()).map(|_| None).collect();
+    for (peer, addr) in addrs.iter().enumerate().take(rank) {
+        let s = loop {
+            match TcpStream::connect_timeout(addr, Duration::from_millis(500)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(err(format!(
+                        "rank {rank}: peer {peer} at {addr} refused: {e}"
+                    )))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let mut s = s;
+        s.write_all(&(rank as u32).to_le_bytes())
+            .map_err(|e| err(format!("rank {rank}: hello to {peer}: {e}")))?;
+        streams[peer] = Some(s);
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| err(e.to_string()))?;
+    let mut missing = addrs.len() - rank - 1;
+    while missing > 0 {
+        match listener.accept() {
+            Ok((mut s, _)) => {
+                s.set_nonblocking(false).map_err(|e| err(e.to_string()))?;
+                s.set_read_timeout(Some(timeout))
+                    .map_err(|e| err(e.to_string()))?;
+                let mut b = [0u8; 4];
+                s.read_exact(&mut b)
+                    .map_err(|e| err(format!("rank {rank}: hello: {e}")))?;
+                let peer = u32::from_le_bytes(b) as usize;
+                if peer <= rank || peer >= addrs.len() || streams[peer].is_some() {
+                    return Err(err(format!(
+                        "rank {rank}: unexpected hello from rank {peer}"
+                    )));
+                }
+                streams[peer] = Some(s);
+                missing -= 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(err(format!(
+                        "rank {rank}: {missing} higher rank(s) never connected"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(err(format!("rank {rank}: accept: {e}"))),
+        }
+    }
+    streams
+        .into_iter()
+        .map(|s| {
+            s.map(|stream| {
+                stream.set_nodelay(true).map_err(|e| err(e.to_string()))?;
+                stream
+                    .set_read_timeout(None)
+                    .map_err(|e| err(e.to_string()))?;
+                let mut reader = stream.try_clone().map_err(|e| err(e.to_string()))?;
+                let (tx, rx) = channel();
+                // A reader thread per peer drains its frames as they arrive, so our sends never
+                // wait on a peer whose receive buffer is full.
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        let mut h = [0u8; FRAME_HEADER];
+                        if let Err(e) = reader.read_exact(&mut h) {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                        let tag = u32::from_le_bytes(h[..4].try_into().expect("4"));
+                        let len = u32::from_le_bytes(h[4..].try_into().expect("4")) as usize;
+                        let mut left = len;
+                        while left > 0 {
+                            let take = left.min(buf.len());
+                            if let Err(e) = reader.read_exact(&mut buf[..take]) {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                            left -= take;
+                        }
+                        if tx.send(Ok((tag, len))).is_err() {
+                            return;
+                        }
+                    }
+                });
+                Ok(Peer { stream, inbox: rx })
+            })
+            .transpose()
+        })
+        .collect()
+}
+
+fn send(peer: &mut Peer, tag: u32, payload: &[u8]) -> std::io::Result<()> {
+    let mut h = [0u8; FRAME_HEADER];
+    h[..4].copy_from_slice(&tag.to_le_bytes());
+    h[4..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    peer.stream.write_all(&h)?;
+    peer.stream.write_all(payload)
+}
+
+fn recv(peer: &Peer, from: usize, tag: u32, len: usize, timeout: Duration) -> Result<()> {
+    match peer.inbox.recv_timeout(timeout) {
+        Ok(Ok((t, l))) if t == tag && l == len => Ok(()),
+        Ok(Ok((t, l))) => Err(err(format!(
+            "peer {from}: frame tag {t} of {l} bytes, expected tag {tag} of {len}"
+        ))),
+        Ok(Err(e)) => Err(err(format!("peer {from}: connection lost: {e}"))),
+        Err(RecvTimeoutError::Timeout) => Err(err(format!(
+            "peer {from}: nothing for tag {tag} within {timeout:?}"
+        ))),
+        Err(RecvTimeoutError::Disconnected) => Err(err(format!("peer {from}: connection closed"))),
+    }
+}
+
+/// Makes sleeps precise: the default timer slack (50 µs) would add up over hundreds of compute
+/// segments. Spinning instead would be exact but starves the other workers when devices
+/// outnumber cores.
+fn tighten_timer_slack() {
+    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and only affects this thread's timers.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+/// Sleeps `ms`, waking early by the wake-up latency seen so far (`late_us`, a running mean of how
+/// late past sleeps woke), so that scheduling delays on a busy machine do not add up as compute.
+fn sleep_precise(ms: f64, late_us: &mut f64) {
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(ms / 1e3);
+    let early = Duration::from_secs_f64((*late_us).clamp(0.0, 500.0) / 1e6);
+    if let Some(d) = end.checked_duration_since(Instant::now() + early) {
+        std::thread::sleep(d);
+        let late = Instant::now()
+            .saturating_duration_since(end - early)
+            .as_secs_f64()
+            * 1e6;
+        *late_us = 0.8 * *late_us + 0.2 * late;
+    }
+    while Instant::now() < end {
+        std::hint::spin_loop();
+    }
+}
+
+/// Runs one rank's program of `run` against its peers; returns its report.
+pub fn worker(
+    run: &Run,
+    rank: usize,
+    addrs: &[SocketAddr],
+    slowdown: f64,
+    timeout: Duration,
+) -> Result<WorkerReport> {
+    let program = run
+        .programs
+        .get(rank)
+        .ok_or_else(|| err(format!("rank {rank} has no program in the run")))?;
+    tighten_timer_slack();
+    let mut peers = mesh(rank, addrs, timeout)?;
+    let n = addrs.len();
+    // One-way latency estimate: ping-pong with the next rank.
+    let mut one_way_ms = 0.0;
+    if n > 1 {
+        let next = (rank + 1) % n;
+        let prev = (rank + n - 1) % n;
+        let mut rtts = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            send(peers[next].as_mut().expect("peer"), PING_TAG, &[])
+                .map_err(|e| err(format!("ping {next}: {e}")))?;
+            recv(
+                peers[prev].as_ref().expect("peer"),
+                prev,
+                PING_TAG,
+                0,
+                timeout,
+            )?;
+            send(peers[prev].as_mut().expect("peer"), PING_TAG, &[])
+                .map_err(|e| err(format!("pong {prev}: {e}")))?;
+            recv(
+                peers[next].as_ref().expect("peer"),
+                next,
+                PING_TAG,
+                0,
+                timeout,
+            )?;
+            rtts.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        rtts.sort_by(f64::total_cmp);
+        one_way_ms = rtts[rtts.len() / 2] / 4.0; // two round trips per sample
+    }
+    // Start barrier: everyone has everyone's byte.
+    for p in 0..n {
+        if let Some(peer) = peers[p].as_mut() {
+            send(peer, BARRIER_TAG, &[1]).map_err(|e| err(format!("barrier to {p}: {e}")))?;
+        }
+    }
+    for p in 0..n {
+        if let Some(peer) = peers[p].as_ref() {
+            recv(peer, p, BARRIER_TAG, 1, timeout)?;
+        }
+    }
+    let start = Instant::now();
+    let (mut compute_ms, mut send_ms, mut wait_ms) = (0.0, 0.0, 0.0);
+    let mut payload = Vec::new();
+    let mut late_us = 50.0;
+    for op in program {
+        let tag = op.id;
+        match (&op.kind, op.comm()) {
+            (OpKind::Compute { ms, .. }, _) => {
+                let t = Instant::now();
+                sleep_precise(ms * slowdown, &mut late_us);
+                compute_ms += t.elapsed().as_secs_f64() * 1e3;
+            }
+            (_, Some((kind, c))) => {
+                let bytes = c.bits.div_ceil(8) as usize;
+                payload.resize(bytes, 0xA5);
+                let others: Vec<usize> = c
+                    .peers
+                    .iter()
+                    .map(|&p| p as usize)
+                    .filter(|&p| p != rank)
+                    .collect();
+                let root = c.peers[0] as usize;
+                let (sends, recvs): (Vec<usize>, Vec<usize>) = match kind {
+                    Collective::AllGather | Collective::AllReduce => {
+                        (others.clone(), others.clone())
+                    }
+                    Collective::Gather if rank == root => (vec![], others.clone()),
+                    Collective::Gather => (vec![root], vec![]),
+                    Collective::Send if rank == root => (vec![c.peers[1] as usize], vec![]),
+                    Collective::Send => (vec![], vec![root]),
+                };
+                let rounds = if kind == Collective::AllReduce { 2 } else { 1 };
+                for round in 0..rounds {
+                    let frame_tag = tag * 2 + round;
+                    let t = Instant::now();
+                    for &p in &sends {
+                        let peer = peers[p]
+                            .as_mut()
+                            .ok_or_else(|| err(format!("no connection to {p}")))?;
+                        send(peer, frame_tag, &payload)
+                            .map_err(|e| err(format!("send to {p} at op {tag}: {e}")))?;
+                    }
+                    send_ms += t.elapsed().as_secs_f64() * 1e3;
+                    let t = Instant::now();
+                    for &p in &recvs {
+                        // Peers' payload sizes may differ (uneven partitions): read the size from
+                        // their program.
+                        let their = run.programs[p][op.id as usize]
+                            .comm()
+                            .map(|(_, c)| c.bits.div_ceil(8) as usize)
+                            .unwrap_or(0);
+                        recv(
+                            peers[p]
+                                .as_ref()
+                                .ok_or_else(|| err(format!("no connection to {p}")))?,
+                            p,
+                            frame_tag,
+                            their,
+                            timeout,
+                        )?;
+                    }
+                    wait_ms += t.elapsed().as_secs_f64() * 1e3;
+                }
+            }
+            _ => unreachable!("an op is compute or communication"),
+        }
+    }
+    let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
+    // Final barrier so no rank closes sockets while a peer still reads.
+    for p in 0..n {
+        if let Some(peer) = peers[p].as_mut() {
+            send(peer, BARRIER_TAG, &[2]).map_err(|e| err(format!("final barrier to {p}: {e}")))?;
+        }
+    }
+    for p in 0..n {
+        if let Some(peer) = peers[p].as_ref() {
+            recv(peer, p, BARRIER_TAG, 1, timeout)?;
+        }
+    }
+    Ok(WorkerReport {
+        rank,
+        elapsed_ms,
+        compute_ms,
+        send_ms,
+        wait_ms,
+        one_way_ms,
+    })
+}
+
+/// Shaped links for one replay.
+#[derive(Clone, Debug)]
+pub struct Links {
+    /// Uplink rate in Mbit/s (2^20 bit).
+    pub mbps: f64,
+    pub delay_ms: f64,
+    pub loss_pct: f64,
+}
+
+/// Namespaces made by netem.sh; removed on drop (also on errors and panics).
+struct Namespaces {
+    script: PathBuf,
+    prefix: String,
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.script)
+            .args(["down", &self.prefix])
+            .status();
+    }
+}
+
+pub struct LiveOutcome {
+    pub measured_ms: f64,
+    pub reports: Vec<WorkerReport>,
+    pub shaped: bool,
+    pub netem: bool,
+}
+
+/// Default location of scripts/netem.sh: $ASTRA_NETEM, else the script in this source tree.
+pub fn default_netem_script() -> PathBuf {
+    std::env::var_os("ASTRA_NETEM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/netem.sh"))
+}
+
+/// Whether kernel shaping is possible here (root, iproute2, namespaces).
+pub fn can_shape(script: &Path) -> bool {
+    Command::new(script)
+        .arg("check")
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Replays `run` live: N worker processes (this executable's `replay-worker`), shaped when
+/// `shape` is on and possible.
+pub fn replay(
+    run: &Run,
+    links: &Links,
+    shape: bool,
+    script: &Path,
+    slowdown: &[f64],
+    timeout: Duration,
+    id: usize,
+) -> Result<LiveOutcome> {
+    let n = run.programs.len();
+    let exe =
+        std::env::current_exe().map_err(|e| err(format!("cannot find own executable: {e}")))?;
+    let dir = tempdir(id)?;
+    let run_path = dir.join("run.json");
+    std::fs::write(&run_path, serde_json::to_vec(run).expect("runs serialise"))
+        .map_err(|e| err(e.to_string()))?;
+    let mut guard = None;
+    let mut netem = false;
+    let (addrs, namespaces): (Vec<SocketAddr>, Vec<Option<String>>) = if shape {
+        let prefix = format!("astra-{}-{id}", std::process::id());
+        let rate_bit = (links.mbps * crate::network::MBIT).round() as u64;
+        let out = Command::new(script)
+            .args([
+                "up",
+                &prefix,
+                &n.to_string(),
+                &rate_bit.to_string(),
+                &links.delay_ms.to_string(),
+                &links.loss_pct.to_string(),
+            ])
+            .output()
+            .map_err(|e| err(format!("{}: {e}", script.display())))?;
+        guard = Some(Namespaces {
+            script: script.to_path_buf(),
+            prefix,
+        });
+        if !out.status.success() {
+            return Err(err(format!(
+                "netem.sh up failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        netem = text.lines().any(|l| l == "netem yes");
+        let mut a = Vec::new();
+        let mut ns = Vec::new();
+        for l in text.lines().filter(|l| !l.starts_with("netem")) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            a.push(
+                format!("{}:{}", f[2], 47000)
+                    .parse()
+                    .map_err(|_| err(format!("bad netem.sh line '{l}'")))?,
+            );
+            ns.push(Some(f[1].to_string()));
+        }
+        (a, ns)
+    } else {
+        let base = 20000 + (std::process::id() as usize * 7 + id * 64) % 30000;
+        (
+            (0..n)
+                .map(|i| format!("127.0.0.1:{}", base + i).parse().expect("valid"))
+                .collect(),
+            vec![None; n],
+        )
+    };
+    let addr_list = addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut children: Vec<Child> = Vec::new();
+    for (rank, ns) in namespaces.iter().enumerate() {
+        let slow = match slowdown.len() {
+            0 => 1.0,
+            1 => slowdown[0],
+            _ => slowdown[rank],
+        };
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        cmd.arg("replay-worker")
+            .args([
+                "--rank",
+                &rank.to_string(),
+                "--peers",
+                &addr_list,
+                "--slowdown",
+                &slow.to_string(),
+            ])
+            .args(["--timeout-s", &timeout.as_secs_f64().to_string()])
+            .arg("--run")
+            .arg(&run_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        children.push(
+            cmd.spawn()
+                .map_err(|e| err(format!("cannot start worker {rank}: {e}")))?,
+        );
+    }
+    let mut reports = Vec::new();
+    let mut failure = None;
+    for (rank, child) in children.iter_mut().enumerate() {
+        let out = child.stdout.take().expect("piped");
+        let line = BufReader::new(out)
+            .lines()
+            .next()
+            .and_then(|l| l.ok())
+            .unwrap_or_default();
+        let status = child.wait().map_err(|e| err(e.to_string()))?;
+        if !status.success() || line.is_empty() {
+            let mut msg = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut msg);
+            }
+            failure.get_or_insert(format!("worker {rank} failed: {}", msg.trim()));
+            continue;
+        }
+        match serde_json::from_str::<WorkerReport>(&line) {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                failure.get_or_insert(format!("worker {rank} reported '{line}': {e}"));
+            }
+        }
+    }
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(f) = failure {
+        return Err(err(f));
+    }
+    let measured_ms = reports.iter().map(|r| r.elapsed_ms).fold(0.0, f64::max);
+    Ok(LiveOutcome {
+        measured_ms,
+        reports,
+        shaped: shape,
+        netem,
+    })
+}
+
+fn tempdir(id: usize) -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("astra-live-{}-{id}", std::process::id()));
+    std::fs::create_dir_all(&d).map_err(|e| err(format!("{}: {e}", d.display())))?;
+    Ok(d)
+}
