@@ -25,11 +25,12 @@ use crate::trace::{Collective, OpKind, Run};
 /// 1514-byte Ethernet frame (1500 MTU, timestamps), and in an all-gather every device also
 /// receives as much as it sends, so its uplink carries a 66-byte ACK per two received frames.
 pub const TCP_GOODPUT: f64 = 1448.0 / (1514.0 + 33.0);
-/// tc tbf bucket set by netem.sh (two frames), in payload bits.
+/// Bucket of the shaper set by netem.sh (two frames, HTB or tbf), in payload bits.
 pub const TBF_BURST_BITS: f64 = 3028.0 * 8.0 * 1448.0 / 1514.0;
 const FRAME_HEADER: usize = 8;
 const BARRIER_TAG: u32 = u32::MAX;
 const PING_TAG: u32 = u32::MAX - 1;
+const WARMUP_TAG: u32 = u32::MAX - 2;
 
 fn err(reason: impl Into<String>) -> SimError {
     SimError::invalid("live", reason)
@@ -157,12 +158,14 @@ fn mesh(rank: usize, addrs: &[SocketAddr], timeout: Duration) -> Result<Vec<Opti
         .collect()
 }
 
+/// One write per frame: with TCP_NODELAY a separate header write would leave as its own tiny
+/// segment.
 fn send(peer: &mut Peer, tag: u32, payload: &[u8]) -> std::io::Result<()> {
-    let mut h = [0u8; FRAME_HEADER];
-    h[..4].copy_from_slice(&tag.to_le_bytes());
-    h[4..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    peer.stream.write_all(&h)?;
-    peer.stream.write_all(payload)
+    let mut frame = Vec::with_capacity(FRAME_HEADER + payload.len());
+    frame.extend_from_slice(&tag.to_le_bytes());
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(payload);
+    peer.stream.write_all(&frame)
 }
 
 fn recv(peer: &Peer, from: usize, tag: u32, len: usize, timeout: Duration) -> Result<()> {
@@ -177,6 +180,28 @@ fn recv(peer: &Peer, from: usize, tag: u32, len: usize, timeout: Duration) -> Re
         ))),
         Err(RecvTimeoutError::Disconnected) => Err(err(format!("peer {from}: connection closed"))),
     }
+}
+
+/// Sends `payload` to every peer, then receives from every peer a frame of `expected(peer)` bytes.
+fn exchange_all(
+    peers: &mut [Option<Peer>],
+    tag: u32,
+    payload: &[u8],
+    expected: impl Fn(usize) -> usize,
+    timeout: Duration,
+    what: &str,
+) -> Result<()> {
+    for (p, peer) in peers.iter_mut().enumerate() {
+        if let Some(peer) = peer {
+            send(peer, tag, payload).map_err(|e| err(format!("{what} to {p}: {e}")))?;
+        }
+    }
+    for (p, peer) in peers.iter().enumerate() {
+        if let Some(peer) = peer {
+            recv(peer, p, tag, expected(p), timeout)?;
+        }
+    }
+    Ok(())
 }
 
 /// Makes sleeps precise: the default timer slack (50 µs) would add up over hundreds of compute
@@ -223,6 +248,27 @@ pub fn worker(
     tighten_timer_slack();
     let mut peers = mesh(rank, addrs, timeout)?;
     let n = addrs.len();
+    // Warm-up: open every connection's congestion window as a long-running deployment's would be,
+    // so slow start is not charged to the first exchanges.
+    let largest = program
+        .iter()
+        .filter_map(|op| op.comm())
+        .map(|(_, c)| c.bits.div_ceil(8) as usize)
+        .max()
+        .unwrap_or(0);
+    let warm = vec![0u8; largest.clamp(1, 1 << 20)];
+    let largest_of = |p: usize| {
+        run.programs[p]
+            .iter()
+            .filter_map(|op| op.comm())
+            .map(|(_, c)| c.bits.div_ceil(8) as usize)
+            .max()
+            .unwrap_or(0)
+            .clamp(1, 1 << 20)
+    };
+    exchange_all(
+        &mut peers, WARMUP_TAG, &warm, largest_of, timeout, "warm-up",
+    )?;
     // One-way latency estimate: ping-pong with the next rank.
     let mut one_way_ms = 0.0;
     if n > 1 {
@@ -252,19 +298,18 @@ pub fn worker(
             rtts.push(t.elapsed().as_secs_f64() * 1e3);
         }
         rtts.sort_by(f64::total_cmp);
-        one_way_ms = rtts[rtts.len() / 2] / 4.0; // two round trips per sample
+        // Every rank sends at once and then receives: each sample is two one-way trips.
+        one_way_ms = rtts[rtts.len() / 2] / 2.0;
     }
     // Start barrier: everyone has everyone's byte.
-    for p in 0..n {
-        if let Some(peer) = peers[p].as_mut() {
-            send(peer, BARRIER_TAG, &[1]).map_err(|e| err(format!("barrier to {p}: {e}")))?;
-        }
-    }
-    for p in 0..n {
-        if let Some(peer) = peers[p].as_ref() {
-            recv(peer, p, BARRIER_TAG, 1, timeout)?;
-        }
-    }
+    exchange_all(
+        &mut peers,
+        BARRIER_TAG,
+        &[1],
+        |_| 1,
+        timeout,
+        "start barrier",
+    )?;
     let start = Instant::now();
     let (mut compute_ms, mut send_ms, mut wait_ms) = (0.0, 0.0, 0.0);
     let mut payload = Vec::new();
@@ -334,16 +379,14 @@ pub fn worker(
     }
     let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
     // Final barrier so no rank closes sockets while a peer still reads.
-    for p in 0..n {
-        if let Some(peer) = peers[p].as_mut() {
-            send(peer, BARRIER_TAG, &[2]).map_err(|e| err(format!("final barrier to {p}: {e}")))?;
-        }
-    }
-    for p in 0..n {
-        if let Some(peer) = peers[p].as_ref() {
-            recv(peer, p, BARRIER_TAG, 1, timeout)?;
-        }
-    }
+    exchange_all(
+        &mut peers,
+        BARRIER_TAG,
+        &[2],
+        |_| 1,
+        timeout,
+        "final barrier",
+    )?;
     Ok(WorkerReport {
         rank,
         elapsed_ms,

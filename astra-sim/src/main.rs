@@ -475,7 +475,7 @@ fn replay_command(a: ReplayArgs, command_line: &str) -> Result<()> {
     if let Some(b) = rates.iter().find(|b| !(b.is_finite() && **b > 0.0)) {
         bail!("mbps: {b} is not a positive number");
     }
-    if !(0.0..100.0).contains(&a.loss_pct) || !(a.delay_ms >= 0.0) {
+    if !(0.0..100.0).contains(&a.loss_pct) || a.delay_ms.is_nan() || a.delay_ms < 0.0 {
         bail!("--loss-pct must be in [0, 100) and --delay-ms non-negative");
     }
     let slowdown: Vec<f64> = match &a.slowdown {
@@ -542,8 +542,8 @@ fn replay_command(a: ReplayArgs, command_line: &str) -> Result<()> {
             std::process::exit(130);
         });
     }
-    let mut table = format!(
-        "| method | devices | tokens | Mbit/s | measured (ms) | alpha-beta (ms) | error | paper model (ms) | runs |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    let mut table = String::from(
+        "| method | devices | tokens | Mbit/s | measured (ms) | alpha-beta (ms) | error | paper model (ms) | runs |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut errors = Vec::new();
     let mut id = 0usize;
@@ -619,10 +619,10 @@ fn replay_command(a: ReplayArgs, command_line: &str) -> Result<()> {
             "# Live replay against the models\n\nCommand: `{command_line}`\n\nLinks: {}. Workers: one process per device, \
              full-mesh TCP (TCP_NODELAY), compute segments slept, communication sent as real bytes (direct collectives, ops in \
              program order). Prediction: alpha-beta model, direct algorithm, no overlap, bandwidth = link rate × {TCP_GOODPUT:.4} \
-             (TCP payload per 1514-byte frame, less the ACKs of received data), tbf's two-frame bucket as a free burst per round, alpha = measured one-way latency (ping-pong before each run). Paper model: \
+             (TCP payload per 1514-byte frame, less the ACKs of received data), the shaper's two-frame bucket as a free burst per round, alpha = measured one-way latency (ping-pong before each run). Paper model: \
              compute + bits / rate, each device sending its payload once (no per-peer copies, no protocol overhead).\n\n{table}\n\
              Largest |error| of the alpha-beta model: {worst:.1}%.\n",
-            if shaped { format!("tc tbf on every device's uplink in its own network namespace{}", if a.delay_ms > 0.0 || a.loss_pct > 0.0 { ", netem delay/loss where the kernel has it" } else { "" }) } else { "NOT shaped (loopback)".into() }
+            if shaped { format!("every device's uplink shaped by the kernel (scripts/netem.sh: HTB with ACK priority by default) in its own network namespace{}", if a.delay_ms > 0.0 || a.loss_pct > 0.0 { ", netem delay/loss where the kernel has it" } else { "" }) } else { "NOT shaped (loopback)".into() }
         );
         write_atomic(o, doc.as_bytes())?;
     }

@@ -54,7 +54,7 @@ pub struct Network {
     /// Compute-time multiplier per device (1 = the profiled device); one value applies to all.
     pub slowdown: Vec<f64>,
     /// Token-bucket credit (bits) of a shaped uplink that was idle before an exchange: the first
-    /// `burst_bits` of each sender's round leave at line rate (tc tbf's bucket). 0 for a plain link.
+    /// `burst_bits` of each sender's round leave at line rate (a token-bucket shaper such as tc htb/tbf). 0 for a plain link.
     #[serde(default)]
     pub burst_bits: f64,
 }
