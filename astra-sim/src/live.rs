@@ -207,6 +207,24 @@ fn exchange_all(
 /// Makes sleeps precise: the default timer slack (50 µs) would add up over hundreds of compute
 /// segments. Spinning instead would be exact but starves the other workers when devices
 /// outnumber cores.
+/// A worker dies with its coordinator (killed, interrupted or crashed): no orphan keeps sending
+/// into a torn-down network.
+fn die_with_parent() {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number; getppid has no preconditions.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        if libc::getppid() == 1 {
+            std::process::exit(1); // the coordinator was already gone
+        }
+    }
+}
+
 fn tighten_timer_slack() {
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and only affects this thread's timers.
     unsafe {
@@ -245,6 +263,7 @@ pub fn worker(
         .programs
         .get(rank)
         .ok_or_else(|| err(format!("rank {rank} has no program in the run")))?;
+    die_with_parent();
     tighten_timer_slack();
     let mut peers = mesh(rank, addrs, timeout)?;
     let n = addrs.len();
