@@ -6,7 +6,8 @@
 #
 # Either way it links .libtorch to that libtorch; .cargo/config.toml points LIBTORCH at .libtorch and
 # the build scripts add an rpath to .libtorch/lib, so `cargo build` and the binaries need nothing
-# exported by hand. The venv also gets numpy and safetensors, which the interop tests use.
+# exported by hand. The venv also gets numpy, safetensors and transformers, which the interop and
+# parity tests use.
 # Pip's cache (~/.cache/pip) is used when present, so a second machine set-up does not re-download.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -38,8 +39,10 @@ else
   fi
   target=$($py -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 fi
-# numpy and safetensors: the interop tests read our files with them.
-$py -c "import numpy, safetensors" 2>/dev/null || pip_install numpy safetensors || die "pip could not install numpy and safetensors into .venv"
+# numpy and safetensors: the interop tests read our files with them; transformers: the parity tests
+# compare our models with HF's (CPU, tiny random models).
+$py -c "import numpy, safetensors, transformers" 2>/dev/null || pip_install numpy safetensors transformers ||
+  die "pip could not install numpy, safetensors and transformers into .venv"
 
 version=$(torch_version_of "$target")
 [[ $version == "$TORCH_VERSION" ]] ||

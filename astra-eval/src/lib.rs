@@ -1,3 +1,5 @@
 //! ASTRA evaluation: accuracy and perplexity sweeps, compute profiling, the multi-process runtime.
-//! Its subcommands arrive with the evaluation issues; today it reports the runtime it would use.
+//! Today: `predict` (logits of a model, plain or under ASTRA) and `info`.
+pub mod predict;
+
 pub use astra_train::runtime::RuntimeInfo;

@@ -1,7 +1,11 @@
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use astra_eval::predict::{self, ForwardPath, PredictArgs};
+use astra_train::models::ClsMode;
 use clap::{Parser, Subcommand};
 
-/// ASTRA evaluation: accuracy, perplexity, compute profiling and the multi-device runtime.
+/// ASTRA evaluation: predictions, accuracy, perplexity, compute profiling and the multi-device runtime.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
@@ -11,6 +15,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Logits of a model for a batch: the plain model, or ASTRA on N devices.
+    Predict {
+        /// HF-style folder (config.json + model.safetensors), a run folder, or a hub id org/name.
+        #[arg(long)]
+        model: String,
+        /// float32 [B, C, H, W] (normalised images, ViT) or int64 [B, T] (token ids, GPT-2), .npy.
+        #[arg(long)]
+        input: PathBuf,
+        /// float32 logits, .npy.
+        #[arg(long)]
+        out: PathBuf,
+        /// Simulate ASTRA on N devices (contiguous token split); without it, the plain model.
+        #[arg(long)]
+        devices: Option<usize>,
+        /// Codebooks (astra-quant file, one block per layer); without them remote tokens are not quantized.
+        #[arg(long, requires = "devices")]
+        codebooks: Option<PathBuf>,
+        /// Where the CLS token lives (ViT).
+        #[arg(long, value_enum, default_value = "distributed")]
+        cls: ClsMode,
+        /// masked: all devices in one process; per-device: device by device with an in-memory exchange.
+        #[arg(long, value_enum, default_value = "masked")]
+        path: ForwardPath,
+        /// cpu, cuda, or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Report the libtorch and devices evaluation would run on (same as `astra-train info`).
     Info {
         /// Print JSON instead of text.
@@ -19,8 +50,56 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+fn parse_device(s: &str) -> Result<tch::Device> {
+    Ok(match s {
+        "cpu" => tch::Device::Cpu,
+        "cuda" => tch::Device::Cuda(0),
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(i) => tch::Device::Cuda(i),
+            None => bail!("--device: '{s}' is not cpu, cuda or cuda:N"),
+        },
+    })
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("astra-eval: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     match Cli::parse().command {
+        Command::Predict {
+            model,
+            input,
+            out,
+            devices,
+            codebooks,
+            cls,
+            path,
+            device,
+        } => {
+            let device = parse_device(&device)?;
+            if let tch::Device::Cuda(i) = device {
+                if !tch::Cuda::is_available() || i as i64 >= tch::Cuda::device_count() {
+                    bail!(
+                        "--device cuda:{i}: CUDA device not available here (see astra-eval info)"
+                    );
+                }
+            }
+            let msg = predict::run(&PredictArgs {
+                model,
+                input,
+                out,
+                devices,
+                codebooks,
+                cls,
+                path,
+                device,
+            })?;
+            println!("{msg}");
+        }
         Command::Info { json } => {
             let info = astra_eval::RuntimeInfo::collect();
             if json {

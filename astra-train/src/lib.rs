@@ -1,5 +1,18 @@
 //! ASTRA models and training on libtorch (through tch).
 //!
-//! Models, data sets and the trainer land in their own modules; `runtime` reports the libtorch and
-//! accelerators this process sees.
+//! - [`config`]: HF `config.json` for ViT and GPT-2;
+//! - [`models`]: ViT and GPT-2 with HF parameter names, Mixed-Precision Attention
+//!   ([`models::mpa`]), grouped VQ with EMA, NAQ and the straight-through estimator
+//!   ([`models::vq`]), Distributed Class Tokens, and the per-device inference path;
+//! - [`weights`], [`model`]: safetensors checkpoints, HF folders and the HF cache;
+//! - [`runtime`]: the libtorch and accelerators this process sees.
+pub mod bench_step;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod models;
+pub mod precision;
 pub mod runtime;
+pub mod weights;
+
+pub use error::{Result, TrainError};

@@ -11,6 +11,36 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Training-step throughput of ViT-B/16 (random weights and data, AdamW): plain and ASTRA.
+    BenchStep {
+        #[arg(long, default_value_t = 128)]
+        batch: i64,
+        #[arg(long, default_value_t = 224)]
+        image: i64,
+        #[arg(long, default_value_t = 16)]
+        patch: i64,
+        #[arg(long, default_value_t = 1000)]
+        classes: i64,
+        /// ASTRA devices N (MPA) for the ASTRA row.
+        #[arg(long, default_value_t = 4)]
+        devices: usize,
+        /// VQ groups G for the ASTRA row.
+        #[arg(long, default_value_t = 32)]
+        groups: usize,
+        #[arg(long, default_value_t = 1024)]
+        codewords: usize,
+        /// Timed steps (the median is reported) after --warmup untimed ones.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// bf16 autocast (CUDA only).
+        #[arg(long)]
+        bf16: bool,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cuda")]
+        device: String,
+    },
     /// Report the libtorch version, CUDA devices, cuDNN and CPU threads this binary sees.
     Info {
         /// Print JSON instead of text.
@@ -19,8 +49,77 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("astra-train: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     match Cli::parse().command {
+        Command::BenchStep {
+            batch,
+            image,
+            patch,
+            classes,
+            devices,
+            groups,
+            codewords,
+            steps,
+            warmup,
+            bf16,
+            device,
+        } => {
+            let device = match device.as_str() {
+                "cpu" => tch::Device::Cpu,
+                "cuda" => tch::Device::Cuda(0),
+                s => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+                    Some(i) => tch::Device::Cuda(i),
+                    None => anyhow::bail!("--device: '{s}' is not cpu, cuda or cuda:N"),
+                },
+            };
+            if device.is_cuda() && !tch::Cuda::is_available() {
+                anyhow::bail!(
+                    "--device {device:?}: CUDA is not available here (see astra-train info)"
+                );
+            }
+            if steps == 0 {
+                anyhow::bail!("--steps must be at least 1");
+            }
+            println!(
+                "ViT-B/16 training step, {image}x{image}, batch {batch}, AdamW, {}, {:?}\n",
+                if bf16 { "bf16 autocast" } else { "fp32" },
+                device
+            );
+            println!(
+                "| model | median step (ms) | min | max | images/s |\n|---|---:|---:|---:|---:|"
+            );
+            for astra in [None, Some((devices, groups, codewords))] {
+                let r = astra_train::bench_step::run(&astra_train::bench_step::StepBench {
+                    batch,
+                    image,
+                    patch,
+                    classes,
+                    astra,
+                    steps,
+                    warmup,
+                    bf16,
+                    device,
+                })?;
+                let name = match astra {
+                    None => "plain".to_string(),
+                    Some((n, g, k)) => format!("ASTRA (MPA N={n}, G={g}, K={k}, VQ-EMA, NAQ, DCT)"),
+                };
+                println!(
+                    "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    r.median_s * 1e3,
+                    r.min_s * 1e3,
+                    r.max_s * 1e3,
+                    r.images_per_s
+                );
+            }
+        }
         Command::Info { json } => {
             let info = astra_train::runtime::RuntimeInfo::collect();
             if json {

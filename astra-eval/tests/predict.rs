@@ -1,0 +1,229 @@
+//! `astra-eval predict` as users call it: plain and ASTRA logits of a saved model, the per-device
+//! path equal to the masked one, and bad input named in one line.
+
+use std::path::Path;
+use std::process::Command;
+
+use astra_quant::{BlockQuantizer, CodebookFile, GroupedCodebook, KMeansConfig};
+use astra_train::config::{GPT2Config, ModelConfig, ViTConfig};
+use astra_train::model::Model;
+use tch::{Device, Kind, Tensor};
+
+fn predict(args: &[&str], paths: &[&Path]) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_astra-eval"));
+    c.arg("predict").args(args);
+    for p in paths {
+        c.arg(p);
+    }
+    c.output().unwrap()
+}
+
+fn ok(o: std::process::Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn codebooks(dir: &Path, layers: usize, d: usize, groups: usize) -> std::path::PathBuf {
+    let rows = astra_quant::bench::gaussian_mixture(400, d, 8, 5) * 0.5;
+    let (cb, _) = GroupedCodebook::fit(
+        rows.view(),
+        groups,
+        &KMeansConfig {
+            iters: 4,
+            ..KMeansConfig::new(16)
+        },
+    )
+    .unwrap();
+    let file = CodebookFile {
+        blocks: vec![
+            BlockQuantizer {
+                codebook: cb,
+                noise: None
+            };
+            layers
+        ],
+        extra: Default::default(),
+    };
+    let p = dir.join(format!("cb-{d}-{layers}.safetensors"));
+    file.save(&p).unwrap();
+    p
+}
+
+#[test]
+fn vit_predict_plain_and_astra() {
+    let dir = tempfile::tempdir().unwrap();
+    tch::manual_seed(3);
+    let cfg = ViTConfig {
+        image_size: 16,
+        patch_size: 4,
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        intermediate_size: 64,
+        ..ViTConfig::vit_base_patch16_224(6)
+    };
+    let model_dir = dir.path().join("vit");
+    Model::new(ModelConfig::ViT(cfg), Device::Cpu)
+        .unwrap()
+        .save(&model_dir)
+        .unwrap();
+    let x = dir.path().join("x.npy");
+    Tensor::randn([3, 3, 16, 16], (Kind::Float, Device::Cpu))
+        .write_npy(&x)
+        .unwrap();
+    let cb = codebooks(dir.path(), 2, 32, 4);
+    let (plain, masked, per) = (
+        dir.path().join("p.npy"),
+        dir.path().join("m.npy"),
+        dir.path().join("d.npy"),
+    );
+    ok(predict(
+        &["--model", model_dir.to_str().unwrap(), "--input"],
+        &[&x, Path::new("--out"), &plain],
+    ));
+    ok(predict(
+        &[
+            "--devices",
+            "4",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--codebooks",
+            cb.to_str().unwrap(),
+            "--input",
+        ],
+        &[&x, Path::new("--out"), &masked],
+    ));
+    let msg = ok(predict(
+        &[
+            "--devices",
+            "4",
+            "--path",
+            "per-device",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--codebooks",
+            cb.to_str().unwrap(),
+            "--input",
+        ],
+        &[&x, Path::new("--out"), &per],
+    ));
+    assert!(msg.contains("ASTRA on 4 device(s)"), "{msg}");
+    let (p, m, d) = (
+        Tensor::read_npy(&plain).unwrap(),
+        Tensor::read_npy(&masked).unwrap(),
+        Tensor::read_npy(&per).unwrap(),
+    );
+    assert_eq!(p.size(), vec![3, 6]);
+    let diff = (&m - &d).abs().max().double_value(&[]);
+    assert!(
+        diff <= 1e-5 * m.abs().max().double_value(&[]).max(1.0),
+        "per-device vs masked {diff}"
+    );
+    assert!(
+        (&m - &p).abs().max().double_value(&[]) > 1e-5,
+        "quantization had no effect"
+    );
+}
+
+#[test]
+fn gpt2_predict_and_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    tch::manual_seed(4);
+    let cfg = GPT2Config {
+        vocab_size: 40,
+        n_positions: 32,
+        n_embd: 16,
+        n_layer: 2,
+        n_head: 2,
+        ..GPT2Config::gpt2_small()
+    };
+    let model_dir = dir.path().join("gpt2");
+    Model::new(ModelConfig::GPT2(cfg), Device::Cpu)
+        .unwrap()
+        .save(&model_dir)
+        .unwrap();
+    let ids = dir.path().join("ids.npy");
+    Tensor::randint(40, [2, 12], (Kind::Int64, Device::Cpu))
+        .write_npy(&ids)
+        .unwrap();
+    let out = dir.path().join("y.npy");
+    let m = model_dir.to_str().unwrap();
+    ok(predict(
+        &["--devices", "3", "--model", m, "--input"],
+        &[&ids, Path::new("--out"), &out],
+    ));
+    assert_eq!(Tensor::read_npy(&out).unwrap().size(), vec![2, 12, 40]);
+
+    let err = |o: std::process::Output, needle: &str| {
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!o.status.success(), "expected failure");
+        assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+        assert!(e.contains(needle), "'{e}' lacks '{needle}'");
+    };
+    let floats = dir.path().join("f.npy");
+    Tensor::zeros([2, 12], (Kind::Float, Device::Cpu))
+        .write_npy(&floats)
+        .unwrap();
+    err(
+        predict(
+            &["--model", m, "--input"],
+            &[&floats, Path::new("--out"), &out],
+        ),
+        "token ids must be int64",
+    );
+    let wrong_cb = codebooks(dir.path(), 2, 24, 4);
+    err(
+        predict(
+            &[
+                "--devices",
+                "2",
+                "--codebooks",
+                wrong_cb.to_str().unwrap(),
+                "--model",
+                m,
+                "--input",
+            ],
+            &[&ids, Path::new("--out"), &out],
+        ),
+        "codeword width D = 24",
+    );
+    let deep_cb = codebooks(dir.path(), 5, 16, 4);
+    err(
+        predict(
+            &[
+                "--devices",
+                "2",
+                "--codebooks",
+                deep_cb.to_str().unwrap(),
+                "--model",
+                m,
+                "--input",
+            ],
+            &[&ids, Path::new("--out"), &out],
+        ),
+        "file has 5 blocks, the model has 2",
+    );
+    err(
+        predict(
+            &[
+                "--model",
+                dir.path().join("nowhere").to_str().unwrap(),
+                "--input",
+            ],
+            &[&ids, Path::new("--out"), &out],
+        ),
+        "nowhere",
+    );
+    let big = dir.path().join("big.npy");
+    Tensor::from_slice(&[1i64, 99])
+        .view([1, 2])
+        .write_npy(&big)
+        .unwrap();
+    err(
+        predict(
+            &["--model", m, "--input"],
+            &[&big, Path::new("--out"), &out],
+        ),
+        "ids span 1..=99, the vocabulary has 40",
+    );
+}

@@ -1,0 +1,161 @@
+//! A model loaded from an HF-style folder (config.json + model.safetensors) or resolved by name
+//! (`org/name`) through the Hugging Face cache (HF_HOME), downloading when online.
+
+use std::path::{Path, PathBuf};
+
+use tch::{nn, Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{Result, TrainError};
+use crate::models::gpt2::Gpt2;
+use crate::models::vit::ViT;
+use crate::models::{Astra, AstraOutput};
+use crate::weights::{load_safetensors, LoadReport};
+
+pub enum Network {
+    ViT(ViT),
+    Gpt2(Gpt2),
+}
+
+pub struct Model {
+    pub vs: nn::VarStore,
+    pub net: Network,
+    pub config: ModelConfig,
+}
+
+impl Model {
+    /// A freshly initialised model for `config`.
+    pub fn new(config: ModelConfig, device: Device) -> Result<Self> {
+        let vs = nn::VarStore::new(device);
+        let net = match &config {
+            ModelConfig::ViT(c) => Network::ViT(ViT::new(&vs.root(), c)?),
+            ModelConfig::GPT2(c) => Network::Gpt2(Gpt2::new(&vs.root(), c)?),
+        };
+        Ok(Model { vs, net, config })
+    }
+
+    /// From a folder with config.json and model.safetensors, or a hub id `org/name`.
+    pub fn load(spec: &str, device: Device) -> Result<(Self, LoadReport)> {
+        let dir = resolve(spec)?;
+        let config = ModelConfig::load(&dir.join("config.json"))?;
+        let model = Self::new(config, device)?;
+        // A classification head is new when fine-tuning from a backbone checkpoint.
+        let weights = ["model.safetensors", "best.safetensors"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.exists())
+            .expect("resolve checked");
+        let report = load_safetensors(&model.vs, &weights, &["classifier."])?;
+        Ok((model, report))
+    }
+
+    /// Writes an HF-style folder: config.json and model.safetensors (atomically, file by file).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let io = |e: std::io::Error| TrainError::File {
+            path: dir.into(),
+            reason: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tmp = dir.join(".config.json.tmp");
+        std::fs::write(&tmp, self.config.to_json()).map_err(io)?;
+        std::fs::rename(&tmp, dir.join("config.json")).map_err(io)?;
+        let tmp = dir.join(".model.safetensors.tmp");
+        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Tensor::write_safetensors(&named, &tmp)?;
+        std::fs::rename(&tmp, dir.join("model.safetensors")).map_err(io)?;
+        Ok(())
+    }
+
+    pub fn layers(&self) -> i64 {
+        match &self.net {
+            Network::ViT(m) => m.blocks.len() as i64,
+            Network::Gpt2(m) => m.blocks.len() as i64,
+        }
+    }
+
+    pub fn hidden(&self) -> i64 {
+        match &self.config {
+            ModelConfig::ViT(c) => c.hidden_size,
+            ModelConfig::GPT2(c) => c.n_embd,
+        }
+    }
+
+    pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        match &self.net {
+            Network::ViT(m) => m.forward(input),
+            Network::Gpt2(m) => m.forward(input),
+        }
+    }
+
+    pub fn forward_astra(&self, input: &Tensor, astra: Astra) -> Result<AstraOutput> {
+        match &self.net {
+            Network::ViT(m) => m.forward_astra(input, astra),
+            Network::Gpt2(m) => m.forward_astra(input, astra),
+        }
+    }
+
+    pub fn forward_per_device(&self, input: &Tensor, astra: Astra) -> Result<Tensor> {
+        match &self.net {
+            Network::ViT(m) => m.forward_per_device(input, astra),
+            Network::Gpt2(m) => m.forward_per_device(input, astra),
+        }
+    }
+
+    /// Content tokens of an input: patches of an image batch, or the sequence length.
+    pub fn content_tokens(&self, input: &Tensor) -> i64 {
+        match &self.config {
+            ModelConfig::ViT(c) => c.num_patches(),
+            ModelConfig::GPT2(_) => input.size().get(1).copied().unwrap_or(0),
+        }
+    }
+}
+
+/// A folder path as is; otherwise a hub id looked up in the HF cache, then downloaded.
+pub fn resolve(spec: &str) -> Result<PathBuf> {
+    let p = Path::new(spec);
+    if p.is_dir() {
+        if !p.join("config.json").exists() {
+            return Err(TrainError::File {
+                path: p.join("config.json"),
+                reason: "missing (a model folder holds config.json and model.safetensors)".into(),
+            });
+        }
+        if !p.join("model.safetensors").exists() && !p.join("best.safetensors").exists() {
+            return Err(TrainError::File {
+                path: p.join("model.safetensors"),
+                reason: "missing (nor is there a run's best.safetensors)".into(),
+            });
+        }
+        return Ok(p.to_path_buf());
+    }
+    if !spec.contains('/') || p.exists() {
+        return Err(TrainError::File {
+            path: p.into(),
+            reason: "not a model folder, and not a hub id org/name".into(),
+        });
+    }
+    let cache = hf_hub::Cache::from_env();
+    let repo = cache.model(spec.to_string());
+    if let (Some(cfg), Some(_)) = (repo.get("config.json"), repo.get("model.safetensors")) {
+        return Ok(cfg.parent().expect("snapshot folder").to_path_buf());
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .build()
+        .map_err(|e| TrainError::invalid(format!("model {spec}"), format!("hub client: {e}")))?;
+    let repo = api.model(spec.to_string());
+    let fetch = |f: &str| {
+        repo.get(f).map_err(|e| {
+            TrainError::invalid(
+                format!("model {spec}"),
+                format!(
+                    "not in the HF cache ({}) and the download of {f} failed: {e}",
+                    cache.path().display()
+                ),
+            )
+        })
+    };
+    let cfg = fetch("config.json")?;
+    fetch("model.safetensors")?;
+    Ok(cfg.parent().expect("snapshot folder").to_path_buf())
+}

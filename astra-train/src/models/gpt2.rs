@@ -1,0 +1,257 @@
+//! GPT-2 language model with parameter names of HF `GPT2LMHeadModel`
+//! (`transformer.{wte,wpe,h.{i}.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj},ln_f}`,
+//! Conv1D weights stored [in, out], `lm_head` tied to `wte`).
+
+use tch::nn;
+use tch::{Kind, Tensor};
+
+use super::layers::{activate, attend, Conv1D};
+use super::mpa::mixed_precision_mask;
+use super::vit::check_blocks;
+use super::{Astra, AstraOutput};
+use crate::config::GPT2Config;
+use crate::error::{Result, TrainError};
+
+#[derive(Debug)]
+pub struct GptBlock {
+    ln_1: nn::LayerNorm,
+    c_attn: Conv1D,
+    c_proj: Conv1D,
+    ln_2: nn::LayerNorm,
+    c_fc: Conv1D,
+    mlp_proj: Conv1D,
+    heads: i64,
+    act: String,
+}
+
+impl GptBlock {
+    fn new(p: nn::Path, c: &GPT2Config) -> Self {
+        let d = c.n_embd;
+        let ln = nn::LayerNormConfig {
+            eps: c.layer_norm_epsilon,
+            ..Default::default()
+        };
+        GptBlock {
+            ln_1: nn::layer_norm(&p / "ln_1", vec![d], ln),
+            c_attn: Conv1D::new(&p / "attn" / "c_attn", d, 3 * d),
+            c_proj: Conv1D::new(&p / "attn" / "c_proj", d, d),
+            ln_2: nn::layer_norm(&p / "ln_2", vec![d], ln),
+            c_fc: Conv1D::new(&p / "mlp" / "c_fc", d, c.inner()),
+            mlp_proj: Conv1D::new(&p / "mlp" / "c_proj", c.inner(), d),
+            heads: c.n_head,
+            act: c.activation_function.clone(),
+        }
+    }
+
+    /// One block; keys are [x | quantized] when `quantized` is given, `mask` [S, Sk] boolean;
+    /// without a mask the attention is plain causal.
+    pub fn forward(&self, x: &Tensor, quantized: Option<&Tensor>, mask: Option<&Tensor>) -> Tensor {
+        let qkv = x.apply(&self.ln_1).apply(&self.c_attn);
+        let parts = qkv.split(qkv.size()[2] / 3, 2);
+        let (q, mut k, mut v) = (
+            parts[0].shallow_clone(),
+            parts[1].shallow_clone(),
+            parts[2].shallow_clone(),
+        );
+        if let Some(xq) = quantized {
+            let kv = xq.apply(&self.ln_1).apply(&self.c_attn);
+            let p = kv.split(kv.size()[2] / 3, 2);
+            k = Tensor::cat(&[k, p[1].shallow_clone()], 1);
+            v = Tensor::cat(&[v, p[2].shallow_clone()], 1);
+        }
+        let x = x + attend(&q, &k, &v, self.heads, mask, true).apply(&self.c_proj);
+        let h = x.apply(&self.ln_2);
+        &x + activate(&h.apply(&self.c_fc), &self.act).apply(&self.mlp_proj)
+    }
+}
+
+#[derive(Debug)]
+pub struct Gpt2 {
+    pub cfg: GPT2Config,
+    wte: nn::Embedding,
+    wpe: nn::Embedding,
+    pub blocks: Vec<GptBlock>,
+    ln_f: nn::LayerNorm,
+}
+
+impl Gpt2 {
+    pub fn new(root: &nn::Path, cfg: &GPT2Config) -> Result<Self> {
+        cfg.validate()?;
+        let t = root / "transformer";
+        let emb = nn::EmbeddingConfig {
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+            ..Default::default()
+        };
+        Ok(Gpt2 {
+            cfg: cfg.clone(),
+            wte: nn::embedding(&t / "wte", cfg.vocab_size, cfg.n_embd, emb),
+            wpe: nn::embedding(&t / "wpe", cfg.n_positions, cfg.n_embd, emb),
+            blocks: (0..cfg.n_layer)
+                .map(|i| GptBlock::new(&t / "h" / i, cfg))
+                .collect(),
+            ln_f: nn::layer_norm(
+                &t / "ln_f",
+                vec![cfg.n_embd],
+                nn::LayerNormConfig {
+                    eps: cfg.layer_norm_epsilon,
+                    ..Default::default()
+                },
+            ),
+        })
+    }
+
+    fn embed(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let s = ids.size();
+        if s.len() != 2 {
+            return Err(TrainError::invalid(
+                "tokens",
+                format!("shape {s:?}, expected [B, T]"),
+            ));
+        }
+        if s[1] > self.cfg.n_positions {
+            return Err(TrainError::invalid(
+                "tokens",
+                format!(
+                    "{} tokens, the model has {} positions",
+                    s[1], self.cfg.n_positions
+                ),
+            ));
+        }
+        let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+        if lo < 0 || hi >= self.cfg.vocab_size {
+            return Err(TrainError::invalid(
+                "tokens",
+                format!(
+                    "ids span {lo}..={hi}, the vocabulary has {}",
+                    self.cfg.vocab_size
+                ),
+            ));
+        }
+        Ok(ids.apply(&self.wte) + positions.apply(&self.wpe))
+    }
+
+    /// Logits [B, T, V] from the final states (lm_head tied to wte).
+    fn head(&self, x: &Tensor) -> Tensor {
+        x.apply(&self.ln_f).matmul(&self.wte.ws.transpose(0, 1))
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let t = ids.size()[1];
+        let pos = Tensor::arange(t, (Kind::Int64, ids.device()));
+        let mut x = self.embed(ids, &pos)?;
+        for blk in &self.blocks {
+            x = blk.forward(&x, None, None);
+        }
+        Ok(self.head(&x))
+    }
+
+    /// All devices in one process: causal mixed-precision mask (no CLS).
+    pub fn forward_astra(&self, ids: &Tensor, astra: Astra) -> Result<AstraOutput> {
+        let t = ids.size()[1];
+        if astra.partition.tokens() as i64 != t {
+            return Err(TrainError::invalid(
+                "partition",
+                format!(
+                    "covers {} tokens, the input has {t}",
+                    astra.partition.tokens()
+                ),
+            ));
+        }
+        let pos = Tensor::arange(t, (Kind::Int64, ids.device()));
+        let mut x = self.embed(ids, &pos)?;
+        let mask = mixed_precision_mask(astra.partition, 0, true, ids.device());
+        let mut commitment = Tensor::zeros([], (Kind::Float, x.device()));
+        let mut vq = astra.vq;
+        if let Some(v) = &vq {
+            check_blocks(v.len(), self.blocks.len())?;
+        }
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let xq = match vq.as_deref_mut() {
+                Some(v) => {
+                    let q = v[l].quantize(&x, astra.train);
+                    commitment += q.commitment;
+                    q.value
+                }
+                None => x.shallow_clone(),
+            };
+            x = blk.forward(&x, Some(&xq), Some(&mask));
+        }
+        Ok(AstraOutput {
+            logits: self.head(&x),
+            commitment,
+        })
+    }
+
+    /// Per-device prefill: device d holds its tokens (with their positions) and receives the
+    /// others' quantized tokens per block; a query sees keys at or before its position. Returns the
+    /// logits of all tokens, gathered back into sequence order.
+    pub fn forward_per_device(&self, ids: &Tensor, astra: Astra) -> Result<Tensor> {
+        let t = ids.size()[1];
+        let p = astra.partition;
+        if p.tokens() as i64 != t {
+            return Err(TrainError::invalid(
+                "partition",
+                format!("covers {} tokens, the input has {t}", p.tokens()),
+            ));
+        }
+        let dev = ids.device();
+        let n = p.devices();
+        let own: Vec<Vec<i64>> = (0..n)
+            .map(|d| p.tokens_of(d).iter().map(|&i| i as i64).collect())
+            .collect();
+        let own_t: Vec<Tensor> = own
+            .iter()
+            .map(|o| Tensor::from_slice(o).to_device(dev))
+            .collect();
+        let mut local: Vec<Tensor> = (0..n)
+            .map(|d| self.embed(&ids.index_select(1, &own_t[d]), &own_t[d]))
+            .collect::<Result<_>>()?;
+        // Per device: keys are [own tokens | everyone else's], visible when at or before the query.
+        let masks: Vec<Tensor> = (0..n)
+            .map(|d| {
+                let others: Vec<i64> = (0..n)
+                    .filter(|&e| e != d)
+                    .flat_map(|e| own[e].clone())
+                    .collect();
+                let keys = Tensor::cat(
+                    &[
+                        own_t[d].shallow_clone(),
+                        Tensor::from_slice(&others).to_device(dev),
+                    ],
+                    0,
+                );
+                keys.view([1, -1]).le_tensor(&own_t[d].view([-1, 1]))
+            })
+            .collect();
+        let vq = astra.vq;
+        if let Some(v) = &vq {
+            check_blocks(v.len(), self.blocks.len())?;
+        }
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let sent: Vec<Tensor> = (0..n)
+                .map(|d| match vq.as_deref() {
+                    Some(v) => v[l]
+                        .decode(&v[l].encode(&local[d]))
+                        .to_kind(local[d].kind()),
+                    None => local[d].shallow_clone(),
+                })
+                .collect();
+            local = (0..n)
+                .map(|d| {
+                    let remote: Vec<&Tensor> =
+                        (0..n).filter(|&e| e != d).map(|e| &sent[e]).collect();
+                    let remote = (!remote.is_empty()).then(|| Tensor::cat(&remote, 1));
+                    blk.forward(&local[d], remote.as_ref(), Some(&masks[d]))
+                })
+                .collect();
+        }
+        // Back to sequence order.
+        let states = Tensor::cat(&local, 1);
+        let order: Vec<i64> = own.concat();
+        let inverse = Tensor::from_slice(&order).to_device(dev).argsort(0, false);
+        Ok(self.head(&states.index_select(1, &inverse)))
+    }
+}

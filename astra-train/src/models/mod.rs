@@ -1,0 +1,24 @@
+//! The models (ViT, GPT-2) with Mixed-Precision Attention, grouped VQ, NAQ and DCT.
+pub mod gpt2;
+pub mod layers;
+pub mod mpa;
+pub mod vit;
+pub mod vq;
+
+pub use mpa::{mixed_precision_mask, ClsMode, DevicePartition};
+pub use vq::{GroupedVq, Quantized, VqConfig};
+
+/// ASTRA settings for a forward pass: the partition of content tokens, where the CLS lives, and the
+/// per-block quantizers (None: the identity quantizer, X̂ = X, under which MPA is plain attention).
+pub struct Astra<'a> {
+    pub partition: &'a DevicePartition,
+    pub cls: ClsMode,
+    pub vq: Option<&'a mut [GroupedVq]>,
+    pub train: bool,
+}
+
+/// What an ASTRA forward returns besides the logits: Σ over blocks of the commitment losses.
+pub struct AstraOutput {
+    pub logits: tch::Tensor,
+    pub commitment: tch::Tensor,
+}

@@ -1,0 +1,173 @@
+//! Mixed-Precision Attention (ASTRA.md §3): which device holds each token, and the attention mask
+//! over [full keys of all tokens | quantized keys of all content tokens].
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, TrainError};
+
+/// Which device holds each content token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DevicePartition {
+    devices: usize,
+    /// Device of content token t.
+    owner: Vec<usize>,
+}
+
+impl DevicePartition {
+    /// Contiguous chunks; the first T mod N devices hold one token more (ASTRA.md: our default).
+    pub fn contiguous(tokens: usize, devices: usize) -> Result<Self> {
+        let n = devices.max(1);
+        let sizes: Vec<usize> = (0..n)
+            .map(|d| tokens / n + usize::from(d < tokens % n))
+            .collect();
+        Self::sizes(&sizes).and_then(|p| p.check(devices))
+    }
+
+    /// Explicit (possibly uneven) contiguous chunk sizes, one per device.
+    pub fn sizes(sizes: &[usize]) -> Result<Self> {
+        if sizes.is_empty() {
+            return Err(TrainError::invalid(
+                "partition",
+                "needs at least one device",
+            ));
+        }
+        let owner = sizes
+            .iter()
+            .enumerate()
+            .flat_map(|(d, &s)| std::iter::repeat_n(d, s))
+            .collect();
+        Ok(DevicePartition {
+            devices: sizes.len(),
+            owner,
+        })
+    }
+
+    /// Tokens dealt to devices at random (equal shares as in `contiguous`), from `seed`: the
+    /// paper's training for heterogeneous allocations.
+    pub fn random(tokens: usize, devices: usize, seed: u64) -> Result<Self> {
+        let mut p = Self::contiguous(tokens, devices)?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        p.owner.shuffle(&mut rng);
+        Ok(p)
+    }
+
+    fn check(self, devices: usize) -> Result<Self> {
+        if devices == 0 {
+            return Err(TrainError::invalid("devices", "must be at least 1"));
+        }
+        Ok(self)
+    }
+
+    pub fn devices(&self) -> usize {
+        self.devices
+    }
+    pub fn tokens(&self) -> usize {
+        self.owner.len()
+    }
+    pub fn owner(&self, token: usize) -> usize {
+        self.owner[token]
+    }
+    /// Content tokens of device d, in sequence order.
+    pub fn tokens_of(&self, d: usize) -> Vec<usize> {
+        (0..self.owner.len())
+            .filter(|&t| self.owner[t] == d)
+            .collect()
+    }
+}
+
+/// Where the CLS token lives: one copy per device (Distributed Class Tokens), or one on device 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClsMode {
+    Distributed,
+    Single,
+}
+
+impl ClsMode {
+    pub fn copies(self, devices: usize) -> usize {
+        match self {
+            ClsMode::Distributed => devices,
+            ClsMode::Single => 1,
+        }
+    }
+}
+
+/// Boolean mask [S, S + T] (true = may attend) for a sequence of `cls` CLS slots (slot c on device
+/// c, or all on device 0 with one slot) followed by the T content tokens of `partition`. Keys are
+/// the S full-precision keys, then the T quantized content keys. With `causal` (GPT-2, no CLS),
+/// a query also sees only keys at or before its position.
+pub fn mixed_precision_mask(
+    partition: &DevicePartition,
+    cls: usize,
+    causal: bool,
+    device: Device,
+) -> Tensor {
+    let t = partition.tokens();
+    let s = cls + t;
+    let mut owner: Vec<i64> = (0..cls)
+        .map(|c| c.min(partition.devices() - 1) as i64)
+        .collect();
+    owner.extend(partition.owner.iter().map(|&d| d as i64));
+    let seq = Tensor::from_slice(&owner).to_device(device);
+    let content = seq.narrow(0, cls as i64, t as i64);
+    let same = seq.view([s as i64, 1]).eq_tensor(&seq.view([1, s as i64]));
+    let other = seq
+        .view([s as i64, 1])
+        .ne_tensor(&content.view([1, t as i64]));
+    let mut mask = Tensor::cat(&[same, other], 1);
+    if causal {
+        let pos = Tensor::arange(s as i64, (Kind::Int64, device));
+        let content_pos = pos.narrow(0, cls as i64, t as i64);
+        let keys = Tensor::cat(&[&pos, &content_pos], 0);
+        let visible = keys
+            .view([1, (s + t) as i64])
+            .le_tensor(&pos.view([s as i64, 1]));
+        mask = mask.logical_and(&visible);
+    }
+    mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions() {
+        let p = DevicePartition::contiguous(10, 4).unwrap();
+        assert_eq!(p.tokens_of(0), vec![0, 1, 2]);
+        assert_eq!(p.tokens_of(3), vec![8, 9]);
+        let u = DevicePartition::sizes(&[1, 0, 4]).unwrap();
+        assert_eq!(u.tokens_of(2), vec![1, 2, 3, 4]);
+        let r = DevicePartition::random(12, 3, 5).unwrap();
+        assert_eq!(
+            (0..3).map(|d| r.tokens_of(d).len()).collect::<Vec<_>>(),
+            vec![4, 4, 4]
+        );
+        assert_ne!(r, DevicePartition::contiguous(12, 3).unwrap());
+        assert!(DevicePartition::contiguous(4, 0).is_err());
+    }
+
+    #[test]
+    fn mask_rules() {
+        let p = DevicePartition::contiguous(4, 2).unwrap(); // tokens 0,1 on dev 0; 2,3 on dev 1
+        let m = mixed_precision_mask(&p, 2, false, Device::Cpu);
+        let v: Vec<Vec<bool>> = Vec::<Vec<bool>>::try_from(&m).unwrap();
+        // CLS 0 (dev 0): full keys CLS0, tok0, tok1; quantized tok2, tok3.
+        assert_eq!(
+            v[0],
+            [true, false, true, true, false, false, false, false, true, true]
+        );
+        // token 2 (dev 1, row 4): full CLS1, tok2, tok3; quantized tok0, tok1.
+        assert_eq!(
+            v[4],
+            [false, true, false, false, true, true, true, true, false, false]
+        );
+        let c = mixed_precision_mask(&p, 0, true, Device::Cpu);
+        let v: Vec<Vec<bool>> = Vec::<Vec<bool>>::try_from(&c).unwrap();
+        // token 2 sees full tok2 only (tok3 is later) and quantized tok0, tok1.
+        assert_eq!(v[2], [false, false, true, false, true, true, false, false]);
+        // token 1 sees full tok0, tok1 and no quantized key (tok2, tok3 are later).
+        assert_eq!(v[1], [true, true, false, false, false, false, false, false]);
+    }
+}

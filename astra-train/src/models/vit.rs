@@ -1,0 +1,280 @@
+//! ViT for image classification with parameter names of HF `ViTForImageClassification`
+//! (`vit.embeddings.*`, `vit.encoder.layer.{i}.*`, `vit.layernorm`, `classifier`).
+
+use tch::nn;
+use tch::{Kind, Tensor};
+
+use super::layers::{activate, attend};
+use super::mpa::mixed_precision_mask;
+use super::{Astra, AstraOutput};
+use crate::config::ViTConfig;
+use crate::error::{Result, TrainError};
+
+#[derive(Debug)]
+pub struct VitBlock {
+    ln_before: nn::LayerNorm,
+    query: nn::Linear,
+    key: nn::Linear,
+    value: nn::Linear,
+    out: nn::Linear,
+    ln_after: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    heads: i64,
+    act: String,
+}
+
+impl VitBlock {
+    fn new(p: nn::Path, c: &ViTConfig) -> Self {
+        let d = c.hidden_size;
+        let ln = nn::LayerNormConfig {
+            eps: c.layer_norm_eps,
+            ..Default::default()
+        };
+        let lin = nn::LinearConfig {
+            bias: true,
+            ..Default::default()
+        };
+        let qkv = nn::LinearConfig {
+            bias: c.qkv_bias,
+            ..Default::default()
+        };
+        let att = &p / "attention";
+        VitBlock {
+            ln_before: nn::layer_norm(&p / "layernorm_before", vec![d], ln),
+            query: nn::linear(&att / "attention" / "query", d, d, qkv),
+            key: nn::linear(&att / "attention" / "key", d, d, qkv),
+            value: nn::linear(&att / "attention" / "value", d, d, qkv),
+            out: nn::linear(&att / "output" / "dense", d, d, lin),
+            ln_after: nn::layer_norm(&p / "layernorm_after", vec![d], ln),
+            fc1: nn::linear(&p / "intermediate" / "dense", d, c.intermediate_size, lin),
+            fc2: nn::linear(&p / "output" / "dense", c.intermediate_size, d, lin),
+            heads: c.num_attention_heads,
+            act: c.hidden_act.clone(),
+        }
+    }
+
+    /// One block. `quantized`: (X̃ of the content tokens [B, T, D], mask [S, S + T]); the keys are
+    /// then [full keys of x | keys of X̃]. With X̃ but no mask, every query sees all keys (the view
+    /// of one device: x = its local tokens, X̃ = the other devices' tokens).
+    pub fn forward(&self, x: &Tensor, quantized: Option<&Tensor>, mask: Option<&Tensor>) -> Tensor {
+        let h = x.apply(&self.ln_before);
+        let q = h.apply(&self.query);
+        let (mut k, mut v) = (h.apply(&self.key), h.apply(&self.value));
+        if let Some(xq) = quantized {
+            let hq = xq.apply(&self.ln_before);
+            k = Tensor::cat(&[k, hq.apply(&self.key)], 1);
+            v = Tensor::cat(&[v, hq.apply(&self.value)], 1);
+        }
+        let x = x + attend(&q, &k, &v, self.heads, mask, false).apply(&self.out);
+        let h = x.apply(&self.ln_after);
+        &x + activate(&h.apply(&self.fc1), &self.act).apply(&self.fc2)
+    }
+}
+
+#[derive(Debug)]
+pub struct ViT {
+    pub cfg: ViTConfig,
+    patch: nn::Conv2D,
+    cls_token: Tensor,
+    pos: Tensor,
+    pub blocks: Vec<VitBlock>,
+    ln: nn::LayerNorm,
+    classifier: nn::Linear,
+}
+
+impl ViT {
+    /// Parameters under `root` with HF names (`vit.…`, `classifier`).
+    pub fn new(root: &nn::Path, cfg: &ViTConfig) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.hidden_size;
+        let vit = root / "vit";
+        let emb = &vit / "embeddings";
+        let patch = nn::conv2d(
+            &emb / "patch_embeddings" / "projection",
+            cfg.num_channels,
+            d,
+            cfg.patch_size,
+            nn::ConvConfig {
+                stride: cfg.patch_size,
+                ..Default::default()
+            },
+        );
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        Ok(ViT {
+            cfg: cfg.clone(),
+            patch,
+            cls_token: emb.var("cls_token", &[1, 1, d], init),
+            pos: emb.var("position_embeddings", &[1, cfg.num_patches() + 1, d], init),
+            blocks: (0..cfg.num_hidden_layers)
+                .map(|i| VitBlock::new(&vit / "encoder" / "layer" / i, cfg))
+                .collect(),
+            ln: nn::layer_norm(
+                &vit / "layernorm",
+                vec![d],
+                nn::LayerNormConfig {
+                    eps: cfg.layer_norm_eps,
+                    ..Default::default()
+                },
+            ),
+            classifier: nn::linear(root / "classifier", d, cfg.classes(), Default::default()),
+        })
+    }
+
+    /// The CLS embedding [1, 1, D] (with its position) and the patch tokens [B, P, D].
+    pub fn embed(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        let c = &self.cfg;
+        let s = images.size();
+        if s.len() != 4 || s[1] != c.num_channels || s[2] != c.image_size || s[3] != c.image_size {
+            return Err(TrainError::invalid(
+                "images",
+                format!(
+                    "shape {s:?}, the model expects [B, {}, {}, {}]",
+                    c.num_channels, c.image_size, c.image_size
+                ),
+            ));
+        }
+        let x = images
+            .to_kind(self.pos.kind())
+            .apply(&self.patch)
+            .flatten(2, 3)
+            .transpose(1, 2);
+        let tokens = x + self.pos.narrow(1, 1, c.num_patches());
+        let cls = &self.cls_token + self.pos.narrow(1, 0, 1);
+        Ok((cls, tokens))
+    }
+
+    fn head(&self, cls_states: &Tensor) -> Tensor {
+        // DCT: each CLS copy final-LayerNormed, the copies mean-pooled, the head run once.
+        cls_states
+            .apply(&self.ln)
+            .mean_dim(1, false, Kind::Float)
+            .to_kind(cls_states.kind())
+            .apply(&self.classifier)
+    }
+
+    /// The plain model.
+    pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        let (cls, tokens) = self.embed(images)?;
+        let b = tokens.size()[0];
+        let mut x = Tensor::cat(&[cls.expand([b, 1, -1], false), tokens], 1);
+        for blk in &self.blocks {
+            x = blk.forward(&x, None, None);
+        }
+        Ok(self.head(&x.narrow(1, 0, 1)))
+    }
+
+    /// All devices simulated in one process with the mixed-precision mask (training and the
+    /// reference for the per-device path).
+    pub fn forward_astra(&self, images: &Tensor, astra: Astra) -> Result<AstraOutput> {
+        let (cls, tokens) = self.embed(images)?;
+        let (b, t, _) = tokens.size3()?;
+        if astra.partition.tokens() as i64 != t {
+            return Err(TrainError::invalid(
+                "partition",
+                format!(
+                    "covers {} tokens, the image has {t}",
+                    astra.partition.tokens()
+                ),
+            ));
+        }
+        let n_cls = astra.cls.copies(astra.partition.devices()) as i64;
+        let mask = mixed_precision_mask(astra.partition, n_cls as usize, false, tokens.device());
+        let mut x = Tensor::cat(&[cls.expand([b, n_cls, -1], false), tokens], 1);
+        let mut commitment = Tensor::zeros([], (Kind::Float, x.device()));
+        let mut vq = astra.vq;
+        if let Some(v) = &vq {
+            check_blocks(v.len(), self.blocks.len())?;
+        }
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let content = x.narrow(1, n_cls, t);
+            let xq = match vq.as_deref_mut() {
+                Some(v) => {
+                    let q = v[l].quantize(&content, astra.train);
+                    commitment += q.commitment;
+                    q.value
+                }
+                None => content,
+            };
+            x = blk.forward(&x, Some(&xq), Some(&mask));
+        }
+        Ok(AstraOutput {
+            logits: self.head(&x.narrow(1, 0, n_cls)),
+            commitment,
+        })
+    }
+
+    /// The per-device inference path: every device holds only its CLS copy and its own tokens;
+    /// per block it quantizes its content tokens, the indices are exchanged (here in memory), and
+    /// it attends to its full-precision tokens and the others' decoded codewords. With `vq` None
+    /// the exchange carries the embeddings themselves.
+    pub fn forward_per_device(&self, images: &Tensor, astra: Astra) -> Result<Tensor> {
+        let (cls, tokens) = self.embed(images)?;
+        let (b, t, _) = tokens.size3()?;
+        let p = astra.partition;
+        if p.tokens() as i64 != t {
+            return Err(TrainError::invalid(
+                "partition",
+                format!("covers {} tokens, the image has {t}", p.tokens()),
+            ));
+        }
+        let n = p.devices();
+        let n_cls = astra.cls.copies(n);
+        let own: Vec<Tensor> = (0..n)
+            .map(|d| {
+                Tensor::from_slice(&p.tokens_of(d).iter().map(|&i| i as i64).collect::<Vec<_>>())
+                    .to_device(tokens.device())
+            })
+            .collect();
+        let mut local: Vec<Tensor> = (0..n)
+            .map(|d| {
+                let mine = tokens.index_select(1, &own[d]);
+                if d < n_cls {
+                    Tensor::cat(&[cls.expand([b, 1, -1], false), mine], 1)
+                } else {
+                    mine
+                }
+            })
+            .collect();
+        let has_cls: Vec<i64> = (0..n).map(|d| i64::from(d < n_cls)).collect();
+        let vq = astra.vq;
+        if let Some(v) = &vq {
+            check_blocks(v.len(), self.blocks.len())?;
+        }
+        for (l, blk) in self.blocks.iter().enumerate() {
+            // What each device sends: its content tokens, quantized (decode(encode(x))).
+            let sent: Vec<Tensor> = (0..n)
+                .map(|d| {
+                    let content = local[d].narrow(1, has_cls[d], own[d].size()[0]);
+                    match vq.as_deref() {
+                        Some(v) => v[l].decode(&v[l].encode(&content)).to_kind(content.kind()),
+                        None => content,
+                    }
+                })
+                .collect();
+            local = (0..n)
+                .map(|d| {
+                    let remote: Vec<&Tensor> =
+                        (0..n).filter(|&e| e != d).map(|e| &sent[e]).collect();
+                    let remote = (!remote.is_empty()).then(|| Tensor::cat(&remote, 1));
+                    blk.forward(&local[d], remote.as_ref(), None)
+                })
+                .collect();
+        }
+        let cls_states: Vec<Tensor> = (0..n_cls).map(|d| local[d].narrow(1, 0, 1)).collect();
+        Ok(self.head(&Tensor::cat(&cls_states, 1)))
+    }
+}
+
+pub(crate) fn check_blocks(quantizers: usize, blocks: usize) -> Result<()> {
+    if quantizers != blocks {
+        return Err(TrainError::invalid(
+            "codebooks",
+            format!("{quantizers} block quantizers for a model of {blocks} blocks"),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! Grouped vector quantisation on libtorch (ASTRA.md §2–3): per block a [G, K, D/G] codebook kept
+//! as a buffer, nearest codewords by matmul + argmin on the model's device, exponential-moving-
+//! average updates with Laplace smoothing and dead-code restart, a commitment loss, the
+//! straight-through estimator, and Noise-Augmented Quantization in training.
+
+use astra_quant::{BlockQuantizer, GroupedCodebook, NoiseModel};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, TrainError};
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VqConfig {
+    /// EMA decay of the codebook statistics.
+    pub decay: f64,
+    /// Laplace smoothing of the code counts.
+    pub epsilon: f64,
+    /// Codes whose EMA count falls below this are restarted on a random current input.
+    pub dead_threshold: f64,
+    /// NAQ strength λ (0 = off).
+    pub noise_lambda: f64,
+}
+
+impl Default for VqConfig {
+    fn default() -> Self {
+        VqConfig {
+            decay: 0.99,
+            epsilon: 1e-5,
+            dead_threshold: 1e-3,
+            noise_lambda: 1.0,
+        }
+    }
+}
+
+/// One block's quantizer.
+pub struct GroupedVq {
+    /// [G, K, D/G].
+    pub codebook: Tensor,
+    ema_count: Tensor,
+    ema_sum: Tensor,
+    /// NAQ noise: mean [D] and a factor [D, D] (Cholesky) or std [D] (diagonal).
+    noise: Option<(Tensor, Tensor, bool)>,
+    pub cfg: VqConfig,
+}
+
+/// What one quantisation pass produced.
+pub struct Quantized {
+    /// Value X̃ (codewords, plus noise in training) with gradients flowing to X (STE).
+    pub value: Tensor,
+    /// ‖X − sg(X̂)‖², mean over elements.
+    pub commitment: Tensor,
+    /// [.., G] code indices.
+    pub indices: Tensor,
+}
+
+impl GroupedVq {
+    pub fn from_quantizer(q: &BlockQuantizer, cfg: VqConfig, device: Device) -> Self {
+        let cb = &q.codebook;
+        let codebook = Tensor::from_slice(&cb.to_flat())
+            .view([cb.groups() as i64, cb.k() as i64, cb.sub_dim() as i64])
+            .to_device(device);
+        let noise = q.noise.as_ref().map(|n| match n {
+            NoiseModel::Full { mean, chol } => (
+                Tensor::from_slice(mean).to_device(device),
+                Tensor::from_slice(chol.as_slice().expect("standard layout"))
+                    .view([chol.nrows() as i64, chol.ncols() as i64])
+                    .to_device(device),
+                false,
+            ),
+            NoiseModel::Diagonal { mean, std } => (
+                Tensor::from_slice(mean).to_device(device),
+                Tensor::from_slice(std).to_device(device),
+                true,
+            ),
+        });
+        let ema_count = Tensor::ones([cb.groups() as i64, cb.k() as i64], (Kind::Float, device));
+        let ema_sum = codebook.copy();
+        GroupedVq {
+            codebook,
+            ema_count,
+            ema_sum,
+            noise,
+            cfg,
+        }
+    }
+
+    pub fn groups(&self) -> i64 {
+        self.codebook.size()[0]
+    }
+    pub fn k(&self) -> i64 {
+        self.codebook.size()[1]
+    }
+    pub fn dim(&self) -> i64 {
+        self.codebook.size()[0] * self.codebook.size()[2]
+    }
+
+    /// [.., D] → [.., G] nearest-codeword indices (int64).
+    pub fn encode(&self, x: &Tensor) -> Tensor {
+        let shape = x.size();
+        let (g, k, w) = (self.groups(), self.k(), self.codebook.size()[2]);
+        let flat = x
+            .detach()
+            .to_kind(Kind::Float)
+            .reshape([-1, g, w])
+            .transpose(0, 1); // [G, M, w]
+        let cb = self.codebook.to_kind(Kind::Float);
+        let cross = flat.bmm(&cb.transpose(1, 2)); // [G, M, K]
+        let c_norm = cb
+            .square()
+            .sum_dim_intlist(-1, false, Kind::Float)
+            .view([g, 1, k]);
+        let idx = (c_norm - cross * 2.0).argmin(-1, false); // [G, M]
+        let mut out_shape = shape[..shape.len() - 1].to_vec();
+        out_shape.push(g);
+        idx.transpose(0, 1).reshape(out_shape)
+    }
+
+    /// [.., G] indices → [.., D] codewords.
+    pub fn decode(&self, idx: &Tensor) -> Tensor {
+        let shape = idx.size();
+        let (g, k, w) = (self.groups(), self.k(), self.codebook.size()[2]);
+        let offsets = Tensor::arange(g, (Kind::Int64, idx.device())) * k;
+        let flat_idx = (idx.reshape([-1, g]) + offsets.view([1, g])).reshape([-1]);
+        let rows = self.codebook.reshape([g * k, w]).index_select(0, &flat_idx);
+        let mut out_shape = shape[..shape.len() - 1].to_vec();
+        out_shape.push(g * w);
+        rows.reshape(out_shape)
+    }
+
+    /// Quantizes X. In training: NAQ noise on the codewords, the EMA codebook update, and the
+    /// straight-through estimator; in evaluation X̂ itself (the value is still X + sg(X̂ − X)).
+    pub fn quantize(&mut self, x: &Tensor, train: bool) -> Quantized {
+        let indices = self.encode(x);
+        let x_hat = self.decode(&indices).to_kind(x.kind());
+        let commitment = (x - x_hat.detach()).square().mean(Kind::Float);
+        let mut target = x_hat.shallow_clone();
+        if train {
+            if let Some(noise) = self.sample_noise(&x.size()) {
+                target += noise.to_kind(x.kind()) * self.cfg.noise_lambda;
+            }
+            tch::no_grad(|| self.ema_update(x, &indices));
+        }
+        let value = x + (target - x).detach();
+        Quantized {
+            value,
+            commitment,
+            indices,
+        }
+    }
+
+    fn sample_noise(&self, shape: &[i64]) -> Option<Tensor> {
+        if self.cfg.noise_lambda == 0.0 {
+            return None;
+        }
+        let (mean, factor, diagonal) = self.noise.as_ref()?;
+        let d = mean.size()[0];
+        let z = Tensor::randn(
+            [shape.iter().product::<i64>() / d, d],
+            (Kind::Float, mean.device()),
+        );
+        let xi = if *diagonal {
+            z * factor
+        } else {
+            z.matmul(&factor.transpose(0, 1))
+        } + mean;
+        Some(xi.reshape(shape))
+    }
+
+    fn ema_update(&mut self, x: &Tensor, indices: &Tensor) {
+        let (g, k, w) = (self.groups(), self.k(), self.codebook.size()[2]);
+        let rows = x.detach().to_kind(Kind::Float).reshape([-1, w]); // [M·G, w], group-major per token
+        let offsets = Tensor::arange(g, (Kind::Int64, x.device())) * k;
+        let slot = (indices.reshape([-1, g]) + offsets.view([1, g])).reshape([-1]); // [M·G] in 0..G·K
+                                                                                    // Scatter-adds, not one-hot matrices: a [G, M, K] one-hot is gigabytes at ViT-B scale.
+        let counts = Tensor::zeros([g * k], (Kind::Float, x.device()))
+            .index_add(
+                0,
+                &slot,
+                &Tensor::ones([slot.size()[0]], (Kind::Float, x.device())),
+            )
+            .view([g, k]);
+        let sums = Tensor::zeros([g * k, w], (Kind::Float, x.device()))
+            .index_add(0, &slot, &rows)
+            .view([g, k, w]);
+        let flat = x
+            .detach()
+            .to_kind(Kind::Float)
+            .reshape([-1, g, w])
+            .transpose(0, 1); // [G, M, w]
+        let decay = self.cfg.decay;
+        self.ema_count = &self.ema_count * decay + counts * (1.0 - decay);
+        self.ema_sum = &self.ema_sum * decay + sums * (1.0 - decay);
+        let n = self.ema_count.sum_dim_intlist(-1, true, Kind::Float);
+        let eps = self.cfg.epsilon;
+        let smoothed = (&self.ema_count + eps) / (&n + eps * k as f64) * &n;
+        let new_cb = &self.ema_sum / smoothed.unsqueeze(-1);
+        // Dead codes: restart on random inputs of this batch, so no codeword stays unused.
+        let dead = self.ema_count.lt(self.cfg.dead_threshold); // [G, K]
+        let m = flat.size()[1];
+        let pick = Tensor::randint(m, [g, k], (Kind::Int64, x.device()));
+        let fresh = flat.gather(1, &pick.unsqueeze(-1).expand([g, k, w], false), false);
+        let dead3 = dead.unsqueeze(-1).expand([g, k, w], false);
+        let updated = new_cb.where_self(&dead3.logical_not(), &fresh);
+        self.ema_sum = self.ema_sum.where_self(&dead3.logical_not(), &fresh);
+        self.ema_count = self
+            .ema_count
+            .where_self(&dead.logical_not(), &Tensor::ones_like(&self.ema_count));
+        self.codebook = updated.to_kind(self.codebook.kind());
+    }
+
+    /// Code usage of indices [.., G]: (mean perplexity over groups, dead codes in total).
+    pub fn usage(&self, indices: &Tensor) -> (f64, i64) {
+        let (g, k) = (self.groups(), self.k());
+        let offsets = Tensor::arange(g, (Kind::Int64, indices.device())) * k;
+        let slot = (indices.reshape([-1, g]) + offsets.view([1, g])).reshape([-1]);
+        let counts = slot
+            .bincount::<Tensor>(None, g * k)
+            .to_kind(Kind::Float)
+            .view([g, k]);
+        let p = &counts / counts.sum_dim_intlist(-1, true, Kind::Float);
+        let ent = -(&p * (&p + 1e-12).log()).sum_dim_intlist(-1, false, Kind::Float);
+        let ppl = ent.exp().mean(Kind::Float).double_value(&[]);
+        let dead = counts.eq(0.0).sum(Kind::Int64).int64_value(&[]);
+        (ppl, dead)
+    }
+
+    /// Back to the astra-quant form (for saving fine-tuned codebooks).
+    pub fn to_codebook(&self) -> Result<GroupedCodebook> {
+        let (g, k, w) = (
+            self.groups() as usize,
+            self.k() as usize,
+            self.codebook.size()[2] as usize,
+        );
+        let data = Vec::<f32>::try_from(
+            self.codebook
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu)
+                .reshape([-1]),
+        )?;
+        Ok(GroupedCodebook::from_flat(g, k, w, data)?)
+    }
+}
+
+/// Checks that a codebook file fits a model of `layers` blocks of width `hidden`.
+pub fn check_codebooks(file: &astra_quant::CodebookFile, layers: i64, hidden: i64) -> Result<()> {
+    if file.blocks.len() as i64 != layers {
+        return Err(TrainError::invalid(
+            "codebooks",
+            format!(
+                "file has {} blocks, the model has {layers}",
+                file.blocks.len()
+            ),
+        ));
+    }
+    let d = file.blocks[0].codebook.dim() as i64;
+    if d != hidden {
+        return Err(TrainError::invalid(
+            "codebooks",
+            format!("codeword width D = {d}, the model's hidden size is {hidden}"),
+        ));
+    }
+    Ok(())
+}

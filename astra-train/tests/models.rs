@@ -1,0 +1,375 @@
+//! The models against HF transformers (a real peer), and ASTRA's equivalences: the per-device
+//! path equals the one-process masked forward; with the identity quantizer, or one device, MPA
+//! equals the plain model.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use astra_quant::{BlockQuantizer, CodebookFile, GroupedCodebook, KMeansConfig};
+use astra_train::config::{GPT2Config, ModelConfig, ViTConfig};
+use astra_train::model::Model;
+use astra_train::models::{Astra, ClsMode, DevicePartition, GroupedVq, VqConfig};
+use tch::{Device, Kind, Tensor};
+
+fn python() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh",
+        p.display()
+    );
+    p
+}
+
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = b.abs().max().double_value(&[]).max(1e-6);
+    (a - b).abs().max().double_value(&[]) / scale
+}
+
+fn fixtures() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_hf_models.py");
+    let out = Command::new(python())
+        .arg(script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fixture script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+#[test]
+fn parity_with_transformers_and_hf_cache() {
+    let dir = fixtures();
+    let d = dir.path();
+    for (name, input, logits) in [
+        ("vit", "vit_input.npy", "vit_logits.npy"),
+        ("gpt2", "gpt2_input.npy", "gpt2_logits.npy"),
+    ] {
+        let (model, report) = Model::load(d.join(name).to_str().unwrap(), Device::Cpu).unwrap();
+        assert!(
+            report.fresh.is_empty(),
+            "{name}: not loaded {:?}",
+            report.fresh
+        );
+        let x = Tensor::read_npy(d.join(input)).unwrap();
+        let want = Tensor::read_npy(d.join(logits)).unwrap();
+        let got = tch::no_grad(|| model.forward(&x)).unwrap();
+        assert_eq!(got.size(), want.size(), "{name}");
+        let rel = max_rel_diff(&got, &want);
+        assert!(rel < 1e-4, "{name}: max relative difference {rel}");
+    }
+    // The same ViT through an HF cache folder, offline.
+    std::env::set_var("HF_HOME", d.join("hf_home"));
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let (model, _) = Model::load("tiny/vit", Device::Cpu).unwrap();
+    let x = Tensor::read_npy(d.join("vit_input.npy")).unwrap();
+    let rel = max_rel_diff(
+        &tch::no_grad(|| model.forward(&x)).unwrap(),
+        &Tensor::read_npy(d.join("vit_logits.npy")).unwrap(),
+    );
+    assert!(rel < 1e-4, "cache: {rel}");
+}
+
+fn tiny_vit() -> Model {
+    tch::manual_seed(1);
+    let cfg = ViTConfig {
+        image_size: 24,
+        patch_size: 4,
+        ..ViTConfig::vit_base_patch16_224(7)
+    };
+    let cfg = ViTConfig {
+        hidden_size: 32,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        intermediate_size: 64,
+        ..cfg
+    };
+    Model::new(ModelConfig::ViT(cfg), Device::Cpu).unwrap()
+}
+
+fn tiny_gpt2() -> Model {
+    tch::manual_seed(2);
+    let cfg = GPT2Config {
+        vocab_size: 50,
+        n_positions: 40,
+        n_embd: 32,
+        n_layer: 3,
+        n_head: 4,
+        ..GPT2Config::gpt2_small()
+    };
+    Model::new(ModelConfig::GPT2(cfg), Device::Cpu).unwrap()
+}
+
+/// Codebooks fitted (astra-quant k-means) to random rows: good enough to make X̂ ≠ X.
+fn quantizers(layers: usize, d: usize, groups: usize) -> Vec<GroupedVq> {
+    let rows = astra_quant::bench::gaussian_mixture(512, d, 8, 3) * 0.5;
+    let (cb, _) = GroupedCodebook::fit(
+        rows.view(),
+        groups,
+        &KMeansConfig {
+            iters: 5,
+            ..KMeansConfig::new(16)
+        },
+    )
+    .unwrap();
+    let file = CodebookFile {
+        blocks: (0..layers)
+            .map(|_| BlockQuantizer {
+                codebook: cb.clone(),
+                noise: None,
+            })
+            .collect(),
+        extra: Default::default(),
+    };
+    file.blocks
+        .iter()
+        .map(|b| GroupedVq::from_quantizer(b, VqConfig::default(), Device::Cpu))
+        .collect()
+}
+
+#[test]
+fn vit_equivalences() {
+    let m = tiny_vit();
+    let images = Tensor::randn([2, 3, 24, 24], (Kind::Float, Device::Cpu));
+    let plain = tch::no_grad(|| m.forward(&images)).unwrap();
+    for n in [1usize, 3, 5] {
+        let p = DevicePartition::contiguous(36, n).unwrap();
+        for cls in [ClsMode::Distributed, ClsMode::Single] {
+            let astra = tch::no_grad(|| {
+                m.forward_astra(
+                    &images,
+                    Astra {
+                        partition: &p,
+                        cls,
+                        vq: None,
+                        train: false,
+                    },
+                )
+            })
+            .unwrap();
+            // Identity quantizer: every query sees every content token exactly once, in full
+            // precision, and one CLS copy (all copies stay identical), so MPA is the plain model.
+            // A single CLS is seen by device 0's tokens only (it is never sent): equal for N = 1.
+            if n == 1 || cls == ClsMode::Distributed {
+                assert!(max_rel_diff(&astra.logits, &plain) < 1e-5, "n={n} {cls:?}");
+            }
+            let mut vq = quantizers(3, 32, 4);
+            let masked = tch::no_grad(|| {
+                m.forward_astra(
+                    &images,
+                    Astra {
+                        partition: &p,
+                        cls,
+                        vq: Some(&mut vq),
+                        train: false,
+                    },
+                )
+            })
+            .unwrap();
+            let per_device = tch::no_grad(|| {
+                m.forward_per_device(
+                    &images,
+                    Astra {
+                        partition: &p,
+                        cls,
+                        vq: Some(&mut vq),
+                        train: false,
+                    },
+                )
+            })
+            .unwrap();
+            let rel = max_rel_diff(&per_device, &masked.logits);
+            assert!(rel < 1e-5, "n={n} {cls:?}: per-device vs masked {rel}");
+            if n > 1 {
+                assert!(
+                    max_rel_diff(&masked.logits, &plain) > 1e-4,
+                    "quantization changed nothing"
+                );
+            }
+        }
+    }
+    // Uneven and random partitions too.
+    let mut vq = quantizers(3, 32, 2);
+    for p in [
+        DevicePartition::sizes(&[20, 1, 15]).unwrap(),
+        DevicePartition::random(36, 4, 9).unwrap(),
+    ] {
+        let a = Astra {
+            partition: &p,
+            cls: ClsMode::Distributed,
+            vq: Some(&mut vq),
+            train: false,
+        };
+        let masked = tch::no_grad(|| m.forward_astra(&images, a)).unwrap();
+        let a = Astra {
+            partition: &p,
+            cls: ClsMode::Distributed,
+            vq: Some(&mut vq),
+            train: false,
+        };
+        let per = tch::no_grad(|| m.forward_per_device(&images, a)).unwrap();
+        assert!(max_rel_diff(&per, &masked.logits) < 1e-5);
+    }
+}
+
+#[test]
+fn gpt2_equivalences() {
+    let m = tiny_gpt2();
+    let ids = Tensor::randint(50, [2, 17], (Kind::Int64, Device::Cpu));
+    let plain = tch::no_grad(|| m.forward(&ids)).unwrap();
+    for n in [1usize, 2, 4] {
+        let p = DevicePartition::contiguous(17, n).unwrap();
+        let astra = tch::no_grad(|| {
+            m.forward_astra(
+                &ids,
+                Astra {
+                    partition: &p,
+                    cls: ClsMode::Single,
+                    vq: None,
+                    train: false,
+                },
+            )
+        })
+        .unwrap();
+        assert!(
+            max_rel_diff(&astra.logits, &plain) < 1e-5,
+            "identity quantizer, n={n}"
+        );
+        let mut vq = quantizers(3, 32, 8);
+        let masked = tch::no_grad(|| {
+            m.forward_astra(
+                &ids,
+                Astra {
+                    partition: &p,
+                    cls: ClsMode::Single,
+                    vq: Some(&mut vq),
+                    train: false,
+                },
+            )
+        })
+        .unwrap();
+        let per = tch::no_grad(|| {
+            m.forward_per_device(
+                &ids,
+                Astra {
+                    partition: &p,
+                    cls: ClsMode::Single,
+                    vq: Some(&mut vq),
+                    train: false,
+                },
+            )
+        })
+        .unwrap();
+        assert!(max_rel_diff(&per, &masked.logits) < 1e-5, "n={n}");
+        // The first device's tokens see no remote token: their logits are the plain model's.
+        let first = p.tokens_of(0).len() as i64;
+        assert!(
+            max_rel_diff(
+                &masked.logits.narrow(1, 0, first),
+                &plain.narrow(1, 0, first)
+            ) < 1e-5
+        );
+    }
+}
+
+#[test]
+fn training_step_updates_codebooks_and_gives_gradients() {
+    let m = tiny_vit();
+    let images = Tensor::randn([4, 3, 24, 24], (Kind::Float, Device::Cpu));
+    let p = DevicePartition::contiguous(36, 4).unwrap();
+    let mut vq = quantizers(3, 32, 4);
+    let before = vq[0].codebook.copy();
+    let out = m
+        .forward_astra(
+            &images,
+            Astra {
+                partition: &p,
+                cls: ClsMode::Distributed,
+                vq: Some(&mut vq),
+                train: true,
+            },
+        )
+        .unwrap();
+    let loss = out
+        .logits
+        .cross_entropy_for_logits(&Tensor::from_slice(&[0i64, 1, 2, 3]))
+        + out.commitment * 5e-4;
+    loss.backward();
+    let grads = m
+        .vs
+        .trainable_variables()
+        .iter()
+        .filter(|v| v.grad().defined() && v.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0)
+        .count();
+    assert_eq!(
+        grads,
+        m.vs.trainable_variables().len(),
+        "every parameter gets a gradient through the STE"
+    );
+    assert!(
+        max_rel_diff(&vq[0].codebook, &before) > 0.0,
+        "EMA moved the codebook"
+    );
+}
+
+#[test]
+fn bad_input_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    std::fs::write(&cfg, r#"{"model_type": "vit", "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64}"#).unwrap();
+    let e = ModelConfig::load(&cfg).unwrap_err().to_string();
+    assert!(e.contains("num_hidden_layers"), "{e}");
+    std::fs::write(&cfg, r#"{"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64, "image_size": 30, "patch_size": 8}"#).unwrap();
+    let e = ModelConfig::load(&cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("patch_size") && e.contains("does not divide image_size 30"),
+        "{e}"
+    );
+    // A checkpoint whose weight has the wrong shape.
+    let m = tiny_vit();
+    let bad = dir.path().join("model.safetensors");
+    let mut tensors: Vec<(String, Tensor)> = m.vs.variables().into_iter().collect();
+    for (n, t) in tensors.iter_mut() {
+        if n == "classifier.weight" {
+            *t = Tensor::zeros([3, 32], (Kind::Float, Device::Cpu));
+        }
+    }
+    Tensor::write_safetensors(&tensors, &bad).unwrap();
+    let e = astra_train::weights::load_safetensors(&m.vs, &bad, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("weight classifier.weight: shape [3, 32]"), "{e}");
+    // Codebooks of the wrong width or depth.
+    let cb = GroupedCodebook::from_flat(1, 2, 16, vec![0.0; 32]).unwrap();
+    let file = CodebookFile {
+        blocks: vec![
+            BlockQuantizer {
+                codebook: cb,
+                noise: None
+            };
+            3
+        ],
+        extra: Default::default(),
+    };
+    let e = astra_train::models::vq::check_codebooks(&file, 3, 32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("D = 16") && e.contains("32"), "{e}");
+    let e = astra_train::models::vq::check_codebooks(&file, 12, 16)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("3 blocks") && e.contains("12"), "{e}");
+    let e = m
+        .forward(&Tensor::zeros([1, 3, 32, 32], (Kind::Float, Device::Cpu)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("[1, 3, 32, 32]") && e.contains("expects [B, 3, 24, 24]"),
+        "{e}"
+    );
+}
