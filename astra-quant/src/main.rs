@@ -167,7 +167,6 @@ fn run() -> Result<()> {
             report,
             quiet,
         } => {
-            let x = read_rows(&input, tensor.as_deref())?;
             let cfg = KMeansConfig {
                 k,
                 iters,
@@ -177,52 +176,86 @@ fn run() -> Result<()> {
                 tol,
                 progress: !quiet,
             };
-            let t0 = Instant::now();
-            let (cb, stats) = GroupedCodebook::fit(x.view(), groups, &cfg)
-                .with_context(|| format!("fitting {}", input.display()))?;
-            let fit_s = t0.elapsed().as_secs_f64();
-            let mse = cb.mse(x.view())?;
-            let noise_model = match noise {
-                Noise::None => None,
-                Noise::Full | Noise::Diagonal => {
-                    let kind = if matches!(noise, Noise::Full) {
-                        NoiseKind::Full
-                    } else {
-                        NoiseKind::Diagonal
-                    };
-                    let mut acc = ResidualAccumulator::new(cb.dim(), kind);
-                    for chunk in x.axis_chunks_iter(ndarray::Axis(0), 8192) {
-                        let xh = cb.decode(cb.encode(chunk)?.view())?;
-                        acc.push_pair(chunk, xh.view())?;
-                    }
-                    let fitted = acc.finish()?.noise_model();
-                    if fitted.jitter > 0.0 {
-                        eprintln!("note: residual covariance was not positive definite; added jitter {:.3e} to its diagonal", fitted.jitter);
-                    }
-                    Some(fitted.model)
-                }
+            // One codebook per block when a safetensors input holds blocks.{l}.input tensors
+            // (block inputs collected from a model); otherwise one from the rows given.
+            let per_block = match &tensor {
+                None => block_inputs(&input)?,
+                Some(_) => Vec::new(),
             };
-            let mut file = CodebookFile::single(cb.clone(), noise_model);
+            let inputs: Vec<(String, Array2<f32>)> = if per_block.is_empty() {
+                vec![(
+                    input.display().to_string(),
+                    read_rows(&input, tensor.as_deref())?,
+                )]
+            } else {
+                per_block
+            };
+            let mut blocks = Vec::new();
+            let mut reports = Vec::new();
+            let mut rows = 0;
+            for (name, x) in &inputs {
+                let t0 = Instant::now();
+                let (cb, stats) = GroupedCodebook::fit(x.view(), groups, &cfg)
+                    .with_context(|| format!("fitting {name}"))?;
+                let fit_s = t0.elapsed().as_secs_f64();
+                let mse = cb.mse(x.view())?;
+                let noise_model = match noise {
+                    Noise::None => None,
+                    Noise::Full | Noise::Diagonal => {
+                        let kind = if matches!(noise, Noise::Full) {
+                            NoiseKind::Full
+                        } else {
+                            NoiseKind::Diagonal
+                        };
+                        let mut acc = ResidualAccumulator::new(cb.dim(), kind);
+                        for chunk in x.axis_chunks_iter(ndarray::Axis(0), 8192) {
+                            let xh = cb.decode(cb.encode(chunk)?.view())?;
+                            acc.push_pair(chunk, xh.view())?;
+                        }
+                        let fitted = acc.finish()?.noise_model();
+                        if fitted.jitter > 0.0 {
+                            eprintln!("note: {name}: residual covariance was not positive definite; added jitter {:.3e} to its diagonal", fitted.jitter);
+                        }
+                        Some(fitted.model)
+                    }
+                };
+                let objective = stats
+                    .iter()
+                    .filter_map(|s| s.last())
+                    .map(|s| s.objective)
+                    .sum::<f64>();
+                println!(
+                    "{name}: fitted K={} G={} D={} on {} rows in {:.2}s: reconstruction MSE {:.6e} per row (last-iteration objective summed over groups {:.6e}), {} bits per row",
+                    cb.k(), cb.groups(), cb.dim(), x.nrows(), fit_s, mse, objective, cb.bits_per_token()
+                );
+                rows += x.nrows();
+                reports.push(serde_json::json!({
+                    "input": name, "k": k, "groups": groups, "dim": cb.dim(), "rows": x.nrows(), "iters": iters, "seed": seed,
+                    "threads": rayon::current_num_threads(), "fit_seconds": fit_s, "mse": mse, "groups_stats": stats,
+                }));
+                blocks.push(astra_quant::BlockQuantizer {
+                    codebook: cb,
+                    noise: noise_model,
+                });
+            }
+            let mut file = CodebookFile {
+                blocks,
+                extra: Default::default(),
+            };
             file.extra.insert(
                 "command".into(),
                 std::env::args().collect::<Vec<_>>().join(" "),
             );
-            file.extra.insert("rows".into(), x.nrows().to_string());
+            file.extra.insert("rows".into(), rows.to_string());
             file.save(&out)?;
-            let objective = stats
-                .iter()
-                .filter_map(|s| s.last())
-                .map(|s| s.objective)
-                .sum::<f64>();
-            println!(
-                "fitted K={} G={} D={} on {} rows in {:.2}s: reconstruction MSE {:.6e} per row (last-iteration objective summed over groups {:.6e}), {} bits per row -> {}",
-                cb.k(), cb.groups(), cb.dim(), x.nrows(), fit_s, mse, objective, cb.bits_per_token(), out.display()
-            );
+            println!("{} block(s) -> {}", file.blocks.len(), out.display());
             if let Some(r) = report {
-                let json = serde_json::json!({
-                    "k": k, "groups": groups, "dim": cb.dim(), "rows": x.nrows(), "iters": iters, "seed": seed,
-                    "threads": rayon::current_num_threads(), "fit_seconds": fit_s, "mse": mse, "groups_stats": stats,
-                });
+                // One block: its report; several: {"blocks": [...]}.
+                let json = if reports.len() == 1 {
+                    reports.pop().expect("one")
+                } else {
+                    serde_json::json!({ "blocks": reports })
+                };
                 npy::write_atomic(&r, serde_json::to_string_pretty(&json)?.as_bytes())?;
             }
         }
@@ -371,6 +404,28 @@ fn load_block(path: &Path, block: usize) -> Result<GroupedCodebook> {
                 path.display()
             )
         })
+}
+
+/// The tensors blocks.0.input, blocks.1.input, … of a safetensors file (empty if it has none).
+fn block_inputs(path: &Path) -> Result<Vec<(String, Array2<f32>)>> {
+    if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        return Ok(Vec::new());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow::anyhow!("{}: not a readable safetensors file: {e:?}", path.display())
+    })?;
+    let mut out = Vec::new();
+    while st
+        .names()
+        .iter()
+        .any(|n| **n == format!("blocks.{}.input", out.len()))
+    {
+        let name = format!("blocks.{}.input", out.len());
+        let rows = read_rows(path, Some(&name))?;
+        out.push((name, rows));
+    }
+    Ok(out)
 }
 
 /// Rows from a .npy or a .safetensors file.

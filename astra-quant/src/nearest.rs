@@ -62,21 +62,53 @@ pub fn nearest(x: ArrayView2<f32>, centroids: ArrayView2<f32>) -> (Vec<u32>, Vec
                 for i in 0..m {
                     let row = &rows[i * d..(i + 1) * d];
                     let x_norm: f32 = row.iter().map(|v| v * v).sum();
-                    let t = &tile[i * k..(i + 1) * k];
-                    let (mut best, mut best_d) = (0usize, f32::INFINITY);
-                    for (j, (&dot, &cn)) in t.iter().zip(&c_norms).enumerate() {
-                        let dj = cn - 2.0 * dot;
-                        if dj < best_d {
-                            best_d = dj;
-                            best = j;
-                        }
-                    }
+                    let (best, best_d) = argmin_distance(&tile[i * k..(i + 1) * k], &c_norms);
                     lab[i] = best as u32;
                     dis[i] = (best_d + x_norm).max(0.0);
                 }
             }
         });
     (labels, dists)
+}
+
+/// Lanes of the argmin: 16 f32 = one AVX-512 register (two AVX2 ones).
+const LANES: usize = 16;
+
+/// argmin over j of ‖c_j‖² − 2·x·c_j, given the dot products. Each lane keeps its own running
+/// minimum (a branch-free compare-and-select the compiler vectorises); ties resolve to the lowest
+/// index, as a sequential scan would, so the result does not depend on the lane split.
+fn argmin_distance(dots: &[f32], c_norms: &[f32]) -> (usize, f32) {
+    let k = dots.len();
+    let mut best = [f32::INFINITY; LANES];
+    let mut at = [0u32; LANES];
+    let full = k / LANES * LANES;
+    for base in (0..full).step_by(LANES) {
+        let (d, c) = (&dots[base..base + LANES], &c_norms[base..base + LANES]);
+        for l in 0..LANES {
+            let v = c[l] - 2.0 * d[l];
+            let better = v < best[l];
+            best[l] = if better { v } else { best[l] };
+            at[l] = if better { (base + l) as u32 } else { at[l] };
+        }
+    }
+    let (mut bi, mut bv) = (usize::MAX, f32::INFINITY);
+    for l in 0..LANES {
+        if best[l] < bv || (best[l] == bv && (at[l] as usize) < bi) {
+            bv = best[l];
+            bi = at[l] as usize;
+        }
+    }
+    for j in full..k {
+        let v = c_norms[j] - 2.0 * dots[j];
+        if v < bv || (v == bv && j < bi) {
+            bv = v;
+            bi = j;
+        }
+    }
+    if bi == usize::MAX {
+        bi = 0; // every distance was NaN or infinite; inputs are checked finite upstream
+    }
+    (bi, bv)
 }
 
 /// tile (m × k, row-major) = rows (m × d) · centroidsᵀ (d × k), single-threaded: the

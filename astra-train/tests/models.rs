@@ -63,6 +63,28 @@ fn parity_with_transformers_and_hf_cache() {
         let rel = max_rel_diff(&got, &want);
         assert!(rel < 1e-4, "{name}: max relative difference {rel}");
     }
+    // A larger image than the checkpoint's: position embeddings resized (4×4 → 6×6 grid).
+    let big = d.join("vit48");
+    std::fs::create_dir_all(&big).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("vit/config.json")).unwrap()).unwrap();
+    cfg["image_size"] = serde_json::json!(48);
+    std::fs::write(big.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        d.join("vit/model.safetensors"),
+        big.join("model.safetensors"),
+    )
+    .unwrap();
+    let (model, report) = Model::load(big.to_str().unwrap(), Device::Cpu).unwrap();
+    assert_eq!(
+        report.interpolated,
+        vec!["vit.embeddings.position_embeddings".to_string()]
+    );
+    let y =
+        tch::no_grad(|| model.forward(&Tensor::randn([1, 3, 48, 48], (Kind::Float, Device::Cpu))))
+            .unwrap();
+    assert_eq!(y.size(), vec![1, 5]);
+
     // The same ViT through an HF cache folder, offline.
     std::env::set_var("HF_HOME", d.join("hf_home"));
     std::env::set_var("HF_HUB_OFFLINE", "1");
