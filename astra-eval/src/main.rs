@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use astra_eval::predict::{self, ForwardPath, PredictArgs};
 use astra_train::models::ClsMode;
 use clap::{Parser, Subcommand};
@@ -50,17 +50,6 @@ enum Command {
     },
 }
 
-fn parse_device(s: &str) -> Result<tch::Device> {
-    Ok(match s {
-        "cpu" => tch::Device::Cpu,
-        "cuda" => tch::Device::Cuda(0),
-        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(i) => tch::Device::Cuda(i),
-            None => bail!("--device: '{s}' is not cpu, cuda or cuda:N"),
-        },
-    })
-}
-
 fn main() {
     if let Err(e) = run() {
         eprintln!("astra-eval: {e:#}");
@@ -80,14 +69,7 @@ fn run() -> Result<()> {
             path,
             device,
         } => {
-            let device = parse_device(&device)?;
-            if let tch::Device::Cuda(i) = device {
-                if !tch::Cuda::is_available() || i as i64 >= tch::Cuda::device_count() {
-                    bail!(
-                        "--device cuda:{i}: CUDA device not available here (see astra-eval info)"
-                    );
-                }
-            }
+            let device = astra_train::runtime::parse_device(&device).map_err(anyhow::Error::msg)?;
             let msg = predict::run(&PredictArgs {
                 model,
                 input,

@@ -147,52 +147,7 @@ enum Command {
     },
     /// Replay runs and compare with the models; with --live over real TCP between processes in
     /// network namespaces behind kernel-shaped links (needs root; else unshaped loopback).
-    Replay {
-        /// Actually run the processes (without it: predictions only).
-        #[arg(long)]
-        live: bool,
-        /// Do not shape links even when root: loopback, unshaped.
-        #[arg(long)]
-        no_shape: bool,
-        #[arg(long, default_value = "astra-g16,bp-ag-nb1")]
-        methods: String,
-        #[arg(long, default_value = "2,4")]
-        devices: String,
-        #[arg(long, default_value = "1024")]
-        tokens: String,
-        /// Link rates (Mbit/s, 2^20 bit) to replay at.
-        #[arg(long, default_value = "10,50,100")]
-        mbps: String,
-        /// One-way delay added by netem (ms), where the kernel has netem.
-        #[arg(long, default_value_t = 0.0)]
-        delay_ms: f64,
-        /// Packet loss added by netem (percent), where the kernel has netem.
-        #[arg(long, default_value_t = 0.0)]
-        loss_pct: f64,
-        /// Per-device compute slowdowns (one value or one per device).
-        #[arg(long)]
-        slowdown: Option<String>,
-        /// Live runs per configuration (the median is reported).
-        #[arg(long, default_value_t = 3)]
-        repeats: usize,
-        /// A worker waiting longer than this for a peer gives up (seconds).
-        #[arg(long, default_value_t = 30.0)]
-        timeout_s: f64,
-        /// Compute source for the runs: paper-1660ti, a profile CSV, or analytic:TFLOPS:GBPS.
-        #[arg(long, default_value = "paper-1660ti", conflicts_with = "trace")]
-        profile: String,
-        /// Replay the runs of a trace file instead.
-        #[arg(long)]
-        trace: Option<PathBuf>,
-        /// netem.sh to shape links with.
-        #[arg(long)]
-        netem_script: Option<PathBuf>,
-        #[command(flatten)]
-        model: ModelArgs,
-        /// Markdown table of measured vs predicted latency.
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
+    Replay(ReplayArgs),
     /// One device of a live replay (started by `replay --live`).
     #[command(hide = true)]
     ReplayWorker {
@@ -379,46 +334,7 @@ fn run() -> Result<()> {
             )?;
             println!("{}", serde_json::to_string(&report)?);
         }
-        Command::Replay {
-            live,
-            no_shape,
-            methods: m,
-            devices,
-            tokens,
-            mbps,
-            delay_ms,
-            loss_pct,
-            slowdown,
-            repeats,
-            timeout_s,
-            profile,
-            trace,
-            netem_script,
-            model,
-            out,
-        } => {
-            replay_command(
-                ReplayArgs {
-                    live,
-                    no_shape,
-                    methods: m,
-                    devices,
-                    tokens,
-                    mbps,
-                    delay_ms,
-                    loss_pct,
-                    slowdown,
-                    repeats,
-                    timeout_s,
-                    profile,
-                    trace,
-                    netem_script,
-                    model,
-                    out,
-                },
-                &command_line,
-            )?;
-        }
+        Command::Replay(args) => replay_command(args, &command_line)?,
         Command::Dynamic {
             bandwidth,
             latencies,
@@ -446,22 +362,51 @@ fn run() -> Result<()> {
     Ok(())
 }
 
+#[derive(Args)]
 struct ReplayArgs {
+    /// Actually run the processes (without it: predictions only).
+    #[arg(long)]
     live: bool,
+    /// Do not shape links even when root: loopback, unshaped.
+    #[arg(long)]
     no_shape: bool,
+    #[arg(long, default_value = "astra-g16,bp-ag-nb1")]
     methods: String,
+    #[arg(long, default_value = "2,4")]
     devices: String,
+    #[arg(long, default_value = "1024")]
     tokens: String,
+    /// Link rates (Mbit/s, 2^20 bit) to replay at.
+    #[arg(long, default_value = "10,50,100")]
     mbps: String,
+    /// One-way delay added by netem (ms), where the kernel has netem.
+    #[arg(long, default_value_t = 0.0)]
     delay_ms: f64,
+    /// Packet loss added by netem (percent), where the kernel has netem.
+    #[arg(long, default_value_t = 0.0)]
     loss_pct: f64,
+    /// Per-device compute slowdowns (one value or one per device).
+    #[arg(long)]
     slowdown: Option<String>,
+    /// Live runs per configuration (the median is reported).
+    #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// A worker waiting longer than this for a peer gives up (seconds).
+    #[arg(long, default_value_t = 30.0)]
     timeout_s: f64,
+    /// Compute source for the runs: paper-1660ti, a profile CSV, or analytic:TFLOPS:GBPS.
+    #[arg(long, default_value = "paper-1660ti", conflicts_with = "trace")]
     profile: String,
+    /// Replay the runs of a trace file instead.
+    #[arg(long)]
     trace: Option<PathBuf>,
+    /// netem.sh to shape links with.
+    #[arg(long)]
     netem_script: Option<PathBuf>,
+    #[command(flatten)]
     model: ModelArgs,
+    /// Markdown table of measured vs predicted latency.
+    #[arg(long)]
     out: Option<PathBuf>,
 }
 

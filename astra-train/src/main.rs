@@ -71,19 +71,7 @@ fn run() -> Result<()> {
             bf16,
             device,
         } => {
-            let device = match device.as_str() {
-                "cpu" => tch::Device::Cpu,
-                "cuda" => tch::Device::Cuda(0),
-                s => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-                    Some(i) => tch::Device::Cuda(i),
-                    None => anyhow::bail!("--device: '{s}' is not cpu, cuda or cuda:N"),
-                },
-            };
-            if device.is_cuda() && !tch::Cuda::is_available() {
-                anyhow::bail!(
-                    "--device {device:?}: CUDA is not available here (see astra-train info)"
-                );
-            }
+            let device = astra_train::runtime::parse_device(&device).map_err(anyhow::Error::msg)?;
             if steps == 0 {
                 anyhow::bail!("--steps must be at least 1");
             }

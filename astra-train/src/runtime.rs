@@ -2,6 +2,26 @@
 
 use serde::Serialize;
 
+/// `cpu`, `cuda` or `cuda:N`, checked against what this process sees.
+pub fn parse_device(s: &str) -> Result<tch::Device, String> {
+    let device = match s {
+        "cpu" => tch::Device::Cpu,
+        "cuda" => tch::Device::Cuda(0),
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(i) => tch::Device::Cuda(i),
+            None => return Err(format!("--device: '{s}' is not cpu, cuda or cuda:N")),
+        },
+    };
+    if let tch::Device::Cuda(i) = device {
+        if !tch::Cuda::is_available() || i as i64 >= tch::Cuda::device_count() {
+            return Err(format!(
+                "--device {s}: no such CUDA device here (see `astra-train info`)"
+            ));
+        }
+    }
+    Ok(device)
+}
+
 #[derive(Debug, Serialize)]
 pub struct RuntimeInfo {
     /// Version of the libtorch the binary was built against.
