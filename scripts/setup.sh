@@ -27,6 +27,11 @@ if ! [[ -x $py ]]; then
 fi
 pip_install() { $py -m pip install --disable-pip-version-check -q "$@"; }
 
+# numpy and safetensors: the interop tests read our files with them; transformers: the parity tests
+# compare our models with HF's (CPU, tiny random models).
+$py -c "import numpy, safetensors, transformers" 2>/dev/null || pip_install numpy safetensors transformers ||
+  die "pip could not install numpy, safetensors and transformers into .venv"
+
 if [[ -n ${LIBTORCH:-} && ${LIBTORCH%/} != "$PWD/.libtorch" && ${LIBTORCH%/} != .libtorch ]]; then
   target=${LIBTORCH%/}
   [[ -f $target/lib/libtorch_cpu.so ]] ||
@@ -39,10 +44,6 @@ else
   fi
   target=$($py -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 fi
-# numpy and safetensors: the interop tests read our files with them; transformers: the parity tests
-# compare our models with HF's (CPU, tiny random models).
-$py -c "import numpy, safetensors, transformers" 2>/dev/null || pip_install numpy safetensors transformers ||
-  die "pip could not install numpy, safetensors and transformers into .venv"
 
 version=$(torch_version_of "$target")
 [[ $version == "$TORCH_VERSION" ]] ||
