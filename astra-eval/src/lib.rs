@@ -1,5 +1,7 @@
 //! ASTRA evaluation: accuracy and perplexity sweeps, compute profiling, the multi-process runtime.
-//! Today: `predict` (logits of a model, plain or under ASTRA) and `info`.
+//! Today: `predict` (logits of a model, plain or under ASTRA), `profile` (per-device compute of
+//! every method, into astra-sim's profile and trace formats) and `info`.
 pub mod predict;
+pub mod profile;
 
 pub use astra_train::runtime::RuntimeInfo;

@@ -42,6 +42,41 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Measure per-device compute of every method (single, tp, sp, bp-ag-nbK, bp-sp-nbK, astra-gG)
+    /// on this machine: writes DIR/profile.csv and DIR/trace.json (astra-sim's formats).
+    Profile {
+        #[arg(
+            long,
+            default_value = "single,tp,sp,bp-ag-nb1,bp-sp-nb1,astra-g1,astra-g16,astra-g32"
+        )]
+        methods: String,
+        /// Devices N (comma-separated).
+        #[arg(long, default_value = "4")]
+        devices: String,
+        /// Tokens T (comma-separated).
+        #[arg(long, default_value = "1024")]
+        tokens: String,
+        #[arg(long, default_value_t = 12)]
+        blocks: i64,
+        #[arg(long, default_value_t = 768)]
+        hidden: i64,
+        #[arg(long, default_value_t = 12)]
+        heads: i64,
+        #[arg(long, default_value_t = 3072)]
+        mlp: i64,
+        /// Codewords K per group (ASTRA).
+        #[arg(long, default_value_t = 1024)]
+        codewords: i64,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// cpu, cuda, or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Report the libtorch and devices evaluation would run on (same as `astra-train info`).
     Info {
         /// Print JSON instead of text.
@@ -81,6 +116,112 @@ fn run() -> Result<()> {
                 device,
             })?;
             println!("{msg}");
+        }
+        Command::Profile {
+            methods,
+            devices,
+            tokens,
+            blocks,
+            hidden,
+            heads,
+            mlp,
+            codewords,
+            warmup,
+            runs,
+            device,
+            out,
+        } => {
+            use astra_eval::profile::{self, ProfileConfig};
+            let device = astra_train::runtime::parse_device(&device).map_err(anyhow::Error::msg)?;
+            if runs == 0 || blocks <= 0 || hidden <= 0 || heads <= 0 || mlp <= 0 || codewords < 2 {
+                anyhow::bail!("--runs, --blocks, --hidden, --heads and --mlp must be positive and --codewords at least 2");
+            }
+            let methods: Vec<astra_sim::Method> = methods
+                .split(',')
+                .map(|m| m.trim().parse())
+                .collect::<Result<_, _>>()?;
+            let list = |name: &str, s: &str| -> Result<Vec<u64>> {
+                s.split(',')
+                    .map(|v| {
+                        v.trim()
+                            .parse::<u64>()
+                            .ok()
+                            .filter(|&x| x > 0)
+                            .ok_or_else(|| {
+                                anyhow::anyhow!("--{name}: '{v}' is not a positive integer")
+                            })
+                    })
+                    .collect()
+            };
+            let mut configs = Vec::new();
+            for &m in &methods {
+                for &n in &list("devices", &devices)? {
+                    for &t in &list("tokens", &tokens)? {
+                        let c = (
+                            m,
+                            if m == astra_sim::Method::Single {
+                                1
+                            } else {
+                                n as u32
+                            },
+                            t,
+                        );
+                        if !configs.contains(&c) {
+                            configs.push(c);
+                        }
+                    }
+                }
+            }
+            let cfg = ProfileConfig {
+                blocks,
+                hidden,
+                heads,
+                mlp,
+                codewords,
+                warmup,
+                runs,
+                device,
+            };
+            let measured = profile::measure(&cfg, &configs)?;
+            let csv = profile::to_csv(&measured);
+            let trace = profile::to_trace(&csv, &cfg, &configs)?;
+            std::fs::create_dir_all(&out)?;
+            astra_sim::output::write_atomic(&out.join("profile.csv"), csv.as_bytes())?;
+            astra_sim::output::write_atomic(&out.join("trace.json"), trace.to_json().as_bytes())?;
+            println!("{blocks} blocks × {hidden} wide, fp32, {device:?}, median of {runs} runs\n");
+            println!("| method | devices | tokens | compute ms (median) | min | max |\n|---|---:|---:|---:|---:|---:|");
+            for m in &measured {
+                println!(
+                    "| {} | {} | {} | {:.2} | {:.2} | {:.2} |",
+                    m.method, m.devices, m.tokens, m.median_ms, m.min_ms, m.max_ms
+                );
+            }
+            let mut ratios = String::new();
+            for m in measured
+                .iter()
+                .filter(|m| m.method != astra_sim::Method::Single)
+            {
+                if let Some(s) = measured
+                    .iter()
+                    .find(|s| s.method == astra_sim::Method::Single && s.tokens == m.tokens)
+                {
+                    ratios += &format!(
+                        "| {} | {} | {} | {:.2} |\n",
+                        m.method,
+                        m.devices,
+                        m.tokens,
+                        s.median_ms / m.median_ms
+                    );
+                }
+            }
+            if !ratios.is_empty() {
+                println!("\nsingle-device latency / per-device compute:\n\n| method | devices | tokens | ratio |\n|---|---:|---:|---:|\n{ratios}");
+            }
+            println!(
+                "\nwrote {} and {}",
+                out.join("profile.csv").display(),
+                out.join("trace.json").display()
+            );
         }
         Command::Info { json } => {
             let info = astra_eval::RuntimeInfo::collect();

@@ -227,3 +227,86 @@ fn gpt2_predict_and_bad_input() {
         "ids span 1..=99, the vocabulary has 40",
     );
 }
+
+#[test]
+fn profile_writes_what_astra_sim_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_astra-eval"))
+        .args([
+            "profile",
+            "--methods",
+            "single,tp,sp,bp-ag-nb1,bp-sp-nb1,astra-g1,astra-g4",
+            "--devices",
+            "2,4",
+            "--tokens",
+            "32",
+        ])
+        .args([
+            "--blocks",
+            "2",
+            "--hidden",
+            "32",
+            "--heads",
+            "4",
+            "--mlp",
+            "64",
+            "--codewords",
+            "16",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = std::fs::read_to_string(dir.path().join("profile.csv")).unwrap();
+    assert!(csv.starts_with(
+        "method,devices,tokens,compute_ms_median,compute_ms_min,compute_ms_max,runs\n"
+    ));
+    // single once (devices 1), the six others at N = 2 and 4.
+    assert_eq!(csv.lines().count(), 1 + 1 + 6 * 2);
+    let p =
+        astra_sim::profile::ComputeProfile::load(dir.path().join("profile.csv").to_str().unwrap())
+            .unwrap();
+    assert!(
+        p.compute_ms(astra_sim::Method::Astra { groups: 4 }, 4, 32)
+            .unwrap()
+            > 0.0
+    );
+    let trace = astra_sim::Trace::load(&dir.path().join("trace.json")).unwrap();
+    assert_eq!(trace.runs.len(), 13);
+    let bad = Command::new(env!("CARGO_BIN_EXE_astra-eval"))
+        .args([
+            "profile",
+            "--methods",
+            "sp",
+            "--devices",
+            "8",
+            "--tokens",
+            "4",
+            "--blocks",
+            "1",
+            "--hidden",
+            "32",
+            "--heads",
+            "4",
+            "--mlp",
+            "64",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && e.contains("8 devices for 4 tokens"),
+        "{e}"
+    );
+}

@@ -1,0 +1,313 @@
+//! `astra-eval profile`: the per-device compute time of every method of ASTRA.md §4, measured on
+//! this machine by running each device's share of the work with libtorch (random weights, an
+//! L-block, D-wide encoder, fp32). What each method computes per device (t = ⌈T/N⌉ local tokens):
+//!
+//! - single: the whole model on T tokens;
+//! - tp: every token, the block's weights split N ways (Megatron: heads and MLP columns), partial
+//!   sums left for the all-reduce;
+//! - sp: queries of its t tokens, keys/values of all T (Voltage: the gathered embeddings are
+//!   projected locally), attention over T, output and MLP of its t tokens;
+//! - bp-ag-nbK / bp-sp-nbK (our reading of DeTransformer): K original blocks computed as sp, the
+//!   other L − K blocks attend only among the device's own t tokens;
+//! - astra-gG: VQ encode of its t tokens (K-codeword search per group), bit pack, unpack of the
+//!   others' indices, codebook lookup of the T − t remote tokens, keys/values of the local and the
+//!   reconstructed remote tokens, attention of its t queries over T keys, output and MLP.
+//!
+//! Each method is timed `runs` times after `warmup` runs; the median, min and max go to
+//! profile.csv, and astra-sim's trace built from the medians to trace.json.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use astra_sim::method::{Method, ModelShape};
+use astra_sim::profile::ComputeProfile;
+use astra_sim::trace::{BlockSplit, Trace};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Clone, Debug)]
+pub struct ProfileConfig {
+    pub blocks: i64,
+    pub hidden: i64,
+    pub heads: i64,
+    pub mlp: i64,
+    pub codewords: i64,
+    pub warmup: usize,
+    pub runs: usize,
+    pub device: Device,
+}
+
+/// Random weights of one block.
+struct Weights {
+    qkv: Tensor,
+    out: Tensor,
+    fc1: Tensor,
+    fc2: Tensor,
+}
+
+pub struct Measurement {
+    pub method: Method,
+    pub devices: u32,
+    pub tokens: u64,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub runs: usize,
+}
+
+fn sync(d: Device) {
+    if let Device::Cuda(i) = d {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+fn ln(x: &Tensor) -> Tensor {
+    x.layer_norm([x.size()[2]], None::<Tensor>, None::<Tensor>, 1e-6, false)
+}
+
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64) -> Tensor {
+    let (b, s, d) = q.size3().expect("[B, S, D]");
+    let sk = k.size()[1];
+    let hd = d / heads;
+    let split = |t: &Tensor, n: i64| t.reshape([b, n, heads, hd]).transpose(1, 2);
+    Tensor::scaled_dot_product_attention(
+        &split(q, s),
+        &split(k, sk),
+        &split(v, sk),
+        None::<Tensor>,
+        0.0,
+        false,
+        None::<f64>,
+        false,
+    )
+    .transpose(1, 2)
+    .reshape([b, s, d])
+}
+
+/// One device's block: queries from `x` [1, t, D]; keys/values from `kv_src` (None: x itself),
+/// weights possibly sharded (TP).
+fn block(x: &Tensor, kv_src: Option<&Tensor>, w: &Weights, heads: i64) -> Tensor {
+    let d = w.qkv.size()[1] / 3;
+    let h = ln(x);
+    let q = h.matmul(&w.qkv.narrow(1, 0, d));
+    let kv_in = match kv_src {
+        Some(s) => ln(s),
+        None => h.shallow_clone(),
+    };
+    let kv = kv_in.matmul(&w.qkv.narrow(1, d, 2 * d));
+    let (k, v) = (kv.narrow(2, 0, d), kv.narrow(2, d, d));
+    let heads = heads.min(d).max(1);
+    let x = x + attention(&q, &k, &v, heads).matmul(&w.out);
+    let h = ln(&x).matmul(&w.fc1).gelu("none").matmul(&w.fc2);
+    x + h
+}
+
+fn weights(c: &ProfileConfig, shard: i64) -> Weights {
+    let (d, m) = (c.hidden, c.mlp);
+    let opts = (Kind::Float, c.device);
+    let dd = d / shard; // TP: this device's heads / columns
+    Weights {
+        qkv: Tensor::randn([d, 3 * dd], opts) * 0.02,
+        out: Tensor::randn([dd, d], opts) * 0.02,
+        fc1: Tensor::randn([d, m / shard], opts) * 0.02,
+        fc2: Tensor::randn([m / shard, d], opts) * 0.02,
+    }
+}
+
+/// Runs one device's work for `method` once.
+fn device_work(
+    c: &ProfileConfig,
+    method: Method,
+    n: i64,
+    t: i64,
+    w: &Weights,
+    cb: Option<&astra_train::models::GroupedVq>,
+) -> Result<()> {
+    let local = (t + n - 1) / n;
+    let opts = (Kind::Float, c.device);
+    match method {
+        Method::Single => {
+            let mut x = Tensor::randn([1, t, c.hidden], opts);
+            for _ in 0..c.blocks {
+                x = block(&x, None, w, c.heads);
+            }
+        }
+        Method::Tp => {
+            let mut x = Tensor::randn([1, t, c.hidden], opts);
+            for _ in 0..c.blocks {
+                x = block(&x, None, w, c.heads / n);
+            }
+        }
+        Method::Sp | Method::BpAg { .. } | Method::BpSp { .. } => {
+            let kept = match method {
+                Method::BpAg { nb } | Method::BpSp { nb } => nb as i64,
+                _ => c.blocks,
+            };
+            let mut x = Tensor::randn([1, local, c.hidden], opts);
+            let others = Tensor::randn([1, t - local, c.hidden], opts);
+            for l in 0..c.blocks {
+                x = if l < kept {
+                    let all = Tensor::cat(&[&x, &others], 1);
+                    block(&x, Some(&all), w, c.heads)
+                } else {
+                    block(&x, None, w, c.heads)
+                };
+            }
+        }
+        Method::Astra { .. } => {
+            let vq = cb.expect("astra has a codebook");
+            let groups = vq.groups() as usize;
+            let bits = astra_quant::bitpack::bits_for(vq.k() as usize);
+            let mut x = Tensor::randn([1, local, c.hidden], opts);
+            // The others' packed indices as they arrive over the network.
+            let remote_idx = Tensor::randint(
+                vq.k(),
+                [(t - local) * groups as i64],
+                (Kind::Int64, Device::Cpu),
+            );
+            let remote_u16: Vec<u16> = Vec::<i64>::try_from(&remote_idx)?
+                .into_iter()
+                .map(|v| v as u16)
+                .collect();
+            let remote_packed = astra_quant::bitpack::pack(&remote_u16, bits)?;
+            for _ in 0..c.blocks {
+                let idx = vq.encode(&x);
+                let mine: Vec<u16> =
+                    Vec::<i64>::try_from(&idx.to_device(Device::Cpu).reshape([-1]))?
+                        .into_iter()
+                        .map(|v| v as u16)
+                        .collect();
+                let _wire = astra_quant::bitpack::pack(&mine, bits)?;
+                let theirs = astra_quant::bitpack::unpack(&remote_packed, remote_u16.len(), bits)?;
+                let theirs =
+                    Tensor::from_slice(&theirs.iter().map(|&v| v as i64).collect::<Vec<_>>())
+                        .to_device(c.device)
+                        .view([1, t - local, groups as i64]);
+                let remote = vq.decode(&theirs);
+                let all = Tensor::cat(&[&x, &remote], 1);
+                x = block(&x, Some(&all), w, c.heads);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Times every (method, N, T).
+pub fn measure(c: &ProfileConfig, configs: &[(Method, u32, u64)]) -> Result<Vec<Measurement>> {
+    if c.hidden % c.heads != 0 {
+        bail!("--heads {} does not divide --hidden {}", c.heads, c.hidden);
+    }
+    let _guard = tch::no_grad_guard();
+    let mut out = Vec::new();
+    for &(method, n, t) in configs {
+        let n = if method == Method::Single { 1 } else { n };
+        if n as u64 > t {
+            bail!("{method}: {n} devices for {t} tokens: every device needs at least one token");
+        }
+        let shard = if method == Method::Tp { n as i64 } else { 1 };
+        if c.heads % shard != 0 || c.mlp % shard != 0 {
+            bail!(
+                "tp on {n} devices: heads {} and MLP {} must divide by {n}",
+                c.heads,
+                c.mlp
+            );
+        }
+        if let Method::BpAg { nb } | Method::BpSp { nb } = method {
+            if nb as i64 > c.blocks {
+                bail!("{method}: keeps {nb} blocks of {}", c.blocks);
+            }
+        }
+        let w = weights(c, shard);
+        let cb = match method {
+            Method::Astra { groups } => {
+                if c.hidden % groups as i64 != 0 {
+                    bail!("{method}: G = {groups} does not divide D = {}", c.hidden);
+                }
+                let g = groups as usize;
+                let sub = c.hidden as usize / g;
+                let data = Vec::<f32>::try_from(Tensor::randn(
+                    [(g * c.codewords as usize * sub) as i64],
+                    (Kind::Float, Device::Cpu),
+                ))?;
+                let q = astra_quant::BlockQuantizer {
+                    codebook: astra_quant::GroupedCodebook::from_flat(
+                        g,
+                        c.codewords as usize,
+                        sub,
+                        data,
+                    )?,
+                    noise: None,
+                };
+                Some(astra_train::models::GroupedVq::from_quantizer(
+                    &q,
+                    Default::default(),
+                    c.device,
+                ))
+            }
+            _ => None,
+        };
+        let mut times = Vec::with_capacity(c.runs);
+        for r in 0..c.warmup + c.runs {
+            sync(c.device);
+            let t0 = Instant::now();
+            device_work(c, method, n as i64, t as i64, &w, cb.as_ref())?;
+            sync(c.device);
+            if r >= c.warmup {
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        out.push(Measurement {
+            method,
+            devices: n,
+            tokens: t,
+            median_ms: times[times.len() / 2],
+            min_ms: times[0],
+            max_ms: *times.last().expect("runs > 0"),
+            runs: times.len(),
+        });
+    }
+    Ok(out)
+}
+
+pub const CSV_HEADER: &str =
+    "method,devices,tokens,compute_ms_median,compute_ms_min,compute_ms_max,runs";
+
+pub fn to_csv(m: &[Measurement]) -> String {
+    let mut s = format!("{CSV_HEADER}\n");
+    for r in m {
+        let _ = writeln!(
+            s,
+            "{},{},{},{:.4},{:.4},{:.4},{}",
+            r.method, r.devices, r.tokens, r.median_ms, r.min_ms, r.max_ms, r.runs
+        );
+    }
+    s
+}
+
+/// astra-sim's trace of the measured configurations (compute spread over blocks as astra-sim does
+/// for any profile).
+pub fn to_trace(csv: &str, c: &ProfileConfig, configs: &[(Method, u32, u64)]) -> Result<Trace> {
+    let profile = ComputeProfile::parse(
+        "measured",
+        "profile.csv",
+        csv,
+        format!("astra-eval profile on {:?}", c.device),
+    )?;
+    let model = ModelShape {
+        blocks: c.blocks as u32,
+        hidden: c.hidden as u32,
+        element_bits: 32,
+        index_bits: astra_quant::bitpack::bits_for(c.codewords as usize),
+    };
+    let configs: Vec<_> = configs
+        .iter()
+        .map(|&(m, n, t)| (m, if m == Method::Single { 1 } else { n }, t))
+        .collect();
+    Ok(Trace::from_profile(
+        &profile,
+        model,
+        &configs,
+        BlockSplit::default(),
+    )?)
+}
