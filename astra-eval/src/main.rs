@@ -71,6 +71,9 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// ASTRA's remote keys/values from per-codeword tables (the fast inference path).
+        #[arg(long)]
+        fast: bool,
         /// cpu, cuda, or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -128,6 +131,7 @@ fn run() -> Result<()> {
             codewords,
             warmup,
             runs,
+            fast,
             device,
             out,
         } => {
@@ -181,6 +185,7 @@ fn run() -> Result<()> {
                 warmup,
                 runs,
                 device,
+                fast,
             };
             let measured = profile::measure(&cfg, &configs)?;
             let csv = profile::to_csv(&measured);
@@ -188,7 +193,10 @@ fn run() -> Result<()> {
             std::fs::create_dir_all(&out)?;
             astra_sim::output::write_atomic(&out.join("profile.csv"), csv.as_bytes())?;
             astra_sim::output::write_atomic(&out.join("trace.json"), trace.to_json().as_bytes())?;
-            println!("{blocks} blocks × {hidden} wide, fp32, {device:?}, median of {runs} runs\n");
+            println!(
+                "{blocks} blocks × {hidden} wide, fp32, {device:?}, median of {runs} runs{}\n",
+                if fast { ", ASTRA fast path" } else { "" }
+            );
             println!("| method | devices | tokens | compute ms (median) | min | max |\n|---|---:|---:|---:|---:|---:|");
             for m in &measured {
                 println!(

@@ -13,6 +13,9 @@
 //!   others' indices, codebook lookup of the T − t remote tokens, keys/values of the local and the
 //!   reconstructed remote tokens, attention of its t queries over T keys, output and MLP.
 //!
+//! With `fast`, ASTRA's remote keys/values come from per-codeword tables (G gathers and adds per
+//! remote token, see astra-train's fast_kv) instead of LayerNorm + a D × 2D matmul.
+//!
 //! Each method is timed `runs` times after `warmup` runs; the median, min and max go to
 //! profile.csv, and astra-sim's trace built from the medians to trace.json.
 
@@ -35,6 +38,8 @@ pub struct ProfileConfig {
     pub warmup: usize,
     pub runs: usize,
     pub device: Device,
+    /// ASTRA's remote keys/values from per-codeword tables (gathers) instead of LN + matmul.
+    pub fast: bool,
 }
 
 /// Random weights of one block.
@@ -114,6 +119,18 @@ fn weights(c: &ProfileConfig, shard: i64) -> Weights {
     }
 }
 
+/// One ASTRA device's block with the remote keys/values given ([1, T − t, 2D], keys first).
+fn block_remote_kv(x: &Tensor, remote_kv: &Tensor, w: &Weights, heads: i64) -> Tensor {
+    let d = w.qkv.size()[1] / 3;
+    let h = ln(x);
+    let qkv = h.matmul(&w.qkv);
+    let k = Tensor::cat(&[qkv.narrow(2, d, d), remote_kv.narrow(2, 0, d)], 1);
+    let v = Tensor::cat(&[qkv.narrow(2, 2 * d, d), remote_kv.narrow(2, d, d)], 1);
+    let x = x + attention(&qkv.narrow(2, 0, d), &k, &v, heads).matmul(&w.out);
+    let h = ln(&x).matmul(&w.fc1).gelu("none").matmul(&w.fc2);
+    x + h
+}
+
 /// Runs one device's work for `method` once.
 fn device_work(
     c: &ProfileConfig,
@@ -122,6 +139,7 @@ fn device_work(
     t: i64,
     w: &Weights,
     cb: Option<&astra_train::models::GroupedVq>,
+    fast: Option<&astra_train::models::fast_kv::CodewordKv>,
 ) -> Result<()> {
     let local = (t + n - 1) / n;
     let opts = (Kind::Float, c.device);
@@ -183,9 +201,14 @@ fn device_work(
                     Tensor::from_slice(&theirs.iter().map(|&v| v as i64).collect::<Vec<_>>())
                         .to_device(c.device)
                         .view([1, t - local, groups as i64]);
-                let remote = vq.decode(&theirs);
-                let all = Tensor::cat(&[&x, &remote], 1);
-                x = block(&x, Some(&all), w, c.heads);
+                x = match fast {
+                    Some(f) => block_remote_kv(&x, &f.kv(&theirs), w, c.heads),
+                    None => {
+                        let remote = vq.decode(&theirs);
+                        let all = Tensor::cat(&[&x, &remote], 1);
+                        block(&x, Some(&all), w, c.heads)
+                    }
+                };
             }
         }
     }
@@ -246,11 +269,40 @@ pub fn measure(c: &ProfileConfig, configs: &[(Method, u32, u64)]) -> Result<Vec<
             }
             _ => None,
         };
+        // Tables built once per block at load time in a deployment; not timed.
+        let fast = match (&cb, c.fast) {
+            (Some(vq), true) => {
+                let d = c.hidden;
+                let ones = Tensor::ones([d], (Kind::Float, c.device));
+                let zeros = Tensor::zeros([d], (Kind::Float, c.device));
+                let wk = w.qkv.narrow(1, d, d).tr();
+                let wv = w.qkv.narrow(1, 2 * d, d).tr();
+                Some(astra_train::models::fast_kv::CodewordKv::new(
+                    &vq.codebook,
+                    &ones,
+                    &zeros,
+                    &wk,
+                    None,
+                    &wv,
+                    None,
+                    1e-6,
+                ))
+            }
+            _ => None,
+        };
         let mut times = Vec::with_capacity(c.runs);
         for r in 0..c.warmup + c.runs {
             sync(c.device);
             let t0 = Instant::now();
-            device_work(c, method, n as i64, t as i64, &w, cb.as_ref())?;
+            device_work(
+                c,
+                method,
+                n as i64,
+                t as i64,
+                &w,
+                cb.as_ref(),
+                fast.as_ref(),
+            )?;
             sync(c.device);
             if r >= c.warmup {
                 times.push(t0.elapsed().as_secs_f64() * 1e3);

@@ -282,6 +282,42 @@ fn profile_writes_what_astra_sim_reads() {
     );
     let trace = astra_sim::Trace::load(&dir.path().join("trace.json")).unwrap();
     assert_eq!(trace.runs.len(), 13);
+    let fast = Command::new(env!("CARGO_BIN_EXE_astra-eval"))
+        .args([
+            "profile",
+            "--fast",
+            "--methods",
+            "astra-g4",
+            "--devices",
+            "4",
+            "--tokens",
+            "32",
+            "--blocks",
+            "2",
+            "--hidden",
+            "32",
+        ])
+        .args([
+            "--heads",
+            "4",
+            "--mlp",
+            "64",
+            "--codewords",
+            "16",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+        ])
+        .arg(dir.path().join("fast"))
+        .output()
+        .unwrap();
+    assert!(
+        fast.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fast.stderr)
+    );
     let bad = Command::new(env!("CARGO_BIN_EXE_astra-eval"))
         .args([
             "profile",
