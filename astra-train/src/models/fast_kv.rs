@@ -77,11 +77,18 @@ impl CodewordKv {
         let offsets = Tensor::arange(g, (Kind::Int64, idx.device())) * self.k;
         let slot = (idx.reshape([-1, g]) + offsets.view([1, g])).reshape([-1]);
         let m = slot.size()[0] / g;
-        let projected = self
-            .tables
-            .index_select(0, &slot)
-            .view([m, g, -1])
-            .sum_dim_intlist(1, false, Kind::Float);
+        // Gather-and-sum over the G codewords of each token in one pass (no [M, G, 2D] tensor).
+        let bag_offsets = Tensor::arange_start_step(0, m * g, g, (Kind::Int64, idx.device()));
+        let (projected, _, _, _) = Tensor::embedding_bag(
+            &self.tables,
+            &slot,
+            &bag_offsets,
+            false,
+            0,
+            false,
+            None::<Tensor>,
+            false,
+        );
         let mu = self
             .s1
             .index_select(0, &slot)

@@ -103,12 +103,14 @@ impl GroupedVq {
             .reshape([-1, g, w])
             .transpose(0, 1); // [G, M, w]
         let cb = self.codebook.to_kind(Kind::Float);
-        let cross = flat.bmm(&cb.transpose(1, 2)); // [G, M, K]
         let c_norm = cb
             .square()
             .sum_dim_intlist(-1, false, Kind::Float)
             .view([g, 1, k]);
-        let idx = (c_norm - cross * 2.0).argmin(-1, false); // [G, M]
+        // ‖c‖² − 2·x·c in one fused pass: the [G, M, K] tile is the largest tensor here.
+        let idx = c_norm
+            .baddbmm(&flat, &cb.transpose(1, 2), 1.0, -2.0)
+            .argmin(-1, false); // [G, M]
         let mut out_shape = shape[..shape.len() - 1].to_vec();
         out_shape.push(g);
         idx.transpose(0, 1).reshape(out_shape)
