@@ -1,6 +1,7 @@
 //! ASTRA models and training on libtorch (through tch).
 //!
 //! - [`config`]: HF `config.json` for ViT and GPT-2;
+//! - [`data`]: IDX (MNIST, Fashion-MNIST) and CIFAR-10/100 binary batches;
 //! - [`models`]: ViT and GPT-2 with HF parameter names, Mixed-Precision Attention
 //!   ([`models::mpa`]), grouped VQ with EMA, NAQ and the straight-through estimator
 //!   ([`models::vq`]), Distributed Class Tokens, and the per-device inference path;
@@ -8,6 +9,7 @@
 //! - [`runtime`]: the libtorch and accelerators this process sees.
 pub mod bench_step;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod model;
 pub mod models;
