@@ -89,6 +89,7 @@ enum Command {
 }
 
 fn main() {
+    astra_train::runtime::ensure_passive_openmp();
     if let Err(e) = run() {
         eprintln!("astra-eval: {e:#}");
         std::process::exit(1);

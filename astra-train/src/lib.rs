@@ -6,6 +6,7 @@
 //!   ([`models::mpa`]), grouped VQ with EMA, NAQ and the straight-through estimator
 //!   ([`models::vq`]), Distributed Class Tokens, and the per-device inference path;
 //! - [`weights`], [`model`]: safetensors checkpoints, HF folders and the HF cache;
+//! - [`train`]: the run folder, AdamW, and the (resumable) training loop;
 //! - [`runtime`]: the libtorch and accelerators this process sees.
 pub mod bench_step;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod model;
 pub mod models;
 pub mod precision;
 pub mod runtime;
+pub mod train;
 pub mod weights;
 
 pub use error::{Result, TrainError};

@@ -114,6 +114,10 @@ impl Model {
 /// A folder path as is; otherwise a hub id looked up in the HF cache, then downloaded.
 pub fn resolve(spec: &str) -> Result<PathBuf> {
     let p = Path::new(spec);
+    // A training run keeps its exported model in model/.
+    if p.join("model").join("config.json").exists() {
+        return resolve(&p.join("model").to_string_lossy());
+    }
     if p.is_dir() {
         if !p.join("config.json").exists() {
             return Err(TrainError::File {

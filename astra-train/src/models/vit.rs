@@ -156,6 +156,21 @@ impl ViT {
             .apply(&self.classifier)
     }
 
+    /// The input of every block for the content tokens, [B, T, D] each (plain model): what
+    /// codebooks are calibrated on.
+    pub fn block_inputs(&self, images: &Tensor) -> Result<Vec<Tensor>> {
+        let (cls, tokens) = self.embed(images)?;
+        let b = tokens.size()[0];
+        let mut x = Tensor::cat(&[cls.expand([b, 1, -1], false), tokens], 1);
+        let t = x.size()[1] - 1;
+        let mut out = Vec::with_capacity(self.blocks.len());
+        for blk in &self.blocks {
+            out.push(x.narrow(1, 1, t));
+            x = blk.forward(&x, None, None);
+        }
+        Ok(out)
+    }
+
     /// The plain model.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
         let (cls, tokens) = self.embed(images)?;

@@ -225,6 +225,36 @@ impl GroupedVq {
         (ppl, dead)
     }
 
+    /// Everything the EMA updates, for checkpoints: `{prefix}.codebook`, `.ema_count`, `.ema_sum`.
+    pub fn state(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        vec![
+            (format!("{prefix}.codebook"), self.codebook.shallow_clone()),
+            (
+                format!("{prefix}.ema_count"),
+                self.ema_count.shallow_clone(),
+            ),
+            (format!("{prefix}.ema_sum"), self.ema_sum.shallow_clone()),
+        ]
+    }
+
+    pub fn load_state(
+        &mut self,
+        prefix: &str,
+        tensors: &std::collections::BTreeMap<String, Tensor>,
+    ) -> Result<()> {
+        let device = self.codebook.device();
+        let get = |n: &str| {
+            tensors
+                .get(&format!("{prefix}.{n}"))
+                .map(|t| t.to_device(device))
+                .ok_or_else(|| TrainError::invalid("checkpoint", format!("lacks {prefix}.{n}")))
+        };
+        self.codebook = get("codebook")?;
+        self.ema_count = get("ema_count")?;
+        self.ema_sum = get("ema_sum")?;
+        Ok(())
+    }
+
     /// Back to the astra-quant form (for saving fine-tuned codebooks).
     pub fn to_codebook(&self) -> Result<GroupedCodebook> {
         let (g, k, w) = (
