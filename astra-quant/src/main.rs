@@ -422,10 +422,41 @@ fn block_inputs(path: &Path) -> Result<Vec<(String, Array2<f32>)>> {
         .any(|n| **n == format!("blocks.{}.input", out.len()))
     {
         let name = format!("blocks.{}.input", out.len());
-        let rows = read_rows(path, Some(&name))?;
+        let rows = tensor_rows(&st, path, &name)?;
         out.push((name, rows));
     }
     Ok(out)
+}
+
+/// A 2-D float tensor of an already parsed safetensors file, as rows.
+fn tensor_rows(st: &safetensors::SafeTensors, path: &Path, name: &str) -> Result<Array2<f32>> {
+    let t = st
+        .tensor(name)
+        .map_err(|_| anyhow::anyhow!("{}: no tensor named '{name}'", path.display()))?;
+    if t.shape().len() != 2 {
+        bail!(
+            "{}: tensor '{name}' has shape {:?}, expected 2-D",
+            path.display(),
+            t.shape()
+        );
+    }
+    let data: Vec<f32> = match t.dtype() {
+        safetensors::Dtype::F32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        safetensors::Dtype::F64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
+        other => bail!(
+            "{}: tensor '{name}' is {other:?}, expected F32 or F64",
+            path.display()
+        ),
+    };
+    Ok(Array2::from_shape_vec((t.shape()[0], t.shape()[1]), data)?)
 }
 
 /// Rows from a .npy or a .safetensors file.
@@ -452,31 +483,5 @@ fn read_rows(path: &Path, tensor: Option<&str>) -> Result<Array2<f32>> {
             names[0].clone()
         }
     };
-    let t = st
-        .tensor(&name)
-        .map_err(|_| anyhow::anyhow!("{}: no tensor named '{name}'", path.display()))?;
-    if t.shape().len() != 2 {
-        bail!(
-            "{}: tensor '{name}' has shape {:?}, expected 2-D",
-            path.display(),
-            t.shape()
-        );
-    }
-    let data: Vec<f32> = match t.dtype() {
-        safetensors::Dtype::F32 => t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        safetensors::Dtype::F64 => t
-            .data()
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect(),
-        other => bail!(
-            "{}: tensor '{name}' is {other:?}, expected F32 or F64",
-            path.display()
-        ),
-    };
-    Ok(Array2::from_shape_vec((t.shape()[0], t.shape()[1]), data)?)
+    tensor_rows(&st, path, &name)
 }

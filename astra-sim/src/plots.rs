@@ -192,88 +192,68 @@ pub fn write_all(out: &Path, r: &Reproduction) -> Result<Vec<String>> {
             )
         },
     )?);
-    names.push(render(
-        out,
+    // Figs 4 and 5: two panels (10 and 100 Mbit/s) of speedup against one varying quantity.
+    let two_panels = |name: &str,
+                      what: &str,
+                      x: (f64, f64),
+                      configs: &[(f64, u32, u64)],
+                      x_fmt: &dyn Fn(&f64) -> String| {
+        render(out, name, (W, H), |root, p| {
+            for (area, bw) in root.split_evenly((1, 2)).iter().zip([10.0, 100.0]) {
+                let s: Vec<Series> = methods
+                    .iter()
+                    .map(|m| Series {
+                        name: m.to_string(),
+                        points: configs
+                            .iter()
+                            .map(|&(xv, n, t)| {
+                                (xv, find(&r.rows, &m.to_string(), n, t, bw).unwrap().speedup)
+                            })
+                            .collect(),
+                    })
+                    .collect();
+                let title = format!("Speedup vs {what}, {bw} Mbit/s");
+                let axes = Axes {
+                    title: &title,
+                    x_desc: what,
+                    y_desc: "speedup (×, log scale)",
+                    x: (x.0, x.1, false),
+                    x_fmt,
+                };
+                panel(area, p, axes, &s)?;
+            }
+            Ok(())
+        })
+    };
+    let by_devices: Vec<(f64, u32, u64)> = paper::DEVICES
+        .iter()
+        .map(|&n| (n as f64, n, 1024))
+        .collect();
+    names.push(two_panels(
         "fig4-speedup-vs-devices.png",
-        (W, H),
-        |root, p| {
-            let panels = root.split_evenly((1, 2));
-            for (area, bw) in panels.iter().zip([10.0, 100.0]) {
-                let s: Vec<Series> = methods
-                    .iter()
-                    .map(|m| Series {
-                        name: m.to_string(),
-                        points: paper::DEVICES
-                            .iter()
-                            .map(|&n| {
-                                (
-                                    n as f64,
-                                    find(&r.rows, &m.to_string(), n, 1024, bw).unwrap().speedup,
-                                )
-                            })
-                            .collect(),
-                    })
-                    .collect();
-                panel(
-                    area,
-                    p,
-                    Axes {
-                        title: &format!("Speedup vs devices, T = 1024, {bw} Mbit/s"),
-                        x_desc: "devices N",
-                        y_desc: "speedup (×, log scale)",
-                        x: (1.5, 8.5, false),
-                        x_fmt: &|v| format!("{v:.0}"),
-                    },
-                    &s,
-                )?;
-            }
-            Ok(())
-        },
+        "devices N (T = 1024)",
+        (1.5, 8.5),
+        &by_devices,
+        &|v| format!("{v:.0}"),
     )?);
-    names.push(render(
-        out,
+    // x is log2 T, labelled at the powers of two.
+    let by_tokens: Vec<(f64, u32, u64)> = paper::TOKENS
+        .iter()
+        .map(|&t| ((t as f64).log2(), 4, t))
+        .collect();
+    let pow2 = |v: &f64| {
+        if (v - v.round()).abs() < 1e-6 {
+            format!("{}", 2f64.powf(v.round()))
+        } else {
+            String::new()
+        }
+    };
+    names.push(two_panels(
         "fig5-speedup-vs-tokens.png",
-        (W, H),
-        |root, p| {
-            let panels = root.split_evenly((1, 2));
-            for (area, bw) in panels.iter().zip([10.0, 100.0]) {
-                let s: Vec<Series> = methods
-                    .iter()
-                    .map(|m| Series {
-                        name: m.to_string(),
-                        points: paper::TOKENS
-                            .iter()
-                            .map(|&t| {
-                                (
-                                    (t as f64).log2(),
-                                    find(&r.rows, &m.to_string(), 4, t, bw).unwrap().speedup,
-                                )
-                            })
-                            .collect(),
-                    })
-                    .collect();
-                panel(
-                    area,
-                    p,
-                    Axes {
-                        title: &format!("Speedup vs tokens, N = 4, {bw} Mbit/s"),
-                        x_desc: "tokens T (log scale)",
-                        y_desc: "speedup (×, log scale)",
-                        x: (7.6, 12.4, false),
-                        x_fmt: &|v| {
-                            // x is log2 T: label the powers of two.
-                            if (v - v.round()).abs() < 1e-6 {
-                                format!("{}", 2f64.powf(v.round()))
-                            } else {
-                                String::new()
-                            }
-                        },
-                    },
-                    &s,
-                )?;
-            }
-            Ok(())
-        },
+        "tokens T (N = 4, log scale)",
+        (7.6, 12.4),
+        &by_tokens,
+        &pow2,
     )?);
     names.push(render(
         out,
