@@ -209,35 +209,45 @@ pub enum ModelConfig {
 
 impl ModelConfig {
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let bad = |reason: String| TrainError::File {
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| TrainError::File {
+            path: path.into(),
+            reason: format!("not valid JSON: {e}"),
+        })?;
+        Self::from_value(v).map_err(|reason| TrainError::File {
             path: path.into(),
             reason,
-        };
-        let v: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        })
+    }
+
+    /// From a parsed config.json object (the error says what is wrong, without the file).
+    pub fn from_value(v: serde_json::Value) -> std::result::Result<Self, String> {
         let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
         let parsed = match model_type {
             "vit" => serde_json::from_value::<ViTConfig>(v).map(ModelConfig::ViT),
             "gpt2" => serde_json::from_value::<GPT2Config>(v).map(ModelConfig::GPT2),
-            other => return Err(bad(format!("model_type '{other}' is not 'vit' or 'gpt2'"))),
+            other => return Err(format!("model_type '{other}' is not 'vit' or 'gpt2'")),
         };
-        let cfg = parsed.map_err(|e| bad(format!("config: {e}")))?;
+        let cfg = parsed.map_err(|e| format!("config: {e}"))?;
         match &cfg {
             ModelConfig::ViT(c) => c.validate(),
             ModelConfig::GPT2(c) => c.validate(),
         }
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
         Ok(cfg)
     }
 
     /// HF-style config.json text (with `model_type`).
     pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(&self.to_value()).expect("serialisable")
+    }
+
+    pub fn to_value(&self) -> serde_json::Value {
         let (kind, mut v) = match self {
             ModelConfig::ViT(c) => ("vit", serde_json::to_value(c).expect("serialisable")),
             ModelConfig::GPT2(c) => ("gpt2", serde_json::to_value(c).expect("serialisable")),
         };
         v["model_type"] = serde_json::Value::String(kind.into());
-        serde_json::to_string_pretty(&v).expect("serialisable")
+        v
     }
 
     pub fn load(path: &Path) -> Result<Self> {
@@ -246,5 +256,18 @@ impl ModelConfig {
             reason: e.to_string(),
         })?;
         Self::from_json(&text, path)
+    }
+}
+
+impl Serialize for ModelConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.to_value().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        ModelConfig::from_value(v).map_err(serde::de::Error::custom)
     }
 }

@@ -12,6 +12,7 @@ pub mod bench_step;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod model;
 pub mod models;
 pub mod precision;

@@ -2,8 +2,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 /// ASTRA training: models with Mixed-Precision Attention, VQ, NAQ and DCT on libtorch.
+///
+/// Every subcommand takes `--config FILE.json`: an object of option names (as on the command line,
+/// `-` or `_`) and values, read first; options given on the command line override it.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -12,7 +15,9 @@ struct Cli {
 /// Options shared by `finetune` and `astra`.
 #[derive(clap::Args, Clone)]
 struct TrainArgs {
-    /// Data: fashion-mnist:DIR, mnist:DIR, cifar10:DIR (cifar-10-batches-bin) or cifar100:DIR.
+    /// Data: fashion-mnist:DIR, mnist:DIR, cifar10:DIR, cifar100:DIR (binary or python batches),
+    /// imagefolder:DIR (DIR/train/<class>/*.JPEG, DIR/val/<class>/*), text:FILE (90/10 split) or
+    /// text:TRAIN,VALID (GPT-2 BPE).
     #[arg(long)]
     data: String,
     /// Run folder to create (or continue with --resume).
@@ -46,19 +51,39 @@ struct TrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// bf16 autocast of the forward pass (CUDA only).
+    #[arg(long)]
+    bf16: bool,
+    /// Images: zero padding for the random-crop augmentation (0 = no crop).
+    #[arg(long, default_value_t = 0)]
+    pad: usize,
+    /// Images: random horizontal flips.
+    #[arg(long)]
+    flip: bool,
+    /// Text: tokens per training window (default: the model's n_positions).
+    #[arg(long)]
+    context: Option<usize>,
+    /// A JSON file of options (read before the command line, which overrides it).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train or fine-tune a plain ViT classifier (from scratch or --init).
+    /// Train or fine-tune a plain model: a ViT on images or a GPT-2 on text (from scratch or --init).
     Finetune {
         #[command(flatten)]
         train: TrainArgs,
-        /// Start from this model (HF folder, hub id or run folder); default: random init.
+        /// Start from this model (HF folder, hub id or run folder); default: random init with
+        /// the shape options below.
         #[arg(long)]
         init: Option<String>,
+        /// ViT patch size.
         #[arg(long, default_value_t = 4)]
         patch: i64,
+        /// ViT input side (default: the data's own size; 224 for image folders).
+        #[arg(long)]
+        image_size: Option<i64>,
         #[arg(long, default_value_t = 96)]
         hidden: i64,
         #[arg(long, default_value_t = 6)]
@@ -90,8 +115,13 @@ enum Command {
         noise: String,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Text: tokens per calibration window (default: the model's n_positions).
+        #[arg(long)]
+        context: Option<usize>,
         #[arg(long)]
         out: std::path::PathBuf,
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
     },
     /// Fine-tune with ASTRA: MPA on N devices, grouped VQ (EMA), NAQ, distributed CLS.
     Astra {
@@ -120,6 +150,27 @@ enum Command {
         /// A random token-to-device assignment per batch.
         #[arg(long)]
         random_partition: bool,
+    },
+    /// Write a model (run folder, HF folder or hub id) as an HF folder that transformers loads,
+    /// with its ASTRA codebooks beside it.
+    Export {
+        #[arg(long)]
+        model: String,
+        /// The folder to create (must not exist).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Download a data set (checksummed, resumable) and print the --data spec to train on.
+    Download {
+        /// cifar10, cifar10-python, cifar100, cifar100-python, mnist or fashion-mnist.
+        #[arg(long)]
+        dataset: String,
+        /// Folder to download (and unpack) into.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// A mirror to fetch from instead of the publisher's URL.
+        #[arg(long)]
+        base_url: Option<String>,
     },
     /// Training-step throughput of ViT-B/16 (random weights and data, AdamW): plain and ASTRA.
     BenchStep {
@@ -161,10 +212,59 @@ enum Command {
 
 fn main() {
     astra_train::runtime::ensure_passive_openmp();
-    if let Err(e) = run() {
+    let args = match expand_config(std::env::args().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("astra-train: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(Cli::parse_from(args)) {
         eprintln!("astra-train: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Splices the options of `--config FILE` in right after the subcommand, so that the command
+/// line (which comes later, and `args_override_self`) overrides them.
+fn expand_config(mut args: Vec<String>) -> Result<Vec<String>> {
+    let Some(pos) = args
+        .iter()
+        .position(|a| a == "--config" || a.starts_with("--config="))
+    else {
+        return Ok(args);
+    };
+    let path = match args[pos].strip_prefix("--config=") {
+        Some(p) => p.to_string(),
+        None => args
+            .get(pos + 1)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("--config needs a file"))?,
+    };
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("--config {path}: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("--config {path}: not valid JSON: {e}"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| anyhow::anyhow!("--config {path}: expected a JSON object of options"))?;
+    let mut spliced = Vec::new();
+    for (k, v) in obj {
+        let flag = format!("--{}", k.replace('_', "-"));
+        match v {
+            serde_json::Value::Bool(true) => spliced.push(flag),
+            serde_json::Value::Bool(false) | serde_json::Value::Null => {}
+            serde_json::Value::String(s) => spliced.push(format!("{flag}={s}")),
+            serde_json::Value::Number(n) => spliced.push(format!("{flag}={n}")),
+            _ => anyhow::bail!("--config {path}: option '{k}' must be a string, number or boolean"),
+        }
+    }
+    // Drop --config (and its value) from the command line; splice after the subcommand name.
+    let n = if args[pos].contains('=') { 1 } else { 2 };
+    args.drain(pos..pos + n);
+    let at = 2.min(args.len());
+    args.splice(at..at, spliced);
+    Ok(args)
 }
 
 fn optim(t: &TrainArgs) -> astra_train::train::optim::AdamWConfig {
@@ -184,57 +284,120 @@ fn optim(t: &TrainArgs) -> astra_train::train::optim::AdamWConfig {
 fn run_training(cfg: astra_train::train::TrainConfig, t: &TrainArgs) -> Result<()> {
     use astra_train::train::{run::RunFolder, train};
     let device = astra_train::runtime::parse_device(&t.device).map_err(anyhow::Error::msg)?;
+    if t.batch == 0 || t.epochs == 0 {
+        anyhow::bail!("--batch and --epochs must be at least 1");
+    }
     let run = RunFolder::open(&t.out, &cfg, t.resume)?;
-    let best = train(&cfg, &run, device, true, None)?;
-    println!(
-        "best test accuracy {:.4}; run folder {}",
-        best,
-        t.out.display()
-    );
+    match train(&cfg, &run, device, true, None)? {
+        Some(m) if astra_train::data::is_text(&cfg.data) => println!(
+            "best validation loss {:.4} (perplexity {:.2}) over {} tokens; run folder {}",
+            m.loss,
+            m.perplexity(),
+            m.count,
+            t.out.display()
+        ),
+        Some(m) => println!(
+            "best test accuracy {:.4} over {} images; run folder {}",
+            m.accuracy,
+            m.count,
+            t.out.display()
+        ),
+        None => println!("no epoch left to run; run folder {}", t.out.display()),
+    }
     Ok(())
 }
 
-fn image_shape(data: &str) -> Result<(i64, i64)> {
-    let (ds, _, _) = astra_train::train::load_data(data, false)?;
-    Ok((ds.channels as i64, ds.height as i64))
+/// The run configuration common to `finetune` and `astra`.
+fn train_config(
+    t: &TrainArgs,
+    model: astra_train::config::ModelConfig,
+    init: Option<String>,
+    astra: Option<astra_train::train::AstraSettings>,
+) -> astra_train::train::TrainConfig {
+    astra_train::train::TrainConfig {
+        data: t.data.clone(),
+        model,
+        init,
+        epochs: t.epochs,
+        batch: t.batch,
+        optim: optim(t),
+        seed: t.seed,
+        max_train: t.max_train,
+        max_test: t.max_test,
+        augment: astra_train::data::augment::Augment {
+            pad: t.pad,
+            flip: t.flip,
+        },
+        context: t.context,
+        bf16: t.bf16,
+        astra,
+    }
 }
 
-fn run() -> Result<()> {
-    match Cli::parse().command {
+/// A from-scratch model for the data: a ViT for images, a GPT-2 (BPE vocabulary) for text.
+#[allow(clippy::too_many_arguments)]
+fn scratch_model(
+    t: &TrainArgs,
+    patch: i64,
+    image_size: Option<i64>,
+    hidden: i64,
+    layers: i64,
+    heads: i64,
+    mlp: i64,
+) -> Result<astra_train::config::ModelConfig> {
+    use astra_train::config::{GPT2Config, ModelConfig, ViTConfig};
+    if astra_train::data::is_text(&t.data) {
+        let cfg = GPT2Config {
+            vocab_size: astra_train::data::text::GPT2_VOCAB,
+            n_positions: t.context.unwrap_or(256) as i64,
+            n_embd: hidden,
+            n_layer: layers,
+            n_head: heads,
+            n_inner: Some(mlp),
+            ..GPT2Config::gpt2_small()
+        };
+        cfg.validate()?;
+        return Ok(ModelConfig::GPT2(cfg));
+    }
+    let size = image_size.unwrap_or(224) as usize;
+    let data = astra_train::data::open_images(&t.data, size)?;
+    let (channels, h, _) = data.train.shape();
+    let cfg = ViTConfig {
+        hidden_size: hidden,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        intermediate_size: mlp,
+        image_size: image_size.unwrap_or(h as i64),
+        patch_size: patch,
+        num_channels: channels as i64,
+        layer_norm_eps: 1e-6,
+        ..ViTConfig::vit_base_patch16_224(data.train.classes() as i64)
+    };
+    cfg.validate()?;
+    Ok(ModelConfig::ViT(cfg))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
         Command::Finetune {
             train,
             init,
             patch,
+            image_size,
             hidden,
             layers,
             heads,
             mlp,
         } => {
-            let (channels, size) = image_shape(&train.data)?;
-            let model = astra_train::config::ViTConfig {
-                hidden_size: hidden,
-                num_hidden_layers: layers,
-                num_attention_heads: heads,
-                intermediate_size: mlp,
-                image_size: size,
-                patch_size: patch,
-                num_channels: channels,
-                layer_norm_eps: 1e-6,
-                ..astra_train::config::ViTConfig::vit_base_patch16_224(10)
+            let model = match &init {
+                Some(spec) => {
+                    astra_train::model::Model::load(spec, tch::Device::Cpu)?
+                        .0
+                        .config
+                }
+                None => scratch_model(&train, patch, image_size, hidden, layers, heads, mlp)?,
             };
-            model.validate()?;
-            let cfg = astra_train::train::TrainConfig {
-                data: train.data.clone(),
-                model,
-                init,
-                epochs: train.epochs,
-                batch: train.batch,
-                optim: optim(&train),
-                seed: train.seed,
-                max_train: train.max_train,
-                max_test: train.max_test,
-                astra: None,
-            };
+            let cfg = train_config(&train, model, init, None);
             run_training(cfg, &train)?;
         }
         Command::Calibrate {
@@ -247,7 +410,9 @@ fn run() -> Result<()> {
             seed,
             noise,
             device,
+            context,
             out,
+            config: _,
         } => {
             use astra_quant::residual::NoiseKind;
             let device = astra_train::runtime::parse_device(&device).map_err(anyhow::Error::msg)?;
@@ -266,6 +431,7 @@ fn run() -> Result<()> {
                 iters,
                 seed,
                 noise,
+                context,
             };
             let mut file = astra_train::train::calibrate::calibrate(&m, &args, device, true)?;
             file.extra.insert(
@@ -291,23 +457,14 @@ fn run() -> Result<()> {
             random_partition,
         } => {
             let (m, _) = astra_train::model::Model::load(&init, tch::Device::Cpu)?;
-            let astra_train::config::ModelConfig::ViT(model) = m.config.clone() else {
-                anyhow::bail!("--init: ASTRA fine-tuning of images needs a ViT");
-            };
             if devices == 0 {
                 anyhow::bail!("--devices must be at least 1");
             }
-            let cfg = astra_train::train::TrainConfig {
-                data: train.data.clone(),
-                model,
-                init: Some(init),
-                epochs: train.epochs,
-                batch: train.batch,
-                optim: optim(&train),
-                seed: train.seed,
-                max_train: train.max_train,
-                max_test: train.max_test,
-                astra: Some(astra_train::train::AstraSettings {
+            let cfg = train_config(
+                &train,
+                m.config.clone(),
+                Some(init.clone()),
+                Some(astra_train::train::AstraSettings {
                     devices,
                     codebooks,
                     beta,
@@ -319,7 +476,7 @@ fn run() -> Result<()> {
                     single_cls,
                     random_partition,
                 }),
-            };
+            );
             run_training(cfg, &train)?;
         }
         Command::BenchStep {
@@ -371,6 +528,29 @@ fn run() -> Result<()> {
                     r.images_per_s
                 );
             }
+        }
+        Command::Export { model, out } => {
+            let e = astra_train::export::export(&model, &out)?;
+            println!(
+                "{} -> {} ({}{})",
+                model,
+                e.dir.display(),
+                e.architecture,
+                if e.codebooks {
+                    ", with codebooks.safetensors"
+                } else {
+                    ""
+                }
+            );
+        }
+        Command::Download {
+            dataset,
+            dir,
+            base_url,
+        } => {
+            let src = astra_train::data::download::find(&dataset)?;
+            let spec = astra_train::data::download::install(&src, &dir, base_url.as_deref(), true)?;
+            println!("{spec}");
         }
         Command::Info { json } => {
             let info = astra_train::runtime::RuntimeInfo::collect();

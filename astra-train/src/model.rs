@@ -102,6 +102,14 @@ impl Model {
         }
     }
 
+    /// Every block's input for the content tokens (calibration).
+    pub fn block_inputs(&self, input: &Tensor) -> Result<Vec<Tensor>> {
+        match &self.net {
+            Network::ViT(m) => m.block_inputs(input),
+            Network::Gpt2(m) => m.block_inputs(input),
+        }
+    }
+
     /// Content tokens of an input: patches of an image batch, or the sequence length.
     pub fn content_tokens(&self, input: &Tensor) -> i64 {
         match &self.config {

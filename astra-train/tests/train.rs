@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-use astra_train::config::ViTConfig;
+use astra_train::config::{GPT2Config, ModelConfig, ViTConfig};
+use astra_train::data::augment::Augment;
 use astra_train::train::optim::AdamWConfig;
 use astra_train::train::run::RunFolder;
 use astra_train::train::{calibrate, train, AstraSettings, TrainConfig};
@@ -47,7 +48,7 @@ fn write_idx(dir: &Path, prefix: &str, n: usize, seed: u64) {
 fn config(data: &Path, epochs: usize) -> TrainConfig {
     TrainConfig {
         data: format!("mnist:{}", data.display()),
-        model: ViTConfig {
+        model: ModelConfig::ViT(ViTConfig {
             hidden_size: 16,
             num_hidden_layers: 2,
             num_attention_heads: 2,
@@ -56,7 +57,7 @@ fn config(data: &Path, epochs: usize) -> TrainConfig {
             patch_size: 2,
             num_channels: 1,
             ..ViTConfig::vit_base_patch16_224(10)
-        },
+        }),
         init: None,
         epochs,
         batch: 16,
@@ -74,9 +75,21 @@ fn config(data: &Path, epochs: usize) -> TrainConfig {
         seed: 7,
         max_train: None,
         max_test: None,
+        // Crop augmentation on (flips would change the quadrant label), so the test covers its
+        // per-example seeding on resume.
+        augment: Augment {
+            pad: 1,
+            flip: false,
+        },
+        context: None,
+        bf16: false,
         astra: None,
     }
 }
+
+/// libtorch's random generator is process-global: tests that train (and compare runs for
+/// exactness) must not run concurrently.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn summary_without_time(dir: &Path) -> Vec<String> {
     std::fs::read_to_string(dir.join("summary.csv"))
@@ -97,6 +110,7 @@ fn same_tensors(a: &Path, b: &Path) {
 
 #[test]
 fn resume_is_exact_and_astra_pipeline_runs() {
+    let _serial = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -135,9 +149,10 @@ fn resume_is_exact_and_astra_pipeline_runs() {
         &a.join("checkpoints/epoch-3.safetensors"),
         &b.join("checkpoints/epoch-3.safetensors"),
     );
+    let acc = best_a.unwrap().accuracy;
     assert!(
-        best_a > 0.4,
-        "the tiny ViT did not learn the quadrant task: {best_a}"
+        acc > 0.4,
+        "the tiny ViT did not learn the quadrant task: {acc}"
     );
 
     // The run folder protects itself.
@@ -150,6 +165,7 @@ fn resume_is_exact_and_astra_pipeline_runs() {
     let before = std::fs::read(a.join("config.json")).unwrap();
     assert_eq!(before, std::fs::read(a.join("config.json")).unwrap());
     std::fs::write(b.join("checkpoints/epoch-3.safetensors"), b"junk").unwrap();
+    let summary = std::fs::read(b.join("summary.csv")).unwrap();
     let e = train(
         &cfg,
         &RunFolder::open(&b, &cfg, true).unwrap(),
@@ -159,7 +175,8 @@ fn resume_is_exact_and_astra_pipeline_runs() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("corrupt checkpoint"), "{e}");
+    assert!(e.contains("corrupt checkpoint") && !e.contains('\n'), "{e}");
+    assert_eq!(summary, std::fs::read(b.join("summary.csv")).unwrap());
 
     // calibrate → astra (interrupted and resumed, exact too) → the run loads for predict.
     let (model, _) = astra_train::model::Model::load(a.to_str().unwrap(), Device::Cpu).unwrap();
@@ -171,6 +188,7 @@ fn resume_is_exact_and_astra_pipeline_runs() {
         iters: 5,
         seed: 1,
         noise: Some(astra_quant::NoiseKind::Diagonal),
+        context: None,
     };
     let cb = tmp.path().join("cb.safetensors");
     calibrate::calibrate(&model, &args, Device::Cpu, false)
@@ -221,4 +239,130 @@ fn resume_is_exact_and_astra_pipeline_runs() {
     let (m, _) = astra_train::model::Model::load(c.to_str().unwrap(), Device::Cpu).unwrap();
     let file = astra_quant::CodebookFile::load(&c.join("model/codebooks.safetensors")).unwrap();
     astra_train::models::vq::check_codebooks(&file, m.layers(), m.hidden()).unwrap();
+}
+
+/// Text repeating a few sentences: a tiny GPT-2 learns it quickly.
+fn write_corpus(path: &Path, lines: usize) {
+    let sentences = [
+        "the cat sat on the mat.",
+        "a dog ran in the park.",
+        "birds sing in the morning.",
+        "the sun is warm today.",
+    ];
+    let text: String = (0..lines)
+        .map(|i| sentences[(i * 7 + i / 3) % 4].to_string() + "\n")
+        .collect();
+    std::fs::write(path, text).unwrap();
+}
+
+fn lm_config(data: &Path, epochs: usize) -> TrainConfig {
+    let mut c = config(data, epochs);
+    c.data = format!("text:{}", data.display());
+    c.model = ModelConfig::GPT2(GPT2Config {
+        n_positions: 32,
+        n_embd: 16,
+        n_layer: 2,
+        n_head: 2,
+        n_inner: Some(32),
+        ..GPT2Config::gpt2_small()
+    });
+    c.context = Some(16);
+    c.batch = 8;
+    c.augment = Augment::default();
+    c
+}
+
+#[test]
+fn language_model_trains_resumes_and_runs_astra() {
+    let _serial = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus.txt");
+    write_corpus(&corpus, 300);
+    let cfg = lm_config(&corpus, 3);
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let best_a = train(
+        &cfg,
+        &RunFolder::open(&a, &cfg, false).unwrap(),
+        Device::Cpu,
+        false,
+        None,
+    )
+    .unwrap()
+    .unwrap();
+    train(
+        &cfg,
+        &RunFolder::open(&b, &cfg, false).unwrap(),
+        Device::Cpu,
+        false,
+        Some(2),
+    )
+    .unwrap();
+    let best_b = train(
+        &cfg,
+        &RunFolder::open(&b, &cfg, true).unwrap(),
+        Device::Cpu,
+        false,
+        None,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(best_a, best_b);
+    assert_eq!(summary_without_time(&a), summary_without_time(&b));
+    // Perplexity well below the vocabulary's 50,257 (uniform guessing).
+    assert!(best_a.perplexity() < 200.0, "{best_a:?}");
+    let csv = std::fs::read_to_string(a.join("summary.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().contains("test_perplexity"));
+
+    let (model, _) = astra_train::model::Model::load(a.to_str().unwrap(), Device::Cpu).unwrap();
+    let args = calibrate::CalibrateArgs {
+        data: cfg.data.clone(),
+        samples: 20,
+        groups: 2,
+        k: 16,
+        iters: 5,
+        seed: 1,
+        noise: Some(astra_quant::NoiseKind::Full),
+        context: Some(16),
+    };
+    let cb = tmp.path().join("cb.safetensors");
+    let file = calibrate::calibrate(&model, &args, Device::Cpu, false).unwrap();
+    assert_eq!(file.blocks.len(), 2);
+    file.save(&cb).unwrap();
+    let mut acfg = lm_config(&corpus, 1);
+    acfg.init = Some(a.to_string_lossy().into_owned());
+    acfg.astra = Some(AstraSettings {
+        devices: 4,
+        codebooks: cb,
+        beta: 5e-4,
+        vq: Default::default(),
+        single_cls: false,
+        random_partition: false,
+    });
+    let c = tmp.path().join("c");
+    let m = train(
+        &acfg,
+        &RunFolder::open(&c, &acfg, false).unwrap(),
+        Device::Cpu,
+        false,
+        None,
+    )
+    .unwrap()
+    .unwrap();
+    assert!(m.perplexity().is_finite() && m.count > 0);
+    assert!(c.join("model/codebooks.safetensors").exists());
+
+    // An image model cannot train on text, nor a GPT-2 on images.
+    let mut bad = cfg.clone();
+    bad.model = config(&corpus, 1).model;
+    let d = tmp.path().join("d");
+    let e = train(
+        &bad,
+        &RunFolder::open(&d, &bad, false).unwrap(),
+        Device::Cpu,
+        false,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not a GPT-2"), "{e}");
 }

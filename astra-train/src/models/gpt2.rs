@@ -138,6 +138,19 @@ impl Gpt2 {
         x.apply(&self.ln_f).matmul(&self.wte.ws.transpose(0, 1))
     }
 
+    /// The input of every block, [B, T, D] each (plain model): what codebooks are calibrated on.
+    pub fn block_inputs(&self, ids: &Tensor) -> Result<Vec<Tensor>> {
+        let t = ids.size()[1];
+        let pos = Tensor::arange(t, (Kind::Int64, ids.device()));
+        let mut x = self.embed(ids, &pos)?;
+        let mut out = Vec::with_capacity(self.blocks.len());
+        for blk in &self.blocks {
+            out.push(x.shallow_clone());
+            x = blk.forward(&x, None, None);
+        }
+        Ok(out)
+    }
+
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let t = ids.size()[1];
         let pos = Tensor::arange(t, (Kind::Int64, ids.device()));

@@ -1,5 +1,6 @@
-//! `astra-train calibrate`: block inputs of a trained ViT over a sample of training images →
-//! one grouped codebook per block (astra-quant k-means) and its NAQ residual statistics.
+//! `astra-train calibrate`: block inputs of a trained model (ViT over a sample of training
+//! images, GPT-2 over training windows) → one grouped codebook per block (astra-quant k-means)
+//! and its NAQ residual statistics.
 
 use astra_quant::residual::NoiseKind;
 use astra_quant::{
@@ -9,9 +10,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::Array2;
 use tch::{Device, Kind, Tensor};
 
-use super::load_data;
+use super::Task;
 use crate::error::{Result, TrainError};
-use crate::model::{Model, Network};
+use crate::model::Model;
 
 pub struct CalibrateArgs {
     pub data: String,
@@ -21,6 +22,8 @@ pub struct CalibrateArgs {
     pub iters: usize,
     pub seed: u64,
     pub noise: Option<NoiseKind>,
+    /// Tokens per window for language models (None: the model's n_positions).
+    pub context: Option<usize>,
 }
 
 fn to_rows(t: &Tensor) -> Result<Array2<f32>> {
@@ -41,24 +44,16 @@ pub fn calibrate(
     device: Device,
     progress: bool,
 ) -> Result<CodebookFile> {
-    let Network::ViT(vit) = &model.net else {
-        return Err(TrainError::invalid(
-            "calibrate",
-            "image calibration needs a ViT",
-        ));
-    };
-    let (ds, mean, std) = load_data(&a.data, true)?;
-    let n = a.samples.min(ds.len());
+    let task = Task::open(&a.data, &model.config, a.context)?;
+    let n = a.samples.min(task.train_len());
     if n == 0 {
         return Err(TrainError::invalid("samples", "must be at least 1"));
     }
-    let layers = vit.blocks.len();
+    let layers = model.layers() as usize;
     let mut per_block: Vec<Vec<Array2<f32>>> = vec![Vec::new(); layers];
-    let idx: Vec<usize> = (0..n).collect();
     tch::no_grad(|| -> Result<()> {
-        for chunk in idx.chunks(256) {
-            let (x, _) = ds.batch(chunk, &mean, &std, device);
-            for (l, t) in vit.block_inputs(&x)?.iter().enumerate() {
+        for x in task.calibration_batches(n, device)? {
+            for (l, t) in model.block_inputs(&x)?.iter().enumerate() {
                 per_block[l].push(to_rows(t)?);
             }
         }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::TrainConfig;
+use super::{EvalMetrics, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::model::Model;
 use crate::models::GroupedVq;
@@ -20,7 +20,9 @@ use crate::models::GroupedVq;
 pub struct RunState {
     pub epoch: usize,
     pub step: usize,
-    pub best_accuracy: f64,
+    /// The best epoch's score (accuracy for images, −validation loss for text).
+    pub best_score: f64,
+    pub best_metrics: Option<EvalMetrics>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -29,7 +31,10 @@ pub struct EpochRecord {
     pub step: usize,
     pub train_loss: f64,
     pub train_accuracy: f64,
+    pub test_loss: f64,
     pub test_accuracy: f64,
+    /// Validation perplexity (language models).
+    pub test_perplexity: Option<f64>,
     pub lr: f64,
     pub seconds: f64,
 }
@@ -160,7 +165,8 @@ impl RunFolder {
         &self,
         rec: &EpochRecord,
         tensors: &[(String, Tensor)],
-        best: f64,
+        best_score: f64,
+        best_metrics: Option<EvalMetrics>,
     ) -> Result<()> {
         let ck = self
             .dir
@@ -186,18 +192,21 @@ impl RunFolder {
         if new {
             writeln!(
                 f,
-                "epoch,step,train_loss,train_accuracy,test_accuracy,lr,seconds"
+                "epoch,step,train_loss,train_accuracy,test_loss,test_accuracy,test_perplexity,lr,seconds"
             )
             .map_err(io(&cp))?;
         }
         writeln!(
             f,
-            "{},{},{:.6},{:.6},{:.6},{:.6e},{:.1}",
+            "{},{},{:.6},{:.6},{:.6},{:.6},{},{:.6e},{:.1}",
             rec.epoch,
             rec.step,
             rec.train_loss,
             rec.train_accuracy,
+            rec.test_loss,
             rec.test_accuracy,
+            rec.test_perplexity
+                .map_or(String::new(), |p| format!("{p:.4}")),
             rec.lr,
             rec.seconds
         )
@@ -205,7 +214,8 @@ impl RunFolder {
         let state = RunState {
             epoch: rec.epoch,
             step: rec.step,
-            best_accuracy: best,
+            best_score,
+            best_metrics,
         };
         write_atomic(
             &self.state_path(),

@@ -1,0 +1,331 @@
+//! What a run learns: image classification (a ViT on an image data set) or next-token prediction
+//! (GPT-2 on a BPE token stream). A task turns its data into (input, target) batches on the
+//! device and knows how the model is scored: accuracy for images, per-token loss (perplexity)
+//! for text. Both share one loss: cross-entropy over the last axis, ignoring [`text::IGNORE`].
+
+use std::sync::Arc;
+
+use rand::seq::SliceRandom;
+use rand::Rng;
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::config::ModelConfig;
+use crate::data::augment::Augment;
+use crate::data::loader::{read_batch, BatchLoader};
+use crate::data::text::{self, TokenCorpus, Window};
+use crate::data::{self, ImageData};
+use crate::error::{Result, TrainError};
+use crate::model::Model;
+use crate::models::{Astra, ClsMode, DevicePartition, GroupedVq};
+use crate::precision::bf16_autocast;
+
+pub enum Task {
+    Images { data: ImageData, size: usize },
+    Text { corpus: TokenCorpus, context: usize },
+}
+
+/// Scores of a model on a split.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EvalMetrics {
+    /// Mean cross-entropy per scored example (image or token).
+    pub loss: f64,
+    /// Top-1 accuracy (images) or next-token accuracy (text).
+    pub accuracy: f64,
+    /// Scored examples.
+    pub count: usize,
+}
+
+impl EvalMetrics {
+    pub fn perplexity(&self) -> f64 {
+        self.loss.exp()
+    }
+}
+
+/// How the model runs in an ASTRA evaluation: N devices (contiguous partition unless a seed for a
+/// random one is given), the CLS mode, and the quantizers (None: full-precision exchange).
+pub struct AstraEval<'a> {
+    pub devices: usize,
+    pub random_seed: Option<u64>,
+    pub cls: ClsMode,
+    pub vq: Option<&'a mut [GroupedVq]>,
+}
+
+/// Cross-entropy of logits [.., V] against targets [..] (mean over non-ignored targets).
+pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let v = *logits.size().last().expect("logits have a class axis");
+    logits
+        .view([-1, v])
+        .to_kind(Kind::Float)
+        .cross_entropy_loss::<Tensor>(
+            &targets.view([-1]),
+            None,
+            Reduction::Mean,
+            text::IGNORE,
+            0.0,
+        )
+}
+
+/// (sum of losses, correct, counted) over non-ignored targets.
+fn score(logits: &Tensor, targets: &Tensor) -> (f64, i64, i64) {
+    let v = *logits.size().last().expect("class axis");
+    let (l, y) = (
+        logits.view([-1, v]).to_kind(Kind::Float),
+        targets.view([-1]),
+    );
+    let sum = l
+        .cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, text::IGNORE, 0.0)
+        .double_value(&[]);
+    let keep = y.ne(text::IGNORE);
+    let correct = l
+        .argmax(-1, false)
+        .eq_tensor(&y)
+        .logical_and(&keep)
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    (sum, correct, keep.sum(Kind::Int64).int64_value(&[]))
+}
+
+impl Task {
+    /// Opens the data of `spec` for a model of `model` (checking they fit together).
+    pub fn open(spec: &str, model: &ModelConfig, context: Option<usize>) -> Result<Self> {
+        if data::is_text(spec) {
+            let ModelConfig::GPT2(g) = model else {
+                return Err(TrainError::invalid(
+                    "data",
+                    format!("'{spec}' is text; the model is not a GPT-2"),
+                ));
+            };
+            if g.vocab_size < text::GPT2_VOCAB {
+                return Err(TrainError::config(
+                    "vocab_size",
+                    format!(
+                        "{} is below GPT-2's BPE vocabulary ({})",
+                        g.vocab_size,
+                        text::GPT2_VOCAB
+                    ),
+                ));
+            }
+            let context = context.unwrap_or(g.n_positions as usize);
+            if context < 2 || context as i64 > g.n_positions {
+                return Err(TrainError::invalid(
+                    "context",
+                    format!("{context} must be in 2..={} (n_positions)", g.n_positions),
+                ));
+            }
+            let corpus = text::open(&spec["text:".len()..])?;
+            if corpus.train.len() <= context {
+                return Err(TrainError::invalid(
+                    "data",
+                    format!(
+                        "{} training tokens do not fill one {context}-token window",
+                        corpus.train.len()
+                    ),
+                ));
+            }
+            return Ok(Task::Text { corpus, context });
+        }
+        let ModelConfig::ViT(v) = model else {
+            return Err(TrainError::invalid(
+                "data",
+                format!("'{spec}' is images; the model is not a ViT"),
+            ));
+        };
+        let data = data::open_images(spec, v.image_size as usize)?;
+        let (c, _, _) = data.train.shape();
+        if c as i64 != v.num_channels {
+            return Err(TrainError::invalid(
+                "model",
+                format!(
+                    "expects {}-channel images, the data has {c}",
+                    v.num_channels
+                ),
+            ));
+        }
+        Ok(Task::Images {
+            data,
+            size: v.image_size as usize,
+        })
+    }
+
+    pub fn is_text(&self) -> bool {
+        matches!(self, Task::Text { .. })
+    }
+
+    /// Classes of an image task.
+    pub fn classes(&self) -> Option<usize> {
+        match self {
+            Task::Images { data, .. } => Some(data.train.classes()),
+            Task::Text { .. } => None,
+        }
+    }
+
+    /// Training examples (images, or windows) an epoch would see.
+    pub fn train_len(&self) -> usize {
+        match self {
+            Task::Images { data, .. } => data.train.len(),
+            Task::Text { corpus, context } => {
+                text::training_starts(corpus.train.len(), *context, 0).len()
+            }
+        }
+    }
+
+    /// The epoch's batches in order: a shuffled subset of at most `limit` examples drawn with
+    /// `rng`, augmented (images) with per-example seeds derived from `aug_seed`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_batches<'a>(
+        &'a self,
+        batch: usize,
+        limit: Option<usize>,
+        augment: &Augment,
+        aug_seed: u64,
+        rng: &mut impl Rng,
+        device: Device,
+    ) -> Box<dyn Iterator<Item = Result<(Tensor, Tensor)>> + 'a> {
+        match self {
+            Task::Images { data, size } => {
+                let n = limit.map_or(data.train.len(), |l| l.min(data.train.len()));
+                let mut order: Vec<usize> = (0..n).collect();
+                order.shuffle(rng);
+                let aug = (!augment.is_identity()).then(|| (augment.clone(), aug_seed));
+                let loader = BatchLoader::start(Arc::clone(&data.train), order, batch, aug, 3);
+                let (mean, std, size) = (data.mean.clone(), data.std.clone(), *size);
+                Box::new(loader.map(move |b| b.map(|b| b.to_tensors(&mean, &std, size, device))))
+            }
+            Task::Text { corpus, context } => {
+                let offset = rng.random_range(0..*context);
+                let mut starts = text::training_starts(corpus.train.len(), *context, offset);
+                starts.shuffle(rng);
+                starts.truncate(limit.unwrap_or(usize::MAX));
+                let ctx = *context;
+                let windows: Vec<Vec<Window>> = starts
+                    .chunks(batch.max(1))
+                    .map(|c| {
+                        c.iter()
+                            .map(|&s| Window {
+                                start: s,
+                                len: ctx,
+                                scored: ctx,
+                            })
+                            .collect()
+                    })
+                    .collect();
+                Box::new(
+                    windows
+                        .into_iter()
+                        .map(move |w| Ok(text::lm_batch(&corpus.train, &w, device))),
+                )
+            }
+        }
+    }
+
+    /// Scores the model on the test split (images: the first `limit` test images; text: the
+    /// validation tokens in disjoint `context` windows, the first `limit` of them).
+    pub fn evaluate(
+        &self,
+        model: &Model,
+        limit: Option<usize>,
+        mut astra: Option<AstraEval>,
+        bf16: bool,
+        device: Device,
+    ) -> Result<EvalMetrics> {
+        let batches: Vec<(Tensor, Tensor)> = match self {
+            Task::Images { data, size } => {
+                let n = limit.map_or(data.test.len(), |l| l.min(data.test.len()));
+                let idx: Vec<usize> = (0..n).collect();
+                idx.chunks(256)
+                    .map(|c| {
+                        read_batch(&*data.test, c, None)
+                            .map(|b| b.to_tensors(&data.mean, &data.std, *size, device))
+                    })
+                    .collect::<Result<_>>()?
+            }
+            Task::Text { corpus, context } => {
+                let mut ws = text::strided_windows(corpus.valid.len(), *context, *context);
+                ws.truncate(limit.unwrap_or(usize::MAX));
+                // Batches of equal-length windows (only the last window can be shorter).
+                let mut out = Vec::new();
+                let mut i = 0;
+                while i < ws.len() {
+                    let mut j = i;
+                    while j < ws.len() && j - i < 8 && ws[j].len == ws[i].len {
+                        j += 1;
+                    }
+                    out.push(text::lm_batch(&corpus.valid, &ws[i..j], device));
+                    i = j;
+                }
+                out
+            }
+        };
+        let (mut sum, mut correct, mut count) = (0.0, 0i64, 0i64);
+        tch::no_grad(|| -> Result<()> {
+            for (x, y) in &batches {
+                let logits = bf16_autocast(bf16, || -> Result<Tensor> {
+                    match astra.as_mut() {
+                        None => model.forward(x),
+                        Some(a) => {
+                            let tokens = model.content_tokens(x) as usize;
+                            let n = a.devices.min(tokens);
+                            let p = match a.random_seed {
+                                Some(s) => DevicePartition::random(tokens, n, s)?,
+                                None => DevicePartition::contiguous(tokens, n)?,
+                            };
+                            Ok(model
+                                .forward_astra(
+                                    x,
+                                    Astra {
+                                        partition: &p,
+                                        cls: a.cls,
+                                        vq: a.vq.as_deref_mut(),
+                                        train: false,
+                                    },
+                                )?
+                                .logits)
+                        }
+                    }
+                })??;
+                let (s, c, n) = score(&logits, y);
+                sum += s;
+                correct += c;
+                count += n;
+            }
+            Ok(())
+        })?;
+        let n = count.max(1) as f64;
+        Ok(EvalMetrics {
+            loss: sum / n,
+            accuracy: correct as f64 / n,
+            count: count as usize,
+        })
+    }
+
+    /// Inputs for calibration: the first `n` training examples, in batches.
+    pub fn calibration_batches(&self, n: usize, device: Device) -> Result<Vec<Tensor>> {
+        match self {
+            Task::Images { data, size } => {
+                let idx: Vec<usize> = (0..n.min(data.train.len())).collect();
+                idx.chunks(256)
+                    .map(|c| {
+                        read_batch(&*data.train, c, None)
+                            .map(|b| b.to_tensors(&data.mean, &data.std, *size, device).0)
+                    })
+                    .collect()
+            }
+            Task::Text { corpus, context } => {
+                let starts = text::training_starts(corpus.train.len(), *context, 0);
+                let ws: Vec<Window> = starts
+                    .into_iter()
+                    .take(n)
+                    .map(|s| Window {
+                        start: s,
+                        len: *context,
+                        scored: *context,
+                    })
+                    .collect();
+                Ok(ws
+                    .chunks(16)
+                    .map(|w| text::lm_batch(&corpus.train, w, device).0)
+                    .collect())
+            }
+        }
+    }
+}
