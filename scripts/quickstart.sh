@@ -49,13 +49,13 @@ runs="$out/runs"
 rm -rf "$runs" && mkdir -p "$runs"
 $bin/astra-train finetune --data "fashion-mnist:$data" --out "$runs/vit" --epochs "$QS_EPOCHS" --hidden 64 --layers 4 \
   --heads 4 --mlp 128 --patch 4 --batch 128 --lr 2e-3 --warmup-steps 200
-acc_rows="| plain ViT ($QS_EPOCHS epochs) | $(tail -1 "$runs/vit/summary.csv" | cut -d, -f5) | 2048 (fp32) |"$'\n'
+acc_rows="| plain ViT ($QS_EPOCHS epochs) | $(tail -1 "$runs/vit/summary.csv" | cut -d, -f6) | 2048 (fp32) |"$'\n'
 for g in 1 4; do
   $bin/astra-train calibrate --model "$runs/vit" --data "fashion-mnist:$data" --samples 2000 --groups "$g" --k 256 \
     --noise full --out "$runs/codebooks-g$g.safetensors"
   $bin/astra-train astra --init "$runs/vit" --codebooks "$runs/codebooks-g$g.safetensors" --devices 4 \
     --data "fashion-mnist:$data" --out "$runs/astra-g$g" --epochs 1 --batch 128 --lr 5e-4 --warmup-steps 100
-  acc_rows+="| ASTRA N = 4, G = $g (+1 epoch) | $(tail -1 "$runs/astra-g$g/summary.csv" | cut -d, -f5) | $((g * 8)) |"$'\n'
+  acc_rows+="| ASTRA N = 4, G = $g (+1 epoch) | $(tail -1 "$runs/astra-g$g/summary.csv" | cut -d, -f6) | $((g * 8)) |"$'\n'
 done
 
 say "5/5 the paper's latency study (astra-sim)"

@@ -563,3 +563,62 @@ fn run(cli: Cli) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn config_file_options_are_overridden_by_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.json");
+        std::fs::write(
+            &f,
+            r#"{"data": "mnist:/d", "out": "/r", "epochs": 3, "max_train": 10, "flip": true, "bf16": false}"#,
+        )
+        .unwrap();
+        let a = expand_config(args(&[
+            "astra-train",
+            "finetune",
+            "--config",
+            f.to_str().unwrap(),
+            "--epochs",
+            "5",
+        ]))
+        .unwrap();
+        let Command::Finetune { train, .. } = Cli::try_parse_from(a).unwrap().command else {
+            panic!("not finetune")
+        };
+        assert_eq!(
+            (train.epochs, train.max_train, train.flip, train.bf16),
+            (5, Some(10), true, false)
+        );
+        assert_eq!(train.data, "mnist:/d");
+        // Unknown options and bad files are named.
+        std::fs::write(&f, r#"{"epochz": 3}"#).unwrap();
+        let a = expand_config(args(&[
+            "astra-train",
+            "finetune",
+            &format!("--config={}", f.display()),
+        ]))
+        .unwrap();
+        assert!(Cli::try_parse_from(a)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("--epochz"));
+        std::fs::write(&f, "[1]").unwrap();
+        let e = expand_config(args(&[
+            "astra-train",
+            "finetune",
+            "--config",
+            f.to_str().unwrap(),
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("JSON object"), "{e}");
+    }
+}

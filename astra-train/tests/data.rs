@@ -166,3 +166,144 @@ fn cifar_binary_batches() {
         .to_string()
         .contains("label 10 out of range"));
 }
+
+fn python() -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn cifar_python_batches_equal_the_binary_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/make_cifar_python.py");
+    let out = std::process::Command::new(python())
+        .arg(script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin10 = dir.path().join("bin10");
+    std::fs::create_dir_all(&bin10).unwrap();
+    for i in 1..=5 {
+        std::fs::write(
+            bin10.join(format!("data_batch_{i}.bin")),
+            cifar_records(3, 1, 10),
+        )
+        .unwrap();
+    }
+    std::fs::write(bin10.join("test_batch.bin"), cifar_records(2, 1, 10)).unwrap();
+    let want = cifar::load_cifar10(&bin10, true).unwrap();
+    for proto in [2, 4, 5] {
+        // The folder the archive unpacks into is accepted as well as the batches folder.
+        let root = dir.path().join(format!("p{proto}"));
+        let got = cifar::load_cifar10(&root, true).unwrap();
+        assert_eq!(
+            (got.images.len(), got.labels.len()),
+            (want.images.len(), 15)
+        );
+        assert!(
+            got.images == want.images && got.labels == want.labels,
+            "protocol {proto}"
+        );
+        assert_eq!(cifar::load_cifar10(&root, false).unwrap().len(), 2);
+        let c100 = cifar::load_cifar100(&root.join("cifar-100-python"), true).unwrap();
+        assert_eq!((c100.len(), c100.classes, c100.labels[3]), (4, 100, 3));
+    }
+    // A truncated pickle is named, as is a missing batch.
+    let p = dir.path().join("p2/cifar-10-batches-py/data_batch_3");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let e = cifar::load_cifar10(&dir.path().join("p2"), true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("data_batch_3") && e.contains("truncated"), "{e}");
+    let e = cifar::load_cifar10(dir.path(), true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("holds no CIFAR batches"), "{e}");
+}
+
+fn write_image(path: &std::path::Path, w: u32, h: u32, shade: u8) {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([shade, (x * 10) as u8, (y * 10) as u8])
+    });
+    img.save(path).unwrap();
+}
+
+#[test]
+fn image_folders_decode_resize_and_reject_bad_layouts() {
+    use astra_train::data::{open_images, ImageSet};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for (split, n) in [("train", 3), ("val", 1)] {
+        for (c, shade) in [("n01_cat", 40u8), ("n02_dog", 200)] {
+            let d = root.join(split).join(c);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..n {
+                // PNG and JPEG, square and not.
+                write_image(&d.join(format!("{i}.png")), 20, 12, shade);
+                write_image(&d.join(format!("{i}.JPEG")), 16, 16, shade);
+            }
+            std::fs::write(d.join("notes.txt"), "not an image").unwrap();
+        }
+    }
+    let data = open_images(&format!("imagefolder:{}", root.display()), 8).unwrap();
+    assert_eq!(
+        (data.train.len(), data.test.len(), data.train.classes()),
+        (12, 4, 2)
+    );
+    assert_eq!(data.train.shape(), (3, 8, 8));
+    let mut px = vec![0u8; 3 * 64];
+    data.train.read_into(0, &mut px).unwrap();
+    assert_eq!(data.train.label(0), 0);
+    assert!(
+        px[..64].iter().all(|&v| v.abs_diff(40) <= 3),
+        "{:?}",
+        &px[..8]
+    );
+    data.train.read_into(11, &mut px).unwrap();
+    assert_eq!(data.train.label(11), 1);
+    assert!(px[..64].iter().all(|&v| v.abs_diff(200) <= 3));
+    let (x, y) = astra_train::data::loader::read_batch(&*data.test, &[0, 3], None)
+        .unwrap()
+        .to_tensors(&data.mean, &data.std, 8, Device::Cpu);
+    assert_eq!(
+        (x.size(), Vec::<i64>::try_from(&y).unwrap()),
+        (vec![2, 3, 8, 8], vec![0, 1])
+    );
+
+    // A corrupt image is named when read; a folder without classes, or a validation class the
+    // training split lacks, when opened.
+    std::fs::write(root.join("train/n01_cat/0.JPEG"), b"\xff\xd8 not really").unwrap();
+    let e = data.train.read_into(0, &mut px).unwrap_err().to_string();
+    assert!(e.contains("0.JPEG") && e.contains("cannot decode"), "{e}");
+    let empty = root.join("empty");
+    std::fs::create_dir_all(empty.join("train")).unwrap();
+    let e = open_images(&format!("imagefolder:{}", empty.display()), 8)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("holds no class folders") && !e.contains('\n'),
+        "{e}"
+    );
+    std::fs::create_dir_all(root.join("val/n03_fox")).unwrap();
+    let e = open_images(&format!("imagefolder:{}", root.display()), 8)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("n03_fox") && e.contains("training split does not have"),
+        "{e}"
+    );
+}
