@@ -1,5 +1,6 @@
-//! `astra-train bench-step`: training-step throughput of ViT-B/16 (plain or ASTRA: MPA + grouped VQ
-//! with EMA + NAQ + DCT), random weights and data, AdamW, optional bf16 autocast. Prints a table.
+//! `astra-train bench-step`: training-step throughput of ViT-B/16 or GPT-2 small (plain or ASTRA:
+//! MPA + grouped VQ with EMA + NAQ, and DCT for the ViT), random weights and data, AdamW, optional
+//! bf16 autocast. Prints a table.
 
 use std::time::Instant;
 
@@ -7,7 +8,7 @@ use astra_quant::{BlockQuantizer, GroupedCodebook, NoiseModel};
 use tch::nn::OptimizerConfig;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::config::{ModelConfig, ViTConfig};
+use crate::config::{GPT2Config, ModelConfig, ViTConfig};
 use crate::error::Result;
 use crate::model::Model;
 use crate::models::{Astra, ClsMode, DevicePartition, GroupedVq, VqConfig};
@@ -17,6 +18,8 @@ pub struct StepBench {
     pub image: i64,
     pub patch: i64,
     pub classes: i64,
+    /// Some(sequence length): GPT-2 small on random tokens instead of the ViT.
+    pub gpt2_seq: Option<i64>,
     /// None: the plain model.
     pub astra: Option<(usize, usize, usize)>, // devices, groups, codewords
     pub steps: usize,
@@ -29,7 +32,10 @@ pub struct StepResult {
     pub median_s: f64,
     pub min_s: f64,
     pub max_s: f64,
+    /// Examples (images or sequences) per second.
     pub images_per_s: f64,
+    /// Tokens per second (GPT-2: sequence tokens; ViT: patch tokens).
+    pub tokens_per_s: f64,
 }
 
 fn sync(device: Device) {
@@ -40,18 +46,25 @@ fn sync(device: Device) {
 
 pub fn run(b: &StepBench) -> Result<StepResult> {
     tch::manual_seed(0);
-    let cfg = ViTConfig {
+    let vit = ViTConfig {
         image_size: b.image,
         patch_size: b.patch,
         ..ViTConfig::vit_base_patch16_224(b.classes)
     };
-    let model = Model::new(ModelConfig::ViT(cfg.clone()), b.device)?;
+    let config = match b.gpt2_seq {
+        Some(t) => ModelConfig::GPT2(GPT2Config {
+            n_positions: t.max(1024),
+            ..GPT2Config::gpt2_small()
+        }),
+        None => ModelConfig::ViT(vit.clone()),
+    };
+    let model = Model::new(config.clone(), b.device)?;
     let mut opt = nn::AdamW::default().build(&model.vs, 1e-4)?;
-    let tokens = cfg.num_patches() as usize;
+    let tokens = b.gpt2_seq.unwrap_or(vit.num_patches()) as usize;
+    let (layers, d) = (model.layers(), model.hidden() as usize);
     let mut quantizers: Option<(DevicePartition, Vec<GroupedVq>)> = match b.astra {
         None => None,
         Some((n, g, k)) => {
-            let d = cfg.hidden_size as usize;
             let w = d / g;
             let flat: Vec<f32> = Vec::<f32>::try_from(Tensor::randn(
                 [(g * k * w) as i64],
@@ -66,7 +79,7 @@ pub fn run(b: &StepBench) -> Result<StepResult> {
                 codebook: cb,
                 noise: Some(noise),
             };
-            let vq = (0..cfg.num_hidden_layers)
+            let vq = (0..layers)
                 .map(|_| GroupedVq::from_quantizer(&q, VqConfig::default(), b.device))
                 .collect();
             Some((DevicePartition::contiguous(tokens, n)?, vq))
@@ -74,16 +87,22 @@ pub fn run(b: &StepBench) -> Result<StepResult> {
     };
     let mut times = Vec::with_capacity(b.steps);
     for step in 0..b.warmup + b.steps {
-        let images = Tensor::randn([b.batch, 3, b.image, b.image], (Kind::Float, b.device));
-        let labels = Tensor::randint(b.classes, [b.batch], (Kind::Int64, b.device));
+        let (images, labels) = match &config {
+            ModelConfig::GPT2(g) => {
+                let t = tokens as i64;
+                let ids = Tensor::randint(g.vocab_size, [b.batch, t + 1], (Kind::Int64, b.device));
+                (ids.narrow(1, 0, t), ids.narrow(1, 1, t))
+            }
+            ModelConfig::ViT(_) => (
+                Tensor::randn([b.batch, 3, b.image, b.image], (Kind::Float, b.device)),
+                Tensor::randint(b.classes, [b.batch], (Kind::Int64, b.device)),
+            ),
+        };
         sync(b.device);
         let t = Instant::now();
         let loss = crate::precision::bf16_autocast(b.bf16, || -> Result<Tensor> {
             Ok(match quantizers.as_mut() {
-                None => model
-                    .forward(&images)?
-                    .to_kind(Kind::Float)
-                    .cross_entropy_for_logits(&labels),
+                None => crate::train::task::loss(&model.forward(&images)?, &labels),
                 Some((p, vq)) => {
                     let out = model.forward_astra(
                         &images,
@@ -94,10 +113,8 @@ pub fn run(b: &StepBench) -> Result<StepResult> {
                             train: true,
                         },
                     )?;
-                    out.logits
-                        .to_kind(Kind::Float)
-                        .cross_entropy_for_logits(&labels)
-                        + out.commitment * 5e-4
+                    crate::train::task::loss(&out.logits, &labels)
+                        + out.commitment.to_kind(Kind::Float) * 5e-4
                 }
             })
         })??;
@@ -114,5 +131,6 @@ pub fn run(b: &StepBench) -> Result<StepResult> {
         min_s: times[0],
         max_s: *times.last().expect("steps > 0"),
         images_per_s: b.batch as f64 / median_s,
+        tokens_per_s: (b.batch as usize * tokens) as f64 / median_s,
     })
 }

@@ -172,8 +172,15 @@ enum Command {
         #[arg(long)]
         base_url: Option<String>,
     },
-    /// Training-step throughput of ViT-B/16 (random weights and data, AdamW): plain and ASTRA.
+    /// Training-step throughput of ViT-B/16 or GPT-2 small (random weights and data, AdamW): plain
+    /// and ASTRA.
     BenchStep {
+        /// vit (ViT-B/16) or gpt2 (GPT-2 small).
+        #[arg(long, default_value = "vit")]
+        model: String,
+        /// GPT-2: tokens per sequence.
+        #[arg(long, default_value_t = 1024)]
+        seq: i64,
         #[arg(long, default_value_t = 128)]
         batch: i64,
         #[arg(long, default_value_t = 224)]
@@ -480,6 +487,8 @@ fn run(cli: Cli) -> Result<()> {
             run_training(cfg, &train)?;
         }
         Command::BenchStep {
+            model,
+            seq,
             batch,
             image,
             patch,
@@ -496,13 +505,22 @@ fn run(cli: Cli) -> Result<()> {
             if steps == 0 {
                 anyhow::bail!("--steps must be at least 1");
             }
+            let gpt2_seq = match model.as_str() {
+                "vit" => None,
+                "gpt2" => Some(seq),
+                o => anyhow::bail!("--model: '{o}' is not vit or gpt2"),
+            };
+            let what = match gpt2_seq {
+                None => format!("ViT-B/16 training step, {image}x{image}"),
+                Some(t) => format!("GPT-2 small training step, {t} tokens"),
+            };
             println!(
-                "ViT-B/16 training step, {image}x{image}, batch {batch}, AdamW, {}, {:?}\n",
+                "{what}, batch {batch}, AdamW, {}, {:?}\n",
                 if bf16 { "bf16 autocast" } else { "fp32" },
                 device
             );
             println!(
-                "| model | median step (ms) | min | max | images/s |\n|---|---:|---:|---:|---:|"
+                "| model | median step (ms) | min | max | examples/s | tokens/s |\n|---|---:|---:|---:|---:|---:|"
             );
             for astra in [None, Some((devices, groups, codewords))] {
                 let r = astra_train::bench_step::run(&astra_train::bench_step::StepBench {
@@ -510,6 +528,7 @@ fn run(cli: Cli) -> Result<()> {
                     image,
                     patch,
                     classes,
+                    gpt2_seq,
                     astra,
                     steps,
                     warmup,
@@ -518,14 +537,18 @@ fn run(cli: Cli) -> Result<()> {
                 })?;
                 let name = match astra {
                     None => "plain".to_string(),
-                    Some((n, g, k)) => format!("ASTRA (MPA N={n}, G={g}, K={k}, VQ-EMA, NAQ, DCT)"),
+                    Some((n, g, k)) => format!(
+                        "ASTRA (MPA N={n}, G={g}, K={k}, VQ-EMA, NAQ{})",
+                        if gpt2_seq.is_none() { ", DCT" } else { "" }
+                    ),
                 };
                 println!(
-                    "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
                     r.median_s * 1e3,
                     r.min_s * 1e3,
                     r.max_s * 1e3,
-                    r.images_per_s
+                    r.images_per_s,
+                    r.tokens_per_s
                 );
             }
         }

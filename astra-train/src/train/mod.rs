@@ -258,10 +258,10 @@ pub fn train(
             loss_sum += l * n as f64;
             let v = *logits.size().last().expect("class axis");
             correct += logits
-                .view([-1, v])
+                .reshape([-1, v])
                 .argmax(-1, false)
-                .eq_tensor(&y.view([-1]))
-                .logical_and(&keep.view([-1]))
+                .eq_tensor(&y.reshape([-1]))
+                .logical_and(&keep.reshape([-1]))
                 .sum(Kind::Int64)
                 .int64_value(&[]);
             seen += n;

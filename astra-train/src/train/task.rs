@@ -54,10 +54,10 @@ pub struct AstraEval<'a> {
 pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
     let v = *logits.size().last().expect("logits have a class axis");
     logits
-        .view([-1, v])
+        .reshape([-1, v])
         .to_kind(Kind::Float)
         .cross_entropy_loss::<Tensor>(
-            &targets.view([-1]),
+            &targets.reshape([-1]),
             None,
             Reduction::Mean,
             text::IGNORE,
@@ -69,8 +69,8 @@ pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
 fn score(logits: &Tensor, targets: &Tensor) -> (f64, i64, i64) {
     let v = *logits.size().last().expect("class axis");
     let (l, y) = (
-        logits.view([-1, v]).to_kind(Kind::Float),
-        targets.view([-1]),
+        logits.reshape([-1, v]).to_kind(Kind::Float),
+        targets.reshape([-1]),
     );
     let sum = l
         .cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, text::IGNORE, 0.0)

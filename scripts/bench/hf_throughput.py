@@ -1,0 +1,56 @@
+"""The PyTorch peer for `astra-train bench-step`: training-step throughput of Hugging Face
+transformers' ViTForImageClassification (ViT-B/16, 224², 1000 classes) and GPT2LMHeadModel
+(GPT-2 small), random weights and data, attn_implementation="sdpa", bf16 autocast, AdamW
+(torch.optim, lr 1e-4), synchronised timing of forward + backward + optimizer step, median
+after warm-up. Prints one markdown row per model, same columns as bench-step.
+
+  python3 hf_throughput.py --model vit --batch 128 [--steps 20 --warmup 5]
+  python3 hf_throughput.py --model gpt2 --batch 8 --seq 1024
+"""
+import argparse, statistics, time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", choices=["vit", "gpt2"], required=True)
+ap.add_argument("--batch", type=int, default=128)
+ap.add_argument("--seq", type=int, default=1024)
+ap.add_argument("--steps", type=int, default=20)
+ap.add_argument("--warmup", type=int, default=5)
+ap.add_argument("--fp32", action="store_true")
+a = ap.parse_args()
+
+dev = torch.device("cuda")
+torch.manual_seed(0)
+if a.model == "vit":
+    model = ViTForImageClassification(ViTConfig(num_labels=1000), attn_implementation="sdpa")
+    tokens = (224 // 16) ** 2
+else:
+    model = GPT2LMHeadModel(GPT2Config(n_positions=max(1024, a.seq)), attn_implementation="sdpa")
+    tokens = a.seq
+model = model.to(dev).train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+times = []
+for step in range(a.warmup + a.steps):
+    if a.model == "vit":
+        x = torch.randn(a.batch, 3, 224, 224, device=dev)
+        y = torch.randint(0, 1000, (a.batch,), device=dev)
+        kw = dict(pixel_values=x, labels=y)
+    else:
+        ids = torch.randint(0, 50257, (a.batch, a.seq), device=dev)
+        kw = dict(input_ids=ids, labels=ids)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not a.fp32):
+        loss = model(**kw).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    torch.cuda.synchronize()
+    if step >= a.warmup:
+        times.append(time.perf_counter() - t)
+times.sort()
+med = statistics.median(times)
+name = "HF ViTForImageClassification (sdpa)" if a.model == "vit" else "HF GPT2LMHeadModel (sdpa)"
+print(f"| {name} | {med*1e3:.1f} | {times[0]*1e3:.1f} | {times[-1]*1e3:.1f} | {a.batch/med:.1f} | {a.batch*tokens/med:.0f} |")

@@ -1,0 +1,117 @@
+"""Makes the small-scale accuracy tables (markdown) from the run folders that
+scripts/bench/fmnist-tables.sh and scripts/bench/text-tables.sh leave, beside the paper's numbers.
+
+  python3 tables.py --fmnist DIR [--text DIR] [--device "NVIDIA H100 80GB HBM3"]
+
+Each number is the test metric after the run's last epoch (accuracy in %, or validation perplexity
+for text), read from the run's summary.csv; mean ± std (sample std) over seeds where there are several.
+"""
+import argparse, csv, glob, os, re, statistics
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--fmnist")
+ap.add_argument("--text")
+ap.add_argument("--device", default="")
+a = ap.parse_args()
+
+
+def last_row(run):
+    path = os.path.join(run, "summary.csv")
+    if not os.path.exists(path):
+        return None
+    rows = list(csv.DictReader(open(path)))
+    return rows[-1] if rows else None
+
+
+def wall(run):
+    t = os.path.join(run, "time.txt")
+    if not os.path.exists(t):
+        return None
+    m = re.search(r"wall_seconds=(\d+)", open(t).read())
+    return int(m.group(1)) if m else None
+
+
+def acc(run):
+    r = last_row(run)
+    return None if r is None else 100 * float(r["test_accuracy"])
+
+
+def fmt(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "not run"
+    if len(vals) == 1:
+        return f"{vals[0]:.2f}"
+    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} (n={len(vals)})"
+
+
+out = []
+costs = []
+if a.fmnist:
+    d = a.fmnist
+    seeds = sorted({int(m) for m in re.findall(r"base-s(\d+)", " ".join(os.listdir(d)))})
+    s0 = seeds[0] if seeds else 1
+    r = lambda name: os.path.join(d, name)
+    out.append("## Fashion-MNIST, ViT D=192 × 6 blocks, patch 4 (49 tokens + CLS), test accuracy %\n")
+    out.append(f"Seeds {seeds}; ablations use seed {s0}. Paper columns: ViT-Base on CIFAR-100 / ImageNet-1K "
+               "(ASTRA.md §5), a far larger setting — compare trends, not values.\n")
+    out.append("### Table 1 analogue: groups G (N = 4, λ = 1, β = 5e-4, distributed CLS)\n")
+    out.append("| model | ours (Fashion-MNIST) | paper CIFAR-100 | paper ImageNet |")
+    out.append("|---|---:|---:|---:|")
+    out.append(f"| original (plain ViT) | {fmt([acc(r(f'base-s{s}')) for s in seeds])} | 92.53 | 80.32 |")
+    paper1 = {1: ("88.95", "77.39"), 4: ("—", "—"), 16: ("90.77", "78.80"), 32: ("91.64", "80.28")}
+    for g in (1, 4, 16, 32):
+        out.append(f"| ASTRA G={g} | {fmt([acc(r(f'astra-s{s}-g{g}-n4')) for s in seeds])} | {paper1[g][0]} | {paper1[g][1]} |")
+    out.append("\n### Table 2 analogue: devices N (G = 16; the paper's row is G = 32, N = 2/4/6/8)\n")
+    out.append("| N | ours | paper (G=32) |")
+    out.append("|---:|---:|---:|")
+    for n, p in ((2, "91.86 (N=2)"), (4, "91.64 (N=4)"), (7, "91.35 / 91.14 (N=6 / 8)")):
+        out.append(f"| {n} | {fmt([acc(r(f'astra-s{s0}-g16-n{n}'))])} | {p} |")
+    out.append("\n### NAQ strength λ (G = 16, N = 4)\n")
+    out.append("| λ | ours | paper (CIFAR-100, G=16) |")
+    out.append("|---:|---:|---:|")
+    for l, p in (("0", "89.91"), ("0.1", "90.02"), ("0.3", "90.13"), ("1", "90.77")):
+        name = f"astra-s{s0}-g16-n4" if l == "1" else f"astra-s{s0}-g16-n4-lambda{l}"
+        out.append(f"| {l} | {fmt([acc(r(name))])} | {p} |")
+    out.append("\n### DCT: single CLS → distributed CLS (N = 4)\n")
+    out.append("| G | ours single | ours distributed | paper single → distributed |")
+    out.append("|---:|---:|---:|---:|")
+    for g, p in ((1, "81.82 → 88.95"), (16, "88.93 → 90.77"), (32, "90.79 → 91.64")):
+        out.append(f"| {g} | {fmt([acc(r(f'astra-s{s0}-g{g}-n4-single'))])} | {fmt([acc(r(f'astra-s{s0}-g{g}-n4'))])} | {p} |")
+    out.append("\n### Commitment weight β (G = 16, N = 4)\n")
+    out.append("| β | ours | paper (CIFAR-100, G=16) |")
+    out.append("|---:|---:|---:|")
+    for b, p in (("0", "90.46"), ("1e-4", "—"), ("5e-4", "90.77"), ("0.25", "89.7")):
+        name = f"astra-s{s0}-g16-n4" if b == "5e-4" else f"astra-s{s0}-g16-n4-beta{b}"
+        out.append(f"| {b} | {fmt([acc(r(name))])} | {p} |")
+    for run in sorted(glob.glob(os.path.join(d, "*", "time.txt"))):
+        costs.append((os.path.basename(os.path.dirname(run)), wall(os.path.dirname(run))))
+
+if a.text:
+    d = a.text
+    ppl = lambda name: (lambda row: None if row is None or not row["test_perplexity"] else float(row["test_perplexity"]))(last_row(os.path.join(d, name)))
+    best = lambda name: (lambda rows: min((float(x["test_perplexity"]) for x in rows), default=None))(
+        list(csv.DictReader(open(os.path.join(d, name, "summary.csv")))) if os.path.exists(os.path.join(d, name, "summary.csv")) else [])
+    out.append("\n## GPT-2 small configuration trained from scratch, validation perplexity (GPT-2 BPE), N = 4\n")
+    out.append("WikiText-2: trained on its valid split, evaluated on its test split; tiny-shakespeare: first 90% / "
+               "last 10% of its tokens. Plain rows: the best epoch (the model ASTRA starts from); ASTRA rows: last epoch. "
+               "Paper: GPT2-S fine-tuned from the pretrained checkpoint (Wikipedia / WikiText-103).\n")
+    out.append("| model | ours WikiText-2 | ours tiny-shakespeare | paper Wikipedia | paper WikiText-103 |")
+    out.append("|---|---:|---:|---:|---:|")
+    f2 = lambda v: "not run" if v is None else f"{v:.2f}"
+    out.append(f"| original | {f2(best('lm-wikitext2'))} | {f2(best('lm-shakespeare'))} | 15.79 | 18.96 |")
+    paper3 = {1: ("21.46", "25.98"), 16: ("18.84", "23.22"), 32: ("17.39", "20.95")}
+    for g in (1, 16, 32):
+        out.append(f"| ASTRA G={g} | {f2(ppl(f'lmastra-wikitext2-g{g}'))} | {f2(ppl(f'lmastra-shakespeare-g{g}'))} | {paper3[g][0]} | {paper3[g][1]} |")
+    for run in sorted(glob.glob(os.path.join(d, "*", "time.txt"))):
+        costs.append((os.path.basename(os.path.dirname(run)), wall(os.path.dirname(run))))
+
+if costs:
+    out.append(f"\n## Cost of each run ({a.device or 'device not given'})\n")
+    out.append("Wall-clock seconds of the whole command (training with per-epoch evaluation, or calibration); "
+               "several runs shared the GPU at once (time.txt says how many), so a run alone would be faster.\n")
+    out.append("| run | wall s |")
+    out.append("|---|---:|")
+    for name, w in costs:
+        out.append(f"| {name} | {w if w is not None else '?'} |")
+print("\n".join(out))

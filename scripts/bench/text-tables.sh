@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The paper's GPT-2 perplexity table (ASTRA.md §5) at small scale, on one GPU: a GPT-2 small
+# configuration (768 wide, 12 blocks, 12 heads) trained from scratch on each corpus, then codebooks
+# (G ∈ {1, 16, 32}) and ASTRA fine-tuning with N = 4 (λ = 1, β = 5e-4).
+# Corpora: WikiText-2 (train on its valid split, evaluate on its test split: the train split is not
+# available offline) and tiny-shakespeare (first 90% / last 10% of its tokens).
+#   scripts/bench/text-tables.sh DATA_DIR OUT_DIR      (DATA_DIR holds wikitext-2/ and tinyshakespeare/)
+# Environment: BASE_EPOCHS (8), ASTRA_EPOCHS (3), CONTEXT (256), K (256), JOBS (3), DEVICE (cuda),
+# BF16 (--bf16), EXTRA (more training flags, e.g. "--max-train 512" for a smoke test).
+set -euo pipefail
+data=${1:?usage: text-tables.sh DATA_DIR OUT_DIR}
+out=${2:?usage: text-tables.sh DATA_DIR OUT_DIR}
+base_epochs=${BASE_EPOCHS:-8}
+astra_epochs=${ASTRA_EPOCHS:-3}
+ctx=${CONTEXT:-256}
+k=${K:-256}
+jobs=${JOBS:-3}
+device=${DEVICE:-cuda}
+bf16=${BF16---bf16}
+mkdir -p "$out"
+export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-5} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+run() {
+  local name=$1; shift
+  if [[ -s $out/$name/time.txt ]]; then return 0; fi
+  local t0=$SECONDS
+  "$@" >"$out/$name.log" 2>&1 || { echo "FAILED: $name (see $out/$name.log)" >&2; tail -3 "$out/$name.log" >&2; return 1; }
+  mkdir -p "$out/$name"
+  echo "wall_seconds=$((SECONDS - t0)) jobs_in_parallel=$jobs command=$*" >"$out/$name/time.txt"
+}
+export -f run
+export out jobs
+
+declare -A spec=(
+  [wikitext2]="text:$data/wikitext-2/valid.txt,$data/wikitext-2/test.txt"
+  [shakespeare]="text:$data/tinyshakespeare/input.txt"
+)
+common="--batch 16 --context $ctx --device $device $bf16 ${EXTRA:-}"
+for c in wikitext2 shakespeare; do
+  echo "run lm-$c astra-train finetune --data ${spec[$c]} $common --epochs $base_epochs --lr 3e-4 --warmup-steps 100 --hidden 768 --layers 12 --heads 12 --mlp 3072 --seed 42 --out $out/lm-$c"
+done | xargs -P "$jobs" -I{} bash -c '{}'
+for c in wikitext2 shakespeare; do
+  for g in 1 16 32; do
+    echo "run lmcb-$c-g$g astra-train calibrate --model $out/lm-$c --data ${spec[$c]} --context $ctx --samples 100 --groups $g --k $k --iters 20 --device $device --out $out/lmcb-$c-g$g.safetensors"
+  done
+done | xargs -P "$jobs" -I{} bash -c '{}'
+for c in wikitext2 shakespeare; do
+  for g in 1 16 32; do
+    echo "run lmastra-$c-g$g astra-train astra --data ${spec[$c]} $common --epochs $astra_epochs --lr 1e-4 --warmup-steps 50 --init $out/lm-$c --codebooks $out/lmcb-$c-g$g.safetensors --devices 4 --seed 42 --out $out/lmastra-$c-g$g"
+  done
+done | xargs -P "$jobs" -I{} bash -c '{}'
+echo "all runs finished in $out"
