@@ -5,8 +5,7 @@
 use std::time::Instant;
 
 use astra_quant::{BlockQuantizer, GroupedCodebook, NoiseModel};
-use tch::nn::OptimizerConfig;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::config::{GPT2Config, ModelConfig, ViTConfig};
 use crate::error::Result;
@@ -59,7 +58,21 @@ pub fn run(b: &StepBench) -> Result<StepResult> {
         None => ModelConfig::ViT(vit.clone()),
     };
     let model = Model::new(config.clone(), b.device)?;
-    let mut opt = nn::AdamW::default().build(&model.vs, 1e-4)?;
+    // The trainer's own AdamW (flat moments, device-side clipping), as `finetune` runs it.
+    let mut opt = crate::train::optim::AdamW::new(
+        &model.vs,
+        crate::train::optim::AdamWConfig {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            clip_norm: 1.0,
+            warmup_steps: 0,
+            total_steps: b.warmup + b.steps,
+            min_lr_ratio: 1.0,
+        },
+    );
     let tokens = b.gpt2_seq.unwrap_or(vit.num_patches()) as usize;
     let (layers, d) = (model.layers(), model.hidden() as usize);
     let mut quantizers: Option<(DevicePartition, Vec<GroupedVq>)> = match b.astra {
@@ -118,7 +131,9 @@ pub fn run(b: &StepBench) -> Result<StepResult> {
                 }
             })
         })??;
-        opt.backward_step(&loss);
+        opt.zero_grad();
+        loss.backward();
+        opt.step();
         sync(b.device);
         if step >= b.warmup {
             times.push(t.elapsed().as_secs_f64());

@@ -69,6 +69,26 @@ pub fn bf16_autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> Result<T> {
     Ok(out)
 }
 
+/// Runs `f` with CUDA autocast off (restoring the previous state after). Nearest-codeword search
+/// needs fp32: under bf16 autocast ‖c‖² − 2·x·c keeps ~3 significant digits, so the argmin picks
+/// among near-ties at random and the EMA codebook drifts to the mean.
+pub fn without_autocast<T>(f: impl FnOnce() -> T) -> T {
+    // No hooks (libtorch without the symbols): autocast can never have been enabled either.
+    let Ok(h) = hooks() else {
+        return f();
+    };
+    // SAFETY: see `hooks`.
+    let prev = unsafe { (h.is_enabled)(DEVICE_CUDA) };
+    if !prev {
+        return f();
+    }
+    unsafe { (h.set_enabled)(DEVICE_CUDA, false) };
+    let out = f();
+    // SAFETY: see `hooks`.
+    unsafe { (h.set_enabled)(DEVICE_CUDA, prev) };
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

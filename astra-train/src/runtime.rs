@@ -198,3 +198,16 @@ fn cuda_device_names(count: i64) -> Vec<String> {
             .collect()
     }
 }
+
+/// Copies a host tensor to `device` without making the host wait: on CUDA through pinned memory
+/// and a non-blocking copy (a plain copy from pageable memory synchronises the stream, which would
+/// idle the GPU while the host queues the next kernels). libtorch's pinned-memory cache keeps
+/// the staging buffer alive until the copy has run.
+pub fn upload(t: &tch::Tensor, device: tch::Device) -> tch::Tensor {
+    if device.is_cuda() {
+        t.pin_memory(device)
+            .to_device_(device, t.kind(), true, false)
+    } else {
+        t.to_device(device)
+    }
+}

@@ -24,11 +24,12 @@ a = ap.parse_args()
 dev = torch.device("cuda")
 torch.manual_seed(0)
 if a.model == "vit":
-    model = ViTForImageClassification(ViTConfig(num_labels=1000), attn_implementation="sdpa")
-    tokens = (224 // 16) ** 2
+    cls, cfg, tokens = ViTForImageClassification, ViTConfig(num_labels=1000), (224 // 16) ** 2
 else:
-    model = GPT2LMHeadModel(GPT2Config(n_positions=max(1024, a.seq)), attn_implementation="sdpa")
-    tokens = a.seq
+    cls, cfg, tokens = GPT2LMHeadModel, GPT2Config(n_positions=max(1024, a.seq)), a.seq
+# `_from_config` takes attn_implementation in transformers 4.x and 5.x alike.
+model = cls._from_config(cfg, attn_implementation="sdpa")
+assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
 model = model.to(dev).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 times = []

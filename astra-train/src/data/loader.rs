@@ -34,22 +34,23 @@ impl RawBatch {
         size: usize,
         device: Device,
     ) -> (Tensor, Tensor) {
-        let mut x = Tensor::from_slice(&self.pixels)
-            .view(self.shape)
-            .to_device(device)
-            .to_kind(Kind::Float)
-            / 255.0;
+        let mut x =
+            crate::runtime::upload(&Tensor::from_slice(&self.pixels).view(self.shape), device)
+                .to_kind(Kind::Float)
+                / 255.0;
         let (h, w) = (self.shape[2], self.shape[3]);
         if h != size as i64 || w != size as i64 {
             x = x.upsample_bilinear2d([size as i64, size as i64], false, None, None);
         }
         let c = self.shape[1];
         let col = |v: &[f64]| {
-            Tensor::from_slice(&v.iter().map(|&v| v as f32).collect::<Vec<_>>())
-                .view([1, c, 1, 1])
-                .to_device(device)
+            crate::runtime::upload(
+                &Tensor::from_slice(&v.iter().map(|&v| v as f32).collect::<Vec<_>>())
+                    .view([1, c, 1, 1]),
+                device,
+            )
         };
-        let labels = Tensor::from_slice(&self.labels).to_device(device);
+        let labels = crate::runtime::upload(&Tensor::from_slice(&self.labels), device);
         ((x - col(mean)) / col(std), labels)
     }
 }

@@ -109,7 +109,7 @@ pub fn mixed_precision_mask(
         .map(|c| c.min(partition.devices() - 1) as i64)
         .collect();
     owner.extend(partition.owner.iter().map(|&d| d as i64));
-    let seq = Tensor::from_slice(&owner).to_device(device);
+    let seq = crate::runtime::upload(&Tensor::from_slice(&owner), device);
     let content = seq.narrow(0, cls as i64, t as i64);
     let same = seq.view([s as i64, 1]).eq_tensor(&seq.view([1, s as i64]));
     let other = seq

@@ -93,8 +93,12 @@ impl GroupedVq {
         self.codebook.size()[0] * self.codebook.size()[2]
     }
 
-    /// [.., D] → [.., G] nearest-codeword indices (int64).
+    /// [.., D] → [.., G] nearest-codeword indices (int64), computed in fp32 even under autocast.
     pub fn encode(&self, x: &Tensor) -> Tensor {
+        crate::precision::without_autocast(|| self.encode_fp32(x))
+    }
+
+    fn encode_fp32(&self, x: &Tensor) -> Tensor {
         let shape = x.size();
         let (g, k, w) = (self.groups(), self.k(), self.codebook.size()[2]);
         let flat = x
@@ -131,6 +135,10 @@ impl GroupedVq {
     /// Quantizes X. In training: NAQ noise on the codewords, the EMA codebook update, and the
     /// straight-through estimator; in evaluation X̂ itself (the value is still X + sg(X̂ − X)).
     pub fn quantize(&mut self, x: &Tensor, train: bool) -> Quantized {
+        crate::precision::without_autocast(|| self.quantize_fp32(x, train))
+    }
+
+    fn quantize_fp32(&mut self, x: &Tensor, train: bool) -> Quantized {
         let indices = self.encode(x);
         let x_hat = self.decode(&indices).to_kind(x.kind());
         let commitment = (x - x_hat.detach()).square().mean(Kind::Float);

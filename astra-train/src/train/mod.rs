@@ -200,7 +200,10 @@ pub fn train(
         } else {
             ProgressBar::hidden()
         };
-        let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0i64);
+        // Running sums stay on the device: reading them every step would make the host wait for
+        // the device, and small models are launch-bound.
+        let zero = || Tensor::zeros([], (Kind::Float, device));
+        let (loss_sum, correct, seen) = (zero(), zero(), zero());
         let batches = task.train_batches(
             cfg.batch,
             cfg.max_train,
@@ -246,29 +249,38 @@ pub fn train(
             opt.zero_grad();
             loss.backward();
             opt.step();
-            let l = loss.double_value(&[]);
-            if !l.is_finite() {
-                return Err(TrainError::invalid(
-                    format!("epoch {}", epoch + 1),
-                    format!("the loss became {l}; lower --lr or enable --clip"),
-                ));
-            }
-            let keep = y.ne(crate::data::text::IGNORE);
-            let n = keep.sum(Kind::Int64).int64_value(&[]);
-            loss_sum += l * n as f64;
-            let v = *logits.size().last().expect("class axis");
-            correct += logits
-                .reshape([-1, v])
-                .argmax(-1, false)
-                .eq_tensor(&y.reshape([-1]))
-                .logical_and(&keep.reshape([-1]))
-                .sum(Kind::Int64)
-                .int64_value(&[]);
-            seen += n;
-            bar.set_message(format!("loss {:.4}", loss_sum / seen.max(1) as f64));
+            tch::no_grad(|| {
+                let keep = y.reshape([-1]).ne(crate::data::text::IGNORE);
+                let n = keep.sum(Kind::Float);
+                let v = *logits.size().last().expect("class axis");
+                let hits = logits
+                    .reshape([-1, v])
+                    .argmax(-1, false)
+                    .eq_tensor(&y.reshape([-1]))
+                    .logical_and(&keep)
+                    .sum(Kind::Float);
+                let _ = loss_sum.shallow_clone().g_add_(&(loss.detach() * &n));
+                let _ = correct.shallow_clone().g_add_(&hits);
+                let _ = seen.shallow_clone().g_add_(&n);
+            });
             bar.inc(1);
+            if bar.position() % 50 == 0 && !bar.is_hidden() {
+                let l = loss_sum.double_value(&[]) / seen.double_value(&[]).max(1.0);
+                bar.set_message(format!("loss {l:.4}"));
+            }
         }
         bar.finish_and_clear();
+        let (loss_sum, correct, seen) = (
+            loss_sum.double_value(&[]),
+            correct.double_value(&[]),
+            seen.double_value(&[]),
+        );
+        if !loss_sum.is_finite() {
+            return Err(TrainError::invalid(
+                format!("epoch {}", epoch + 1),
+                format!("the training loss became {loss_sum}; lower --lr or enable --clip (the run keeps its last good epoch)"),
+            ));
+        }
         let astra_eval = match (vq.as_mut(), &cfg.astra) {
             (Some(q), Some(a)) => Some(AstraEval {
                 devices: a.devices,
@@ -283,8 +295,8 @@ pub fn train(
         let rec = EpochRecord {
             epoch,
             step: opt.step,
-            train_loss: loss_sum / seen.max(1) as f64,
-            train_accuracy: correct as f64 / seen.max(1) as f64,
+            train_loss: loss_sum / seen.max(1.0),
+            train_accuracy: correct / seen.max(1.0),
             test_loss: m.loss,
             test_accuracy: m.accuracy,
             test_perplexity: text.then(|| m.perplexity()),

@@ -23,8 +23,10 @@ pub struct AdamWConfig {
 pub struct AdamW {
     pub cfg: AdamWConfig,
     params: Vec<(String, Tensor)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    /// Moments of all parameters in one flat fp32 buffer each (in `params` order), so an update
+    /// is a handful of kernels over one tensor rather than a dozen per parameter.
+    m: Tensor,
+    v: Tensor,
     pub step: usize,
 }
 
@@ -36,15 +38,27 @@ impl AdamW {
             .filter(|(_, t)| t.requires_grad())
             .collect();
         params.sort_by(|a, b| a.0.cmp(&b.0));
-        let m = params.iter().map(|(_, p)| p.zeros_like()).collect();
-        let v = params.iter().map(|(_, p)| p.zeros_like()).collect();
+        let n: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
+        let device = params.first().map_or(vs.device(), |(_, p)| p.device());
+        let zeros = || Tensor::zeros([n], (Kind::Float, device));
         AdamW {
             cfg,
             params,
-            m,
-            v,
+            m: zeros(),
+            v: zeros(),
             step: 0,
         }
+    }
+
+    /// The slice of a flat buffer that belongs to each parameter, shaped like it.
+    fn views<'a>(&'a self, flat: &'a Tensor) -> impl Iterator<Item = Tensor> + 'a {
+        let mut offset = 0i64;
+        self.params.iter().map(move |(_, p)| {
+            let n = p.numel() as i64;
+            let v = flat.narrow(0, offset, n).view(p.size().as_slice());
+            offset += n;
+            v
+        })
     }
 
     pub fn lr_at(&self, step: usize) -> f64 {
@@ -67,54 +81,68 @@ impl AdamW {
         }
     }
 
-    /// One update from the current gradients; returns the gradient norm before clipping.
-    pub fn step(&mut self) -> f64 {
+    /// One update from the current gradients (global-norm clipped). Nothing here waits for the
+    /// device: the norm stays a device scalar.
+    pub fn step(&mut self) {
         let lr = self.lr_at(self.step);
         self.step += 1;
         let c = self.cfg.clone();
         tch::no_grad(|| {
             let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
-            let sq: f64 = grads
+            let flat: Vec<Tensor> = grads
                 .iter()
-                .filter(|g| g.defined())
-                .map(|g| {
-                    g.to_kind(Kind::Float)
-                        .square()
-                        .sum(Kind::Float)
-                        .double_value(&[])
+                .zip(&self.params)
+                .map(|(g, (_, p))| {
+                    if g.defined() {
+                        g.reshape([-1]).to_kind(Kind::Float)
+                    } else {
+                        Tensor::zeros([p.numel() as i64], (Kind::Float, p.device()))
+                    }
                 })
-                .sum();
-            let norm = sq.sqrt();
-            let scale = if c.clip_norm > 0.0 && norm > c.clip_norm {
-                c.clip_norm / (norm + 1e-6)
-            } else {
-                1.0
-            };
+                .collect();
+            let mut g = Tensor::cat(&flat, 0);
+            if c.clip_norm > 0.0 {
+                let norm = g.square().sum(Kind::Float).sqrt();
+                let scale = (c.clip_norm / (norm + 1e-6)).clamp_max(1.0);
+                g *= scale;
+            }
             let t = self.step as i32;
             let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-            for (i, (_, p)) in self.params.iter_mut().enumerate() {
-                let g = &grads[i];
-                if !g.defined() {
-                    continue;
+            let _ = self
+                .m
+                .g_mul_scalar_(c.beta1)
+                .g_add_(&(&g * (1.0 - c.beta1)));
+            let _ = self
+                .v
+                .g_mul_scalar_(c.beta2)
+                .g_add_(&(g.square() * (1.0 - c.beta2)));
+            let params: Vec<Tensor> = self
+                .params
+                .iter()
+                .map(|(_, p)| p.detach().reshape([-1]).to_kind(Kind::Float))
+                .collect();
+            let update = ((&self.m / bc1) / ((&self.v / bc2).sqrt() + c.eps)
+                + Tensor::cat(&params, 0) * c.weight_decay)
+                * lr;
+            for (((_, p), u), g) in self.params.iter().zip(self.views(&update)).zip(&grads) {
+                if g.defined() {
+                    let _ = p.detach().g_sub_(&u.to_kind(p.kind()));
                 }
-                let g = g * scale;
-                let m = &self.m[i] * c.beta1 + &g * (1.0 - c.beta1);
-                let v = &self.v[i] * c.beta2 + g.square() * (1.0 - c.beta2);
-                let update = (&m / bc1) / ((&v / bc2).sqrt() + c.eps) + &*p * c.weight_decay;
-                let _ = p.g_sub_(&(update * lr));
-                self.m[i] = m;
-                self.v[i] = v;
             }
-            norm
         })
     }
 
     /// Moments as named tensors (`adamw.m.NAME`, `adamw.v.NAME`) for a checkpoint.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        for (i, (n, _)) in self.params.iter().enumerate() {
-            out.push((format!("adamw.m.{n}"), self.m[i].shallow_clone()));
-            out.push((format!("adamw.v.{n}"), self.v[i].shallow_clone()));
+        for (((n, _), m), v) in self
+            .params
+            .iter()
+            .zip(self.views(&self.m))
+            .zip(self.views(&self.v))
+        {
+            out.push((format!("adamw.m.{n}"), m));
+            out.push((format!("adamw.v.{n}"), v));
         }
         out
     }
@@ -124,13 +152,27 @@ impl AdamW {
         tensors: &BTreeMap<String, Tensor>,
         step: usize,
     ) -> Result<(), String> {
-        for (i, (n, p)) in self.params.iter().enumerate() {
-            for (which, dst) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+        let views: Vec<(String, Tensor, Tensor)> = self
+            .params
+            .iter()
+            .zip(self.views(&self.m))
+            .zip(self.views(&self.v))
+            .map(|(((n, _), m), v)| (n.clone(), m, v))
+            .collect();
+        for (n, m, v) in views {
+            for (which, mut dst) in [("m", m), ("v", v)] {
                 let key = format!("adamw.{which}.{n}");
                 let src = tensors
                     .get(&key)
                     .ok_or_else(|| format!("checkpoint lacks {key}"))?;
-                *dst = src.to_device(p.device()).to_kind(p.kind());
+                if src.size() != dst.size() {
+                    return Err(format!(
+                        "{key} has shape {:?}, expected {:?}",
+                        src.size(),
+                        dst.size()
+                    ));
+                }
+                tch::no_grad(|| dst.copy_(src));
             }
         }
         self.step = step;
