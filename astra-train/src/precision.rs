@@ -12,11 +12,13 @@ const SCALAR_BF16: i8 = 15;
 type SetDtype = unsafe extern "C" fn(i8, i8);
 type SetEnabled = unsafe extern "C" fn(i8, bool);
 type IsEnabled = unsafe extern "C" fn(i8) -> bool;
+type ClearCache = unsafe extern "C" fn();
 
 struct Hooks {
     set_dtype: SetDtype,
     set_enabled: SetEnabled,
     is_enabled: IsEnabled,
+    clear_cache: ClearCache,
 }
 
 fn hooks() -> Result<&'static Hooks> {
@@ -35,6 +37,7 @@ fn hooks() -> Result<&'static Hooks> {
                     set_dtype: std::mem::transmute::<*const (), SetDtype>(get(b"_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE\0")?),
                     set_enabled: std::mem::transmute::<*const (), SetEnabled>(get(b"_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb\0")?),
                     is_enabled: std::mem::transmute::<*const (), IsEnabled>(get(b"_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE\0")?),
+                    clear_cache: std::mem::transmute::<*const (), ClearCache>(get(b"_ZN2at8autocast11clear_cacheEv\0")?),
                 };
                 std::mem::forget(lib);
                 Ok(hooks)
@@ -65,7 +68,15 @@ pub fn bf16_autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> Result<T> {
     };
     let out = f();
     // SAFETY: see `hooks`.
-    unsafe { (h.set_enabled)(DEVICE_CUDA, prev) };
+    unsafe {
+        (h.set_enabled)(DEVICE_CUDA, prev);
+        // Leaving the outermost region: drop the bf16 copies autocast cached of the fp32 weights,
+        // as torch.autocast's __exit__ does. Kept, the next step would run on the copies made
+        // before the optimizer moved the weights.
+        if !prev {
+            (h.clear_cache)();
+        }
+    }
     Ok(out)
 }
 

@@ -199,14 +199,13 @@ fn cuda_device_names(count: i64) -> Vec<String> {
     }
 }
 
-/// Copies a host tensor to `device` without making the host wait: on CUDA through pinned memory
-/// and a non-blocking copy (a plain copy from pageable memory synchronises the stream, which would
-/// idle the GPU while the host queues the next kernels). libtorch's pinned-memory cache keeps
-/// the staging buffer alive until the copy has run.
+/// Copies a host tensor to `device` without a stream synchronisation: a blocking copy waits for
+/// every kernel already queued, idling the GPU while the host queues the next ones. From pageable
+/// memory a non-blocking copy is still safe (CUDA stages the bytes before returning); pinning
+/// would overlap more, but tch can only pin through a call libtorch 2.11 warns about every time.
 pub fn upload(t: &tch::Tensor, device: tch::Device) -> tch::Tensor {
     if device.is_cuda() {
-        t.pin_memory(device)
-            .to_device_(device, t.kind(), true, false)
+        t.to_device_(device, t.kind(), true, false)
     } else {
         t.to_device(device)
     }
