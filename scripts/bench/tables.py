@@ -31,18 +31,31 @@ def wall(run):
     return int(m.group(1)) if m else None
 
 
+class Acc(float):
+    """A run's last test accuracy (%), knowing whether the run finished (time.txt written)."""
+    epochs = 0
+    finished = True
+
+
 def acc(run):
     r = last_row(run)
-    return None if r is None else 100 * float(r["test_accuracy"])
+    if r is None:
+        return None
+    a = Acc(100 * float(r["test_accuracy"]))
+    a.epochs = int(r["epoch"]) + 1
+    a.finished = os.path.exists(os.path.join(run, "time.txt"))
+    return a
 
 
 def fmt(vals):
     vals = [v for v in vals if v is not None]
     if not vals:
         return "not run"
+    cut = [v for v in vals if not v.finished]
+    mark = f" † (stopped after {cut[0].epochs} epochs)" if cut else ""
     if len(vals) == 1:
-        return f"{vals[0]:.2f}"
-    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} (n={len(vals)})"
+        return f"{vals[0]:.2f}{mark}"
+    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} (n={len(vals)}){mark}"
 
 
 out = []
@@ -55,6 +68,8 @@ if a.fmnist:
     out.append("## Fashion-MNIST, ViT D=192 × 6 blocks, patch 4 (49 tokens + CLS), test accuracy %\n")
     out.append(f"Seeds {seeds}; ablations use seed {s0}. Paper columns: ViT-Base on CIFAR-100 / ImageNet-1K "
                "(ASTRA.md §5), a far larger setting — compare trends, not values.\n")
+    out.append("† the run was stopped by the device call's time limit before its last epoch; the value is "
+               "its last completed epoch.\n")
     out.append("### Table 1 analogue: groups G (N = 4, λ = 1, β = 5e-4, distributed CLS)\n")
     out.append("| model | ours (Fashion-MNIST) | paper CIFAR-100 | paper ImageNet |")
     out.append("|---|---:|---:|---:|")

@@ -1,7 +1,7 @@
 //! Building blocks shared by the models: GPT-2's Conv1D, activations, and attention over
 //! [full | quantized] keys through libtorch's scaled_dot_product_attention.
 
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Tensor};
 
 /// GPT-2's Conv1D: a linear layer whose weight is stored [in, out] (transposed from nn.Linear).
 #[derive(Debug)]
@@ -55,46 +55,15 @@ pub fn attend(
     let sk = k.size()[1];
     let hd = d / heads;
     let split = |t: &Tensor, len: i64| t.view([b, len, heads, hd]).transpose(1, 2);
-    let (q, k, v) = (split(q, s), split(k, sk), split(v, sk));
-    let out = match (mask, mask_mode()) {
-        (Some(m), MaskMode::Float) => {
-            let bias = Tensor::zeros([1, 1, s, sk], (q.kind(), q.device()))
-                .masked_fill(&m.logical_not().view([1, 1, s, sk]), f64::NEG_INFINITY);
-            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), 0.0, false, None::<f64>, false)
-        }
-        (Some(m), MaskMode::Math) => {
-            let scores = q.matmul(&k.transpose(-2, -1)) / (hd as f64).sqrt();
-            let scores = scores.masked_fill(&m.logical_not().view([1, 1, s, sk]), f64::NEG_INFINITY);
-            scores.softmax(-1, Kind::Float).to_kind(v.kind()).matmul(&v)
-        }
-        _ => Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            mask,
-            0.0,
-            causal && mask.is_none(),
-            None::<f64>,
-            false,
-        ),
-    };
+    let out = Tensor::scaled_dot_product_attention(
+        &split(q, s),
+        &split(k, sk),
+        &split(v, sk),
+        mask,
+        0.0,
+        causal && mask.is_none(),
+        None::<f64>,
+        false,
+    );
     out.transpose(1, 2).contiguous().view([b, s, d])
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum MaskMode {
-    Bool,
-    Float,
-    Math,
-}
-
-/// How a mixed-precision mask reaches the attention: `ASTRA_ATTN_MASK` = bool (SDPA with the
-/// boolean mask), float (SDPA with an additive −∞ bias) or math (explicit softmax).
-fn mask_mode() -> MaskMode {
-    static MODE: std::sync::OnceLock<MaskMode> = std::sync::OnceLock::new();
-    *MODE.get_or_init(|| match std::env::var("ASTRA_ATTN_MASK").as_deref() {
-        Ok("float") => MaskMode::Float,
-        Ok("math") => MaskMode::Math,
-        _ => MaskMode::Bool,
-    })
 }
