@@ -13,8 +13,141 @@ struct Cli {
     command: Command,
 }
 
+/// Options of `accuracy` and `perplexity`.
+#[derive(clap::Args)]
+struct SweepOpts {
+    /// The model: a run folder (its model/, with codebooks.safetensors for ASTRA runs), an HF folder or hub id.
+    #[arg(long)]
+    model: String,
+    /// Data spec, as for astra-train (images for accuracy, text:… for perplexity).
+    #[arg(long)]
+    data: String,
+    /// Codebooks; default: codebooks.safetensors beside the model.
+    #[arg(long)]
+    codebooks: Option<PathBuf>,
+    /// Check that the codebooks have this many groups G.
+    #[arg(long)]
+    groups: Option<usize>,
+    /// Devices N to evaluate (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    devices: Vec<usize>,
+    /// Partition modes (comma-separated): contiguous, random, allocation.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "contiguous")]
+    partition: Vec<astra_eval::sweep::Partition>,
+    /// CLS modes for ViTs (comma-separated): distributed, single.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "distributed")]
+    cls: Vec<ClsMode>,
+    /// Quantize remote tokens (on), send them in full precision (off), or both: on,off.
+    #[arg(long, value_delimiter = ',', default_value = "on", value_parser = parse_on_off)]
+    vq: Vec<bool>,
+    /// Probability that a remote token's indices are lost on a link (comma-separated; the
+    /// receiver masks the token out). The paper's Table 11 uses 0.05.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    loss: Vec<f64>,
+    /// Evaluate the first N test images (text: N windows) only.
+    #[arg(long)]
+    max_test: Option<usize>,
+    /// Text: tokens per window (default: the model's n_positions).
+    #[arg(long)]
+    context: Option<usize>,
+    /// Text: a window starts every STRIDE tokens (default: the context, disjoint windows).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Images per batch (each batch draws its own random partition).
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Seed of random partitions and allocations.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    bf16: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Append the markdown table (with this command and the commit) to this file.
+    #[arg(long)]
+    table: Option<PathBuf>,
+}
+
+fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        o => Err(format!("'{o}' is not on or off")),
+    }
+}
+
+fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn sweep(metric: astra_eval::sweep::Metric, o: SweepOpts) -> Result<()> {
+    use astra_eval::sweep;
+    let device = astra_train::runtime::parse_device(&o.device).map_err(anyhow::Error::msg)?;
+    let args = sweep::SweepArgs {
+        metric,
+        model: o.model,
+        data: o.data,
+        codebooks: o.codebooks,
+        groups: o.groups,
+        devices: o.devices,
+        partitions: o.partition,
+        cls: o.cls,
+        vq: o.vq,
+        loss: o.loss,
+        max_test: o.max_test,
+        context: o.context,
+        stride: o.stride,
+        batch: o.batch,
+        seed: o.seed,
+        bf16: o.bf16,
+        device,
+    };
+    let report = sweep::run(&args, true)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let md = sweep::markdown(&report, &command, &commit());
+    print!("{md}");
+    if let Some(p) = o.json {
+        let tmp = p.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)
+            .and_then(|_| std::fs::rename(&tmp, &p))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    }
+    if let Some(p) = o.table {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        writeln!(f, "\n{md}").map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Accuracy of an image model over ASTRA settings (devices, partition, CLS, VQ, lost messages),
+    /// beside the single-device model; random allocations also by FPAR quintile.
+    Accuracy {
+        #[command(flatten)]
+        opts: SweepOpts,
+    },
+    /// Perplexity of a GPT-2 over ASTRA settings (devices, partition, VQ, lost messages), beside the
+    /// single-device model; pinned protocol: disjoint (or --stride) windows, GPT-2 BPE.
+    Perplexity {
+        #[command(flatten)]
+        opts: SweepOpts,
+    },
     /// Logits of a model for a batch: the plain model, or ASTRA on N devices.
     Predict {
         /// HF-style folder (config.json + model.safetensors), a run folder, or a hub id org/name.
@@ -232,6 +365,8 @@ fn run() -> Result<()> {
                 out.join("trace.json").display()
             );
         }
+        Command::Accuracy { opts } => sweep(astra_eval::sweep::Metric::Accuracy, opts)?,
+        Command::Perplexity { opts } => sweep(astra_eval::sweep::Metric::Perplexity, opts)?,
         Command::Info { json } => {
             let info = astra_eval::RuntimeInfo::collect();
             if json {

@@ -61,6 +61,7 @@ pub fn run(a: &PredictArgs) -> Result<String> {
             cls: a.cls,
             vq: vq.as_deref_mut(),
             train: false,
+            link_loss: None,
         };
         Ok(match a.path {
             ForwardPath::Masked => model.forward_astra(&input, astra)?.logits,

@@ -124,6 +124,7 @@ pub fn run(b: &StepBench) -> Result<StepResult> {
                             cls: ClsMode::Distributed,
                             vq: Some(vq),
                             train: true,
+                            link_loss: None,
                         },
                     )?;
                     crate::train::task::loss(&out.logits, &labels)

@@ -170,6 +170,7 @@ fn vit_equivalences() {
                         cls,
                         vq: None,
                         train: false,
+                        link_loss: None,
                     },
                 )
             })
@@ -189,6 +190,7 @@ fn vit_equivalences() {
                         cls,
                         vq: Some(&mut vq),
                         train: false,
+                        link_loss: None,
                     },
                 )
             })
@@ -201,6 +203,7 @@ fn vit_equivalences() {
                         cls,
                         vq: Some(&mut vq),
                         train: false,
+                        link_loss: None,
                     },
                 )
             })
@@ -226,6 +229,7 @@ fn vit_equivalences() {
             cls: ClsMode::Distributed,
             vq: Some(&mut vq),
             train: false,
+            link_loss: None,
         };
         let masked = tch::no_grad(|| m.forward_astra(&images, a)).unwrap();
         let a = Astra {
@@ -233,6 +237,7 @@ fn vit_equivalences() {
             cls: ClsMode::Distributed,
             vq: Some(&mut vq),
             train: false,
+            link_loss: None,
         };
         let per = tch::no_grad(|| m.forward_per_device(&images, a)).unwrap();
         assert!(max_rel_diff(&per, &masked.logits) < 1e-5);
@@ -254,6 +259,7 @@ fn gpt2_equivalences() {
                     cls: ClsMode::Single,
                     vq: None,
                     train: false,
+                    link_loss: None,
                 },
             )
         })
@@ -271,6 +277,7 @@ fn gpt2_equivalences() {
                     cls: ClsMode::Single,
                     vq: Some(&mut vq),
                     train: false,
+                    link_loss: None,
                 },
             )
         })
@@ -283,6 +290,7 @@ fn gpt2_equivalences() {
                     cls: ClsMode::Single,
                     vq: Some(&mut vq),
                     train: false,
+                    link_loss: None,
                 },
             )
         })
@@ -314,6 +322,7 @@ fn training_step_updates_codebooks_and_gives_gradients() {
                 cls: ClsMode::Distributed,
                 vq: Some(&mut vq),
                 train: true,
+                link_loss: None,
             },
         )
         .unwrap();

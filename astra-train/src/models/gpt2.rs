@@ -6,7 +6,7 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::layers::{activate, attend, Conv1D};
-use super::mpa::mixed_precision_mask;
+use super::mpa::mixed_precision_mask_with_loss;
 use super::vit::check_blocks;
 use super::{Astra, AstraOutput};
 use crate::config::GPT2Config;
@@ -175,7 +175,8 @@ impl Gpt2 {
         }
         let pos = Tensor::arange(t, (Kind::Int64, ids.device()));
         let mut x = self.embed(ids, &pos)?;
-        let mask = mixed_precision_mask(astra.partition, 0, true, ids.device());
+        let mask =
+            mixed_precision_mask_with_loss(astra.partition, 0, true, astra.link_loss, ids.device());
         let mut commitment = Tensor::zeros([], (Kind::Float, x.device()));
         let mut vq = astra.vq;
         if let Some(v) = &vq {
@@ -202,6 +203,12 @@ impl Gpt2 {
     /// others' quantized tokens per block; a query sees keys at or before its position. Returns the
     /// logits of all tokens, gathered back into sequence order.
     pub fn forward_per_device(&self, ids: &Tensor, astra: Astra) -> Result<Tensor> {
+        if astra.link_loss.is_some() {
+            return Err(TrainError::invalid(
+                "link loss",
+                "is simulated on the masked path only",
+            ));
+        }
         let t = ids.size()[1];
         let p = astra.partition;
         if p.tokens() as i64 != t {

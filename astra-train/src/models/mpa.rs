@@ -53,6 +53,31 @@ impl DevicePartition {
         Ok(p)
     }
 
+    /// Every token to a device drawn uniformly at random, so shares vary from draw to draw (the
+    /// paper's random allocation, reported by FPAR).
+    pub fn random_allocation(tokens: usize, devices: usize, seed: u64) -> Result<Self> {
+        use rand::Rng;
+        let p = Self::contiguous(tokens, devices)?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        Ok(DevicePartition {
+            owner: (0..tokens)
+                .map(|_| rng.random_range(0..p.devices))
+                .collect(),
+            ..p
+        })
+    }
+
+    /// Fraction of full-precision attention: the share of (query, key) pairs of content tokens
+    /// on the same device, Σ_d n_d² / T² (1/N for equal shares, 1 for one device).
+    pub fn fpar(&self) -> f64 {
+        let t = self.owner.len().max(1) as f64;
+        let mut n = vec![0usize; self.devices];
+        for &d in &self.owner {
+            n[d] += 1;
+        }
+        n.iter().map(|&c| (c as f64 / t).powi(2)).sum()
+    }
+
     fn check(self, devices: usize) -> Result<Self> {
         if devices == 0 {
             return Err(TrainError::invalid("devices", "must be at least 1"));
@@ -78,7 +103,9 @@ impl DevicePartition {
 }
 
 /// Where the CLS token lives: one copy per device (Distributed Class Tokens), or one on device 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 pub enum ClsMode {
     Distributed,
     Single,
@@ -103,6 +130,18 @@ pub fn mixed_precision_mask(
     causal: bool,
     device: Device,
 ) -> Tensor {
+    mixed_precision_mask_with_loss(partition, cls, causal, None, device)
+}
+
+/// The mask with lost messages: quantized key j is also hidden from the queries of device d when
+/// j's indices did not reach d (see [`super::LinkLoss`]).
+pub fn mixed_precision_mask_with_loss(
+    partition: &DevicePartition,
+    cls: usize,
+    causal: bool,
+    loss: Option<super::LinkLoss>,
+    device: Device,
+) -> Tensor {
     let t = partition.tokens();
     let s = cls + t;
     let mut owner: Vec<i64> = (0..cls)
@@ -115,6 +154,22 @@ pub fn mixed_precision_mask(
     let other = seq
         .view([s as i64, 1])
         .ne_tensor(&content.view([1, t as i64]));
+    let mut other = other;
+    if let Some(l) = loss.filter(|l| l.p > 0.0) {
+        // received[d][j]: token j's indices reached device d (always, for its own device).
+        use rand::Rng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(l.seed);
+        let n = partition.devices();
+        let received: Vec<bool> = (0..n * t)
+            .map(|i| partition.owner[i % t] == i / t || !rng.random_bool(l.p.min(1.0)))
+            .collect();
+        let received = crate::runtime::upload(
+            &Tensor::from_slice(&received).view([n as i64, t as i64]),
+            device,
+        );
+        // Row i of the mask belongs to the device owning sequence position i.
+        other = other.logical_and(&received.index_select(0, &seq));
+    }
     let mut mask = Tensor::cat(&[same, other], 1);
     if causal {
         let pos = Tensor::arange(s as i64, (Kind::Int64, device));
@@ -164,6 +219,36 @@ mod tests {
             [false, true, false, false, true, true, true, true, false, false]
         );
         let c = mixed_precision_mask(&p, 0, true, Device::Cpu);
+        // Lost messages hide remote quantized keys only; p = 1 hides them all.
+        let all_lost = mixed_precision_mask_with_loss(
+            &p,
+            0,
+            false,
+            Some(super::super::LinkLoss { p: 1.0, seed: 3 }),
+            Device::Cpu,
+        );
+        let t = p.tokens() as i64;
+        assert_eq!(
+            all_lost.narrow(1, t, t).sum(Kind::Int64).int64_value(&[]),
+            0
+        );
+        let full = mixed_precision_mask(&p, 0, false, Device::Cpu);
+        assert!(all_lost.narrow(1, 0, t).equal(&full.narrow(1, 0, t)));
+        let half = mixed_precision_mask_with_loss(
+            &p,
+            0,
+            false,
+            Some(super::super::LinkLoss { p: 0.5, seed: 3 }),
+            Device::Cpu,
+        );
+        let (kept, total) = (
+            half.narrow(1, t, t).sum(Kind::Int64).int64_value(&[]),
+            full.narrow(1, t, t).sum(Kind::Int64).int64_value(&[]),
+        );
+        assert!(kept > 0 && kept < total, "{kept} of {total}");
+        let r = DevicePartition::random_allocation(100, 4, 1).unwrap();
+        assert!(r.fpar() > 0.2 && r.fpar() < 0.4, "{}", r.fpar());
+        assert!((DevicePartition::contiguous(8, 4).unwrap().fpar() - 0.25).abs() < 1e-12);
         let v: Vec<Vec<bool>> = Vec::<Vec<bool>>::try_from(&c).unwrap();
         // token 2 sees full tok2 only (tok3 is later) and quantized tok0, tok1.
         assert_eq!(v[2], [false, false, true, false, true, true, false, false]);

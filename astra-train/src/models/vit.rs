@@ -5,7 +5,7 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::layers::{activate, attend};
-use super::mpa::mixed_precision_mask;
+use super::mpa::mixed_precision_mask_with_loss;
 use super::{Astra, AstraOutput};
 use crate::config::ViTConfig;
 use crate::error::{Result, TrainError};
@@ -197,7 +197,13 @@ impl ViT {
             ));
         }
         let n_cls = astra.cls.copies(astra.partition.devices()) as i64;
-        let mask = mixed_precision_mask(astra.partition, n_cls as usize, false, tokens.device());
+        let mask = mixed_precision_mask_with_loss(
+            astra.partition,
+            n_cls as usize,
+            false,
+            astra.link_loss,
+            tokens.device(),
+        );
         let mut x = Tensor::cat(&[cls.expand([b, n_cls, -1], false), tokens], 1);
         let mut commitment = Tensor::zeros([], (Kind::Float, x.device()));
         let mut vq = astra.vq;
@@ -227,6 +233,12 @@ impl ViT {
     /// it attends to its full-precision tokens and the others' decoded codewords. With `vq` None
     /// the exchange carries the embeddings themselves.
     pub fn forward_per_device(&self, images: &Tensor, astra: Astra) -> Result<Tensor> {
+        if astra.link_loss.is_some() {
+            return Err(TrainError::invalid(
+                "link loss",
+                "is simulated on the masked path only",
+            ));
+        }
         let (cls, tokens) = self.embed(images)?;
         let (b, t, _) = tokens.size3()?;
         let p = astra.partition;

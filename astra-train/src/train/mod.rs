@@ -234,6 +234,7 @@ pub fn train(
                                 cls,
                                 vq: Some(q),
                                 train: true,
+                                link_loss: None,
                             },
                         )?;
                         (out.logits, Some(out.commitment))
@@ -284,9 +285,10 @@ pub fn train(
         let astra_eval = match (vq.as_mut(), &cfg.astra) {
             (Some(q), Some(a)) => Some(AstraEval {
                 devices: a.devices,
-                random_seed: None,
+                partition: task::PartitionMode::Contiguous,
                 cls,
                 vq: Some(q),
+                link_loss: 0.0,
             }),
             _ => None,
         };

@@ -16,12 +16,20 @@ use crate::data::text::{self, TokenCorpus, Window};
 use crate::data::{self, ImageData};
 use crate::error::{Result, TrainError};
 use crate::model::Model;
-use crate::models::{Astra, ClsMode, DevicePartition, GroupedVq};
+use crate::models::{Astra, ClsMode, DevicePartition, GroupedVq, LinkLoss};
 use crate::precision::bf16_autocast;
 
 pub enum Task {
-    Images { data: ImageData, size: usize },
-    Text { corpus: TokenCorpus, context: usize },
+    Images {
+        data: ImageData,
+        size: usize,
+    },
+    /// Evaluation windows start every `stride` tokens (= `context`: disjoint windows).
+    Text {
+        corpus: TokenCorpus,
+        context: usize,
+        stride: usize,
+    },
 }
 
 /// Scores of a model on a split.
@@ -41,13 +49,69 @@ impl EvalMetrics {
     }
 }
 
-/// How the model runs in an ASTRA evaluation: N devices (contiguous partition unless a seed for a
-/// random one is given), the CLS mode, and the quantizers (None: full-precision exchange).
+/// How tokens are dealt to devices in an evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartitionMode {
+    /// Contiguous equal chunks (the default everywhere).
+    Contiguous,
+    /// Equal shares, tokens shuffled: a new draw per batch from `seed` + batch index.
+    Random { seed: u64 },
+    /// Every token to a uniformly random device (shares vary): a new draw per batch.
+    Allocation { seed: u64 },
+}
+
+impl PartitionMode {
+    pub fn partition(
+        &self,
+        tokens: usize,
+        devices: usize,
+        batch: usize,
+    ) -> Result<DevicePartition> {
+        match *self {
+            PartitionMode::Contiguous => DevicePartition::contiguous(tokens, devices),
+            PartitionMode::Random { seed } => {
+                DevicePartition::random(tokens, devices, seed.wrapping_add(batch as u64))
+            }
+            PartitionMode::Allocation { seed } => {
+                DevicePartition::random_allocation(tokens, devices, seed.wrapping_add(batch as u64))
+            }
+        }
+    }
+}
+
+/// How the model runs in an ASTRA evaluation: N devices, how tokens are dealt, the CLS mode, the
+/// quantizers (None: full-precision exchange) and the probability that a remote token's indices
+/// are lost on a link (0: none).
 pub struct AstraEval<'a> {
     pub devices: usize,
-    pub random_seed: Option<u64>,
+    pub partition: PartitionMode,
     pub cls: ClsMode,
     pub vq: Option<&'a mut [GroupedVq]>,
+    pub link_loss: f64,
+}
+
+/// The scores of one evaluation batch, with the FPAR of its partition (1 for the plain model).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchScore {
+    pub fpar: f64,
+    pub loss_sum: f64,
+    pub correct: i64,
+    pub count: i64,
+}
+
+impl EvalMetrics {
+    /// Aggregates batch scores.
+    pub fn from_batches(b: &[BatchScore]) -> Self {
+        let (sum, correct, count) = b.iter().fold((0.0, 0i64, 0i64), |(s, c, n), x| {
+            (s + x.loss_sum, c + x.correct, n + x.count)
+        });
+        let n = count.max(1) as f64;
+        EvalMetrics {
+            loss: sum / n,
+            accuracy: correct as f64 / n,
+            count: count as usize,
+        }
+    }
 }
 
 /// Cross-entropy of logits [.., V] against targets [..] (mean over non-ignored targets).
@@ -122,7 +186,11 @@ impl Task {
                     ),
                 ));
             }
-            return Ok(Task::Text { corpus, context });
+            return Ok(Task::Text {
+                corpus,
+                context,
+                stride: context,
+            });
         }
         let ModelConfig::ViT(v) = model else {
             return Err(TrainError::invalid(
@@ -147,6 +215,23 @@ impl Task {
         })
     }
 
+    /// Sets the evaluation stride of a text task (1..=context; see `text::strided_windows`).
+    pub fn with_stride(mut self, s: usize) -> Result<Self> {
+        if let Task::Text {
+            context, stride, ..
+        } = &mut self
+        {
+            if s == 0 || s > *context {
+                return Err(TrainError::invalid(
+                    "stride",
+                    format!("{s} must be in 1..={context} (the context)"),
+                ));
+            }
+            *stride = s;
+        }
+        Ok(self)
+    }
+
     pub fn is_text(&self) -> bool {
         matches!(self, Task::Text { .. })
     }
@@ -163,9 +248,9 @@ impl Task {
     pub fn train_len(&self) -> usize {
         match self {
             Task::Images { data, .. } => data.train.len(),
-            Task::Text { corpus, context } => {
-                text::training_starts(corpus.train.len(), *context, 0).len()
-            }
+            Task::Text {
+                corpus, context, ..
+            } => text::training_starts(corpus.train.len(), *context, 0).len(),
         }
     }
 
@@ -191,7 +276,9 @@ impl Task {
                 let (mean, std, size) = (data.mean.clone(), data.std.clone(), *size);
                 Box::new(loader.map(move |b| b.map(|b| b.to_tensors(&mean, &std, size, device))))
             }
-            Task::Text { corpus, context } => {
+            Task::Text {
+                corpus, context, ..
+            } => {
                 let offset = rng.random_range(0..*context);
                 let mut starts = text::training_starts(corpus.train.len(), *context, offset);
                 starts.shuffle(rng);
@@ -224,30 +311,54 @@ impl Task {
         &self,
         model: &Model,
         limit: Option<usize>,
-        mut astra: Option<AstraEval>,
+        astra: Option<AstraEval>,
         bf16: bool,
         device: Device,
     ) -> Result<EvalMetrics> {
+        let b = self.evaluate_batches(model, limit, astra, bf16, device, 256)?;
+        Ok(EvalMetrics::from_batches(&b))
+    }
+
+    /// Scores per batch of at most `batch` images (text: 8 windows), so results can be grouped by
+    /// the FPAR of each batch's partition.
+    pub fn evaluate_batches(
+        &self,
+        model: &Model,
+        limit: Option<usize>,
+        mut astra: Option<AstraEval>,
+        bf16: bool,
+        device: Device,
+        batch: usize,
+    ) -> Result<Vec<BatchScore>> {
+        let batch = batch.max(1);
         let batches: Vec<(Tensor, Tensor)> = match self {
             Task::Images { data, size } => {
                 let n = limit.map_or(data.test.len(), |l| l.min(data.test.len()));
                 let idx: Vec<usize> = (0..n).collect();
-                idx.chunks(256)
+                idx.chunks(batch)
                     .map(|c| {
                         read_batch(&*data.test, c, None)
                             .map(|b| b.to_tensors(&data.mean, &data.std, *size, device))
                     })
                     .collect::<Result<_>>()?
             }
-            Task::Text { corpus, context } => {
-                let mut ws = text::strided_windows(corpus.valid.len(), *context, *context);
+            Task::Text {
+                corpus,
+                context,
+                stride,
+            } => {
+                let mut ws = text::strided_windows(corpus.valid.len(), *context, *stride);
                 ws.truncate(limit.unwrap_or(usize::MAX));
                 // Batches of equal-length windows (only the last window can be shorter).
                 let mut out = Vec::new();
                 let mut i = 0;
                 while i < ws.len() {
                     let mut j = i;
-                    while j < ws.len() && j - i < 8 && ws[j].len == ws[i].len {
+                    while j < ws.len()
+                        && j - i < batch.min(8)
+                        && ws[j].len == ws[i].len
+                        && ws[j].scored == ws[i].scored
+                    {
                         j += 1;
                     }
                     out.push(text::lm_batch(&corpus.valid, &ws[i..j], device));
@@ -256,19 +367,22 @@ impl Task {
                 out
             }
         };
-        let (mut sum, mut correct, mut count) = (0.0, 0i64, 0i64);
+        let mut out = Vec::with_capacity(batches.len());
         tch::no_grad(|| -> Result<()> {
-            for (x, y) in &batches {
+            for (i, (x, y)) in batches.iter().enumerate() {
+                let mut fpar = 1.0;
                 let logits = bf16_autocast(bf16, || -> Result<Tensor> {
                     match astra.as_mut() {
                         None => model.forward(x),
                         Some(a) => {
                             let tokens = model.content_tokens(x) as usize;
-                            let n = a.devices.min(tokens);
-                            let p = match a.random_seed {
-                                Some(s) => DevicePartition::random(tokens, n, s)?,
-                                None => DevicePartition::contiguous(tokens, n)?,
-                            };
+                            // The last text window can be shorter than N tokens.
+                            let p = a.partition.partition(tokens, a.devices.min(tokens), i)?;
+                            fpar = p.fpar();
+                            let link_loss = (a.link_loss > 0.0).then_some(LinkLoss {
+                                p: a.link_loss,
+                                seed: 0x5EED ^ i as u64,
+                            });
                             Ok(model
                                 .forward_astra(
                                     x,
@@ -277,25 +391,24 @@ impl Task {
                                         cls: a.cls,
                                         vq: a.vq.as_deref_mut(),
                                         train: false,
+                                        link_loss,
                                     },
                                 )?
                                 .logits)
                         }
                     }
                 })??;
-                let (s, c, n) = score(&logits, y);
-                sum += s;
-                correct += c;
-                count += n;
+                let (loss_sum, correct, count) = score(&logits, y);
+                out.push(BatchScore {
+                    fpar,
+                    loss_sum,
+                    correct,
+                    count,
+                });
             }
             Ok(())
         })?;
-        let n = count.max(1) as f64;
-        Ok(EvalMetrics {
-            loss: sum / n,
-            accuracy: correct as f64 / n,
-            count: count as usize,
-        })
+        Ok(out)
     }
 
     /// Inputs for calibration: the first `n` training examples, in batches.
@@ -310,7 +423,9 @@ impl Task {
                     })
                     .collect()
             }
-            Task::Text { corpus, context } => {
+            Task::Text {
+                corpus, context, ..
+            } => {
                 let starts = text::training_starts(corpus.train.len(), *context, 0);
                 let ws: Vec<Window> = starts
                     .into_iter()
