@@ -17,6 +17,8 @@ pub enum ForwardPath {
     Masked,
     /// Device by device, exchanging quantized tokens in memory (what the runtime does).
     PerDevice,
+    /// Device by device, exchanging indices; remote keys/values from per-codeword tables (ViT).
+    PerDeviceFast,
 }
 
 pub struct PredictArgs {
@@ -66,6 +68,7 @@ pub fn run(a: &PredictArgs) -> Result<String> {
         Ok(match a.path {
             ForwardPath::Masked => model.forward_astra(&input, astra)?.logits,
             ForwardPath::PerDevice => model.forward_per_device(&input, astra)?,
+            ForwardPath::PerDeviceFast => model.forward_per_device_fast(&input, astra)?,
         })
     })?;
     write_npy_atomic(&logits.to_kind(Kind::Float).to_device(Device::Cpu), &a.out)?;

@@ -123,6 +123,25 @@ fn vit_predict_plain_and_astra() {
         (&m - &p).abs().max().double_value(&[]) > 1e-5,
         "quantization had no effect"
     );
+    // The fast path (indices only; keys/values from per-codeword tables) equals the direct one.
+    let fast = dir.path().join("fast.npy");
+    ok(predict(
+        &[
+            "--devices",
+            "4",
+            "--path",
+            "per-device-fast",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--codebooks",
+            cb.to_str().unwrap(),
+            "--input",
+        ],
+        &[&x, Path::new("--out"), &fast],
+    ));
+    let f = Tensor::read_npy(&fast).unwrap();
+    let rel = (&f - &d).abs().max().double_value(&[]) / d.abs().max().double_value(&[]).max(1e-6);
+    assert!(rel <= 1e-5, "fast vs direct per-device: relative {rel}");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 use tch::nn;
 use tch::{Kind, Tensor};
 
+use super::fast_kv::CodewordKv;
 use super::layers::{activate, attend};
 use super::mpa::mixed_precision_mask_with_loss;
 use super::{Astra, AstraOutput};
@@ -67,6 +68,40 @@ impl VitBlock {
             v = Tensor::cat(&[v, hq.apply(&self.value)], 1);
         }
         let x = x + attend(&q, &k, &v, self.heads, mask, false).apply(&self.out);
+        let h = x.apply(&self.ln_after);
+        &x + activate(&h.apply(&self.fc1), &self.act).apply(&self.fc2)
+    }
+
+    /// Keys/values of remote tokens straight from their indices for this block's LayerNorm and
+    /// key/value projections (the fast inference path, [`CodewordKv`]).
+    pub fn codeword_kv(&self, codebook: &Tensor, eps: f64) -> CodewordKv {
+        let d = codebook.size()[0] * codebook.size()[2];
+        let ones = Tensor::ones([d], (Kind::Float, codebook.device()));
+        let zeros = Tensor::zeros([d], (Kind::Float, codebook.device()));
+        CodewordKv::new(
+            codebook,
+            self.ln_before.ws.as_ref().unwrap_or(&ones),
+            self.ln_before.bs.as_ref().unwrap_or(&zeros),
+            &self.key.ws,
+            self.key.bs.as_ref(),
+            &self.value.ws,
+            self.value.bs.as_ref(),
+            eps,
+        )
+    }
+
+    /// One block on a device's local tokens `x`, with the remote tokens' keys and values given
+    /// directly (`remote_kv` [B, T_r, 2D], keys first); no mask (one device's view).
+    pub fn forward_kv(&self, x: &Tensor, remote_kv: Option<&Tensor>) -> Tensor {
+        let h = x.apply(&self.ln_before);
+        let q = h.apply(&self.query);
+        let (mut k, mut v) = (h.apply(&self.key), h.apply(&self.value));
+        if let Some(kv) = remote_kv {
+            let d = k.size()[2];
+            k = Tensor::cat(&[k, kv.narrow(2, 0, d).to_kind(q.kind())], 1);
+            v = Tensor::cat(&[v, kv.narrow(2, d, d).to_kind(q.kind())], 1);
+        }
+        let x = x + attend(&q, &k, &v, self.heads, None, false).apply(&self.out);
         let h = x.apply(&self.ln_after);
         &x + activate(&h.apply(&self.fc1), &self.act).apply(&self.fc2)
     }
@@ -233,6 +268,23 @@ impl ViT {
     /// it attends to its full-precision tokens and the others' decoded codewords. With `vq` None
     /// the exchange carries the embeddings themselves.
     pub fn forward_per_device(&self, images: &Tensor, astra: Astra) -> Result<Tensor> {
+        self.per_device(images, astra, false)
+    }
+
+    /// The per-device path with fast remote keys/values: devices exchange only indices, and a
+    /// receiver turns them into keys and values with per-codeword tables (G gathers and adds per
+    /// token instead of LayerNorm and a D × 2D projection). Needs quantizers.
+    pub fn forward_per_device_fast(&self, images: &Tensor, astra: Astra) -> Result<Tensor> {
+        if astra.vq.is_none() {
+            return Err(TrainError::invalid(
+                "fast path",
+                "needs codebooks (remote tokens must be codewords)",
+            ));
+        }
+        self.per_device(images, astra, true)
+    }
+
+    fn per_device(&self, images: &Tensor, astra: Astra, fast: bool) -> Result<Tensor> {
         if astra.link_loss.is_some() {
             return Err(TrainError::invalid(
                 "link loss",
@@ -272,6 +324,22 @@ impl ViT {
             check_blocks(v.len(), self.blocks.len())?;
         }
         for (l, blk) in self.blocks.iter().enumerate() {
+            if let (true, Some(v)) = (fast, vq.as_deref()) {
+                // What travels: indices only; receivers look up keys and values.
+                let tables = blk.codeword_kv(&v[l].codebook, self.cfg.layer_norm_eps);
+                let sent: Vec<Tensor> = (0..n)
+                    .map(|d| v[l].encode(&local[d].narrow(1, has_cls[d], own[d].size()[0])))
+                    .collect();
+                local = (0..n)
+                    .map(|d| {
+                        let remote: Vec<&Tensor> =
+                            (0..n).filter(|&e| e != d).map(|e| &sent[e]).collect();
+                        let kv = (!remote.is_empty()).then(|| tables.kv(&Tensor::cat(&remote, 1)));
+                        blk.forward_kv(&local[d], kv.as_ref())
+                    })
+                    .collect();
+                continue;
+            }
             // What each device sends: its content tokens, quantized (decode(encode(x))).
             let sent: Vec<Tensor> = (0..n)
                 .map(|d| {
