@@ -15,13 +15,13 @@ out=${QUICKSTART_OUT:-results/quickstart}
 QS_EPOCHS=${QS_EPOCHS:-3}
 say() { printf '\n== %s\n' "$*"; }
 
-say "1/5 set-up and build"
+say "1/6 set-up and build"
 scripts/setup.sh
 cargo build --release --workspace --bins
 py=.venv/bin/python
 bin=target/release
 
-say "2/5 Fashion-MNIST"
+say "2/6 Fashion-MNIST"
 source scripts/lib/fashion_mnist.sh
 data=$(fashion_mnist_dir)
 echo "using $data"
@@ -29,7 +29,7 @@ work="$out/tokens"
 mkdir -p "$work"
 $py scripts/lib/patches.py "$data" "$work"
 
-say "3/5 ASTRA codebooks on the patch tokens (astra-quant)"
+say "3/6 ASTRA codebooks on the patch tokens (astra-quant)"
 rows=""
 for g in 1 4 16; do
   cb="$out/codebook-g$g.safetensors"
@@ -44,7 +44,7 @@ for g in 1 4 16; do
   rows+="| $g | $((g * 8)) | $(awk "BEGIN{printf \"%.1f\", 16*32/($g*8)}")× | $mse | $ppl of 256 | $bytes |"$'\n'
 done
 
-say "4/5 a small ViT, plain and ASTRA (astra-train), $((QS_EPOCHS)) + 1 epochs"
+say "4/6 a small ViT, plain and ASTRA (astra-train), $((QS_EPOCHS)) + 1 epochs"
 runs="$out/runs"
 rm -rf "$runs" && mkdir -p "$runs"
 $bin/astra-train finetune --data "fashion-mnist:$data" --out "$runs/vit" --epochs "$QS_EPOCHS" --hidden 64 --layers 4 \
@@ -58,7 +58,28 @@ for g in 1 4; do
   acc_rows+="| ASTRA N = 4, G = $g (+1 epoch) | $(tail -1 "$runs/astra-g$g/summary.csv" | cut -d, -f6) | $((g * 8)) |"$'\n'
 done
 
-say "5/5 the paper's latency study (astra-sim)"
+say "5/6 compute on this machine (astra-eval profile) and the speedups it implies (astra-sim)"
+# The 12-block, 768-wide encoder of the paper at T = 256 (small enough for a 2-core CPU), N = 4:
+# per-device compute of single, SP and ASTRA (fast remote keys/values), then the network model.
+$bin/astra-eval profile --fast --methods single,sp,astra-g1,astra-g16 --devices 4 --tokens 256 \
+  --runs 3 --warmup 1 --out "$out/profile" >"$out/profile.log"
+$bin/astra-sim sweep --profile "$out/profile/profile.csv" --methods sp,astra-g1,astra-g16 --devices 4 \
+  --tokens 256 --mbps 10,20,50,100,200,500 --out "$out/profile/speedups.csv" >/dev/null
+prof_rows=$($py - "$out/profile" <<'PY'
+import csv, sys
+d = sys.argv[1]
+ms = {r["method"]: float(r["compute_ms_median"]) for r in csv.DictReader(open(f"{d}/profile.csv"))}
+sp = {}
+for r in csv.DictReader(open(f"{d}/speedups.csv")):
+    sp.setdefault(r["method"], {})[int(float(r["mbps"]))] = float(r["speedup"])
+for m in ("sp", "astra-g1", "astra-g16"):
+    cells = " | ".join(f"{sp[m][b]:.2f}×" for b in (10, 50, 100, 500))
+    print(f"| {m} | {ms[m]:.1f} | {ms['single'] / ms[m]:.2f} | {cells} |")
+PY
+)
+single_ms=$($py -c "import csv; print(next(f\"{float(r['compute_ms_median']):.1f}\" for r in csv.DictReader(open('$out/profile/profile.csv')) if r['method'] == 'single'))")
+
+say "6/6 the paper's latency study (astra-sim)"
 $bin/astra-sim reproduce --out "$out/sim"
 cells=$(grep -o '[0-9]* of [0-9]* cells agree' "$out/sim/README.md")
 
@@ -84,6 +105,16 @@ CLS, fine-tuned for one epoch from the plain model. Run folders: \`runs/\`.
 | model | test accuracy | bits per token per block |
 |---|---:|---:|
 $acc_rows
+## This machine: per-device compute and the speedups it implies (N = 4, T = 256)
+
+12 blocks × 768 wide, fp32, median of 3 runs (\`profile/profile.csv\`, \`profile/trace.json\`); the
+single device takes $single_ms ms. Speedups over that single device from astra-sim's paper network
+model with this machine's compute (\`profile/speedups.csv\`).
+
+| method | per-device compute (ms) | compute ratio single / method | 10 Mbit/s | 50 Mbit/s | 100 Mbit/s | 500 Mbit/s |
+|---|---:|---:|---:|---:|---:|---:|
+$prof_rows
+
 ## The paper's latency study (astra-sim, paper-1660ti profile)
 
 $cells: speedups at N = 4, T = 1024 match the paper's. Tables and figures: \`sim/\`
