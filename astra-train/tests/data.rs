@@ -242,7 +242,7 @@ fn write_image(path: &std::path::Path, w: u32, h: u32, shade: u8) {
 
 #[test]
 fn image_folders_decode_resize_and_reject_bad_layouts() {
-    use astra_train::data::{open_images, ImageSet};
+    use astra_train::data::open_images;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     for (split, n) in [("train", 3), ("val", 1)] {

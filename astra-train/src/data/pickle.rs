@@ -298,7 +298,7 @@ pub fn load(bytes: &[u8]) -> Result<Value, String> {
 }
 
 fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>, String> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err("odd number of dict items".into());
     }
     let mut it = items.into_iter();
