@@ -4,6 +4,7 @@
 //! and trace formats) and `info`.
 pub mod predict;
 pub mod profile;
+pub mod runtime;
 pub mod sweep;
 
 pub use astra_train::runtime::RuntimeInfo;

@@ -136,6 +136,46 @@ fn sweep(metric: astra_eval::sweep::Metric, o: SweepOpts) -> Result<()> {
 
 #[derive(Subcommand)]
 enum Command {
+    /// One device of the multi-process runtime: listens, takes a plan from the coordinator, runs.
+    Worker {
+        /// Address to bind (loopback by default; port 0 picks one, printed as `listening ADDR`).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// The run's session key; connections that do not present it are refused.
+        #[arg(long)]
+        session: String,
+        /// Give up on a silent peer after this long.
+        #[arg(long, default_value_t = 10000)]
+        timeout_ms: u64,
+        /// Give up on the coordinator and the peers connecting (and loading) after this long.
+        #[arg(long, default_value_t = 60000)]
+        startup_timeout_ms: u64,
+    },
+    /// ASTRA inference across N local worker processes over TCP (ViT; indices exchanged per block).
+    Distributed {
+        #[arg(long)]
+        model: String,
+        /// Codebooks; default: codebooks.safetensors beside the model.
+        #[arg(long)]
+        codebooks: Option<PathBuf>,
+        #[arg(long, default_value_t = 4)]
+        devices: usize,
+        /// float32 [B, C, H, W] normalised images, .npy.
+        #[arg(long)]
+        input: PathBuf,
+        /// float32 logits, .npy.
+        #[arg(long)]
+        out: PathBuf,
+        /// One CLS on device 0 instead of one per device.
+        #[arg(long)]
+        single_cls: bool,
+        /// Every process gives up on a silent peer after this long.
+        #[arg(long, default_value_t = 10000)]
+        timeout_ms: u64,
+        /// Workers must start, load the model and connect within this long.
+        #[arg(long, default_value_t = 60000)]
+        startup_timeout_ms: u64,
+    },
     /// Accuracy of an image model over ASTRA settings (devices, partition, CLS, VQ, lost messages),
     /// beside the single-device model; random allocations also by FPAR quintile.
     Accuracy {
@@ -364,6 +404,51 @@ fn run() -> Result<()> {
                 out.join("profile.csv").display(),
                 out.join("trace.json").display()
             );
+        }
+        Command::Worker {
+            listen,
+            session,
+            timeout_ms,
+            startup_timeout_ms,
+        } => astra_eval::runtime::serve(
+            &listen,
+            &session,
+            std::time::Duration::from_millis(timeout_ms),
+            std::time::Duration::from_millis(startup_timeout_ms),
+        )?,
+        Command::Distributed {
+            model,
+            codebooks,
+            devices,
+            input,
+            out,
+            single_cls,
+            timeout_ms,
+            startup_timeout_ms,
+        } => {
+            let codebooks = match codebooks {
+                Some(c) => c,
+                None => {
+                    let c = astra_train::model::resolve(&model)?.join("codebooks.safetensors");
+                    if !c.exists() {
+                        anyhow::bail!(
+                            "{model} has no codebooks.safetensors beside it; pass --codebooks FILE"
+                        );
+                    }
+                    c
+                }
+            };
+            let msg = astra_eval::runtime::distributed(&astra_eval::runtime::DistributedArgs {
+                model,
+                codebooks,
+                devices,
+                input,
+                out,
+                single_cls,
+                timeout: std::time::Duration::from_millis(timeout_ms),
+                startup: std::time::Duration::from_millis(startup_timeout_ms),
+            })?;
+            print!("{msg}");
         }
         Command::Accuracy { opts } => sweep(astra_eval::sweep::Metric::Accuracy, opts)?,
         Command::Perplexity { opts } => sweep(astra_eval::sweep::Metric::Perplexity, opts)?,

@@ -101,7 +101,7 @@ pub fn run(a: &PredictArgs) -> Result<String> {
     ))
 }
 
-fn read_input(path: &Path, config: &ModelConfig) -> Result<Tensor> {
+pub fn read_input(path: &Path, config: &ModelConfig) -> Result<Tensor> {
     let t = Tensor::read_npy(path)
         .map_err(|e| anyhow::anyhow!("{}: not a readable .npy file: {e}", path.display()))?;
     match config {
@@ -145,7 +145,7 @@ fn read_input(path: &Path, config: &ModelConfig) -> Result<Tensor> {
     }
 }
 
-fn write_npy_atomic(t: &Tensor, out: &Path) -> Result<()> {
+pub fn write_npy_atomic(t: &Tensor, out: &Path) -> Result<()> {
     let dir = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -182,7 +182,8 @@ impl ViT {
         Ok((cls, tokens))
     }
 
-    fn head(&self, cls_states: &Tensor) -> Tensor {
+    /// Final LayerNorm of the CLS copies [B, C, D], mean-pooled, then the classifier.
+    pub fn head(&self, cls_states: &Tensor) -> Tensor {
         // DCT: each CLS copy final-LayerNormed, the copies mean-pooled, the head run once.
         cls_states
             .apply(&self.ln)

@@ -1,0 +1,283 @@
+//! The wire format between the coordinator and workers and among workers: length-prefixed frames
+//! `[magic u32][kind u8][payload length u32][payload]`, little-endian. Every field is checked on
+//! read (magic, kind, a length cap, payload sizes), so a malformed or hostile frame is an error,
+//! never a panic or an unbounded allocation.
+
+use std::io::{Read, Write};
+
+const MAGIC: u32 = 0x4153_5452; // "ASTR"
+
+/// Largest payload accepted (index frames are a few kB; results a few MB).
+pub const MAX_PAYLOAD: usize = 256 << 20;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Frame {
+    /// First frame on every connection: the run's session key and the sender's rank
+    /// (u32::MAX: the coordinator).
+    Hello { session: String, rank: u32 },
+    /// Coordinator → worker: the work, as JSON.
+    Plan(String),
+    /// Worker → worker: a block's bit-packed VQ indices of the sender's tokens.
+    Indices {
+        block: u32,
+        from: u32,
+        tokens: u32,
+        groups: u32,
+        bits: u8,
+        packed: Vec<u8>,
+    },
+    /// Worker → coordinator: a float32 tensor (the CLS states) and per-block timings (ms).
+    Result {
+        from: u32,
+        shape: Vec<i64>,
+        data: Vec<f32>,
+        timings: Vec<f64>,
+    },
+    /// Worker → coordinator: what went wrong.
+    Error(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+fn bad(s: impl Into<String>) -> FrameError {
+    FrameError::Malformed(s.into())
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], FrameError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| bad(format!("payload ends before byte {}", self.at + n)))?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn i64(&mut self) -> Result<i64, FrameError> {
+        Ok(i64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn bytes(&mut self) -> Result<Vec<u8>, FrameError> {
+        let n = self.u32()? as usize;
+        Ok(self.take(n)?.to_vec())
+    }
+    fn done(&self) -> Result<(), FrameError> {
+        if self.at != self.b.len() {
+            return Err(bad(format!("{} trailing bytes", self.b.len() - self.at)));
+        }
+        Ok(())
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+impl Frame {
+    fn kind(&self) -> u8 {
+        match self {
+            Frame::Hello { .. } => 1,
+            Frame::Plan(_) => 2,
+            Frame::Indices { .. } => 3,
+            Frame::Result { .. } => 4,
+            Frame::Error(_) => 5,
+        }
+    }
+
+    fn payload(&self) -> Vec<u8> {
+        let mut p = Vec::new();
+        match self {
+            Frame::Hello { session, rank } => {
+                put_bytes(&mut p, session.as_bytes());
+                p.extend_from_slice(&rank.to_le_bytes());
+            }
+            Frame::Plan(s) | Frame::Error(s) => put_bytes(&mut p, s.as_bytes()),
+            Frame::Indices {
+                block,
+                from,
+                tokens,
+                groups,
+                bits,
+                packed,
+            } => {
+                for v in [block, from, tokens, groups] {
+                    p.extend_from_slice(&v.to_le_bytes());
+                }
+                p.push(*bits);
+                put_bytes(&mut p, packed);
+            }
+            Frame::Result {
+                from,
+                shape,
+                data,
+                timings,
+            } => {
+                p.extend_from_slice(&from.to_le_bytes());
+                p.extend_from_slice(&(shape.len() as u32).to_le_bytes());
+                for s in shape {
+                    p.extend_from_slice(&s.to_le_bytes());
+                }
+                p.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                for v in data {
+                    p.extend_from_slice(&v.to_le_bytes());
+                }
+                p.extend_from_slice(&(timings.len() as u32).to_le_bytes());
+                for v in timings {
+                    p.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        p
+    }
+
+    pub fn write_to(&self, w: &mut impl Write) -> Result<(), FrameError> {
+        let p = self.payload();
+        let mut head = Vec::with_capacity(9 + p.len());
+        head.extend_from_slice(&MAGIC.to_le_bytes());
+        head.push(self.kind());
+        head.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        head.extend_from_slice(&p);
+        w.write_all(&head)?;
+        w.flush()?;
+        Ok(())
+    }
+
+    pub fn read_from(r: &mut impl Read) -> Result<Frame, FrameError> {
+        let mut head = [0u8; 9];
+        r.read_exact(&mut head)?;
+        let magic = u32::from_le_bytes(head[0..4].try_into().expect("4"));
+        if magic != MAGIC {
+            return Err(bad(format!("magic 0x{magic:08x} is not ASTRA's")));
+        }
+        let len = u32::from_le_bytes(head[5..9].try_into().expect("4")) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(bad(format!("payload of {len} bytes exceeds {MAX_PAYLOAD}")));
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)?;
+        let mut c = Cursor { b: &body, at: 0 };
+        let text = |c: &mut Cursor| -> Result<String, FrameError> {
+            String::from_utf8(c.bytes()?).map_err(|_| bad("text is not UTF-8"))
+        };
+        let f = match head[4] {
+            1 => {
+                let session = text(&mut c)?;
+                Frame::Hello {
+                    session,
+                    rank: c.u32()?,
+                }
+            }
+            2 => Frame::Plan(text(&mut c)?),
+            3 => Frame::Indices {
+                block: c.u32()?,
+                from: c.u32()?,
+                tokens: c.u32()?,
+                groups: c.u32()?,
+                bits: c.u8()?,
+                packed: c.bytes()?,
+            },
+            4 => {
+                let from = c.u32()?;
+                let dims = c.u32()? as usize;
+                if dims > 8 {
+                    return Err(bad(format!("{dims} dimensions")));
+                }
+                let shape = (0..dims).map(|_| c.i64()).collect::<Result<Vec<_>, _>>()?;
+                let n = c.u32()? as usize;
+                let raw = c.take(n.checked_mul(4).ok_or_else(|| bad("size overflow"))?)?;
+                let data = raw
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().expect("4")))
+                    .collect();
+                let m = c.u32()? as usize;
+                let raw = c.take(m.checked_mul(8).ok_or_else(|| bad("size overflow"))?)?;
+                let timings = raw
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().expect("8")))
+                    .collect();
+                Frame::Result {
+                    from,
+                    shape,
+                    data,
+                    timings,
+                }
+            }
+            5 => Frame::Error(text(&mut c)?),
+            k => return Err(bad(format!("kind {k} is unknown"))),
+        };
+        c.done()?;
+        Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_rejects() {
+        let frames = [
+            Frame::Hello {
+                session: "k3y".into(),
+                rank: 2,
+            },
+            Frame::Plan("{}".into()),
+            Frame::Indices {
+                block: 7,
+                from: 1,
+                tokens: 3,
+                groups: 2,
+                bits: 10,
+                packed: vec![1, 2, 3, 4, 5, 6, 7, 8],
+            },
+            Frame::Result {
+                from: 0,
+                shape: vec![2, 1, 4],
+                data: (0..8).map(|i| i as f32 * 0.5).collect(),
+                timings: vec![1.5, 2.5],
+            },
+            Frame::Error("boom".into()),
+        ];
+        for f in &frames {
+            let mut buf = Vec::new();
+            f.write_to(&mut buf).unwrap();
+            assert_eq!(&Frame::read_from(&mut buf.as_slice()).unwrap(), f);
+            // Any truncation is an error, never a panic.
+            for cut in 0..buf.len() {
+                assert!(Frame::read_from(&mut &buf[..cut]).is_err());
+            }
+        }
+        let mut buf = Vec::new();
+        frames[0].write_to(&mut buf).unwrap();
+        buf[0] ^= 1;
+        assert!(Frame::read_from(&mut buf.as_slice())
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
+        let mut huge = MAGIC.to_le_bytes().to_vec();
+        huge.push(3);
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Frame::read_from(&mut huge.as_slice())
+            .unwrap_err()
+            .to_string()
+            .contains("exceeds"));
+    }
+}
