@@ -175,6 +175,10 @@ enum Command {
         /// Workers must start, load the model and connect within this long.
         #[arg(long, default_value_t = 60000)]
         startup_timeout_ms: u64,
+        /// Write the measured per-block timings as an astra-sim trace (replay with
+        /// `astra-sim sweep --trace FILE`).
+        #[arg(long)]
+        trace: Option<PathBuf>,
     },
     /// Accuracy of an image model over ASTRA settings (devices, partition, CLS, VQ, lost messages),
     /// beside the single-device model; random allocations also by FPAR quintile.
@@ -425,6 +429,7 @@ fn run() -> Result<()> {
             single_cls,
             timeout_ms,
             startup_timeout_ms,
+            trace,
         } => {
             let codebooks = match codebooks {
                 Some(c) => c,
@@ -447,6 +452,7 @@ fn run() -> Result<()> {
                 single_cls,
                 timeout: std::time::Duration::from_millis(timeout_ms),
                 startup: std::time::Duration::from_millis(startup_timeout_ms),
+                trace,
             })?;
             print!("{msg}");
         }

@@ -86,6 +86,8 @@ fn workers_over_tcp_equal_the_per_device_path() {
         if single {
             args.push("--single-cls");
         }
+        let trace = tmp.path().join("trace.json");
+        args.extend(["--trace", trace.to_str().unwrap()]);
         let o = eval(&args, None);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let out = String::from_utf8_lossy(&o.stdout);

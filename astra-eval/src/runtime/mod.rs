@@ -173,7 +173,9 @@ fn mesh(
     Ok((streams, rx))
 }
 
-/// One device's forward: returns its CLS states (shape, data) and per-block (compute, wait) ms.
+/// One device's forward: returns its CLS states (shape, data) and, per block, the ms spent before
+/// the exchange (encode, pack, send), waiting for the peers, and after it (unpack, look-ups, the
+/// block itself).
 fn work(
     listener: &TcpListener,
     plan: &Plan,
@@ -228,6 +230,14 @@ fn work(
     let mut timings = Vec::new();
     let mut peers: Vec<(u32, TcpStream)> = streams.into_iter().collect();
     peers.sort_by_key(|(r, _)| *r);
+    // Per-codeword key/value tables depend only on the model and codebooks: built once, before
+    // the clock starts.
+    let tables: Vec<_> = vit
+        .blocks
+        .iter()
+        .zip(&vq)
+        .map(|(blk, q)| blk.codeword_kv(&q.codebook, vit.cfg.layer_norm_eps))
+        .collect();
     let fault = injected_fault(plan.rank);
     for (l, blk) in vit.blocks.iter().enumerate() {
         match fault {
@@ -238,7 +248,6 @@ fn work(
             _ => {}
         }
         let t0 = Instant::now();
-        let tables = blk.codeword_kv(&vq[l].codebook, vit.cfg.layer_norm_eps);
         let idx = vq[l].encode(&local.narrow(1, has_cls, mine.len() as i64));
         let flat: Vec<u16> = Vec::<i64>::try_from(idx.reshape([-1]))?
             .into_iter()
@@ -256,7 +265,7 @@ fn work(
             msg.write_to(s)
                 .map_err(|e| anyhow!("block {l}: sending to peer {r}: {e}"))?;
         }
-        let compute = t0.elapsed();
+        let pre = t0.elapsed();
         let t1 = Instant::now();
         let deadline = t1 + timeout;
         for (r, _) in &peers {
@@ -314,10 +323,11 @@ fn work(
             .iter()
             .map(|(r, _)| pending.remove(&(*r, l as u32)).expect("received above"))
             .collect();
-        let kv = (!remote.is_empty()).then(|| tables.kv(&Tensor::cat(&remote, 1)));
+        let kv = (!remote.is_empty()).then(|| tables[l].kv(&Tensor::cat(&remote, 1)));
         local = blk.forward_kv(&local, kv.as_ref());
-        timings.push((compute + t2.elapsed()).as_secs_f64() * 1e3);
+        timings.push(pre.as_secs_f64() * 1e3);
         timings.push(wait.as_secs_f64() * 1e3);
+        timings.push(t2.elapsed().as_secs_f64() * 1e3);
     }
     if has_cls == 0 {
         return Ok((vec![0], vec![], timings));
@@ -379,6 +389,82 @@ pub struct DistributedArgs {
     pub timeout: Duration,
     /// Waiting for workers to start, load and connect.
     pub startup: Duration,
+    /// Write the measured per-block timings as an astra-sim trace here.
+    pub trace: Option<PathBuf>,
+}
+
+/// The measured run as an astra-sim trace: per device and block, the compute before the
+/// exchange, an all-gather of its packed indices, and the compute after it.
+fn measured_trace(
+    a: &DistributedArgs,
+    timings: &[Vec<f64>],
+    shape: astra_sim::method::ModelShape,
+    groups: u32,
+    tokens: u64,
+    batch: u64,
+) -> Result<astra_sim::trace::Trace> {
+    use astra_sim::trace::{Comm, Op, OpKind, Run, Source, Trace};
+    let n = a.devices as u32;
+    let sizes: Vec<u64> = (0..n as u64)
+        .map(|d| tokens / n as u64 + u64::from(d < tokens % n as u64))
+        .collect();
+    let programs = timings
+        .iter()
+        .enumerate()
+        .map(|(d, t)| {
+            let mut ops = Vec::new();
+            for (l, b) in t.chunks_exact(3).enumerate() {
+                let id = ops.len() as u32;
+                ops.push(Op {
+                    id,
+                    kind: OpKind::Compute {
+                        ms: b[0],
+                        label: format!("block {l} encode"),
+                    },
+                    deps: None,
+                });
+                ops.push(Op {
+                    id: id + 1,
+                    kind: OpKind::AllGather(Comm {
+                        bits: batch * sizes[d] * groups as u64 * shape.index_bits as u64,
+                        peers: (0..n).collect(),
+                        tag: format!("block {l}"),
+                    }),
+                    deps: Some(vec![id]),
+                });
+                ops.push(Op {
+                    id: id + 2,
+                    kind: OpKind::Compute {
+                        ms: b[2],
+                        label: format!("block {l} attend + MLP"),
+                    },
+                    deps: Some(vec![id + 1]),
+                });
+            }
+            ops
+        })
+        .collect();
+    let trace = Trace {
+        format: astra_sim::trace::FORMAT.into(),
+        version: astra_sim::trace::VERSION,
+        source: Source {
+            kind: "measured".into(),
+            name: "astra-eval distributed".into(),
+            provenance: format!(
+                "{} worker processes on this host over loopback TCP, batch {batch}; compute as measured",
+                a.devices
+            ),
+        },
+        model: shape,
+        runs: vec![Run {
+            method: astra_sim::method::Method::Astra { groups },
+            devices: n,
+            tokens,
+            programs,
+        }],
+    };
+    trace.validate()?;
+    Ok(trace)
 }
 
 /// Starts N local workers, runs the input through them, writes the logits; returns a summary
@@ -480,6 +566,7 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
     }
     let mut states = Vec::new();
     let mut report = String::new();
+    let mut all_timings = Vec::new();
     for (r, s) in conns.iter_mut().enumerate() {
         // A worker reports a failing peer within one timeout of the fault; loading and the
         // whole run may take longer, so the wait for results allows for both.
@@ -491,16 +578,17 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
                 timings,
                 ..
             } => {
-                let (c, w): (Vec<f64>, Vec<f64>) = (
-                    timings.iter().step_by(2).copied().collect(),
-                    timings.iter().skip(1).step_by(2).copied().collect(),
-                );
+                if timings.len() % 3 != 0 {
+                    bail!("worker {r} sent {} timings, not 3 per block", timings.len());
+                }
+                let sum = |i: usize| timings.iter().skip(i).step_by(3).sum::<f64>();
                 report += &format!(
                     "worker {r}: compute {:.1} ms, waiting {:.1} ms over {} blocks\n",
-                    c.iter().sum::<f64>(),
-                    w.iter().sum::<f64>(),
-                    c.len()
+                    sum(0) + sum(2),
+                    sum(1),
+                    timings.len() / 3
                 );
+                all_timings.push(timings);
                 if !data.is_empty() {
                     states.push(Tensor::from_slice(&data).view(shape.as_slice()));
                 }
@@ -515,6 +603,30 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
     workers.0.clear();
     let logits = tch::no_grad(|| vit.head(&Tensor::cat(&states, 1)));
     crate::predict::write_npy_atomic(&logits, &a.out)?;
+    if let Some(path) = &a.trace {
+        let file = astra_quant::CodebookFile::load(&a.codebooks)?;
+        let cb = &file.blocks[0].codebook;
+        let shape = astra_sim::method::ModelShape {
+            blocks: vit.blocks.len() as u32,
+            hidden: vit.cfg.hidden_size as u32,
+            element_bits: 32,
+            index_bits: bitpack::bits_for(cb.k()),
+        };
+        let batch = logits.size()[0] as u64;
+        let t = measured_trace(
+            a,
+            &all_timings,
+            shape,
+            cb.groups() as u32,
+            vit.cfg.num_patches() as u64,
+            batch,
+        )?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, t.to_json())
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        report += &format!("trace -> {}\n", path.display());
+    }
     Ok(format!(
         "{} devices over TCP: logits {:?} -> {}\n{report}",
         a.devices,
