@@ -151,10 +151,14 @@ enum Command {
         #[arg(long, default_value_t = 60000)]
         startup_timeout_ms: u64,
     },
-    /// ASTRA inference across N local worker processes over TCP (ViT; indices exchanged per block).
+    /// ASTRA inference across N local worker processes over TCP (ViT; indices exchanged per block),
+    /// or the SP baseline (`--mode sp`: full-precision embeddings exchanged).
     Distributed {
         #[arg(long)]
         model: String,
+        /// astra (VQ indices) or sp (fp32 embeddings; the single-device model is `--devices 1`).
+        #[arg(long, default_value = "astra", value_parser = ["astra", "sp"])]
+        mode: String,
         /// Codebooks; default: codebooks.safetensors beside the model.
         #[arg(long)]
         codebooks: Option<PathBuf>,
@@ -422,6 +426,7 @@ fn run() -> Result<()> {
         )?,
         Command::Distributed {
             model,
+            mode,
             codebooks,
             devices,
             input,
@@ -431,8 +436,10 @@ fn run() -> Result<()> {
             startup_timeout_ms,
             trace,
         } => {
+            let sp = mode == "sp";
             let codebooks = match codebooks {
                 Some(c) => c,
+                None if sp => PathBuf::new(),
                 None => {
                     let c = astra_train::model::resolve(&model)?.join("codebooks.safetensors");
                     if !c.exists() {
@@ -446,6 +453,7 @@ fn run() -> Result<()> {
             let msg = astra_eval::runtime::distributed(&astra_eval::runtime::DistributedArgs {
                 model,
                 codebooks,
+                sp,
                 devices,
                 input,
                 out,

@@ -130,6 +130,57 @@ fn workers_over_tcp_equal_the_per_device_path() {
 }
 
 #[test]
+fn sp_baseline_over_tcp_equals_the_plain_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, x) = fixture(tmp.path());
+    let (dist, plain) = (tmp.path().join("d.npy"), tmp.path().join("p.npy"));
+    let trace = tmp.path().join("sp.json");
+    let o = eval(
+        &[
+            "distributed",
+            "--mode",
+            "sp",
+            "--model",
+            &m,
+            "--devices",
+            "3",
+            "--input",
+            &x,
+            "--out",
+            dist.to_str().unwrap(),
+            "--trace",
+            trace.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = eval(
+        &[
+            "predict",
+            "--model",
+            &m,
+            "--input",
+            &x,
+            "--out",
+            plain.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (
+        Tensor::read_npy(&dist).unwrap(),
+        Tensor::read_npy(&plain).unwrap(),
+    );
+    let rel = (&a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]);
+    assert!(
+        rel <= 1e-5,
+        "SP over TCP vs the plain model: relative {rel}"
+    );
+    let t = astra_sim::trace::Trace::load(&trace).unwrap();
+    assert_eq!(t.runs[0].method.to_string(), "sp");
+}
+
+#[test]
 fn dead_or_silent_workers_stop_everyone_with_the_peer_and_block_named() {
     let tmp = tempfile::tempdir().unwrap();
     let (m, x) = fixture(tmp.path());

@@ -35,6 +35,14 @@ pub enum Frame {
     },
     /// Worker → coordinator: what went wrong.
     Error(String),
+    /// Worker → worker (SP baseline): a block's full-precision token embeddings, fp32.
+    Embeddings {
+        block: u32,
+        from: u32,
+        tokens: u32,
+        dim: u32,
+        data: Vec<f32>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +107,7 @@ impl Frame {
             Frame::Indices { .. } => 3,
             Frame::Result { .. } => 4,
             Frame::Error(_) => 5,
+            Frame::Embeddings { .. } => 6,
         }
     }
 
@@ -110,6 +119,21 @@ impl Frame {
                 p.extend_from_slice(&rank.to_le_bytes());
             }
             Frame::Plan(s) | Frame::Error(s) => put_bytes(&mut p, s.as_bytes()),
+            Frame::Embeddings {
+                block,
+                from,
+                tokens,
+                dim,
+                data,
+            } => {
+                for v in [block, from, tokens, dim] {
+                    p.extend_from_slice(&v.to_le_bytes());
+                }
+                p.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                for v in data {
+                    p.extend_from_slice(&v.to_le_bytes());
+                }
+            }
             Frame::Indices {
                 block,
                 from,
@@ -221,6 +245,21 @@ impl Frame {
                 }
             }
             5 => Frame::Error(text(&mut c)?),
+            6 => {
+                let (block, from, tokens, dim) = (c.u32()?, c.u32()?, c.u32()?, c.u32()?);
+                let n = c.u32()? as usize;
+                let raw = c.take(n.checked_mul(4).ok_or_else(|| bad("size overflow"))?)?;
+                Frame::Embeddings {
+                    block,
+                    from,
+                    tokens,
+                    dim,
+                    data: raw
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().expect("4")))
+                        .collect(),
+                }
+            }
             k => return Err(bad(format!("kind {k} is unknown"))),
         };
         c.done()?;
@@ -255,6 +294,13 @@ mod tests {
                 timings: vec![1.5, 2.5],
             },
             Frame::Error("boom".into()),
+            Frame::Embeddings {
+                block: 1,
+                from: 2,
+                tokens: 1,
+                dim: 3,
+                data: vec![0.5, -1.0, 2.0],
+            },
         ];
         for f in &frames {
             let mut buf = Vec::new();

@@ -44,6 +44,9 @@ pub struct Plan {
     pub timeout_ms: u64,
     /// Waiting for processes to start, load the model and connect.
     pub startup_ms: u64,
+    /// The SP baseline: exchange full-precision embeddings (fp32) instead of indices.
+    #[serde(default)]
+    pub sp: bool,
 }
 
 fn configure(s: &TcpStream, timeout: Duration) -> Result<()> {
@@ -186,17 +189,20 @@ fn work(
     let Network::ViT(vit) = &model.net else {
         bail!("the runtime runs ViTs so far");
     };
-    let file = astra_quant::CodebookFile::load(std::path::Path::new(&plan.codebooks))?;
-    astra_train::models::vq::check_codebooks(&file, model.layers(), model.hidden())?;
-    let cfg = VqConfig {
-        noise_lambda: 0.0,
-        ..Default::default()
+    let vq: Vec<GroupedVq> = if plan.sp {
+        Vec::new()
+    } else {
+        let file = astra_quant::CodebookFile::load(std::path::Path::new(&plan.codebooks))?;
+        astra_train::models::vq::check_codebooks(&file, model.layers(), model.hidden())?;
+        let cfg = VqConfig {
+            noise_lambda: 0.0,
+            ..Default::default()
+        };
+        file.blocks
+            .iter()
+            .map(|b| GroupedVq::from_quantizer(b, cfg.clone(), Device::Cpu))
+            .collect()
     };
-    let vq: Vec<GroupedVq> = file
-        .blocks
-        .iter()
-        .map(|b| GroupedVq::from_quantizer(b, cfg.clone(), Device::Cpu))
-        .collect();
     let input = crate::predict::read_input(std::path::Path::new(&plan.input), &model.config)?;
     let (streams, rx) = mesh(
         listener,
@@ -224,7 +230,8 @@ fn work(
     } else {
         own
     };
-    let (g, k) = (vq[0].groups(), vq[0].k());
+    let (g, k) = vq.first().map_or((1, 1), |q| (q.groups(), q.k()));
+    let dim = vit.cfg.hidden_size;
     let bits = bitpack::bits_for(k as usize);
     let mut pending: HashMap<(u32, u32), Tensor> = HashMap::new();
     let mut timings = Vec::new();
@@ -248,18 +255,31 @@ fn work(
             _ => {}
         }
         let t0 = Instant::now();
-        let idx = vq[l].encode(&local.narrow(1, has_cls, mine.len() as i64));
-        let flat: Vec<u16> = Vec::<i64>::try_from(idx.reshape([-1]))?
-            .into_iter()
-            .map(|v| v as u16)
-            .collect();
-        let msg = Frame::Indices {
-            block: l as u32,
-            from: plan.rank,
-            tokens: mine.len() as u32,
-            groups: g as u32,
-            bits: bits as u8,
-            packed: bitpack::pack(&flat, bits)?,
+        let content = local.narrow(1, has_cls, mine.len() as i64);
+        let msg = if plan.sp {
+            Frame::Embeddings {
+                block: l as u32,
+                from: plan.rank,
+                tokens: mine.len() as u32,
+                dim: dim as u32,
+                data: Vec::<f32>::try_from(
+                    content.to_kind(Kind::Float).contiguous().reshape([-1]),
+                )?,
+            }
+        } else {
+            let idx = vq[l].encode(&content);
+            let flat: Vec<u16> = Vec::<i64>::try_from(idx.reshape([-1]))?
+                .into_iter()
+                .map(|v| v as u16)
+                .collect();
+            Frame::Indices {
+                block: l as u32,
+                from: plan.rank,
+                tokens: mine.len() as u32,
+                groups: g as u32,
+                bits: bits as u8,
+                packed: bitpack::pack(&flat, bits)?,
+            }
         };
         for (r, s) in &mut peers {
             msg.write_to(s)
@@ -283,6 +303,34 @@ fn work(
                     }
                     e => anyhow!("block {l}: peer {from}: {e}"),
                 })?;
+                let expect = p.tokens_of(from as usize).len() as u32;
+                if let (
+                    true,
+                    Frame::Embeddings {
+                        block,
+                        from: claimed,
+                        tokens: nt,
+                        dim: fd,
+                        data,
+                    },
+                ) = (plan.sp, &f)
+                {
+                    let (block, nt) = (*block, *nt);
+                    if *claimed != from
+                        || nt != expect
+                        || *fd as i64 != dim
+                        || block as usize >= vit.blocks.len()
+                        || block < l as u32
+                        || data.len() != (b as usize) * nt as usize * dim as usize
+                    {
+                        bail!("block {l}: peer {from} sent a malformed embeddings frame (block {block}, rank {claimed}, {nt} tokens × {fd}, {} values)", data.len());
+                    }
+                    pending.insert(
+                        (from, block),
+                        Tensor::from_slice(data).view([b, nt as i64, dim]),
+                    );
+                    continue;
+                }
                 let Frame::Indices {
                     block,
                     from: claimed,
@@ -294,7 +342,6 @@ fn work(
                 else {
                     bail!("block {l}: peer {from} sent an unexpected frame");
                 };
-                let expect = p.tokens_of(from as usize).len() as u32;
                 if claimed != from
                     || groups != g as u32
                     || fb as u32 != bits
@@ -323,8 +370,13 @@ fn work(
             .iter()
             .map(|(r, _)| pending.remove(&(*r, l as u32)).expect("received above"))
             .collect();
-        let kv = (!remote.is_empty()).then(|| tables[l].kv(&Tensor::cat(&remote, 1)));
-        local = blk.forward_kv(&local, kv.as_ref());
+        local = if plan.sp {
+            let all = (!remote.is_empty()).then(|| Tensor::cat(&remote, 1).to_kind(local.kind()));
+            blk.forward(&local, all.as_ref(), None)
+        } else {
+            let kv = (!remote.is_empty()).then(|| tables[l].kv(&Tensor::cat(&remote, 1)));
+            blk.forward_kv(&local, kv.as_ref())
+        };
         timings.push(pre.as_secs_f64() * 1e3);
         timings.push(wait.as_secs_f64() * 1e3);
         timings.push(t2.elapsed().as_secs_f64() * 1e3);
@@ -380,7 +432,10 @@ impl Drop for Workers {
 
 pub struct DistributedArgs {
     pub model: String,
+    /// Unused (may be empty) in the SP baseline.
     pub codebooks: PathBuf,
+    /// The SP baseline: full-precision embeddings exchanged instead of indices.
+    pub sp: bool,
     pub devices: usize,
     pub input: PathBuf,
     pub out: PathBuf,
@@ -399,7 +454,8 @@ fn measured_trace(
     a: &DistributedArgs,
     timings: &[Vec<f64>],
     shape: astra_sim::method::ModelShape,
-    groups: u32,
+    method: astra_sim::method::Method,
+    bits_per_token: u64,
     tokens: u64,
     batch: u64,
 ) -> Result<astra_sim::trace::Trace> {
@@ -426,7 +482,7 @@ fn measured_trace(
                 ops.push(Op {
                     id: id + 1,
                     kind: OpKind::AllGather(Comm {
-                        bits: batch * sizes[d] * groups as u64 * shape.index_bits as u64,
+                        bits: batch * sizes[d] * bits_per_token,
                         peers: (0..n).collect(),
                         tag: format!("block {l}"),
                     }),
@@ -457,7 +513,7 @@ fn measured_trace(
         },
         model: shape,
         runs: vec![Run {
-            method: astra_sim::method::Method::Astra { groups },
+            method,
             devices: n,
             tokens,
             programs,
@@ -561,6 +617,7 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
             single_cls: a.single_cls,
             timeout_ms: a.timeout.as_millis() as u64,
             startup_ms: a.startup.as_millis() as u64,
+            sp: a.sp,
         };
         Frame::Plan(serde_json::to_string(&plan)?).write_to(s)?;
     }
@@ -604,20 +661,34 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
     let logits = tch::no_grad(|| vit.head(&Tensor::cat(&states, 1)));
     crate::predict::write_npy_atomic(&logits, &a.out)?;
     if let Some(path) = &a.trace {
-        let file = astra_quant::CodebookFile::load(&a.codebooks)?;
-        let cb = &file.blocks[0].codebook;
-        let shape = astra_sim::method::ModelShape {
+        let mut shape = astra_sim::method::ModelShape {
             blocks: vit.blocks.len() as u32,
             hidden: vit.cfg.hidden_size as u32,
             element_bits: 32,
-            index_bits: bitpack::bits_for(cb.k()),
+            index_bits: 10,
+        };
+        let (method, bits_per_token) = if a.sp {
+            (
+                astra_sim::method::Method::Sp,
+                32 * vit.cfg.hidden_size as u64,
+            )
+        } else {
+            let file = astra_quant::CodebookFile::load(&a.codebooks)?;
+            let cb = &file.blocks[0].codebook;
+            shape.index_bits = bitpack::bits_for(cb.k());
+            let g = cb.groups() as u32;
+            (
+                astra_sim::method::Method::Astra { groups: g },
+                g as u64 * shape.index_bits as u64,
+            )
         };
         let batch = logits.size()[0] as u64;
         let t = measured_trace(
             a,
             &all_timings,
             shape,
-            cb.groups() as u32,
+            method,
+            bits_per_token,
             vit.cfg.num_patches() as u64,
             batch,
         )?;
