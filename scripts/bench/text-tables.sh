@@ -20,16 +20,8 @@ bf16=${BF16---bf16}
 mkdir -p "$out"
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-5} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
-run() {
-  local name=$1; shift
-  if [[ -s $out/$name/time.txt ]]; then return 0; fi
-  local t0=$SECONDS
-  "$@" >"$out/$name.log" 2>&1 || { echo "FAILED: $name (see $out/$name.log)" >&2; tail -3 "$out/$name.log" >&2; return 1; }
-  mkdir -p "$out/$name"
-  echo "wall_seconds=$((SECONDS - t0)) jobs_in_parallel=$jobs command=$*" >"$out/$name/time.txt"
-}
-export -f run
-export out jobs
+# shellcheck source=../lib/runs.sh
+source "$(dirname "$0")/../lib/runs.sh"
 
 declare -A spec=(
   [wikitext2]="text:$data/wikitext-2/valid.txt,$data/wikitext-2/test.txt"
