@@ -7,7 +7,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use astra_quant::{BlockQuantizer, CodebookFile, GroupedCodebook, KMeansConfig};
+mod common;
+
 use astra_train::config::{ModelConfig, ViTConfig};
 use astra_train::model::Model;
 use tch::{Device, Kind, Tensor};
@@ -40,24 +41,7 @@ fn fixture(dir: &Path) -> (String, String) {
     .unwrap();
     let m = dir.join("vit");
     model.save(&m).unwrap();
-    let rows = astra_quant::bench::gaussian_mixture(400, 16, 8, 5) * 0.5;
-    let cfg = KMeansConfig {
-        iters: 4,
-        ..KMeansConfig::new(16)
-    };
-    let (cb, _) = GroupedCodebook::fit(rows.view(), 4, &cfg).unwrap();
-    CodebookFile {
-        blocks: vec![
-            BlockQuantizer {
-                codebook: cb,
-                noise: None
-            };
-            3
-        ],
-        extra: Default::default(),
-    }
-    .save(&m.join("codebooks.safetensors"))
-    .unwrap();
+    common::save_codebooks(&m.join("codebooks.safetensors"), 3, 16, 4);
     let x = dir.join("x.npy");
     Tensor::randn([3, 1, 8, 8], (Kind::Float, Device::Cpu))
         .write_npy(&x)

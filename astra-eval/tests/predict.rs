@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use astra_quant::{BlockQuantizer, CodebookFile, GroupedCodebook, KMeansConfig};
+mod common;
+
 use astra_train::config::{GPT2Config, ModelConfig, ViTConfig};
 use astra_train::model::Model;
 use tch::{Device, Kind, Tensor};
@@ -18,35 +19,16 @@ fn predict(args: &[&str], paths: &[&Path]) -> std::process::Output {
     c.output().unwrap()
 }
 
+/// Codebooks for `layers` blocks of width `d` in `dir`.
+fn codebooks(dir: &Path, layers: usize, d: usize, groups: usize) -> std::path::PathBuf {
+    let p = dir.join(format!("cb-{d}-{layers}.safetensors"));
+    common::save_codebooks(&p, layers, d, groups);
+    p
+}
+
 fn ok(o: std::process::Output) -> String {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn codebooks(dir: &Path, layers: usize, d: usize, groups: usize) -> std::path::PathBuf {
-    let rows = astra_quant::bench::gaussian_mixture(400, d, 8, 5) * 0.5;
-    let (cb, _) = GroupedCodebook::fit(
-        rows.view(),
-        groups,
-        &KMeansConfig {
-            iters: 4,
-            ..KMeansConfig::new(16)
-        },
-    )
-    .unwrap();
-    let file = CodebookFile {
-        blocks: vec![
-            BlockQuantizer {
-                codebook: cb,
-                noise: None
-            };
-            layers
-        ],
-        extra: Default::default(),
-    };
-    let p = dir.join(format!("cb-{d}-{layers}.safetensors"));
-    file.save(&p).unwrap();
-    p
 }
 
 #[test]

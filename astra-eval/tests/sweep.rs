@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use astra_quant::{BlockQuantizer, CodebookFile, GroupedCodebook, KMeansConfig};
+mod common;
+use common::save_codebooks as codebooks;
+
 use astra_train::config::{GPT2Config, ModelConfig, ViTConfig};
 use astra_train::model::Model;
 use tch::Device;
@@ -27,27 +29,6 @@ fn err(o: std::process::Output) -> String {
     let e = String::from_utf8_lossy(&o.stderr).trim().to_string();
     assert_eq!(e.lines().count(), 1, "not one line: {e}");
     e
-}
-
-fn codebooks(path: &Path, layers: usize, d: usize, groups: usize) {
-    let rows = astra_quant::bench::gaussian_mixture(400, d, 8, 5) * 0.5;
-    let cfg = KMeansConfig {
-        iters: 4,
-        ..KMeansConfig::new(16)
-    };
-    let (cb, _) = GroupedCodebook::fit(rows.view(), groups, &cfg).unwrap();
-    CodebookFile {
-        blocks: vec![
-            BlockQuantizer {
-                codebook: cb,
-                noise: None
-            };
-            layers
-        ],
-        extra: Default::default(),
-    }
-    .save(path)
-    .unwrap();
 }
 
 fn write_idx(dir: &Path, prefix: &str, n: usize) {
