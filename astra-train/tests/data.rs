@@ -1,6 +1,9 @@
 //! Data sets read from fixtures written here in the original formats (IDX with and without gzip,
 //! CIFAR-10/100 binary batches), and truncated or inconsistent files named in the error.
 
+mod common;
+use common::python;
+
 use std::io::Write;
 
 use astra_train::data::{cifar, idx};
@@ -165,16 +168,6 @@ fn cifar_binary_batches() {
         .unwrap_err()
         .to_string()
         .contains("label 10 out of range"));
-}
-
-fn python() -> std::path::PathBuf {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/setup.sh",
-        p.display()
-    );
-    p
 }
 
 #[test]

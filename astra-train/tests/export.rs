@@ -2,7 +2,10 @@
 //! ViTForImageClassification / GPT2LMHeadModel) and that compute our logits; codebooks travel
 //! beside the weights; an existing folder is never overwritten.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{max_rel_diff, python};
+
+use std::path::Path;
 use std::process::Command;
 
 use astra_quant::{BlockQuantizer, CodebookFile, GroupedCodebook, KMeansConfig};
@@ -10,16 +13,6 @@ use astra_train::config::{GPT2Config, ModelConfig, ViTConfig};
 use astra_train::export::export;
 use astra_train::model::Model;
 use tch::{Device, Kind, Tensor};
-
-fn python() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/setup.sh",
-        p.display()
-    );
-    p
-}
 
 /// Logits transformers computes for `input` from the exported folder, and the class it used.
 fn transformers_logits(dir: &Path, input: &Tensor) -> (String, Tensor) {
@@ -43,11 +36,6 @@ fn transformers_logits(dir: &Path, input: &Tensor) -> (String, Tensor) {
         String::from_utf8_lossy(&o.stdout).trim().to_string(),
         Tensor::read_npy(&out).unwrap(),
     )
-}
-
-fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let scale = b.abs().max().double_value(&[]).max(1e-6);
-    (a - b).abs().max().double_value(&[]) / scale
 }
 
 fn codebooks(layers: usize, dim: usize) -> CodebookFile {

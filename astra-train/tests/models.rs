@@ -2,7 +2,10 @@
 //! path equals the one-process masked forward; with the identity quantizer, or one device, MPA
 //! equals the plain model.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{max_rel_diff, python};
+
+use std::path::Path;
 use std::process::Command;
 
 use astra_quant::{BlockQuantizer, CodebookFile, GroupedCodebook, KMeansConfig};
@@ -10,21 +13,6 @@ use astra_train::config::{GPT2Config, ModelConfig, ViTConfig};
 use astra_train::model::Model;
 use astra_train::models::{Astra, ClsMode, DevicePartition, GroupedVq, VqConfig};
 use tch::{Device, Kind, Tensor};
-
-fn python() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/setup.sh",
-        p.display()
-    );
-    p
-}
-
-fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let scale = b.abs().max().double_value(&[]).max(1e-6);
-    (a - b).abs().max().double_value(&[]) / scale
-}
 
 fn fixtures() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
