@@ -134,11 +134,40 @@ fn sweep(metric: astra_eval::sweep::Metric, o: SweepOpts) -> Result<()> {
     Ok(())
 }
 
+/// `RATE[,DELAY_MS[,LOSS_PCT]]` of `--links`.
+fn parse_links(s: &str) -> anyhow::Result<astra_eval::runtime::Links> {
+    let f: Vec<&str> = s.split(',').collect();
+    let num = |i: usize, what: &str| -> anyhow::Result<f64> {
+        match f.get(i) {
+            None => Ok(0.0),
+            Some(v) => v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or_else(|| anyhow::anyhow!("--links {s}: {what} '{v}' is not a number ≥ 0")),
+        }
+    };
+    let l = astra_eval::runtime::Links {
+        mbps: num(0, "rate")?,
+        delay_ms: num(1, "delay")?,
+        loss_pct: num(2, "loss")?,
+    };
+    if f.len() > 3 || l.mbps <= 0.0 || l.loss_pct > 100.0 {
+        anyhow::bail!(
+            "--links {s}: expected RATE_MBIT[,DELAY_MS[,LOSS_PCT]] with RATE > 0 and LOSS ≤ 100"
+        );
+    }
+    Ok(l)
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// One device of the multi-process runtime: listens, takes a plan from the coordinator, runs.
+    /// One device of the multi-process runtime: listens, takes a plan from the coordinator, runs
+    /// the forward as often as the coordinator asks. Start one per host for `distributed --workers`.
     Worker {
-        /// Address to bind (loopback by default; port 0 picks one, printed as `listening ADDR`).
+        /// Address to bind for peers and (without --stdio) the coordinator: loopback by default;
+        /// port 0 picks one, printed as `listening ADDR`. Give the host's address for other hosts.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
         /// The run's session key; connections that do not present it are refused.
@@ -150,9 +179,14 @@ enum Command {
         /// Give up on the coordinator and the peers connecting (and loading) after this long.
         #[arg(long, default_value_t = 60000)]
         startup_timeout_ms: u64,
+        /// Talk to the coordinator over stdin/stdout (how `distributed` starts local workers).
+        #[arg(long)]
+        stdio: bool,
     },
-    /// ASTRA inference across N local worker processes over TCP (ViT; indices exchanged per block),
-    /// or the SP baseline (`--mode sp`: full-precision embeddings exchanged).
+    /// ASTRA inference across N worker processes over TCP (ViT classification or GPT-2 prefill;
+    /// VQ indices exchanged per block), the SP baseline (`--mode sp`: fp32 embeddings exchanged)
+    /// or the single-device model (`--devices 1`). Local workers by default, each behind a shaped
+    /// link with `--links` (root); running workers on other hosts with `--workers`.
     Distributed {
         #[arg(long)]
         model: String,
@@ -162,12 +196,25 @@ enum Command {
         /// Codebooks; default: codebooks.safetensors beside the model.
         #[arg(long)]
         codebooks: Option<PathBuf>,
-        #[arg(long, default_value_t = 4)]
-        devices: usize,
-        /// float32 [B, C, H, W] normalised images, .npy.
+        /// Devices N (default 4, or the number of --workers).
+        #[arg(long)]
+        devices: Option<usize>,
+        /// Running workers (`astra-eval worker --listen HOST:PORT --session KEY` on each host),
+        /// comma-separated, by rank; the model, codebooks and input paths must exist on every
+        /// host. Pass the workers' session key in ASTRA_SESSION.
+        #[arg(long, value_delimiter = ',')]
+        workers: Vec<String>,
+        /// Shape every local worker's uplink: RATE Mbit/s (2^20 bit), optional one-way DELAY ms
+        /// and LOSS %, e.g. 10 or 50,5,0.1. Workers run in network namespaces (needs root).
+        #[arg(long)]
+        links: Option<String>,
+        /// libtorch threads per worker (default: this machine's cores / devices).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// float32 [B, C, H, W] normalised images (ViT) or int64 [B, T] token ids (GPT-2), .npy.
         #[arg(long)]
         input: PathBuf,
-        /// float32 logits, .npy.
+        /// float32 logits, .npy: [B, classes] (ViT) or [B, T, vocabulary] (GPT-2).
         #[arg(long)]
         out: PathBuf,
         /// One CLS on device 0 instead of one per device.
@@ -179,10 +226,19 @@ enum Command {
         /// Workers must start, load the model and connect within this long.
         #[arg(long, default_value_t = 60000)]
         startup_timeout_ms: u64,
-        /// Write the measured per-block timings as an astra-sim trace (replay with
-        /// `astra-sim sweep --trace FILE`).
+        /// Timed runs (the median is reported).
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// Untimed runs first.
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
+        /// Write the measured per-block timings of the median run as an astra-sim trace (ViT;
+        /// replay with `astra-sim sweep --trace FILE`).
         #[arg(long)]
         trace: Option<PathBuf>,
+        /// Write latencies and per-worker times as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Accuracy of an image model over ASTRA settings (devices, partition, CLS, VQ, lost messages),
     /// beside the single-device model; random allocations also by FPAR quintile.
@@ -418,23 +474,35 @@ fn run() -> Result<()> {
             session,
             timeout_ms,
             startup_timeout_ms,
+            stdio,
         } => astra_eval::runtime::serve(
             &listen,
             &session,
             std::time::Duration::from_millis(timeout_ms),
             std::time::Duration::from_millis(startup_timeout_ms),
+            if stdio {
+                astra_eval::runtime::ControlVia::Stdio
+            } else {
+                astra_eval::runtime::ControlVia::Tcp
+            },
         )?,
         Command::Distributed {
             model,
             mode,
             codebooks,
             devices,
+            workers,
+            links,
+            threads,
             input,
             out,
             single_cls,
             timeout_ms,
             startup_timeout_ms,
+            runs,
+            warmup,
             trace,
+            json,
         } => {
             let sp = mode == "sp";
             let codebooks = match codebooks {
@@ -450,17 +518,25 @@ fn run() -> Result<()> {
                     c
                 }
             };
+            let devices = devices.unwrap_or(if workers.is_empty() { 4 } else { workers.len() });
+            let links = links.as_deref().map(parse_links).transpose()?;
             let msg = astra_eval::runtime::distributed(&astra_eval::runtime::DistributedArgs {
                 model,
                 codebooks,
                 sp,
                 devices,
+                workers,
+                links,
+                threads,
                 input,
                 out,
                 single_cls,
                 timeout: std::time::Duration::from_millis(timeout_ms),
                 startup: std::time::Duration::from_millis(startup_timeout_ms),
+                runs,
+                warmup,
                 trace,
+                json,
             })?;
             print!("{msg}");
         }

@@ -154,6 +154,39 @@ fn gpt2_predict_and_bad_input() {
         &[&ids, Path::new("--out"), &out],
     ));
     assert_eq!(Tensor::read_npy(&out).unwrap().size(), vec![2, 12, 40]);
+    // With codebooks: the fast per-device prefill (indices only, keys/values from per-codeword
+    // tables) equals the direct per-device path, and quantization changes the logits.
+    let cb16 = codebooks(dir.path(), 2, 16, 4);
+    let run = |path: &str, out: &Path| {
+        ok(predict(
+            &[
+                "--devices",
+                "3",
+                "--path",
+                path,
+                "--model",
+                m,
+                "--codebooks",
+                cb16.to_str().unwrap(),
+                "--input",
+            ],
+            &[&ids, Path::new("--out"), out],
+        ));
+        Tensor::read_npy(out).unwrap()
+    };
+    let direct = run("per-device", &dir.path().join("direct.npy"));
+    let fast = run("per-device-fast", &dir.path().join("fast.npy"));
+    let masked = run("masked", &dir.path().join("masked.npy"));
+    let scale = direct.abs().max().double_value(&[]).max(1e-6);
+    let rel = (&fast - &direct).abs().max().double_value(&[]) / scale;
+    assert!(
+        rel <= 1e-5,
+        "GPT-2 fast vs direct per-device: relative {rel}"
+    );
+    let rel = (&masked - &direct).abs().max().double_value(&[]) / scale;
+    assert!(rel <= 1e-5, "GPT-2 masked vs per-device: relative {rel}");
+    let plain = Tensor::read_npy(&out).unwrap();
+    assert!((&plain - &direct).abs().max().double_value(&[]) > 1e-5);
 
     let err = |o: std::process::Output, needle: &str| {
         let e = String::from_utf8_lossy(&o.stderr).into_owned();

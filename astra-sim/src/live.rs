@@ -426,7 +426,7 @@ pub struct Links {
 }
 
 /// Namespaces made by netem.sh; removed on drop (also on errors and panics).
-struct Namespaces {
+pub struct Namespaces {
     script: PathBuf,
     prefix: String,
 }
@@ -444,6 +444,62 @@ pub struct LiveOutcome {
     pub reports: Vec<WorkerReport>,
     pub shaped: bool,
     pub netem: bool,
+}
+
+/// Shaped links that are up: one namespace and address per device.
+pub struct LinksUp {
+    pub namespaces: Namespaces,
+    /// (namespace, IPv4 address) per device.
+    pub devices: Vec<(String, String)>,
+    /// Whether netem (delay, loss) is in place.
+    pub netem: bool,
+}
+
+/// Brings up `n` devices behind shaped uplinks with netem.sh (`prefix` names the namespaces;
+/// they go away when the returned guard drops).
+pub fn links_up(script: &Path, prefix: &str, n: usize, links: &Links) -> Result<LinksUp> {
+    let rate_bit = (links.mbps * crate::network::MBIT).round() as u64;
+    let out = Command::new(script)
+        .args([
+            "up",
+            prefix,
+            &n.to_string(),
+            &rate_bit.to_string(),
+            &links.delay_ms.to_string(),
+            &links.loss_pct.to_string(),
+        ])
+        .output()
+        .map_err(|e| err(format!("{}: {e}", script.display())))?;
+    let namespaces = Namespaces {
+        script: script.to_path_buf(),
+        prefix: prefix.to_string(),
+    };
+    if !out.status.success() {
+        return Err(err(format!(
+            "netem.sh up failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut devices = Vec::new();
+    for l in text.lines().filter(|l| !l.starts_with("netem")) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() != 3 {
+            return Err(err(format!("bad netem.sh line '{l}'")));
+        }
+        devices.push((f[1].to_string(), f[2].to_string()));
+    }
+    if devices.len() != n {
+        return Err(err(format!(
+            "netem.sh made {} devices, not {n}",
+            devices.len()
+        )));
+    }
+    Ok(LinksUp {
+        namespaces,
+        devices,
+        netem: text.lines().any(|l| l == "netem yes"),
+    })
 }
 
 /// Default location of scripts/netem.sh: $ASTRA_NETEM, else the script in this source tree.
@@ -485,41 +541,19 @@ pub fn replay(
     let mut netem = false;
     let (addrs, namespaces): (Vec<SocketAddr>, Vec<Option<String>>) = if shape {
         let prefix = format!("astra-{}-{id}", std::process::id());
-        let rate_bit = (links.mbps * crate::network::MBIT).round() as u64;
-        let out = Command::new(script)
-            .args([
-                "up",
-                &prefix,
-                &n.to_string(),
-                &rate_bit.to_string(),
-                &links.delay_ms.to_string(),
-                &links.loss_pct.to_string(),
-            ])
-            .output()
-            .map_err(|e| err(format!("{}: {e}", script.display())))?;
-        guard = Some(Namespaces {
-            script: script.to_path_buf(),
-            prefix,
-        });
-        if !out.status.success() {
-            return Err(err(format!(
-                "netem.sh up failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        netem = text.lines().any(|l| l == "netem yes");
+        let up = links_up(script, &prefix, n, links)?;
+        netem = up.netem;
         let mut a = Vec::new();
         let mut ns = Vec::new();
-        for l in text.lines().filter(|l| !l.starts_with("netem")) {
-            let f: Vec<&str> = l.split_whitespace().collect();
+        for (name, addr) in &up.devices {
             a.push(
-                format!("{}:{}", f[2], 47000)
+                format!("{addr}:47000")
                     .parse()
-                    .map_err(|_| err(format!("bad netem.sh line '{l}'")))?,
+                    .map_err(|_| err(format!("bad netem.sh address '{addr}'")))?,
             );
-            ns.push(Some(f[1].to_string()));
+            ns.push(Some(name.clone()));
         }
+        guard = Some(up.namespaces);
         (a, ns)
     } else {
         let base = 20000 + (std::process::id() as usize * 7 + id * 64) % 30000;

@@ -160,6 +160,18 @@ enum Command {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Write a randomly initialised model (HF folder: config.json + model.safetensors) for an HF
+    /// config.json: for latency and throughput runs, where trained weights do not matter.
+    Init {
+        /// An HF config.json (ViTForImageClassification or GPT2LMHeadModel).
+        #[arg(long)]
+        model_config: std::path::PathBuf,
+        /// The folder to write (must not hold a model yet).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: i64,
+    },
     /// Download a data set (checksummed, resumable) and print the --data spec to train on.
     Download {
         /// cifar10, cifar10-python, cifar100, cifar100-python, mnist or fashion-mnist.
@@ -564,6 +576,24 @@ fn run(cli: Cli) -> Result<()> {
                 } else {
                     ""
                 }
+            );
+        }
+        Command::Init {
+            model_config,
+            out,
+            seed,
+        } => {
+            if out.join("model.safetensors").exists() {
+                anyhow::bail!("{} already holds a model; not overwritten", out.display());
+            }
+            let cfg = astra_train::config::ModelConfig::load(&model_config)?;
+            tch::manual_seed(seed);
+            let model = astra_train::model::Model::new(cfg, tch::Device::Cpu)?;
+            model.save(&out)?;
+            println!(
+                "{}: random weights (seed {seed}) -> {}",
+                model_config.display(),
+                out.display()
             );
         }
         Command::Download {

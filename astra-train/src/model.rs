@@ -110,14 +110,11 @@ impl Model {
         }
     }
 
-    /// The per-device path with fast remote keys/values (ViT; see `ViT::forward_per_device_fast`).
+    /// The per-device path with fast remote keys/values (see `ViT::forward_per_device_fast`).
     pub fn forward_per_device_fast(&self, input: &Tensor, astra: Astra) -> Result<Tensor> {
         match &self.net {
             Network::ViT(m) => m.forward_per_device_fast(input, astra),
-            Network::Gpt2(_) => Err(TrainError::invalid(
-                "fast path",
-                "is implemented for ViTs; GPT-2 runs the direct per-device path",
-            )),
+            Network::Gpt2(m) => m.forward_per_device_fast(input, astra),
         }
     }
 

@@ -43,6 +43,12 @@ pub enum Frame {
         dim: u32,
         data: Vec<f32>,
     },
+    /// Worker → coordinator: loaded, connected to every peer, tables built.
+    Ready { rank: u32 },
+    /// Coordinator → worker: run the forward once (run 0, 1, …).
+    Go { run: u32 },
+    /// Coordinator → worker: no more runs; exit.
+    Done,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +106,21 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
 }
 
 impl Frame {
+    /// The frame's kind, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "hello",
+            Frame::Plan(_) => "plan",
+            Frame::Indices { .. } => "indices",
+            Frame::Result { .. } => "result",
+            Frame::Error(_) => "error",
+            Frame::Embeddings { .. } => "embeddings",
+            Frame::Ready { .. } => "ready",
+            Frame::Go { .. } => "go",
+            Frame::Done => "done",
+        }
+    }
+
     fn kind(&self) -> u8 {
         match self {
             Frame::Hello { .. } => 1,
@@ -108,6 +129,9 @@ impl Frame {
             Frame::Result { .. } => 4,
             Frame::Error(_) => 5,
             Frame::Embeddings { .. } => 6,
+            Frame::Ready { .. } => 7,
+            Frame::Go { .. } => 8,
+            Frame::Done => 9,
         }
     }
 
@@ -119,6 +143,10 @@ impl Frame {
                 p.extend_from_slice(&rank.to_le_bytes());
             }
             Frame::Plan(s) | Frame::Error(s) => put_bytes(&mut p, s.as_bytes()),
+            Frame::Ready { rank: v } | Frame::Go { run: v } => {
+                p.extend_from_slice(&v.to_le_bytes())
+            }
+            Frame::Done => {}
             Frame::Embeddings {
                 block,
                 from,
@@ -260,6 +288,9 @@ impl Frame {
                         .collect(),
                 }
             }
+            7 => Frame::Ready { rank: c.u32()? },
+            8 => Frame::Go { run: c.u32()? },
+            9 => Frame::Done,
             k => return Err(bad(format!("kind {k} is unknown"))),
         };
         c.done()?;
@@ -301,6 +332,9 @@ mod tests {
                 dim: 3,
                 data: vec![0.5, -1.0, 2.0],
             },
+            Frame::Ready { rank: 3 },
+            Frame::Go { run: 9 },
+            Frame::Done,
         ];
         for f in &frames {
             let mut buf = Vec::new();

@@ -10,6 +10,7 @@
 pub mod augment;
 pub mod cifar;
 pub mod download;
+pub mod fake;
 pub mod folder;
 pub mod idx;
 pub mod loader;
@@ -143,6 +144,12 @@ pub fn open_images(spec: &str, folder_size: usize) -> Result<ImageData> {
             vec![0.5071, 0.4865, 0.4409],
             vec![0.2673, 0.2564, 0.2762],
         ),
+        "fake" => {
+            let dir = dir.to_str().unwrap_or_default();
+            let (train, test) = fake::open(dir, folder_size)?;
+            let pair: (Arc<dyn ImageSet>, Arc<dyn ImageSet>) = (Arc::new(train), Arc::new(test));
+            (pair, vec![0.5; 3], vec![0.29; 3])
+        }
         // ImageNet statistics, as torchvision's ImageNet recipes use.
         "imagefolder" => {
             let train = folder::ImageFolder::open(&dir.join("train"), folder_size, None)?;
@@ -155,7 +162,7 @@ pub fn open_images(spec: &str, folder_size: usize) -> Result<ImageData> {
             return Err(TrainError::invalid(
                 "data",
                 format!(
-                    "kind '{other}' is not fashion-mnist, mnist, cifar10, cifar100, imagefolder or text"
+                    "kind '{other}' is not fashion-mnist, mnist, cifar10, cifar100, imagefolder, fake or text"
                 ),
             ))
         }

@@ -5,6 +5,7 @@
 use tch::nn;
 use tch::{Kind, Tensor};
 
+use super::fast_kv::CodewordKv;
 use super::layers::{activate, attend, Conv1D};
 use super::mpa::mixed_precision_mask_with_loss;
 use super::vit::check_blocks;
@@ -63,6 +64,52 @@ impl GptBlock {
         let h = x.apply(&self.ln_2);
         &x + activate(&h.apply(&self.c_fc), &self.act).apply(&self.mlp_proj)
     }
+
+    /// Keys/values of remote tokens straight from their indices ([`CodewordKv`]): the key and
+    /// value thirds of c_attn, in nn.Linear layout.
+    pub fn codeword_kv(&self, codebook: &Tensor, eps: f64) -> CodewordKv {
+        let d = self.c_proj.weight.size()[0];
+        let w = &self.c_attn.weight; // [D, 3D]
+        let b = &self.c_attn.bias;
+        let ones = Tensor::ones([d], (Kind::Float, w.device()));
+        let zeros = Tensor::zeros([d], (Kind::Float, w.device()));
+        CodewordKv::new(
+            codebook,
+            self.ln_1.ws.as_ref().unwrap_or(&ones),
+            self.ln_1.bs.as_ref().unwrap_or(&zeros),
+            &w.narrow(1, d, d).transpose(0, 1),
+            Some(&b.narrow(0, d, d)),
+            &w.narrow(1, 2 * d, d).transpose(0, 1),
+            Some(&b.narrow(0, 2 * d, d)),
+            eps,
+        )
+    }
+
+    /// One block on a device's tokens `x` with remote keys/values given directly (`remote_kv`
+    /// [B, T_r, 2D], keys first); `mask` [S, S + T_r] (true = may attend) is needed with remote
+    /// keys, plain causal attention applies without them.
+    pub fn forward_kv(
+        &self,
+        x: &Tensor,
+        remote_kv: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
+        let qkv = x.apply(&self.ln_1).apply(&self.c_attn);
+        let parts = qkv.split(qkv.size()[2] / 3, 2);
+        let (q, mut k, mut v) = (
+            parts[0].shallow_clone(),
+            parts[1].shallow_clone(),
+            parts[2].shallow_clone(),
+        );
+        if let Some(kv) = remote_kv {
+            let d = k.size()[2];
+            k = Tensor::cat(&[k, kv.narrow(2, 0, d).to_kind(q.kind())], 1);
+            v = Tensor::cat(&[v, kv.narrow(2, d, d).to_kind(q.kind())], 1);
+        }
+        let x = x + attend(&q, &k, &v, self.heads, mask, true).apply(&self.c_proj);
+        let h = x.apply(&self.ln_2);
+        &x + activate(&h.apply(&self.c_fc), &self.act).apply(&self.mlp_proj)
+    }
 }
 
 #[derive(Debug)]
@@ -103,7 +150,8 @@ impl Gpt2 {
         })
     }
 
-    fn embed(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
+    /// Token plus position embeddings of `ids` [B, T] at `positions` [T].
+    pub fn embed(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
         let s = ids.size();
         if s.len() != 2 {
             return Err(TrainError::invalid(
@@ -134,7 +182,7 @@ impl Gpt2 {
     }
 
     /// Logits [B, T, V] from the final states (lm_head tied to wte).
-    fn head(&self, x: &Tensor) -> Tensor {
+    pub fn head(&self, x: &Tensor) -> Tensor {
         x.apply(&self.ln_f).matmul(&self.wte.ws.transpose(0, 1))
     }
 
@@ -203,6 +251,22 @@ impl Gpt2 {
     /// others' quantized tokens per block; a query sees keys at or before its position. Returns the
     /// logits of all tokens, gathered back into sequence order.
     pub fn forward_per_device(&self, ids: &Tensor, astra: Astra) -> Result<Tensor> {
+        self.per_device(ids, astra, false)
+    }
+
+    /// The per-device prefill with fast remote keys/values: only indices travel, receivers look
+    /// keys and values up in per-codeword tables. Needs quantizers.
+    pub fn forward_per_device_fast(&self, ids: &Tensor, astra: Astra) -> Result<Tensor> {
+        if astra.vq.is_none() {
+            return Err(TrainError::invalid(
+                "fast path",
+                "needs codebooks (remote tokens must be codewords)",
+            ));
+        }
+        self.per_device(ids, astra, true)
+    }
+
+    fn per_device(&self, ids: &Tensor, astra: Astra, fast: bool) -> Result<Tensor> {
         if astra.link_loss.is_some() {
             return Err(TrainError::invalid(
                 "link loss",
@@ -251,6 +315,19 @@ impl Gpt2 {
             check_blocks(v.len(), self.blocks.len())?;
         }
         for (l, blk) in self.blocks.iter().enumerate() {
+            if let (true, Some(v)) = (fast, vq.as_deref()) {
+                let tables = blk.codeword_kv(&v[l].codebook, self.cfg.layer_norm_epsilon);
+                let sent: Vec<Tensor> = (0..n).map(|d| v[l].encode(&local[d])).collect();
+                local = (0..n)
+                    .map(|d| {
+                        let remote: Vec<&Tensor> =
+                            (0..n).filter(|&e| e != d).map(|e| &sent[e]).collect();
+                        let kv = (!remote.is_empty()).then(|| tables.kv(&Tensor::cat(&remote, 1)));
+                        blk.forward_kv(&local[d], kv.as_ref(), Some(&masks[d]))
+                    })
+                    .collect();
+                continue;
+            }
             let sent: Vec<Tensor> = (0..n)
                 .map(|d| match vq.as_deref() {
                     Some(v) => v[l]

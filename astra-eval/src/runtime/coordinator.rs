@@ -1,0 +1,538 @@
+//! `astra-eval distributed`: starts N local workers (behind shaped links in network namespaces
+//! with `--links`, when root) or connects to running ones (`--workers`), hands out the plans,
+//! times whole runs (from `Go` to the last result), applies the head to what comes back, and
+//! writes the logits, a summary and, on request, the measured run as an astra-sim trace.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use astra_train::model::{Model, Network};
+use serde::Serialize;
+use tch::{Device, Tensor};
+
+use super::frame::{Frame, FrameError};
+use super::net::{configure, connect_by, read_frames, session_key, Tagged};
+use super::{Plan, COORDINATOR};
+
+/// Link shaping for local workers: uplink rate (Mbit/s, 2^20 bit, as astra-sim counts), one-way
+/// delay and loss (netem, where the kernel has it).
+pub use astra_sim::live::Links;
+
+pub struct DistributedArgs {
+    pub model: String,
+    /// Unused (may be empty) in the SP baseline.
+    pub codebooks: PathBuf,
+    /// The SP baseline: full-precision embeddings exchanged instead of indices.
+    pub sp: bool,
+    pub devices: usize,
+    /// Running workers to use (`astra-eval worker --listen ADDR` on each host), by rank; empty:
+    /// start local ones.
+    pub workers: Vec<String>,
+    /// Shape the local workers' links (network namespaces + tc; needs root).
+    pub links: Option<Links>,
+    /// Threads per worker (0: this machine's cores / devices, at least 1).
+    pub threads: usize,
+    pub input: PathBuf,
+    pub out: PathBuf,
+    pub single_cls: bool,
+    /// Waiting on a silent peer during the run.
+    pub timeout: Duration,
+    /// Waiting for workers to start, load and connect.
+    pub startup: Duration,
+    /// Timed runs (the median is reported) after `warmup` untimed ones.
+    pub runs: usize,
+    pub warmup: usize,
+    /// Write the measured per-block timings (of the median run) as an astra-sim trace here.
+    pub trace: Option<PathBuf>,
+    /// Write a JSON summary (latencies, per-worker times) here.
+    pub json: Option<PathBuf>,
+}
+
+/// What `--json` writes.
+#[derive(Serialize)]
+pub struct Summary {
+    pub mode: String,
+    pub devices: usize,
+    pub tokens: i64,
+    pub batch: i64,
+    pub groups: Option<i64>,
+    /// "loopback", "shaped RATE Mbit/s …" or "remote".
+    pub network: String,
+    pub threads_per_worker: usize,
+    pub runs_ms: Vec<f64>,
+    pub median_ms: f64,
+    /// Per worker (median run): ms computing and ms waiting for peers.
+    pub compute_ms: Vec<f64>,
+    pub wait_ms: Vec<f64>,
+}
+
+/// Kills and reaps local workers when the coordinator leaves early.
+struct Workers(Vec<Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The coordinator's side of every worker: where to write, and one channel of tagged frames.
+struct WorkerLinks {
+    tx: Vec<Box<dyn std::io::Write + Send>>,
+    rx: mpsc::Receiver<Tagged>,
+    /// Every worker's peer-facing address, by rank.
+    addrs: Vec<String>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+/// Starts local workers (in namespaces `ns`, when given) and reads the address each listens on.
+fn start_local(
+    a: &DistributedArgs,
+    session: &str,
+    namespaces: Option<&[(String, String)]>,
+    workers: &mut Workers,
+) -> Result<WorkerLinks> {
+    let exe = std::env::current_exe()?;
+    let ms = a.timeout.as_millis().to_string();
+    let startup_ms = a.startup.as_millis().to_string();
+    type Started = std::result::Result<(String, BufReader<ChildStdout>), String>;
+    let mut lines: Vec<mpsc::Receiver<Started>> = Vec::new();
+    let mut stdins: Vec<ChildStdin> = Vec::new();
+    // Start every worker first, so they load in parallel.
+    for r in 0..a.devices {
+        let (mut cmd, listen) = match namespaces {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns[r].0]).arg(&exe);
+                (c, format!("{}:47000", ns[r].1))
+            }
+            None => (Command::new(&exe), "127.0.0.1:0".to_string()),
+        };
+        let mut c = cmd
+            .args([
+                "worker",
+                "--stdio",
+                "--listen",
+                &listen,
+                "--session",
+                session,
+            ])
+            .args(["--timeout-ms", &ms, "--startup-timeout-ms", &startup_ms])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting a worker")?;
+        let out = c.stdout.take().expect("piped");
+        stdins.push(c.stdin.take().expect("piped"));
+        workers.0.push(c);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut out = BufReader::new(out);
+            let mut line = String::new();
+            let _ = tx.send(match out.read_line(&mut line) {
+                Ok(_) => Ok((line, out)),
+                Err(e) => Err(e.to_string()),
+            });
+        });
+        lines.push(rx);
+    }
+    let deadline = Instant::now() + a.startup;
+    let (ftx, rx) = mpsc::channel();
+    let mut addrs = Vec::new();
+    for (r, rx) in lines.iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (line, out) = rx
+            .recv_timeout(left)
+            .map_err(|_| {
+                anyhow!(
+                    "worker {r} did not start within {} ms",
+                    a.startup.as_millis()
+                )
+            })?
+            .map_err(|e| anyhow!("worker {r}: {e}"))?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .ok_or_else(|| anyhow!("worker {r} did not start: '{}'", line.trim()))?;
+        addrs.push(addr.to_string());
+        read_frames(out, r, ftx.clone());
+    }
+    Ok(WorkerLinks {
+        tx: stdins
+            .into_iter()
+            .map(|s| Box::new(s) as Box<dyn std::io::Write + Send>)
+            .collect(),
+        rx,
+        addrs,
+    })
+}
+
+/// Connects to running workers.
+fn connect_remote(a: &DistributedArgs) -> Result<WorkerLinks> {
+    let deadline = Instant::now() + a.startup;
+    let (ftx, rx) = mpsc::channel();
+    let mut tx: Vec<Box<dyn std::io::Write + Send>> = Vec::new();
+    for (r, addr) in a.workers.iter().enumerate() {
+        let s = connect_by(addr, deadline, &format!("worker {r}"))?;
+        configure(&s, a.timeout)?;
+        s.set_read_timeout(None)?;
+        read_frames(s.try_clone()?, r, ftx.clone());
+        tx.push(Box::new(s));
+    }
+    Ok(WorkerLinks {
+        tx,
+        rx,
+        addrs: a.workers.clone(),
+    })
+}
+
+/// Waits until every worker has sent `want` (checked by `take`), with a deadline. A worker's
+/// error ends the wait with its message; a worker that vanished gives the others a moment to
+/// report which peer and block broke, so the message names them.
+fn gather<T>(
+    links: &WorkerLinks,
+    n: usize,
+    deadline: Instant,
+    grace: Duration,
+    what: &str,
+    mut take: impl FnMut(usize, Frame) -> Result<Option<T>>,
+) -> Result<Vec<T>> {
+    let mut got: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    let mut vanished: Option<(usize, Instant)> = None;
+    while got.iter().any(|g| g.is_none()) {
+        let until = match vanished {
+            Some((_, at)) => (at + grace).min(deadline.max(at + grace)),
+            None => deadline,
+        };
+        let left = until.saturating_duration_since(Instant::now());
+        match links.rx.recv_timeout(left) {
+            Ok((r, Ok(Frame::Error(e)))) => bail!(
+                "{}",
+                if e.contains("worker") {
+                    e
+                } else {
+                    format!("worker {r}: {e}")
+                }
+            ),
+            Ok((r, Ok(f))) => {
+                let name = f.name();
+                match take(r, f)? {
+                    Some(v) => got[r] = Some(v),
+                    None => bail!(
+                        "worker {r} sent a {name} frame while the coordinator waited for {what}"
+                    ),
+                }
+            }
+            Ok((r, Err(e))) => {
+                if matches!(&e, FrameError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof)
+                    || matches!(&e, FrameError::Io(_))
+                {
+                    vanished.get_or_insert((r, Instant::now()));
+                } else {
+                    bail!("worker {r}: {e}");
+                }
+            }
+            Err(_) => match vanished {
+                Some((r, _)) => bail!("worker {r} exited before sending {what}"),
+                None => {
+                    let missing: Vec<String> = got
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, g)| g.is_none())
+                        .map(|(r, _)| r.to_string())
+                        .collect();
+                    bail!("no {what} from worker(s) {} in time", missing.join(", "));
+                }
+            },
+        }
+    }
+    Ok(got.into_iter().map(|g| g.expect("all present")).collect())
+}
+
+struct RunResult {
+    states: Vec<Option<Tensor>>,
+    timings: Vec<Vec<f64>>,
+}
+
+/// Runs the input through N workers, writes the logits; returns a summary with latencies and the
+/// per-block compute and wait times of each worker.
+pub fn distributed(a: &DistributedArgs) -> Result<String> {
+    if a.devices == 0 {
+        bail!("--devices must be at least 1");
+    }
+    if !a.workers.is_empty() && a.workers.len() != a.devices {
+        bail!(
+            "--workers lists {} addresses for --devices {}",
+            a.workers.len(),
+            a.devices
+        );
+    }
+    if !a.workers.is_empty() && a.links.is_some() {
+        bail!("--links shapes local workers; remote workers run over the hosts' own network");
+    }
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let (model, _) = Model::load(&a.model, Device::Cpu)?;
+    let input = crate::predict::read_input(&a.input, &model.config)?;
+    let tokens = model.content_tokens(&input);
+    if a.devices as i64 > tokens {
+        bail!(
+            "--devices {} exceeds the input's {tokens} tokens",
+            a.devices
+        );
+    }
+    if a.trace.is_some() && matches!(model.net, Network::Gpt2(_)) {
+        bail!("--trace is written for ViT runs (GPT-2's one-way causal exchange has no trace form yet)");
+    }
+    let groups = if a.sp {
+        None
+    } else {
+        let file = astra_quant::CodebookFile::load(&a.codebooks)?;
+        astra_train::models::vq::check_codebooks(&file, model.layers(), model.hidden())?;
+        Some(file.blocks[0].codebook.groups() as i64)
+    };
+    let threads = match a.threads {
+        0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / a.devices).max(1),
+        t => t,
+    };
+    // Local workers get a fresh key on their command line; running workers were started with
+    // one, which the coordinator must present.
+    let session = if a.workers.is_empty() {
+        session_key()
+    } else {
+        std::env::var("ASTRA_SESSION").map_err(|_| {
+            anyhow!("--workers: put the session key the workers were started with in ASTRA_SESSION")
+        })?
+    };
+    let mut workers = Workers(Vec::new());
+    let (mut links, _namespaces, network) = if !a.workers.is_empty() {
+        (connect_remote(a)?, None, "remote workers".to_string())
+    } else if let Some(l) = &a.links {
+        let script = astra_sim::live::default_netem_script();
+        if !astra_sim::live::can_shape(&script) {
+            bail!(
+                "--links needs root, ip, tc and network namespaces ({} check failed); run without --links for unshaped loopback",
+                script.display()
+            );
+        }
+        let up = astra_sim::live::links_up(
+            &script,
+            &format!("astra-{}-e", std::process::id()),
+            a.devices,
+            l,
+        )?;
+        let desc = format!(
+            "shaped {} Mbit/s uplinks{}{}",
+            l.mbps,
+            if l.delay_ms > 0.0 {
+                format!(", {} ms delay", l.delay_ms)
+            } else {
+                String::new()
+            },
+            if l.loss_pct > 0.0 {
+                format!(", {}% loss", l.loss_pct)
+            } else {
+                String::new()
+            },
+        );
+        let desc = if (l.delay_ms > 0.0 || l.loss_pct > 0.0) && !up.netem {
+            format!("{desc} (this kernel has no netem: delay/loss NOT applied)")
+        } else {
+            desc
+        };
+        let started = start_local(a, &session, Some(&up.devices), &mut workers)?;
+        (started, Some(up.namespaces), desc)
+    } else {
+        (
+            start_local(a, &session, None, &mut workers)?,
+            None,
+            "loopback".to_string(),
+        )
+    };
+    let n = a.devices;
+    for (r, w) in links.tx.iter_mut().enumerate() {
+        let plan = Plan {
+            rank: r as u32,
+            devices: n as u32,
+            peers: links.addrs.clone(),
+            model: a.model.clone(),
+            codebooks: a.codebooks.display().to_string(),
+            input: a.input.display().to_string(),
+            single_cls: a.single_cls,
+            timeout_ms: a.timeout.as_millis() as u64,
+            startup_ms: a.startup.as_millis() as u64,
+            sp: a.sp,
+            threads,
+        };
+        let send = |f: Frame, w: &mut Box<dyn std::io::Write + Send>| {
+            f.write_to(w).map_err(|e| anyhow!("worker {r}: {e}"))
+        };
+        send(
+            Frame::Hello {
+                session: session.clone(),
+                rank: COORDINATOR,
+            },
+            w,
+        )?;
+        send(Frame::Plan(serde_json::to_string(&plan)?), w)?;
+    }
+    let grace = a.timeout + Duration::from_secs(1);
+    gather(
+        &links,
+        n,
+        Instant::now() + a.startup,
+        grace,
+        "ready",
+        |_, f| Ok(matches!(f, Frame::Ready { .. }).then_some(())),
+    )?;
+    let blocks = model.layers() as usize;
+    let mut runs_ms = Vec::new();
+    let mut results = Vec::new();
+    for run in 0..a.warmup + a.runs {
+        for (r, w) in links.tx.iter_mut().enumerate() {
+            Frame::Go { run: run as u32 }
+                .write_to(w)
+                .map_err(|e| anyhow!("worker {r}: {e}"))?;
+        }
+        let t0 = Instant::now();
+        // A worker reports a failing peer within one timeout of the fault; a run itself may take
+        // longer than that, so the wait allows for both.
+        let got = gather(
+            &links,
+            n,
+            t0 + a.startup + a.timeout * 3,
+            grace,
+            "a result",
+            |r, f| match f {
+                Frame::Result {
+                    shape,
+                    data,
+                    timings,
+                    ..
+                } => {
+                    if timings.len() != 3 * blocks {
+                        bail!(
+                            "worker {r} sent {} timings for {blocks} blocks",
+                            timings.len()
+                        );
+                    }
+                    let numel: i64 = shape.iter().product();
+                    if numel != data.len() as i64 {
+                        bail!("worker {r} sent {} values for shape {shape:?}", data.len());
+                    }
+                    let state = (!data.is_empty())
+                        .then(|| Tensor::from_slice(&data).view(shape.as_slice()));
+                    Ok(Some((state, timings)))
+                }
+                _ => Ok(None),
+            },
+        )?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        if run >= a.warmup {
+            runs_ms.push(ms);
+            let (states, timings) = got.into_iter().unzip();
+            results.push(RunResult { states, timings });
+        }
+    }
+    for w in links.tx.iter_mut() {
+        let _ = Frame::Done.write_to(w);
+    }
+    for c in &mut workers.0 {
+        let _ = c.wait();
+    }
+    workers.0.clear();
+    // The run whose latency is the median: its outputs and timings are reported.
+    let mid = {
+        let m = median(&runs_ms);
+        runs_ms
+            .iter()
+            .position(|&v| v == m)
+            .expect("median is a member")
+    };
+    let run = &results[mid];
+    let states: Vec<Tensor> = run
+        .states
+        .iter()
+        .flatten()
+        .map(|s| s.shallow_clone())
+        .collect();
+    let logits = tch::no_grad(|| match &model.net {
+        Network::ViT(vit) => vit.head(&Tensor::cat(&states, 1)),
+        Network::Gpt2(gpt) => gpt.head(&Tensor::cat(&states, 1)),
+    });
+    crate::predict::write_npy_atomic(&logits, &a.out)?;
+    let sum = |t: &[f64], i: usize| t.iter().skip(i).step_by(3).sum::<f64>();
+    let compute_ms: Vec<f64> = run.timings.iter().map(|t| sum(t, 0) + sum(t, 2)).collect();
+    let wait_ms: Vec<f64> = run.timings.iter().map(|t| sum(t, 1)).collect();
+    let mut report = format!(
+        "{n} devices over TCP ({network}; {threads} thread(s) per worker): logits {:?} -> {}\nlatency: median {:.1} ms over {} run(s) (min {:.1}, max {:.1}) after {} warm-up\n",
+        logits.size(),
+        a.out.display(),
+        median(&runs_ms),
+        runs_ms.len(),
+        runs_ms.iter().copied().fold(f64::INFINITY, f64::min),
+        runs_ms.iter().copied().fold(0.0, f64::max),
+        a.warmup,
+    );
+    for r in 0..n {
+        report += &format!(
+            "worker {r}: compute {:.1} ms, waiting {:.1} ms over {blocks} blocks\n",
+            compute_ms[r], wait_ms[r]
+        );
+    }
+    let batch = input.size()[0];
+    if let (Some(path), Network::ViT(vit)) = (&a.trace, &model.net) {
+        let t = super::trace::measured(
+            a,
+            &network,
+            &run.timings,
+            vit,
+            groups.map(|_| a.codebooks.as_path()),
+            tokens as u64,
+            batch as u64,
+        )?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, t.to_json())
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        report += &format!("trace -> {}\n", path.display());
+    }
+    if let Some(path) = &a.json {
+        let s = Summary {
+            mode: if a.sp {
+                "sp".into()
+            } else if n == 1 {
+                "single".into()
+            } else {
+                "astra".into()
+            },
+            devices: n,
+            tokens,
+            batch,
+            groups,
+            network,
+            threads_per_worker: threads,
+            median_ms: median(&runs_ms),
+            runs_ms,
+            compute_ms,
+            wait_ms,
+        };
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&s)?)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    }
+    Ok(report)
+}

@@ -1,0 +1,135 @@
+//! Sockets and channels of the runtime: dialling and accepting with deadlines, and the control
+//! link between the coordinator and a worker (TCP for remote workers, the child's stdin/stdout
+//! for local ones, which also crosses network namespaces), read by a thread so every wait can
+//! have a deadline.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use super::frame::{Frame, FrameError};
+
+pub fn configure(s: &TcpStream, timeout: Duration) -> Result<()> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    Ok(())
+}
+
+/// Accepts one connection before `deadline`.
+pub fn accept_by(l: &TcpListener, deadline: Instant, what: &str) -> Result<TcpStream> {
+    l.set_nonblocking(true)?;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    bail!("timed out waiting for {what}");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Dials `addr` until it answers or `deadline` passes.
+pub fn connect_by(addr: &str, deadline: Instant, what: &str) -> Result<TcpStream> {
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() > deadline => bail!("{what} at {addr}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// A random per-run session key (128 bits, hex).
+pub fn session_key() -> String {
+    use rand::Rng;
+    let mut r = rand::rng();
+    (0..16)
+        .map(|_| format!("{:02x}", r.random::<u8>()))
+        .collect()
+}
+
+pub type Tagged = (usize, std::result::Result<Frame, FrameError>);
+
+/// Reads frames from `read` on a thread of its own and passes them, tagged, to `tx`; stops after
+/// the first error (passed on too), e.g. the end of the stream.
+pub fn read_frames(mut read: impl Read + Send + 'static, tag: usize, tx: mpsc::Sender<Tagged>) {
+    std::thread::spawn(move || loop {
+        let f = Frame::read_from(&mut read);
+        let stop = f.is_err();
+        if tx.send((tag, f)).is_err() || stop {
+            return;
+        }
+    });
+}
+
+/// A worker's link to the coordinator: frames out through `tx`, frames in through a reader
+/// thread.
+pub struct Control {
+    tx: Box<dyn Write + Send>,
+    rx: mpsc::Receiver<Tagged>,
+}
+
+impl Control {
+    pub fn new(read: impl Read + Send + 'static, write: impl Write + Send + 'static) -> Self {
+        let (t, rx) = mpsc::channel();
+        read_frames(read, 0, t);
+        Control {
+            tx: Box::new(write),
+            rx,
+        }
+    }
+
+    pub fn send(&mut self, f: &Frame) -> std::result::Result<(), FrameError> {
+        f.write_to(&mut self.tx)
+    }
+
+    /// The next frame, waiting at most `wait` (None: until the other end closes).
+    pub fn recv(&self, wait: Option<Duration>) -> Result<Frame, RecvError> {
+        match wait {
+            Some(w) => match self.rx.recv_timeout(w) {
+                Ok((_, f)) => f.map_err(RecvError::Frame),
+                Err(mpsc::RecvTimeoutError::Timeout) => Err(RecvError::Timeout),
+                Err(mpsc::RecvTimeoutError::Disconnected) => Err(RecvError::Closed),
+            },
+            None => match self.rx.recv() {
+                Ok((_, f)) => f.map_err(RecvError::Frame),
+                Err(_) => Err(RecvError::Closed),
+            },
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum RecvError {
+    Timeout,
+    Closed,
+    Frame(FrameError),
+}
+
+impl std::fmt::Display for RecvError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecvError::Timeout => write!(f, "nothing arrived in time"),
+            RecvError::Closed => write!(f, "the connection closed"),
+            RecvError::Frame(FrameError::Io(e))
+                if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                write!(f, "the connection closed")
+            }
+            RecvError::Frame(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for RecvError {}

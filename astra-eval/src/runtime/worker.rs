@@ -1,0 +1,396 @@
+//! `astra-eval worker`: one device. It gets its plan from the coordinator, loads the model and
+//! codebooks, joins the full mesh of peers, reports ready, and then runs the forward once per
+//! `Go`: per block it encodes its tokens, sends the packed indices (or fp32 embeddings for SP) to
+//! the peers that attend to them, waits for its sources with a deadline, checks every frame, and
+//! computes the block.
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use astra_quant::bitpack;
+use astra_train::model::Model;
+use tch::{Device, Kind, Tensor};
+
+use super::device::{DeviceShare, Payload};
+use super::frame::{self, Frame};
+use super::net::{accept_by, configure, connect_by, Control};
+use super::{Plan, COORDINATOR};
+
+/// Where the coordinator's frames come from.
+pub enum ControlVia {
+    /// The first connection on the listening socket (remote workers).
+    Tcp,
+    /// stdin/stdout (workers the coordinator started itself).
+    Stdio,
+}
+
+/// Runs a worker: listens on `listen` for peers (and, with [`ControlVia::Tcp`], the coordinator),
+/// prints `listening ADDR`, serves one plan for as many runs as the coordinator asks, exits.
+pub fn serve(
+    listen: &str,
+    session: &str,
+    timeout: Duration,
+    startup: Duration,
+    via: ControlVia,
+) -> Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    println!("listening {}", listener.local_addr()?);
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let deadline = Instant::now() + startup;
+    let mut control = match via {
+        ControlVia::Tcp => {
+            let coord = accept_by(&listener, deadline, "the coordinator")?;
+            configure(&coord, timeout)?;
+            // The coordinator may wait long between runs (its other workers' runs): no read
+            // deadline here; a coordinator that goes away closes the connection.
+            coord.set_read_timeout(None)?;
+            Control::new(coord.try_clone()?, coord)
+        }
+        ControlVia::Stdio => Control::new(std::io::stdin(), std::io::stdout()),
+    };
+    match control.recv(Some(startup)) {
+        Ok(Frame::Hello { session: s, rank }) if s == session && rank == COORDINATOR => {}
+        Ok(Frame::Hello { .. }) => bail!("a connection presented a wrong session key; refused"),
+        Ok(other) => bail!("expected the coordinator's hello, got {}", other.name()),
+        Err(e) => bail!("waiting for the coordinator's hello: {e}"),
+    }
+    let plan: Plan = match control.recv(Some(startup)) {
+        Ok(Frame::Plan(p)) => serde_json::from_str(&p).context("plan")?,
+        Ok(other) => bail!("expected a plan, got {}", other.name()),
+        Err(e) => bail!("waiting for the plan: {e}"),
+    };
+    if let Err(e) = work(&listener, &plan, session, &mut control) {
+        let msg = format!("worker {}: {e:#}", plan.rank);
+        let _ = control.send(&Frame::Error(msg.clone()));
+        bail!(msg);
+    }
+    Ok(())
+}
+
+type Received = (u32, std::result::Result<Frame, frame::FrameError>);
+
+/// The full mesh: a stream per peer rank, and a channel fed by one reader thread per peer.
+fn mesh(
+    listener: &TcpListener,
+    plan: &Plan,
+    session: &str,
+    timeout: Duration,
+    startup: Duration,
+) -> Result<(HashMap<u32, TcpStream>, mpsc::Receiver<Received>)> {
+    let deadline = Instant::now() + startup;
+    let mut streams = HashMap::new();
+    for j in 0..plan.rank {
+        let mut s = connect_by(&plan.peers[j as usize], deadline, &format!("peer {j}"))?;
+        configure(&s, timeout)?;
+        Frame::Hello {
+            session: session.into(),
+            rank: plan.rank,
+        }
+        .write_to(&mut s)?;
+        streams.insert(j, s);
+    }
+    for _ in plan.rank + 1..plan.devices {
+        let mut s = accept_by(listener, deadline, "a peer")?;
+        configure(&s, timeout)?;
+        match Frame::read_from(&mut s)? {
+            Frame::Hello { session: k, rank } if k == session => {
+                if rank <= plan.rank || rank >= plan.devices || streams.contains_key(&rank) {
+                    bail!("a peer announced rank {rank}, which is not expected here");
+                }
+                streams.insert(rank, s);
+            }
+            Frame::Hello { .. } => bail!("a peer presented a wrong session key; refused"),
+            other => bail!("expected a peer's hello, got {}", other.name()),
+        }
+    }
+    let (tx, rx) = mpsc::channel();
+    for (&r, s) in &streams {
+        let mut s = s.try_clone()?;
+        // Reads block without a deadline here; the worker's recv_timeout bounds every wait.
+        s.set_read_timeout(None)?;
+        let tx = tx.clone();
+        std::thread::spawn(move || loop {
+            let f = Frame::read_from(&mut s);
+            let stop = f.is_err();
+            if tx.send((r, f)).is_err() || stop {
+                return;
+            }
+        });
+    }
+    Ok((streams, rx))
+}
+
+/// Loads, connects, reports ready, then serves runs until `Done`.
+fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Control) -> Result<()> {
+    if plan.threads > 0 {
+        tch::set_num_threads(plan.threads as i32);
+    }
+    let timeout = Duration::from_millis(plan.timeout_ms);
+    let (model, _) = Model::load(&plan.model, Device::Cpu)?;
+    let input = crate::predict::read_input(std::path::Path::new(&plan.input), &model.config)?;
+    let tokens = model.content_tokens(&input) as usize;
+    let dev = DeviceShare::new(&model, plan, tokens)?;
+    let (streams, rx) = mesh(
+        listener,
+        plan,
+        session,
+        timeout,
+        Duration::from_millis(plan.startup_ms),
+    )?;
+    let mut sinks: Vec<(u32, TcpStream)> = streams
+        .into_iter()
+        .filter(|(r, _)| dev.sinks.contains(r))
+        .collect();
+    sinks.sort_by_key(|(r, _)| *r);
+    control.send(&Frame::Ready { rank: plan.rank })?;
+    let mut ex = Exchange {
+        plan,
+        dev: &dev,
+        rx,
+        pending: HashMap::new(),
+        blocks: model.layers() as usize,
+        batch: input.size()[0],
+    };
+    loop {
+        match control.recv(None) {
+            Ok(Frame::Go { .. }) => {}
+            Ok(Frame::Done) => return Ok(()),
+            Ok(other) => bail!("expected go or done, got {}", other.name()),
+            // The coordinator is gone: nothing left to do.
+            Err(e) => bail!("the coordinator: {e}"),
+        }
+        let _g = tch::no_grad_guard();
+        let (states, timings) = ex.forward(&input, &mut sinks)?;
+        let (shape, data) = match states {
+            Some(s) => {
+                let s = s.to_kind(Kind::Float).contiguous();
+                (s.size(), Vec::<f32>::try_from(s.reshape([-1]))?)
+            }
+            None => (vec![0], vec![]),
+        };
+        control.send(&Frame::Result {
+            from: plan.rank,
+            shape,
+            data,
+            timings,
+        })?;
+    }
+}
+
+struct Exchange<'a> {
+    plan: &'a Plan,
+    dev: &'a DeviceShare<'a>,
+    rx: mpsc::Receiver<Received>,
+    /// Payloads that arrived ahead of the block waiting for them, by (sender, block).
+    pending: HashMap<(u32, u32), Payload>,
+    blocks: usize,
+    batch: i64,
+}
+
+impl Exchange<'_> {
+    /// One forward: returns what goes back to the coordinator and, per block, the ms spent before
+    /// the exchange (block 0 also embeds), waiting for the sources, and after it.
+    fn forward(
+        &mut self,
+        input: &Tensor,
+        sinks: &mut [(u32, TcpStream)],
+    ) -> Result<(Option<Tensor>, Vec<f64>)> {
+        let t_start = Instant::now();
+        let mut local = self.dev.start(input)?;
+        let mut embed = t_start.elapsed();
+        let mut timings = Vec::with_capacity(3 * self.blocks);
+        let fault = injected_fault(self.plan.rank);
+        for l in 0..self.blocks {
+            match fault {
+                Some(Fault::Die(at)) if at == l => std::process::exit(3),
+                Some(Fault::Silent(at)) if at == l => loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                },
+                _ => {}
+            }
+            let t0 = Instant::now();
+            if !sinks.is_empty() {
+                let msg = self.message(l, &local)?;
+                for (r, s) in sinks.iter_mut() {
+                    msg.write_to(s)
+                        .map_err(|e| anyhow!("block {l}: sending to peer {r}: {e}"))?;
+                }
+            }
+            let pre = t0.elapsed() + std::mem::take(&mut embed);
+            let t1 = Instant::now();
+            let received = self.receive(l)?;
+            let wait = t1.elapsed();
+            let t2 = Instant::now();
+            local = self.dev.block(l, &local, &received)?;
+            timings.extend([
+                pre.as_secs_f64() * 1e3,
+                wait.as_secs_f64() * 1e3,
+                t2.elapsed().as_secs_f64() * 1e3,
+            ]);
+        }
+        Ok((self.dev.finish(&local), timings))
+    }
+
+    fn message(&self, l: usize, local: &Tensor) -> Result<Frame> {
+        let (block, from, tokens) = (l as u32, self.plan.rank, self.dev.own_tokens() as u32);
+        Ok(match self.dev.outgoing(l, local) {
+            Payload::Embeddings(e) => Frame::Embeddings {
+                block,
+                from,
+                tokens,
+                dim: e.size()[2] as u32,
+                data: Vec::<f32>::try_from(e.reshape([-1]))?,
+            },
+            Payload::Indices(idx) => {
+                let q = &self.dev.vq[l];
+                let bits = bitpack::bits_for(q.k() as usize);
+                let flat: Vec<u16> = Vec::<i64>::try_from(idx.reshape([-1]))?
+                    .into_iter()
+                    .map(|v| v as u16)
+                    .collect();
+                Frame::Indices {
+                    block,
+                    from,
+                    tokens,
+                    groups: q.groups() as u32,
+                    bits: bits as u8,
+                    packed: bitpack::pack(&flat, bits)?,
+                }
+            }
+        })
+    }
+
+    /// The payloads of block `l` from every source, in rank order; each frame checked.
+    fn receive(&mut self, l: usize) -> Result<Vec<Payload>> {
+        let deadline = Instant::now() + Duration::from_millis(self.plan.timeout_ms);
+        let mut out = Vec::with_capacity(self.dev.sources.len());
+        for &r in &self.dev.sources {
+            while !self.pending.contains_key(&(r, l as u32)) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let (from, f) = self.rx.recv_timeout(left).map_err(|_| {
+                    anyhow!(
+                        "block {l}: peer {r} sent nothing within {} ms",
+                        self.plan.timeout_ms
+                    )
+                })?;
+                let f = f.map_err(|e| match e {
+                    frame::FrameError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        anyhow!("block {l}: peer {from} closed its connection (did it die?)")
+                    }
+                    e => anyhow!("block {l}: peer {from}: {e}"),
+                })?;
+                let (block, payload) = self.check(l, from, f)?;
+                self.pending.insert((from, block), payload);
+            }
+            out.push(
+                self.pending
+                    .remove(&(r, l as u32))
+                    .expect("waited for above"),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Validates a peer's frame against what this run expects of that peer.
+    fn check(&self, l: usize, from: u32, f: Frame) -> Result<(u32, Payload)> {
+        if !self.dev.sources.contains(&from) {
+            bail!("block {l}: peer {from} sent data this device does not attend to");
+        }
+        let expect = self.dev.partition.tokens_of(from as usize).len() as u32;
+        let batch = self.batch as usize;
+        match f {
+            Frame::Embeddings {
+                block,
+                from: claimed,
+                tokens,
+                dim,
+                data,
+            } if self.plan.sp => {
+                if claimed != from
+                    || tokens != expect
+                    || dim as i64 != self.dev.hidden()
+                    || block as usize >= self.blocks
+                    || block < l as u32
+                    || data.len() != batch * tokens as usize * dim as usize
+                {
+                    bail!("block {l}: peer {from} sent a malformed embeddings frame (block {block}, rank {claimed}, {tokens} tokens × {dim}, {} values)", data.len());
+                }
+                let t = Tensor::from_slice(&data).view([self.batch, tokens as i64, dim as i64]);
+                Ok((block, Payload::Embeddings(t)))
+            }
+            Frame::Indices {
+                block,
+                from: claimed,
+                tokens,
+                groups,
+                bits,
+                packed,
+            } if !self.plan.sp => {
+                if block as usize >= self.blocks || block < l as u32 {
+                    bail!("block {l}: peer {from} sent a frame for block {block}");
+                }
+                let q = &self.dev.vq[block as usize];
+                let (g, k) = (q.groups(), q.k());
+                let want_bits = bitpack::bits_for(k as usize);
+                if claimed != from
+                    || groups != g as u32
+                    || bits as u32 != want_bits
+                    || tokens != expect
+                {
+                    bail!(
+                        "block {l}: peer {from} sent a frame claiming rank {claimed}, {tokens} tokens × {groups} groups at {bits} bits (expected {expect} × {g} at {want_bits})"
+                    );
+                }
+                let count = batch * tokens as usize * groups as usize;
+                if packed.len() != (count * bits as usize).div_ceil(8) {
+                    bail!(
+                        "block {block}: peer {from} sent {} bytes of indices, expected {count} indices at {bits} bits",
+                        packed.len()
+                    );
+                }
+                let vals = bitpack::unpack(&packed, count, bits as u32)
+                    .map_err(|e| anyhow!("block {block}: peer {from}: {e}"))?;
+                if vals.iter().any(|&v| v as i64 >= k) {
+                    bail!("block {block}: peer {from} sent a codeword index ≥ K = {k}");
+                }
+                let t = Tensor::from_slice(&vals.iter().map(|&v| v as i64).collect::<Vec<_>>())
+                    .view([self.batch, tokens as i64, g]);
+                Ok((block, Payload::Indices(t)))
+            }
+            other => bail!(
+                "block {l}: peer {from} sent an unexpected {} frame",
+                other.name()
+            ),
+        }
+    }
+}
+
+/// Faults the tests inject through `ASTRA_FAULT=die:RANK:BLOCK` (the process exits) or
+/// `silent:RANK:BLOCK` (it stops sending but stays alive).
+#[derive(Clone, Copy)]
+enum Fault {
+    Die(usize),
+    Silent(usize),
+}
+
+fn injected_fault(rank: u32) -> Option<Fault> {
+    let v = std::env::var("ASTRA_FAULT").ok()?;
+    let mut it = v.split(':');
+    let (kind, r, b) = (
+        it.next()?,
+        it.next()?.parse::<u32>().ok()?,
+        it.next()?.parse().ok()?,
+    );
+    if r != rank {
+        return None;
+    }
+    match kind {
+        "die" => Some(Fault::Die(b)),
+        "silent" => Some(Fault::Silent(b)),
+        _ => None,
+    }
+}

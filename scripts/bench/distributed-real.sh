@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Real multi-device latency (issue 8): the 12×768 ViT encoder (random weights, patch 16) at
+# T = 256 (256² images) and T = 1024 (512²), one image per request, run by `astra-eval distributed`
+# as separate worker processes, each in its own network namespace behind a kernel-shaped uplink
+# (scripts/netem.sh), exchanging real bytes over TCP: single device, SP (fp32 all-gather) and
+# ASTRA G ∈ {1, 16, 32} (K = 1024) at 10, 50 and 100 Mbit/s. Every distributed run also writes
+# its measured per-block compute as an astra-sim trace, and astra-sim predicts that run's latency
+# at the link rate (alpha-beta, direct all-gather, bandwidth = rate × TCP payload share 0.936 as
+# in results/sim-vs-live.md; and the paper's model). Needs root (namespaces, tc).
+#   scripts/bench/distributed-real.sh OUT_DIR
+# Environment: DEVICES (2), THREADS per worker (1; single device gets the same), RUNS (3, median),
+# TOKENS ("256 1024"), MBPS ("10 50 100"), GROUPS ("1 16 32"). Writes OUT_DIR/table.md.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+out=${1:?usage: distributed-real.sh OUT_DIR}
+n=${DEVICES:-2}
+threads=${THREADS:-1}
+runs=${RUNS:-3}
+read -r -a token_list <<<"${TOKENS:-256 1024}"
+read -r -a mbps_list <<<"${MBPS:-10 50 100}"
+read -r -a group_list <<<"${GROUPS:-1 16 32}"
+bin=target/release
+py=${PYTHON:-.venv/bin/python}
+mkdir -p "$out"
+[[ $(id -u) == 0 ]] || { echo "distributed-real.sh: needs root for shaped links (network namespaces, tc)" >&2; exit 1; }
+cargo build --release -q -p astra-train -p astra-eval -p astra-sim
+
+for t in "${token_list[@]}"; do
+  side=$(python3 -c "import math; s=int(math.isqrt($t)); assert s*s==$t, 'T must be a square'; print(s*16)")
+  m="$out/vit-t$t"
+  if [[ ! -s $m/model.safetensors ]]; then
+    cat >"$out/vit-t$t.json" <<EOF
+{"architectures": ["ViTForImageClassification"], "model_type": "vit", "hidden_size": 768,
+ "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+ "hidden_act": "gelu", "layer_norm_eps": 1e-12, "image_size": $side, "patch_size": 16,
+ "num_channels": 3, "qkv_bias": true, "num_labels": 1000}
+EOF
+    $bin/astra-train init --model-config "$out/vit-t$t.json" --out "$m"
+  fi
+  for g in "${group_list[@]}"; do
+    # Codebooks of a random model on random images: right shape and bits, meaningless codewords
+    # (latency does not depend on them).
+    [[ -s $m/cb-g$g.safetensors ]] ||
+      $bin/astra-train calibrate --model "$m" --data "fake:8" --samples 4 --groups "$g" --k 1024 \
+        --iters 2 --noise none --out "$m/cb-g$g.safetensors" >"$m/cb-g$g.log" 2>&1
+  done
+  $py -c "import numpy as np; np.save('$m/x.npy', np.random.default_rng(0).standard_normal((1, 3, $side, $side)).astype(np.float32))"
+done
+
+common=(--threads "$threads" --runs "$runs" --warmup 1 --timeout-ms 60000)
+run() { # NAME ARGS...: one measured configuration, skipped when its summary exists
+  local name=$1; shift
+  [[ -s $out/$name.json ]] && return 0
+  echo "== $name: astra-eval distributed $*"
+  $bin/astra-eval distributed "$@" "${common[@]}" --json "$out/$name.json" --out "$out/$name.npy" | tee "$out/$name.log"
+}
+for t in "${token_list[@]}"; do
+  m="$out/vit-t$t"
+  run "t$t-single" --model "$m" --mode sp --devices 1 --input "$m/x.npy"
+  for r in "${mbps_list[@]}"; do
+    run "t$t-r$r-sp" --model "$m" --mode sp --devices "$n" --links "$r" --input "$m/x.npy" --trace "$out/t$t-r$r-sp.trace.json"
+    for g in "${group_list[@]}"; do
+      run "t$t-r$r-g$g" --model "$m" --codebooks "$m/cb-g$g.safetensors" --devices "$n" --links "$r" \
+        --input "$m/x.npy" --trace "$out/t$t-r$r-g$g.trace.json"
+    done
+  done
+done
+
+# Predictions of each measured run by astra-sim, from its own trace.
+for t in "${token_list[@]}"; do
+  for r in "${mbps_list[@]}"; do
+    for meth in sp "${group_list[@]/#/g}"; do
+      name="t$t-r$r-$meth"
+      sim_method=$([[ $meth == sp ]] && echo sp || echo "astra-$meth")
+      eff=$(python3 -c "print($r * 1448 / (1514 + 33))")
+      $bin/astra-sim sweep --trace "$out/$name.trace.json" --methods "$sim_method" --devices "$n" --tokens "$t" \
+        --network alpha-beta --alpha-ms 0.05 --algorithm direct --mbps "$eff" --out "$out/$name.ab.csv" 2>/dev/null
+      $bin/astra-sim sweep --trace "$out/$name.trace.json" --methods "$sim_method" --devices "$n" --tokens "$t" \
+        --network paper --mbps "$r" --out "$out/$name.paper.csv" 2>/dev/null
+    done
+  done
+done
+
+python3 scripts/bench/distributed_table.py "$out" "$n" "$threads" "${token_list[*]}" "${mbps_list[*]}" "${group_list[*]}" >"$out/table.md"
+cat "$out/table.md"
