@@ -246,3 +246,387 @@ fn wrong_session_key_and_malformed_frames_are_refused() {
         assert_eq!(e.trim().lines().count(), 1, "{e}");
     }
 }
+
+/// Relative max difference of two .npy files.
+fn rel_diff(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (Tensor::read_npy(a).unwrap(), Tensor::read_npy(b).unwrap());
+    assert_eq!(a.size(), b.size());
+    (&a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-6)
+}
+
+fn ok(o: &std::process::Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn one_line_error(o: &std::process::Output, needle: &str) {
+    assert!(!o.status.success(), "expected failure");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    assert!(e.contains(needle), "'{e}' lacks '{needle}'");
+}
+
+#[test]
+fn gpt2_prefill_over_tcp_equals_the_per_device_path() {
+    use astra_train::config::GPT2Config;
+    let tmp = tempfile::tempdir().unwrap();
+    tch::manual_seed(12);
+    let m = tmp.path().join("gpt2");
+    Model::new(
+        ModelConfig::GPT2(GPT2Config {
+            vocab_size: 50,
+            n_positions: 32,
+            n_embd: 16,
+            n_layer: 3,
+            n_head: 2,
+            ..GPT2Config::gpt2_small()
+        }),
+        Device::Cpu,
+    )
+    .unwrap()
+    .save(&m)
+    .unwrap();
+    common::save_codebooks(&m.join("codebooks.safetensors"), 3, 16, 4);
+    let ids = tmp.path().join("ids.npy");
+    Tensor::randint(50, [2, 11], (Kind::Int64, Device::Cpu))
+        .write_npy(&ids)
+        .unwrap();
+    let (m, ids) = (m.to_str().unwrap(), ids.to_str().unwrap());
+    let path = |n: &str| tmp.path().join(n);
+    let json = path("s.json");
+    // ASTRA: indices flow to later devices only; the logits of all tokens come back.
+    let out = ok(&eval(
+        &[
+            "distributed",
+            "--model",
+            m,
+            "--devices",
+            "3",
+            "--input",
+            ids,
+            "--out",
+            path("d.npy").to_str().unwrap(),
+            "--runs",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        None,
+    ));
+    assert!(
+        out.contains("latency: median") && out.contains("over 2 run(s)"),
+        "{out}"
+    );
+    let cb = format!("{m}/codebooks.safetensors");
+    ok(&eval(
+        &[
+            "predict",
+            "--model",
+            m,
+            "--codebooks",
+            &cb,
+            "--path",
+            "per-device",
+            "--devices",
+            "3",
+            "--input",
+            ids,
+            "--out",
+            path("p.npy").to_str().unwrap(),
+        ],
+        None,
+    ));
+    let rel = rel_diff(&path("d.npy"), &path("p.npy"));
+    assert!(
+        rel <= 1e-5,
+        "GPT-2 distributed vs per-device: relative {rel}"
+    );
+    assert_eq!(
+        Tensor::read_npy(path("d.npy")).unwrap().size(),
+        vec![2, 11, 50]
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(s["runs_ms"].as_array().unwrap().len(), 2);
+    assert_eq!(s["mode"], "astra");
+    // Rank 0 attends to nobody: it never waits.
+    let w0 = s["wait_ms"][0].as_f64().unwrap();
+    assert!(w0 < 0.5, "rank 0 waited {w0} ms");
+    // SP over TCP equals the plain model.
+    ok(&eval(
+        &[
+            "distributed",
+            "--mode",
+            "sp",
+            "--model",
+            m,
+            "--devices",
+            "2",
+            "--input",
+            ids,
+            "--out",
+            path("sp.npy").to_str().unwrap(),
+        ],
+        None,
+    ));
+    ok(&eval(
+        &[
+            "predict",
+            "--model",
+            m,
+            "--input",
+            ids,
+            "--out",
+            path("plain.npy").to_str().unwrap(),
+        ],
+        None,
+    ));
+    let rel = rel_diff(&path("sp.npy"), &path("plain.npy"));
+    assert!(rel <= 1e-5, "GPT-2 SP vs plain: relative {rel}");
+    // No trace form for the causal exchange: said, not faked.
+    one_line_error(
+        &eval(
+            &[
+                "distributed",
+                "--model",
+                m,
+                "--devices",
+                "2",
+                "--input",
+                ids,
+                "--out",
+                path("t.npy").to_str().unwrap(),
+                "--trace",
+                path("t.json").to_str().unwrap(),
+            ],
+            None,
+        ),
+        "--trace is written for ViT runs",
+    );
+}
+
+/// Starts a worker as a user would on another host; returns it and its address.
+fn start_worker(session: &str) -> (std::process::Child, String) {
+    let mut w = Command::new(env!("CARGO_BIN_EXE_astra-eval"))
+        .args(["worker", "--session", session, "--timeout-ms", "5000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(w.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().strip_prefix("listening ").unwrap().to_string();
+    (w, addr)
+}
+
+#[test]
+fn running_workers_are_used_with_their_session_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, x) = fixture(tmp.path());
+    let (mut w0, a0) = start_worker("k-123");
+    let (mut w1, a1) = start_worker("k-123");
+    let list = format!("{a0},{a1}");
+    let d = tmp.path().join("d.npy");
+    let o = eval(
+        &[
+            "distributed",
+            "--model",
+            &m,
+            "--workers",
+            &list,
+            "--input",
+            &x,
+            "--out",
+            d.to_str().unwrap(),
+        ],
+        Some(("ASTRA_SESSION", "k-123")),
+    );
+    let out = ok(&o);
+    assert!(out.contains("2 devices over TCP (remote workers"), "{out}");
+    assert!(w0.wait().unwrap().success() && w1.wait().unwrap().success());
+    let p = tmp.path().join("p.npy");
+    let cb = format!("{m}/codebooks.safetensors");
+    ok(&eval(
+        &[
+            "predict",
+            "--model",
+            &m,
+            "--codebooks",
+            &cb,
+            "--path",
+            "per-device",
+            "--devices",
+            "2",
+            "--input",
+            &x,
+            "--out",
+            p.to_str().unwrap(),
+        ],
+        None,
+    ));
+    let rel = rel_diff(&d, &p);
+    assert!(rel <= 1e-5, "remote workers vs per-device: relative {rel}");
+    // Nobody listening: the coordinator names the worker and its address within the timeout.
+    one_line_error(
+        &eval(
+            &[
+                "distributed",
+                "--model",
+                &m,
+                "--workers",
+                "127.0.0.1:9",
+                "--input",
+                &x,
+                "--out",
+                d.to_str().unwrap(),
+                "--startup-timeout-ms",
+                "500",
+            ],
+            Some(("ASTRA_SESSION", "k")),
+        ),
+        "worker 0 at 127.0.0.1:9",
+    );
+    // Without the key the coordinator cannot join running workers.
+    one_line_error(
+        &eval(
+            &[
+                "distributed",
+                "--model",
+                &m,
+                "--workers",
+                "127.0.0.1:9",
+                "--input",
+                &x,
+                "--out",
+                d.to_str().unwrap(),
+            ],
+            None,
+        ),
+        "ASTRA_SESSION",
+    );
+}
+
+#[test]
+fn shaped_links_give_the_same_logits_and_leave_no_namespaces() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/netem.sh");
+    if !astra_sim::live::can_shape(&script) {
+        eprintln!(
+            "skipped: shaping needs root and network namespaces ({} check failed)",
+            script.display()
+        );
+        return;
+    }
+    // The runtime's namespaces (astra-PID-e-…), whoever made them.
+    let ours = || {
+        let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        let mut v: Vec<String> = String::from_utf8_lossy(&ns.stdout)
+            .lines()
+            .filter(|l| l.starts_with("astra-") && l.contains("-e-"))
+            .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = ours();
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, x) = fixture(tmp.path());
+    let (d, p) = (tmp.path().join("d.npy"), tmp.path().join("p.npy"));
+    let o = eval(
+        &[
+            "distributed",
+            "--model",
+            &m,
+            "--devices",
+            "2",
+            "--links",
+            "50",
+            "--input",
+            &x,
+            "--out",
+            d.to_str().unwrap(),
+        ],
+        None,
+    );
+    let out = ok(&o);
+    assert!(out.contains("shaped 50 Mbit/s uplinks"), "{out}");
+    let cb = format!("{m}/codebooks.safetensors");
+    ok(&eval(
+        &[
+            "predict",
+            "--model",
+            &m,
+            "--codebooks",
+            &cb,
+            "--path",
+            "per-device",
+            "--devices",
+            "2",
+            "--input",
+            &x,
+            "--out",
+            p.to_str().unwrap(),
+        ],
+        None,
+    ));
+    let rel = rel_diff(&d, &p);
+    assert!(rel <= 1e-5, "shaped run vs per-device: relative {rel}");
+    assert_eq!(ours(), before, "namespaces left behind");
+    // A dead worker behind a shaped link: still one line naming the peer and the block.
+    let o = eval(
+        &[
+            "distributed",
+            "--model",
+            &m,
+            "--devices",
+            "2",
+            "--links",
+            "50",
+            "--input",
+            &x,
+            "--out",
+            d.to_str().unwrap(),
+            "--timeout-ms",
+            "1000",
+        ],
+        Some(("ASTRA_FAULT", "die:1:1")),
+    );
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.lines()
+            .last()
+            .unwrap_or_default()
+            .contains("peer 1 closed its connection"),
+        "{e}"
+    );
+    assert_eq!(ours(), before, "namespaces left behind after a fault");
+}
+
+#[test]
+fn nonsense_runtime_flags_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, x) = fixture(tmp.path());
+    let d = tmp.path().join("d.npy");
+    let d = d.to_str().unwrap();
+    for (extra, needle) in [
+        (vec!["--links", "fast"], "--links fast: rate 'fast'"),
+        (vec!["--links", "0"], "RATE > 0"),
+        (vec!["--runs", "0"], "--runs must be at least 1"),
+        (
+            vec!["--devices", "3", "--workers", "127.0.0.1:1,127.0.0.1:2"],
+            "--workers lists 2 addresses for --devices 3",
+        ),
+        (
+            vec!["--devices", "99"],
+            "--devices 99 exceeds the input's 16 tokens",
+        ),
+    ] {
+        let mut args = vec!["distributed", "--model", &m, "--input", &x, "--out", d];
+        args.extend(extra);
+        one_line_error(&eval(&args, None), needle);
+    }
+}

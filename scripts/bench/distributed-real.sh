@@ -9,7 +9,7 @@
 # in results/sim-vs-live.md; and the paper's model). Needs root (namespaces, tc).
 #   scripts/bench/distributed-real.sh OUT_DIR
 # Environment: DEVICES (2), THREADS per worker (1; single device gets the same), RUNS (3, median),
-# TOKENS ("256 1024"), MBPS ("10 50 100"), GROUPS ("1 16 32"). Writes OUT_DIR/table.md.
+# TOKENS ("256 1024"), MBPS ("10 50 100"), VQ_GROUPS ("1 16 32"; bash reserves GROUPS). Writes OUT_DIR/table.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 out=${1:?usage: distributed-real.sh OUT_DIR}
@@ -18,7 +18,7 @@ threads=${THREADS:-1}
 runs=${RUNS:-3}
 read -r -a token_list <<<"${TOKENS:-256 1024}"
 read -r -a mbps_list <<<"${MBPS:-10 50 100}"
-read -r -a group_list <<<"${GROUPS:-1 16 32}"
+read -r -a group_list <<<"${VQ_GROUPS:-1 16 32}"
 bin=target/release
 py=${PYTHON:-.venv/bin/python}
 mkdir -p "$out"
@@ -37,12 +37,14 @@ for t in "${token_list[@]}"; do
 EOF
     $bin/astra-train init --model-config "$out/vit-t$t.json" --out "$m"
   fi
+  samples=$(((2048 + t - 1) / t)) # ≥ 2 rows per codeword
   for g in "${group_list[@]}"; do
     # Codebooks of a random model on random images: right shape and bits, meaningless codewords
     # (latency does not depend on them).
     [[ -s $m/cb-g$g.safetensors ]] ||
-      $bin/astra-train calibrate --model "$m" --data "fake:8" --samples 4 --groups "$g" --k 1024 \
-        --iters 2 --noise none --out "$m/cb-g$g.safetensors" >"$m/cb-g$g.log" 2>&1
+      $bin/astra-train calibrate --model "$m" --data "fake:$samples" --samples "$samples" --groups "$g" --k 1024 \
+        --iters 2 --noise none --out "$m/cb-g$g.safetensors" >"$m/cb-g$g.log" 2>&1 ||
+      { echo "calibrate failed: $m/cb-g$g.log" >&2; tail -3 "$m/cb-g$g.log" >&2; exit 1; }
   done
   $py -c "import numpy as np; np.save('$m/x.npy', np.random.default_rng(0).standard_normal((1, 3, $side, $side)).astype(np.float32))"
 done

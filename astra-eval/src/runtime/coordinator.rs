@@ -327,6 +327,8 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
                 script.display()
             );
         }
+        // Namespaces of coordinators that were killed (astra-PID-* with PID gone) go first.
+        let _ = Command::new(&script).arg("gc").status();
         let up = astra_sim::live::links_up(
             &script,
             &format!("astra-{}-e", std::process::id()),

@@ -200,14 +200,19 @@ impl Frame {
         p
     }
 
-    pub fn write_to(&self, w: &mut impl Write) -> Result<(), FrameError> {
+    /// The frame as bytes on the wire.
+    pub fn to_bytes(&self) -> Vec<u8> {
         let p = self.payload();
-        let mut head = Vec::with_capacity(9 + p.len());
-        head.extend_from_slice(&MAGIC.to_le_bytes());
-        head.push(self.kind());
-        head.extend_from_slice(&(p.len() as u32).to_le_bytes());
-        head.extend_from_slice(&p);
-        w.write_all(&head)?;
+        let mut out = Vec::with_capacity(9 + p.len());
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.push(self.kind());
+        out.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        out.extend_from_slice(&p);
+        out
+    }
+
+    pub fn write_to(&self, w: &mut impl Write) -> Result<(), FrameError> {
+        w.write_all(&self.to_bytes())?;
         w.flush()?;
         Ok(())
     }

@@ -146,6 +146,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         .filter(|(r, _)| dev.sinks.contains(r))
         .collect();
     sinks.sort_by_key(|(r, _)| *r);
+    let mut sinks: Vec<Sender> = sinks.into_iter().map(|(r, s)| Sender::new(r, s)).collect();
     control.send(&Frame::Ready { rank: plan.rank })?;
     let mut ex = Exchange {
         plan,
@@ -181,6 +182,47 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
     }
 }
 
+/// Sends to one peer from a thread of its own, so a message larger than the socket buffer (SP's
+/// embeddings on a slow link) goes out while the device waits for its sources, and the time spent
+/// transmitting is not counted as compute.
+struct Sender {
+    rank: u32,
+    queue: mpsc::Sender<std::sync::Arc<Vec<u8>>>,
+    failed: mpsc::Receiver<String>,
+}
+
+impl Sender {
+    fn new(rank: u32, mut stream: TcpStream) -> Self {
+        let (tx, rx) = mpsc::channel::<std::sync::Arc<Vec<u8>>>();
+        let (ftx, failed) = mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            for bytes in rx {
+                if let Err(e) = stream.write_all(&bytes) {
+                    let _ = ftx.send(e.to_string());
+                    return;
+                }
+            }
+        });
+        Sender {
+            rank,
+            queue: tx,
+            failed,
+        }
+    }
+
+    /// Queues `bytes` for the peer; reports an earlier send that failed.
+    fn send(&mut self, l: usize, bytes: std::sync::Arc<Vec<u8>>) -> Result<()> {
+        let r = self.rank;
+        if let Ok(e) = self.failed.try_recv() {
+            bail!("block {l}: sending to peer {r}: {e}");
+        }
+        self.queue
+            .send(bytes)
+            .map_err(|_| anyhow!("block {l}: sending to peer {r}: the sender stopped"))
+    }
+}
+
 struct Exchange<'a> {
     plan: &'a Plan,
     dev: &'a DeviceShare<'a>,
@@ -197,7 +239,7 @@ impl Exchange<'_> {
     fn forward(
         &mut self,
         input: &Tensor,
-        sinks: &mut [(u32, TcpStream)],
+        sinks: &mut [Sender],
     ) -> Result<(Option<Tensor>, Vec<f64>)> {
         let t_start = Instant::now();
         let mut local = self.dev.start(input)?;
@@ -214,10 +256,9 @@ impl Exchange<'_> {
             }
             let t0 = Instant::now();
             if !sinks.is_empty() {
-                let msg = self.message(l, &local)?;
-                for (r, s) in sinks.iter_mut() {
-                    msg.write_to(s)
-                        .map_err(|e| anyhow!("block {l}: sending to peer {r}: {e}"))?;
+                let msg = std::sync::Arc::new(self.message(l, &local)?.to_bytes());
+                for s in sinks.iter_mut() {
+                    s.send(l, msg.clone())?;
                 }
             }
             let pre = t0.elapsed() + std::mem::take(&mut embed);
