@@ -150,3 +150,144 @@ pub fn run(b: &StepBench) -> Result<StepResult> {
         tokens_per_s: (b.batch as usize * tokens) as f64 / median_s,
     })
 }
+
+/// Median milliseconds of `f` over `steps` calls after `warmup`, the device synchronised around
+/// each call.
+fn time_ms(device: Device, warmup: usize, steps: usize, mut f: impl FnMut()) -> f64 {
+    let mut v = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        sync(device);
+        let t = Instant::now();
+        f();
+        sync(device);
+        if i >= warmup {
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Where an ASTRA ViT training step's extra time goes: the parts of one block, at the step's
+/// shapes (batch B, T patch tokens, N CLS copies, D = 768), timed in isolation (forward and
+/// backward where the step has both). Each row: (part, ms per block).
+pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
+    let (n, g, k) = b.astra.unwrap_or((4, 32, 1024));
+    let vit = ViTConfig {
+        image_size: b.image,
+        patch_size: b.patch,
+        ..ViTConfig::vit_base_patch16_224(b.classes)
+    };
+    let (t, d, heads) = (vit.num_patches(), vit.hidden_size, vit.num_attention_heads);
+    let dev = b.device;
+    tch::manual_seed(0);
+    let model = Model::new(ModelConfig::ViT(vit.clone()), dev)?;
+    let crate::model::Network::ViT(net) = &model.net else {
+        unreachable!("built a ViT")
+    };
+    let blk = &net.blocks[0];
+    let w = d as usize / g;
+    let flat: Vec<f32> = Vec::<f32>::try_from(Tensor::randn(
+        [(g * k * w) as i64],
+        (Kind::Float, Device::Cpu),
+    ))?;
+    let q = BlockQuantizer {
+        codebook: GroupedCodebook::from_flat(g, k, w, flat)?,
+        noise: Some(NoiseModel::Diagonal {
+            mean: vec![0.0; d as usize],
+            std: vec![0.05; d as usize],
+        }),
+    };
+    let mut vq = GroupedVq::from_quantizer(&q, VqConfig::default(), dev);
+    let partition = DevicePartition::contiguous(t as usize, n)?;
+    let mask = crate::models::mpa::mixed_precision_mask(&partition, n, false, dev);
+    let s = n as i64 + t;
+    let x = Tensor::randn([b.batch, s, d], (Kind::Float, dev)).set_requires_grad(true);
+    let content = x.narrow(1, n as i64, t);
+    let (w_, st) = (b.warmup.max(2), b.steps.max(5));
+    // bf16 autocast as the training step runs it (checked once; the timed calls cannot fail).
+    crate::precision::bf16_autocast(b.bf16, || ())?;
+    let amp = |f: &mut dyn FnMut()| {
+        let _ = crate::precision::bf16_autocast(b.bf16, &mut *f);
+    };
+    let mut rows = Vec::new();
+    let mut row = |name: &str, ms: f64| rows.push((name.to_string(), ms));
+    row(
+        "block fwd+bwd, plain (flash SDPA)",
+        time_ms(dev, w_, st, || {
+            amp(&mut || blk.forward(&x, None, None).sum(Kind::Float).backward())
+        }),
+    );
+    let xq = content.detach();
+    row(
+        "block fwd+bwd, MPA (mask, S+T keys; quantized keys given)",
+        time_ms(dev, w_, st, || {
+            amp(&mut || {
+                blk.forward(&x, Some(&xq), Some(&mask))
+                    .sum(Kind::Float)
+                    .backward()
+            })
+        }),
+    );
+    let groups = crate::models::mpa_batched::DeviceGroups::new(&partition, n, dev);
+    if let Some(gr) = &groups {
+        row(
+            "block fwd+bwd, MPA batched by device (no mask, 1+T keys)",
+            time_ms(dev, w_, st, || {
+                amp(&mut || blk.forward_grouped(&x, &xq, gr).sum(Kind::Float).backward())
+            }),
+        );
+    }
+    let hd = d;
+    let qkv =
+        |len: i64| Tensor::randn([b.batch, len, hd], (Kind::Float, dev)).set_requires_grad(true);
+    let (qq, kk, vv) = (qkv(s), qkv(s), qkv(s));
+    let (k2, v2) = (qkv(s + t), qkv(s + t));
+    row(
+        "attention fwd+bwd, plain (S keys)",
+        time_ms(dev, w_, st, || {
+            amp(&mut || {
+                crate::models::layers::attend(&qq, &kk, &vv, heads, None, false)
+                    .sum(Kind::Float)
+                    .backward()
+            })
+        }),
+    );
+    row(
+        "attention fwd+bwd, MPA mask (S+T keys)",
+        time_ms(dev, w_, st, || {
+            amp(&mut || {
+                crate::models::layers::attend(&qq, &k2, &v2, heads, Some(&mask), false)
+                    .sum(Kind::Float)
+                    .backward()
+            })
+        }),
+    );
+    let xc = content.detach();
+    row(
+        "VQ encode (fp32 distances + argmin)",
+        time_ms(dev, w_, st, || {
+            amp(&mut || {
+                let _ = vq.encode(&xc);
+            })
+        }),
+    );
+    row(
+        "VQ quantize, training (encode + NAQ + EMA + commitment)",
+        time_ms(dev, w_, st, || {
+            amp(&mut || {
+                let _ = vq.quantize(&xc, true);
+            })
+        }),
+    );
+    row(
+        "VQ quantize fwd+bwd (STE into X), training",
+        time_ms(dev, w_, st, || {
+            amp(&mut || {
+                let q = vq.quantize(&content, true);
+                (q.value.sum(Kind::Float) + q.commitment).backward()
+            })
+        }),
+    );
+    Ok(rows)
+}

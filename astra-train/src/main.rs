@@ -220,6 +220,10 @@ enum Command {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cuda")]
         device: String,
+        /// ViT: instead of whole steps, time the parts of one block (plain vs MPA attention, VQ
+        /// encode, training quantize) at the step's shapes.
+        #[arg(long)]
+        parts: bool,
     },
     /// Report the libtorch version, CUDA devices, cuDNN and CPU threads this binary sees.
     Info {
@@ -307,7 +311,19 @@ fn run_training(cfg: astra_train::train::TrainConfig, t: &TrainArgs) -> Result<(
         anyhow::bail!("--batch and --epochs must be at least 1");
     }
     let run = RunFolder::open(&t.out, &cfg, t.resume)?;
-    match train(&cfg, &run, device, true, None)? {
+    // Test hook: stop after this many epochs in total, as a kill would (resume tests of scripts).
+    let stop_after = std::env::var("ASTRA_STOP_AFTER_EPOCHS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    let best = train(&cfg, &run, device, true, stop_after)?;
+    if !run.is_complete() {
+        anyhow::bail!(
+            "stopped before epoch {} of {} (ASTRA_STOP_AFTER_EPOCHS); continue with --resume",
+            stop_after.unwrap_or(0) + 1,
+            cfg.epochs
+        );
+    }
+    match best {
         Some(m) if astra_train::data::is_text(&cfg.data) => println!(
             "best validation loss {:.4} (perplexity {:.2}) over {} tokens; run folder {}",
             m.loss,
@@ -410,9 +426,17 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let model = match &init {
                 Some(spec) => {
-                    astra_train::model::Model::load(spec, tch::Device::Cpu)?
+                    let mut c = astra_train::model::Model::load(spec, tch::Device::Cpu)?
                         .0
-                        .config
+                        .config;
+                    // Another input size than the checkpoint's: its position embeddings are
+                    // interpolated when the run starts.
+                    if let (Some(s), astra_train::config::ModelConfig::ViT(v)) =
+                        (image_size, &mut c)
+                    {
+                        v.image_size = s;
+                    }
+                    c
                 }
                 None => scratch_model(&train, patch, image_size, hidden, layers, heads, mlp)?,
             };
@@ -512,10 +536,36 @@ fn run(cli: Cli) -> Result<()> {
             warmup,
             bf16,
             device,
+            parts,
         } => {
             let device = astra_train::runtime::parse_device(&device).map_err(anyhow::Error::msg)?;
             if steps == 0 {
                 anyhow::bail!("--steps must be at least 1");
+            }
+            if parts {
+                if model != "vit" {
+                    anyhow::bail!("--parts times the ViT's block parts; drop --model {model}");
+                }
+                let rows = astra_train::bench_step::parts(&astra_train::bench_step::StepBench {
+                    batch,
+                    image,
+                    patch,
+                    classes,
+                    gpt2_seq: None,
+                    astra: Some((devices, groups, codewords)),
+                    steps,
+                    warmup,
+                    bf16,
+                    device,
+                })?;
+                println!(
+                    "ViT-B/16 block parts, {image}x{image}, batch {batch}, N={devices}, G={groups}, K={codewords}, {}, {device:?}\n\n| part | median ms per block |\n|---|---:|",
+                    if bf16 { "bf16 autocast" } else { "fp32" }
+                );
+                for (name, ms) in rows {
+                    println!("| {name} | {ms:.2} |");
+                }
+                return Ok(());
             }
             let gpt2_seq = match model.as_str() {
                 "vit" => None,

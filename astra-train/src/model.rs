@@ -36,8 +36,19 @@ impl Model {
 
     /// From a folder with config.json and model.safetensors, or a hub id `org/name`.
     pub fn load(spec: &str, device: Device) -> Result<(Self, LoadReport)> {
+        Self::load_with(spec, device, |_| {})
+    }
+
+    /// [`Self::load`] with the checkpoint's config adjusted first (another image size: position
+    /// embeddings are interpolated; another label count: the classifier starts fresh).
+    pub fn load_with(
+        spec: &str,
+        device: Device,
+        adjust: impl FnOnce(&mut ModelConfig),
+    ) -> Result<(Self, LoadReport)> {
         let dir = resolve(spec)?;
-        let config = ModelConfig::load(&dir.join("config.json"))?;
+        let mut config = ModelConfig::load(&dir.join("config.json"))?;
+        adjust(&mut config);
         let model = Self::new(config, device)?;
         // A classification head is new when fine-tuning from a backbone checkpoint.
         let weights = ["model.safetensors", "best.safetensors"]

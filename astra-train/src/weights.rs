@@ -52,6 +52,12 @@ pub fn load_safetensors(
                 reason: format!("missing from {}", path.display()),
             });
         };
+        // A head of another size (fine-tuning to a new label set) starts fresh, as HF's
+        // ignore_mismatched_sizes does for the head.
+        if src.size() != var.size() && may_be_fresh.iter().any(|p| name.starts_with(p)) {
+            report.fresh.push(name);
+            continue;
+        }
         let src = if src.size() != var.size() && name.ends_with("position_embeddings") {
             report.interpolated.push(name.clone());
             interpolate_positions(&src, &var.size()).map_err(|reason| TrainError::Weight {

@@ -392,3 +392,61 @@ fn bad_input_is_named() {
         "{e}"
     );
 }
+
+#[test]
+fn vit_device_batched_attention_equals_the_mask() {
+    // Equal shares with a CLS copy per device: the mask-free attention batched by device gives
+    // the masked forward's logits and gradients.
+    let m = tiny_vit();
+    let astra_train::model::Network::ViT(vit) = &m.net else {
+        unreachable!()
+    };
+    let images = Tensor::randn([2, 3, 24, 24], (Kind::Float, Device::Cpu));
+    for p in [
+        DevicePartition::contiguous(36, 4).unwrap(),
+        DevicePartition::random(36, 3, 5).unwrap(),
+    ] {
+        let mut vq = quantizers(3, 32, 4);
+        let mut run = |masked: bool| {
+            let a = Astra {
+                partition: &p,
+                cls: ClsMode::Distributed,
+                vq: Some(&mut vq),
+                train: false,
+                link_loss: None,
+            };
+            for v in m.vs.trainable_variables() {
+                let mut g = v.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            let out = if masked {
+                vit.forward_astra_masked(&images, a)
+            } else {
+                vit.forward_astra(&images, a)
+            }
+            .unwrap();
+            (out.logits.square().sum(Kind::Float) + out.commitment).backward();
+            let mut grads: Vec<(String, Tensor)> =
+                m.vs.variables()
+                    .into_iter()
+                    .map(|(n, v)| (n, v.grad().copy()))
+                    .collect();
+            grads.sort_by(|a, b| a.0.cmp(&b.0));
+            (out.logits.detach(), grads)
+        };
+        let (lm, gm) = run(true);
+        let (lg, gg) = run(false);
+        assert!(max_rel_diff(&lg, &lm) < 1e-5, "logits");
+        for ((name, a), (_, b)) in gg.iter().zip(&gm) {
+            // A key bias shifts all of a query's scores alike, which softmax ignores: its
+            // gradient is zero up to rounding in both paths.
+            if name.ends_with("key.bias") {
+                continue;
+            }
+            let rel = max_rel_diff(a, b);
+            assert!(rel < 1e-4, "{name}: gradient differs by {rel}");
+        }
+    }
+}

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use astra_quant::{BlockQuantizer, CodebookFile, GroupedCodebook, KMeansConfig};
 
+#[allow(dead_code)]
 /// The same G-group, K = 16 codebook (fitted on a Gaussian mixture of width `d`) for each of
 /// `layers` blocks, saved at `path`.
 pub fn save_codebooks(path: &Path, layers: usize, d: usize, groups: usize) {
@@ -25,4 +26,16 @@ pub fn save_codebooks(path: &Path, layers: usize, d: usize, groups: usize) {
     }
     .save(path)
     .unwrap();
+}
+
+/// The project venv's Python (numpy, transformers), made by scripts/setup.sh.
+#[allow(dead_code)]
+pub fn python() -> std::path::PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh",
+        p.display()
+    );
+    p
 }

@@ -3,6 +3,7 @@ pub mod fast_kv;
 pub mod gpt2;
 pub mod layers;
 pub mod mpa;
+pub mod mpa_batched;
 pub mod vit;
 pub mod vq;
 

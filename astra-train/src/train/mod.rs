@@ -98,17 +98,25 @@ pub fn train(
     }
     let model = match &cfg.init {
         Some(spec) => {
-            let (m, _) = Model::load(spec, device)?;
-            if let (ModelConfig::ViT(v), Some(classes)) = (&m.config, task.classes()) {
-                if v.classes() != classes as i64 {
-                    return Err(TrainError::invalid(
-                        "init",
-                        format!(
-                            "{spec} classifies {} classes, the data has {classes}",
-                            v.classes()
-                        ),
-                    ));
+            // The run's image size and the data's label set: a backbone checkpoint (or one
+            // trained on other labels) gets a fresh classifier, position embeddings follow the
+            // image size.
+            let (m, report) = Model::load_with(spec, device, |c| {
+                if let (ModelConfig::ViT(v), ModelConfig::ViT(want)) = (c, &model_cfg) {
+                    v.image_size = want.image_size;
+                    if let Some(classes) = task.classes() {
+                        if v.classes() != classes as i64 {
+                            v.num_labels = Some(classes as i64);
+                            v.id2label = None;
+                        }
+                    }
                 }
+            })?;
+            if !report.fresh.is_empty() && progress {
+                eprintln!(
+                    "init: {spec}: fresh {} for this data",
+                    report.fresh.join(", ")
+                );
             }
             m
         }
@@ -337,6 +345,9 @@ pub fn train(
         if is_best {
             run.save_best(&model, vq.as_deref())?;
         }
+    }
+    if stop_after.is_none_or(|s| s >= cfg.epochs) {
+        run.mark_complete(cfg.epochs, best_metrics.as_ref())?;
     }
     Ok(best_metrics)
 }

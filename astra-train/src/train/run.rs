@@ -1,7 +1,8 @@
 //! The run folder of DESIGN.md: `config.json` (the effective configuration), `metrics.jsonl` (one
 //! object per epoch), `summary.csv`, `checkpoints/epoch-N.safetensors` + `state.json`,
 //! `best.safetensors`, and `model/` (HF-style config.json + model.safetensors of the best epoch,
-//! with `codebooks.safetensors` beside it for ASTRA runs). Every file is written atomically (temp
+//! with `codebooks.safetensors` beside it for ASTRA runs), and `complete.json` once every epoch
+//! has run (what scripts test to skip a finished run). Every file is written atomically (temp
 //! file + rename) and state.json is written last, so a killed run resumes from its last whole epoch.
 
 use std::collections::BTreeMap;
@@ -158,6 +159,21 @@ impl RunFolder {
             write_atomic(&cp, (keep.join("\n") + "\n").as_bytes())?;
         }
         Ok(())
+    }
+
+    /// Marks the run finished: `complete.json` with the epochs run and the best epoch's metrics.
+    pub fn mark_complete(&self, epochs: usize, best: Option<&EvalMetrics>) -> Result<()> {
+        let v = serde_json::json!({ "epochs": epochs, "best": best });
+        write_atomic(
+            &self.dir.join("complete.json"),
+            serde_json::to_string_pretty(&v)
+                .expect("serialisable")
+                .as_bytes(),
+        )
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.dir.join("complete.json").exists()
     }
 
     /// Checkpoint, then logs, then state.json (the commit point).

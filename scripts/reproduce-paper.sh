@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# The paper's full-scale experiments (ASTRA.md §3 recipe, §5 targets) for a GPU box with internet.
+# Resumable: every step is skipped when its output exists, and an interrupted training run is
+# continued with --resume; run it again after any failure.
+#
+#   scripts/reproduce-paper.sh                 # everything that has data (ImageNet needs IMAGENET_DIR)
+#   STEPS="data cifar" scripts/reproduce-paper.sh
+#
+# Steps (STEPS, default "setup data cifar imagenet text sim summary"):
+#   setup     scripts/setup.sh and the release build
+#   data      CIFAR-100 (astra-train download, MD5-checked), WikiText-103 raw (zip from
+#             $WIKITEXT103_URL, unpacked); ImageNet is never downloaded: IMAGENET_DIR=DIR with
+#             DIR/train/<class>/*.JPEG and DIR/val/<class>/* (val sorted into class folders)
+#   cifar     ViT-B/16 from $VIT_INIT (google/vit-base-patch16-224-in21k, via hf-hub) fine-tuned on
+#             CIFAR-100 at 224² (the paper's "original"), codebooks per G (k-means on block inputs),
+#             ASTRA fine-tuning per G at N = $DEVICES for $CIFAR_EPOCHS (32) epochs, the device-count
+#             rows (Table 2: N ∈ $TABLE2_DEVICES at G = 32), accuracy tables
+#   imagenet  $IMAGENET_INIT (google/vit-base-patch16-224, already ImageNet-1K fine-tuned) as the
+#             original; codebooks, ASTRA per G for $IMAGENET_EPOCHS (4) epochs, accuracy tables
+#   text      per GPT-2 in $GPT2_MODELS (openai-community/gpt2, openai-community/gpt2-medium):
+#             zero-shot WikiText-103 perplexity, one epoch of plain fine-tuning on WikiText-103,
+#             codebooks, one epoch of ASTRA per G, perplexity tables on the WikiText-103 test split
+#   sim       the latency study: astra-sim reproduce (speedups, Table 4, Fig 3, figures; no GPU)
+#   summary   $OUT/summary.md listing every table with the commands that made it
+#
+# Environment: OUT (results/paper), DATA (data), DEVICE (cuda), BIN (target/release), PRECISION
+# (--bf16), DEVICES (4), K (1024), VQ_GROUPS ("1 16 32"), BATCH (128), LR (1e-4), CIFAR_BASE_EPOCHS
+# (10), CIFAR_EPOCHS (32), IMAGENET_EPOCHS (4), TEXT_EPOCHS (1), CONTEXT (1024), TEXT_BATCH (8),
+# TEXT_LR (5e-5), CALIB_SAMPLES (2000), IMAGE_SIZE (224), TABLE2_DEVICES ("2 6 8"), EXTRA (flags
+# for every training run, e.g. "--max-train 64" for a smoke run), EVAL_EXTRA (flags for every
+# evaluation, e.g. "--max-test 64"), CIFAR100_DIR / WIKITEXT103_DIR (use these instead of
+# downloading). Not wired: the paper's 1M-sample Wikipedia fine-tuning (no public split is named).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+out=${OUT:-results/paper}
+data=${DATA:-data}
+device=${DEVICE:-cuda}
+bin=${BIN:-target/release}
+precision=${PRECISION---bf16}
+n=${DEVICES:-4}
+k=${K:-1024}
+read -r -a groups <<<"${VQ_GROUPS:-1 16 32}"
+read -r -a table2 <<<"${TABLE2_DEVICES:-2 6 8}"
+read -r -a gpt2_models <<<"${GPT2_MODELS:-openai-community/gpt2 openai-community/gpt2-medium}"
+read -r -a steps <<<"${STEPS:-setup data cifar imagenet text sim summary}"
+batch=${BATCH:-128}
+lr=${LR:-1e-4}
+image=${IMAGE_SIZE:-224}
+samples=${CALIB_SAMPLES:-2000}
+extra=${EXTRA:-}
+eval_extra=${EVAL_EXTRA:-}
+vit_init=${VIT_INIT:-google/vit-base-patch16-224-in21k}
+imagenet_init=${IMAGENET_INIT:-google/vit-base-patch16-224}
+wt_url=${WIKITEXT103_URL:-https://wikitext.smerity.com/wikitext-103-raw-v1.zip}
+c100=${CIFAR100_DIR:-$data/cifar100}
+wt=${WIKITEXT103_DIR:-$data/wikitext-103-raw}
+mkdir -p "$out/runs" "$out/codebooks" "$out/tables" "$out/logs"
+
+say() { printf '\n== %s\n' "$*"; }
+wants() { [[ " ${steps[*]} " == *" $1 "* ]]; }
+# The commands that made each output, for the summary.
+log_cmd() { printf '%s\n' "$*" >>"$out/commands.txt"; }
+
+# train RUN CMD...: a training run (finetune or astra) into $out/runs/RUN; skipped when finished
+# (the trainer writes complete.json after the last epoch), continued with --resume when the folder
+# holds an unfinished run.
+train() {
+  local run=$out/runs/$1; shift
+  if [[ -s $run/complete.json ]]; then echo "skip: $run (done)"; return 0; fi
+  local resume=()
+  [[ -d $run ]] && resume=(--resume)
+  say "train $run${resume:+ (resuming)}"
+  log_cmd "$bin/astra-train $* --out $run"
+  "$bin/astra-train" "$@" --out "$run" "${resume[@]}" $extra 2>&1 | tee -a "$out/logs/$(basename "$run").log"
+}
+
+# calibrate NAME MODEL DATA GROUPS [flags]: codebooks into $out/codebooks/NAME.safetensors.
+calibrate() {
+  local f=$out/codebooks/$1.safetensors model=$2 spec=$3 g=$4; shift 4
+  if [[ -s $f ]]; then echo "skip: $f (done)"; return 0; fi
+  say "codebooks $f"
+  log_cmd "$bin/astra-train calibrate --model $model --data $spec --groups $g --k $k --samples $samples --device $device $* --out $f"
+  "$bin/astra-train" calibrate --model "$model" --data "$spec" --groups "$g" --k "$k" \
+    --samples "$samples" --device "$device" "$@" --out "$f"
+}
+
+# evaluate TABLE METRIC MODEL DATA [flags]: one markdown table per model, written whole.
+evaluate() {
+  local t=$out/tables/$1.md metric=$2 model=$3 spec=$4; shift 4
+  if [[ -s $t ]]; then echo "skip: $t (done)"; return 0; fi
+  say "evaluate $t"
+  log_cmd "$bin/astra-eval $metric --model $model --data $spec --device $device $* $eval_extra --table $t"
+  rm -f "$t.tmp"
+  "$bin/astra-eval" "$metric" --model "$model" --data "$spec" --device "$device" "$@" $eval_extra --table "$t.tmp"
+  mv "$t.tmp" "$t"
+}
+
+if wants setup; then
+  say "setup and build"
+  scripts/setup.sh
+  [[ -n ${BIN:-} ]] || cargo build --release --workspace --bins
+fi
+
+if wants data; then
+  say "data"
+  if [[ -z ${CIFAR100_DIR:-} ]]; then
+    "$bin/astra-train" download --dataset cifar100 --dir "$c100"
+  fi
+  if [[ ! -s $wt/wiki.train.raw ]]; then
+    mkdir -p "$data"
+    zip=$data/wikitext-103-raw-v1.zip
+    # curl -C - resumes a partial download.
+    curl -fL -C - -o "$zip.part" "$wt_url"
+    mv "$zip.part" "$zip"
+    python3 - "$zip" "$wt" <<'EOF'
+import os, sys, zipfile
+src, dst = sys.argv[1], sys.argv[2]
+tmp = dst + ".tmp"
+with zipfile.ZipFile(src) as z:
+    bad = z.testzip()
+    if bad:
+        sys.exit(f"{src}: corrupt member {bad}")
+    z.extractall(tmp)
+inner = os.path.join(tmp, "wikitext-103-raw")
+os.rename(inner if os.path.isdir(inner) else tmp, dst)
+EOF
+  fi
+  for f in wiki.train.raw wiki.valid.raw wiki.test.raw; do
+    [[ -s $wt/$f ]] || { echo "reproduce-paper.sh: $wt/$f missing (WikiText-103 raw)" >&2; exit 1; }
+  done
+fi
+
+# The image size is chosen when the baseline is fine-tuned; ASTRA runs inherit it from their init.
+vit_flags=(--batch "$batch" --lr "$lr" --warmup-steps 500 --device "$device" $precision)
+
+if wants cifar; then
+  spec=cifar100:$c100
+  train vit-c100 finetune --init "$vit_init" --data "$spec" --epochs "${CIFAR_BASE_EPOCHS:-10}" "${vit_flags[@]}" --image-size "$image" --pad 4 --flip
+  evaluate c100-original accuracy "$out/runs/vit-c100" "$spec" --devices 1 --vq off
+  for g in "${groups[@]}"; do
+    calibrate c100-g"$g" "$out/runs/vit-c100" "$spec" "$g"
+    train vit-c100-astra-g"$g" astra --init "$out/runs/vit-c100" --codebooks "$out/codebooks/c100-g$g.safetensors" \
+      --devices "$n" --data "$spec" --epochs "${CIFAR_EPOCHS:-32}" "${vit_flags[@]}" --pad 4 --flip
+    evaluate c100-astra-g"$g" accuracy "$out/runs/vit-c100-astra-g$g" "$spec" --devices "$n"
+  done
+  # Table 2: the device count, G = 32 (N = $n comes from the loop above).
+  if [[ " ${groups[*]} " == *" 32 "* ]]; then
+    for d in "${table2[@]}"; do
+      train vit-c100-astra-g32-n"$d" astra --init "$out/runs/vit-c100" --codebooks "$out/codebooks/c100-g32.safetensors" \
+        --devices "$d" --data "$spec" --epochs "${CIFAR_EPOCHS:-32}" "${vit_flags[@]}" --pad 4 --flip
+      evaluate c100-astra-g32-n"$d" accuracy "$out/runs/vit-c100-astra-g32-n$d" "$spec" --devices "$d"
+    done
+  fi
+fi
+
+if wants imagenet; then
+  if [[ -z ${IMAGENET_DIR:-} ]]; then
+    say "imagenet: skipped (set IMAGENET_DIR to an ImageNet-1K folder with train/ and val/)"
+  else
+    spec=imagefolder:$IMAGENET_DIR
+    evaluate imagenet-original accuracy "$imagenet_init" "$spec" --devices 1 --vq off
+    for g in "${groups[@]}"; do
+      calibrate imagenet-g"$g" "$imagenet_init" "$spec" "$g"
+      train vit-imagenet-astra-g"$g" astra --init "$imagenet_init" --codebooks "$out/codebooks/imagenet-g$g.safetensors" \
+        --devices "$n" --data "$spec" --epochs "${IMAGENET_EPOCHS:-4}" "${vit_flags[@]}" --flip
+      evaluate imagenet-astra-g"$g" accuracy "$out/runs/vit-imagenet-astra-g$g" "$spec" --devices "$n"
+    done
+  fi
+fi
+
+if wants text; then
+  ctx=${CONTEXT:-1024}
+  train_spec=text:$wt/wiki.train.raw,$wt/wiki.valid.raw
+  # Perplexity on the test split (the sweep scores the spec's second file).
+  test_spec=text:$wt/wiki.valid.raw,$wt/wiki.test.raw
+  text_flags=(--context "$ctx" --batch "${TEXT_BATCH:-8}" --lr "${TEXT_LR:-5e-5}" --warmup-steps 200
+    --device "$device" $precision --epochs "${TEXT_EPOCHS:-1}")
+  for m in "${gpt2_models[@]}"; do
+    name=$(basename "$m")
+    evaluate wt103-"$name"-zero-shot perplexity "$m" "$test_spec" --context "$ctx" --devices 1 --vq off
+    train "$name"-wt103 finetune --init "$m" --data "$train_spec" "${text_flags[@]}"
+    evaluate wt103-"$name"-original perplexity "$out/runs/$name-wt103" "$test_spec" --context "$ctx" --devices 1 --vq off
+    for g in "${groups[@]}"; do
+      calibrate wt103-"$name"-g"$g" "$out/runs/$name-wt103" "$train_spec" "$g" --context "$ctx"
+      train "$name"-wt103-astra-g"$g" astra --init "$out/runs/$name-wt103" \
+        --codebooks "$out/codebooks/wt103-$name-g$g.safetensors" --devices "$n" --data "$train_spec" "${text_flags[@]}"
+      evaluate wt103-"$name"-astra-g"$g" perplexity "$out/runs/$name-wt103-astra-g$g" "$test_spec" \
+        --context "$ctx" --devices "$n"
+    done
+  done
+fi
+
+if wants sim; then
+  if [[ -d $out/sim ]]; then
+    echo "skip: $out/sim (done)"
+  else
+    say "simulator"
+    log_cmd "$bin/astra-sim reproduce --out $out/sim"
+    "$bin/astra-sim" reproduce --out "$out/sim.tmp"
+    rm -rf "$out/sim"
+    mv "$out/sim.tmp" "$out/sim"
+  fi
+fi
+
+if wants summary; then
+  {
+    echo "# The paper's experiments, reproduced"
+    echo
+    echo "Commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F), device $device."
+    echo "Targets: ../shared/ASTRA.md §5. Commands, in the order they ran: commands.txt."
+    for t in "$out"/tables/*.md; do
+      [[ -e $t ]] || continue
+      echo
+      echo "## $(basename "$t" .md)"
+      cat "$t"
+    done
+  } >"$out/summary.md.tmp"
+  mv "$out/summary.md.tmp" "$out/summary.md"
+  say "summary: $out/summary.md"
+fi
