@@ -229,15 +229,6 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
             })
         }),
     );
-    let groups = crate::models::mpa_batched::DeviceGroups::new(&partition, n, dev);
-    if let Some(gr) = &groups {
-        row(
-            "block fwd+bwd, MPA batched by device (no mask, 1+T keys)",
-            time_ms(dev, w_, st, || {
-                amp(&mut || blk.forward_grouped(&x, &xq, gr).sum(Kind::Float).backward())
-            }),
-        );
-    }
     let hd = d;
     let qkv =
         |len: i64| Tensor::randn([b.batch, len, hd], (Kind::Float, dev)).set_requires_grad(true);

@@ -3,7 +3,6 @@ pub mod fast_kv;
 pub mod gpt2;
 pub mod layers;
 pub mod mpa;
-pub mod mpa_batched;
 pub mod vit;
 pub mod vq;
 

@@ -7,7 +7,6 @@ use tch::{Kind, Tensor};
 use super::fast_kv::CodewordKv;
 use super::layers::{activate, attend};
 use super::mpa::mixed_precision_mask_with_loss;
-use super::mpa_batched::DeviceGroups;
 use super::{Astra, AstraOutput};
 use crate::config::ViTConfig;
 use crate::error::{Result, TrainError};
@@ -69,20 +68,6 @@ impl VitBlock {
             v = Tensor::cat(&[v, hq.apply(&self.value)], 1);
         }
         let x = x + attend(&q, &k, &v, self.heads, mask, false).apply(&self.out);
-        let h = x.apply(&self.ln_after);
-        &x + activate(&h.apply(&self.fc1), &self.act).apply(&self.fc2)
-    }
-
-    /// One block under Mixed-Precision Attention batched by device ([`DeviceGroups`]): the same
-    /// result as [`Self::forward`] with the mask, without one.
-    pub fn forward_grouped(&self, x: &Tensor, quantized: &Tensor, groups: &DeviceGroups) -> Tensor {
-        let h = x.apply(&self.ln_before);
-        let hq = quantized.apply(&self.ln_before);
-        let q = groups.group(&h.apply(&self.query));
-        let k = groups.keys(&h.apply(&self.key), &hq.apply(&self.key));
-        let v = groups.keys(&h.apply(&self.value), &hq.apply(&self.value));
-        let att = groups.ungroup(&attend(&q, &k, &v, self.heads, None, false));
-        let x = x + att.apply(&self.out);
         let h = x.apply(&self.ln_after);
         &x + activate(&h.apply(&self.fc1), &self.act).apply(&self.fc2)
     }
@@ -236,16 +221,6 @@ impl ViT {
     /// All devices simulated in one process with the mixed-precision mask (training and the
     /// reference for the per-device path).
     pub fn forward_astra(&self, images: &Tensor, astra: Astra) -> Result<AstraOutput> {
-        self.astra_forward(images, astra, true)
-    }
-
-    /// [`Self::forward_astra`] always through the attention mask (the reference the device-batched
-    /// attention is tested against).
-    pub fn forward_astra_masked(&self, images: &Tensor, astra: Astra) -> Result<AstraOutput> {
-        self.astra_forward(images, astra, false)
-    }
-
-    fn astra_forward(&self, images: &Tensor, astra: Astra, grouped: bool) -> Result<AstraOutput> {
         let (cls, tokens) = self.embed(images)?;
         let (b, t, _) = tokens.size3()?;
         if astra.partition.tokens() as i64 != t {
@@ -258,20 +233,13 @@ impl ViT {
             ));
         }
         let n_cls = astra.cls.copies(astra.partition.devices()) as i64;
-        // Device-batched attention where it applies (equal shares, distributed CLS, no losses);
-        // the mask otherwise.
-        let groups = (grouped && astra.link_loss.is_none())
-            .then(|| DeviceGroups::new(astra.partition, n_cls as usize, tokens.device()))
-            .flatten();
-        let mask = groups.is_none().then(|| {
-            mixed_precision_mask_with_loss(
-                astra.partition,
-                n_cls as usize,
-                false,
-                astra.link_loss,
-                tokens.device(),
-            )
-        });
+        let mask = mixed_precision_mask_with_loss(
+            astra.partition,
+            n_cls as usize,
+            false,
+            astra.link_loss,
+            tokens.device(),
+        );
         let mut x = Tensor::cat(&[cls.expand([b, n_cls, -1], false), tokens], 1);
         let mut commitment = Tensor::zeros([], (Kind::Float, x.device()));
         let mut vq = astra.vq;
@@ -288,10 +256,7 @@ impl ViT {
                 }
                 None => content,
             };
-            x = match &groups {
-                Some(g) => blk.forward_grouped(&x, &xq, g),
-                None => blk.forward(&x, Some(&xq), mask.as_ref()),
-            };
+            x = blk.forward(&x, Some(&xq), Some(&mask));
         }
         Ok(AstraOutput {
             logits: self.head(&x.narrow(1, 0, n_cls)),

@@ -27,6 +27,9 @@ pub struct AdamW {
     /// is a handful of kernels over one tensor rather than a dozen per parameter.
     m: Tensor,
     v: Tensor,
+    /// The parameters themselves as views of one flat fp32 buffer (when all are fp32 on one
+    /// device), so the update is a few in-place kernels on it instead of several per parameter.
+    flat: Option<Tensor>,
     pub step: usize,
 }
 
@@ -41,11 +44,29 @@ impl AdamW {
         let n: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
         let device = params.first().map_or(vs.device(), |(_, p)| p.device());
         let zeros = || Tensor::zeros([n], (Kind::Float, device));
+        let flat = params
+            .iter()
+            .all(|(_, p)| p.kind() == Kind::Float && p.device() == device)
+            .then(|| {
+                let flat = zeros();
+                let mut offset = 0i64;
+                for (_, p) in &mut params {
+                    let k = p.numel() as i64;
+                    let view = flat.narrow(0, offset, k).view(p.size().as_slice());
+                    tch::no_grad(|| view.shallow_clone().copy_(p));
+                    // Every handle of this parameter (the layers', the VarStore's) shares the
+                    // TensorImpl, so all of them now read and write the flat buffer.
+                    p.set_data(&view);
+                    offset += k;
+                }
+                flat
+            });
         AdamW {
             cfg,
             params,
             m: zeros(),
             v: zeros(),
+            flat,
             step: 0,
         }
     }
@@ -108,25 +129,37 @@ impl AdamW {
             }
             let t = self.step as i32;
             let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-            let _ = self
-                .m
-                .g_mul_scalar_(c.beta1)
-                .g_add_(&(&g * (1.0 - c.beta1)));
+            let _ = self.m.lerp_(&g, 1.0 - c.beta1);
             let _ = self
                 .v
                 .g_mul_scalar_(c.beta2)
-                .g_add_(&(g.square() * (1.0 - c.beta2)));
-            let params: Vec<Tensor> = self
-                .params
-                .iter()
-                .map(|(_, p)| p.detach().reshape([-1]).to_kind(Kind::Float))
-                .collect();
-            let update = ((&self.m / bc1) / ((&self.v / bc2).sqrt() + c.eps)
-                + Tensor::cat(&params, 0) * c.weight_decay)
-                * lr;
-            for (((_, p), u), g) in self.params.iter().zip(self.views(&update)).zip(&grads) {
-                if g.defined() {
-                    let _ = p.detach().g_sub_(&u.to_kind(p.kind()));
+                .addcmul_(&g, &(&g * (1.0 - c.beta2)));
+            let denom = (&self.v / bc2).sqrt() + c.eps;
+            // A parameter without a gradient this step is left alone (as torch.optim.AdamW
+            // does), which only the per-parameter path can do.
+            let all_have_grads = grads.iter().all(|g| g.defined());
+            match &mut self.flat {
+                // p ← p·(1 − lr·wd) − lr·m̂ / (√v̂ + ε), in place on the flat buffer.
+                Some(flat) if all_have_grads => {
+                    if c.weight_decay != 0.0 {
+                        let _ = flat.g_mul_scalar_(1.0 - lr * c.weight_decay);
+                    }
+                    let _ = flat.addcdiv_(&(&self.m * (-lr / bc1)), &denom);
+                }
+                _ => {
+                    let params: Vec<Tensor> = self
+                        .params
+                        .iter()
+                        .map(|(_, p)| p.detach().reshape([-1]).to_kind(Kind::Float))
+                        .collect();
+                    let update =
+                        ((&self.m / bc1) / denom + Tensor::cat(&params, 0) * c.weight_decay) * lr;
+                    for (((_, p), u), g) in self.params.iter().zip(self.views(&update)).zip(&grads)
+                    {
+                        if g.defined() {
+                            let _ = p.detach().g_sub_(&u.to_kind(p.kind()));
+                        }
+                    }
                 }
             }
         })
@@ -177,5 +210,76 @@ impl AdamW {
         }
         self.step = step;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod flat_tests {
+    use super::*;
+    use tch::Device;
+
+    /// Two parameters, and a third the loss never uses when `unused`.
+    fn store(seed: i64, unused: bool) -> (nn::VarStore, Tensor, Tensor, Option<Tensor>) {
+        tch::manual_seed(seed);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let a = root.randn("a", &[3, 4], 0.0, 1.0);
+        let b = root.randn("b", &[5], 0.0, 1.0);
+        let u = unused.then(|| root.randn("unused", &[2], 0.0, 1.0));
+        (vs, a, b, u)
+    }
+
+    fn cfg() -> AdamWConfig {
+        AdamWConfig {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            clip_norm: 1.0,
+            warmup_steps: 0,
+            total_steps: 10,
+            min_lr_ratio: 1.0,
+        }
+    }
+
+    fn diff(x: &Tensor, y: &Tensor) -> f64 {
+        (x - y).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn flat_update_equals_the_per_parameter_one() {
+        let (vs1, a1, b1, _) = store(3, false);
+        let (vs2, a2, b2, _) = store(3, false);
+        let mut flat = AdamW::new(&vs1, cfg());
+        let mut per = AdamW::new(&vs2, cfg());
+        assert!(flat.flat.is_some());
+        per.flat = None;
+        for _ in 0..4 {
+            for (opt, a, b) in [(&mut flat, &a1, &b1), (&mut per, &a2, &b2)] {
+                opt.zero_grad();
+                ((a * 2.0).sin().sum(Kind::Float) + (b * b).sum(Kind::Float)).backward();
+                opt.step();
+            }
+        }
+        assert!(diff(&a1, &a2) < 1e-6 && diff(&b1, &b2) < 1e-6);
+        assert!(diff(&a1, &store(3, false).1) > 1e-3, "the parameters moved");
+        // The layers' handles see the flat buffer: writing it moves them.
+        let _ = flat.flat.as_mut().unwrap().fill_(0.5);
+        assert_eq!(a1.mean(Kind::Float).double_value(&[]), 0.5);
+    }
+
+    #[test]
+    fn a_parameter_without_gradient_is_left_alone() {
+        let (vs, a, _, u) = store(4, true);
+        let u = u.unwrap();
+        let before = u.copy();
+        let mut opt = AdamW::new(&vs, cfg());
+        for _ in 0..3 {
+            opt.zero_grad();
+            (&a * &a).sum(Kind::Float).backward();
+            opt.step();
+        }
+        assert_eq!(diff(&u, &before), 0.0);
     }
 }
