@@ -246,7 +246,7 @@ fn gpt2_predict_and_bad_input() {
             ],
             &[&ids, Path::new("--out"), &out],
         ),
-        "nowhere",
+        "nowhere: no such model folder",
     );
     let big = dir.path().join("big.npy");
     Tensor::from_slice(&[1i64, 99])

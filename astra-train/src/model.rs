@@ -160,10 +160,19 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
         }
         return Ok(p.to_path_buf());
     }
-    if !spec.contains('/') || p.exists() {
+    // A hub id is exactly `org/name`; anything else that is not an existing folder (an absolute
+    // or relative path, a nested path) is a missing folder, not something to download.
+    let hub_like = spec.matches('/').count() == 1
+        && !spec.starts_with(['/', '.', '~'])
+        && !spec.ends_with('/');
+    if !hub_like || p.exists() {
         return Err(TrainError::File {
             path: p.into(),
-            reason: "not a model folder, and not a hub id org/name".into(),
+            reason: if p.exists() {
+                "not a model folder".into()
+            } else {
+                "no such model folder (and not a hub id org/name)".into()
+            },
         });
     }
     let cache = hf_hub::Cache::from_env();
