@@ -504,7 +504,9 @@ fn run() -> Result<()> {
             trace,
             json,
         } => {
-            let sp = mode == "sp";
+            let devices = devices.unwrap_or(if workers.is_empty() { 4 } else { workers.len() });
+            // One device exchanges nothing: the single-device model needs no codebooks.
+            let sp = mode == "sp" || (devices == 1 && codebooks.is_none());
             let codebooks = match codebooks {
                 Some(c) => c,
                 None if sp => PathBuf::new(),
@@ -518,7 +520,6 @@ fn run() -> Result<()> {
                     c
                 }
             };
-            let devices = devices.unwrap_or(if workers.is_empty() { 4 } else { workers.len() });
             let links = links.as_deref().map(parse_links).transpose()?;
             let msg = astra_eval::runtime::distributed(&astra_eval::runtime::DistributedArgs {
                 model,

@@ -385,6 +385,29 @@ fn gpt2_prefill_over_tcp_equals_the_per_device_path() {
     ));
     let rel = rel_diff(&path("sp.npy"), &path("plain.npy"));
     assert!(rel <= 1e-5, "GPT-2 SP vs plain: relative {rel}");
+    // One device needs no codebooks and exchanges nothing: the plain model.
+    let single = path("single.json");
+    ok(&eval(
+        &[
+            "distributed",
+            "--model",
+            m,
+            "--devices",
+            "1",
+            "--input",
+            ids,
+            "--out",
+            path("one.npy").to_str().unwrap(),
+            "--json",
+            single.to_str().unwrap(),
+        ],
+        None,
+    ));
+    let rel = rel_diff(&path("one.npy"), &path("plain.npy"));
+    assert!(rel <= 1e-5, "GPT-2 single device vs plain: relative {rel}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&single).unwrap()).unwrap();
+    assert_eq!(s["mode"], "single");
     // No trace form for the causal exchange: said, not faked.
     one_line_error(
         &eval(

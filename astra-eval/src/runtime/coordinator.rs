@@ -513,10 +513,10 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
     }
     if let Some(path) = &a.json {
         let s = Summary {
-            mode: if a.sp {
-                "sp".into()
-            } else if n == 1 {
+            mode: if n == 1 {
                 "single".into()
+            } else if a.sp {
+                "sp".into()
             } else {
                 "astra".into()
             },
