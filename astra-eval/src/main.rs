@@ -232,8 +232,9 @@ enum Command {
         /// Untimed runs first.
         #[arg(long, default_value_t = 0)]
         warmup: usize,
-        /// Write the measured per-block timings of the median run as an astra-sim trace (ViT;
-        /// replay with `astra-sim sweep --trace FILE`).
+        /// Write the measured per-block timings of the median run as an astra-sim trace (an
+        /// all-gather per block for a ViT, sends to later devices for GPT-2; predict it with
+        /// `astra-sim sweep --trace FILE`).
         #[arg(long)]
         trace: Option<PathBuf>,
         /// Write latencies and per-worker times as JSON.

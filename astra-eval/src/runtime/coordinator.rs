@@ -293,9 +293,6 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
             a.devices
         );
     }
-    if a.trace.is_some() && matches!(model.net, Network::Gpt2(_)) {
-        bail!("--trace is written for ViT runs (GPT-2's one-way causal exchange has no trace form yet)");
-    }
     let groups = if a.sp {
         None
     } else {
@@ -495,15 +492,19 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
         );
     }
     let batch = input.size()[0];
-    if let (Some(path), Network::ViT(vit)) = (&a.trace, &model.net) {
+    if let Some(path) = &a.trace {
         let t = super::trace::measured(
             a,
-            &network,
+            &super::trace::Measured {
+                network: &network,
+                blocks: blocks as u32,
+                hidden: model.hidden() as u32,
+                codebooks: groups.map(|_| a.codebooks.as_path()),
+                tokens: tokens as u64,
+                batch: batch as u64,
+                causal: matches!(model.net, Network::Gpt2(_)),
+            },
             &run.timings,
-            vit,
-            groups.map(|_| a.codebooks.as_path()),
-            tokens as u64,
-            batch as u64,
         )?;
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, t.to_json())
