@@ -447,6 +447,33 @@ fn gpt2_prefill_over_tcp_equals_the_per_device_path() {
     );
 }
 
+/// The one-process per-device logits of the fixture (codebooks beside the model) for `n` devices,
+/// written to `reference`, equal to the distributed ones in `got` (≤ 1e-5 relative).
+fn assert_equals_per_device(m: &str, x: &str, n: usize, got: &Path, reference: &Path, what: &str) {
+    let cb = format!("{m}/codebooks.safetensors");
+    let n = n.to_string();
+    ok(&eval(
+        &[
+            "predict",
+            "--model",
+            m,
+            "--codebooks",
+            &cb,
+            "--path",
+            "per-device",
+            "--devices",
+            &n,
+            "--input",
+            x,
+            "--out",
+            reference.to_str().unwrap(),
+        ],
+        None,
+    ));
+    let rel = rel_diff(got, reference);
+    assert!(rel <= 1e-5, "{what} vs per-device: relative {rel}");
+}
+
 /// Starts a worker as a user would on another host; returns it and its address.
 fn start_worker(session: &str) -> (std::process::Child, String) {
     let mut w = Command::new(env!("CARGO_BIN_EXE_astra-eval"))
@@ -489,27 +516,7 @@ fn running_workers_are_used_with_their_session_key() {
     assert!(out.contains("2 devices over TCP (remote workers"), "{out}");
     assert!(w0.wait().unwrap().success() && w1.wait().unwrap().success());
     let p = tmp.path().join("p.npy");
-    let cb = format!("{m}/codebooks.safetensors");
-    ok(&eval(
-        &[
-            "predict",
-            "--model",
-            &m,
-            "--codebooks",
-            &cb,
-            "--path",
-            "per-device",
-            "--devices",
-            "2",
-            "--input",
-            &x,
-            "--out",
-            p.to_str().unwrap(),
-        ],
-        None,
-    ));
-    let rel = rel_diff(&d, &p);
-    assert!(rel <= 1e-5, "remote workers vs per-device: relative {rel}");
+    assert_equals_per_device(&m, &x, 2, &d, &p, "remote workers");
     // Nobody listening: the coordinator names the worker and its address within the timeout.
     one_line_error(
         &eval(
@@ -593,27 +600,7 @@ fn shaped_links_give_the_same_logits_and_leave_no_namespaces() {
     );
     let out = ok(&o);
     assert!(out.contains("shaped 50 Mbit/s uplinks"), "{out}");
-    let cb = format!("{m}/codebooks.safetensors");
-    ok(&eval(
-        &[
-            "predict",
-            "--model",
-            &m,
-            "--codebooks",
-            &cb,
-            "--path",
-            "per-device",
-            "--devices",
-            "2",
-            "--input",
-            &x,
-            "--out",
-            p.to_str().unwrap(),
-        ],
-        None,
-    ));
-    let rel = rel_diff(&d, &p);
-    assert!(rel <= 1e-5, "shaped run vs per-device: relative {rel}");
+    assert_equals_per_device(&m, &x, 2, &d, &p, "shaped run");
     assert_eq!(ours(), before, "namespaces left behind");
     // A dead worker behind a shaped link: still one line naming the peer and the block.
     let o = eval(

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::device::{DeviceShare, Payload};
 use super::frame::{self, Frame};
-use super::net::{accept_by, configure, connect_by, Control};
+use super::net::{accept_by, configure, connect_by, read_frames, Control, Tagged};
 use super::{Plan, COORDINATOR};
 
 /// Where the coordinator's frames come from.
@@ -71,8 +71,6 @@ pub fn serve(
     Ok(())
 }
 
-type Received = (u32, std::result::Result<Frame, frame::FrameError>);
-
 /// The full mesh: a stream per peer rank, and a channel fed by one reader thread per peer.
 fn mesh(
     listener: &TcpListener,
@@ -80,7 +78,7 @@ fn mesh(
     session: &str,
     timeout: Duration,
     startup: Duration,
-) -> Result<(HashMap<u32, TcpStream>, mpsc::Receiver<Received>)> {
+) -> Result<(HashMap<u32, TcpStream>, mpsc::Receiver<Tagged>)> {
     let deadline = Instant::now() + startup;
     let mut streams = HashMap::new();
     for j in 0..plan.rank {
@@ -109,17 +107,10 @@ fn mesh(
     }
     let (tx, rx) = mpsc::channel();
     for (&r, s) in &streams {
-        let mut s = s.try_clone()?;
+        let s = s.try_clone()?;
         // Reads block without a deadline here; the worker's recv_timeout bounds every wait.
         s.set_read_timeout(None)?;
-        let tx = tx.clone();
-        std::thread::spawn(move || loop {
-            let f = Frame::read_from(&mut s);
-            let stop = f.is_err();
-            if tx.send((r, f)).is_err() || stop {
-                return;
-            }
-        });
+        read_frames(s, r as usize, tx.clone());
     }
     Ok((streams, rx))
 }
@@ -226,7 +217,8 @@ impl Sender {
 struct Exchange<'a> {
     plan: &'a Plan,
     dev: &'a DeviceShare<'a>,
-    rx: mpsc::Receiver<Received>,
+    /// Frames from the peers, tagged with the sender's rank.
+    rx: mpsc::Receiver<Tagged>,
     /// Payloads that arrived ahead of the block waiting for them, by (sender, block).
     pending: HashMap<(u32, u32), Payload>,
     blocks: usize,
@@ -324,6 +316,7 @@ impl Exchange<'_> {
                     }
                     e => anyhow!("block {l}: peer {from}: {e}"),
                 })?;
+                let from = from as u32;
                 let (block, payload) = self.check(l, from, f)?;
                 self.pending.insert((from, block), payload);
             }

@@ -47,20 +47,36 @@ impl GptBlock {
     /// One block; keys are [x | quantized] when `quantized` is given, `mask` [S, Sk] boolean;
     /// without a mask the attention is plain causal.
     pub fn forward(&self, x: &Tensor, quantized: Option<&Tensor>, mask: Option<&Tensor>) -> Tensor {
-        let qkv = x.apply(&self.ln_1).apply(&self.c_attn);
-        let parts = qkv.split(qkv.size()[2] / 3, 2);
-        let (q, mut k, mut v) = (
-            parts[0].shallow_clone(),
-            parts[1].shallow_clone(),
-            parts[2].shallow_clone(),
-        );
+        let (q, mut k, mut v) = self.qkv(x);
         if let Some(xq) = quantized {
-            let kv = xq.apply(&self.ln_1).apply(&self.c_attn);
-            let p = kv.split(kv.size()[2] / 3, 2);
-            k = Tensor::cat(&[k, p[1].shallow_clone()], 1);
-            v = Tensor::cat(&[v, p[2].shallow_clone()], 1);
+            let (_, kq, vq) = self.qkv(xq);
+            k = Tensor::cat(&[k, kq], 1);
+            v = Tensor::cat(&[v, vq], 1);
         }
-        let x = x + attend(&q, &k, &v, self.heads, mask, true).apply(&self.c_proj);
+        self.finish(x, &q, &k, &v, mask)
+    }
+
+    /// Queries, keys and values of `x` (LayerNorm, then c_attn split in three).
+    fn qkv(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let qkv = x.apply(&self.ln_1).apply(&self.c_attn);
+        let p = qkv.split(qkv.size()[2] / 3, 2);
+        (
+            p[0].shallow_clone(),
+            p[1].shallow_clone(),
+            p[2].shallow_clone(),
+        )
+    }
+
+    /// Attention (causal without a mask), its output projection and the MLP, both residual.
+    fn finish(
+        &self,
+        x: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
+        let x = x + attend(q, k, v, self.heads, mask, true).apply(&self.c_proj);
         let h = x.apply(&self.ln_2);
         &x + activate(&h.apply(&self.c_fc), &self.act).apply(&self.mlp_proj)
     }
@@ -94,21 +110,13 @@ impl GptBlock {
         remote_kv: Option<&Tensor>,
         mask: Option<&Tensor>,
     ) -> Tensor {
-        let qkv = x.apply(&self.ln_1).apply(&self.c_attn);
-        let parts = qkv.split(qkv.size()[2] / 3, 2);
-        let (q, mut k, mut v) = (
-            parts[0].shallow_clone(),
-            parts[1].shallow_clone(),
-            parts[2].shallow_clone(),
-        );
+        let (q, mut k, mut v) = self.qkv(x);
         if let Some(kv) = remote_kv {
             let d = k.size()[2];
             k = Tensor::cat(&[k, kv.narrow(2, 0, d).to_kind(q.kind())], 1);
             v = Tensor::cat(&[v, kv.narrow(2, d, d).to_kind(q.kind())], 1);
         }
-        let x = x + attend(&q, &k, &v, self.heads, mask, true).apply(&self.c_proj);
-        let h = x.apply(&self.ln_2);
-        &x + activate(&h.apply(&self.c_fc), &self.act).apply(&self.mlp_proj)
+        self.finish(x, &q, &k, &v, mask)
     }
 }
 
