@@ -214,12 +214,17 @@ enum Command {
         /// float32 [B, C, H, W] normalised images (ViT) or int64 [B, T] token ids (GPT-2), .npy.
         #[arg(long)]
         input: PathBuf,
-        /// float32 logits, .npy: [B, classes] (ViT) or [B, T, vocabulary] (GPT-2).
+        /// float32 logits, .npy: [B, classes] (ViT), [B, vocabulary] (GPT-2 next token) or
+        /// [B, T, vocabulary] (GPT-2 with --all-logits).
         #[arg(long)]
         out: PathBuf,
         /// One CLS on device 0 instead of one per device.
         #[arg(long)]
         single_cls: bool,
+        /// GPT-2: write the logits of every token [B, T, V] (every device returns its final
+        /// states) instead of the next-token logits [B, V] the last device computes.
+        #[arg(long)]
+        all_logits: bool,
         /// Every process gives up on a silent peer after this long.
         #[arg(long, default_value_t = 10000)]
         timeout_ms: u64,
@@ -498,6 +503,7 @@ fn run() -> Result<()> {
             input,
             out,
             single_cls,
+            all_logits,
             timeout_ms,
             startup_timeout_ms,
             runs,
@@ -530,6 +536,7 @@ fn run() -> Result<()> {
                 workers,
                 links,
                 threads,
+                all_logits,
                 input,
                 out,
                 single_cls,

@@ -312,6 +312,7 @@ fn gpt2_prefill_over_tcp_equals_the_per_device_path() {
             "1",
             "--json",
             json.to_str().unwrap(),
+            "--all-logits",
         ],
         None,
     ));
@@ -354,6 +355,29 @@ fn gpt2_prefill_over_tcp_equals_the_per_device_path() {
     // Rank 0 attends to nobody: it never waits.
     let w0 = s["wait_ms"][0].as_f64().unwrap();
     assert!(w0 < 0.5, "rank 0 waited {w0} ms");
+    // By default the last device returns the next-token logits only: the last position's.
+    ok(&eval(
+        &[
+            "distributed",
+            "--model",
+            m,
+            "--devices",
+            "3",
+            "--input",
+            ids,
+            "--out",
+            path("next.npy").to_str().unwrap(),
+        ],
+        None,
+    ));
+    let next = Tensor::read_npy(path("next.npy")).unwrap();
+    let want = Tensor::read_npy(path("p.npy")).unwrap().select(1, 10);
+    assert_eq!(next.size(), vec![2, 50]);
+    let rel = (&next - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+    assert!(
+        rel <= 1e-5,
+        "next-token logits vs per-device: relative {rel}"
+    );
     // SP over TCP equals the plain model.
     ok(&eval(
         &[
@@ -368,6 +392,7 @@ fn gpt2_prefill_over_tcp_equals_the_per_device_path() {
             ids,
             "--out",
             path("sp.npy").to_str().unwrap(),
+            "--all-logits",
         ],
         None,
     ));
@@ -400,6 +425,7 @@ fn gpt2_prefill_over_tcp_equals_the_per_device_path() {
             path("one.npy").to_str().unwrap(),
             "--json",
             single.to_str().unwrap(),
+            "--all-logits",
         ],
         None,
     ));

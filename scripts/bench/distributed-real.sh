@@ -3,13 +3,16 @@
 # T = 256 (256² images) and T = 1024 (512²), one image per request, run by `astra-eval distributed`
 # as separate worker processes, each in its own network namespace behind a kernel-shaped uplink
 # (scripts/netem.sh), exchanging real bytes over TCP: single device, SP (fp32 all-gather) and
-# ASTRA G ∈ {1, 16, 32} (K = 1024) at 10, 50 and 100 Mbit/s. Every distributed run also writes
-# its measured per-block compute as an astra-sim trace, and astra-sim predicts that run's latency
-# at the link rate (alpha-beta, direct all-gather, bandwidth = rate × TCP payload share 0.936 as
-# in results/sim-vs-live.md; and the paper's model). Needs root (namespaces, tc).
+# ASTRA G ∈ {1, 16, 32} (K = 1024) at 10, 50 and 100 Mbit/s. With GPT2_TOKENS (e.g. 1024) also
+# GPT-2 small prefill (random weights, causal: indices flow to later devices only; the last device
+# returns the next-token logits). Every distributed run also writes its measured per-block compute
+# as an astra-sim trace, and astra-sim predicts that run's latency at the link rate (alpha-beta,
+# direct collectives, bandwidth = rate × TCP payload share 0.936 as in results/sim-vs-live.md; and
+# the paper's model). Needs root (namespaces, tc).
 #   scripts/bench/distributed-real.sh OUT_DIR
 # Environment: DEVICES (2), THREADS per worker (1; single device gets the same), RUNS (3, median),
-# TOKENS ("256 1024"), MBPS ("10 50 100"), VQ_GROUPS ("1 16 32"; bash reserves GROUPS). Writes OUT_DIR/table.md.
+# TOKENS ("256 1024"), GPT2_TOKENS (none), MBPS ("10 50 100"), VQ_GROUPS ("1 16 32"; bash reserves
+# GROUPS). Writes OUT_DIR/table.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 out=${1:?usage: distributed-real.sh OUT_DIR}
@@ -19,6 +22,7 @@ runs=${RUNS:-3}
 read -r -a token_list <<<"${TOKENS:-256 1024}"
 read -r -a mbps_list <<<"${MBPS:-10 50 100}"
 read -r -a group_list <<<"${VQ_GROUPS:-1 16 32}"
+read -r -a gpt2_tokens <<<"${GPT2_TOKENS:-}"
 bin=target/release
 py=${PYTHON:-.venv/bin/python}
 mkdir -p "$out"
@@ -49,6 +53,32 @@ EOF
   $py -c "import numpy as np; np.save('$m/x.npy', np.random.default_rng(0).standard_normal((1, 3, $side, $side)).astype(np.float32))"
 done
 
+for t in "${gpt2_tokens[@]}"; do
+  m="$out/gpt2-t$t"
+  if [[ ! -s $m/model.safetensors ]]; then
+    cat >"$out/gpt2-t$t.json" <<EOF
+{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 50257, "n_positions": $t,
+ "n_embd": 768, "n_layer": 12, "n_head": 12, "activation_function": "gelu_new",
+ "layer_norm_epsilon": 1e-5}
+EOF
+    $bin/astra-train init --model-config "$out/gpt2-t$t.json" --out "$m"
+  fi
+  # Random words as the calibration corpus (the codewords do not matter for latency).
+  [[ -s $out/words.txt ]] || $py -c "
+import numpy as np
+w = 'the of and to in a is was for on as with by he at from his it an are were which'.split()
+r = np.random.default_rng(0)
+open('$out/words.txt', 'w').write(' '.join(r.choice(w, 200000)))"
+  samples=$(((2048 + t - 1) / t))
+  for g in "${group_list[@]}"; do
+    [[ -s $m/cb-g$g.safetensors ]] ||
+      $bin/astra-train calibrate --model "$m" --data "text:$out/words.txt" --context "$t" --samples "$samples" \
+        --groups "$g" --k 1024 --iters 2 --noise none --out "$m/cb-g$g.safetensors" >"$m/cb-g$g.log" 2>&1 ||
+      { echo "calibrate failed: $m/cb-g$g.log" >&2; tail -3 "$m/cb-g$g.log" >&2; exit 1; }
+  done
+  $py -c "import numpy as np; np.save('$m/x.npy', np.random.default_rng(0).integers(0, 50257, (1, $t)).astype(np.int64))"
+done
+
 common=(--threads "$threads" --runs "$runs" --warmup 1 --timeout-ms 60000)
 run() { # NAME ARGS...: one measured configuration, skipped when its summary exists
   local name=$1; shift
@@ -56,23 +86,27 @@ run() { # NAME ARGS...: one measured configuration, skipped when its summary exi
   echo "== $name: astra-eval distributed $*"
   $bin/astra-eval distributed "$@" "${common[@]}" --json "$out/$name.json" --out "$out/$name.npy" | tee "$out/$name.log"
 }
-for t in "${token_list[@]}"; do
-  m="$out/vit-t$t"
-  run "t$t-single" --model "$m" --mode sp --devices 1 --input "$m/x.npy"
+# measure PREFIX MODEL: every configuration of one model (run names PREFIX-single, PREFIX-rR-sp, …).
+measure() {
+  local p=$1 m=$2 r g
+  run "$p-single" --model "$m" --mode sp --devices 1 --input "$m/x.npy"
   for r in "${mbps_list[@]}"; do
-    run "t$t-r$r-sp" --model "$m" --mode sp --devices "$n" --links "$r" --input "$m/x.npy" --trace "$out/t$t-r$r-sp.trace.json"
+    run "$p-r$r-sp" --model "$m" --mode sp --devices "$n" --links "$r" --input "$m/x.npy" --trace "$out/$p-r$r-sp.trace.json"
     for g in "${group_list[@]}"; do
-      run "t$t-r$r-g$g" --model "$m" --codebooks "$m/cb-g$g.safetensors" --devices "$n" --links "$r" \
-        --input "$m/x.npy" --trace "$out/t$t-r$r-g$g.trace.json"
+      run "$p-r$r-g$g" --model "$m" --codebooks "$m/cb-g$g.safetensors" --devices "$n" --links "$r" \
+        --input "$m/x.npy" --trace "$out/$p-r$r-g$g.trace.json"
     done
   done
-done
+}
+for t in "${token_list[@]}"; do measure "t$t" "$out/vit-t$t"; done
+for t in "${gpt2_tokens[@]}"; do measure "gpt2-t$t" "$out/gpt2-t$t"; done
 
 # Predictions of each measured run by astra-sim, from its own trace.
-for t in "${token_list[@]}"; do
+predict() { # PREFIX T
+  local p=$1 t=$2 r meth name sim_method eff
   for r in "${mbps_list[@]}"; do
     for meth in sp "${group_list[@]/#/g}"; do
-      name="t$t-r$r-$meth"
+      name="$p-r$r-$meth"
       sim_method=$([[ $meth == sp ]] && echo sp || echo "astra-$meth")
       eff=$(python3 -c "print($r * 1448 / (1514 + 33))")
       $bin/astra-sim sweep --trace "$out/$name.trace.json" --methods "$sim_method" --devices "$n" --tokens "$t" \
@@ -81,7 +115,19 @@ for t in "${token_list[@]}"; do
         --network paper --mbps "$r" --out "$out/$name.paper.csv" 2>/dev/null
     done
   done
-done
+}
+for t in "${token_list[@]}"; do predict "t$t" "$t"; done
+for t in "${gpt2_tokens[@]}"; do predict "gpt2-t$t" "$t"; done
 
-python3 scripts/bench/distributed_table.py "$out" "$n" "$threads" "${token_list[*]}" "${mbps_list[*]}" "${group_list[*]}" >"$out/table.md"
+{
+  echo "## ViT encoder (12×768), classification"
+  echo
+  python3 scripts/bench/distributed_table.py "$out" t "$n" "$threads" "${token_list[*]}" "${mbps_list[*]}" "${group_list[*]}"
+  if [[ ${#gpt2_tokens[@]} -gt 0 ]]; then
+    echo
+    echo "## GPT-2 small (12×768), prefill: next-token logits from the last device"
+    echo
+    python3 scripts/bench/distributed_table.py "$out" gpt2-t "$n" "$threads" "${gpt2_tokens[*]}" "${mbps_list[*]}" "${group_list[*]}"
+  fi
+} >"$out/table.md"
 cat "$out/table.md"

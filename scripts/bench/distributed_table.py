@@ -2,7 +2,8 @@
 configuration (median of its timed runs), the speedup over the single device, and astra-sim's
 prediction for the same run from its own measured trace.
 
-usage: distributed_table.py OUT_DIR DEVICES THREADS "TOKENS" "MBPS" "GROUPS"
+usage: distributed_table.py OUT_DIR PREFIX DEVICES THREADS "TOKENS" "MBPS" "GROUPS"
+(runs are named PREFIX{T}-single, PREFIX{T}-r{R}-sp, PREFIX{T}-r{R}-g{G})
 """
 
 import csv
@@ -20,8 +21,8 @@ def latency(path: Path) -> float:
 
 
 def main() -> None:
-    out, n, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    tokens, rates, groups = (s.split() for s in sys.argv[4:7])
+    out, prefix, n, threads = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    tokens, rates, groups = (s.split() for s in sys.argv[5:8])
     print(
         f"Devices N = {n}, {threads} libtorch thread(s) per worker (the single device gets the same), "
         "batch 1, median of the timed runs.\n"
@@ -33,12 +34,12 @@ def main() -> None:
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     errors = []
     for t in tokens:
-        single = json.loads((out / f"t{t}-single.json").read_text())
+        single = json.loads((out / f"{prefix}{t}-single.json").read_text())
         s_ms = single["median_ms"]
         print(f"| {t} | – | single | {s_ms:.1f} | 1.00 | {max(single['compute_ms']):.1f} | – | – | – | – |")
         for r in rates:
             for meth in ["sp"] + [f"g{g}" for g in groups]:
-                name = f"t{t}-r{r}-{meth}"
+                name = f"{prefix}{t}-r{r}-{meth}"
                 s = json.loads((out / f"{name}.json").read_text())
                 ab = latency(out / f"{name}.ab.csv")
                 paper = latency(out / f"{name}.paper.csv")

@@ -36,6 +36,9 @@ pub struct DistributedArgs {
     pub links: Option<Links>,
     /// Threads per worker (0: this machine's cores / devices, at least 1).
     pub threads: usize,
+    /// GPT-2: the logits of every token [B, T, V] (every device returns its final states)
+    /// instead of the next-token logits [B, V] from the last device.
+    pub all_logits: bool,
     pub input: PathBuf,
     pub out: PathBuf,
     pub single_cls: bool,
@@ -374,6 +377,7 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
             startup_ms: a.startup.as_millis() as u64,
             sp: a.sp,
             threads,
+            all_logits: a.all_logits,
         };
         let send = |f: Frame, w: &mut Box<dyn std::io::Write + Send>| {
             f.write_to(w).map_err(|e| anyhow!("worker {r}: {e}"))
@@ -469,7 +473,9 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
         .collect();
     let logits = tch::no_grad(|| match &model.net {
         Network::ViT(vit) => vit.head(&Tensor::cat(&states, 1)),
-        Network::Gpt2(gpt) => gpt.head(&Tensor::cat(&states, 1)),
+        Network::Gpt2(gpt) if a.all_logits => gpt.head(&Tensor::cat(&states, 1)),
+        // The last device computed them.
+        Network::Gpt2(_) => states[0].shallow_clone(),
     });
     crate::predict::write_npy_atomic(&logits, &a.out)?;
     let sum = |t: &[f64], i: usize| t.iter().skip(i).step_by(3).sum::<f64>();

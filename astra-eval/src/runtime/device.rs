@@ -194,13 +194,19 @@ impl<'m> DeviceShare<'m> {
         })
     }
 
-    /// What this device returns to the coordinator: its CLS state [B, 1, D] (ViT; empty without a
-    /// CLS copy) or the final states of its tokens [B, n, D] (GPT-2).
-    pub fn finish(&self, local: &Tensor) -> Option<Tensor> {
+    /// What this device returns to the coordinator: its CLS state [B, 1, D] (ViT; nothing
+    /// without a CLS copy); for GPT-2 prefill the next-token logits [B, V] from the last device
+    /// (which holds the last token), or with `all_logits` every device's final states [B, n, D].
+    pub fn finish(&self, local: &Tensor, all_logits: bool) -> Option<Tensor> {
         match &self.model.net {
             Network::ViT(_) if self.has_cls == 0 => None,
             Network::ViT(_) => Some(local.narrow(1, 0, 1)),
-            Network::Gpt2(_) => Some(local.shallow_clone()),
+            Network::Gpt2(_) if all_logits => Some(local.shallow_clone()),
+            Network::Gpt2(gpt) if self.rank + 1 == self.partition.devices() => {
+                let n = local.size()[1];
+                Some(gpt.head(&local.narrow(1, n - 1, 1)).squeeze_dim(1))
+            }
+            Network::Gpt2(_) => None,
         }
     }
 }

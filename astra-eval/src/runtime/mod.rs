@@ -46,4 +46,8 @@ pub struct Plan {
     /// libtorch threads (0: libtorch's default).
     #[serde(default)]
     pub threads: usize,
+    /// GPT-2: every device returns its final states (the coordinator computes all logits)
+    /// instead of the last device returning the next-token logits.
+    #[serde(default)]
+    pub all_logits: bool,
 }

@@ -265,7 +265,7 @@ impl Exchange<'_> {
                 t2.elapsed().as_secs_f64() * 1e3,
             ]);
         }
-        Ok((self.dev.finish(&local), timings))
+        Ok((self.dev.finish(&local, self.plan.all_logits), timings))
     }
 
     fn message(&self, l: usize, local: &Tensor) -> Result<Frame> {
