@@ -317,12 +317,16 @@ impl CompiledRun {
 
     /// Dependency-driven list scheduling: per device one compute engine and one NIC (one shared
     /// engine without overlap); a collective starts when every member is ready and its NIC free.
+    /// A send is eager, as over TCP: it leaves when the sender is ready and its uplink free, and
+    /// the receiver's op ends when both it is ready and the data is in.
     fn schedule(&self, net: &Network, slow: &[f64], rate: &[f64], inflate: f64) -> Result<f64> {
         let n = self.devices;
         let mut finish: Vec<Vec<f64>> = self.ops.iter().map(|o| vec![0.0; o.len()]).collect();
         let mut pc = vec![0usize; n];
         let mut compute_free = vec![0f64; n];
         let mut nic_free = vec![0f64; n];
+        // When each send's data has arrived, once its sender has sent it.
+        let mut arrived: Vec<Option<f64>> = vec![None; self.collectives.len()];
         let ready_of = |finish: &Vec<Vec<f64>>, d: usize, i: usize| -> f64 {
             self.ops[d][i]
                 .deps
@@ -351,6 +355,33 @@ impl CompiledRun {
                             compute_free[d] = end;
                             if !net.overlap {
                                 nic_free[d] = end;
+                            }
+                            pc[d] += 1;
+                            progress = true;
+                        }
+                        Some(c) if self.collectives[c].kind == Collective::Send => {
+                            let info = &self.collectives[c];
+                            let ready = ready_of(&finish, d, i);
+                            let end = if info.members[0].0 == d {
+                                let engine = if net.overlap {
+                                    nic_free[d]
+                                } else {
+                                    nic_free[d].max(compute_free[d])
+                                };
+                                let end = ready.max(engine)
+                                    + self.collective_ms(info, net, rate, inflate);
+                                arrived[c] = Some(end);
+                                nic_free[d] = end;
+                                end
+                            } else {
+                                // The receiver waits for the data, not for the sender.
+                                let Some(at) = arrived[c] else { break };
+                                ready.max(at)
+                            };
+                            finish[d][i] = end;
+                            if !net.overlap {
+                                compute_free[d] = compute_free[d].max(end);
+                                nic_free[d] = nic_free[d].max(end);
                             }
                             pc[d] += 1;
                             progress = true;
@@ -472,6 +503,57 @@ mod tests {
             compute,
             BlockSplit::default(),
         )
+    }
+
+    #[test]
+    fn sends_are_eager_the_receiver_waits_for_the_data_not_the_sender() {
+        use crate::trace::OpKind;
+        let compute = |id: u32, ms: f64, deps: Option<Vec<u32>>| Op {
+            id,
+            kind: OpKind::Compute {
+                ms,
+                label: String::new(),
+            },
+            deps,
+        };
+        // 2^20 bits at 1 Mbit/s (2^20 bit/s): one second on the wire.
+        let send = |id: u32| Op {
+            id,
+            kind: OpKind::Send(Comm {
+                bits: 1 << 20,
+                peers: vec![0, 1],
+                tag: "x".into(),
+            }),
+            deps: Some(vec![0]),
+        };
+        let run = Run {
+            method: Method::Sp,
+            devices: 2,
+            tokens: 2,
+            programs: vec![
+                // The sender: 10 ms, send, 10 ms that do not need the send.
+                vec![
+                    compute(0, 10.0, None),
+                    send(1),
+                    compute(2, 10.0, Some(vec![0])),
+                ],
+                // The receiver: 1500 ms of its own work, then the data, then 10 ms.
+                vec![
+                    compute(0, 1500.0, None),
+                    send(1),
+                    compute(2, 10.0, Some(vec![1])),
+                ],
+            ],
+        };
+        let r = CompiledRun::new(&run).unwrap();
+        let ov = Network::alpha_beta(1.0, 0.0, Algorithm::Direct, true);
+        // The data left at 10 ms and was in at 1010 ms, before the receiver needed it at 1500.
+        assert!((r.simulate(&ov).unwrap().latency_ms - 1510.0).abs() < 1e-6);
+        // A receiver that is ready first waits for the data: 10 + 1000 + 10.
+        let mut early = run.clone();
+        early.programs[1][0] = compute(0, 5.0, None);
+        let r = CompiledRun::new(&early).unwrap();
+        assert!((r.simulate(&ov).unwrap().latency_ms - 1020.0).abs() < 1e-6);
     }
 
     #[test]

@@ -7,8 +7,9 @@
 # GPT-2 small prefill (random weights, causal: indices flow to later devices only; the last device
 # returns the next-token logits). Every distributed run also writes its measured per-block compute
 # as an astra-sim trace, and astra-sim predicts that run's latency at the link rate (alpha-beta,
-# direct collectives, bandwidth = rate × TCP payload share 0.936 as in results/sim-vs-live.md; and
-# the paper's model). Needs root (namespaces, tc).
+# direct collectives, eager sends overlapping compute that does not need them — the runtime sends
+# from a thread per peer —, bandwidth = rate × TCP payload share 0.936 as in
+# results/sim-vs-live.md; and the paper's model). Needs root (namespaces, tc).
 #   scripts/bench/distributed-real.sh OUT_DIR
 # Environment: DEVICES (2), THREADS per worker (1; single device gets the same), RUNS (3, median),
 # TOKENS ("256 1024"), GPT2_TOKENS (none), MBPS ("10 50 100"), VQ_GROUPS ("1 16 32"; bash reserves
@@ -110,7 +111,7 @@ predict() { # PREFIX T
       sim_method=$([[ $meth == sp ]] && echo sp || echo "astra-$meth")
       eff=$(python3 -c "print($r * 1448 / (1514 + 33))")
       $bin/astra-sim sweep --trace "$out/$name.trace.json" --methods "$sim_method" --devices "$n" --tokens "$t" \
-        --network alpha-beta --alpha-ms 0.05 --algorithm direct --mbps "$eff" --out "$out/$name.ab.csv" 2>/dev/null
+        --network alpha-beta --alpha-ms 0.05 --algorithm direct --overlap true --mbps "$eff" --out "$out/$name.ab.csv" 2>/dev/null
       $bin/astra-sim sweep --trace "$out/$name.trace.json" --methods "$sim_method" --devices "$n" --tokens "$t" \
         --network paper --mbps "$r" --out "$out/$name.paper.csv" 2>/dev/null
     done
