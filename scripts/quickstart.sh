@@ -64,14 +64,14 @@ done
 
 say "5/7 the G = 4 model on 4 worker processes over TCP (astra-eval distributed)"
 $py - "$data" "$out/runtime" <<'PY'
-import gzip, os, sys
+import os, sys
 import numpy as np
+sys.path.insert(0, "scripts/lib")
+from patches import idx_path, read_idx
 src, dst = sys.argv[1], sys.argv[2]
 os.makedirs(dst, exist_ok=True)
-with gzip.open(os.path.join(src, "t10k-images-idx3-ubyte.gz")) as f:
-    x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:512]
-with gzip.open(os.path.join(src, "t10k-labels-idx1-ubyte.gz")) as f:
-    y = np.frombuffer(f.read(), np.uint8, offset=8)[:512]
+x = read_idx(idx_path(src, "t10k-images-idx3-ubyte.gz"))[:512, None]
+y = read_idx(idx_path(src, "t10k-labels-idx1-ubyte.gz"))[:512]
 # The trainer's normalisation for Fashion-MNIST.
 np.save(os.path.join(dst, "x.npy"), ((x / 255.0 - 0.2860) / 0.3530).astype(np.float32))
 np.save(os.path.join(dst, "y.npy"), y.astype(np.int64))

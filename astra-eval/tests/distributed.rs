@@ -608,43 +608,27 @@ fn shaped_links_give_the_same_logits_and_leave_no_namespaces() {
     let tmp = tempfile::tempdir().unwrap();
     let (m, x) = fixture(tmp.path());
     let (d, p) = (tmp.path().join("d.npy"), tmp.path().join("p.npy"));
-    let o = eval(
-        &[
-            "distributed",
-            "--model",
-            &m,
-            "--devices",
-            "2",
-            "--links",
-            "50",
-            "--input",
-            &x,
-            "--out",
-            d.to_str().unwrap(),
-        ],
-        None,
-    );
+    let shaped = [
+        "distributed",
+        "--model",
+        &m,
+        "--devices",
+        "2",
+        "--links",
+        "50",
+        "--input",
+        &x,
+        "--out",
+        d.to_str().unwrap(),
+    ];
+    let o = eval(&shaped, None);
     let out = ok(&o);
     assert!(out.contains("shaped 50 Mbit/s uplinks"), "{out}");
     assert_equals_per_device(&m, &x, 2, &d, &p, "shaped run");
     assert_eq!(ours(), before, "namespaces left behind");
     // A dead worker behind a shaped link: still one line naming the peer and the block.
     let o = eval(
-        &[
-            "distributed",
-            "--model",
-            &m,
-            "--devices",
-            "2",
-            "--links",
-            "50",
-            "--input",
-            &x,
-            "--out",
-            d.to_str().unwrap(),
-            "--timeout-ms",
-            "1000",
-        ],
+        &[&shaped[..], &["--timeout-ms", "1000"]].concat(),
         Some(("ASTRA_FAULT", "die:1:1")),
     );
     assert!(!o.status.success());

@@ -23,7 +23,20 @@ def read_idx(path):
         if body.size != count * rows * cols:
             sys.exit(f"{path}: header says {count}x{rows}x{cols} images, file holds {body.size} bytes")
         return body.reshape(count, rows, cols)
-    sys.exit(f"{path}: magic {magic} is not an IDX image file (2051)")
+    if magic == 2049:
+        body = np.frombuffer(data, np.uint8, offset=8)
+        if body.size != count:
+            sys.exit(f"{path}: header says {count} labels, file holds {body.size} bytes")
+        return body
+    sys.exit(f"{path}: magic {magic} is not an IDX image (2051) or label (2049) file")
+
+
+def idx_path(folder, name):
+    """`name` (gzip) in `folder`, or its unpacked twin when only that exists."""
+    path = os.path.join(folder, name)
+    if not os.path.exists(path) and os.path.exists(path[:-3]):
+        path = path[:-3]
+    return path
 
 
 def main():
@@ -32,10 +45,7 @@ def main():
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     for split, name in [("train", "train-images-idx3-ubyte.gz"), ("test", "t10k-images-idx3-ubyte.gz")]:
-        path = os.path.join(a.dir, name)
-        if not os.path.exists(path) and os.path.exists(path[:-3]):
-            path = path[:-3]
-        img = read_idx(path).astype(np.float32) / 255.0
+        img = read_idx(idx_path(a.dir, name)).astype(np.float32) / 255.0
         n, h, w = img.shape
         s = a.patch
         patches = img.reshape(n, h // s, s, w // s, s).transpose(0, 1, 3, 2, 4).reshape(-1, s * s)

@@ -215,7 +215,7 @@ fn gather<T>(
     let mut vanished: Option<(usize, Instant)> = None;
     while got.iter().any(|g| g.is_none()) {
         let until = match vanished {
-            Some((_, at)) => (at + grace).min(deadline.max(at + grace)),
+            Some((_, at)) => at + grace,
             None => deadline,
         };
         let left = until.saturating_duration_since(Instant::now());
@@ -238,9 +238,8 @@ fn gather<T>(
                 }
             }
             Ok((r, Err(e))) => {
-                if matches!(&e, FrameError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof)
-                    || matches!(&e, FrameError::Io(_))
-                {
+                // The connection ended (the worker exited or died): wait for the others' words.
+                if matches!(e, FrameError::Io(_)) {
                     vanished.get_or_insert((r, Instant::now()));
                 } else {
                     bail!("worker {r}: {e}");
@@ -500,8 +499,8 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
     let batch = input.size()[0];
     if let Some(path) = &a.trace {
         let t = super::trace::measured(
-            a,
             &super::trace::Measured {
+                model: &a.model,
                 network: &network,
                 blocks: blocks as u32,
                 hidden: model.hidden() as u32,

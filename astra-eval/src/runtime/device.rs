@@ -3,7 +3,7 @@
 //! attends to every other) and GPT-2 prefill (causal: with contiguous token slices a device only
 //! needs the devices before it, so indices flow to higher ranks only).
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use astra_train::model::{Model, Network};
 use astra_train::models::fast_kv::CodewordKv;
 use astra_train::models::{ClsMode, DevicePartition, GroupedVq, VqConfig};
@@ -153,36 +153,30 @@ impl<'m> DeviceShare<'m> {
         }
     }
 
-    /// Block `l` on this device, given the payloads of its sources in rank order.
-    pub fn block(&self, l: usize, local: &Tensor, received: &[Payload]) -> Result<Tensor> {
-        let remote = |parts: Vec<&Tensor>| (!parts.is_empty()).then(|| Tensor::cat(&parts, 1));
-        let (indices, embeddings): (Vec<&Tensor>, Vec<&Tensor>) = (
-            received
-                .iter()
-                .filter_map(|p| match p {
-                    Payload::Indices(t) => Some(t),
-                    _ => None,
-                })
-                .collect(),
-            received
-                .iter()
-                .filter_map(|p| match p {
-                    Payload::Embeddings(t) => Some(t),
-                    _ => None,
-                })
-                .collect(),
-        );
-        if !indices.is_empty() && !embeddings.is_empty() {
-            bail!("block {l}: indices and embeddings mixed in one exchange");
-        }
-        let kv = remote(indices).map(|i| self.tables[l].kv(&i));
-        let emb = remote(embeddings).map(|e| e.to_kind(local.kind()));
-        Ok(match &self.model.net {
+    /// Block `l` on this device, given the payloads of its sources in rank order (all of the
+    /// run's kind: the worker checked every frame against it).
+    pub fn block(&self, l: usize, local: &Tensor, received: &[Payload]) -> Tensor {
+        let parts: Vec<&Tensor> = received
+            .iter()
+            .map(|p| match p {
+                Payload::Indices(t) | Payload::Embeddings(t) => t,
+            })
+            .collect();
+        let remote = (!parts.is_empty()).then(|| Tensor::cat(&parts, 1));
+        // SP receives the remote tokens themselves; ASTRA their indices, turned into keys and
+        // values by the per-codeword tables.
+        let (emb, kv) = match remote {
+            Some(r) if self.vq.is_empty() => (Some(r.to_kind(local.kind())), None),
+            Some(r) => (None, Some(self.tables[l].kv(&r))),
+            None => (None, None),
+        };
+        match &self.model.net {
             Network::ViT(vit) => match emb {
                 Some(e) => vit.blocks[l].forward(local, Some(&e), None),
                 None => vit.blocks[l].forward_kv(local, kv.as_ref()),
             },
             Network::Gpt2(gpt) => {
+                // Remote keys need the mask; without them the attention is plainly causal.
                 let mask = (kv.is_some() || emb.is_some())
                     .then_some(self.mask.as_ref())
                     .flatten();
@@ -191,7 +185,7 @@ impl<'m> DeviceShare<'m> {
                     None => gpt.blocks[l].forward_kv(local, kv.as_ref(), mask),
                 }
             }
-        })
+        }
     }
 
     /// What this device returns to the coordinator: its CLS state [B, 1, D] (ViT; nothing

@@ -12,10 +12,10 @@ use astra_quant::bitpack;
 use astra_sim::method::{Method, ModelShape};
 use astra_sim::trace::{Comm, Op, OpKind, Run, Source, Trace, FORMAT, VERSION};
 
-use super::coordinator::DistributedArgs;
-
 /// What was measured, beside the per-worker timings.
 pub struct Measured<'a> {
+    /// The model as given on the command line.
+    pub model: &'a str,
     pub network: &'a str,
     pub blocks: u32,
     pub hidden: u32,
@@ -26,7 +26,7 @@ pub struct Measured<'a> {
     pub causal: bool,
 }
 
-pub fn measured(a: &DistributedArgs, m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
+pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
     let (network, tokens, batch) = (m.network, m.tokens, m.batch);
     let n = timings.len() as u32;
     let mut shape = ModelShape {
@@ -130,7 +130,7 @@ pub fn measured(a: &DistributedArgs, m: &Measured, timings: &[Vec<f64>]) -> Resu
             name: "astra-eval distributed".into(),
             provenance: format!(
                 "{n} worker processes ({network}), batch {batch}, model {}{}; compute as measured in the median run",
-                a.model,
+                m.model,
                 if m.causal { ", causal (sends to later devices only)" } else { "" }
             ),
         },

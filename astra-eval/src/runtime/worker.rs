@@ -132,12 +132,16 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         timeout,
         Duration::from_millis(plan.startup_ms),
     )?;
-    let mut sinks: Vec<(u32, TcpStream)> = streams
-        .into_iter()
-        .filter(|(r, _)| dev.sinks.contains(r))
-        .collect();
-    sinks.sort_by_key(|(r, _)| *r);
-    let mut sinks: Vec<Sender> = sinks.into_iter().map(|(r, s)| Sender::new(r, s)).collect();
+    // A sender thread for every peer that attends to this device's tokens, in rank order.
+    let mut sinks: Vec<Sender> = dev
+        .sinks
+        .iter()
+        .filter_map(|r| {
+            streams
+                .get(r)
+                .map(|s| s.try_clone().map(|s| Sender::new(*r, s)))
+        })
+        .collect::<std::io::Result<_>>()?;
     control.send(&Frame::Ready { rank: plan.rank })?;
     let mut ex = Exchange {
         plan,
@@ -258,7 +262,7 @@ impl Exchange<'_> {
             let received = self.receive(l)?;
             let wait = t1.elapsed();
             let t2 = Instant::now();
-            local = self.dev.block(l, &local, &received)?;
+            local = self.dev.block(l, &local, &received);
             timings.extend([
                 pre.as_secs_f64() * 1e3,
                 wait.as_secs_f64() * 1e3,
