@@ -117,9 +117,7 @@ fn sweep(metric: astra_eval::sweep::Metric, o: SweepOpts) -> Result<()> {
     let md = sweep::markdown(&report, &command, &commit());
     print!("{md}");
     if let Some(p) = o.json {
-        let tmp = p.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)
-            .and_then(|_| std::fs::rename(&tmp, &p))
+        astra_quant::atomic::write_bytes(&p, serde_json::to_string_pretty(&report)?.as_bytes())
             .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
     }
     if let Some(p) = o.table {

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use astra_quant::npy::{self, NpyArray};
 use astra_quant::CodebookFile;
 use astra_train::config::ModelConfig;
 use astra_train::model::Model;
@@ -101,65 +102,71 @@ pub fn run(a: &PredictArgs) -> Result<String> {
     ))
 }
 
+/// The model's input from a .npy file (the workspace's checked codec): float32 images [B, C, H, W]
+/// for a ViT, integer token ids [B, T] for a GPT-2; NaN/Inf pixels and out-of-vocabulary ids are
+/// refused, since they would pass through to NaN or garbage outputs.
 pub fn read_input(path: &Path, config: &ModelConfig) -> Result<Tensor> {
-    let t = Tensor::read_npy(path)
-        .map_err(|e| anyhow::anyhow!("{}: not a readable .npy file: {e}", path.display()))?;
-    match config {
-        ModelConfig::ViT(c) => {
-            if t.kind() != Kind::Float {
+    let array = npy::read_array(path)?;
+    let shape: Vec<i64> = array.shape().iter().map(|&d| d as i64).collect();
+    match (config, array) {
+        (ModelConfig::ViT(c), NpyArray::F32(a)) => {
+            let want = [c.num_channels, c.image_size, c.image_size];
+            if shape.len() != 4 || shape[1..] != want {
                 bail!(
-                    "{}: images must be float32 [B, C, H, W], found {:?}",
+                    "{}: shape {shape:?}, the model expects [B, {}, {}, {}]",
                     path.display(),
-                    t.kind()
+                    want[0],
+                    want[1],
+                    want[2]
                 );
             }
-            let s = t.size();
-            if s.len() != 4
-                || s[1] != c.num_channels
-                || s[2] != c.image_size
-                || s[3] != c.image_size
+            if let Some((i, v)) = a.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                bail!(
+                    "{}: pixel {i} is {v} (inputs must be finite)",
+                    path.display()
+                );
+            }
+            let data: Vec<f32> = a.iter().copied().collect();
+            Ok(Tensor::from_slice(&data).reshape(&shape))
+        }
+        (ModelConfig::ViT(_), NpyArray::I64(_)) => bail!(
+            "{}: images must be float32 [B, C, H, W], found an integer array",
+            path.display()
+        ),
+        (ModelConfig::GPT2(c), NpyArray::I64(a)) => {
+            if shape.len() != 2 || shape[1] == 0 {
+                bail!(
+                    "{}: shape {shape:?}, expected [B, T] with T ≥ 1",
+                    path.display()
+                );
+            }
+            if let Some((i, v)) = a
+                .iter()
+                .enumerate()
+                .find(|(_, &v)| v < 0 || v >= c.vocab_size)
             {
                 bail!(
-                    "{}: shape {s:?}, the model expects [B, {}, {}, {}]",
+                    "{}: token id {v} at position {i} is outside the vocabulary 0..{}",
                     path.display(),
-                    c.num_channels,
-                    c.image_size,
-                    c.image_size
+                    c.vocab_size
                 );
             }
-            Ok(t)
+            let data: Vec<i64> = a.iter().copied().collect();
+            Ok(Tensor::from_slice(&data).reshape(&shape))
         }
-        ModelConfig::GPT2(_) => {
-            if !matches!(t.kind(), Kind::Int64 | Kind::Int) {
-                bail!(
-                    "{}: token ids must be int64 [B, T], found {:?}",
-                    path.display(),
-                    t.kind()
-                );
-            }
-            if t.dim() != 2 {
-                bail!("{}: shape {:?}, expected [B, T]", path.display(), t.size());
-            }
-            Ok(t.to_kind(Kind::Int64))
-        }
+        (ModelConfig::GPT2(_), NpyArray::F32(_)) => bail!(
+            "{}: token ids must be int64 [B, T], found a float array",
+            path.display()
+        ),
     }
 }
 
+/// Writes a float tensor as a float32 .npy, atomically.
 pub fn write_npy_atomic(t: &Tensor, out: &Path) -> Result<()> {
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp.npy",
-        out.file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    t.write_npy(&tmp)
-        .with_context(|| tmp.display().to_string())?;
-    std::fs::rename(&tmp, out).with_context(|| out.display().to_string())?;
+    let t = t.to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
+    let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+    let data = Vec::<f32>::try_from(t.reshape([-1]))?;
+    let a = ndarray::ArrayD::from_shape_vec(shape, data)?;
+    npy::write(out, &a)?;
     Ok(())
 }

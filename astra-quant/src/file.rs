@@ -19,7 +19,6 @@ use safetensors::SafeTensors;
 
 use crate::codebook::GroupedCodebook;
 use crate::error::{QuantError, Result};
-use crate::npy::write_atomic;
 use crate::residual::NoiseModel;
 
 pub const FORMAT: &str = "astra-codebooks";
@@ -186,7 +185,7 @@ impl CodebookFile {
     /// Writes atomically (temporary file + rename).
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = self.to_bytes()?;
-        write_atomic(path, &bytes)
+        crate::atomic::write_bytes(path, &bytes).map_err(|e| QuantError::io(path, e))
     }
 
     pub fn load(path: &Path) -> Result<Self> {
@@ -257,10 +256,18 @@ impl CodebookFile {
                     t.shape()
                 )));
             }
-            Ok(t.data()
+            let v: Vec<f32> = t
+                .data()
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-                .collect())
+                .collect();
+            // One NaN codeword would make every output NaN downstream: refuse it here.
+            if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                return Err(bad(format!(
+                    "tensor '{name}' holds {x} at flat index {i} (values must be finite)"
+                )));
+            }
+            Ok(v)
         };
         let sub = dim / groups;
         let mut out = Vec::with_capacity(blocks);

@@ -5,7 +5,9 @@
 //! - [`codebook`]: grouped codebooks (G groups of K × D/G) with encode, decode, error and usage;
 //! - [`bitpack`]: the wire format, ceil(log2 K) bits per index;
 //! - [`residual`]: streamed residual mean/covariance and the NAQ noise sampler;
-//! - [`file`]: codebooks and noise models in safetensors; [`npy`]: NumPy array files.
+//! - [`file`]: codebooks and noise models in safetensors; [`npy`]: NumPy array files;
+//!   [`atomic`]: the atomic file writes every crate uses.
+pub mod atomic;
 pub mod bench;
 pub mod bitpack;
 pub mod codebook;
@@ -15,6 +17,7 @@ pub mod kmeans;
 pub mod nearest;
 pub mod npy;
 pub mod residual;
+pub mod threads;
 
 pub use codebook::GroupedCodebook;
 pub use error::{QuantError, Result};

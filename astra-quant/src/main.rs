@@ -145,9 +145,10 @@ fn main() {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
-    if cli.threads > 0 {
+    let threads = astra_quant::threads::checked(cli.threads, 0)?;
+    if threads > 0 {
         rayon::ThreadPoolBuilder::new()
-            .num_threads(cli.threads)
+            .num_threads(threads)
             .build_global()
             .context("setting up the thread pool")?;
     }
@@ -256,7 +257,11 @@ fn run() -> Result<()> {
                 } else {
                     serde_json::json!({ "blocks": reports })
                 };
-                npy::write_atomic(&r, serde_json::to_string_pretty(&json)?.as_bytes())?;
+                astra_quant::atomic::write_bytes(
+                    &r,
+                    serde_json::to_string_pretty(&json)?.as_bytes(),
+                )
+                .with_context(|| r.display().to_string())?;
             }
         }
         Command::Encode {
@@ -280,7 +285,8 @@ fn run() -> Result<()> {
             }
             if let Some(p) = &packed {
                 let flat: Vec<u16> = idx.iter().copied().collect();
-                npy::write_atomic(p, &pack(&flat, cb.bits())?)?;
+                astra_quant::atomic::write_bytes(p, &pack(&flat, cb.bits())?)
+                    .with_context(|| p.display().to_string())?;
             }
             println!(
                 "encoded {} rows × {} groups at {} bits: {} bytes packed ({:.1}× smaller than fp32)",

@@ -303,6 +303,23 @@ fn bad_input_gives_one_line_errors() {
             .arg(dir.path().join("o.npy")),
         "index 9",
     );
+    // A codebook file with one NaN codeword is refused where it is loaded.
+    let mut nan_cb = std::fs::read(&out).unwrap();
+    let data_start = 8 + u64::from_le_bytes(nan_cb[..8].try_into().unwrap()) as usize;
+    nan_cb[data_start + 8..data_start + 12].copy_from_slice(&f32::NAN.to_le_bytes());
+    let nan_cb_path = dir.path().join("nan.safetensors");
+    std::fs::write(&nan_cb_path, &nan_cb).unwrap();
+    run_err(
+        bin().args(["stats", "--codebook"]).arg(&nan_cb_path),
+        "values must be finite",
+    );
+    // Absurd thread counts are refused before any work.
+    run_err(
+        bin()
+            .args(["--threads", "100000", "stats", "--codebook"])
+            .arg(&out),
+        "threads: 100000 is more than",
+    );
     let packed = dir.path().join("p.bin");
     std::fs::write(&packed, [0u8; 6]).unwrap();
     run_err(

@@ -300,9 +300,11 @@ fn run() -> Result<()> {
                     }
                 }
             }
-            if configs.iter().any(|c| c.1 == 0 || c.2 == 0) {
-                bail!("devices and tokens must be positive integers");
+            if configs.iter().any(|c| c.2 == 0) {
+                bail!("tokens must be positive integers");
             }
+            let counts: Vec<u32> = configs.iter().map(|c| c.1).collect();
+            astra_sim::sweep::check_devices(&counts)?;
             let trace = Trace::from_profile(src.as_ref(), shape, &configs, model.split()?)?;
             write_atomic(&out, trace.to_json().as_bytes())?;
             println!("wrote {} runs to {}", trace.runs.len(), out.display());

@@ -256,12 +256,18 @@ impl CompiledRun {
                 ),
             ));
         }
-        Ok(CompiledRun {
+        let compiled = CompiledRun {
             devices,
             retransmits: !run.method.is_astra(),
             ops,
             collectives,
-        })
+        };
+        // One validation for every network model: the paper's model only sums compute and bits,
+        // so it would price a trace whose programs can never run; schedule it once, untimed.
+        let unit = vec![1.0; devices];
+        let net = Network::alpha_beta(1.0, 0.0, Algorithm::Direct, false);
+        compiled.schedule(&net, &unit, &unit, 1.0)?;
+        Ok(compiled)
     }
 
     pub fn simulate(&self, net: &Network) -> Result<Outcome> {

@@ -140,21 +140,23 @@ fn render(
 ) -> Result<String> {
     register_font();
     let final_path = out.join(name);
-    // Render beside the target and rename, so a reader never sees half a PNG.
-    let tmp = out.join(format!(
-        ".{}.{}.tmp.png",
-        name.trim_end_matches(".png"),
-        std::process::id()
-    ));
-    {
-        let root = BitMapBackend::new(&tmp, size).into_drawing_area();
-        root.fill(&WHITE).map_err(perr(&final_path))?;
-        f(&root, &final_path)?;
-        root.present().map_err(perr(&final_path))?;
-    }
-    std::fs::rename(&tmp, &final_path).map_err(|e| SimError::File {
+    let sim = |e: std::io::Error| SimError::File {
         path: final_path.clone(),
         reason: e.to_string(),
+    };
+    // Rendered beside the target and renamed, so a reader never sees half a PNG.
+    let drawn = astra_quant::atomic::write_via(&final_path, |tmp| -> std::io::Result<()> {
+        let draw = || -> Result<()> {
+            let root = BitMapBackend::new(tmp, size).into_drawing_area();
+            root.fill(&WHITE).map_err(perr(&final_path))?;
+            f(&root, &final_path)?;
+            root.present().map_err(perr(&final_path))
+        };
+        draw().map_err(std::io::Error::other)
+    });
+    drawn.map_err(|e| match e.downcast::<SimError>() {
+        Ok(sim_error) => sim_error,
+        Err(e) => sim(e),
     })?;
     Ok(name.to_string())
 }

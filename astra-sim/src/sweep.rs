@@ -75,11 +75,40 @@ pub enum Runs<'a> {
 }
 
 /// Returns the CSV text and the number of configurations.
-pub fn run(runs: Runs, g: &Grid) -> Result<(String, usize)> {
-    if let Some(d) = g.devices.iter().find(|&&d| d == 0) {
-        return Err(SimError::invalid(
+/// Most devices a simulated run may have: programs and schedules grow as N², so a typo such as
+/// 1:100000:1 is refused before any work rather than run into the OOM killer.
+pub const MAX_DEVICES: u32 = 1024;
+
+/// Most (run × network) configurations one sweep evaluates.
+pub const MAX_CONFIGURATIONS: usize = 10_000_000;
+
+/// Every device count must be in 1..=[`MAX_DEVICES`].
+pub fn check_devices(devices: &[u32]) -> Result<()> {
+    match devices.iter().find(|&&d| d == 0 || d > MAX_DEVICES) {
+        Some(d) => Err(SimError::invalid(
             "devices",
-            format!("{d} is not a positive integer"),
+            format!("{d} is not in 1..={MAX_DEVICES}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+pub fn run(runs: Runs, g: &Grid) -> Result<(String, usize)> {
+    check_devices(&g.devices)?;
+    let size = [
+        g.methods.len(),
+        g.devices.len(),
+        g.tokens.len(),
+        networks(g).len(),
+    ]
+    .iter()
+    .try_fold(1usize, |acc, &n| acc.checked_mul(n.max(1)));
+    if size.is_none_or(|n| n > MAX_CONFIGURATIONS) {
+        return Err(SimError::invalid(
+            "sweep",
+            format!(
+                "the grid has more than {MAX_CONFIGURATIONS} configurations; sweep it in parts"
+            ),
         ));
     }
     if let Some(t) = g.tokens.iter().find(|&&t| t == 0) {

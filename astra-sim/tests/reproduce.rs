@@ -206,6 +206,69 @@ fn bad_input_is_a_one_line_error() {
         ],
         "none.csv",
     );
+    // Absurd device counts are refused before any work (they grew as N² into the OOM killer).
+    one_line_error(
+        &["sweep", "--devices", "99999999999", "--out", o],
+        "devices: '99999999999' is not a number",
+    );
+    for devices in ["1:100000:1", "1000000"] {
+        one_line_error(
+            &[
+                "sweep",
+                "--network",
+                "alpha-beta",
+                "--devices",
+                devices,
+                "--out",
+                o,
+            ],
+            "is not in 1..=1024",
+        );
+    }
+    one_line_error(
+        &["trace", "--devices", "1000000", "--out", o],
+        "is not in 1..=1024",
+    );
+    // A trace whose collectives deadlock is refused by every network model, the paper's too.
+    let deadlock = dir.path().join("deadlock.json");
+    let gather = |tag: &str, id: u32| {
+        format!(
+            r#"{{"id": {id}, "op": "all-gather", "bits": 80, "peers": [0, 1], "tag": "{tag}"}}"#
+        )
+    };
+    let program =
+        |first: &str, second: &str| format!("[{}, {}]", gather(first, 0), gather(second, 1));
+    std::fs::write(
+        &deadlock,
+        format!(
+            r#"{{"format": "astra-trace", "version": 1,
+                "source": {{"kind": "measured", "name": "t", "provenance": ""}},
+                "model": {{"blocks": 1, "hidden": 8, "element_bits": 32, "index_bits": 10}},
+                "runs": [{{"method": "astra-g1", "devices": 2, "tokens": 8,
+                          "programs": [{}, {}]}}]}}"#,
+            program("a", "b"),
+            program("b", "a")
+        ),
+    )
+    .unwrap();
+    for network in ["paper", "alpha-beta"] {
+        one_line_error(
+            &[
+                "sweep",
+                "--trace",
+                deadlock.to_str().unwrap(),
+                "--network",
+                network,
+                "--devices",
+                "2",
+                "--tokens",
+                "8",
+                "--out",
+                o,
+            ],
+            "deadlock",
+        );
+    }
 }
 
 #[test]

@@ -307,9 +307,7 @@ fn optim(t: &TrainArgs) -> astra_train::train::optim::AdamWConfig {
 fn run_training(cfg: astra_train::train::TrainConfig, t: &TrainArgs) -> Result<()> {
     use astra_train::train::{run::RunFolder, train};
     let device = astra_train::runtime::parse_device(&t.device).map_err(anyhow::Error::msg)?;
-    if t.batch == 0 || t.epochs == 0 {
-        anyhow::bail!("--batch and --epochs must be at least 1");
-    }
+    cfg.validate()?;
     let run = RunFolder::open(&t.out, &cfg, t.resume)?;
     // Test hook: stop after this many epochs in total, as a kill would (resume tests of scripts).
     let stop_after = std::env::var("ASTRA_STOP_AFTER_EPOCHS")

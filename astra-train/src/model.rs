@@ -34,14 +34,20 @@ impl Model {
         Ok(Model { vs, net, config })
     }
 
-    /// From a folder with config.json and model.safetensors, or a hub id `org/name`.
+    /// From a folder with config.json and model.safetensors, or a hub id `org/name`. Every
+    /// parameter must be in the file, in its shape, and finite: a model missing its classifier is
+    /// an error here, never a random head.
     pub fn load(spec: &str, device: Device) -> Result<(Self, LoadReport)> {
-        Self::load_with(spec, device, |_| {})
+        let dir = resolve(spec)?;
+        let config = ModelConfig::load(&dir.join("config.json"))?;
+        Self::load_from(&dir, config, device, &[])
     }
 
-    /// [`Self::load`] with the checkpoint's config adjusted first (another image size: position
-    /// embeddings are interpolated; another label count: the classifier starts fresh).
-    pub fn load_with(
+    /// The starting point of a fine-tuning run: [`Self::load`] with the checkpoint's config
+    /// adjusted first (another image size: position embeddings are interpolated; another label
+    /// set: `adjust` changes the label count). The classifier alone may then start fresh, when the
+    /// checkpoint has none (a backbone) or one of another size; the report names it.
+    pub fn load_for_finetuning(
         spec: &str,
         device: Device,
         adjust: impl FnOnce(&mut ModelConfig),
@@ -49,33 +55,37 @@ impl Model {
         let dir = resolve(spec)?;
         let mut config = ModelConfig::load(&dir.join("config.json"))?;
         adjust(&mut config);
+        Self::load_from(&dir, config, device, &["classifier."])
+    }
+
+    fn load_from(
+        dir: &Path,
+        config: ModelConfig,
+        device: Device,
+        may_be_fresh: &[&str],
+    ) -> Result<(Self, LoadReport)> {
         let model = Self::new(config, device)?;
-        // A classification head is new when fine-tuning from a backbone checkpoint.
         let weights = ["model.safetensors", "best.safetensors"]
             .iter()
             .map(|f| dir.join(f))
             .find(|p| p.exists())
             .expect("resolve checked");
-        let report = load_safetensors(&model.vs, &weights, &["classifier."])?;
+        let report = load_safetensors(&model.vs, &weights, may_be_fresh)?;
         Ok((model, report))
     }
 
     /// Writes an HF-style folder: config.json and model.safetensors (atomically, file by file).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let io = |e: std::io::Error| TrainError::File {
-            path: dir.into(),
-            reason: e.to_string(),
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let tmp = dir.join(".config.json.tmp");
-        std::fs::write(&tmp, self.config.to_json()).map_err(io)?;
-        std::fs::rename(&tmp, dir.join("config.json")).map_err(io)?;
-        let tmp = dir.join(".model.safetensors.tmp");
+        let config = dir.join("config.json");
+        astra_quant::atomic::write_bytes(&config, self.config.to_json().as_bytes()).map_err(
+            |e| TrainError::File {
+                path: config.clone(),
+                reason: e.to_string(),
+            },
+        )?;
         let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        Tensor::write_safetensors(&named, &tmp)?;
-        std::fs::rename(&tmp, dir.join("model.safetensors")).map_err(io)?;
-        Ok(())
+        crate::train::run::write_safetensors_atomic(&dir.join("model.safetensors"), &named)
     }
 
     pub fn layers(&self) -> i64 {
@@ -107,6 +117,7 @@ impl Model {
     }
 
     pub fn forward_per_device(&self, input: &Tensor, astra: Astra) -> Result<Tensor> {
+        astra.partition.check_no_empty_share()?;
         match &self.net {
             Network::ViT(m) => m.forward_per_device(input, astra),
             Network::Gpt2(m) => m.forward_per_device(input, astra),
@@ -123,6 +134,7 @@ impl Model {
 
     /// The per-device path with fast remote keys/values (see `ViT::forward_per_device_fast`).
     pub fn forward_per_device_fast(&self, input: &Tensor, astra: Astra) -> Result<Tensor> {
+        astra.partition.check_no_empty_share()?;
         match &self.net {
             Network::ViT(m) => m.forward_per_device_fast(input, astra),
             Network::Gpt2(m) => m.forward_per_device_fast(input, astra),

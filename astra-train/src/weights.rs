@@ -78,6 +78,12 @@ pub fn load_safetensors(
                 ),
             });
         }
+        if src.is_floating_point() && !bool::try_from(src.isfinite().all())? {
+            return Err(TrainError::Weight {
+                name,
+                reason: format!("holds NaN or infinite values in {}", path.display()),
+            });
+        }
         tch::no_grad(|| {
             let mut v = var.shallow_clone();
             v.copy_(&src.to_kind(var.kind()).to_device(var.device()));

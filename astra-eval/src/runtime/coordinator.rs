@@ -302,10 +302,10 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
         astra_train::models::vq::check_codebooks(&file, model.layers(), model.hidden())?;
         Some(file.blocks[0].codebook.groups() as i64)
     };
-    let threads = match a.threads {
-        0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / a.devices).max(1),
-        t => t,
-    };
+    let threads = astra_quant::threads::checked(
+        a.threads,
+        (astra_quant::threads::cores() / a.devices).max(1),
+    )?;
     // Local workers get a fresh key on their command line; running workers were started with
     // one, which the coordinator must present.
     let session = if a.workers.is_empty() {

@@ -17,12 +17,14 @@ pub struct DevicePartition {
 
 impl DevicePartition {
     /// Contiguous chunks; the first T mod N devices hold one token more (ASTRA.md: our default).
+    /// The rule everywhere (masked, per-device, runtime): 1 ≤ N ≤ T, so every device holds a
+    /// token; checked before anything is allocated.
     pub fn contiguous(tokens: usize, devices: usize) -> Result<Self> {
-        let n = devices.max(1);
-        let sizes: Vec<usize> = (0..n)
-            .map(|d| tokens / n + usize::from(d < tokens % n))
+        Self::check(tokens, devices)?;
+        let sizes: Vec<usize> = (0..devices)
+            .map(|d| tokens / devices + usize::from(d < tokens % devices))
             .collect();
-        Self::sizes(&sizes).and_then(|p| p.check(devices))
+        Self::sizes(&sizes)
     }
 
     /// Explicit (possibly uneven) contiguous chunk sizes, one per device.
@@ -78,11 +80,35 @@ impl DevicePartition {
         n.iter().map(|&c| (c as f64 / t).powi(2)).sum()
     }
 
-    fn check(self, devices: usize) -> Result<Self> {
+    fn check(tokens: usize, devices: usize) -> Result<()> {
         if devices == 0 {
             return Err(TrainError::invalid("devices", "must be at least 1"));
         }
-        Ok(self)
+        if devices > tokens {
+            return Err(TrainError::invalid(
+                "devices",
+                format!(
+                    "{devices} devices for {tokens} tokens: every device needs at least one token"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The per-device paths run one device per share: a device without tokens (an explicit or
+    /// random allocation can make one) is refused there with this message.
+    pub fn check_no_empty_share(&self) -> Result<()> {
+        let mut held = vec![false; self.devices];
+        for &d in &self.owner {
+            held[d] = true;
+        }
+        match held.iter().position(|h| !h) {
+            Some(d) => Err(TrainError::invalid(
+                "partition",
+                format!("device {d} holds no tokens; the per-device path needs every device to hold one"),
+            )),
+            None => Ok(()),
+        }
     }
 
     pub fn devices(&self) -> usize {

@@ -64,7 +64,60 @@ pub struct TrainConfig {
     pub astra: Option<AstraSettings>,
 }
 
+/// Most simulated devices a run may use (the paper uses 2–8); more is refused before any work.
+pub const MAX_DEVICES: usize = 1024;
+
+/// `value` must be finite and within `range` (a closed or half-open range of f64).
+fn check_number(
+    what: &str,
+    value: f64,
+    range: impl std::ops::RangeBounds<f64> + std::fmt::Debug,
+) -> Result<()> {
+    if !value.is_finite() || !range.contains(&value) {
+        return Err(TrainError::invalid(
+            what,
+            format!("{value} is not a finite number in {range:?}"),
+        ));
+    }
+    Ok(())
+}
+
 impl TrainConfig {
+    /// Refuses settings that cannot train (zero counts, negative or non-finite rates, a decay
+    /// outside [0, 1)) before anything is read or written.
+    pub fn validate(&self) -> Result<()> {
+        for (what, n) in [("epochs", Some(self.epochs)), ("batch", Some(self.batch))]
+            .into_iter()
+            .chain([("max_train", self.max_train), ("max_test", self.max_test)])
+        {
+            if n == Some(0) {
+                return Err(TrainError::invalid(what, "must be at least 1"));
+            }
+        }
+        let o = &self.optim;
+        check_number("lr", o.lr, f64::MIN_POSITIVE..)?;
+        check_number("weight_decay", o.weight_decay, 0.0..)?;
+        check_number("clip", o.clip_norm, 0.0..)?;
+        check_number("beta1", o.beta1, 0.0..1.0)?;
+        check_number("beta2", o.beta2, 0.0..1.0)?;
+        check_number("eps", o.eps, f64::MIN_POSITIVE..)?;
+        check_number("min_lr_ratio", o.min_lr_ratio, 0.0..=1.0)?;
+        if let Some(a) = &self.astra {
+            if !(1..=MAX_DEVICES).contains(&a.devices) {
+                return Err(TrainError::invalid(
+                    "devices",
+                    format!("{} is not in 1..={MAX_DEVICES}", a.devices),
+                ));
+            }
+            check_number("beta", a.beta, 0.0..)?;
+            check_number("decay", a.vq.decay, 0.0..1.0)?;
+            check_number("lambda", a.vq.noise_lambda, 0.0..)?;
+            check_number("epsilon", a.vq.epsilon, 0.0..)?;
+            check_number("dead_threshold", a.vq.dead_threshold, 0.0..)?;
+        }
+        Ok(())
+    }
+
     /// The score the run keeps its best model by (higher is better): test accuracy for images,
     /// minus the validation loss for text.
     pub fn score(&self, m: &EvalMetrics) -> f64 {
@@ -85,6 +138,7 @@ pub fn train(
     progress: bool,
     stop_after: Option<usize>,
 ) -> Result<Option<EvalMetrics>> {
+    cfg.validate()?;
     if cfg.bf16 && !device.is_cuda() {
         return Err(TrainError::invalid(
             "bf16",
@@ -101,7 +155,7 @@ pub fn train(
             // The run's image size and the data's label set: a backbone checkpoint (or one
             // trained on other labels) gets a fresh classifier, position embeddings follow the
             // image size.
-            let (m, report) = Model::load_with(spec, device, |c| {
+            let (m, report) = Model::load_for_finetuning(spec, device, |c| {
                 if let (ModelConfig::ViT(v), ModelConfig::ViT(want)) = (c, &model_cfg) {
                     v.image_size = want.image_size;
                     if let Some(classes) = task.classes() {
@@ -112,7 +166,7 @@ pub fn train(
                     }
                 }
             })?;
-            if !report.fresh.is_empty() && progress {
+            if !report.fresh.is_empty() {
                 eprintln!(
                     "init: {spec}: fresh {} for this data",
                     report.fresh.join(", ")
@@ -142,6 +196,8 @@ pub fn train(
             )
         }
     };
+    // The inputs are checked (data, model, codebooks): only now does a new run write anything.
+    run.start()?;
     let n_train = cfg
         .max_train
         .map_or(task.train_len(), |m| m.min(task.train_len()));
@@ -287,7 +343,10 @@ pub fn train(
         if !loss_sum.is_finite() {
             return Err(TrainError::invalid(
                 format!("epoch {}", epoch + 1),
-                format!("the training loss became {loss_sum}; lower --lr or enable --clip (the run keeps its last good epoch)"),
+                format!(
+                    "the training loss became {loss_sum}: {} (the run keeps its last good epoch)",
+                    non_finite_cause(&model, vq.as_deref(), beta)
+                ),
             ));
         }
         let astra_eval = match (vq.as_mut(), &cfg.astra) {
@@ -341,15 +400,50 @@ pub fn train(
                 tensors.extend(b.state(&format!("astra.vq.{l}")));
             }
         }
-        run.record_epoch(&rec, &tensors, best, best_metrics)?;
+        // The best model first, then the epoch's commit (state.json): a kill in between reruns
+        // the epoch, never leaves a committed epoch without its model.
         if is_best {
             run.save_best(&model, vq.as_deref())?;
         }
+        run.record_epoch(&rec, &tensors, best, best_metrics)?;
     }
     if stop_after.is_none_or(|s| s >= cfg.epochs) {
         run.mark_complete(cfg.epochs, best_metrics.as_ref())?;
     }
     Ok(best_metrics)
+}
+
+/// Names what made the loss non-finite: a codebook (NaN codewords, or EMA statistics that blew up),
+/// the commitment weight, or weights that diverged (the learning rate).
+fn non_finite_cause(model: &Model, vq: Option<&[GroupedVq]>, beta: f64) -> String {
+    if !beta.is_finite() {
+        return format!("the commitment weight --beta is {beta}");
+    }
+    let finite = |t: &Tensor| bool::try_from(t.isfinite().all()).unwrap_or(false);
+    if let Some((l, _)) = vq
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .find(|(_, q)| !finite(&q.codebook))
+    {
+        return format!("block {l}'s codebook holds NaN or infinite codewords (check the codebook file and --decay)");
+    }
+    let bad: Vec<String> = model
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.is_floating_point() && !finite(t))
+        .map(|(n, _)| n)
+        .take(3)
+        .collect();
+    if bad.is_empty() {
+        "the weights and codebooks are finite, so a batch's loss overflowed; lower --lr or enable --clip".into()
+    } else {
+        format!(
+            "weights diverged ({} …); lower --lr or enable --clip",
+            bad.join(", ")
+        )
+    }
 }
 
 fn rng_next(rng: &mut rand_chacha::ChaCha8Rng) -> u64 {

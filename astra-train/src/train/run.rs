@@ -3,8 +3,13 @@
 //! `best.safetensors`, and `model/` (HF-style config.json + model.safetensors of the best epoch,
 //! with `codebooks.safetensors` beside it for ASTRA runs), and `complete.json` once every epoch
 //! has run (what scripts test to skip a finished run). Every file is written atomically (temp
-//! file + rename) and state.json is written last, so a killed run resumes from its last whole epoch.
+//! file + rename, [`astra_quant::atomic`]); an epoch writes its checkpoint, its best model and its
+//! log lines before state.json, the commit point, so a run killed anywhere resumes from its last
+//! whole epoch with everything that epoch produced. A lock file (`.lock`, holding the pid) keeps a
+//! second process out; nothing is written before the trainer has checked its inputs
+//! ([`RunFolder::start`]), and a new run that fails before that leaves no folder behind.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -42,6 +47,12 @@ pub struct EpochRecord {
 
 pub struct RunFolder {
     pub dir: PathBuf,
+    /// Holds the advisory lock on `.lock` while the run folder is open.
+    lock: std::fs::File,
+    /// The configuration to write when the run starts (a new run only).
+    pending_config: RefCell<Option<String>>,
+    /// This process made the folder: a run that fails before [`RunFolder::start`] removes it.
+    made_dir: bool,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
@@ -52,13 +63,77 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    astra_quant::atomic::write_bytes(path, bytes).map_err(io(path))
+}
+
+/// Writes tensors as safetensors atomically.
+pub fn write_safetensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    astra_quant::atomic::write_via(path, |tmp| {
+        Tensor::write_safetensors(tensors, tmp)
+            .map_err(|e| std::io::Error::other(format!("cannot write safetensors: {e}")))
+    })
+    .map_err(io(path))
+}
+
+/// Takes the run folder's lock: refuses while a live process holds it; a lock file left by a
+/// process that died (killed) is taken over with a message.
+fn lock(dir: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek};
+    let path = dir.join(".lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io(&path))?;
+    let mut holder = String::new();
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let _ = f.read_to_string(&mut holder);
+            return Err(TrainError::File {
+                path: dir.into(),
+                reason: format!(
+                    "in use by another process (pid {}, lock {}); wait for it or stop it",
+                    holder.trim(),
+                    path.display()
+                ),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+    }
+    f.read_to_string(&mut holder).map_err(io(&path))?;
+    if !holder.trim().is_empty() {
+        eprintln!(
+            "{}: taking over the lock of process {}, which ended without releasing it",
+            dir.display(),
+            holder.trim()
+        );
+    }
+    f.set_len(0).map_err(io(&path))?;
+    f.rewind().map_err(io(&path))?;
+    write!(f, "{}", std::process::id()).map_err(io(&path))?;
+    f.sync_all().map_err(io(&path))?;
+    Ok(f)
+}
+
+impl Drop for RunFolder {
+    fn drop(&mut self) {
+        if self.made_dir && self.pending_config.borrow().is_some() {
+            // A new run that never started: leave no half-made folder behind.
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            // An empty lock file means released; a pid left in it means its process died.
+            let _ = self.lock.set_len(0);
+        }
+        let _ = self.lock.unlock();
+    }
 }
 
 impl RunFolder {
     /// A new run in `dir`, or (with `resume`) the existing one, whose config must equal `cfg`.
+    /// Locks the folder; a new run writes nothing until [`RunFolder::start`].
     pub fn open(dir: &Path, cfg: &TrainConfig, resume: bool) -> Result<Self> {
         let config = dir.join("config.json");
         let text = serde_json::to_string_pretty(cfg).expect("serialisable");
@@ -66,6 +141,7 @@ impl RunFolder {
             if !resume {
                 return Err(TrainError::File { path: dir.into(), reason: "already holds a run (config.json); pass --resume to continue it or choose another --out".into() });
             }
+            let lock = lock(dir)?;
             let saved: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(&config).map_err(io(&config))?)
                     .map_err(|e| TrainError::File {
@@ -84,17 +160,48 @@ impl RunFolder {
                     .unwrap_or_default();
                 return Err(TrainError::File { path: config, reason: format!("resume with a different configuration (field '{field}' differs); nothing was changed") });
             }
-        } else {
-            if resume {
-                return Err(TrainError::File {
-                    path: dir.into(),
-                    reason: "nothing to resume (no config.json)".into(),
-                });
-            }
-            std::fs::create_dir_all(dir.join("checkpoints")).map_err(io(dir))?;
-            write_atomic(&config, text.as_bytes())?;
+            return Ok(RunFolder {
+                dir: dir.into(),
+                lock,
+                pending_config: RefCell::new(None),
+                made_dir: false,
+            });
         }
-        Ok(RunFolder { dir: dir.into() })
+        if resume {
+            return Err(TrainError::File {
+                path: dir.into(),
+                reason: "nothing to resume (no config.json)".into(),
+            });
+        }
+        let made_dir = !dir.exists();
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock = match lock(dir) {
+            Ok(l) => l,
+            Err(e) => {
+                if made_dir {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                return Err(e);
+            }
+        };
+        Ok(RunFolder {
+            dir: dir.into(),
+            lock,
+            pending_config: RefCell::new(Some(text)),
+            made_dir,
+        })
+    }
+
+    /// Commits a new run to disk (config.json, checkpoints/) once its inputs have been checked;
+    /// nothing for a resumed run.
+    pub fn start(&self) -> Result<()> {
+        let Some(text) = self.pending_config.borrow().clone() else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(self.dir.join("checkpoints")).map_err(io(&self.dir))?;
+        write_atomic(&self.dir.join("config.json"), text.as_bytes())?;
+        self.pending_config.replace(None);
+        Ok(())
     }
 
     fn state_path(&self) -> PathBuf {
@@ -176,7 +283,8 @@ impl RunFolder {
         self.dir.join("complete.json").exists()
     }
 
-    /// Checkpoint, then logs, then state.json (the commit point).
+    /// Checkpoint, then logs, then state.json (the commit point). The epoch's best model is saved
+    /// before this ([`RunFolder::save_best`]), so the commit covers it.
     pub fn record_epoch(
         &self,
         rec: &EpochRecord,
@@ -188,9 +296,7 @@ impl RunFolder {
             .dir
             .join("checkpoints")
             .join(format!("epoch-{}.safetensors", rec.epoch));
-        let tmp = ck.with_extension(format!("tmp-{}", std::process::id()));
-        Tensor::write_safetensors(tensors, &tmp)?;
-        std::fs::rename(&tmp, &ck).map_err(io(&ck))?;
+        write_safetensors_atomic(&ck, tensors)?;
         let mp = self.dir.join("metrics.jsonl");
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -239,6 +345,7 @@ impl RunFolder {
                 .expect("serialisable")
                 .as_bytes(),
         )?;
+        crash_point("state", rec.epoch);
         // Keep the two most recent checkpoints.
         if rec.epoch >= 2 {
             let _ = std::fs::remove_file(
@@ -254,10 +361,7 @@ impl RunFolder {
     pub fn save_best(&self, model: &Model, vq: Option<&[GroupedVq]>) -> Result<()> {
         let mut named: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let best = self.dir.join("best.safetensors");
-        let tmp = best.with_extension(format!("tmp-{}", std::process::id()));
-        Tensor::write_safetensors(&named, &tmp)?;
-        std::fs::rename(&tmp, &best).map_err(io(&best))?;
+        write_safetensors_atomic(&self.dir.join("best.safetensors"), &named)?;
         model.save(&self.dir.join("model"))?;
         if let Some(q) = vq {
             let blocks = q
@@ -276,5 +380,13 @@ impl RunFolder {
             .save(&self.dir.join("model").join("codebooks.safetensors"))?;
         }
         Ok(())
+    }
+}
+
+/// Test hook: `ASTRA_CRASH_AT=state:E` aborts the process right after epoch E's state.json is
+/// written, as a kill -9 at that point would (the resume tests use it).
+fn crash_point(what: &str, epoch: usize) {
+    if std::env::var("ASTRA_CRASH_AT").is_ok_and(|v| v == format!("{what}:{epoch}")) {
+        std::process::abort();
     }
 }
