@@ -131,6 +131,13 @@ fn find_codebooks(args: &SweepArgs) -> anyhow::Result<Option<PathBuf>> {
 }
 
 pub fn run(args: &SweepArgs, progress: bool) -> anyhow::Result<SweepReport> {
+    // Zero counts would be reported as results (0.00 % over no images): refused first.
+    if args.max_test == Some(0) {
+        return Err(invalid("max_test", "must be at least 1".into()));
+    }
+    if args.batch == 0 {
+        return Err(invalid("batch", "must be at least 1".into()));
+    }
     let (model, _) = Model::load(&args.model, args.device)?;
     let is_text = data::is_text(&args.data);
     match (args.metric, is_text) {

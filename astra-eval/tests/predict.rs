@@ -380,3 +380,183 @@ fn profile_writes_what_astra_sim_reads() {
         "{e}"
     );
 }
+
+#[test]
+fn bad_files_and_values_are_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |n: &str| dir.path().join(n);
+    tch::manual_seed(5);
+    let cfg = ViTConfig {
+        image_size: 8,
+        patch_size: 4,
+        hidden_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 32,
+        ..ViTConfig::vit_base_patch16_224(3)
+    };
+    let model_dir = path("vit");
+    Model::new(ModelConfig::ViT(cfg), Device::Cpu)
+        .unwrap()
+        .save(&model_dir)
+        .unwrap();
+    let m = model_dir.to_str().unwrap();
+    let x = path("x.npy");
+    Tensor::randn([2, 3, 8, 8], (Kind::Float, Device::Cpu))
+        .write_npy(&x)
+        .unwrap();
+    let out = path("y.npy");
+    let err = |args: &[&str], input: &Path, needle: &str| {
+        let o = predict(
+            args,
+            &[Path::new("--input"), input, Path::new("--out"), &out],
+        );
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+        assert!(e.contains(needle), "'{e}' lacks '{needle}'");
+        assert!(!out.exists(), "{args:?} wrote an output");
+    };
+    // Truncated inputs: the header only (segfaulted), cut inside the data (garbage, exit 0).
+    let bytes = std::fs::read(&x).unwrap();
+    let data_len = 2 * 3 * 8 * 8 * 4;
+    for (name, cut) in [
+        ("head.npy", bytes.len() - data_len),
+        ("cut.npy", bytes.len() - 10),
+    ] {
+        std::fs::write(path(name), &bytes[..cut]).unwrap();
+        err(&["--model", m], &path(name), "truncated");
+    }
+    // NaN pixels.
+    let nan = path("nan.npy");
+    let mut v = Tensor::randn([1, 3, 8, 8], (Kind::Float, Device::Cpu));
+    let _ = v.get(0).get(1).get(2).get(3).fill_(f64::NAN);
+    v.write_npy(&nan).unwrap();
+    err(&["--model", m], &nan, "pixel 83 is NaN");
+    // Absurd device counts: refused before anything is allocated.
+    err(
+        &["--model", m, "--devices", "99999999999"],
+        &x,
+        "99999999999 devices for 4 tokens",
+    );
+    // A model folder whose weights lack the classifier, or hold a NaN: never a random head.
+    let weights = Tensor::read_safetensors(model_dir.join("model.safetensors")).unwrap();
+    let headless: Vec<(String, Tensor)> = weights
+        .iter()
+        .filter(|(n, _)| !n.starts_with("classifier."))
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    let broken = path("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(model_dir.join("config.json"), broken.join("config.json")).unwrap();
+    Tensor::write_safetensors(&headless, broken.join("model.safetensors")).unwrap();
+    err(
+        &["--model", broken.to_str().unwrap()],
+        &x,
+        "weight classifier.bias: missing",
+    );
+    let poisoned: Vec<(String, Tensor)> = weights
+        .iter()
+        .map(|(n, t)| {
+            let t = t.copy();
+            if n.ends_with("layernorm_before.weight") {
+                let _ = t.get(0).fill_(f64::NAN);
+            }
+            (n.clone(), t)
+        })
+        .collect();
+    Tensor::write_safetensors(&poisoned, broken.join("model.safetensors")).unwrap();
+    err(
+        &["--model", broken.to_str().unwrap()],
+        &x,
+        "holds NaN or infinite values",
+    );
+    // One NaN codeword.
+    let cb = codebooks(dir.path(), 2, 16, 4);
+    let mut file = astra_quant::CodebookFile::load(&cb).unwrap();
+    let mut flat = file.blocks[1].codebook.to_flat();
+    flat[5] = f32::NAN;
+    let c = &file.blocks[1].codebook;
+    file.blocks[1].codebook =
+        astra_quant::GroupedCodebook::from_flat(c.groups(), c.k(), c.sub_dim(), flat).unwrap();
+    let nan_cb = path("nan-cb.safetensors");
+    file.save(&nan_cb).unwrap();
+    err(
+        &[
+            "--model",
+            m,
+            "--devices",
+            "2",
+            "--codebooks",
+            nan_cb.to_str().unwrap(),
+        ],
+        &x,
+        "values must be finite",
+    );
+    // A failed write (the output is a folder) leaves no temporary file behind.
+    let blocked = path("blocked");
+    std::fs::create_dir_all(blocked.join("inside")).unwrap();
+    let before: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let o = predict(
+        &["--model", m, "--input"],
+        &[&x, Path::new("--out"), &blocked],
+    );
+    assert!(!o.status.success());
+    let after: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "a temporary file was left: {after:?}"
+    );
+}
+
+#[test]
+fn gpt2_devices_without_tokens_are_refused_on_every_path() {
+    let dir = tempfile::tempdir().unwrap();
+    tch::manual_seed(6);
+    let cfg = GPT2Config {
+        vocab_size: 40,
+        n_positions: 32,
+        n_embd: 16,
+        n_layer: 2,
+        n_head: 2,
+        ..GPT2Config::gpt2_small()
+    };
+    let model_dir = dir.path().join("gpt2");
+    Model::new(ModelConfig::GPT2(cfg), Device::Cpu)
+        .unwrap()
+        .save(&model_dir)
+        .unwrap();
+    let ids = dir.path().join("ids.npy");
+    Tensor::randint(40, [1, 3], (Kind::Int64, Device::Cpu))
+        .write_npy(&ids)
+        .unwrap();
+    let out = dir.path().join("y.npy");
+    for path in ["masked", "per-device"] {
+        let o = predict(
+            &[
+                "--model",
+                model_dir.to_str().unwrap(),
+                "--devices",
+                "4",
+                "--path",
+                path,
+                "--input",
+            ],
+            &[&ids, Path::new("--out"), &out],
+        );
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "{path} accepted 4 devices for 3 tokens"
+        );
+        assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+        assert!(e.contains("4 devices for 3 tokens"), "{path}: {e}");
+    }
+}

@@ -366,3 +366,197 @@ fn language_model_trains_resumes_and_runs_astra() {
     .to_string();
     assert!(e.contains("not a GPT-2"), "{e}");
 }
+
+fn astra_train() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_astra-train"))
+}
+
+/// A tiny from-scratch ViT run of the binary on the quadrant fixtures in `data`.
+fn finetune_cmd(data: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
+    let mut c = astra_train();
+    c.arg("finetune")
+        .arg(format!("--data=mnist:{}", data.display()))
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--epochs",
+            "1",
+            "--batch",
+            "16",
+            "--hidden",
+            "16",
+            "--layers",
+            "2",
+            "--heads",
+            "2",
+            "--mlp",
+            "32",
+            "--patch",
+            "2",
+            "--max-train",
+            "64",
+            "--max-test",
+            "16",
+        ])
+        .args(extra);
+    c
+}
+
+fn one_line_failure(out: &std::process::Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "succeeded: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.contains(needle), "'{err}' lacks '{needle}'");
+}
+
+fn fixtures(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_idx(&data, "train", 96, 1);
+    write_idx(&data, "t10k", 16, 2);
+    data
+}
+
+#[test]
+fn a_kill_after_the_epoch_commit_never_loses_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixtures(tmp.path());
+    let run = tmp.path().join("run");
+    // Killed (abort, as kill -9) right after epoch 0's state.json: the epoch is committed.
+    let out = finetune_cmd(&data, &run, &[])
+        .env("ASTRA_CRASH_AT", "state:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // The commit covers the epoch's best model: it is there before --resume runs anything.
+    assert!(run.join("model/model.safetensors").exists());
+    assert!(run.join("best.safetensors").exists());
+    let out = finetune_cmd(&data, &run, &["--resume"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(run.join("complete.json").exists());
+    let best = Tensor::read_safetensors(run.join("best.safetensors")).unwrap();
+    let model = Tensor::read_safetensors(run.join("model/model.safetensors")).unwrap();
+    let model: std::collections::HashMap<_, _> = model.into_iter().collect();
+    for (n, t) in best {
+        assert!(t.equal(&model[&n]), "{n}: model/ is not the best epoch's");
+    }
+}
+
+#[test]
+fn a_run_folder_is_locked_and_a_dead_holder_is_taken_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixtures(tmp.path());
+    let run = tmp.path().join("run");
+    let out = finetune_cmd(&data, &run, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // While a process holds the folder, a second --resume is refused and writes nothing.
+    let cfg: TrainConfig =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let held = RunFolder::open(&run, &cfg, true).unwrap();
+    let summary = std::fs::read(run.join("summary.csv")).unwrap();
+    let out = finetune_cmd(&data, &run, &["--resume", "--epochs", "2"])
+        .output()
+        .unwrap();
+    one_line_failure(
+        &out,
+        &format!("in use by another process (pid {}", std::process::id()),
+    );
+    assert_eq!(summary, std::fs::read(run.join("summary.csv")).unwrap());
+    drop(held);
+    // A lock file left by a process that died is taken over, with a message.
+    std::fs::write(run.join(".lock"), "4194303").unwrap();
+    let out = finetune_cmd(&data, &run, &["--resume"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("taking over the lock of process 4194303"),
+        "{err}"
+    );
+}
+
+#[test]
+fn nonsense_settings_are_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixtures(tmp.path());
+    let run = tmp.path().join("run");
+    for (flags, needle) in [
+        (&["--max-test", "0"][..], "max_test: must be at least 1"),
+        (&["--max-train", "0"][..], "max_train: must be at least 1"),
+        (&["--batch", "0"][..], "batch: must be at least 1"),
+        (&["--lr=-0.1"][..], "lr: -0.1 is not a finite number"),
+        (&["--lr", "NaN"][..], "lr: NaN is not a finite number"),
+        (&["--weight-decay=-1"][..], "weight_decay: -1 is not"),
+    ] {
+        let out = finetune_cmd(&data, &run, flags).output().unwrap();
+        one_line_failure(&out, needle);
+        assert!(!run.exists(), "{flags:?} left {}", run.display());
+    }
+    // ASTRA's own settings, checked before the model or codebooks are read.
+    let mut cfg = config(&data, 1);
+    cfg.astra = Some(AstraSettings {
+        devices: 4,
+        codebooks: tmp.path().join("none.safetensors"),
+        beta: f64::NAN,
+        vq: Default::default(),
+        single_cls: false,
+        random_partition: false,
+    });
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("beta: NaN is not a finite number"), "{e}");
+    cfg.astra.as_mut().unwrap().beta = 5e-4;
+    cfg.astra.as_mut().unwrap().vq.decay = 1.5;
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("decay: 1.5"), "{e}");
+    cfg.astra.as_mut().unwrap().vq.decay = 0.99;
+    cfg.astra.as_mut().unwrap().devices = 99_999_999_999;
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("devices: 99999999999 is not in 1..=1024"), "{e}");
+}
+
+#[test]
+fn a_run_that_fails_on_its_inputs_leaves_no_folder() {
+    let _serial = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixtures(tmp.path());
+    // Codebooks that do not exist: found inside the trainer, after the folder was opened.
+    let mut cfg = config(&data, 1);
+    cfg.astra = Some(AstraSettings {
+        devices: 4,
+        codebooks: tmp.path().join("none.safetensors"),
+        beta: 5e-4,
+        vq: Default::default(),
+        single_cls: false,
+        random_partition: false,
+    });
+    let run = tmp.path().join("run");
+    let e = train(
+        &cfg,
+        &RunFolder::open(&run, &cfg, false).unwrap(),
+        Device::Cpu,
+        false,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("none.safetensors"), "{e}");
+    assert!(!run.exists(), "a failed start left {}", run.display());
+    // So the corrected rerun is not refused as "already holds a run".
+    let plain = config(&data, 1);
+    train(
+        &plain,
+        &RunFolder::open(&run, &plain, false).unwrap(),
+        Device::Cpu,
+        false,
+        None,
+    )
+    .unwrap();
+    assert!(run.join("complete.json").exists());
+}
