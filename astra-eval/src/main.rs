@@ -168,9 +168,6 @@ enum Command {
         /// port 0 picks one, printed as `listening ADDR`. Give the host's address for other hosts.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
-        /// The run's session key; connections that do not present it are refused.
-        #[arg(long)]
-        session: String,
         /// Give up on a silent peer after this long.
         #[arg(long, default_value_t = 10000)]
         timeout_ms: u64,
@@ -197,7 +194,7 @@ enum Command {
         /// Devices N (default 4, or the number of --workers).
         #[arg(long)]
         devices: Option<usize>,
-        /// Running workers (`astra-eval worker --listen HOST:PORT --session KEY` on each host),
+        /// Running workers (`ASTRA_SESSION=KEY astra-eval worker --listen HOST:PORT` on each host),
         /// comma-separated, by rank; the model, codebooks and input paths must exist on every
         /// host. Pass the workers' session key in ASTRA_SESSION.
         #[arg(long, value_delimiter = ',')]
@@ -475,13 +472,13 @@ fn run() -> Result<()> {
         }
         Command::Worker {
             listen,
-            session,
             timeout_ms,
             startup_timeout_ms,
             stdio,
         } => astra_eval::runtime::serve(
             &listen,
-            &session,
+            // The key comes from the environment: a command line is readable by every user.
+            &std::env::var(astra_eval::runtime::SESSION_ENV).unwrap_or_default(),
             std::time::Duration::from_millis(timeout_ms),
             std::time::Duration::from_millis(startup_timeout_ms),
             if stdio {

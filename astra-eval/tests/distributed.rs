@@ -172,6 +172,7 @@ fn dead_or_silent_workers_stop_everyone_with_the_peer_and_block_named() {
     for (fault, want) in [
         ("die:1:1", "peer 1 closed its connection"),
         ("silent:2:2", "peer 2 sent nothing within 1000 ms"),
+        ("twice:0:1", "peer 0 sent block 1's data twice"),
     ] {
         let o = eval(
             &[
@@ -207,7 +208,8 @@ fn wrong_session_key_and_malformed_frames_are_refused() {
         b"\x00\x01garbage-not-a-frame".as_slice(),
     ] {
         let mut w = Command::new(env!("CARGO_BIN_EXE_astra-eval"))
-            .args(["worker", "--session", "right-key", "--timeout-ms", "3000"])
+            .args(["worker", "--timeout-ms", "3000"])
+            .env("ASTRA_SESSION", "right-key")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -503,7 +505,8 @@ fn assert_equals_per_device(m: &str, x: &str, n: usize, got: &Path, reference: &
 /// Starts a worker as a user would on another host; returns it and its address.
 fn start_worker(session: &str) -> (std::process::Child, String) {
     let mut w = Command::new(env!("CARGO_BIN_EXE_astra-eval"))
-        .args(["worker", "--session", session, "--timeout-ms", "5000"])
+        .args(["worker", "--timeout-ms", "5000"])
+        .env("ASTRA_SESSION", session)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -666,4 +669,155 @@ fn nonsense_runtime_flags_are_named() {
         args.extend(extra);
         one_line_error(&eval(&args, None), needle);
     }
+}
+
+/// Starts a worker with `key` in its environment and connects to it as an unknown client.
+fn worker_and_client(key: &str) -> (std::process::Child, std::net::TcpStream) {
+    let mut w = Command::new(env!("CARGO_BIN_EXE_astra-eval"))
+        .args([
+            "worker",
+            "--timeout-ms",
+            "3000",
+            "--startup-timeout-ms",
+            "5000",
+        ])
+        .env("ASTRA_SESSION", key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(w.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().strip_prefix("listening ").unwrap().to_string();
+    (w, std::net::TcpStream::connect(&addr).unwrap())
+}
+
+fn refused_with(w: std::process::Child, needle: &str) {
+    let o = w.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "worker accepted: {e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    assert!(e.contains(needle), "'{e}' lacks '{needle}'");
+}
+
+#[test]
+fn workers_guard_their_session() {
+    // No key (or an empty one): the worker refuses to start.
+    let o = Command::new(env!("CARGO_BIN_EXE_astra-eval"))
+        .args(["worker"])
+        .env("ASTRA_SESSION", "")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("session key is empty"),
+        "{e}"
+    );
+    // A key never travels on the command line.
+    let o = Command::new(env!("CARGO_BIN_EXE_astra-eval"))
+        .args(["worker", "--session", "k"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    // Before the key is checked, nothing large is read: a 200 MiB frame header is refused at
+    // once, not allocated.
+    let (w, mut s) = worker_and_client("right-key");
+    let mut f = 0x4153_5452u32.to_le_bytes().to_vec();
+    f.push(3);
+    f.extend_from_slice(&(200u32 << 20).to_le_bytes());
+    s.write_all(&f).unwrap();
+    refused_with(w, "not a hello of at most 1024");
+    // An empty key presented to the worker is a wrong key.
+    let (w, mut s) = worker_and_client("right-key");
+    let mut p = 0u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&u32::MAX.to_le_bytes());
+    let mut f = 0x4153_5452u32.to_le_bytes().to_vec();
+    f.push(1);
+    f.extend_from_slice(&(p.len() as u32).to_le_bytes());
+    f.extend_from_slice(&p);
+    s.write_all(&f).unwrap();
+    refused_with(w, "wrong session key");
+}
+
+#[test]
+fn a_wrong_key_is_named_by_the_coordinator_and_local_keys_stay_off_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, x) = fixture(tmp.path());
+    let d = tmp.path().join("d.npy");
+    let (w0, a0) = start_worker("k-123");
+    let (w1, a1) = start_worker("k-123");
+    let o = eval(
+        &[
+            "distributed",
+            "--model",
+            &m,
+            "--workers",
+            &format!("{a0},{a1}"),
+            "--input",
+            &x,
+            "--out",
+            d.to_str().unwrap(),
+        ],
+        Some(("ASTRA_SESSION", "not-the-key")),
+    );
+    one_line_error(&o, "rejected the session key");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("worker 0 rejected") || e.contains("worker 1 rejected"),
+        "{e}"
+    );
+    for mut w in [w0, w1] {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    // Local workers: while they run (one stays silent), no worker's command line holds a key.
+    let coordinator = Command::new(env!("CARGO_BIN_EXE_astra-eval"))
+        .args([
+            "distributed",
+            "--model",
+            &m,
+            "--devices",
+            "2",
+            "--input",
+            &x,
+            "--out",
+        ])
+        .arg(&d)
+        .args(["--timeout-ms", "4000"])
+        .env("ASTRA_FAULT", "silent:1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while seen.len() < 2 && std::time::Instant::now() < until {
+        seen = worker_command_lines(coordinator.id());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(seen.len(), 2, "workers not found: {seen:?}");
+    for cmd in &seen {
+        assert!(!cmd.contains("session"), "a key on the command line: {cmd}");
+    }
+    let o = coordinator.wait_with_output().unwrap();
+    assert!(!o.status.success());
+}
+
+/// The command lines of `parent`'s child processes (Linux /proc).
+fn worker_command_lines(parent: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            out.push(String::from_utf8_lossy(&cmd).replace('\0', " "));
+        }
+    }
+    out
 }

@@ -123,14 +123,8 @@ fn start_local(
             None => (Command::new(&exe), "127.0.0.1:0".to_string()),
         };
         let mut c = cmd
-            .args([
-                "worker",
-                "--stdio",
-                "--listen",
-                &listen,
-                "--session",
-                session,
-            ])
+            .args(["worker", "--stdio", "--listen", &listen])
+            .env(super::SESSION_ENV, session)
             .args(["--timeout-ms", &ms, "--startup-timeout-ms", &startup_ms])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -220,14 +214,18 @@ fn gather<T>(
         };
         let left = until.saturating_duration_since(Instant::now());
         match links.rx.recv_timeout(left) {
-            Ok((r, Ok(Frame::Error(e)))) => bail!(
-                "{}",
-                if e.contains("worker") {
-                    e
-                } else {
-                    format!("worker {r}: {e}")
-                }
-            ),
+            Ok((r, Ok(Frame::Error(e)))) => {
+                bail!(
+                    "{}",
+                    if e == super::REJECTED_KEY {
+                        format!("worker {r} {e} (is ASTRA_SESSION the key the workers were started with?)")
+                    } else if e.contains("worker") {
+                        e
+                    } else {
+                        format!("worker {r}: {e}")
+                    }
+                )
+            }
             Ok((r, Ok(f))) => {
                 let name = f.name();
                 match take(r, f)? {
@@ -306,14 +304,19 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
         a.threads,
         (astra_quant::threads::cores() / a.devices).max(1),
     )?;
-    // Local workers get a fresh key on their command line; running workers were started with
+    // Local workers get a fresh key in their environment; running workers were started with
     // one, which the coordinator must present.
     let session = if a.workers.is_empty() {
         session_key()
     } else {
-        std::env::var("ASTRA_SESSION").map_err(|_| {
-            anyhow!("--workers: put the session key the workers were started with in ASTRA_SESSION")
-        })?
+        std::env::var(super::SESSION_ENV)
+            .ok()
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| {
+                anyhow!(
+                    "--workers: put the session key the workers were started with in ASTRA_SESSION"
+                )
+            })?
     };
     let mut workers = Workers(Vec::new());
     let (mut links, _namespaces, network) = if !a.workers.is_empty() {

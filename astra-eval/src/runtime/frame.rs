@@ -9,6 +9,18 @@ const MAGIC: u32 = 0x4153_5452; // "ASTR"
 
 /// Largest payload accepted (index frames are a few kB; results a few MB).
 pub const MAX_PAYLOAD: usize = 256 << 20;
+/// Largest hello (session key and rank) read from a connection not yet authenticated.
+pub const MAX_HELLO: usize = 1024;
+
+fn read_head(r: &mut impl Read) -> Result<[u8; 9], FrameError> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head)?;
+    let magic = u32::from_le_bytes(head[0..4].try_into().expect("4"));
+    if magic != MAGIC {
+        return Err(bad(format!("magic 0x{magic:08x} is not ASTRA's")));
+    }
+    Ok(head)
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Frame {
@@ -218,16 +230,29 @@ impl Frame {
     }
 
     pub fn read_from(r: &mut impl Read) -> Result<Frame, FrameError> {
-        let mut head = [0u8; 9];
-        r.read_exact(&mut head)?;
-        let magic = u32::from_le_bytes(head[0..4].try_into().expect("4"));
-        if magic != MAGIC {
-            return Err(bad(format!("magic 0x{magic:08x} is not ASTRA's")));
-        }
+        let head = read_head(r)?;
         let len = u32::from_le_bytes(head[5..9].try_into().expect("4")) as usize;
         if len > MAX_PAYLOAD {
             return Err(bad(format!("payload of {len} bytes exceeds {MAX_PAYLOAD}")));
         }
+        Self::read_body(r, head, len)
+    }
+
+    /// The first frame of a connection, before its sender is known: only a hello of at most
+    /// [`MAX_HELLO`] bytes is read, so nothing large is allocated for an unauthenticated peer.
+    pub fn read_hello(r: &mut impl Read) -> Result<Frame, FrameError> {
+        let head = read_head(r)?;
+        let len = u32::from_le_bytes(head[5..9].try_into().expect("4")) as usize;
+        if head[4] != 1 || len > MAX_HELLO {
+            return Err(bad(format!(
+                "a connection opened with a frame of kind {} and {len} bytes, not a hello of at most {MAX_HELLO}",
+                head[4]
+            )));
+        }
+        Self::read_body(r, head, len)
+    }
+
+    fn read_body(r: &mut impl Read, head: [u8; 9], len: usize) -> Result<Frame, FrameError> {
         let mut body = vec![0u8; len];
         r.read_exact(&mut body)?;
         let mut c = Cursor { b: &body, at: 0 };
@@ -306,6 +331,34 @@ impl Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_first_frame_must_be_a_small_hello() {
+        let hello = Frame::Hello {
+            session: "k3y".into(),
+            rank: 2,
+        };
+        let bytes = hello.to_bytes();
+        assert_eq!(Frame::read_hello(&mut bytes.as_slice()).unwrap(), hello);
+        let plan = Frame::Plan("x".repeat(10)).to_bytes();
+        let e = Frame::read_hello(&mut plan.as_slice())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a hello"), "{e}");
+        // A hello that claims a large payload is refused from its header alone.
+        let mut big = bytes[..9].to_vec();
+        big[5..9].copy_from_slice(&(MAX_HELLO as u32 + 1).to_le_bytes());
+        assert!(Frame::read_hello(&mut big.as_slice()).is_err());
+    }
+
+    #[test]
+    fn keys_compare_whole_and_never_empty() {
+        use crate::runtime::net::same_key;
+        assert!(same_key("abc", "abc"));
+        assert!(!same_key("abd", "abc"));
+        assert!(!same_key("ab", "abc"));
+        assert!(!same_key("", ""));
+    }
 
     #[test]
     fn round_trip_and_rejects() {

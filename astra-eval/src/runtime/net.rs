@@ -59,6 +59,16 @@ pub fn session_key() -> String {
         .collect()
 }
 
+/// Whether a presented session key is the run's, in time independent of where they differ (a
+/// timing side channel would let a peer guess the key byte by byte). An empty key never matches.
+pub fn same_key(presented: &str, key: &str) -> bool {
+    let (a, b) = (presented.as_bytes(), key.as_bytes());
+    if a.is_empty() || a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 pub type Tagged = (usize, std::result::Result<Frame, FrameError>);
 
 /// Reads frames from `read` on a thread of its own and passes them, tagged, to `tx`; stops after

@@ -16,8 +16,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::device::{DeviceShare, Payload};
 use super::frame::{self, Frame};
-use super::net::{accept_by, configure, connect_by, read_frames, Control, Tagged};
-use super::{Plan, COORDINATOR};
+use super::net::{accept_by, configure, connect_by, read_frames, same_key, Control, Tagged};
+use super::{Plan, COORDINATOR, REJECTED_KEY};
 
 /// Where the coordinator's frames come from.
 pub enum ControlVia {
@@ -36,25 +36,42 @@ pub fn serve(
     startup: Duration,
     via: ControlVia,
 ) -> Result<()> {
+    if session.is_empty() {
+        bail!("the session key is empty: set ASTRA_SESSION to the run's key");
+    }
     let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
     println!("listening {}", listener.local_addr()?);
     use std::io::Write;
     std::io::stdout().flush()?;
     let deadline = Instant::now() + startup;
-    let mut control = match via {
+    // The hello is read before anything else, capped, so an unauthenticated connection cannot
+    // make the worker allocate; a wrong key is answered (the coordinator names it) and refused.
+    let (hello, mut control) = match via {
         ControlVia::Tcp => {
-            let coord = accept_by(&listener, deadline, "the coordinator")?;
+            let mut coord = accept_by(&listener, deadline, "the coordinator")?;
             configure(&coord, timeout)?;
+            coord.set_read_timeout(Some(startup))?;
+            let hello = Frame::read_hello(&mut coord);
             // The coordinator may wait long between runs (its other workers' runs): no read
             // deadline here; a coordinator that goes away closes the connection.
             coord.set_read_timeout(None)?;
-            Control::new(coord.try_clone()?, coord)
+            (hello, Control::new(coord.try_clone()?, coord))
         }
-        ControlVia::Stdio => Control::new(std::io::stdin(), std::io::stdout()),
+        ControlVia::Stdio => {
+            let mut stdin = std::io::stdin();
+            let hello = Frame::read_hello(&mut stdin);
+            (hello, Control::new(stdin, std::io::stdout()))
+        }
     };
-    match control.recv(Some(startup)) {
-        Ok(Frame::Hello { session: s, rank }) if s == session && rank == COORDINATOR => {}
-        Ok(Frame::Hello { .. }) => bail!("a connection presented a wrong session key; refused"),
+    match hello {
+        Ok(Frame::Hello { session: s, rank }) if same_key(&s, session) && rank == COORDINATOR => {}
+        Ok(Frame::Hello { .. }) => {
+            let _ = control.send(&Frame::Error(REJECTED_KEY.into()));
+            // Let the reader take the plan that follows, so closing does not reset the
+            // connection before the coordinator has read why.
+            let _ = control.recv(Some(Duration::from_millis(300)));
+            bail!("a connection presented a wrong session key; refused")
+        }
         Ok(other) => bail!("expected the coordinator's hello, got {}", other.name()),
         Err(e) => bail!("waiting for the coordinator's hello: {e}"),
     }
@@ -94,8 +111,8 @@ fn mesh(
     for _ in plan.rank + 1..plan.devices {
         let mut s = accept_by(listener, deadline, "a peer")?;
         configure(&s, timeout)?;
-        match Frame::read_from(&mut s)? {
-            Frame::Hello { session: k, rank } if k == session => {
+        match Frame::read_hello(&mut s)? {
+            Frame::Hello { session: k, rank } if same_key(&k, session) => {
                 if rank <= plan.rank || rank >= plan.devices || streams.contains_key(&rank) {
                     bail!("a peer announced rank {rank}, which is not expected here");
                 }
@@ -253,8 +270,15 @@ impl Exchange<'_> {
             let t0 = Instant::now();
             if !sinks.is_empty() {
                 let msg = std::sync::Arc::new(self.message(l, &local)?.to_bytes());
+                let copies = if matches!(fault, Some(Fault::Twice(at)) if at == l) {
+                    2
+                } else {
+                    1
+                };
                 for s in sinks.iter_mut() {
-                    s.send(l, msg.clone())?;
+                    for _ in 0..copies {
+                        s.send(l, msg.clone())?;
+                    }
                 }
             }
             let pre = t0.elapsed() + std::mem::take(&mut embed);
@@ -322,7 +346,9 @@ impl Exchange<'_> {
                 })?;
                 let from = from as u32;
                 let (block, payload) = self.check(l, from, f)?;
-                self.pending.insert((from, block), payload);
+                if self.pending.insert((from, block), payload).is_some() {
+                    bail!("block {l}: peer {from} sent block {block}'s data twice; refused");
+                }
             }
             out.push(
                 self.pending
@@ -368,7 +394,11 @@ impl Exchange<'_> {
                 bits,
                 packed,
             } if !self.plan.sp => {
-                if block as usize >= self.blocks || block < l as u32 {
+                if block < l as u32 {
+                    // Every source's data for earlier blocks has been taken: this is a replay.
+                    bail!("block {l}: peer {from} sent block {block}'s data twice; refused");
+                }
+                if block as usize >= self.blocks {
                     bail!("block {l}: peer {from} sent a frame for block {block}");
                 }
                 let q = &self.dev.vq[block as usize];
@@ -407,12 +437,14 @@ impl Exchange<'_> {
     }
 }
 
-/// Faults the tests inject through `ASTRA_FAULT=die:RANK:BLOCK` (the process exits) or
-/// `silent:RANK:BLOCK` (it stops sending but stays alive).
+/// Faults the tests inject through `ASTRA_FAULT=die:RANK:BLOCK` (the process exits),
+/// `silent:RANK:BLOCK` (it stops sending but stays alive) or `twice:RANK:BLOCK` (it sends that
+/// block's message twice, as a replaying peer would).
 #[derive(Clone, Copy)]
 enum Fault {
     Die(usize),
     Silent(usize),
+    Twice(usize),
 }
 
 fn injected_fault(rank: u32) -> Option<Fault> {
@@ -429,6 +461,7 @@ fn injected_fault(rank: u32) -> Option<Fault> {
     match kind {
         "die" => Some(Fault::Die(b)),
         "silent" => Some(Fault::Silent(b)),
+        "twice" => Some(Fault::Twice(b)),
         _ => None,
     }
 }
