@@ -168,6 +168,17 @@ fn accuracy_grid_quintiles_and_bad_requests() {
         "off",
     ]));
     assert!(e.contains("astra-eval accuracy"), "{e}");
+    // Zero counts are refused, never reported as 0.00 % over nothing.
+    for (flag, value, needle) in [
+        ("--max-test", "0", "max_test: must be at least 1"),
+        ("--batch", "0", "batch: must be at least 1"),
+        ("--devices", "99999999999", "99999999999 is not in 1..=16"),
+    ] {
+        let e = err(eval(&[
+            "accuracy", "--model", m, "--data", &data, "--vq", "off", flag, value,
+        ]));
+        assert!(e.contains(needle), "{flag} {value}: {e}");
+    }
 }
 
 #[test]
