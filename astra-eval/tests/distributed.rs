@@ -673,24 +673,7 @@ fn nonsense_runtime_flags_are_named() {
 
 /// Starts a worker with `key` in its environment and connects to it as an unknown client.
 fn worker_and_client(key: &str) -> (std::process::Child, std::net::TcpStream) {
-    let mut w = Command::new(env!("CARGO_BIN_EXE_astra-eval"))
-        .args([
-            "worker",
-            "--timeout-ms",
-            "3000",
-            "--startup-timeout-ms",
-            "5000",
-        ])
-        .env("ASTRA_SESSION", key)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(w.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().strip_prefix("listening ").unwrap().to_string();
+    let (w, addr) = start_worker(key);
     (w, std::net::TcpStream::connect(&addr).unwrap())
 }
 

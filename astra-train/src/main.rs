@@ -424,9 +424,10 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let model = match &init {
                 Some(spec) => {
-                    let mut c = astra_train::model::Model::load(spec, tch::Device::Cpu)?
-                        .0
-                        .config;
+                    // Only the configuration here: a backbone's weights (no classifier for this
+                    // data) are loaded, with a fresh head, when the run starts.
+                    let dir = astra_train::model::resolve(spec)?;
+                    let mut c = astra_train::config::ModelConfig::load(&dir.join("config.json"))?;
                     // Another input size than the checkpoint's: its position embeddings are
                     // interpolated when the run starts.
                     if let (Some(s), astra_train::config::ModelConfig::ViT(v)) =

@@ -293,6 +293,15 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
             a.devices
         );
     }
+    // Local workers are processes on this host: a typo such as --devices 1000000 must not
+    // start a million of them.
+    let local_limit = astra_quant::threads::PER_CORE * astra_quant::threads::cores();
+    if a.workers.is_empty() && a.devices > local_limit {
+        bail!(
+            "--devices {} would start that many local worker processes; at most {local_limit} here (use --workers for other hosts)",
+            a.devices
+        );
+    }
     let groups = if a.sp {
         None
     } else {
