@@ -60,7 +60,7 @@ fn view<'a, A: ndarray_npy::ViewElement>(
 /// The file's bytes, at an address aligned for any element type (a view needs alignment).
 fn read_aligned(path: &Path) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).map_err(|e| QuantError::io(path, e))?;
-    if bytes.as_ptr() as usize % 16 == 0 {
+    if (bytes.as_ptr() as usize).is_multiple_of(16) {
         return Ok(bytes);
     }
     let mut copy = Vec::with_capacity(bytes.len() + 16);

@@ -165,6 +165,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         dev: &dev,
         rx,
         pending: HashMap::new(),
+        taken: Default::default(),
         blocks: model.layers() as usize,
         batch: input.size()[0],
     };
@@ -242,6 +243,8 @@ struct Exchange<'a> {
     rx: mpsc::Receiver<Tagged>,
     /// Payloads that arrived ahead of the block waiting for them, by (sender, block).
     pending: HashMap<(u32, u32), Payload>,
+    /// (sender, block) payloads already taken in this run: a second copy is a replay.
+    taken: std::collections::HashSet<(u32, u32)>,
     blocks: usize,
     batch: i64,
 }
@@ -255,6 +258,7 @@ impl Exchange<'_> {
         sinks: &mut [Sender],
     ) -> Result<(Option<Tensor>, Vec<f64>)> {
         let t_start = Instant::now();
+        self.taken.clear();
         let mut local = self.dev.start(input)?;
         let mut embed = t_start.elapsed();
         let mut timings = Vec::with_capacity(3 * self.blocks);
@@ -346,7 +350,8 @@ impl Exchange<'_> {
                 })?;
                 let from = from as u32;
                 let (block, payload) = self.check(l, from, f)?;
-                if self.pending.insert((from, block), payload).is_some() {
+                let replay = self.taken.contains(&(from, block));
+                if self.pending.insert((from, block), payload).is_some() || replay {
                     bail!("block {l}: peer {from} sent block {block}'s data twice; refused");
                 }
             }
@@ -355,6 +360,7 @@ impl Exchange<'_> {
                     .remove(&(r, l as u32))
                     .expect("waited for above"),
             );
+            self.taken.insert((r, l as u32));
         }
         Ok(out)
     }
