@@ -11,6 +11,7 @@
 pub mod bench_step;
 pub mod config;
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod export;
 pub mod model;

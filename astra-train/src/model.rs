@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use tch::{nn, Device, Tensor};
 
 use crate::config::ModelConfig;
+use crate::engine::{AstraModel, RemoteKv};
 use crate::error::{Result, TrainError};
 use crate::models::gpt2::Gpt2;
 use crate::models::vit::ViT;
-use crate::models::{Astra, AstraOutput};
+use crate::models::{Astra, AstraOutput, GroupedVq};
 use crate::weights::{load_safetensors, LoadReport};
 
 pub enum Network {
@@ -116,12 +117,18 @@ impl Model {
         }
     }
 
-    pub fn forward_per_device(&self, input: &Tensor, astra: Astra) -> Result<Tensor> {
-        astra.partition.check_no_empty_share()?;
+    /// The backbone as ASTRA sees it (the device engine's view of the model).
+    pub fn astra_model(&self) -> &dyn AstraModel {
         match &self.net {
-            Network::ViT(m) => m.forward_per_device(input, astra),
-            Network::Gpt2(m) => m.forward_per_device(input, astra),
+            Network::ViT(m) => m,
+            Network::Gpt2(m) => m,
         }
+    }
+
+    /// The per-device path: N device engines exchanging in memory; remote tokens are decoded
+    /// codewords (or, without quantizers, the embeddings themselves).
+    pub fn forward_per_device(&self, input: &Tensor, astra: Astra) -> Result<Tensor> {
+        self.per_device(input, astra, RemoteKv::Decode)
     }
 
     /// Every block's input for the content tokens (calibration).
@@ -132,13 +139,34 @@ impl Model {
         }
     }
 
-    /// The per-device path with fast remote keys/values (see `ViT::forward_per_device_fast`).
+    /// The per-device path with fast remote keys/values: devices exchange only indices, and a
+    /// receiver turns them into keys and values with per-codeword tables. Needs quantizers.
     pub fn forward_per_device_fast(&self, input: &Tensor, astra: Astra) -> Result<Tensor> {
-        astra.partition.check_no_empty_share()?;
-        match &self.net {
-            Network::ViT(m) => m.forward_per_device_fast(input, astra),
-            Network::Gpt2(m) => m.forward_per_device_fast(input, astra),
+        if astra.vq.is_none() {
+            return Err(TrainError::invalid(
+                "fast path",
+                "needs codebooks (remote tokens must be codewords)",
+            ));
         }
+        self.per_device(input, astra, RemoteKv::Tables)
+    }
+
+    fn per_device(&self, input: &Tensor, astra: Astra, kv: RemoteKv) -> Result<Tensor> {
+        if astra.link_loss.is_some() {
+            return Err(TrainError::invalid(
+                "link loss",
+                "is simulated on the masked path only",
+            ));
+        }
+        let vq: &[GroupedVq] = astra.vq.as_deref().unwrap_or(&[]);
+        crate::engine::run_in_memory(
+            self.astra_model(),
+            input,
+            astra.partition,
+            astra.cls,
+            vq,
+            kv,
+        )
     }
 
     /// Content tokens of an input: patches of an image batch, or the sequence length.

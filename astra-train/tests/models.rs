@@ -293,6 +293,28 @@ fn gpt2_equivalences() {
             ) < 1e-5
         );
     }
+    // Uneven and random partitions: a causal device's sources are the devices holding an earlier
+    // token; the direct and the table paths both equal the mask.
+    let mut vq = quantizers(3, 32, 8);
+    for p in [
+        DevicePartition::sizes(&[9, 1, 7]).unwrap(),
+        DevicePartition::random(17, 3, 5).unwrap(),
+    ] {
+        fn astra<'a>(p: &'a DevicePartition, vq: &'a mut [GroupedVq]) -> Astra<'a> {
+            Astra {
+                partition: p,
+                cls: ClsMode::Single,
+                vq: Some(vq),
+                train: false,
+                link_loss: None,
+            }
+        }
+        let masked = tch::no_grad(|| m.forward_astra(&ids, astra(&p, &mut vq))).unwrap();
+        let per = tch::no_grad(|| m.forward_per_device(&ids, astra(&p, &mut vq))).unwrap();
+        let fast = tch::no_grad(|| m.forward_per_device_fast(&ids, astra(&p, &mut vq))).unwrap();
+        assert!(max_rel_diff(&per, &masked.logits) < 1e-5, "{p:?}");
+        assert!(max_rel_diff(&fast, &masked.logits) < 1e-5, "{p:?} fast");
+    }
 }
 
 #[test]

@@ -10,7 +10,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use astra_train::model::{Model, Network};
+use astra_train::model::Model;
+use astra_train::models::DevicePartition;
 use serde::Serialize;
 use tch::{Device, Tensor};
 
@@ -482,12 +483,15 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
         .flatten()
         .map(|s| s.shallow_clone())
         .collect();
-    let logits = tch::no_grad(|| match &model.net {
-        Network::ViT(vit) => vit.head(&Tensor::cat(&states, 1)),
-        Network::Gpt2(gpt) if a.all_logits => gpt.head(&Tensor::cat(&states, 1)),
-        // The last device computed them.
-        Network::Gpt2(_) => states[0].shallow_clone(),
-    });
+    let engine = model.astra_model();
+    let logits = tch::no_grad(|| -> Result<Tensor> {
+        if engine.is_causal() && !a.all_logits {
+            // The device holding the last token computed them.
+            return Ok(states[0].shallow_clone());
+        }
+        let partition = DevicePartition::contiguous(tokens as usize, n)?;
+        Ok(astra_train::engine::combine(engine, &partition, &states))
+    })?;
     crate::predict::write_npy_atomic(&logits, &a.out)?;
     let sum = |t: &[f64], i: usize| t.iter().skip(i).step_by(3).sum::<f64>();
     let compute_ms: Vec<f64> = run.timings.iter().map(|t| sum(t, 0) + sum(t, 2)).collect();
@@ -519,7 +523,7 @@ pub fn distributed(a: &DistributedArgs) -> Result<String> {
                 codebooks: groups.map(|_| a.codebooks.as_path()),
                 tokens: tokens as u64,
                 batch: batch as u64,
-                causal: matches!(model.net, Network::Gpt2(_)),
+                causal: model.astra_model().is_causal(),
             },
             &run.timings,
         )?;

@@ -7,11 +7,10 @@
 //! connection opens with the run's session key, and per block each worker VQ-encodes its tokens,
 //! sends the bit-packed indices to the peers that attend to them (reader threads drain every
 //! socket, so sends never deadlock), and turns the indices it receives into keys/values with
-//! per-codeword tables (the fast path, [`device`]). Every wait has a deadline and every error
+//! per-codeword tables (the fast path of `astra_train::engine`). Every wait has a deadline and every error
 //! names the peer and the block.
 
 pub mod coordinator;
-pub mod device;
 pub mod frame;
 pub mod net;
 pub mod trace;

@@ -14,10 +14,11 @@ use astra_quant::bitpack;
 use astra_train::model::Model;
 use tch::{Device, Kind, Tensor};
 
-use super::device::{DeviceShare, Payload};
 use super::frame::{self, Frame};
 use super::net::{accept_by, configure, connect_by, read_frames, same_key, Control, Tagged};
 use super::{Plan, COORDINATOR, REJECTED_KEY};
+use astra_train::engine::{wire_embeddings, DeviceShare, Payload, RemoteKv};
+use astra_train::models::{ClsMode, DevicePartition, GroupedVq, VqConfig};
 
 /// Where the coordinator's frames come from.
 pub enum ControlVia {
@@ -141,7 +142,21 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
     let (model, _) = Model::load(&plan.model, Device::Cpu)?;
     let input = crate::predict::read_input(std::path::Path::new(&plan.input), &model.config)?;
     let tokens = model.content_tokens(&input) as usize;
-    let dev = DeviceShare::new(&model, plan, tokens)?;
+    let vq = quantizers(&model, plan)?;
+    let cls = if plan.single_cls {
+        ClsMode::Single
+    } else {
+        ClsMode::Distributed
+    };
+    let dev = DeviceShare::new(
+        model.astra_model(),
+        DevicePartition::contiguous(tokens, plan.devices as usize)?,
+        plan.rank as usize,
+        cls,
+        &vq,
+        RemoteKv::Tables,
+        Device::Cpu,
+    )?;
     let (streams, rx) = mesh(
         listener,
         plan,
@@ -193,6 +208,24 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
             timings,
         })?;
     }
+}
+
+/// The run's quantizers (none for the SP baseline), without NAQ noise.
+fn quantizers(model: &Model, plan: &Plan) -> Result<Vec<GroupedVq>> {
+    if plan.sp {
+        return Ok(Vec::new());
+    }
+    let file = astra_quant::CodebookFile::load(std::path::Path::new(&plan.codebooks))?;
+    astra_train::models::vq::check_codebooks(&file, model.layers(), model.hidden())?;
+    let cfg = VqConfig {
+        noise_lambda: 0.0,
+        ..Default::default()
+    };
+    Ok(file
+        .blocks
+        .iter()
+        .map(|b| GroupedVq::from_quantizer(b, cfg.clone(), Device::Cpu))
+        .collect())
 }
 
 /// Sends to one peer from a thread of its own, so a message larger than the socket buffer (SP's
@@ -290,6 +323,7 @@ impl Exchange<'_> {
             let received = self.receive(l)?;
             let wait = t1.elapsed();
             let t2 = Instant::now();
+            let received: Vec<&Payload> = received.iter().collect();
             local = self.dev.block(l, &local, &received);
             timings.extend([
                 pre.as_secs_f64() * 1e3,
@@ -297,7 +331,7 @@ impl Exchange<'_> {
                 t2.elapsed().as_secs_f64() * 1e3,
             ]);
         }
-        Ok((self.dev.finish(&local, self.plan.all_logits), timings))
+        Ok((self.dev.finish(&local, !self.plan.all_logits), timings))
     }
 
     fn message(&self, l: usize, local: &Tensor) -> Result<Frame> {
@@ -308,7 +342,7 @@ impl Exchange<'_> {
                 from,
                 tokens,
                 dim: e.size()[2] as u32,
-                data: Vec::<f32>::try_from(e.reshape([-1]))?,
+                data: Vec::<f32>::try_from(wire_embeddings(&e).reshape([-1]))?,
             },
             Payload::Indices(idx) => {
                 let q = &self.dev.vq[l];

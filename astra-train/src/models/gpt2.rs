@@ -9,8 +9,9 @@ use super::fast_kv::CodewordKv;
 use super::layers::{activate, attend, Conv1D};
 use super::mpa::mixed_precision_mask_with_loss;
 use super::vit::check_blocks;
-use super::{Astra, AstraOutput};
+use super::{Astra, AstraOutput, ClsMode};
 use crate::config::GPT2Config;
+use crate::engine::{AstraModel, Remote};
 use crate::error::{Result, TrainError};
 
 #[derive(Debug)]
@@ -254,109 +255,45 @@ impl Gpt2 {
             commitment,
         })
     }
+}
 
-    /// Per-device prefill: device d holds its tokens (with their positions) and receives the
-    /// others' quantized tokens per block; a query sees keys at or before its position. Returns the
-    /// logits of all tokens, gathered back into sequence order.
-    pub fn forward_per_device(&self, ids: &Tensor, astra: Astra) -> Result<Tensor> {
-        self.per_device(ids, astra, false)
+impl AstraModel for Gpt2 {
+    fn blocks(&self) -> usize {
+        self.blocks.len()
     }
-
-    /// The per-device prefill with fast remote keys/values: only indices travel, receivers look
-    /// keys and values up in per-codeword tables. Needs quantizers.
-    pub fn forward_per_device_fast(&self, ids: &Tensor, astra: Astra) -> Result<Tensor> {
-        if astra.vq.is_none() {
-            return Err(TrainError::invalid(
-                "fast path",
-                "needs codebooks (remote tokens must be codewords)",
-            ));
-        }
-        self.per_device(ids, astra, true)
+    fn hidden(&self) -> i64 {
+        self.cfg.n_embd
     }
-
-    fn per_device(&self, ids: &Tensor, astra: Astra, fast: bool) -> Result<Tensor> {
-        if astra.link_loss.is_some() {
-            return Err(TrainError::invalid(
-                "link loss",
-                "is simulated on the masked path only",
-            ));
+    fn is_causal(&self) -> bool {
+        true
+    }
+    fn cls_copies(&self, _cls: ClsMode, _devices: usize) -> usize {
+        0
+    }
+    fn content_tokens(&self, ids: &Tensor) -> i64 {
+        ids.size().get(1).copied().unwrap_or(0)
+    }
+    fn embed_share(&self, ids: &Tensor, mine: &Tensor, _with_cls: bool) -> Result<Tensor> {
+        self.embed(&ids.index_select(1, mine), mine)
+    }
+    fn block_step(
+        &self,
+        l: usize,
+        x: &Tensor,
+        remote: Remote<'_>,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
+        let blk = &self.blocks[l];
+        match remote {
+            Remote::Nothing => blk.forward(x, None, None),
+            Remote::Tokens(e) => blk.forward(x, Some(e), mask),
+            Remote::KeysValues(kv) => blk.forward_kv(x, Some(kv), mask),
         }
-        let t = ids.size()[1];
-        let p = astra.partition;
-        if p.tokens() as i64 != t {
-            return Err(TrainError::invalid(
-                "partition",
-                format!("covers {} tokens, the input has {t}", p.tokens()),
-            ));
-        }
-        let dev = ids.device();
-        let n = p.devices();
-        let own: Vec<Vec<i64>> = (0..n)
-            .map(|d| p.tokens_of(d).iter().map(|&i| i as i64).collect())
-            .collect();
-        let own_t: Vec<Tensor> = own
-            .iter()
-            .map(|o| Tensor::from_slice(o).to_device(dev))
-            .collect();
-        let mut local: Vec<Tensor> = (0..n)
-            .map(|d| self.embed(&ids.index_select(1, &own_t[d]), &own_t[d]))
-            .collect::<Result<_>>()?;
-        // Per device: keys are [own tokens | everyone else's], visible when at or before the query.
-        let masks: Vec<Tensor> = (0..n)
-            .map(|d| {
-                let others: Vec<i64> = (0..n)
-                    .filter(|&e| e != d)
-                    .flat_map(|e| own[e].clone())
-                    .collect();
-                let keys = Tensor::cat(
-                    &[
-                        own_t[d].shallow_clone(),
-                        Tensor::from_slice(&others).to_device(dev),
-                    ],
-                    0,
-                );
-                keys.view([1, -1]).le_tensor(&own_t[d].view([-1, 1]))
-            })
-            .collect();
-        let vq = astra.vq;
-        if let Some(v) = &vq {
-            check_blocks(v.len(), self.blocks.len())?;
-        }
-        for (l, blk) in self.blocks.iter().enumerate() {
-            if let (true, Some(v)) = (fast, vq.as_deref()) {
-                let tables = blk.codeword_kv(&v[l].codebook, self.cfg.layer_norm_epsilon);
-                let sent: Vec<Tensor> = (0..n).map(|d| v[l].encode(&local[d])).collect();
-                local = (0..n)
-                    .map(|d| {
-                        let remote: Vec<&Tensor> =
-                            (0..n).filter(|&e| e != d).map(|e| &sent[e]).collect();
-                        let kv = (!remote.is_empty()).then(|| tables.kv(&Tensor::cat(&remote, 1)));
-                        blk.forward_kv(&local[d], kv.as_ref(), Some(&masks[d]))
-                    })
-                    .collect();
-                continue;
-            }
-            let sent: Vec<Tensor> = (0..n)
-                .map(|d| match vq.as_deref() {
-                    Some(v) => v[l]
-                        .decode(&v[l].encode(&local[d]))
-                        .to_kind(local[d].kind()),
-                    None => local[d].shallow_clone(),
-                })
-                .collect();
-            local = (0..n)
-                .map(|d| {
-                    let remote: Vec<&Tensor> =
-                        (0..n).filter(|&e| e != d).map(|e| &sent[e]).collect();
-                    let remote = (!remote.is_empty()).then(|| Tensor::cat(&remote, 1));
-                    blk.forward(&local[d], remote.as_ref(), Some(&masks[d]))
-                })
-                .collect();
-        }
-        // Back to sequence order.
-        let states = Tensor::cat(&local, 1);
-        let order: Vec<i64> = own.concat();
-        let inverse = Tensor::from_slice(&order).to_device(dev).argsort(0, false);
-        Ok(self.head(&states.index_select(1, &inverse)))
+    }
+    fn codeword_kv(&self, l: usize, codebook: &Tensor) -> CodewordKv {
+        self.blocks[l].codeword_kv(codebook, self.cfg.layer_norm_epsilon)
+    }
+    fn head(&self, states: &Tensor) -> Tensor {
+        Gpt2::head(self, states)
     }
 }

@@ -7,8 +7,9 @@ use tch::{Kind, Tensor};
 use super::fast_kv::CodewordKv;
 use super::layers::{activate, attend};
 use super::mpa::mixed_precision_mask_with_loss;
-use super::{Astra, AstraOutput};
+use super::{Astra, AstraOutput, ClsMode};
 use crate::config::ViTConfig;
+use crate::engine::{AstraModel, Remote};
 use crate::error::{Result, TrainError};
 
 #[derive(Debug)]
@@ -263,105 +264,81 @@ impl ViT {
             commitment,
         })
     }
+}
 
-    /// The per-device inference path: every device holds only its CLS copy and its own tokens;
-    /// per block it quantizes its content tokens, the indices are exchanged (here in memory), and
-    /// it attends to its full-precision tokens and the others' decoded codewords. With `vq` None
-    /// the exchange carries the embeddings themselves.
-    pub fn forward_per_device(&self, images: &Tensor, astra: Astra) -> Result<Tensor> {
-        self.per_device(images, astra, false)
+impl AstraModel for ViT {
+    fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+    fn hidden(&self) -> i64 {
+        self.cfg.hidden_size
+    }
+    fn is_causal(&self) -> bool {
+        false
+    }
+    fn cls_copies(&self, cls: ClsMode, devices: usize) -> usize {
+        cls.copies(devices)
+    }
+    fn content_tokens(&self, _input: &Tensor) -> i64 {
+        self.cfg.num_patches()
     }
 
-    /// The per-device path with fast remote keys/values: devices exchange only indices, and a
-    /// receiver turns them into keys and values with per-codeword tables (G gathers and adds per
-    /// token instead of LayerNorm and a D × 2D projection). Needs quantizers.
-    pub fn forward_per_device_fast(&self, images: &Tensor, astra: Astra) -> Result<Tensor> {
-        if astra.vq.is_none() {
+    /// Only the device's own patches go through the patch projection (as a matmul on the
+    /// unfolded patches, which is what the strided convolution computes).
+    fn embed_share(&self, images: &Tensor, mine: &Tensor, with_cls: bool) -> Result<Tensor> {
+        let c = &self.cfg;
+        let s = images.size();
+        if s.len() != 4 || s[1] != c.num_channels || s[2] != c.image_size || s[3] != c.image_size {
             return Err(TrainError::invalid(
-                "fast path",
-                "needs codebooks (remote tokens must be codewords)",
+                "images",
+                format!(
+                    "shape {s:?}, the model expects [B, {}, {}, {}]",
+                    c.num_channels, c.image_size, c.image_size
+                ),
             ));
         }
-        self.per_device(images, astra, true)
+        let (b, p, d) = (s[0], c.patch_size, c.hidden_size);
+        let patches = images
+            .to_kind(self.pos.kind())
+            .unfold(2, p, p)
+            .unfold(3, p, p)
+            .permute([0, 2, 3, 1, 4, 5])
+            .reshape([b, c.num_patches(), c.num_channels * p * p])
+            .index_select(1, mine);
+        let w = self.patch.ws.reshape([d, -1]);
+        let mut x = patches.matmul(&w.transpose(0, 1));
+        if let Some(bias) = &self.patch.bs {
+            x += bias;
+        }
+        let x = x + self.pos.narrow(1, 1, c.num_patches()).index_select(1, mine);
+        if !with_cls {
+            return Ok(x);
+        }
+        let cls = &self.cls_token + self.pos.narrow(1, 0, 1);
+        Ok(Tensor::cat(&[cls.expand([b, 1, -1], false), x], 1))
     }
 
-    fn per_device(&self, images: &Tensor, astra: Astra, fast: bool) -> Result<Tensor> {
-        if astra.link_loss.is_some() {
-            return Err(TrainError::invalid(
-                "link loss",
-                "is simulated on the masked path only",
-            ));
+    fn block_step(
+        &self,
+        l: usize,
+        x: &Tensor,
+        remote: Remote<'_>,
+        _mask: Option<&Tensor>,
+    ) -> Tensor {
+        let blk = &self.blocks[l];
+        match remote {
+            Remote::Nothing => blk.forward(x, None, None),
+            Remote::Tokens(e) => blk.forward(x, Some(e), None),
+            Remote::KeysValues(kv) => blk.forward_kv(x, Some(kv)),
         }
-        let (cls, tokens) = self.embed(images)?;
-        let (b, t, _) = tokens.size3()?;
-        let p = astra.partition;
-        if p.tokens() as i64 != t {
-            return Err(TrainError::invalid(
-                "partition",
-                format!("covers {} tokens, the image has {t}", p.tokens()),
-            ));
-        }
-        let n = p.devices();
-        let n_cls = astra.cls.copies(n);
-        let own: Vec<Tensor> = (0..n)
-            .map(|d| {
-                Tensor::from_slice(&p.tokens_of(d).iter().map(|&i| i as i64).collect::<Vec<_>>())
-                    .to_device(tokens.device())
-            })
-            .collect();
-        let mut local: Vec<Tensor> = (0..n)
-            .map(|d| {
-                let mine = tokens.index_select(1, &own[d]);
-                if d < n_cls {
-                    Tensor::cat(&[cls.expand([b, 1, -1], false), mine], 1)
-                } else {
-                    mine
-                }
-            })
-            .collect();
-        let has_cls: Vec<i64> = (0..n).map(|d| i64::from(d < n_cls)).collect();
-        let vq = astra.vq;
-        if let Some(v) = &vq {
-            check_blocks(v.len(), self.blocks.len())?;
-        }
-        for (l, blk) in self.blocks.iter().enumerate() {
-            if let (true, Some(v)) = (fast, vq.as_deref()) {
-                // What travels: indices only; receivers look up keys and values.
-                let tables = blk.codeword_kv(&v[l].codebook, self.cfg.layer_norm_eps);
-                let sent: Vec<Tensor> = (0..n)
-                    .map(|d| v[l].encode(&local[d].narrow(1, has_cls[d], own[d].size()[0])))
-                    .collect();
-                local = (0..n)
-                    .map(|d| {
-                        let remote: Vec<&Tensor> =
-                            (0..n).filter(|&e| e != d).map(|e| &sent[e]).collect();
-                        let kv = (!remote.is_empty()).then(|| tables.kv(&Tensor::cat(&remote, 1)));
-                        blk.forward_kv(&local[d], kv.as_ref())
-                    })
-                    .collect();
-                continue;
-            }
-            // What each device sends: its content tokens, quantized (decode(encode(x))).
-            let sent: Vec<Tensor> = (0..n)
-                .map(|d| {
-                    let content = local[d].narrow(1, has_cls[d], own[d].size()[0]);
-                    match vq.as_deref() {
-                        Some(v) => v[l].decode(&v[l].encode(&content)).to_kind(content.kind()),
-                        None => content,
-                    }
-                })
-                .collect();
-            local = (0..n)
-                .map(|d| {
-                    let remote: Vec<&Tensor> =
-                        (0..n).filter(|&e| e != d).map(|e| &sent[e]).collect();
-                    let remote = (!remote.is_empty()).then(|| Tensor::cat(&remote, 1));
-                    blk.forward(&local[d], remote.as_ref(), None)
-                })
-                .collect();
-        }
-        let cls_states: Vec<Tensor> = (0..n_cls).map(|d| local[d].narrow(1, 0, 1)).collect();
-        Ok(self.head(&Tensor::cat(&cls_states, 1)))
+    }
+
+    fn codeword_kv(&self, l: usize, codebook: &Tensor) -> CodewordKv {
+        self.blocks[l].codeword_kv(codebook, self.cfg.layer_norm_eps)
+    }
+
+    fn head(&self, states: &Tensor) -> Tensor {
+        ViT::head(self, states)
     }
 }
 
