@@ -3,12 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use astra_quant::npy::{self, NpyArray};
-use astra_quant::CodebookFile;
 use astra_train::config::ModelConfig;
 use astra_train::model::Model;
-use astra_train::models::vq::check_codebooks;
 use astra_train::models::{Astra, ClsMode, DevicePartition, GroupedVq, VqConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -46,17 +44,7 @@ pub fn run(a: &PredictArgs) -> Result<String> {
         let tokens = model.content_tokens(&input) as usize;
         let partition = DevicePartition::contiguous(tokens, n)?;
         let mut vq: Option<Vec<GroupedVq>> = match &a.codebooks {
-            Some(p) => {
-                let file = CodebookFile::load(p)?;
-                check_codebooks(&file, model.layers(), model.hidden())
-                    .with_context(|| p.display().to_string())?;
-                Some(
-                    file.blocks
-                        .iter()
-                        .map(|b| GroupedVq::from_quantizer(b, VqConfig::default(), a.device))
-                        .collect(),
-                )
-            }
+            Some(p) => Some(model.load_quantizers(p, &VqConfig::default(), a.device)?),
             None => None,
         };
         let astra = Astra {

@@ -209,12 +209,9 @@ pub fn run(args: &SweepArgs, progress: bool) -> anyhow::Result<SweepReport> {
         ..Default::default()
     };
     let quantizers = |device| -> Option<Vec<GroupedVq>> {
-        codebooks.as_ref().map(|(_, f)| {
-            f.blocks
-                .iter()
-                .map(|b| GroupedVq::from_quantizer(b, vq_cfg.clone(), device))
-                .collect()
-        })
+        codebooks
+            .as_ref()
+            .map(|(_, f)| astra_train::models::vq::quantizers_of(f, &vq_cfg, device))
     };
     let image_cls: Vec<Option<ClsMode>> = if is_text {
         vec![None]

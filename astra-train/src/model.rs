@@ -10,7 +10,7 @@ use crate::engine::{AstraModel, RemoteKv};
 use crate::error::{Result, TrainError};
 use crate::models::gpt2::Gpt2;
 use crate::models::vit::ViT;
-use crate::models::{Astra, AstraOutput, GroupedVq};
+use crate::models::{Astra, AstraOutput, GroupedVq, VqConfig};
 use crate::weights::{load_safetensors, LoadReport};
 
 pub enum Network {
@@ -115,6 +115,24 @@ impl Model {
             Network::ViT(m) => m.forward_astra(input, astra),
             Network::Gpt2(m) => m.forward_astra(input, astra),
         }
+    }
+
+    /// The block quantizers of the codebook file at `path` for this model: loaded, checked
+    /// against its blocks and width (errors name the file), built on `device` with `cfg`.
+    pub fn load_quantizers(
+        &self,
+        path: &Path,
+        cfg: &VqConfig,
+        device: Device,
+    ) -> Result<Vec<GroupedVq>> {
+        let file = astra_quant::CodebookFile::load(path)?;
+        crate::models::vq::check_codebooks(&file, self.layers(), self.hidden()).map_err(|e| {
+            TrainError::File {
+                path: path.into(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(crate::models::vq::quantizers_of(&file, cfg, device))
     }
 
     /// The backbone as ASTRA sees it (the device engine's view of the model).

@@ -215,17 +215,11 @@ fn quantizers(model: &Model, plan: &Plan) -> Result<Vec<GroupedVq>> {
     if plan.sp {
         return Ok(Vec::new());
     }
-    let file = astra_quant::CodebookFile::load(std::path::Path::new(&plan.codebooks))?;
-    astra_train::models::vq::check_codebooks(&file, model.layers(), model.hidden())?;
     let cfg = VqConfig {
         noise_lambda: 0.0,
         ..Default::default()
     };
-    Ok(file
-        .blocks
-        .iter()
-        .map(|b| GroupedVq::from_quantizer(b, cfg.clone(), Device::Cpu))
-        .collect())
+    Ok(model.load_quantizers(std::path::Path::new(&plan.codebooks), &cfg, Device::Cpu)?)
 }
 
 /// Sends to one peer from a thread of its own, so a message larger than the socket buffer (SP's

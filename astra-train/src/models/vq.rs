@@ -281,6 +281,18 @@ impl GroupedVq {
 }
 
 /// Checks that a codebook file fits a model of `layers` blocks of width `hidden`.
+/// One quantizer per block of a codebook file, on `device`.
+pub fn quantizers_of(
+    file: &astra_quant::CodebookFile,
+    cfg: &VqConfig,
+    device: Device,
+) -> Vec<GroupedVq> {
+    file.blocks
+        .iter()
+        .map(|b| GroupedVq::from_quantizer(b, cfg.clone(), device))
+        .collect()
+}
+
 pub fn check_codebooks(file: &astra_quant::CodebookFile, layers: i64, hidden: i64) -> Result<()> {
     if file.blocks.len() as i64 != layers {
         return Err(TrainError::invalid(

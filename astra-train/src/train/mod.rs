@@ -129,6 +129,28 @@ impl TrainConfig {
     }
 }
 
+/// Everything a run trains: the task (data), the model, the CLS mode and the quantizers.
+struct Setup {
+    task: Task,
+    model: Model,
+    cls: ClsMode,
+    vq: Option<Vec<GroupedVq>>,
+}
+
+/// Where a run continues from: the first epoch to run and the best score and metrics so far.
+struct Progress {
+    start_epoch: usize,
+    best: f64,
+    best_metrics: Option<EvalMetrics>,
+}
+
+/// Sums over an epoch's training batches (on the device until read).
+struct EpochTotals {
+    loss_sum: f64,
+    correct: f64,
+    seen: f64,
+}
+
 /// Trains (or resumes) the run in `run`; returns the best epoch's test metrics. `stop_after`
 /// ends the process's work after that many epochs in total, as a kill would (tests of --resume).
 pub fn train(
@@ -145,6 +167,72 @@ pub fn train(
             "autocast to bf16 needs a CUDA device",
         ));
     }
+    let mut setup = set_up(cfg, device)?;
+    // The inputs are checked (data, model, codebooks): only now does a new run write anything.
+    run.start()?;
+    let n_train = cfg
+        .max_train
+        .map_or(setup.task.train_len(), |m| m.min(setup.task.train_len()));
+    let steps_per_epoch = n_train.div_ceil(cfg.batch.max(1));
+    let mut opt_cfg = cfg.optim.clone();
+    opt_cfg.total_steps = steps_per_epoch * cfg.epochs;
+    let mut opt = AdamW::new(&setup.model.vs, opt_cfg);
+    let mut p = restore(run, &setup.model, &mut opt, setup.vq.as_deref_mut())?;
+    for epoch in p.start_epoch..cfg.epochs {
+        if stop_after.is_some_and(|s| epoch >= s) {
+            break;
+        }
+        let t0 = Instant::now();
+        let totals = train_epoch(cfg, &mut setup, &mut opt, epoch, steps_per_epoch, progress)?;
+        let Setup {
+            task,
+            model,
+            cls,
+            vq,
+        } = &mut setup;
+        let astra_eval = match (vq.as_mut(), &cfg.astra) {
+            (Some(q), Some(a)) => Some(AstraEval {
+                devices: a.devices,
+                partition: task::PartitionMode::Contiguous,
+                cls: *cls,
+                vq: Some(q),
+                link_loss: 0.0,
+            }),
+            _ => None,
+        };
+        let m = task.evaluate(model, cfg.max_test, astra_eval, cfg.bf16, device)?;
+        let seen = totals.seen.max(1.0);
+        let rec = EpochRecord {
+            epoch,
+            step: opt.step,
+            train_loss: totals.loss_sum / seen,
+            train_accuracy: totals.correct / seen,
+            test_loss: m.loss,
+            test_accuracy: m.accuracy,
+            test_perplexity: task.is_text().then(|| m.perplexity()),
+            lr: opt.lr_at(opt.step.saturating_sub(1)),
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        if progress {
+            report_epoch(&rec, &m, cfg.epochs, task.is_text());
+        }
+        let score = cfg.score(&m);
+        let is_best = score > p.best;
+        if is_best {
+            p.best = score;
+            p.best_metrics = Some(m);
+        }
+        checkpoint(run, &setup, &opt, &rec, &p, is_best)?;
+    }
+    if stop_after.is_none_or(|s| s >= cfg.epochs) {
+        run.mark_complete(cfg.epochs, p.best_metrics.as_ref())?;
+    }
+    Ok(p.best_metrics)
+}
+
+/// The data, the model (fresh, or from `init` with this data's label set and image size) and
+/// the quantizers of an ASTRA run.
+fn set_up(cfg: &TrainConfig, device: Device) -> Result<Setup> {
     let task = Task::open(&cfg.data, &cfg.model, cfg.context)?;
     let mut model_cfg = cfg.model.clone();
     if let (ModelConfig::ViT(v), Some(classes)) = (&mut model_cfg, task.classes()) {
@@ -183,234 +271,222 @@ pub fn train(
         Some(a) if a.single_cls => ClsMode::Single,
         _ => ClsMode::Distributed,
     };
-    let mut vq: Option<Vec<GroupedVq>> = match &cfg.astra {
+    let vq = match &cfg.astra {
         None => None,
-        Some(a) => {
-            let file = astra_quant::CodebookFile::load(&a.codebooks)?;
-            crate::models::vq::check_codebooks(&file, model.layers(), model.hidden())?;
-            Some(
-                file.blocks
-                    .iter()
-                    .map(|b| GroupedVq::from_quantizer(b, a.vq.clone(), device))
-                    .collect(),
-            )
-        }
+        Some(a) => Some(model.load_quantizers(&a.codebooks, &a.vq, device)?),
     };
-    // The inputs are checked (data, model, codebooks): only now does a new run write anything.
-    run.start()?;
-    let n_train = cfg
-        .max_train
-        .map_or(task.train_len(), |m| m.min(task.train_len()));
-    let steps_per_epoch = n_train.div_ceil(cfg.batch.max(1));
-    let mut opt_cfg = cfg.optim.clone();
-    opt_cfg.total_steps = steps_per_epoch * cfg.epochs;
-    let mut opt = AdamW::new(&model.vs, opt_cfg);
-    // Resume: model, optimizer and quantizer state from the last completed epoch.
-    let (mut start_epoch, mut best) = (0usize, f64::NEG_INFINITY);
-    let mut best_metrics = None;
-    if let Some((state, tensors)) = run.last_checkpoint()? {
-        model
-            .vs
-            .variables()
-            .iter()
-            .try_for_each(|(n, v)| -> Result<()> {
-                let src = tensors
-                    .get(n)
-                    .ok_or_else(|| TrainError::invalid("checkpoint", format!("lacks {n}")))?;
-                if src.size() != v.size() {
-                    return Err(TrainError::invalid(
-                        "checkpoint",
-                        format!("{n} has shape {:?}, the model {:?}", src.size(), v.size()),
-                    ));
-                }
-                tch::no_grad(|| v.shallow_clone().copy_(src));
-                Ok(())
-            })?;
-        opt.load_state(&tensors, state.step)
-            .map_err(|e| TrainError::invalid("checkpoint", e))?;
-        if let Some(q) = vq.as_mut() {
-            for (l, b) in q.iter_mut().enumerate() {
-                b.load_state(&format!("astra.vq.{l}"), &tensors)?;
-            }
-        }
-        start_epoch = state.epoch + 1;
-        best = state.best_score;
-        best_metrics = state.best_metrics;
-    }
-    let beta = cfg.astra.as_ref().map_or(0.0, |a| a.beta);
-    for epoch in start_epoch..cfg.epochs {
-        if stop_after.is_some_and(|s| epoch >= s) {
-            break;
-        }
-        let t0 = Instant::now();
-        // Everything random in an epoch derives from (seed, epoch): a resumed run repeats it exactly.
-        let epoch_seed = cfg.seed ^ ((epoch as u64 + 1) << 32);
-        tch::manual_seed(
-            (cfg.seed as i64)
-                .wrapping_mul(1000)
-                .wrapping_add(epoch as i64),
-        );
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(epoch_seed);
-        let bar = if progress {
-            let b = ProgressBar::new(steps_per_epoch as u64);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "epoch {prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-                )
-                .expect("static"),
-            );
-            b.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
-            b
-        } else {
-            ProgressBar::hidden()
-        };
-        // Running sums stay on the device: reading them every step would make the host wait for
-        // the device, and small models are launch-bound.
-        let zero = || Tensor::zeros([], (Kind::Float, device));
-        let (loss_sum, correct, seen) = (zero(), zero(), zero());
-        let batches = task.train_batches(
-            cfg.batch,
-            cfg.max_train,
-            &cfg.augment,
-            epoch_seed.rotate_left(17),
-            &mut rng,
-            device,
-        );
-        for b in batches {
-            let (x, y) = b?;
-            let tokens = model.content_tokens(&x) as usize;
-            let partition = match &cfg.astra {
-                Some(a) if a.random_partition => Some(DevicePartition::random(
-                    tokens,
-                    a.devices,
-                    rng_next(&mut rng),
-                )?),
-                Some(a) => Some(DevicePartition::contiguous(tokens, a.devices)?),
-                None => None,
-            };
-            let (logits, loss) = bf16_autocast(cfg.bf16, || -> Result<(Tensor, Tensor)> {
-                let (logits, commit) = match (vq.as_mut(), &partition) {
-                    (Some(q), Some(p)) => {
-                        let out = model.forward_astra(
-                            &x,
-                            Astra {
-                                partition: p,
-                                cls,
-                                vq: Some(q),
-                                train: true,
-                                link_loss: None,
-                            },
-                        )?;
-                        (out.logits, Some(out.commitment))
-                    }
-                    _ => (model.forward(&x)?, None),
-                };
-                let mut loss = task::loss(&logits, &y);
-                if let Some(c) = commit {
-                    loss += c.to_kind(Kind::Float) * beta;
-                }
-                Ok((logits, loss))
-            })??;
-            opt.zero_grad();
-            loss.backward();
-            opt.step();
-            tch::no_grad(|| {
-                let keep = y.reshape([-1]).ne(crate::data::text::IGNORE);
-                let n = keep.sum(Kind::Float);
-                let v = *logits.size().last().expect("class axis");
-                let hits = logits
-                    .reshape([-1, v])
-                    .argmax(-1, false)
-                    .eq_tensor(&y.reshape([-1]))
-                    .logical_and(&keep)
-                    .sum(Kind::Float);
-                let _ = loss_sum.shallow_clone().g_add_(&(loss.detach() * &n));
-                let _ = correct.shallow_clone().g_add_(&hits);
-                let _ = seen.shallow_clone().g_add_(&n);
-            });
-            bar.inc(1);
-            if bar.position() % 50 == 0 && !bar.is_hidden() {
-                let l = loss_sum.double_value(&[]) / seen.double_value(&[]).max(1.0);
-                bar.set_message(format!("loss {l:.4}"));
-            }
-        }
-        bar.finish_and_clear();
-        let (loss_sum, correct, seen) = (
-            loss_sum.double_value(&[]),
-            correct.double_value(&[]),
-            seen.double_value(&[]),
-        );
-        if !loss_sum.is_finite() {
+    Ok(Setup {
+        task,
+        model,
+        cls,
+        vq,
+    })
+}
+
+/// Model, optimizer and quantizer state from the run's last completed epoch, if any.
+fn restore(
+    run: &RunFolder,
+    model: &Model,
+    opt: &mut AdamW,
+    vq: Option<&mut [GroupedVq]>,
+) -> Result<Progress> {
+    let Some((state, tensors)) = run.last_checkpoint()? else {
+        return Ok(Progress {
+            start_epoch: 0,
+            best: f64::NEG_INFINITY,
+            best_metrics: None,
+        });
+    };
+    for (n, v) in model.vs.variables() {
+        let src = tensors
+            .get(&n)
+            .ok_or_else(|| TrainError::invalid("checkpoint", format!("lacks {n}")))?;
+        if src.size() != v.size() {
             return Err(TrainError::invalid(
-                format!("epoch {}", epoch + 1),
-                format!(
-                    "the training loss became {loss_sum}: {} (the run keeps its last good epoch)",
-                    non_finite_cause(&model, vq.as_deref(), beta)
-                ),
+                "checkpoint",
+                format!("{n} has shape {:?}, the model {:?}", src.size(), v.size()),
             ));
         }
-        let astra_eval = match (vq.as_mut(), &cfg.astra) {
-            (Some(q), Some(a)) => Some(AstraEval {
-                devices: a.devices,
-                partition: task::PartitionMode::Contiguous,
-                cls,
-                vq: Some(q),
-                link_loss: 0.0,
-            }),
-            _ => None,
+        tch::no_grad(|| v.shallow_clone().copy_(src));
+    }
+    opt.load_state(&tensors, state.step)
+        .map_err(|e| TrainError::invalid("checkpoint", e))?;
+    for (l, b) in vq.into_iter().flatten().enumerate() {
+        b.load_state(&format!("astra.vq.{l}"), &tensors)?;
+    }
+    Ok(Progress {
+        start_epoch: state.epoch + 1,
+        best: state.best_score,
+        best_metrics: state.best_metrics,
+    })
+}
+
+/// One epoch of training steps. Everything random in it derives from (seed, epoch), so a
+/// resumed run repeats it exactly.
+fn train_epoch(
+    cfg: &TrainConfig,
+    setup: &mut Setup,
+    opt: &mut AdamW,
+    epoch: usize,
+    steps: usize,
+    progress: bool,
+) -> Result<EpochTotals> {
+    let Setup {
+        task,
+        model,
+        cls,
+        vq,
+    } = setup;
+    let device = model.vs.device();
+    let epoch_seed = cfg.seed ^ ((epoch as u64 + 1) << 32);
+    tch::manual_seed(
+        (cfg.seed as i64)
+            .wrapping_mul(1000)
+            .wrapping_add(epoch as i64),
+    );
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(epoch_seed);
+    let bar = epoch_bar(progress, steps, epoch, cfg.epochs);
+    let beta = cfg.astra.as_ref().map_or(0.0, |a| a.beta);
+    // Running sums stay on the device: reading them every step would make the host wait for
+    // the device, and small models are launch-bound.
+    let zero = || Tensor::zeros([], (Kind::Float, device));
+    let (loss_sum, correct, seen) = (zero(), zero(), zero());
+    let batches = task.train_batches(
+        cfg.batch,
+        cfg.max_train,
+        &cfg.augment,
+        epoch_seed.rotate_left(17),
+        &mut rng,
+        device,
+    );
+    for b in batches {
+        let (x, y) = b?;
+        let tokens = model.content_tokens(&x) as usize;
+        let partition = match &cfg.astra {
+            Some(a) if a.random_partition => Some(DevicePartition::random(
+                tokens,
+                a.devices,
+                rng_next(&mut rng),
+            )?),
+            Some(a) => Some(DevicePartition::contiguous(tokens, a.devices)?),
+            None => None,
         };
-        let m = task.evaluate(&model, cfg.max_test, astra_eval, cfg.bf16, device)?;
-        let text = task.is_text();
-        let rec = EpochRecord {
-            epoch,
-            step: opt.step,
-            train_loss: loss_sum / seen.max(1.0),
-            train_accuracy: correct / seen.max(1.0),
-            test_loss: m.loss,
-            test_accuracy: m.accuracy,
-            test_perplexity: text.then(|| m.perplexity()),
-            lr: opt.lr_at(opt.step.saturating_sub(1)),
-            seconds: t0.elapsed().as_secs_f64(),
-        };
-        if progress {
-            let what = if text {
-                format!("valid loss {:.4}, perplexity {:.2}", m.loss, m.perplexity())
-            } else {
-                format!("test acc {:.4}", m.accuracy)
+        let (logits, loss) = bf16_autocast(cfg.bf16, || -> Result<(Tensor, Tensor)> {
+            let (logits, commit) = match (vq.as_mut(), &partition) {
+                (Some(q), Some(p)) => {
+                    let out = model.forward_astra(
+                        &x,
+                        Astra {
+                            partition: p,
+                            cls: *cls,
+                            vq: Some(q),
+                            train: true,
+                            link_loss: None,
+                        },
+                    )?;
+                    (out.logits, Some(out.commitment))
+                }
+                _ => (model.forward(&x)?, None),
             };
-            eprintln!(
-                "epoch {}/{}: train loss {:.4}, train acc {:.4}, {what} ({:.0} s)",
-                epoch + 1,
-                cfg.epochs,
-                rec.train_loss,
-                rec.train_accuracy,
-                rec.seconds
-            );
-        }
-        let score = cfg.score(&m);
-        let is_best = score > best;
-        if is_best {
-            best = score;
-            best_metrics = Some(m);
-        }
-        let mut tensors: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
-        tensors.extend(opt.state());
-        if let Some(q) = &vq {
-            for (l, b) in q.iter().enumerate() {
-                tensors.extend(b.state(&format!("astra.vq.{l}")));
+            let mut loss = task::loss(&logits, &y);
+            if let Some(c) = commit {
+                loss += c.to_kind(Kind::Float) * beta;
             }
+            Ok((logits, loss))
+        })??;
+        opt.zero_grad();
+        loss.backward();
+        opt.step();
+        tch::no_grad(|| {
+            let keep = y.reshape([-1]).ne(crate::data::text::IGNORE);
+            let n = keep.sum(Kind::Float);
+            let v = *logits.size().last().expect("class axis");
+            let hits = logits
+                .reshape([-1, v])
+                .argmax(-1, false)
+                .eq_tensor(&y.reshape([-1]))
+                .logical_and(&keep)
+                .sum(Kind::Float);
+            let _ = loss_sum.shallow_clone().g_add_(&(loss.detach() * &n));
+            let _ = correct.shallow_clone().g_add_(&hits);
+            let _ = seen.shallow_clone().g_add_(&n);
+        });
+        bar.inc(1);
+        if bar.position() % 50 == 0 && !bar.is_hidden() {
+            let l = loss_sum.double_value(&[]) / seen.double_value(&[]).max(1.0);
+            bar.set_message(format!("loss {l:.4}"));
         }
-        // The best model first, then the epoch's commit (state.json): a kill in between reruns
-        // the epoch, never leaves a committed epoch without its model.
-        if is_best {
-            run.save_best(&model, vq.as_deref())?;
-        }
-        run.record_epoch(&rec, &tensors, best, best_metrics)?;
     }
-    if stop_after.is_none_or(|s| s >= cfg.epochs) {
-        run.mark_complete(cfg.epochs, best_metrics.as_ref())?;
+    bar.finish_and_clear();
+    let totals = EpochTotals {
+        loss_sum: loss_sum.double_value(&[]),
+        correct: correct.double_value(&[]),
+        seen: seen.double_value(&[]),
+    };
+    if !totals.loss_sum.is_finite() {
+        return Err(TrainError::invalid(
+            format!("epoch {}", epoch + 1),
+            format!(
+                "the training loss became {}: {} (the run keeps its last good epoch)",
+                totals.loss_sum,
+                non_finite_cause(model, vq.as_deref(), beta)
+            ),
+        ));
     }
-    Ok(best_metrics)
+    Ok(totals)
+}
+
+fn epoch_bar(progress: bool, steps: usize, epoch: usize, epochs: usize) -> ProgressBar {
+    if !progress {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(steps as u64);
+    b.set_style(
+        ProgressStyle::with_template(
+            "epoch {prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("static"),
+    );
+    b.set_prefix(format!("{}/{}", epoch + 1, epochs));
+    b
+}
+
+fn report_epoch(rec: &EpochRecord, m: &EvalMetrics, epochs: usize, text: bool) {
+    let what = if text {
+        format!("valid loss {:.4}, perplexity {:.2}", m.loss, m.perplexity())
+    } else {
+        format!("test acc {:.4}", m.accuracy)
+    };
+    eprintln!(
+        "epoch {}/{}: train loss {:.4}, train acc {:.4}, {what} ({:.0} s)",
+        rec.epoch + 1,
+        epochs,
+        rec.train_loss,
+        rec.train_accuracy,
+        rec.seconds
+    );
+}
+
+/// The epoch's outputs: the best model first (when this epoch is the best), then the checkpoint
+/// and state.json, the commit, so a kill in between reruns the epoch and never leaves a committed
+/// epoch without its model.
+fn checkpoint(
+    run: &RunFolder,
+    setup: &Setup,
+    opt: &AdamW,
+    rec: &EpochRecord,
+    p: &Progress,
+    is_best: bool,
+) -> Result<()> {
+    if is_best {
+        run.save_best(&setup.model, setup.vq.as_deref())?;
+    }
+    let mut tensors: Vec<(String, Tensor)> = setup.model.vs.variables().into_iter().collect();
+    tensors.extend(opt.state());
+    for (l, b) in setup.vq.iter().flatten().enumerate() {
+        tensors.extend(b.state(&format!("astra.vq.{l}")));
+    }
+    run.record_epoch(rec, &tensors, p.best, p.best_metrics)
 }
 
 /// Names what made the loss non-finite: a codebook (NaN codewords, or EMA statistics that blew up),
