@@ -7,4 +7,4 @@ pub mod profile;
 pub mod runtime;
 pub mod sweep;
 
-pub use astra_train::runtime::RuntimeInfo;
+pub use astra_train::libtorch::RuntimeInfo;

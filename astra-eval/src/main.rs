@@ -92,7 +92,7 @@ fn commit() -> String {
 
 fn sweep(metric: astra_eval::sweep::Metric, o: SweepOpts) -> Result<()> {
     use astra_eval::sweep;
-    let device = astra_train::runtime::parse_device(&o.device).map_err(anyhow::Error::msg)?;
+    let device = astra_train::libtorch::parse_device(&o.device).map_err(anyhow::Error::msg)?;
     let args = sweep::SweepArgs {
         metric,
         model: o.model,
@@ -327,7 +327,7 @@ enum Command {
 }
 
 fn main() {
-    astra_train::runtime::ensure_passive_openmp();
+    astra_train::libtorch::ensure_passive_openmp();
     if let Err(e) = run() {
         eprintln!("astra-eval: {e:#}");
         std::process::exit(1);
@@ -346,7 +346,8 @@ fn run() -> Result<()> {
             path,
             device,
         } => {
-            let device = astra_train::runtime::parse_device(&device).map_err(anyhow::Error::msg)?;
+            let device =
+                astra_train::libtorch::parse_device(&device).map_err(anyhow::Error::msg)?;
             let msg = predict::run(&PredictArgs {
                 model,
                 input,
@@ -375,7 +376,8 @@ fn run() -> Result<()> {
             out,
         } => {
             use astra_eval::profile::{self, ProfileConfig};
-            let device = astra_train::runtime::parse_device(&device).map_err(anyhow::Error::msg)?;
+            let device =
+                astra_train::libtorch::parse_device(&device).map_err(anyhow::Error::msg)?;
             if runs == 0 || blocks <= 0 || hidden <= 0 || heads <= 0 || mlp <= 0 || codewords < 2 {
                 anyhow::bail!("--runs, --blocks, --hidden, --heads and --mlp must be positive and --codewords at least 2");
             }

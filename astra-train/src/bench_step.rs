@@ -182,7 +182,7 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
     let dev = b.device;
     tch::manual_seed(0);
     let model = Model::new(ModelConfig::ViT(vit.clone()), dev)?;
-    let crate::model::Network::ViT(net) = &model.net else {
+    let crate::model::Backbone::ViT(net) = &model.net else {
         unreachable!("built a ViT")
     };
     let blk = &net.blocks[0];

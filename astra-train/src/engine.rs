@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TrainError};
 use crate::models::fast_kv::CodewordKv;
-use crate::models::{ClsMode, DevicePartition, GroupedVq};
+use crate::models::{Astra, AstraOutput, ClsMode, DevicePartition, GroupedVq};
 
 /// The remote tokens one block step attends to, besides the device's own.
 pub enum Remote<'a> {
@@ -50,6 +50,13 @@ pub trait AstraModel {
     /// Logits from final states: the CLS copies [B, C, D] (pooled, DCT) for a classifier, every
     /// token's states [B, T, D] for a language model.
     fn head(&self, states: &Tensor) -> Tensor;
+    /// The plain model (one device).
+    fn forward(&self, input: &Tensor) -> Result<Tensor>;
+    /// All devices in one process with the mixed-precision mask: the training formulation and the
+    /// reference the per-device paths are tested against.
+    fn forward_astra(&self, input: &Tensor, astra: Astra) -> Result<AstraOutput>;
+    /// The input of every block for the content tokens, [B, T, D] each (calibration).
+    fn block_inputs(&self, input: &Tensor) -> Result<Vec<Tensor>>;
 }
 
 /// What a device sends per block: its content tokens' VQ indices [B, n, G] (ASTRA), or the

@@ -14,10 +14,10 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod export;
+pub mod libtorch;
 pub mod model;
 pub mod models;
 pub mod precision;
-pub mod runtime;
 pub mod train;
 pub mod weights;
 

@@ -234,7 +234,7 @@ enum Command {
 }
 
 fn main() {
-    astra_train::runtime::ensure_passive_openmp();
+    astra_train::libtorch::ensure_passive_openmp();
     let args = match expand_config(std::env::args().collect()) {
         Ok(a) => a,
         Err(e) => {
@@ -306,7 +306,7 @@ fn optim(t: &TrainArgs) -> astra_train::train::optim::AdamWConfig {
 
 fn run_training(cfg: astra_train::train::TrainConfig, t: &TrainArgs) -> Result<()> {
     use astra_train::train::{run::RunFolder, train};
-    let device = astra_train::runtime::parse_device(&t.device).map_err(anyhow::Error::msg)?;
+    let device = astra_train::libtorch::parse_device(&t.device).map_err(anyhow::Error::msg)?;
     cfg.validate()?;
     let run = RunFolder::open(&t.out, &cfg, t.resume)?;
     // Test hook: stop after this many epochs in total, as a kill would (resume tests of scripts).
@@ -457,7 +457,8 @@ fn run(cli: Cli) -> Result<()> {
             config: _,
         } => {
             use astra_quant::residual::NoiseKind;
-            let device = astra_train::runtime::parse_device(&device).map_err(anyhow::Error::msg)?;
+            let device =
+                astra_train::libtorch::parse_device(&device).map_err(anyhow::Error::msg)?;
             let noise = match noise.as_str() {
                 "full" => Some(NoiseKind::Full),
                 "diagonal" => Some(NoiseKind::Diagonal),
@@ -537,7 +538,8 @@ fn run(cli: Cli) -> Result<()> {
             device,
             parts,
         } => {
-            let device = astra_train::runtime::parse_device(&device).map_err(anyhow::Error::msg)?;
+            let device =
+                astra_train::libtorch::parse_device(&device).map_err(anyhow::Error::msg)?;
             if steps == 0 {
                 anyhow::bail!("--steps must be at least 1");
             }
@@ -655,7 +657,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{spec}");
         }
         Command::Info { json } => {
-            let info = astra_train::runtime::RuntimeInfo::collect();
+            let info = astra_train::libtorch::RuntimeInfo::collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {

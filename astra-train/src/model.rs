@@ -13,14 +13,16 @@ use crate::models::vit::ViT;
 use crate::models::{Astra, AstraOutput, GroupedVq, VqConfig};
 use crate::weights::{load_safetensors, LoadReport};
 
-pub enum Network {
+/// The backbones, registered here: a new model is one file and one variant (plus its arm in
+/// [`Model::new`] and [`Model::astra_model`]).
+pub enum Backbone {
     ViT(ViT),
     Gpt2(Gpt2),
 }
 
 pub struct Model {
     pub vs: nn::VarStore,
-    pub net: Network,
+    pub net: Backbone,
     pub config: ModelConfig,
 }
 
@@ -29,8 +31,8 @@ impl Model {
     pub fn new(config: ModelConfig, device: Device) -> Result<Self> {
         let vs = nn::VarStore::new(device);
         let net = match &config {
-            ModelConfig::ViT(c) => Network::ViT(ViT::new(&vs.root(), c)?),
-            ModelConfig::GPT2(c) => Network::Gpt2(Gpt2::new(&vs.root(), c)?),
+            ModelConfig::ViT(c) => Backbone::ViT(ViT::new(&vs.root(), c)?),
+            ModelConfig::GPT2(c) => Backbone::Gpt2(Gpt2::new(&vs.root(), c)?),
         };
         Ok(Model { vs, net, config })
     }
@@ -90,31 +92,19 @@ impl Model {
     }
 
     pub fn layers(&self) -> i64 {
-        match &self.net {
-            Network::ViT(m) => m.blocks.len() as i64,
-            Network::Gpt2(m) => m.blocks.len() as i64,
-        }
+        self.astra_model().blocks() as i64
     }
 
     pub fn hidden(&self) -> i64 {
-        match &self.config {
-            ModelConfig::ViT(c) => c.hidden_size,
-            ModelConfig::GPT2(c) => c.n_embd,
-        }
+        self.astra_model().hidden()
     }
 
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
-        match &self.net {
-            Network::ViT(m) => m.forward(input),
-            Network::Gpt2(m) => m.forward(input),
-        }
+        self.astra_model().forward(input)
     }
 
     pub fn forward_astra(&self, input: &Tensor, astra: Astra) -> Result<AstraOutput> {
-        match &self.net {
-            Network::ViT(m) => m.forward_astra(input, astra),
-            Network::Gpt2(m) => m.forward_astra(input, astra),
-        }
+        self.astra_model().forward_astra(input, astra)
     }
 
     /// The block quantizers of the codebook file at `path` for this model: loaded, checked
@@ -138,8 +128,8 @@ impl Model {
     /// The backbone as ASTRA sees it (the device engine's view of the model).
     pub fn astra_model(&self) -> &dyn AstraModel {
         match &self.net {
-            Network::ViT(m) => m,
-            Network::Gpt2(m) => m,
+            Backbone::ViT(m) => m,
+            Backbone::Gpt2(m) => m,
         }
     }
 
@@ -151,10 +141,7 @@ impl Model {
 
     /// Every block's input for the content tokens (calibration).
     pub fn block_inputs(&self, input: &Tensor) -> Result<Vec<Tensor>> {
-        match &self.net {
-            Network::ViT(m) => m.block_inputs(input),
-            Network::Gpt2(m) => m.block_inputs(input),
-        }
+        self.astra_model().block_inputs(input)
     }
 
     /// The per-device path with fast remote keys/values: devices exchange only indices, and a
@@ -189,10 +176,7 @@ impl Model {
 
     /// Content tokens of an input: patches of an image batch, or the sequence length.
     pub fn content_tokens(&self, input: &Tensor) -> i64 {
-        match &self.config {
-            ModelConfig::ViT(c) => c.num_patches(),
-            ModelConfig::GPT2(_) => input.size().get(1).copied().unwrap_or(0),
-        }
+        self.astra_model().content_tokens(input)
     }
 }
 

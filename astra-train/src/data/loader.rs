@@ -35,7 +35,7 @@ impl RawBatch {
         device: Device,
     ) -> (Tensor, Tensor) {
         let mut x =
-            crate::runtime::upload(&Tensor::from_slice(&self.pixels).view(self.shape), device)
+            crate::libtorch::upload(&Tensor::from_slice(&self.pixels).view(self.shape), device)
                 .to_kind(Kind::Float)
                 / 255.0;
         let (h, w) = (self.shape[2], self.shape[3]);
@@ -44,13 +44,13 @@ impl RawBatch {
         }
         let c = self.shape[1];
         let col = |v: &[f64]| {
-            crate::runtime::upload(
+            crate::libtorch::upload(
                 &Tensor::from_slice(&v.iter().map(|&v| v as f32).collect::<Vec<_>>())
                     .view([1, c, 1, 1]),
                 device,
             )
         };
-        let labels = crate::runtime::upload(&Tensor::from_slice(&self.labels), device);
+        let labels = crate::libtorch::upload(&Tensor::from_slice(&self.labels), device);
         ((x - col(mean)) / col(std), labels)
     }
 }

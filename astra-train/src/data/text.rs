@@ -125,8 +125,8 @@ pub fn lm_batch(tokens: &[u32], windows: &[Window], device: Device) -> (Tensor, 
     }
     let b = windows.len() as i64;
     (
-        crate::runtime::upload(&Tensor::from_slice(&x).view([b, t as i64]), device),
-        crate::runtime::upload(&Tensor::from_slice(&y).view([b, t as i64]), device),
+        crate::libtorch::upload(&Tensor::from_slice(&x).view([b, t as i64]), device),
+        crate::libtorch::upload(&Tensor::from_slice(&y).view([b, t as i64]), device),
     )
 }
 

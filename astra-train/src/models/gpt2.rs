@@ -296,4 +296,13 @@ impl AstraModel for Gpt2 {
     fn head(&self, states: &Tensor) -> Tensor {
         Gpt2::head(self, states)
     }
+    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        Gpt2::forward(self, input)
+    }
+    fn forward_astra(&self, input: &Tensor, astra: Astra) -> Result<AstraOutput> {
+        Gpt2::forward_astra(self, input, astra)
+    }
+    fn block_inputs(&self, input: &Tensor) -> Result<Vec<Tensor>> {
+        Gpt2::block_inputs(self, input)
+    }
 }

@@ -174,7 +174,7 @@ pub fn mixed_precision_mask_with_loss(
         .map(|c| c.min(partition.devices() - 1) as i64)
         .collect();
     owner.extend(partition.owner.iter().map(|&d| d as i64));
-    let seq = crate::runtime::upload(&Tensor::from_slice(&owner), device);
+    let seq = crate::libtorch::upload(&Tensor::from_slice(&owner), device);
     let content = seq.narrow(0, cls as i64, t as i64);
     let same = seq.view([s as i64, 1]).eq_tensor(&seq.view([1, s as i64]));
     let other = seq
@@ -189,7 +189,7 @@ pub fn mixed_precision_mask_with_loss(
         let received: Vec<bool> = (0..n * t)
             .map(|i| partition.owner[i % t] == i / t || !rng.random_bool(l.p.min(1.0)))
             .collect();
-        let received = crate::runtime::upload(
+        let received = crate::libtorch::upload(
             &Tensor::from_slice(&received).view([n as i64, t as i64]),
             device,
         );

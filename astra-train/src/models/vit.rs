@@ -340,6 +340,15 @@ impl AstraModel for ViT {
     fn head(&self, states: &Tensor) -> Tensor {
         ViT::head(self, states)
     }
+    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        ViT::forward(self, input)
+    }
+    fn forward_astra(&self, input: &Tensor, astra: Astra) -> Result<AstraOutput> {
+        ViT::forward_astra(self, input, astra)
+    }
+    fn block_inputs(&self, input: &Tensor) -> Result<Vec<Tensor>> {
+        ViT::block_inputs(self, input)
+    }
 }
 
 pub(crate) fn check_blocks(quantizers: usize, blocks: usize) -> Result<()> {
