@@ -200,10 +200,13 @@ fn positive(field: &'static str, v: i64) -> Result<()> {
     Ok(())
 }
 
-/// Which model a config.json describes.
-#[derive(Clone, Debug, PartialEq)]
+/// Which model a config.json describes, by its HF `model_type`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "model_type")]
 pub enum ModelConfig {
+    #[serde(rename = "vit")]
     ViT(ViTConfig),
+    #[serde(rename = "gpt2")]
     GPT2(GPT2Config),
 }
 
@@ -219,15 +222,10 @@ impl ModelConfig {
         })
     }
 
-    /// From a parsed config.json object (the error says what is wrong, without the file).
+    /// From a parsed config.json object, validated (the error says what is wrong, without the
+    /// file).
     pub fn from_value(v: serde_json::Value) -> std::result::Result<Self, String> {
-        let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
-        let parsed = match model_type {
-            "vit" => serde_json::from_value::<ViTConfig>(v).map(ModelConfig::ViT),
-            "gpt2" => serde_json::from_value::<GPT2Config>(v).map(ModelConfig::GPT2),
-            other => return Err(format!("model_type '{other}' is not 'vit' or 'gpt2'")),
-        };
-        let cfg = parsed.map_err(|e| format!("config: {e}"))?;
+        let cfg: ModelConfig = serde_json::from_value(v).map_err(|e| format!("config: {e}"))?;
         match &cfg {
             ModelConfig::ViT(c) => c.validate(),
             ModelConfig::GPT2(c) => c.validate(),
@@ -238,16 +236,11 @@ impl ModelConfig {
 
     /// HF-style config.json text (with `model_type`).
     pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(&self.to_value()).expect("serialisable")
+        serde_json::to_string_pretty(self).expect("serialisable")
     }
 
     pub fn to_value(&self) -> serde_json::Value {
-        let (kind, mut v) = match self {
-            ModelConfig::ViT(c) => ("vit", serde_json::to_value(c).expect("serialisable")),
-            ModelConfig::GPT2(c) => ("gpt2", serde_json::to_value(c).expect("serialisable")),
-        };
-        v["model_type"] = serde_json::Value::String(kind.into());
-        v
+        serde_json::to_value(self).expect("serialisable")
     }
 
     pub fn load(path: &Path) -> Result<Self> {
@@ -256,18 +249,5 @@ impl ModelConfig {
             reason: e.to_string(),
         })?;
         Self::from_json(&text, path)
-    }
-}
-
-impl Serialize for ModelConfig {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        self.to_value().serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for ModelConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let v = serde_json::Value::deserialize(d)?;
-        ModelConfig::from_value(v).map_err(serde::de::Error::custom)
     }
 }
