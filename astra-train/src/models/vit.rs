@@ -160,8 +160,8 @@ impl ViT {
         })
     }
 
-    /// The CLS embedding [1, 1, D] (with its position) and the patch tokens [B, P, D].
-    pub fn embed(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The shape of `images`, which must be [B, C, H, W] of the model's size.
+    fn check_images(&self, images: &Tensor) -> Result<Vec<i64>> {
         let c = &self.cfg;
         let s = images.size();
         if s.len() != 4 || s[1] != c.num_channels || s[2] != c.image_size || s[3] != c.image_size {
@@ -173,6 +173,13 @@ impl ViT {
                 ),
             ));
         }
+        Ok(s)
+    }
+
+    /// The CLS embedding [1, 1, D] (with its position) and the patch tokens [B, P, D].
+    pub fn embed(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        let c = &self.cfg;
+        self.check_images(images)?;
         let x = images
             .to_kind(self.pos.kind())
             .apply(&self.patch)
@@ -287,16 +294,7 @@ impl AstraModel for ViT {
     /// unfolded patches, which is what the strided convolution computes).
     fn embed_share(&self, images: &Tensor, mine: &Tensor, with_cls: bool) -> Result<Tensor> {
         let c = &self.cfg;
-        let s = images.size();
-        if s.len() != 4 || s[1] != c.num_channels || s[2] != c.image_size || s[3] != c.image_size {
-            return Err(TrainError::invalid(
-                "images",
-                format!(
-                    "shape {s:?}, the model expects [B, {}, {}, {}]",
-                    c.num_channels, c.image_size, c.image_size
-                ),
-            ));
-        }
+        let s = self.check_images(images)?;
         let (b, p, d) = (s[0], c.patch_size, c.hidden_size);
         let patches = images
             .to_kind(self.pos.kind())
