@@ -244,10 +244,7 @@ impl ModelConfig {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::File {
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
         Self::from_json(&text, path)
     }
 }

@@ -8,6 +8,13 @@ pub enum TrainError {
     Config { field: &'static str, reason: String },
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
+    /// An I/O failure on a file, with the OS error kept as the cause.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("weight {name}: {reason}")]
     Weight { name: String, reason: String },
     #[error("{what}: {reason}")]
@@ -26,6 +33,11 @@ impl TrainError {
             field,
             reason: reason.into(),
         }
+    }
+    /// The I/O error of an operation on `path`, keeping the cause.
+    pub fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| TrainError::Io { path, source }
     }
     pub fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
         TrainError::Invalid {

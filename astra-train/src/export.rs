@@ -41,13 +41,7 @@ pub fn export(spec: &str, out: &Path) -> Result<Exported> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |e: std::io::Error| TrainError::File {
-            path: p.clone(),
-            reason: e.to_string(),
-        }
-    };
+    let io = |p: &Path| TrainError::io(p);
     let result = (|| -> Result<&'static str> {
         model.save(&tmp)?;
         let architecture = match &model.config {

@@ -80,12 +80,8 @@ impl Model {
     /// Writes an HF-style folder: config.json and model.safetensors (atomically, file by file).
     pub fn save(&self, dir: &Path) -> Result<()> {
         let config = dir.join("config.json");
-        astra_quant::atomic::write_bytes(&config, self.config.to_json().as_bytes()).map_err(
-            |e| TrainError::File {
-                path: config.clone(),
-                reason: e.to_string(),
-            },
-        )?;
+        astra_quant::atomic::write_bytes(&config, self.config.to_json().as_bytes())
+            .map_err(TrainError::io(&config))?;
         let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         crate::train::run::write_safetensors_atomic(&dir.join("model.safetensors"), &named)

@@ -16,10 +16,7 @@ use crate::error::{Result, TrainError};
 const PIXELS: usize = 3 * 32 * 32;
 
 fn read_records(path: &Path, label_bytes: usize, out: &mut ImageDataset) -> Result<()> {
-    let b = std::fs::read(path).map_err(|e| TrainError::File {
-        path: path.into(),
-        reason: e.to_string(),
-    })?;
+    let b = std::fs::read(path).map_err(TrainError::io(path))?;
     let rec = label_bytes + PIXELS;
     if b.is_empty() || b.len() % rec != 0 {
         return Err(TrainError::File {

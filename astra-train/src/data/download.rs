@@ -143,11 +143,8 @@ pub fn find(id: &str) -> Result<DatasetSource> {
     })
 }
 
-fn file_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
-    move |e| TrainError::File {
-        path: path.into(),
-        reason: e.to_string(),
-    }
+fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError {
+    TrainError::io(path)
 }
 
 /// MD5 of a file, hex.

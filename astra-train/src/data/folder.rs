@@ -23,10 +23,7 @@ fn is_image(p: &Path) -> bool {
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| TrainError::File {
-        path: dir.into(),
-        reason: e.to_string(),
-    })?;
+    let rd = std::fs::read_dir(dir).map_err(TrainError::io(dir))?;
     let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
     v.sort();
     Ok(v)

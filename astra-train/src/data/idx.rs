@@ -8,10 +8,7 @@ use super::{find_file, ImageDataset};
 use crate::error::{Result, TrainError};
 
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|e| TrainError::File {
-        path: path.into(),
-        reason: e.to_string(),
-    })?;
+    let raw = std::fs::read(path).map_err(TrainError::io(path))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])

@@ -55,11 +55,8 @@ pub struct RunFolder {
     made_dir: bool,
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
-    move |e| TrainError::File {
-        path: path.into(),
-        reason: e.to_string(),
-    }
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError {
+    TrainError::io(path)
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
