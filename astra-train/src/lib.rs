@@ -9,6 +9,7 @@
 //! - [`train`]: the run folder, AdamW, and the (resumable) training loop;
 //! - [`runtime`]: the libtorch and accelerators this process sees.
 pub mod bench_step;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod engine;

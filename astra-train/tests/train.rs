@@ -560,3 +560,54 @@ fn a_run_that_fails_on_its_inputs_leaves_no_folder() {
     .unwrap();
     assert!(run.join("complete.json").exists());
 }
+
+#[test]
+fn a_runs_own_config_json_reruns_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixtures(tmp.path());
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    let out = finetune_cmd(&data, &a, &["--pad", "1", "--seed", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = a.join("config.json");
+    let rerun = |out: &Path, extra: &[&str]| {
+        astra_train()
+            .arg("finetune")
+            .arg("--config")
+            .arg(&config)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = rerun(&b, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap()
+    };
+    assert_eq!(json(&a), json(&b), "the rerun's configuration differs");
+    assert_eq!(summary_without_time(&a), summary_without_time(&b));
+    // Options on the command line still override the file.
+    let o = rerun(&c, &["--epochs", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&c)["epochs"], 2);
+    // A plain run's configuration is not an ASTRA run's.
+    let o = astra_train()
+        .args(["astra", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(tmp.path().join("d"))
+        .output()
+        .unwrap();
+    one_line_failure(&o, "a run of `astra-train finetune`, given to `astra`");
+}

@@ -1,0 +1,266 @@
+//! The options of every `astra-train` subcommand, declared once: the binary parses them and
+//! the commands in [`super`] take them.
+
+/// ASTRA training: models with Mixed-Precision Attention, VQ, NAQ and DCT on libtorch.
+///
+/// Every subcommand takes `--config FILE.json`: an object of option names (as on the command line,
+/// `-` or `_`) and values, read first; options given on the command line override it.
+#[derive(clap::Parser)]
+#[command(name = "astra-train", version, about, args_override_self = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options shared by `finetune` and `astra`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct TrainArgs {
+    /// Data: fashion-mnist:DIR, mnist:DIR, cifar10:DIR, cifar100:DIR (binary or python batches),
+    /// imagefolder:DIR (DIR/train/<class>/*.JPEG, DIR/val/<class>/*), text:FILE (90/10 split) or
+    /// text:TRAIN,VALID (GPT-2 BPE).
+    #[arg(long)]
+    pub data: String,
+    /// Run folder to create (or continue with --resume).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    /// Linear warm-up steps before the cosine decay.
+    #[arg(long, default_value_t = 200)]
+    pub warmup_steps: usize,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Train on the first N images only (quick runs).
+    #[arg(long)]
+    pub max_train: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub max_test: Option<usize>,
+    /// Continue the run in --out from its last complete epoch (same configuration required).
+    #[arg(long)]
+    pub resume: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// bf16 autocast of the forward pass (CUDA only).
+    #[arg(long)]
+    pub bf16: bool,
+    /// Images: zero padding for the random-crop augmentation (0 = no crop).
+    #[arg(long, default_value_t = 0)]
+    pub pad: usize,
+    /// Images: random horizontal flips.
+    #[arg(long)]
+    pub flip: bool,
+    /// Text: tokens per training window (default: the model's n_positions).
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// A JSON file of options (read before the command line, which overrides it).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Train or fine-tune a plain model: a ViT on images or a GPT-2 on text (from scratch or --init).
+    Finetune(FinetuneArgs),
+    /// Fit per-block codebooks (and NAQ residual statistics) on a trained model's block inputs.
+    Calibrate(CalibrateArgs),
+    /// Fine-tune with ASTRA: MPA on N devices, grouped VQ (EMA), NAQ, distributed CLS.
+    Astra(AstraArgs),
+    /// Write a model (run folder, HF folder or hub id) as an HF folder that transformers loads,
+    /// with its ASTRA codebooks beside it.
+    Export(ExportArgs),
+    /// Write a randomly initialised model (HF folder: config.json + model.safetensors) for an HF
+    /// config.json: for latency and throughput runs, where trained weights do not matter.
+    Init(InitArgs),
+    /// Download a data set (checksummed, resumable) and print the --data spec to train on.
+    Download(DownloadArgs),
+    /// Training-step throughput of ViT-B/16 or GPT-2 small (random weights and data, AdamW): plain
+    /// and ASTRA.
+    BenchStep(BenchStepArgs),
+    /// Report the libtorch version, CUDA devices, cuDNN and CPU threads this binary sees.
+    Info(InfoArgs),
+}
+
+/// Options of `astra-train finetune`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Start from this model (HF folder, hub id or run folder); default: random init with
+    /// the shape options below.
+    #[arg(long)]
+    pub init: Option<String>,
+    /// ViT patch size.
+    #[arg(long, default_value_t = 4)]
+    pub patch: i64,
+    /// ViT input side (default: the data's own size; 224 for image folders).
+    #[arg(long)]
+    pub image_size: Option<i64>,
+    #[arg(long, default_value_t = 96)]
+    pub hidden: i64,
+    #[arg(long, default_value_t = 6)]
+    pub layers: i64,
+    #[arg(long, default_value_t = 4)]
+    pub heads: i64,
+    #[arg(long, default_value_t = 192)]
+    pub mlp: i64,
+}
+
+/// Options of `astra-train calibrate`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CalibrateArgs {
+    /// The trained model (run folder, HF folder or hub id).
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub data: String,
+    #[arg(long, default_value_t = 2000)]
+    pub samples: usize,
+    #[arg(long, default_value_t = 1)]
+    pub groups: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub k: usize,
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// NAQ noise model: full, diagonal or none.
+    #[arg(long, default_value = "full")]
+    pub noise: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Text: tokens per calibration window (default: the model's n_positions).
+    #[arg(long)]
+    pub context: Option<usize>,
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+}
+
+/// Options of `astra-train astra`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct AstraArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// The plain model to start from (run folder, HF folder or hub id).
+    #[arg(long)]
+    pub init: String,
+    /// Codebooks from `calibrate`.
+    #[arg(long)]
+    pub codebooks: std::path::PathBuf,
+    #[arg(long, default_value_t = 4)]
+    pub devices: usize,
+    /// Commitment weight β.
+    #[arg(long, default_value_t = 5e-4)]
+    pub beta: f64,
+    /// NAQ noise strength λ (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub lambda: f64,
+    /// EMA decay of the codebooks.
+    #[arg(long, default_value_t = 0.99)]
+    pub decay: f64,
+    /// One CLS on device 0 instead of one per device (the DCT ablation).
+    #[arg(long)]
+    pub single_cls: bool,
+    /// A random token-to-device assignment per batch.
+    #[arg(long)]
+    pub random_partition: bool,
+}
+
+/// Options of `astra-train export`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ExportArgs {
+    #[arg(long)]
+    pub model: String,
+    /// The folder to create (must not exist).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+}
+
+/// Options of `astra-train init`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct InitArgs {
+    /// An HF config.json (ViTForImageClassification or GPT2LMHeadModel).
+    #[arg(long)]
+    pub model_config: std::path::PathBuf,
+    /// The folder to write (must not hold a model yet).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub seed: i64,
+}
+
+/// Options of `astra-train download`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DownloadArgs {
+    /// cifar10, cifar10-python, cifar100, cifar100-python, mnist or fashion-mnist.
+    #[arg(long)]
+    pub dataset: String,
+    /// Folder to download (and unpack) into.
+    #[arg(long)]
+    pub dir: std::path::PathBuf,
+    /// A mirror to fetch from instead of the publisher's URL.
+    #[arg(long)]
+    pub base_url: Option<String>,
+}
+
+/// Options of `astra-train bench-step`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchStepArgs {
+    /// vit (ViT-B/16) or gpt2 (GPT-2 small).
+    #[arg(long, default_value = "vit")]
+    pub model: String,
+    /// GPT-2: tokens per sequence.
+    #[arg(long, default_value_t = 1024)]
+    pub seq: i64,
+    #[arg(long, default_value_t = 128)]
+    pub batch: i64,
+    #[arg(long, default_value_t = 224)]
+    pub image: i64,
+    #[arg(long, default_value_t = 16)]
+    pub patch: i64,
+    #[arg(long, default_value_t = 1000)]
+    pub classes: i64,
+    /// ASTRA devices N (MPA) for the ASTRA row.
+    #[arg(long, default_value_t = 4)]
+    pub devices: usize,
+    /// VQ groups G for the ASTRA row.
+    #[arg(long, default_value_t = 32)]
+    pub groups: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub codewords: usize,
+    /// Timed steps (the median is reported) after --warmup untimed ones.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// bf16 autocast (CUDA only).
+    #[arg(long)]
+    pub bf16: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// ViT: instead of whole steps, time the parts of one block (plain vs MPA attention, VQ
+    /// encode, training quantize) at the step's shapes.
+    #[arg(long)]
+    pub parts: bool,
+}
+
+/// Options of `astra-train info`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct InfoArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
