@@ -412,7 +412,7 @@ fn train_epoch(
             let _ = seen.shallow_clone().g_add_(&n);
         });
         bar.inc(1);
-        if bar.position() % 50 == 0 && !bar.is_hidden() {
+        if bar.position().is_multiple_of(50) && !bar.is_hidden() {
             let l = loss_sum.double_value(&[]) / seen.double_value(&[]).max(1.0);
             bar.set_message(format!("loss {l:.4}"));
         }
