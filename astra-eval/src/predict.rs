@@ -20,7 +20,7 @@ pub enum ForwardPath {
     PerDeviceFast,
 }
 
-pub struct PredictArgs {
+pub struct PredictRequest {
     pub model: String,
     pub input: PathBuf,
     pub out: PathBuf,
@@ -31,7 +31,7 @@ pub struct PredictArgs {
     pub device: Device,
 }
 
-pub fn run(a: &PredictArgs) -> Result<String> {
+pub fn run(a: &PredictRequest) -> Result<String> {
     let (model, _) = Model::load(&a.model, a.device)?;
     let input = read_input(&a.input, &model.config)?.to_device(a.device);
     let logits = tch::no_grad(|| -> Result<Tensor> {

@@ -180,7 +180,7 @@ fn resume_is_exact_and_astra_pipeline_runs() {
 
     // calibrate → astra (interrupted and resumed, exact too) → the run loads for predict.
     let (model, _) = astra_train::model::Model::load(a.to_str().unwrap(), Device::Cpu).unwrap();
-    let args = calibrate::CalibrateArgs {
+    let args = calibrate::CalibrationSettings {
         data: cfg.data.clone(),
         samples: 64,
         groups: 2,
@@ -314,7 +314,7 @@ fn language_model_trains_resumes_and_runs_astra() {
     assert!(csv.lines().next().unwrap().contains("test_perplexity"));
 
     let (model, _) = astra_train::model::Model::load(a.to_str().unwrap(), Device::Cpu).unwrap();
-    let args = calibrate::CalibrateArgs {
+    let args = calibrate::CalibrationSettings {
         data: cfg.data.clone(),
         samples: 20,
         groups: 2,

@@ -23,7 +23,7 @@ use super::{Plan, COORDINATOR};
 /// delay and loss (netem, where the kernel has it).
 pub use astra_sim::live::Links;
 
-pub struct DistributedArgs {
+pub struct DistributedRun {
     pub model: String,
     /// Unused (may be empty) in the SP baseline.
     pub codebooks: PathBuf,
@@ -102,7 +102,7 @@ fn median(v: &[f64]) -> f64 {
 
 /// Starts local workers (in namespaces `ns`, when given) and reads the address each listens on.
 fn start_local(
-    a: &DistributedArgs,
+    a: &DistributedRun,
     session: &str,
     namespaces: Option<&[(String, String)]>,
     workers: &mut Workers,
@@ -177,7 +177,7 @@ fn start_local(
 }
 
 /// Connects to running workers.
-fn connect_remote(a: &DistributedArgs) -> Result<WorkerLinks> {
+fn connect_remote(a: &DistributedRun) -> Result<WorkerLinks> {
     let deadline = Instant::now() + a.startup;
     let (ftx, rx) = mpsc::channel();
     let mut tx: Vec<Box<dyn std::io::Write + Send>> = Vec::new();
@@ -268,7 +268,7 @@ struct RunResult {
 
 /// Runs the input through N workers, writes the logits; returns a summary with latencies and the
 /// per-block compute and wait times of each worker.
-pub fn distributed(a: &DistributedArgs) -> Result<String> {
+pub fn distributed(a: &DistributedRun) -> Result<String> {
     if a.devices == 0 {
         bail!("--devices must be at least 1");
     }

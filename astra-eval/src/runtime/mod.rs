@@ -16,7 +16,7 @@ pub mod net;
 pub mod trace;
 pub mod worker;
 
-pub use coordinator::{distributed, DistributedArgs, Links};
+pub use coordinator::{distributed, DistributedRun, Links};
 pub use worker::{serve, ControlVia};
 
 use serde::{Deserialize, Serialize};

@@ -199,7 +199,7 @@ pub fn calibrate(a: &CalibrateArgs) -> Result<()> {
         o => bail!("--noise: '{o}' is not full, diagonal or none"),
     };
     let (m, _) = Model::load(&a.model, device)?;
-    let args = crate::train::calibrate::CalibrateArgs {
+    let args = crate::train::calibrate::CalibrationSettings {
         data: a.data.clone(),
         samples: a.samples,
         groups: a.groups,

@@ -14,7 +14,7 @@ use super::Task;
 use crate::error::{Result, TrainError};
 use crate::model::Model;
 
-pub struct CalibrateArgs {
+pub struct CalibrationSettings {
     pub data: String,
     pub samples: usize,
     pub groups: usize,
@@ -40,7 +40,7 @@ fn to_rows(t: &Tensor) -> Result<Array2<f32>> {
 
 pub fn calibrate(
     model: &Model,
-    a: &CalibrateArgs,
+    a: &CalibrationSettings,
     device: Device,
     progress: bool,
 ) -> Result<CodebookFile> {

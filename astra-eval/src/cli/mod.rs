@@ -1,0 +1,318 @@
+//! The `astra-eval` commands. The binary only parses ([`args`]) and calls [`run`]; every command
+//! is a function here that takes its options struct.
+
+pub mod args;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+
+pub use args::*;
+
+use crate::profile::{self, Measurement, ProfileConfig};
+use crate::runtime::{ControlVia, DistributedRun, Links, SESSION_ENV};
+use crate::sweep::Metric;
+
+/// Runs one parsed command.
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Predict(a) => predict(&a),
+        Command::Profile(a) => profile(&a),
+        Command::Worker(a) => worker(&a),
+        Command::Distributed(a) => distributed(&a),
+        Command::Accuracy(o) => sweep(Metric::Accuracy, o),
+        Command::Perplexity(o) => sweep(Metric::Perplexity, o),
+        Command::Info(a) => info(&a),
+    }
+}
+
+fn device(spec: &str) -> Result<tch::Device> {
+    astra_train::libtorch::parse_device(spec).map_err(anyhow::Error::msg)
+}
+
+/// `predict`: logits of one batch, plain or under ASTRA, on any forward path.
+pub fn predict(a: &PredictArgs) -> Result<()> {
+    let msg = crate::predict::run(&crate::predict::PredictRequest {
+        model: a.model.clone(),
+        input: a.input.clone(),
+        out: a.out.clone(),
+        devices: a.devices,
+        codebooks: a.codebooks.clone(),
+        cls: a.cls,
+        path: a.path,
+        device: device(&a.device)?,
+    })?;
+    println!("{msg}");
+    Ok(())
+}
+
+/// `worker`: one device of the runtime; the session key comes from the environment, since a
+/// command line is readable by every user of the host.
+pub fn worker(a: &WorkerArgs) -> Result<()> {
+    crate::runtime::serve(
+        &a.listen,
+        &std::env::var(SESSION_ENV).unwrap_or_default(),
+        Duration::from_millis(a.timeout_ms),
+        Duration::from_millis(a.startup_timeout_ms),
+        if a.stdio {
+            ControlVia::Stdio
+        } else {
+            ControlVia::Tcp
+        },
+    )
+}
+
+/// `distributed`: N worker processes over TCP (ASTRA, SP, or the single device).
+pub fn distributed(a: &DistributedArgs) -> Result<()> {
+    let devices = a.devices.unwrap_or(if a.workers.is_empty() {
+        4
+    } else {
+        a.workers.len()
+    });
+    // One device exchanges nothing: the single-device model needs no codebooks.
+    let sp = a.mode == "sp" || (devices == 1 && a.codebooks.is_none());
+    let codebooks = match &a.codebooks {
+        Some(c) => c.clone(),
+        None if sp => PathBuf::new(),
+        None => {
+            let c = astra_train::model::resolve(&a.model)?.join("codebooks.safetensors");
+            if !c.exists() {
+                bail!(
+                    "{} has no codebooks.safetensors beside it; pass --codebooks FILE",
+                    a.model
+                );
+            }
+            c
+        }
+    };
+    let msg = crate::runtime::distributed(&DistributedRun {
+        model: a.model.clone(),
+        codebooks,
+        sp,
+        devices,
+        workers: a.workers.clone(),
+        links: a.links.as_deref().map(parse_links).transpose()?,
+        threads: a.threads,
+        all_logits: a.all_logits,
+        input: a.input.clone(),
+        out: a.out.clone(),
+        single_cls: a.single_cls,
+        timeout: Duration::from_millis(a.timeout_ms),
+        startup: Duration::from_millis(a.startup_timeout_ms),
+        runs: a.runs,
+        warmup: a.warmup,
+        trace: a.trace.clone(),
+        json: a.json.clone(),
+    })?;
+    print!("{msg}");
+    Ok(())
+}
+
+/// `RATE[,DELAY_MS[,LOSS_PCT]]` of `--links`.
+fn parse_links(s: &str) -> Result<Links> {
+    let f: Vec<&str> = s.split(',').collect();
+    let num = |i: usize, what: &str| -> Result<f64> {
+        match f.get(i) {
+            None => Ok(0.0),
+            Some(v) => v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or_else(|| anyhow!("--links {s}: {what} '{v}' is not a number ≥ 0")),
+        }
+    };
+    let l = Links {
+        mbps: num(0, "rate")?,
+        delay_ms: num(1, "delay")?,
+        loss_pct: num(2, "loss")?,
+    };
+    if f.len() > 3 || l.mbps <= 0.0 || l.loss_pct > 100.0 {
+        bail!("--links {s}: expected RATE_MBIT[,DELAY_MS[,LOSS_PCT]] with RATE > 0 and LOSS ≤ 100");
+    }
+    Ok(l)
+}
+
+/// `info`: the libtorch and devices evaluation would run on.
+pub fn info(a: &InfoArgs) -> Result<()> {
+    let info = crate::RuntimeInfo::collect();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", info.to_text());
+    }
+    Ok(())
+}
+
+/// The commit this binary runs in (for results' provenance), or "unknown".
+fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// `profile`: per-device compute of every method, as astra-sim's profile and trace.
+pub fn profile(a: &ProfileArgs) -> Result<()> {
+    let device = device(&a.device)?;
+    if a.runs == 0
+        || a.blocks <= 0
+        || a.hidden <= 0
+        || a.heads <= 0
+        || a.mlp <= 0
+        || a.codewords < 2
+    {
+        bail!("--runs, --blocks, --hidden, --heads and --mlp must be positive and --codewords at least 2");
+    }
+    let configs = profile_grid(a)?;
+    let cfg = ProfileConfig {
+        blocks: a.blocks,
+        hidden: a.hidden,
+        heads: a.heads,
+        mlp: a.mlp,
+        codewords: a.codewords,
+        warmup: a.warmup,
+        runs: a.runs,
+        device,
+        fast: a.fast,
+    };
+    let measured = profile::measure(&cfg, &configs)?;
+    let csv = profile::to_csv(&measured);
+    let trace = profile::to_trace(&csv, &cfg, &configs)?;
+    let (csv_path, trace_path) = (a.out.join("profile.csv"), a.out.join("trace.json"));
+    astra_sim::output::write_atomic(&csv_path, csv.as_bytes())?;
+    astra_sim::output::write_atomic(&trace_path, trace.to_json().as_bytes())?;
+    println!(
+        "{} blocks × {} wide, fp32, {device:?}, median of {} runs{}\n",
+        a.blocks,
+        a.hidden,
+        a.runs,
+        if a.fast { ", ASTRA fast path" } else { "" }
+    );
+    print!("{}", profile_tables(&measured));
+    println!(
+        "\nwrote {} and {}",
+        csv_path.display(),
+        trace_path.display()
+    );
+    Ok(())
+}
+
+/// The (method, devices, tokens) configurations `--methods × --devices × --tokens` name.
+fn profile_grid(a: &ProfileArgs) -> Result<Vec<(astra_sim::Method, u32, u64)>> {
+    let methods: Vec<astra_sim::Method> = a
+        .methods
+        .split(',')
+        .map(|m| m.trim().parse())
+        .collect::<std::result::Result<_, _>>()?;
+    let list = |name: &str, s: &str| -> Result<Vec<u64>> {
+        s.split(',')
+            .map(|v| {
+                v.trim()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&x| x > 0)
+                    .ok_or_else(|| anyhow!("--{name}: '{v}' is not a positive integer"))
+            })
+            .collect()
+    };
+    let mut configs = Vec::new();
+    for &m in &methods {
+        for &n in &list("devices", &a.devices)? {
+            for &t in &list("tokens", &a.tokens)? {
+                let n = if m == astra_sim::Method::Single {
+                    1
+                } else {
+                    n as u32
+                };
+                if !configs.contains(&(m, n, t)) {
+                    configs.push((m, n, t));
+                }
+            }
+        }
+    }
+    Ok(configs)
+}
+
+/// The measured compute, and the single-device latency over each method's per-device compute.
+fn profile_tables(measured: &[Measurement]) -> String {
+    let mut out = String::from(
+        "| method | devices | tokens | compute ms (median) | min | max |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for m in measured {
+        out += &format!(
+            "| {} | {} | {} | {:.2} | {:.2} | {:.2} |\n",
+            m.method, m.devices, m.tokens, m.median_ms, m.min_ms, m.max_ms
+        );
+    }
+    let single = |t: u64| {
+        measured
+            .iter()
+            .find(|s| s.method == astra_sim::Method::Single && s.tokens == t)
+    };
+    let ratios: String = measured
+        .iter()
+        .filter(|m| m.method != astra_sim::Method::Single)
+        .filter_map(|m| {
+            single(m.tokens).map(|s| {
+                format!(
+                    "| {} | {} | {} | {:.2} |\n",
+                    m.method,
+                    m.devices,
+                    m.tokens,
+                    s.median_ms / m.median_ms
+                )
+            })
+        })
+        .collect();
+    if !ratios.is_empty() {
+        out += &format!("\nsingle-device latency / per-device compute:\n\n| method | devices | tokens | ratio |\n|---|---:|---:|---:|\n{ratios}");
+    }
+    out
+}
+
+/// `accuracy` / `perplexity`: a sweep over ASTRA settings, printed as markdown (with the command
+/// and commit), optionally as JSON and appended to a table file.
+pub fn sweep(metric: Metric, o: SweepOpts) -> Result<()> {
+    let args = crate::sweep::SweepArgs {
+        metric,
+        device: device(&o.device)?,
+        model: o.model,
+        data: o.data,
+        codebooks: o.codebooks,
+        groups: o.groups,
+        devices: o.devices,
+        partitions: o.partition,
+        cls: o.cls,
+        vq: o.vq,
+        loss: o.loss,
+        max_test: o.max_test,
+        context: o.context,
+        stride: o.stride,
+        batch: o.batch,
+        seed: o.seed,
+        bf16: o.bf16,
+    };
+    let report = crate::sweep::run(&args, true)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let md = crate::sweep::markdown(&report, &command, &commit());
+    print!("{md}");
+    if let Some(p) = o.json {
+        astra_quant::atomic::write_bytes(&p, serde_json::to_string_pretty(&report)?.as_bytes())
+            .map_err(|e| anyhow!("{}: {e}", p.display()))?;
+    }
+    if let Some(p) = o.table {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| anyhow!("{}: {e}", p.display()))?;
+        writeln!(f, "\n{md}").map_err(|e| anyhow!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}
