@@ -10,6 +10,7 @@
 pub mod atomic;
 pub mod bench;
 pub mod bitpack;
+pub mod cli;
 pub mod codebook;
 pub mod error;
 pub mod file;
