@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use astra_train::data;
 use astra_train::model::Model;
-use astra_train::models::{ClsMode, GroupedVq, VqConfig};
+use astra_train::models::{ClsMode, VqConfig};
 use astra_train::train::task::{BatchScore, PartitionMode};
 use astra_train::train::{AstraEval, EvalMetrics, Task};
 use serde::Serialize;
@@ -131,7 +131,7 @@ fn find_codebooks(args: &SweepArgs) -> anyhow::Result<Option<PathBuf>> {
 }
 
 pub fn run(args: &SweepArgs, progress: bool) -> anyhow::Result<SweepReport> {
-    // Zero counts would be reported as results (0.00 % over no images): refused first.
+    // Zero counts would be reported as results (0.00 % over nothing): refused first.
     if args.max_test == Some(0) {
         return Err(invalid("max_test", "must be at least 1".into()));
     }
@@ -139,26 +139,7 @@ pub fn run(args: &SweepArgs, progress: bool) -> anyhow::Result<SweepReport> {
         return Err(invalid("batch", "must be at least 1".into()));
     }
     let (model, _) = Model::load(&args.model, args.device)?;
-    let is_text = data::is_text(&args.data);
-    match (args.metric, is_text) {
-        (Metric::Accuracy, true) => {
-            return Err(invalid(
-                "data",
-                format!("'{}' is text: use `astra-eval perplexity`", args.data),
-            ))
-        }
-        (Metric::Perplexity, false) => {
-            return Err(invalid(
-                "data",
-                format!("'{}' is images: use `astra-eval accuracy`", args.data),
-            ))
-        }
-        _ => {}
-    }
-    let mut task = Task::open(&args.data, &model.config, args.context)?;
-    if let Some(s) = args.stride {
-        task = task.with_stride(s)?;
-    }
+    let task = open_task(args, &model)?;
     let tokens = match &task {
         Task::Images { .. } => match &model.config {
             astra_train::config::ModelConfig::ViT(v) => v.num_patches() as usize,
@@ -175,74 +156,9 @@ pub fn run(args: &SweepArgs, progress: bool) -> anyhow::Result<SweepReport> {
     if let Some(&p) = args.loss.iter().find(|&&p| !(0.0..=1.0).contains(&p)) {
         return Err(invalid("loss", format!("{p} is not a probability")));
     }
-    let wants_vq = args.vq.contains(&true);
-    let codebooks = if wants_vq {
-        let path = find_codebooks(args)?.ok_or_else(|| {
-            invalid(
-                "vq",
-                format!(
-                    "{} has no codebooks.safetensors beside it; pass --codebooks FILE or --vq off",
-                    args.model
-                ),
-            )
-        })?;
-        let file = astra_quant::CodebookFile::load(&path)?;
-        astra_train::models::vq::check_codebooks(&file, model.layers(), model.hidden())?;
-        if let Some(g) = args.groups {
-            let have = file.blocks[0].codebook.groups();
-            if have != g {
-                return Err(invalid(
-                    "groups",
-                    format!(
-                        "--groups {g}, but {} holds G = {have} codebooks",
-                        path.display()
-                    ),
-                ));
-            }
-        }
-        Some((path, file))
-    } else {
-        None
-    };
-    let vq_cfg = VqConfig {
-        noise_lambda: 0.0,
-        ..Default::default()
-    };
-    let quantizers = |device| -> Option<Vec<GroupedVq>> {
-        codebooks
-            .as_ref()
-            .map(|(_, f)| astra_train::models::vq::quantizers_of(f, &vq_cfg, device))
-    };
-    let image_cls: Vec<Option<ClsMode>> = if is_text {
-        vec![None]
-    } else {
-        args.cls.iter().copied().map(Some).collect()
-    };
-    let mut settings = Vec::new();
-    for &n in &args.devices {
-        for &p in &args.partitions {
-            for &c in &image_cls {
-                for &vq in &args.vq {
-                    for &l in &args.loss {
-                        settings.push((n, p, c, vq, l));
-                    }
-                }
-            }
-        }
-    }
-    let bar = if progress {
-        let b = indicatif::ProgressBar::new(settings.len() as u64 + 1);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "settings {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("static"),
-        );
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let mut rows = Vec::new();
+    let codebooks = codebooks(args, &model)?;
+    let settings = settings(args, task.is_text());
+    let bar = progress_bar(progress, settings.len() as u64 + 1);
     let single = task.evaluate_batches(
         &model,
         args.max_test,
@@ -251,24 +167,26 @@ pub fn run(args: &SweepArgs, progress: bool) -> anyhow::Result<SweepReport> {
         args.device,
         args.batch,
     )?;
-    let m = EvalMetrics::from_batches(&single);
-    rows.push(SweepRow {
-        devices: None,
-        partition: None,
-        cls: None,
-        vq: false,
-        loss: 0.0,
-        value: value(args.metric, &m),
-        ce: m.loss,
-        count: m.count,
-        mean_fpar: 1.0,
-        quintiles: vec![],
-    });
+    let mut rows = vec![row(args.metric, None, &single)];
     bar.inc(1);
-    for (n, p, c, vq, l) in settings {
-        bar.set_message(format!("N={n} {p:?} vq={vq} loss={l}"));
-        let mut q = if vq { quantizers(args.device) } else { None };
-        let partition = match p {
+    let vq_cfg = VqConfig {
+        noise_lambda: 0.0,
+        ..Default::default()
+    };
+    for s in settings {
+        bar.set_message(format!(
+            "N={} {:?} vq={} loss={}",
+            s.devices, s.partition, s.vq, s.loss
+        ));
+        let mut q = match (&codebooks, s.vq) {
+            (Some((_, f)), true) => Some(astra_train::models::vq::quantizers_of(
+                f,
+                &vq_cfg,
+                args.device,
+            )),
+            _ => None,
+        };
+        let partition = match s.partition {
             Partition::Contiguous => PartitionMode::Contiguous,
             Partition::Random => PartitionMode::Random { seed: args.seed },
             Partition::Allocation => PartitionMode::Allocation { seed: args.seed },
@@ -277,55 +195,170 @@ pub fn run(args: &SweepArgs, progress: bool) -> anyhow::Result<SweepReport> {
             &model,
             args.max_test,
             Some(AstraEval {
-                devices: n,
+                devices: s.devices,
                 partition,
-                cls: c.unwrap_or(ClsMode::Distributed),
+                cls: s.cls.unwrap_or(ClsMode::Distributed),
                 vq: q.as_deref_mut(),
-                link_loss: l,
+                link_loss: s.loss,
             }),
             args.bf16,
             args.device,
             args.batch,
         )?;
-        let m = EvalMetrics::from_batches(&b);
-        let mean_fpar = b.iter().map(|x| x.fpar).sum::<f64>() / b.len().max(1) as f64;
-        rows.push(SweepRow {
-            devices: Some(n),
-            partition: Some(p),
-            cls: c,
-            vq,
-            loss: l,
-            value: value(args.metric, &m),
-            ce: m.loss,
-            count: m.count,
-            mean_fpar,
-            quintiles: if p == Partition::Allocation {
-                quintiles(args.metric, &b)
-            } else {
-                vec![]
-            },
-        });
+        rows.push(row(args.metric, Some(&s), &b));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let protocol = match &task {
-        Task::Images { .. } => format!(
-            "top-1 accuracy on the first {} test images, batches of {}",
-            rows[0].count, args.batch
-        ),
-        Task::Text { context, stride, .. } => format!(
-            "perplexity = exp(mean next-token cross-entropy) over {} validation tokens (GPT-2 BPE), windows of {context} tokens every {stride} (each token scored once, with up to {context} tokens of context)",
-            rows[0].count
-        ),
-    };
     Ok(SweepReport {
         metric: args.metric,
         model: args.model.clone(),
         data: args.data.clone(),
         codebooks: codebooks.map(|(p, _)| p.display().to_string()),
-        protocol,
+        protocol: protocol(&task, rows[0].count, args.batch),
         rows,
     })
+}
+
+/// One ASTRA setting of the grid.
+struct Setting {
+    devices: usize,
+    partition: Partition,
+    cls: Option<ClsMode>,
+    vq: bool,
+    loss: f64,
+}
+
+/// Every combination of the requested devices, partitions, CLS modes (images), VQ and loss.
+fn settings(args: &SweepArgs, is_text: bool) -> Vec<Setting> {
+    let cls: Vec<Option<ClsMode>> = if is_text {
+        vec![None]
+    } else {
+        args.cls.iter().copied().map(Some).collect()
+    };
+    let mut out = Vec::new();
+    for &devices in &args.devices {
+        for &partition in &args.partitions {
+            for &cls in &cls {
+                for &vq in &args.vq {
+                    for &loss in &args.loss {
+                        out.push(Setting {
+                            devices,
+                            partition,
+                            cls,
+                            vq,
+                            loss,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The data for the metric: images for accuracy, text for perplexity (with `--stride`).
+fn open_task(args: &SweepArgs, model: &Model) -> anyhow::Result<Task> {
+    match (args.metric, data::is_text(&args.data)) {
+        (Metric::Accuracy, true) => {
+            return Err(invalid(
+                "data",
+                format!("'{}' is text: use `astra-eval perplexity`", args.data),
+            ))
+        }
+        (Metric::Perplexity, false) => {
+            return Err(invalid(
+                "data",
+                format!("'{}' is images: use `astra-eval accuracy`", args.data),
+            ))
+        }
+        _ => {}
+    }
+    let task = Task::open(&args.data, &model.config, args.context)?;
+    Ok(match args.stride {
+        Some(s) => task.with_stride(s)?,
+        None => task,
+    })
+}
+
+/// The codebook file (and its path) when any setting quantizes, checked against the model and
+/// `--groups`.
+fn codebooks(
+    args: &SweepArgs,
+    model: &Model,
+) -> anyhow::Result<Option<(PathBuf, astra_quant::CodebookFile)>> {
+    if !args.vq.contains(&true) {
+        return Ok(None);
+    }
+    let path = find_codebooks(args)?.ok_or_else(|| {
+        invalid(
+            "vq",
+            format!(
+                "{} has no codebooks.safetensors beside it; pass --codebooks FILE or --vq off",
+                args.model
+            ),
+        )
+    })?;
+    let file = astra_quant::CodebookFile::load(&path)?;
+    astra_train::models::vq::check_codebooks(&file, model.layers(), model.hidden())?;
+    if let Some(g) = args.groups {
+        let have = file.blocks[0].codebook.groups();
+        if have != g {
+            return Err(invalid(
+                "groups",
+                format!(
+                    "--groups {g}, but {} holds G = {have} codebooks",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(Some((path, file)))
+}
+
+fn progress_bar(progress: bool, len: u64) -> indicatif::ProgressBar {
+    if !progress {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "settings {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("static"),
+    );
+    b
+}
+
+/// A report row from a setting's batch scores (None: the single-device model).
+fn row(metric: Metric, s: Option<&Setting>, b: &[BatchScore]) -> SweepRow {
+    let m = EvalMetrics::from_batches(b);
+    let mean_fpar = b.iter().map(|x| x.fpar).sum::<f64>() / b.len().max(1) as f64;
+    SweepRow {
+        devices: s.map(|s| s.devices),
+        partition: s.map(|s| s.partition),
+        cls: s.and_then(|s| s.cls),
+        vq: s.is_some_and(|s| s.vq),
+        loss: s.map_or(0.0, |s| s.loss),
+        value: value(metric, &m),
+        ce: m.loss,
+        count: m.count,
+        mean_fpar: if s.is_some() { mean_fpar } else { 1.0 },
+        quintiles: match s {
+            Some(s) if s.partition == Partition::Allocation => quintiles(metric, b),
+            _ => vec![],
+        },
+    }
+}
+
+fn protocol(task: &Task, count: usize, batch: usize) -> String {
+    match task {
+        Task::Images { .. } => {
+            format!("top-1 accuracy on the first {count} test images, batches of {batch}")
+        }
+        Task::Text { context, stride, .. } => format!(
+            "perplexity = exp(mean next-token cross-entropy) over {count} validation tokens (GPT-2 BPE), windows of {context} tokens every {stride} (each token scored once, with up to {context} tokens of context)"
+        ),
+    }
 }
 
 /// The report as markdown: a heading with the command and commit, the protocol, one row per
