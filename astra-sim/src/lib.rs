@@ -24,6 +24,7 @@ pub mod profile;
 pub mod reproduce;
 pub mod sweep;
 pub mod trace;
+pub mod transport;
 
 pub use error::{Result, SimError};
 pub use method::{Method, ModelShape};

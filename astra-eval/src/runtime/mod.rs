@@ -11,8 +11,7 @@
 //! names the peer and the block.
 
 pub mod coordinator;
-pub mod frame;
-pub mod net;
+pub use astra_sim::transport::{frame, net};
 pub mod trace;
 pub mod worker;
 

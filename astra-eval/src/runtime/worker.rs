@@ -15,7 +15,7 @@ use astra_train::model::Model;
 use tch::{Device, Kind, Tensor};
 
 use super::frame::{self, Frame};
-use super::net::{accept_by, configure, connect_by, read_frames, same_key, Control, Tagged};
+use super::net::{self, accept_by, configure, read_frames, same_key, Control, MeshMember, Tagged};
 use super::{Plan, COORDINATOR, REJECTED_KEY};
 use astra_train::engine::{wire_embeddings, DeviceShare, Payload, RemoteKv};
 use astra_train::models::{ClsMode, DevicePartition, GroupedVq, VqConfig};
@@ -97,32 +97,13 @@ fn mesh(
     timeout: Duration,
     startup: Duration,
 ) -> Result<(HashMap<u32, TcpStream>, mpsc::Receiver<Tagged>)> {
-    let deadline = Instant::now() + startup;
-    let mut streams = HashMap::new();
-    for j in 0..plan.rank {
-        let mut s = connect_by(&plan.peers[j as usize], deadline, &format!("peer {j}"))?;
-        configure(&s, timeout)?;
-        Frame::Hello {
-            session: session.into(),
-            rank: plan.rank,
-        }
-        .write_to(&mut s)?;
-        streams.insert(j, s);
-    }
-    for _ in plan.rank + 1..plan.devices {
-        let mut s = accept_by(listener, deadline, "a peer")?;
-        configure(&s, timeout)?;
-        match Frame::read_hello(&mut s)? {
-            Frame::Hello { session: k, rank } if same_key(&k, session) => {
-                if rank <= plan.rank || rank >= plan.devices || streams.contains_key(&rank) {
-                    bail!("a peer announced rank {rank}, which is not expected here");
-                }
-                streams.insert(rank, s);
-            }
-            Frame::Hello { .. } => bail!("a peer presented a wrong session key; refused"),
-            other => bail!("expected a peer's hello, got {}", other.name()),
-        }
-    }
+    let me = MeshMember {
+        rank: plan.rank,
+        peers: &plan.peers,
+        session,
+        timeout,
+    };
+    let streams = net::mesh(listener, &me, Instant::now() + startup)?;
     let (tx, rx) = mpsc::channel();
     for (&r, s) in &streams {
         let s = s.try_clone()?;

@@ -3,6 +3,7 @@
 //! for local ones, which also crosses network namespaces), read by a thread so every wait can
 //! have a deadline.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
@@ -143,3 +144,50 @@ impl std::fmt::Display for RecvError {
 }
 
 impl std::error::Error for RecvError {}
+
+/// One process of a full mesh: its rank, every rank's listening address, the run's session key,
+/// and the read/write deadline of its sockets.
+pub struct MeshMember<'a> {
+    pub rank: u32,
+    pub peers: &'a [String],
+    pub session: &'a str,
+    pub timeout: Duration,
+}
+
+/// Connects `me` to every other rank by `deadline`: lower ranks are dialled, higher ranks
+/// accepted on `listener`. Every connection opens with a hello carrying the session key and the
+/// dialler's rank; only a small hello is read before the key is checked, and a wrong key, an
+/// unexpected or repeated rank is refused.
+pub fn mesh(
+    listener: &TcpListener,
+    me: &MeshMember,
+    deadline: Instant,
+) -> Result<HashMap<u32, TcpStream>> {
+    let devices = me.peers.len() as u32;
+    let mut streams = HashMap::new();
+    for j in 0..me.rank {
+        let mut s = connect_by(&me.peers[j as usize], deadline, &format!("peer {j}"))?;
+        configure(&s, me.timeout)?;
+        Frame::Hello {
+            session: me.session.into(),
+            rank: me.rank,
+        }
+        .write_to(&mut s)?;
+        streams.insert(j, s);
+    }
+    for _ in me.rank + 1..devices {
+        let mut s = accept_by(listener, deadline, "a peer")?;
+        configure(&s, me.timeout)?;
+        match Frame::read_hello(&mut s)? {
+            Frame::Hello { session: k, rank } if same_key(&k, me.session) => {
+                if rank <= me.rank || rank >= devices || streams.contains_key(&rank) {
+                    bail!("a peer announced rank {rank}, which is not expected here");
+                }
+                streams.insert(rank, s);
+            }
+            Frame::Hello { .. } => bail!("a peer presented a wrong session key; refused"),
+            other => bail!("expected a peer's hello, got {}", other.name()),
+        }
+    }
+    Ok(streams)
+}

@@ -353,7 +353,7 @@ mod tests {
 
     #[test]
     fn keys_compare_whole_and_never_empty() {
-        use crate::runtime::net::same_key;
+        use crate::transport::net::same_key;
         assert!(same_key("abc", "abc"));
         assert!(!same_key("abd", "abc"));
         assert!(!same_key("ab", "abc"));
