@@ -3,13 +3,14 @@
 //! sleeping for compute segments and sending real bytes for communication operations. Without
 //! root (or without namespaces) it falls back to unshaped loopback and says so.
 //!
-//! Wire protocol between workers: after connecting, each side sends its rank (u32 LE); then
-//! frames of `tag: u32 LE, len: u32 LE, payload`. Collectives are executed with the direct
+//! Wire protocol between workers: the workspace's one transport ([`crate::transport`]): an
+//! authenticated full mesh (hello with the run's session key and rank), then `Bytes` frames tagged
+//! by the trace op they carry. Collectives are executed with the direct
 //! algorithm (every device sends its payload to every peer itself; all-reduce = two such rounds),
 //! ops strictly in program order: the live counterpart of the alpha-beta model with
 //! `algorithm = direct`, `overlap = false`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, SimError};
 use crate::trace::{Collective, OpKind, Run};
+use crate::transport::net::{self, Tagged};
+use crate::transport::Frame;
 
 /// The fraction of a shaped uplink's rate left for our bytes: TCP carries 1448 payload bytes per
 /// 1514-byte Ethernet frame (1500 MTU, timestamps), and in an all-gather every device also
@@ -27,7 +30,6 @@ use crate::trace::{Collective, OpKind, Run};
 pub const TCP_GOODPUT: f64 = 1448.0 / (1514.0 + 33.0);
 /// Bucket of the shaper set by netem.sh (two frames, HTB or tbf), in payload bits.
 pub const TBF_BURST_BITS: f64 = 3028.0 * 8.0 * 1448.0 / 1514.0;
-const FRAME_HEADER: usize = 8;
 const BARRIER_TAG: u32 = u32::MAX;
 const PING_TAG: u32 = u32::MAX - 1;
 const WARMUP_TAG: u32 = u32::MAX - 2;
@@ -52,10 +54,12 @@ pub struct WorkerReport {
 
 struct Peer {
     stream: TcpStream,
-    inbox: Receiver<std::io::Result<(u32, usize)>>,
+    inbox: Receiver<Tagged>,
 }
 
-/// Connects rank `rank` to every other address (lower ranks are dialled, higher ranks accepted).
+/// Connects rank `rank` to every other address through the transport's authenticated mesh (the
+/// session key comes from the environment, as for the runtime's workers), with a reader thread
+/// per peer so our sends never wait on a peer whose receive buffer is full.
 fn mesh(rank: usize, addrs: &[SocketAddr], timeout: Duration) -> Result<Vec<Option<Peer>>> {
     let listener = TcpListener::bind(addrs[rank]).map_err(|e| {
         err(format!(
@@ -63,118 +67,59 @@ fn mesh(rank: usize, addrs: &[SocketAddr], timeout: Duration) -> Result<Vec<Opti
             addrs[rank]
         ))
     })?;
-    let deadline = Instant::now() + timeout;
-    let mut streams: Vec<Option<TcpStream>> = (0..addrs.len()).map(|_| None).collect();
-    for (peer, addr) in addrs.iter().enumerate().take(rank) {
-        let s = loop {
-            match TcpStream::connect_timeout(addr, Duration::from_millis(500)) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(err(format!(
-                        "rank {rank}: peer {peer} at {addr} refused: {e}"
-                    )))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        let mut s = s;
-        s.write_all(&(rank as u32).to_le_bytes())
-            .map_err(|e| err(format!("rank {rank}: hello to {peer}: {e}")))?;
-        streams[peer] = Some(s);
+    let session = std::env::var(net::SESSION_ENV).unwrap_or_default();
+    if session.is_empty() {
+        return Err(err(format!(
+            "rank {rank}: no session key in {}",
+            net::SESSION_ENV
+        )));
     }
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| err(e.to_string()))?;
-    let mut missing = addrs.len() - rank - 1;
-    while missing > 0 {
-        match listener.accept() {
-            Ok((mut s, _)) => {
-                s.set_nonblocking(false).map_err(|e| err(e.to_string()))?;
-                s.set_read_timeout(Some(timeout))
-                    .map_err(|e| err(e.to_string()))?;
-                let mut b = [0u8; 4];
-                s.read_exact(&mut b)
-                    .map_err(|e| err(format!("rank {rank}: hello: {e}")))?;
-                let peer = u32::from_le_bytes(b) as usize;
-                if peer <= rank || peer >= addrs.len() || streams[peer].is_some() {
-                    return Err(err(format!(
-                        "rank {rank}: unexpected hello from rank {peer}"
-                    )));
-                }
-                streams[peer] = Some(s);
-                missing -= 1;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    return Err(err(format!(
-                        "rank {rank}: {missing} higher rank(s) never connected"
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(err(format!("rank {rank}: accept: {e}"))),
-        }
-    }
-    streams
-        .into_iter()
-        .map(|s| {
-            s.map(|stream| {
-                stream.set_nodelay(true).map_err(|e| err(e.to_string()))?;
-                stream
-                    .set_read_timeout(None)
-                    .map_err(|e| err(e.to_string()))?;
-                let mut reader = stream.try_clone().map_err(|e| err(e.to_string()))?;
-                let (tx, rx) = channel();
-                // A reader thread per peer drains its frames as they arrive, so our sends never
-                // wait on a peer whose receive buffer is full.
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 1 << 16];
-                    loop {
-                        let mut h = [0u8; FRAME_HEADER];
-                        if let Err(e) = reader.read_exact(&mut h) {
-                            let _ = tx.send(Err(e));
-                            return;
-                        }
-                        let tag = u32::from_le_bytes(h[..4].try_into().expect("4"));
-                        let len = u32::from_le_bytes(h[4..].try_into().expect("4")) as usize;
-                        let mut left = len;
-                        while left > 0 {
-                            let take = left.min(buf.len());
-                            if let Err(e) = reader.read_exact(&mut buf[..take]) {
-                                let _ = tx.send(Err(e));
-                                return;
-                            }
-                            left -= take;
-                        }
-                        if tx.send(Ok((tag, len))).is_err() {
-                            return;
-                        }
-                    }
-                });
-                Ok(Peer { stream, inbox: rx })
-            })
-            .transpose()
+    let peers: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let me = net::MeshMember {
+        rank: rank as u32,
+        peers: &peers,
+        session: &session,
+        timeout,
+    };
+    let mut streams = net::mesh(&listener, &me, Instant::now() + timeout)
+        .map_err(|e| err(format!("rank {rank}: {e:#}")))?;
+    (0..addrs.len() as u32)
+        .map(|p| {
+            streams
+                .remove(&p)
+                .map(|stream| {
+                    stream
+                        .set_read_timeout(None)
+                        .map_err(|e| err(e.to_string()))?;
+                    let reader = stream.try_clone().map_err(|e| err(e.to_string()))?;
+                    let (tx, inbox) = channel();
+                    net::read_frames(reader, p as usize, tx);
+                    Ok(Peer { stream, inbox })
+                })
+                .transpose()
         })
         .collect()
 }
 
-/// One write per frame: with TCP_NODELAY a separate header write would leave as its own tiny
-/// segment.
 fn send(peer: &mut Peer, tag: u32, payload: &[u8]) -> std::io::Result<()> {
-    let mut frame = Vec::with_capacity(FRAME_HEADER + payload.len());
-    frame.extend_from_slice(&tag.to_le_bytes());
-    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    frame.extend_from_slice(payload);
-    peer.stream.write_all(&frame)
+    let frame = Frame::Bytes {
+        tag,
+        payload: payload.to_vec(),
+    };
+    frame
+        .write_to(&mut peer.stream)
+        .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 fn recv(peer: &Peer, from: usize, tag: u32, len: usize, timeout: Duration) -> Result<()> {
     match peer.inbox.recv_timeout(timeout) {
-        Ok(Ok((t, l))) if t == tag && l == len => Ok(()),
-        Ok(Ok((t, l))) => Err(err(format!(
-            "peer {from}: frame tag {t} of {l} bytes, expected tag {tag} of {len}"
+        Ok((_, Ok(Frame::Bytes { tag: t, payload }))) if t == tag && payload.len() == len => Ok(()),
+        Ok((_, Ok(Frame::Bytes { tag: t, payload }))) => Err(err(format!(
+            "peer {from}: frame tag {t} of {} bytes, expected tag {tag} of {len}",
+            payload.len()
         ))),
-        Ok(Err(e)) => Err(err(format!("peer {from}: connection lost: {e}"))),
+        Ok((_, Ok(f))) => Err(err(format!("peer {from}: unexpected {} frame", f.name()))),
+        Ok((_, Err(e))) => Err(err(format!("peer {from}: connection lost: {e}"))),
         Err(RecvTimeoutError::Timeout) => Err(err(format!(
             "peer {from}: nothing for tag {tag} within {timeout:?}"
         ))),
@@ -569,6 +514,8 @@ pub fn replay(
         .map(|a| a.to_string())
         .collect::<Vec<_>>()
         .join(",");
+    // One key per replay, handed to the workers in their environment (never a command line).
+    let session = net::session_key();
     let mut children: Vec<Child> = Vec::new();
     for (rank, ns) in namespaces.iter().enumerate() {
         let slow = match slowdown.len() {
@@ -596,6 +543,7 @@ pub fn replay(
             .args(["--timeout-s", &timeout.as_secs_f64().to_string()])
             .arg("--run")
             .arg(&run_path)
+            .env(net::SESSION_ENV, &session)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         children.push(

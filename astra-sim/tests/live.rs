@@ -145,6 +145,7 @@ fn missing_peer_is_a_clear_error_within_the_timeout() {
             "--run",
         ])
         .arg(&run)
+        .env("ASTRA_SESSION", "k")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -165,4 +166,19 @@ fn missing_peer_is_a_clear_error_within_the_timeout() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("peers: 'nonsense' is not ADDRESS:PORT"));
+    // Workers take the session key from their environment; without one they refuse to start.
+    let keyless = bin()
+        .args([
+            "replay-worker",
+            "--rank",
+            "1",
+            "--peers",
+            "127.0.0.1:1,127.0.0.1:0",
+        ])
+        .args(["--timeout-s", "1", "--run"])
+        .arg(&run)
+        .env_remove("ASTRA_SESSION")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&keyless.stderr).contains("no session key in ASTRA_SESSION"));
 }

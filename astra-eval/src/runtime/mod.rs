@@ -26,9 +26,7 @@ pub const COORDINATOR: u32 = u32::MAX;
 /// What a worker answers a coordinator that presents a wrong session key.
 pub const REJECTED_KEY: &str = "rejected the session key";
 
-/// The environment variable that carries the session key to workers (never the command line,
-/// which every user of the host can read in `ps`).
-pub const SESSION_ENV: &str = "ASTRA_SESSION";
+pub use astra_sim::transport::net::SESSION_ENV;
 
 /// What a worker is told to do.
 #[derive(Clone, Debug, Serialize, Deserialize)]

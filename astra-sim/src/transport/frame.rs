@@ -61,6 +61,9 @@ pub enum Frame {
     Go { run: u32 },
     /// Coordinator → worker: no more runs; exit.
     Done,
+    /// Replay worker → worker: an opaque payload of the size a trace's communication op names,
+    /// tagged by that op (astra-sim's live replay).
+    Bytes { tag: u32, payload: Vec<u8> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +133,7 @@ impl Frame {
             Frame::Ready { .. } => "ready",
             Frame::Go { .. } => "go",
             Frame::Done => "done",
+            Frame::Bytes { .. } => "bytes",
         }
     }
 
@@ -144,6 +148,7 @@ impl Frame {
             Frame::Ready { .. } => 7,
             Frame::Go { .. } => 8,
             Frame::Done => 9,
+            Frame::Bytes { .. } => 10,
         }
     }
 
@@ -159,6 +164,10 @@ impl Frame {
                 p.extend_from_slice(&v.to_le_bytes())
             }
             Frame::Done => {}
+            Frame::Bytes { tag, payload } => {
+                p.extend_from_slice(&tag.to_le_bytes());
+                put_bytes(&mut p, payload);
+            }
             Frame::Embeddings {
                 block,
                 from,
@@ -321,6 +330,10 @@ impl Frame {
             7 => Frame::Ready { rank: c.u32()? },
             8 => Frame::Go { run: c.u32()? },
             9 => Frame::Done,
+            10 => Frame::Bytes {
+                tag: c.u32()?,
+                payload: c.bytes()?,
+            },
             k => return Err(bad(format!("kind {k} is unknown"))),
         };
         c.done()?;
@@ -368,6 +381,10 @@ mod tests {
                 rank: 2,
             },
             Frame::Plan("{}".into()),
+            Frame::Bytes {
+                tag: 7,
+                payload: vec![0xA5; 300],
+            },
             Frame::Indices {
                 block: 7,
                 from: 1,

@@ -51,6 +51,10 @@ pub fn connect_by(addr: &str, deadline: Instant, what: &str) -> Result<TcpStream
     }
 }
 
+/// The environment variable that carries the session key to workers (never the command line,
+/// which every user of the host can read in `ps`).
+pub const SESSION_ENV: &str = "ASTRA_SESSION";
+
 /// A random per-run session key (128 bits, hex).
 pub fn session_key() -> String {
     use rand::Rng;
