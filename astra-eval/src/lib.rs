@@ -1,11 +1,11 @@
-//! ASTRA evaluation: accuracy and perplexity sweeps, compute profiling, the multi-process runtime.
-//! Today: `predict` (logits of a model, plain or under ASTRA), `accuracy` / `perplexity` (sweeps
-//! over ASTRA settings), `profile` (per-device compute of every method, into astra-sim's profile
-//! and trace formats) and `info`.
+//! ASTRA evaluation: [`predict`] (logits of a model, plain or under ASTRA, on any forward path),
+//! [`settings_sweep`] (`accuracy` / `perplexity` over ASTRA settings), [`measure`] (`profile`:
+//! per-device compute of every method, into astra-sim's profile and trace formats), [`runtime`]
+//! (the multi-process runtime: `worker`, `distributed`), and [`cli`] (the commands).
 pub mod cli;
+pub mod measure;
 pub mod predict;
-pub mod profile;
 pub mod runtime;
-pub mod sweep;
+pub mod settings_sweep;
 
 pub use astra_train::libtorch::RuntimeInfo;

@@ -464,6 +464,20 @@ pub fn can_shape(script: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// A command running `exe` on this host, inside network namespace `namespace` when given (the
+/// one place both the runtime's workers and the replay's workers are started from). The
+/// environment is kept, so a session key travels in it.
+pub fn command_in(namespace: Option<&str>, exe: &Path) -> Command {
+    match namespace {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    }
+}
+
 /// Replays `run` live: N worker processes (this executable's `replay-worker`), shaped when
 /// `shape` is on and possible.
 pub fn replay(
@@ -523,14 +537,7 @@ pub fn replay(
             1 => slowdown[0],
             _ => slowdown[rank],
         };
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&exe);
-                c
-            }
-            None => Command::new(&exe),
-        };
+        let mut cmd = command_in(ns.as_deref(), &exe);
         cmd.arg("replay-worker")
             .args([
                 "--rank",

@@ -35,7 +35,7 @@ pub struct SweepOpts {
     pub devices: Vec<usize>,
     /// Partition modes (comma-separated): contiguous, random, allocation.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "contiguous")]
-    pub partition: Vec<crate::sweep::Partition>,
+    pub partition: Vec<crate::settings_sweep::Partition>,
     /// CLS modes for ViTs (comma-separated): distributed, single.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "distributed")]
     pub cls: Vec<ClsMode>,

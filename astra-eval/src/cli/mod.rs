@@ -10,9 +10,9 @@ use anyhow::{anyhow, bail, Result};
 
 pub use args::*;
 
-use crate::profile::{self, Measurement, ProfileConfig};
+use crate::measure::{self, Measurement, ProfileConfig};
 use crate::runtime::{ControlVia, DistributedRun, Links, SESSION_ENV};
-use crate::sweep::Metric;
+use crate::settings_sweep::Metric;
 
 /// Runs one parsed command.
 pub fn run(command: Command) -> Result<()> {
@@ -180,9 +180,9 @@ pub fn profile(a: &ProfileArgs) -> Result<()> {
         device,
         fast: a.fast,
     };
-    let measured = profile::measure(&cfg, &configs)?;
-    let csv = profile::to_csv(&measured);
-    let trace = profile::to_trace(&csv, &cfg, &configs)?;
+    let measured = measure::measure(&cfg, &configs)?;
+    let csv = measure::to_csv(&measured);
+    let trace = measure::to_trace(&csv, &cfg, &configs)?;
     let (csv_path, trace_path) = (a.out.join("profile.csv"), a.out.join("trace.json"));
     astra_sim::output::write_atomic(&csv_path, csv.as_bytes())?;
     astra_sim::output::write_atomic(&trace_path, trace.to_json().as_bytes())?;
@@ -278,7 +278,7 @@ fn profile_tables(measured: &[Measurement]) -> String {
 /// `accuracy` / `perplexity`: a sweep over ASTRA settings, printed as markdown (with the command
 /// and commit), optionally as JSON and appended to a table file.
 pub fn sweep(metric: Metric, o: SweepOpts) -> Result<()> {
-    let args = crate::sweep::SweepArgs {
+    let args = crate::settings_sweep::SweepArgs {
         metric,
         device: device(&o.device)?,
         model: o.model,
@@ -297,9 +297,9 @@ pub fn sweep(metric: Metric, o: SweepOpts) -> Result<()> {
         seed: o.seed,
         bf16: o.bf16,
     };
-    let report = crate::sweep::run(&args, true)?;
+    let report = crate::settings_sweep::run(&args, true)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let md = crate::sweep::markdown(&report, &command, &commit());
+    let md = crate::settings_sweep::markdown(&report, &command, &commit());
     print!("{md}");
     if let Some(p) = o.json {
         astra_quant::atomic::write_bytes(&p, serde_json::to_string_pretty(&report)?.as_bytes())

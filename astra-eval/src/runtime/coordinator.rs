@@ -115,14 +115,11 @@ fn start_local(
     let mut stdins: Vec<ChildStdin> = Vec::new();
     // Start every worker first, so they load in parallel.
     for r in 0..a.devices {
-        let (mut cmd, listen) = match namespaces {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &ns[r].0]).arg(&exe);
-                (c, format!("{}:47000", ns[r].1))
-            }
-            None => (Command::new(&exe), "127.0.0.1:0".to_string()),
+        let (ns, listen) = match namespaces {
+            Some(ns) => (Some(ns[r].0.as_str()), format!("{}:47000", ns[r].1)),
+            None => (None, "127.0.0.1:0".to_string()),
         };
+        let mut cmd = astra_sim::live::command_in(ns, &exe);
         let mut c = cmd
             .args(["worker", "--stdio", "--listen", &listen])
             .env(super::SESSION_ENV, session)
@@ -323,8 +320,8 @@ pub fn distributed(a: &DistributedRun) -> Result<String> {
     };
     let mut report = report_text(a, &summary, &logits, blocks);
     if let Some(path) = &a.trace {
-        let t = super::trace::measured(
-            &super::trace::Measured {
+        let t = super::measured_trace::measured(
+            &super::measured_trace::Measured {
                 model: &a.model,
                 network: &summary.network,
                 blocks: blocks as u32,

@@ -12,7 +12,7 @@
 
 pub mod coordinator;
 pub use astra_sim::transport::{frame, net};
-pub mod trace;
+pub mod measured_trace;
 pub mod worker;
 
 pub use coordinator::{distributed, DistributedRun, Links};

@@ -9,7 +9,24 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+/// What can go wrong on the transport; each renders as one line naming the peer or step.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+pub type Result<T, E = TransportError> = std::result::Result<T, E>;
+
+macro_rules! refuse {
+    ($($t:tt)*) => {
+        return Err(TransportError::Refused(format!($($t)*)))
+    };
+}
 
 use super::frame::{Frame, FrameError};
 
@@ -31,7 +48,7 @@ pub fn accept_by(l: &TcpListener, deadline: Instant, what: &str) -> Result<TcpSt
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {
-                    bail!("timed out waiting for {what}");
+                    refuse!("timed out waiting for {what}");
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -45,7 +62,7 @@ pub fn connect_by(addr: &str, deadline: Instant, what: &str) -> Result<TcpStream
     loop {
         match TcpStream::connect(addr) {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() > deadline => bail!("{what} at {addr}: {e}"),
+            Err(e) if Instant::now() > deadline => refuse!("{what} at {addr}: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
@@ -185,12 +202,12 @@ pub fn mesh(
         match Frame::read_hello(&mut s)? {
             Frame::Hello { session: k, rank } if same_key(&k, me.session) => {
                 if rank <= me.rank || rank >= devices || streams.contains_key(&rank) {
-                    bail!("a peer announced rank {rank}, which is not expected here");
+                    refuse!("a peer announced rank {rank}, which is not expected here");
                 }
                 streams.insert(rank, s);
             }
-            Frame::Hello { .. } => bail!("a peer presented a wrong session key; refused"),
-            other => bail!("expected a peer's hello, got {}", other.name()),
+            Frame::Hello { .. } => refuse!("a peer presented a wrong session key; refused"),
+            other => refuse!("expected a peer's hello, got {}", other.name()),
         }
     }
     Ok(streams)
