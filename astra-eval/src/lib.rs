@@ -3,6 +3,7 @@
 //! per-device compute of every method, into astra-sim's profile and trace formats), [`runtime`]
 //! (the multi-process runtime: `worker`, `distributed`), and [`cli`] (the commands).
 pub mod cli;
+pub mod error;
 pub mod measure;
 pub mod predict;
 pub mod runtime;

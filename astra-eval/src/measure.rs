@@ -22,7 +22,8 @@
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use crate::error::Result;
+use crate::fail;
 use astra_sim::method::{Method, ModelShape};
 use astra_sim::profile::ComputeProfile;
 use astra_sim::trace::{BlockSplit, Trace};
@@ -218,18 +219,18 @@ fn device_work(
 /// Times every (method, N, T).
 pub fn measure(c: &ProfileConfig, configs: &[(Method, u32, u64)]) -> Result<Vec<Measurement>> {
     if c.hidden % c.heads != 0 {
-        bail!("--heads {} does not divide --hidden {}", c.heads, c.hidden);
+        fail!("--heads {} does not divide --hidden {}", c.heads, c.hidden);
     }
     let _guard = tch::no_grad_guard();
     let mut out = Vec::new();
     for &(method, n, t) in configs {
         let n = if method == Method::Single { 1 } else { n };
         if n as u64 > t {
-            bail!("{method}: {n} devices for {t} tokens: every device needs at least one token");
+            fail!("{method}: {n} devices for {t} tokens: every device needs at least one token");
         }
         let shard = if method == Method::Tp { n as i64 } else { 1 };
         if c.heads % shard != 0 || c.mlp % shard != 0 {
-            bail!(
+            fail!(
                 "tp on {n} devices: heads {} and MLP {} must divide by {n}",
                 c.heads,
                 c.mlp
@@ -237,14 +238,14 @@ pub fn measure(c: &ProfileConfig, configs: &[(Method, u32, u64)]) -> Result<Vec<
         }
         if let Method::BpAg { nb } | Method::BpSp { nb } = method {
             if nb as i64 > c.blocks {
-                bail!("{method}: keeps {nb} blocks of {}", c.blocks);
+                fail!("{method}: keeps {nb} blocks of {}", c.blocks);
             }
         }
         let w = weights(c, shard);
         let cb = match method {
             Method::Astra { groups } => {
                 if c.hidden % groups as i64 != 0 {
-                    bail!("{method}: G = {groups} does not divide D = {}", c.hidden);
+                    fail!("{method}: G = {groups} does not divide D = {}", c.hidden);
                 }
                 let g = groups as usize;
                 let sub = c.hidden as usize / g;

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use crate::error::Result;
+use crate::fail;
 use astra_quant::npy::{self, NpyArray};
 use astra_train::config::ModelConfig;
 use astra_train::model::Model;
@@ -39,7 +40,7 @@ pub fn run(a: &PredictRequest) -> Result<String> {
             return Ok(model.forward(&input)?);
         };
         if n == 0 {
-            bail!("--devices must be at least 1");
+            fail!("--devices must be at least 1");
         }
         let tokens = model.content_tokens(&input) as usize;
         let partition = DevicePartition::contiguous(tokens, n)?;
@@ -100,7 +101,7 @@ pub fn read_input(path: &Path, config: &ModelConfig) -> Result<Tensor> {
         (ModelConfig::ViT(c), NpyArray::F32(a)) => {
             let want = [c.num_channels, c.image_size, c.image_size];
             if shape.len() != 4 || shape[1..] != want {
-                bail!(
+                fail!(
                     "{}: shape {shape:?}, the model expects [B, {}, {}, {}]",
                     path.display(),
                     want[0],
@@ -109,7 +110,7 @@ pub fn read_input(path: &Path, config: &ModelConfig) -> Result<Tensor> {
                 );
             }
             if let Some((i, v)) = a.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                bail!(
+                fail!(
                     "{}: pixel {i} is {v} (inputs must be finite)",
                     path.display()
                 );
@@ -117,13 +118,13 @@ pub fn read_input(path: &Path, config: &ModelConfig) -> Result<Tensor> {
             let data: Vec<f32> = a.iter().copied().collect();
             Ok(Tensor::from_slice(&data).reshape(&shape))
         }
-        (ModelConfig::ViT(_), NpyArray::I64(_)) => bail!(
+        (ModelConfig::ViT(_), NpyArray::I64(_)) => fail!(
             "{}: images must be float32 [B, C, H, W], found an integer array",
             path.display()
         ),
         (ModelConfig::GPT2(_), NpyArray::I64(a)) => {
             if shape.len() != 2 || shape[1] == 0 {
-                bail!(
+                fail!(
                     "{}: shape {shape:?}, expected [B, T] with T ≥ 1",
                     path.display()
                 );
@@ -131,7 +132,7 @@ pub fn read_input(path: &Path, config: &ModelConfig) -> Result<Tensor> {
             let data: Vec<i64> = a.iter().copied().collect();
             Ok(Tensor::from_slice(&data).reshape(&shape))
         }
-        (ModelConfig::GPT2(_), NpyArray::F32(_)) => bail!(
+        (ModelConfig::GPT2(_), NpyArray::F32(_)) => fail!(
             "{}: token ids must be int64 [B, T], found a float array",
             path.display()
         ),

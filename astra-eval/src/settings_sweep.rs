@@ -14,6 +14,8 @@ use astra_train::train::{AstraEval, EvalMetrics, Task};
 use serde::Serialize;
 use tch::Device;
 
+use crate::error::{EvalError, Result};
+
 /// Which metric the sweep reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Metric {
@@ -87,8 +89,8 @@ pub struct SweepReport {
     pub rows: Vec<SweepRow>,
 }
 
-fn invalid(what: &str, reason: String) -> anyhow::Error {
-    anyhow::anyhow!("{what}: {reason}")
+fn invalid(what: &str, reason: String) -> EvalError {
+    EvalError::Invalid(format!("{what}: {reason}"))
 }
 
 fn value(metric: Metric, m: &EvalMetrics) -> f64 {
@@ -121,7 +123,7 @@ fn quintiles(metric: Metric, batches: &[BatchScore]) -> Vec<Quintile> {
 
 /// The codebooks to use: `--codebooks`, else `codebooks.safetensors` beside the model (an ASTRA
 /// run's model/ folder).
-fn find_codebooks(args: &SweepArgs) -> anyhow::Result<Option<PathBuf>> {
+fn find_codebooks(args: &SweepArgs) -> Result<Option<PathBuf>> {
     if let Some(c) = &args.codebooks {
         return Ok(Some(c.clone()));
     }
@@ -130,7 +132,7 @@ fn find_codebooks(args: &SweepArgs) -> anyhow::Result<Option<PathBuf>> {
     Ok(beside.exists().then_some(beside))
 }
 
-pub fn run(args: &SweepArgs, progress: bool) -> anyhow::Result<SweepReport> {
+pub fn run(args: &SweepArgs, progress: bool) -> Result<SweepReport> {
     // Zero counts would be reported as results (0.00 % over nothing): refused first.
     if args.max_test == Some(0) {
         return Err(invalid("max_test", "must be at least 1".into()));
@@ -257,7 +259,7 @@ fn settings(args: &SweepArgs, is_text: bool) -> Vec<Setting> {
 }
 
 /// The data for the metric: images for accuracy, text for perplexity (with `--stride`).
-fn open_task(args: &SweepArgs, model: &Model) -> anyhow::Result<Task> {
+fn open_task(args: &SweepArgs, model: &Model) -> Result<Task> {
     match (args.metric, data::is_text(&args.data)) {
         (Metric::Accuracy, true) => {
             return Err(invalid(
@@ -285,7 +287,7 @@ fn open_task(args: &SweepArgs, model: &Model) -> anyhow::Result<Task> {
 fn codebooks(
     args: &SweepArgs,
     model: &Model,
-) -> anyhow::Result<Option<(PathBuf, astra_quant::CodebookFile)>> {
+) -> Result<Option<(PathBuf, astra_quant::CodebookFile)>> {
     if !args.vq.contains(&true) {
         return Ok(None);
     }

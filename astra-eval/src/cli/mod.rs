@@ -60,7 +60,8 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
         } else {
             ControlVia::Tcp
         },
-    )
+    )?;
+    Ok(())
 }
 
 /// `distributed`: N worker processes over TCP (ASTRA, SP, or the single device).

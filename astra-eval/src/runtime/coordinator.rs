@@ -9,7 +9,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::Result;
+use crate::{fail, invalid};
 use astra_train::model::Model;
 use astra_train::models::DevicePartition;
 use serde::Serialize;
@@ -127,7 +128,7 @@ fn start_local(
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .context("starting a worker")?;
+            .map_err(|e| invalid!("starting a worker: {e}"))?;
         let out = c.stdout.take().expect("piped");
         stdins.push(c.stdin.take().expect("piped"));
         workers.0.push(c);
@@ -150,16 +151,16 @@ fn start_local(
         let (line, out) = rx
             .recv_timeout(left)
             .map_err(|_| {
-                anyhow!(
+                invalid!(
                     "worker {r} did not start within {} ms",
                     a.startup.as_millis()
                 )
             })?
-            .map_err(|e| anyhow!("worker {r}: {e}"))?;
+            .map_err(|e| invalid!("worker {r}: {e}"))?;
         let addr = line
             .trim()
             .strip_prefix("listening ")
-            .ok_or_else(|| anyhow!("worker {r} did not start: '{}'", line.trim()))?;
+            .ok_or_else(|| invalid!("worker {r} did not start: '{}'", line.trim()))?;
         addrs.push(addr.to_string());
         read_frames(out, r, ftx.clone());
     }
@@ -213,7 +214,7 @@ fn gather<T>(
         let left = until.saturating_duration_since(Instant::now());
         match links.rx.recv_timeout(left) {
             Ok((r, Ok(Frame::Error(e)))) => {
-                bail!(
+                fail!(
                     "{}",
                     if e == super::REJECTED_KEY {
                         format!("worker {r} {e} (is ASTRA_SESSION the key the workers were started with?)")
@@ -228,7 +229,7 @@ fn gather<T>(
                 let name = f.name();
                 match take(r, f)? {
                     Some(v) => got[r] = Some(v),
-                    None => bail!(
+                    None => fail!(
                         "worker {r} sent a {name} frame while the coordinator waited for {what}"
                     ),
                 }
@@ -238,11 +239,11 @@ fn gather<T>(
                 if matches!(e, FrameError::Io(_)) {
                     vanished.get_or_insert((r, Instant::now()));
                 } else {
-                    bail!("worker {r}: {e}");
+                    fail!("worker {r}: {e}");
                 }
             }
             Err(_) => match vanished {
-                Some((r, _)) => bail!("worker {r} exited before sending {what}"),
+                Some((r, _)) => fail!("worker {r} exited before sending {what}"),
                 None => {
                     let missing: Vec<String> = got
                         .iter()
@@ -250,7 +251,7 @@ fn gather<T>(
                         .filter(|(_, g)| g.is_none())
                         .map(|(r, _)| r.to_string())
                         .collect();
-                    bail!("no {what} from worker(s) {} in time", missing.join(", "));
+                    fail!("no {what} from worker(s) {} in time", missing.join(", "));
                 }
             },
         }
@@ -343,26 +344,26 @@ pub fn distributed(a: &DistributedRun) -> Result<String> {
 }
 
 fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    astra_quant::atomic::write_bytes(path, bytes).map_err(|e| anyhow!("{}: {e}", path.display()))
+    astra_quant::atomic::write_bytes(path, bytes).map_err(|e| invalid!("{}: {e}", path.display()))
 }
 
 /// Flags that contradict each other, before anything is loaded.
 fn check_flags(a: &DistributedRun) -> Result<()> {
     if a.devices == 0 {
-        bail!("--devices must be at least 1");
+        fail!("--devices must be at least 1");
     }
     if !a.workers.is_empty() && a.workers.len() != a.devices {
-        bail!(
+        fail!(
             "--workers lists {} addresses for --devices {}",
             a.workers.len(),
             a.devices
         );
     }
     if !a.workers.is_empty() && a.links.is_some() {
-        bail!("--links shapes local workers; remote workers run over the hosts' own network");
+        fail!("--links shapes local workers; remote workers run over the hosts' own network");
     }
     if a.runs == 0 {
-        bail!("--runs must be at least 1");
+        fail!("--runs must be at least 1");
     }
     Ok(())
 }
@@ -371,14 +372,14 @@ fn check_flags(a: &DistributedRun) -> Result<()> {
 /// --devices 1000000 must not start a million of them.
 fn check_sizes(a: &DistributedRun, tokens: i64) -> Result<()> {
     if a.devices as i64 > tokens {
-        bail!(
+        fail!(
             "--devices {} exceeds the input's {tokens} tokens",
             a.devices
         );
     }
     let local_limit = astra_quant::threads::PER_CORE * astra_quant::threads::cores();
     if a.workers.is_empty() && a.devices > local_limit {
-        bail!(
+        fail!(
             "--devices {} would start that many local worker processes; at most {local_limit} here (use --workers for other hosts)",
             a.devices
         );
@@ -396,7 +397,9 @@ fn session(a: &DistributedRun) -> Result<String> {
         .ok()
         .filter(|k| !k.is_empty())
         .ok_or_else(|| {
-            anyhow!("--workers: put the session key the workers were started with in ASTRA_SESSION")
+            invalid!(
+                "--workers: put the session key the workers were started with in ASTRA_SESSION"
+            )
         })
 }
 
@@ -416,7 +419,7 @@ fn bring_up(
     };
     let script = astra_sim::live::default_netem_script();
     if !astra_sim::live::can_shape(&script) {
-        bail!(
+        fail!(
             "--links needs root, ip, tc and network namespaces ({} check failed); run without --links for unshaped loopback",
             script.display()
         );
@@ -477,7 +480,7 @@ fn send_plans(
             rank: COORDINATOR,
         };
         for f in [hello, Frame::Plan(serde_json::to_string(&plan)?)] {
-            f.write_to(w).map_err(|e| anyhow!("worker {r}: {e}"))?;
+            f.write_to(w).map_err(|e| invalid!("worker {r}: {e}"))?;
         }
     }
     gather(
@@ -503,7 +506,7 @@ fn timed_runs(
         for (r, w) in links.tx.iter_mut().enumerate() {
             Frame::Go { run: run as u32 }
                 .write_to(w)
-                .map_err(|e| anyhow!("worker {r}: {e}"))?;
+                .map_err(|e| invalid!("worker {r}: {e}"))?;
         }
         let t0 = Instant::now();
         // A worker reports a failing peer within one timeout of the fault; a run itself may take
@@ -539,14 +542,14 @@ fn result_of(r: usize, f: Frame, blocks: usize) -> Result<Option<(Option<Tensor>
         return Ok(None);
     };
     if timings.len() != 3 * blocks {
-        bail!(
+        fail!(
             "worker {r} sent {} timings for {blocks} blocks",
             timings.len()
         );
     }
     let numel: i64 = shape.iter().product();
     if numel != data.len() as i64 {
-        bail!("worker {r} sent {} values for shape {shape:?}", data.len());
+        fail!("worker {r} sent {} values for shape {shape:?}", data.len());
     }
     let state = (!data.is_empty()).then(|| Tensor::from_slice(&data).view(shape.as_slice()));
     Ok(Some((state, timings)))

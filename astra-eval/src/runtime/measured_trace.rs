@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use crate::error::Result;
 use astra_quant::bitpack;
 use astra_sim::method::{Method, ModelShape};
 use astra_sim::trace::{Comm, Op, OpKind, Run, Source, Trace, FORMAT, VERSION};

@@ -9,7 +9,8 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::Result;
+use crate::{fail, invalid};
 use astra_quant::bitpack;
 use astra_train::model::Model;
 use tch::{Device, Kind, Tensor};
@@ -38,9 +39,9 @@ pub fn serve(
     via: ControlVia,
 ) -> Result<()> {
     if session.is_empty() {
-        bail!("the session key is empty: set ASTRA_SESSION to the run's key");
+        fail!("the session key is empty: set ASTRA_SESSION to the run's key");
     }
-    let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    let listener = TcpListener::bind(listen).map_err(|e| invalid!("bind {listen}: {e}"))?;
     println!("listening {}", listener.local_addr()?);
     use std::io::Write;
     std::io::stdout().flush()?;
@@ -71,20 +72,20 @@ pub fn serve(
             // Let the reader take the plan that follows, so closing does not reset the
             // connection before the coordinator has read why.
             let _ = control.recv(Some(Duration::from_millis(300)));
-            bail!("a connection presented a wrong session key; refused")
+            fail!("a connection presented a wrong session key; refused")
         }
-        Ok(other) => bail!("expected the coordinator's hello, got {}", other.name()),
-        Err(e) => bail!("waiting for the coordinator's hello: {e}"),
+        Ok(other) => fail!("expected the coordinator's hello, got {}", other.name()),
+        Err(e) => fail!("waiting for the coordinator's hello: {e}"),
     }
     let plan: Plan = match control.recv(Some(startup)) {
-        Ok(Frame::Plan(p)) => serde_json::from_str(&p).context("plan")?,
-        Ok(other) => bail!("expected a plan, got {}", other.name()),
-        Err(e) => bail!("waiting for the plan: {e}"),
+        Ok(Frame::Plan(p)) => serde_json::from_str(&p).map_err(|e| invalid!("plan: {e}"))?,
+        Ok(other) => fail!("expected a plan, got {}", other.name()),
+        Err(e) => fail!("waiting for the plan: {e}"),
     };
     if let Err(e) = work(&listener, &plan, session, &mut control) {
         let msg = format!("worker {}: {e:#}", plan.rank);
         let _ = control.send(&Frame::Error(msg.clone()));
-        bail!(msg);
+        fail!("{msg}");
     }
     Ok(())
 }
@@ -169,9 +170,9 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         match control.recv(None) {
             Ok(Frame::Go { .. }) => {}
             Ok(Frame::Done) => return Ok(()),
-            Ok(other) => bail!("expected go or done, got {}", other.name()),
+            Ok(other) => fail!("expected go or done, got {}", other.name()),
             // The coordinator is gone: nothing left to do.
-            Err(e) => bail!("the coordinator: {e}"),
+            Err(e) => fail!("the coordinator: {e}"),
         }
         let _g = tch::no_grad_guard();
         let (states, timings) = ex.forward(&input, &mut sinks)?;
@@ -236,11 +237,11 @@ impl Sender {
     fn send(&mut self, l: usize, bytes: std::sync::Arc<Vec<u8>>) -> Result<()> {
         let r = self.rank;
         if let Ok(e) = self.failed.try_recv() {
-            bail!("block {l}: sending to peer {r}: {e}");
+            fail!("block {l}: sending to peer {r}: {e}");
         }
         self.queue
             .send(bytes)
-            .map_err(|_| anyhow!("block {l}: sending to peer {r}: the sender stopped"))
+            .map_err(|_| invalid!("block {l}: sending to peer {r}: the sender stopped"))
     }
 }
 
@@ -346,22 +347,22 @@ impl Exchange<'_> {
             while !self.pending.contains_key(&(r, l as u32)) {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let (from, f) = self.rx.recv_timeout(left).map_err(|_| {
-                    anyhow!(
+                    invalid!(
                         "block {l}: peer {r} sent nothing within {} ms",
                         self.plan.timeout_ms
                     )
                 })?;
                 let f = f.map_err(|e| match e {
                     frame::FrameError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        anyhow!("block {l}: peer {from} closed its connection (did it die?)")
+                        invalid!("block {l}: peer {from} closed its connection (did it die?)")
                     }
-                    e => anyhow!("block {l}: peer {from}: {e}"),
+                    e => invalid!("block {l}: peer {from}: {e}"),
                 })?;
                 let from = from as u32;
                 let (block, payload) = self.check(l, from, f)?;
                 let replay = self.taken.contains(&(from, block));
                 if self.pending.insert((from, block), payload).is_some() || replay {
-                    bail!("block {l}: peer {from} sent block {block}'s data twice; refused");
+                    fail!("block {l}: peer {from} sent block {block}'s data twice; refused");
                 }
             }
             out.push(
@@ -377,7 +378,7 @@ impl Exchange<'_> {
     /// Validates a peer's frame against what this run expects of that peer.
     fn check(&self, l: usize, from: u32, f: Frame) -> Result<(u32, Payload)> {
         if !self.dev.sources.contains(&from) {
-            bail!("block {l}: peer {from} sent data this device does not attend to");
+            fail!("block {l}: peer {from} sent data this device does not attend to");
         }
         let expect = self.dev.partition.tokens_of(from as usize).len() as u32;
         let batch = self.batch as usize;
@@ -396,7 +397,7 @@ impl Exchange<'_> {
                     || block < l as u32
                     || data.len() != batch * tokens as usize * dim as usize
                 {
-                    bail!("block {l}: peer {from} sent a malformed embeddings frame (block {block}, rank {claimed}, {tokens} tokens × {dim}, {} values)", data.len());
+                    fail!("block {l}: peer {from} sent a malformed embeddings frame (block {block}, rank {claimed}, {tokens} tokens × {dim}, {} values)", data.len());
                 }
                 let t = Tensor::from_slice(&data).view([self.batch, tokens as i64, dim as i64]);
                 Ok((block, Payload::Embeddings(t)))
@@ -411,10 +412,10 @@ impl Exchange<'_> {
             } if !self.plan.sp => {
                 if block < l as u32 {
                     // Every source's data for earlier blocks has been taken: this is a replay.
-                    bail!("block {l}: peer {from} sent block {block}'s data twice; refused");
+                    fail!("block {l}: peer {from} sent block {block}'s data twice; refused");
                 }
                 if block as usize >= self.blocks {
-                    bail!("block {l}: peer {from} sent a frame for block {block}");
+                    fail!("block {l}: peer {from} sent a frame for block {block}");
                 }
                 let q = &self.dev.vq[block as usize];
                 let (g, k) = (q.groups(), q.k());
@@ -424,27 +425,27 @@ impl Exchange<'_> {
                     || bits as u32 != want_bits
                     || tokens != expect
                 {
-                    bail!(
+                    fail!(
                         "block {l}: peer {from} sent a frame claiming rank {claimed}, {tokens} tokens × {groups} groups at {bits} bits (expected {expect} × {g} at {want_bits})"
                     );
                 }
                 let count = batch * tokens as usize * groups as usize;
                 if packed.len() != (count * bits as usize).div_ceil(8) {
-                    bail!(
+                    fail!(
                         "block {block}: peer {from} sent {} bytes of indices, expected {count} indices at {bits} bits",
                         packed.len()
                     );
                 }
                 let vals = bitpack::unpack(&packed, count, bits as u32)
-                    .map_err(|e| anyhow!("block {block}: peer {from}: {e}"))?;
+                    .map_err(|e| invalid!("block {block}: peer {from}: {e}"))?;
                 if vals.iter().any(|&v| v as i64 >= k) {
-                    bail!("block {block}: peer {from} sent a codeword index ≥ K = {k}");
+                    fail!("block {block}: peer {from} sent a codeword index ≥ K = {k}");
                 }
                 let t = Tensor::from_slice(&vals.iter().map(|&v| v as i64).collect::<Vec<_>>())
                     .view([self.batch, tokens as i64, g]);
                 Ok((block, Payload::Indices(t)))
             }
-            other => bail!(
+            other => fail!(
                 "block {l}: peer {from} sent an unexpected {} frame",
                 other.name()
             ),
