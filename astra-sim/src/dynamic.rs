@@ -82,10 +82,7 @@ impl BandwidthTrace {
         if spec == "paper" {
             return Ok(Self::paper());
         }
-        let text = std::fs::read_to_string(spec).map_err(|e| SimError::File {
-            path: spec.into(),
-            reason: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(spec).map_err(SimError::io(spec.as_ref()))?;
         Self::parse(&text, spec)
     }
 

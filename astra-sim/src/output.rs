@@ -6,8 +6,5 @@ use std::path::Path;
 use crate::error::{Result, SimError};
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    astra_quant::atomic::write_bytes(path, bytes).map_err(|e| SimError::File {
-        path: path.into(),
-        reason: e.to_string(),
-    })
+    astra_quant::atomic::write_bytes(path, bytes).map_err(SimError::io(path))
 }

@@ -140,10 +140,7 @@ fn render(
 ) -> Result<String> {
     register_font();
     let final_path = out.join(name);
-    let sim = |e: std::io::Error| SimError::File {
-        path: final_path.clone(),
-        reason: e.to_string(),
-    };
+    let sim = |e: std::io::Error| SimError::io(&final_path)(e);
     // Rendered beside the target and renamed, so a reader never sees half a PNG.
     let drawn = astra_quant::atomic::write_via(&final_path, |tmp| -> std::io::Result<()> {
         let draw = || -> Result<()> {
@@ -162,10 +159,7 @@ fn render(
 }
 
 pub fn write_all(out: &Path, r: &Reproduction) -> Result<Vec<String>> {
-    std::fs::create_dir_all(out).map_err(|e| SimError::File {
-        path: out.into(),
-        reason: e.to_string(),
-    })?;
+    std::fs::create_dir_all(out).map_err(SimError::io(out))?;
     let methods = Method::paper_methods();
     let mut names = Vec::new();
     let by_bw = |m: &Method| Series {

@@ -417,10 +417,7 @@ impl Trace {
     }
 
     pub fn load(path: &std::path::Path) -> Result<Trace> {
-        let text = std::fs::read_to_string(path).map_err(|e| SimError::File {
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path).map_err(SimError::io(path))?;
         Self::from_json(&text, &path.display().to_string())
     }
 
