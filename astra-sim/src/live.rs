@@ -211,60 +211,8 @@ pub fn worker(
     die_with_parent();
     tighten_timer_slack();
     let mut peers = mesh(rank, addrs, timeout)?;
-    let n = addrs.len();
-    // Warm-up: open every connection's congestion window as a long-running deployment's would be,
-    // so slow start is not charged to the first exchanges.
-    let largest = program
-        .iter()
-        .filter_map(|op| op.comm())
-        .map(|(_, c)| c.bits.div_ceil(8) as usize)
-        .max()
-        .unwrap_or(0);
-    let warm = vec![0u8; largest.clamp(1, 1 << 20)];
-    let largest_of = |p: usize| {
-        run.programs[p]
-            .iter()
-            .filter_map(|op| op.comm())
-            .map(|(_, c)| c.bits.div_ceil(8) as usize)
-            .max()
-            .unwrap_or(0)
-            .clamp(1, 1 << 20)
-    };
-    exchange_all(
-        &mut peers, WARMUP_TAG, &warm, largest_of, timeout, "warm-up",
-    )?;
-    // One-way latency estimate: ping-pong with the next rank.
-    let mut one_way_ms = 0.0;
-    if n > 1 {
-        let next = (rank + 1) % n;
-        let prev = (rank + n - 1) % n;
-        let mut rtts = Vec::new();
-        for _ in 0..20 {
-            let t = Instant::now();
-            send(peers[next].as_mut().expect("peer"), PING_TAG, &[])
-                .map_err(|e| err(format!("ping {next}: {e}")))?;
-            recv(
-                peers[prev].as_ref().expect("peer"),
-                prev,
-                PING_TAG,
-                0,
-                timeout,
-            )?;
-            send(peers[prev].as_mut().expect("peer"), PING_TAG, &[])
-                .map_err(|e| err(format!("pong {prev}: {e}")))?;
-            recv(
-                peers[next].as_ref().expect("peer"),
-                next,
-                PING_TAG,
-                0,
-                timeout,
-            )?;
-            rtts.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        rtts.sort_by(f64::total_cmp);
-        // Every rank sends at once and then receives: each sample is two one-way trips.
-        one_way_ms = rtts[rtts.len() / 2] / 2.0;
-    }
+    warm_up(&mut peers, run, rank, timeout)?;
+    let one_way_ms = one_way_latency(&mut peers, rank, timeout)?;
     // Start barrier: everyone has everyone's byte.
     exchange_all(
         &mut peers,
@@ -279,7 +227,6 @@ pub fn worker(
     let mut payload = Vec::new();
     let mut late_us = 50.0;
     for op in program {
-        let tag = op.id;
         match (&op.kind, op.comm()) {
             (OpKind::Compute { ms, .. }, _) => {
                 let t = Instant::now();
@@ -287,56 +234,16 @@ pub fn worker(
                 compute_ms += t.elapsed().as_secs_f64() * 1e3;
             }
             (_, Some((kind, c))) => {
-                let bytes = c.bits.div_ceil(8) as usize;
-                payload.resize(bytes, 0xA5);
-                let others: Vec<usize> = c
-                    .peers
-                    .iter()
-                    .map(|&p| p as usize)
-                    .filter(|&p| p != rank)
-                    .collect();
-                let root = c.peers[0] as usize;
-                let (sends, recvs): (Vec<usize>, Vec<usize>) = match kind {
-                    Collective::AllGather | Collective::AllReduce => {
-                        (others.clone(), others.clone())
-                    }
-                    Collective::Gather if rank == root => (vec![], others.clone()),
-                    Collective::Gather => (vec![root], vec![]),
-                    Collective::Send if rank == root => (vec![c.peers[1] as usize], vec![]),
-                    Collective::Send => (vec![], vec![root]),
+                payload.resize(c.bits.div_ceil(8) as usize, 0xA5);
+                let ex = Exchange {
+                    run,
+                    rank,
+                    op: op.id,
+                    timeout,
                 };
-                let rounds = if kind == Collective::AllReduce { 2 } else { 1 };
-                for round in 0..rounds {
-                    let frame_tag = tag * 2 + round;
-                    let t = Instant::now();
-                    for &p in &sends {
-                        let peer = peers[p]
-                            .as_mut()
-                            .ok_or_else(|| err(format!("no connection to {p}")))?;
-                        send(peer, frame_tag, &payload)
-                            .map_err(|e| err(format!("send to {p} at op {tag}: {e}")))?;
-                    }
-                    send_ms += t.elapsed().as_secs_f64() * 1e3;
-                    let t = Instant::now();
-                    for &p in &recvs {
-                        // Peers' payload sizes may differ (uneven partitions): read the size from
-                        // their program.
-                        let their = run.programs[p][op.id as usize]
-                            .comm()
-                            .map(|(_, c)| c.bits.div_ceil(8) as usize)
-                            .unwrap_or(0);
-                        recv(
-                            peers[p]
-                                .as_ref()
-                                .ok_or_else(|| err(format!("no connection to {p}")))?,
-                            p,
-                            frame_tag,
-                            their,
-                            timeout,
-                        )?;
-                    }
-                    wait_ms += t.elapsed().as_secs_f64() * 1e3;
-                }
+                let (s, w) = ex.collective(&mut peers, kind, &c.peers, &payload)?;
+                send_ms += s;
+                wait_ms += w;
             }
             _ => unreachable!("an op is compute or communication"),
         }
@@ -359,6 +266,131 @@ pub fn worker(
         wait_ms,
         one_way_ms,
     })
+}
+
+/// The largest message of rank `p`'s program (bytes, at least 1, at most 1 MiB).
+fn largest_message(run: &Run, p: usize) -> usize {
+    run.programs[p]
+        .iter()
+        .filter_map(|op| op.comm())
+        .map(|(_, c)| c.bits.div_ceil(8) as usize)
+        .max()
+        .unwrap_or(0)
+        .clamp(1, 1 << 20)
+}
+
+/// Opens every connection's congestion window as a long-running deployment's would be, so slow
+/// start is not charged to the first exchanges.
+fn warm_up(peers: &mut [Option<Peer>], run: &Run, rank: usize, timeout: Duration) -> Result<()> {
+    let warm = vec![0u8; largest_message(run, rank)];
+    exchange_all(
+        peers,
+        WARMUP_TAG,
+        &warm,
+        |p| largest_message(run, p),
+        timeout,
+        "warm-up",
+    )
+}
+
+/// Half the median round trip of a ping-pong with the next rank (0 with one device).
+fn one_way_latency(peers: &mut [Option<Peer>], rank: usize, timeout: Duration) -> Result<f64> {
+    let n = peers.len();
+    if n <= 1 {
+        return Ok(0.0);
+    }
+    let next = (rank + 1) % n;
+    let prev = (rank + n - 1) % n;
+    let mut rtts = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        send(peers[next].as_mut().expect("peer"), PING_TAG, &[])
+            .map_err(|e| err(format!("ping {next}: {e}")))?;
+        recv(
+            peers[prev].as_ref().expect("peer"),
+            prev,
+            PING_TAG,
+            0,
+            timeout,
+        )?;
+        send(peers[prev].as_mut().expect("peer"), PING_TAG, &[])
+            .map_err(|e| err(format!("pong {prev}: {e}")))?;
+        recv(
+            peers[next].as_ref().expect("peer"),
+            next,
+            PING_TAG,
+            0,
+            timeout,
+        )?;
+        rtts.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    rtts.sort_by(f64::total_cmp);
+    // Every rank sends at once and then receives: each sample is two one-way trips.
+    Ok(rtts[rtts.len() / 2] / 2.0)
+}
+
+/// One communication op of a rank's program.
+struct Exchange<'a> {
+    run: &'a Run,
+    rank: usize,
+    op: u32,
+    timeout: Duration,
+}
+
+impl Exchange<'_> {
+    /// Runs the collective with the direct algorithm (all-reduce = two rounds); returns the ms
+    /// spent sending and waiting.
+    fn collective(
+        &self,
+        peers: &mut [Option<Peer>],
+        kind: Collective,
+        members: &[u32],
+        payload: &[u8],
+    ) -> Result<(f64, f64)> {
+        let rank = self.rank;
+        let others: Vec<usize> = members
+            .iter()
+            .map(|&p| p as usize)
+            .filter(|&p| p != rank)
+            .collect();
+        let root = members[0] as usize;
+        let (sends, recvs): (Vec<usize>, Vec<usize>) = match kind {
+            Collective::AllGather | Collective::AllReduce => (others.clone(), others.clone()),
+            Collective::Gather if rank == root => (vec![], others.clone()),
+            Collective::Gather => (vec![root], vec![]),
+            Collective::Send if rank == root => (vec![members[1] as usize], vec![]),
+            Collective::Send => (vec![], vec![root]),
+        };
+        let rounds = if kind == Collective::AllReduce { 2 } else { 1 };
+        let (mut send_ms, mut wait_ms) = (0.0, 0.0);
+        for round in 0..rounds {
+            let frame_tag = self.op * 2 + round;
+            let t = Instant::now();
+            for &p in &sends {
+                let peer = peers[p]
+                    .as_mut()
+                    .ok_or_else(|| err(format!("no connection to {p}")))?;
+                send(peer, frame_tag, payload)
+                    .map_err(|e| err(format!("send to {p} at op {}: {e}", self.op)))?;
+            }
+            send_ms += t.elapsed().as_secs_f64() * 1e3;
+            let t = Instant::now();
+            for &p in &recvs {
+                // Peers' payload sizes may differ (uneven partitions): read the size from their
+                // program.
+                let their = self.run.programs[p][self.op as usize]
+                    .comm()
+                    .map(|(_, c)| c.bits.div_ceil(8) as usize)
+                    .unwrap_or(0);
+                let peer = peers[p]
+                    .as_ref()
+                    .ok_or_else(|| err(format!("no connection to {p}")))?;
+                recv(peer, p, frame_tag, their, self.timeout)?;
+            }
+            wait_ms += t.elapsed().as_secs_f64() * 1e3;
+        }
+        Ok((send_ms, wait_ms))
+    }
 }
 
 /// Shaped links for one replay.

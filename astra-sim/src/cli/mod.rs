@@ -202,11 +202,6 @@ pub fn dynamic_command(a: DynamicArgs) -> Result<()> {
 }
 
 pub fn replay_command(a: ReplayArgs, command_line: &str) -> Result<()> {
-    use crate::live::{self, Links, TCP_GOODPUT};
-    use crate::network::{CompiledRun, Network};
-    use crate::trace::Run;
-
-    let shape = a.model.shape()?;
     let rates = parse_numbers("mbps", &a.mbps, |v| v)?;
     if let Some(b) = rates.iter().find(|b| !(b.is_finite() && **b > 0.0)) {
         bail!("mbps: {b} is not a positive number");
@@ -218,11 +213,53 @@ pub fn replay_command(a: ReplayArgs, command_line: &str) -> Result<()> {
         Some(s) => list("slowdown", s)?,
         None => vec![],
     };
+    let runs = replay_runs(&a)?;
+    let script = a
+        .netem_script
+        .clone()
+        .unwrap_or_else(crate::live::default_netem_script);
+    let shaped = a.live && !a.no_shape && crate::live::can_shape(&script);
+    if a.live {
+        prepare_live(&a, &script, shaped);
+    }
+    let mut table = String::from(
+        "| method | devices | tokens | Mbit/s | measured (ms) | alpha-beta (ms) | error | paper model (ms) | runs |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut errors = Vec::new();
+    let mut id = 0usize;
+    let replay = Replay {
+        a: &a,
+        script: &script,
+        shaped,
+        slowdown: &slowdown,
+    };
+    for run in &runs {
+        let compiled = crate::network::CompiledRun::new(run)?;
+        for &rate in &rates {
+            let row = replay.row(run, &compiled, rate, &mut id, &mut errors)?;
+            print!("{row}");
+            table.push_str(&row);
+        }
+    }
+    if let Some(o) = &a.out {
+        let worst = errors.iter().cloned().fold(0.0, f64::max);
+        write_atomic(
+            o,
+            replay_doc(&a, shaped, command_line, &table, worst).as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+/// The runs to replay: a trace file's, or built from a compute profile.
+fn replay_runs(a: &ReplayArgs) -> Result<Vec<crate::trace::Run>> {
+    use crate::trace::Run;
+    let shape = a.model.shape()?;
     let runs: Vec<Run> = match &a.trace {
         Some(p) => {
-            let t = Trace::load(p)?;
             let wanted = methods(&a.methods)?;
-            t.runs
+            Trace::load(p)?
+                .runs
                 .into_iter()
                 .filter(|r| wanted.contains(&r.method) && r.method != Method::Single)
                 .collect()
@@ -237,14 +274,8 @@ pub fn replay_command(a: ReplayArgs, command_line: &str) -> Result<()> {
                         if n == 0 || t == 0 {
                             bail!("devices and tokens must be positive integers");
                         }
-                        v.push(Run::from_compute(
-                            &shape,
-                            m,
-                            n,
-                            t,
-                            src.compute_ms(m, n, t)?,
-                            split,
-                        ));
+                        let ms = src.compute_ms(m, n, t)?;
+                        v.push(Run::from_compute(&shape, m, n, t, ms, split));
                     }
                 }
             }
@@ -254,115 +285,134 @@ pub fn replay_command(a: ReplayArgs, command_line: &str) -> Result<()> {
     if runs.is_empty() {
         bail!("no run selected");
     }
-    let script = a
-        .netem_script
-        .clone()
-        .unwrap_or_else(live::default_netem_script);
-    let shaped = a.live && !a.no_shape && live::can_shape(&script);
-    if a.live {
-        if !shaped {
-            eprintln!("note: links are NOT shaped ({}): loopback TCP at full speed, so measured and predicted latencies are not comparable",
-                if a.no_shape { "--no-shape" } else { "needs root, iproute2 and network namespaces" });
+    Ok(runs)
+}
+
+/// Says when links are not shaped, and removes this process's namespaces on Ctrl-C / SIGTERM.
+fn prepare_live(a: &ReplayArgs, script: &std::path::Path, shaped: bool) {
+    if !shaped {
+        eprintln!("note: links are NOT shaped ({}): loopback TCP at full speed, so measured and predicted latencies are not comparable",
+            if a.no_shape { "--no-shape" } else { "needs root, iproute2 and network namespaces" });
+    }
+    let script_for_signal = script.to_path_buf();
+    let prefix = format!("astra-{}", std::process::id());
+    let _ = ctrlc::set_handler(move || {
+        let _ = std::process::Command::new(&script_for_signal)
+            .arg("gc")
+            .status();
+        let _ = std::process::Command::new(&script_for_signal)
+            .args(["down", &prefix])
+            .status();
+        eprintln!("astra-sim: interrupted; namespaces removed");
+        std::process::exit(130);
+    });
+}
+
+/// What every row of a replay shares.
+struct Replay<'a> {
+    a: &'a ReplayArgs,
+    script: &'a std::path::Path,
+    shaped: bool,
+    slowdown: &'a [f64],
+}
+
+impl Replay<'_> {
+    /// One table row: the paper model, the alpha-beta prediction, and (live) the measured median.
+    fn row(
+        &self,
+        run: &crate::trace::Run,
+        compiled: &crate::network::CompiledRun,
+        rate: f64,
+        id: &mut usize,
+        errors: &mut Vec<f64>,
+    ) -> Result<String> {
+        use crate::live::TCP_GOODPUT;
+        use crate::network::Network;
+        let mut paper = Network::paper(rate);
+        if !self.slowdown.is_empty() {
+            paper.slowdown = self.slowdown.to_vec();
         }
-        // Ctrl-C and SIGTERM: remove this process's namespaces before exiting.
-        let script_for_signal = script.clone();
-        let prefix = format!("astra-{}", std::process::id());
-        let _ = ctrlc::set_handler(move || {
-            let _ = std::process::Command::new(&script_for_signal)
-                .arg("gc")
-                .status();
-            let _ = std::process::Command::new(&script_for_signal)
-                .args(["down", &prefix])
-                .status();
-            eprintln!("astra-sim: interrupted; namespaces removed");
-            std::process::exit(130);
-        });
-    }
-    let mut table = String::from(
-        "| method | devices | tokens | Mbit/s | measured (ms) | alpha-beta (ms) | error | paper model (ms) | runs |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-    );
-    let mut errors = Vec::new();
-    let mut id = 0usize;
-    for run in &runs {
-        let compiled = CompiledRun::new(run)?;
-        for &rate in &rates {
-            let mut paper = Network::paper(rate);
-            if !slowdown.is_empty() {
-                paper.slowdown = slowdown.clone();
-            }
-            let paper_ms = compiled.simulate(&paper)?.latency_ms;
-            let (measured, alpha, runs_done) = if a.live {
-                let mut ms = Vec::new();
-                let mut alphas = Vec::new();
-                for _ in 0..a.repeats.max(1) {
-                    id += 1;
-                    let links = Links {
-                        mbps: rate,
-                        delay_ms: a.delay_ms,
-                        loss_pct: a.loss_pct,
-                    };
-                    let o = live::replay(
-                        run,
-                        &links,
-                        shaped,
-                        &script,
-                        &slowdown,
-                        std::time::Duration::from_secs_f64(a.timeout_s),
-                        id,
-                    )?;
-                    ms.push(o.measured_ms);
-                    alphas.extend(o.reports.iter().map(|r| r.one_way_ms));
-                }
-                ms.sort_by(f64::total_cmp);
-                alphas.sort_by(f64::total_cmp);
-                (
-                    Some(ms[ms.len() / 2]),
-                    alphas.get(alphas.len() / 2).copied().unwrap_or(0.0),
-                    ms.len(),
-                )
-            } else {
-                (None, a.delay_ms, 0)
-            };
-            // The live counterpart: direct collectives, no overlap, TCP goodput of the shaped rate,
-            // alpha = measured one-way latency (plus netem's delay, which the ping already includes).
-            let mut ab = Network::alpha_beta(rate * TCP_GOODPUT, alpha, Algorithm::Direct, false);
-            if shaped {
-                ab.burst_bits = live::TBF_BURST_BITS;
-            }
-            if !slowdown.is_empty() {
-                ab.slowdown = slowdown.clone();
-            }
-            let predicted = compiled.simulate(&ab)?.latency_ms;
-            let (m_txt, e_txt) = match measured {
-                Some(m) => {
-                    let e = (m - predicted) / predicted * 100.0;
-                    errors.push(e.abs());
-                    (format!("{m:.2}"), format!("{e:+.1}%"))
-                }
-                None => ("—".into(), "—".into()),
-            };
-            let row = format!(
-                "| {} | {} | {} | {} | {} | {predicted:.2} | {} | {paper_ms:.2} | {} |\n",
-                run.method, run.devices, run.tokens, rate, m_txt, e_txt, runs_done
-            );
-            print!("{row}");
-            table.push_str(&row);
+        let paper_ms = compiled.simulate(&paper)?.latency_ms;
+        let (measured, alpha, runs_done) = if self.a.live {
+            self.measure(run, rate, id)?
+        } else {
+            (None, self.a.delay_ms, 0)
+        };
+        // The live counterpart: direct collectives, no overlap, TCP goodput of the shaped rate,
+        // alpha = measured one-way latency (plus netem's delay, which the ping already includes).
+        let mut ab = Network::alpha_beta(rate * TCP_GOODPUT, alpha, Algorithm::Direct, false);
+        if self.shaped {
+            ab.burst_bits = crate::live::TBF_BURST_BITS;
         }
+        if !self.slowdown.is_empty() {
+            ab.slowdown = self.slowdown.to_vec();
+        }
+        let predicted = compiled.simulate(&ab)?.latency_ms;
+        let (m_txt, e_txt) = match measured {
+            Some(m) => {
+                let e = (m - predicted) / predicted * 100.0;
+                errors.push(e.abs());
+                (format!("{m:.2}"), format!("{e:+.1}%"))
+            }
+            None => ("—".into(), "—".into()),
+        };
+        Ok(format!(
+            "| {} | {} | {} | {} | {} | {predicted:.2} | {} | {paper_ms:.2} | {} |\n",
+            run.method, run.devices, run.tokens, rate, m_txt, e_txt, runs_done
+        ))
     }
-    if let Some(o) = &a.out {
-        let worst = errors.iter().cloned().fold(0.0, f64::max);
-        let doc = format!(
-            "# Live replay against the models\n\nCommand: `{command_line}`\n\nLinks: {}. Workers: one process per device, \
-             full-mesh TCP (TCP_NODELAY), compute segments slept, communication sent as real bytes (direct collectives, ops in \
-             program order). Prediction: alpha-beta model, direct algorithm, no overlap, bandwidth = link rate × {TCP_GOODPUT:.4} \
-             (TCP payload per 1514-byte frame, less the ACKs of received data), the shaper's two-frame bucket as a free burst per round, alpha = measured one-way latency (ping-pong before each run). Paper model: \
-             compute + bits / rate, each device sending its payload once (no per-peer copies, no protocol overhead).\n\n{table}\n\
-             Largest |error| of the alpha-beta model: {worst:.1}%.\n",
-            if shaped { format!("every device's uplink shaped by the kernel (scripts/netem.sh: HTB with ACK priority by default) in its own network namespace{}", if a.delay_ms > 0.0 || a.loss_pct > 0.0 { ", netem delay/loss where the kernel has it" } else { "" }) } else { "NOT shaped (loopback)".into() }
-        );
-        write_atomic(o, doc.as_bytes())?;
+
+    /// The median measured latency over the repeats, the median one-way latency, and the count.
+    fn measure(
+        &self,
+        run: &crate::trace::Run,
+        rate: f64,
+        id: &mut usize,
+    ) -> Result<(Option<f64>, f64, usize)> {
+        let a = self.a;
+        let mut ms = Vec::new();
+        let mut alphas = Vec::new();
+        for _ in 0..a.repeats.max(1) {
+            *id += 1;
+            let links = crate::live::Links {
+                mbps: rate,
+                delay_ms: a.delay_ms,
+                loss_pct: a.loss_pct,
+            };
+            let o = crate::live::replay(
+                run,
+                &links,
+                self.shaped,
+                self.script,
+                self.slowdown,
+                std::time::Duration::from_secs_f64(a.timeout_s),
+                *id,
+            )?;
+            ms.push(o.measured_ms);
+            alphas.extend(o.reports.iter().map(|r| r.one_way_ms));
+        }
+        ms.sort_by(f64::total_cmp);
+        alphas.sort_by(f64::total_cmp);
+        let alpha = alphas.get(alphas.len() / 2).copied().unwrap_or(0.0);
+        Ok((Some(ms[ms.len() / 2]), alpha, ms.len()))
     }
-    Ok(())
+}
+
+fn replay_doc(a: &ReplayArgs, shaped: bool, command_line: &str, table: &str, worst: f64) -> String {
+    use crate::live::TCP_GOODPUT;
+    let links = if shaped {
+        format!("every device's uplink shaped by the kernel (scripts/netem.sh: HTB with ACK priority by default) in its own network namespace{}", if a.delay_ms > 0.0 || a.loss_pct > 0.0 { ", netem delay/loss where the kernel has it" } else { "" })
+    } else {
+        "NOT shaped (loopback)".into()
+    };
+    format!(
+        "# Live replay against the models\n\nCommand: `{command_line}`\n\nLinks: {links}. Workers: one process per device, \
+         full-mesh TCP (TCP_NODELAY), compute segments slept, communication sent as real bytes (direct collectives, ops in \
+         program order). Prediction: alpha-beta model, direct algorithm, no overlap, bandwidth = link rate × {TCP_GOODPUT:.4} \
+         (TCP payload per 1514-byte frame, less the ACKs of received data), the shaper's two-frame bucket as a free burst per round, alpha = measured one-way latency (ping-pong before each run). Paper model: \
+         compute + bits / rate, each device sending its payload once (no per-peer copies, no protocol overhead).\n\n{table}\n\
+         Largest |error| of the alpha-beta model: {worst:.1}%.\n"
+    )
 }
 
 fn methods(spec: &str) -> Result<Vec<Method>> {
