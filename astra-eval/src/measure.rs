@@ -16,6 +16,11 @@
 //! With `fast`, ASTRA's remote keys/values come from per-codeword tables (G gathers and adds per
 //! remote token, see astra-train's fast_kv) instead of LayerNorm + a D × 2D matmul.
 //!
+//! Single, SP and ASTRA run the device engine (astra-train's `DeviceShare`) on a bare encoder of
+//! ViT blocks (`models::encoder`): the code the runtime's workers run, not a copy of it. TP and BP
+//! have no engine mode (sharded weights, blocks attending only locally) and run a minimal block of
+//! their own here.
+//!
 //! Each method is timed `runs` times after `warmup` runs; the median, min and max go to
 //! profile.csv, and astra-sim's trace built from the medians to trace.json.
 
@@ -120,52 +125,22 @@ fn weights(c: &ProfileConfig, shard: i64) -> Weights {
     }
 }
 
-/// One ASTRA device's block with the remote keys/values given ([1, T − t, 2D], keys first).
-fn block_remote_kv(x: &Tensor, remote_kv: &Tensor, w: &Weights, heads: i64) -> Tensor {
-    let d = w.qkv.size()[1] / 3;
-    let h = ln(x);
-    let qkv = h.matmul(&w.qkv);
-    let k = Tensor::cat(&[qkv.narrow(2, d, d), remote_kv.narrow(2, 0, d)], 1);
-    let v = Tensor::cat(&[qkv.narrow(2, 2 * d, d), remote_kv.narrow(2, d, d)], 1);
-    let x = x + attention(&qkv.narrow(2, 0, d), &k, &v, heads).matmul(&w.out);
-    let h = ln(&x).matmul(&w.fc1).gelu("none").matmul(&w.fc2);
-    x + h
-}
-
-/// Runs one device's work for `method` once.
-fn device_work(
-    c: &ProfileConfig,
-    method: Method,
-    n: i64,
-    t: i64,
-    w: &Weights,
-    cb: Option<&astra_train::models::GroupedVq>,
-    fast: Option<&astra_train::models::fast_kv::CodewordKv>,
-) -> Result<()> {
+/// Runs one device's work for a baseline without an engine mode (TP, BP) once.
+fn baseline_work(c: &ProfileConfig, method: Method, n: i64, t: i64, w: &Weights) {
     let local = (t + n - 1) / n;
     let opts = (Kind::Float, c.device);
     match method {
-        Method::Single => {
-            let mut x = Tensor::randn([1, t, c.hidden], opts);
-            for _ in 0..c.blocks {
-                x = block(&x, None, w, c.heads);
-            }
-        }
         Method::Tp => {
             let mut x = Tensor::randn([1, t, c.hidden], opts);
             for _ in 0..c.blocks {
                 x = block(&x, None, w, c.heads / n);
             }
         }
-        Method::Sp | Method::BpAg { .. } | Method::BpSp { .. } => {
-            let kept = match method {
-                Method::BpAg { nb } | Method::BpSp { nb } => nb as i64,
-                _ => c.blocks,
-            };
+        Method::BpAg { nb } | Method::BpSp { nb } => {
             let mut x = Tensor::randn([1, local, c.hidden], opts);
             let others = Tensor::randn([1, t - local, c.hidden], opts);
             for l in 0..c.blocks {
-                x = if l < kept {
+                x = if l < nb as i64 {
                     let all = Tensor::cat(&[&x, &others], 1);
                     block(&x, Some(&all), w, c.heads)
                 } else {
@@ -173,47 +148,148 @@ fn device_work(
                 };
             }
         }
-        Method::Astra { .. } => {
-            let vq = cb.expect("astra has a codebook");
-            let groups = vq.groups() as usize;
-            let bits = astra_quant::bitpack::bits_for(vq.k() as usize);
-            let mut x = Tensor::randn([1, local, c.hidden], opts);
-            // The others' packed indices as they arrive over the network.
-            let remote_idx = Tensor::randint(
-                vq.k(),
-                [(t - local) * groups as i64],
-                (Kind::Int64, Device::Cpu),
-            );
-            let remote_u16: Vec<u16> = Vec::<i64>::try_from(&remote_idx)?
-                .into_iter()
-                .map(|v| v as u16)
-                .collect();
-            let remote_packed = astra_quant::bitpack::pack(&remote_u16, bits)?;
-            for _ in 0..c.blocks {
-                let idx = vq.encode(&x);
-                let mine: Vec<u16> =
-                    Vec::<i64>::try_from(&idx.to_device(Device::Cpu).reshape([-1]))?
-                        .into_iter()
-                        .map(|v| v as u16)
-                        .collect();
-                let _wire = astra_quant::bitpack::pack(&mine, bits)?;
-                let theirs = astra_quant::bitpack::unpack(&remote_packed, remote_u16.len(), bits)?;
-                let theirs =
-                    Tensor::from_slice(&theirs.iter().map(|&v| v as i64).collect::<Vec<_>>())
-                        .to_device(c.device)
-                        .view([1, t - local, groups as i64]);
-                x = match fast {
-                    Some(f) => block_remote_kv(&x, &f.kv(&theirs), w, c.heads),
-                    None => {
-                        let remote = vq.decode(&theirs);
-                        let all = Tensor::cat(&[&x, &remote], 1);
-                        block(&x, Some(&all), w, c.heads)
-                    }
-                };
-            }
-        }
+        _ => unreachable!("single, sp and astra run the device engine"),
     }
-    Ok(())
+}
+
+/// The device engine's work for single, SP or ASTRA: device 0 of a contiguous split embeds its
+/// tokens and, per block, sends (ASTRA: VQ encode and bit pack), receives the others' tokens (SP:
+/// embeddings; ASTRA: packed indices, unpacked) and runs the block on them.
+struct EngineWork {
+    encoder: astra_train::models::encoder::Encoder,
+    vq: Vec<astra_train::models::GroupedVq>,
+    _vs: tch::nn::VarStore,
+}
+
+impl EngineWork {
+    fn new(c: &ProfileConfig, method: Method) -> Result<Self> {
+        let vs = tch::nn::VarStore::new(c.device);
+        let cfg = astra_train::config::ViTConfig {
+            hidden_size: c.hidden,
+            num_hidden_layers: c.blocks,
+            num_attention_heads: c.heads,
+            intermediate_size: c.mlp,
+            ..astra_train::config::ViTConfig::vit_base_patch16_224(2)
+        };
+        let encoder = astra_train::models::encoder::Encoder::new(&vs.root(), &cfg)?;
+        let vq = match method {
+            Method::Astra { groups } => {
+                let q = random_quantizer(c, groups as usize)?;
+                (0..c.blocks)
+                    .map(|_| {
+                        astra_train::models::GroupedVq::from_quantizer(
+                            &q,
+                            Default::default(),
+                            c.device,
+                        )
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        Ok(EngineWork {
+            encoder,
+            vq,
+            _vs: vs,
+        })
+    }
+
+    /// Device 0 of a contiguous split of `t` tokens over `n` devices; its per-codeword tables are
+    /// built here, once, as a deployment builds them at load time (not timed).
+    fn share(
+        &self,
+        c: &ProfileConfig,
+        n: usize,
+        t: usize,
+    ) -> Result<astra_train::engine::DeviceShare<'_>> {
+        use astra_train::engine::{DeviceShare, RemoteKv};
+        let partition = astra_train::models::DevicePartition::contiguous(t, n)?;
+        let kv = if c.fast {
+            RemoteKv::Tables
+        } else {
+            RemoteKv::Decode
+        };
+        Ok(DeviceShare::new(
+            &self.encoder,
+            partition,
+            0,
+            astra_train::models::ClsMode::Single,
+            &self.vq,
+            kv,
+            c.device,
+        )?)
+    }
+
+    fn run(
+        &self,
+        dev: &astra_train::engine::DeviceShare,
+        c: &ProfileConfig,
+        t: usize,
+    ) -> Result<()> {
+        use astra_train::engine::Payload;
+        let remote = t as i64 - dev.own_tokens();
+        let opts = (Kind::Float, c.device);
+        let mut local = dev.start(&Tensor::randn([1, t as i64, c.hidden], opts))?;
+        // The others' packed indices as they arrive over the network (ASTRA), or their
+        // embeddings (SP).
+        let embeddings = Tensor::randn([1, remote, c.hidden], opts);
+        let wire = self
+            .vq
+            .first()
+            .map(|q| random_packed(q, remote))
+            .transpose()?;
+        for l in 0..c.blocks as usize {
+            let received = match (&wire, self.vq.get(l)) {
+                (Some((packed, count)), Some(q)) => {
+                    if let Payload::Indices(mine) = dev.outgoing(l, &local) {
+                        let _sent = pack(&mine, q)?;
+                    }
+                    let bits = astra_quant::bitpack::bits_for(q.k() as usize);
+                    let theirs = astra_quant::bitpack::unpack(packed, *count, bits)?;
+                    let theirs: Vec<i64> = theirs.iter().map(|&v| v as i64).collect();
+                    Payload::Indices(Tensor::from_slice(&theirs).to_device(c.device).view([
+                        1,
+                        remote,
+                        q.groups(),
+                    ]))
+                }
+                _ => Payload::Embeddings(embeddings.shallow_clone()),
+            };
+            let received: Vec<&Payload> = if remote > 0 { vec![&received] } else { vec![] };
+            local = dev.block(l, &local, &received);
+        }
+        Ok(())
+    }
+}
+
+/// A random G-group codebook of K codewords for a D-wide block.
+fn random_quantizer(c: &ProfileConfig, groups: usize) -> Result<astra_quant::BlockQuantizer> {
+    let sub = c.hidden as usize / groups;
+    let data = Vec::<f32>::try_from(Tensor::randn(
+        [(groups * c.codewords as usize * sub) as i64],
+        (Kind::Float, Device::Cpu),
+    ))?;
+    Ok(astra_quant::BlockQuantizer {
+        codebook: astra_quant::GroupedCodebook::from_flat(groups, c.codewords as usize, sub, data)?,
+        noise: None,
+    })
+}
+
+/// Random indices of `tokens` remote tokens, bit-packed as the wire carries them, and their count.
+fn random_packed(q: &astra_train::models::GroupedVq, tokens: i64) -> Result<(Vec<u8>, usize)> {
+    let idx = Tensor::randint(q.k(), [tokens * q.groups()], (Kind::Int64, Device::Cpu));
+    let packed = pack(&idx, q)?;
+    Ok((packed, (tokens * q.groups()) as usize))
+}
+
+/// Bit-packs indices (any shape) at the codebook's width.
+fn pack(idx: &Tensor, q: &astra_train::models::GroupedVq) -> Result<Vec<u8>> {
+    let bits = astra_quant::bitpack::bits_for(q.k() as usize);
+    let v: Vec<u16> = Vec::<i64>::try_from(idx.to_device(Device::Cpu).reshape([-1]))?
+        .into_iter()
+        .map(|v| v as u16)
+        .collect();
+    Ok(astra_quant::bitpack::pack(&v, bits)?)
 }
 
 /// Times every (method, N, T).
@@ -241,69 +317,28 @@ pub fn measure(c: &ProfileConfig, configs: &[(Method, u32, u64)]) -> Result<Vec<
                 fail!("{method}: keeps {nb} blocks of {}", c.blocks);
             }
         }
+        if let Method::Astra { groups } = method {
+            if c.hidden % groups as i64 != 0 {
+                fail!("{method}: G = {groups} does not divide D = {}", c.hidden);
+            }
+        }
+        let engine = match method {
+            Method::Single | Method::Sp | Method::Astra { .. } => Some(EngineWork::new(c, method)?),
+            _ => None,
+        };
+        let share = match &engine {
+            Some(e) => Some(e.share(c, n as usize, t as usize)?),
+            None => None,
+        };
         let w = weights(c, shard);
-        let cb = match method {
-            Method::Astra { groups } => {
-                if c.hidden % groups as i64 != 0 {
-                    fail!("{method}: G = {groups} does not divide D = {}", c.hidden);
-                }
-                let g = groups as usize;
-                let sub = c.hidden as usize / g;
-                let data = Vec::<f32>::try_from(Tensor::randn(
-                    [(g * c.codewords as usize * sub) as i64],
-                    (Kind::Float, Device::Cpu),
-                ))?;
-                let q = astra_quant::BlockQuantizer {
-                    codebook: astra_quant::GroupedCodebook::from_flat(
-                        g,
-                        c.codewords as usize,
-                        sub,
-                        data,
-                    )?,
-                    noise: None,
-                };
-                Some(astra_train::models::GroupedVq::from_quantizer(
-                    &q,
-                    Default::default(),
-                    c.device,
-                ))
-            }
-            _ => None,
-        };
-        // Tables built once per block at load time in a deployment; not timed.
-        let fast = match (&cb, c.fast) {
-            (Some(vq), true) => {
-                let d = c.hidden;
-                let ones = Tensor::ones([d], (Kind::Float, c.device));
-                let zeros = Tensor::zeros([d], (Kind::Float, c.device));
-                let wk = w.qkv.narrow(1, d, d).tr();
-                let wv = w.qkv.narrow(1, 2 * d, d).tr();
-                Some(astra_train::models::fast_kv::CodewordKv::new(
-                    &vq.codebook,
-                    &ones,
-                    &zeros,
-                    &wk,
-                    None,
-                    &wv,
-                    None,
-                    1e-6,
-                ))
-            }
-            _ => None,
-        };
         let mut times = Vec::with_capacity(c.runs);
         for r in 0..c.warmup + c.runs {
             sync(c.device);
             let t0 = Instant::now();
-            device_work(
-                c,
-                method,
-                n as i64,
-                t as i64,
-                &w,
-                cb.as_ref(),
-                fast.as_ref(),
-            )?;
+            match (&engine, &share) {
+                (Some(e), Some(dev)) => e.run(dev, c, t as usize)?,
+                _ => baseline_work(c, method, n as i64, t as i64, &w),
+            }
             sync(c.device);
             if r >= c.warmup {
                 times.push(t0.elapsed().as_secs_f64() * 1e3);

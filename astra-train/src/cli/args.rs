@@ -134,9 +134,9 @@ pub struct CalibrateArgs {
     pub iters: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// NAQ noise model: full, diagonal or none.
-    #[arg(long, default_value = "full")]
-    pub noise: String,
+    /// NAQ noise model of the residual statistics.
+    #[arg(long, value_enum, default_value = "full")]
+    pub noise: NoiseOption,
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Text: tokens per calibration window (default: the model's n_positions).
@@ -218,9 +218,9 @@ pub struct DownloadArgs {
 /// Options of `astra-train bench-step`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchStepArgs {
-    /// vit (ViT-B/16) or gpt2 (GPT-2 small).
-    #[arg(long, default_value = "vit")]
-    pub model: String,
+    /// ViT-B/16 or GPT-2 small.
+    #[arg(long, value_enum, default_value = "vit")]
+    pub model: BenchModel,
     /// GPT-2: tokens per sequence.
     #[arg(long, default_value_t = 1024)]
     pub seq: i64,
@@ -263,4 +263,24 @@ pub struct InfoArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `calibrate --noise`: which NAQ noise model the residual statistics feed.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoiseOption {
+    /// Full covariance (Cholesky sampler).
+    Full,
+    /// Per-coordinate variance.
+    Diagonal,
+    /// No residual statistics (NAQ then needs them from elsewhere).
+    None,
+}
+
+/// `bench-step --model`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchModel {
+    /// ViT-B/16.
+    Vit,
+    /// GPT-2 small.
+    Gpt2,
 }

@@ -192,11 +192,10 @@ fn scratch_model(a: &FinetuneArgs) -> Result<ModelConfig> {
 pub fn calibrate(a: &CalibrateArgs) -> Result<()> {
     use astra_quant::residual::NoiseKind;
     let device = device(&a.device)?;
-    let noise = match a.noise.as_str() {
-        "full" => Some(NoiseKind::Full),
-        "diagonal" => Some(NoiseKind::Diagonal),
-        "none" => None,
-        o => bail!("--noise: '{o}' is not full, diagonal or none"),
+    let noise = match a.noise {
+        NoiseOption::Full => Some(NoiseKind::Full),
+        NoiseOption::Diagonal => Some(NoiseKind::Diagonal),
+        NoiseOption::None => None,
     };
     let (m, _) = Model::load(&a.model, device)?;
     let args = crate::train::calibrate::CalibrationSettings {
@@ -299,11 +298,8 @@ pub fn bench_step(a: &BenchStepArgs) -> Result<()> {
     let precision = if a.bf16 { "bf16 autocast" } else { "fp32" };
     let astra = Some((a.devices, a.groups, a.codewords));
     if a.parts {
-        if a.model != "vit" {
-            bail!(
-                "--parts times the ViT's block parts; drop --model {}",
-                a.model
-            );
+        if a.model != BenchModel::Vit {
+            bail!("--parts times the ViT's block parts; drop --model gpt2");
         }
         let rows = crate::bench_step::parts(&bench(None, astra))?;
         println!(
@@ -315,10 +311,9 @@ pub fn bench_step(a: &BenchStepArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let gpt2_seq = match a.model.as_str() {
-        "vit" => None,
-        "gpt2" => Some(a.seq),
-        o => bail!("--model: '{o}' is not vit or gpt2"),
+    let gpt2_seq = match a.model {
+        BenchModel::Vit => None,
+        BenchModel::Gpt2 => Some(a.seq),
     };
     let what = match gpt2_seq {
         None => format!("ViT-B/16 training step, {0}x{0}", a.image),

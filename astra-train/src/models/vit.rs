@@ -27,7 +27,7 @@ pub struct VitBlock {
 }
 
 impl VitBlock {
-    fn new(p: nn::Path, c: &ViTConfig) -> Self {
+    pub(crate) fn new(p: nn::Path, c: &ViTConfig) -> Self {
         let d = c.hidden_size;
         let ln = nn::LayerNormConfig {
             eps: c.layer_norm_eps,
