@@ -611,3 +611,62 @@ fn a_runs_own_config_json_reruns_it() {
         .unwrap();
     one_line_failure(&o, "a run of `astra-train finetune`, given to `astra`");
 }
+
+#[test]
+fn naq_without_residual_statistics_is_refused() {
+    let _serial = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixtures(tmp.path());
+    // Codebooks for the tiny ViT (2 blocks, D = 16) without a noise model.
+    let block = astra_quant::BlockQuantizer {
+        codebook: astra_quant::GroupedCodebook::from_flat(
+            1,
+            8,
+            16,
+            (0..8 * 16).map(|i| (i % 7) as f32 * 0.1).collect(),
+        )
+        .unwrap(),
+        noise: None,
+    };
+    let cb = tmp.path().join("cb.safetensors");
+    astra_quant::CodebookFile {
+        blocks: vec![block.clone(), block],
+        extra: Default::default(),
+    }
+    .save(&cb)
+    .unwrap();
+    let mut cfg = config(&data, 1);
+    cfg.astra = Some(AstraSettings {
+        devices: 4,
+        codebooks: cb,
+        beta: 5e-4,
+        vq: Default::default(), // λ = 1
+        single_cls: false,
+        random_partition: false,
+    });
+    let run = tmp.path().join("run");
+    let e = train(
+        &cfg,
+        &RunFolder::open(&run, &cfg, false).unwrap(),
+        Device::Cpu,
+        false,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("has no NAQ residual statistics, but --lambda 1"),
+        "{e}"
+    );
+    assert!(!run.exists());
+    // λ = 0 says what it does: no noise, and trains.
+    cfg.astra.as_mut().unwrap().vq.noise_lambda = 0.0;
+    train(
+        &cfg,
+        &RunFolder::open(&run, &cfg, false).unwrap(),
+        Device::Cpu,
+        false,
+        None,
+    )
+    .unwrap();
+}

@@ -86,6 +86,11 @@ impl GroupedVq {
     pub fn groups(&self) -> i64 {
         self.codebook.size()[0]
     }
+
+    /// Whether NAQ noise can be drawn (the codebook file carried residual statistics).
+    pub fn has_noise_model(&self) -> bool {
+        self.noise.is_some()
+    }
     pub fn k(&self) -> i64 {
         self.codebook.size()[1]
     }

@@ -52,7 +52,7 @@ pub fn calibrate(
     let layers = model.layers() as usize;
     let mut per_block: Vec<Vec<Array2<f32>>> = vec![Vec::new(); layers];
     tch::no_grad(|| -> Result<()> {
-        for x in task.calibration_batches(n, device)? {
+        for x in task.calibration_batches(n, a.seed, device)? {
             for (l, t) in model.block_inputs(&x)?.iter().enumerate() {
                 per_block[l].push(to_rows(t)?);
             }
@@ -105,5 +105,9 @@ pub fn calibrate(
     };
     file.extra.insert("data".into(), a.data.clone());
     file.extra.insert("samples".into(), n.to_string());
+    file.extra.insert(
+        "sampling".into(),
+        format!("{n} training examples drawn at random with seed {}", a.seed),
+    );
     Ok(file)
 }

@@ -273,7 +273,21 @@ fn set_up(cfg: &TrainConfig, device: Device) -> Result<Setup> {
     };
     let vq = match &cfg.astra {
         None => None,
-        Some(a) => Some(model.load_quantizers(&a.codebooks, &a.vq, device)?),
+        Some(a) => {
+            let q = model.load_quantizers(&a.codebooks, &a.vq, device)?;
+            // λ > 0 without residual statistics would train with no noise while config.json
+            // says λ: refuse rather than silently drop NAQ.
+            if a.vq.noise_lambda > 0.0 && q.iter().any(|b| !b.has_noise_model()) {
+                return Err(TrainError::File {
+                    path: a.codebooks.clone(),
+                    reason: format!(
+                        "has no NAQ residual statistics, but --lambda {} asks for noise: calibrate with --noise full or diagonal, or pass --lambda 0",
+                        a.vq.noise_lambda
+                    ),
+                });
+            }
+            Some(q)
+        }
     };
     Ok(Setup {
         task,

@@ -412,10 +412,14 @@ impl Task {
     }
 
     /// Inputs for calibration: the first `n` training examples, in batches.
-    pub fn calibration_batches(&self, n: usize, device: Device) -> Result<Vec<Tensor>> {
+    /// The inputs calibration collects block inputs from: `n` training examples (images, or
+    /// text windows) drawn at random from the whole training set with `seed`, in data order.
+    /// Never the first n: image folders are sorted by class and corpora by document, so a prefix
+    /// would fit the codebooks to a few classes or one part of the text.
+    pub fn calibration_batches(&self, n: usize, seed: u64, device: Device) -> Result<Vec<Tensor>> {
         match self {
             Task::Images { data, size } => {
-                let idx: Vec<usize> = (0..n.min(data.train.len())).collect();
+                let idx = sample_sorted(data.train.len(), n, seed);
                 idx.chunks(256)
                     .map(|c| {
                         read_batch(&*data.train, c, None)
@@ -427,9 +431,9 @@ impl Task {
                 corpus, context, ..
             } => {
                 let starts = text::training_starts(corpus.train.len(), *context, 0);
-                let ws: Vec<Window> = starts
+                let ws: Vec<Window> = sample_sorted(starts.len(), n, seed)
                     .into_iter()
-                    .take(n)
+                    .map(|i| starts[i])
                     .map(|s| Window {
                         start: s,
                         len: *context,
@@ -442,5 +446,30 @@ impl Task {
                     .collect())
             }
         }
+    }
+}
+
+/// `n` distinct indices of `0..len` drawn uniformly with `seed`, ascending (all of them when
+/// n ≥ len).
+pub fn sample_sorted(len: usize, n: usize, seed: u64) -> Vec<usize> {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut idx = rand::seq::index::sample(&mut rng, len, n.min(len)).into_vec();
+    idx.sort_unstable();
+    idx
+}
+
+#[cfg(test)]
+mod sample_tests {
+    #[test]
+    fn samples_spread_over_the_whole_range_and_repeat_for_a_seed() {
+        let a = super::sample_sorted(10_000, 100, 3);
+        assert_eq!(a, super::sample_sorted(10_000, 100, 3));
+        assert_eq!(a.len(), 100);
+        assert!(a.windows(2).all(|w| w[0] < w[1]));
+        // Not a prefix: the sample reaches the last tenth of the range.
+        assert!(*a.last().unwrap() > 9_000, "{:?}", a.last());
+        assert_ne!(a, super::sample_sorted(10_000, 100, 4));
+        assert_eq!(super::sample_sorted(5, 9, 1), vec![0, 1, 2, 3, 4]);
     }
 }
