@@ -317,3 +317,113 @@ pub fn check_codebooks(file: &astra_quant::CodebookFile, layers: i64, hidden: i6
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use astra_quant::{GroupedCodebook, NoiseModel};
+    use ndarray::Array2;
+    use tch::Device;
+
+    /// A G-group codebook of K random codewords for D-wide rows, optionally with a noise model.
+    fn quantizer(g: usize, k: usize, d: usize, noise: Option<NoiseModel>) -> BlockQuantizer {
+        tch::manual_seed(5);
+        let flat =
+            Vec::<f32>::try_from(Tensor::randn([(k * d) as i64], tch::kind::FLOAT_CPU)).unwrap();
+        BlockQuantizer {
+            codebook: GroupedCodebook::from_flat(g, k, d / g, flat).unwrap(),
+            noise,
+        }
+    }
+
+    #[test]
+    fn libtorch_search_equals_astra_quants() {
+        let q = quantizer(4, 32, 16, None);
+        let vq = GroupedVq::from_quantizer(&q, VqConfig::default(), Device::Cpu);
+        let x = Tensor::randn([300, 16], tch::kind::FLOAT_CPU);
+        let ours = Vec::<i64>::try_from(vq.encode(&x).reshape([-1])).unwrap();
+        let rows =
+            Array2::from_shape_vec((300, 16), Vec::<f32>::try_from(x.reshape([-1])).unwrap())
+                .unwrap();
+        let theirs: Vec<i64> = q
+            .codebook
+            .encode(rows.view())
+            .unwrap()
+            .iter()
+            .map(|&v| v as i64)
+            .collect();
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn the_straight_through_estimator_passes_gradients_to_the_input() {
+        let q = quantizer(2, 16, 8, None);
+        let mut vq = GroupedVq::from_quantizer(&q, VqConfig::default(), Device::Cpu);
+        let x = Tensor::randn([5, 8], tch::kind::FLOAT_CPU).set_requires_grad(true);
+        let out = vq.quantize(&x, false);
+        // The value is the codewords...
+        let codewords = vq.decode(&out.indices);
+        assert!(f64::try_from((&out.value - &codewords).abs().max()).unwrap() < 1e-6);
+        // ...and the gradient reaches X through it (identity), where a plain lookup has none.
+        (&out.value * 3.0).sum(Kind::Float).backward();
+        let grad = x.grad();
+        assert!(f64::try_from((&grad - 3.0).abs().max()).unwrap() < 1e-6);
+        assert!(!codewords.requires_grad());
+    }
+
+    #[test]
+    fn evaluation_freezes_the_codebook_and_draws_no_noise() {
+        let noise = NoiseModel::Diagonal {
+            mean: vec![0.5; 8],
+            std: vec![1.0; 8],
+        };
+        let q = quantizer(2, 16, 8, Some(noise));
+        let mut vq = GroupedVq::from_quantizer(&q, VqConfig::default(), Device::Cpu);
+        let before = vq.codebook.copy();
+        let x = Tensor::randn([64, 8], tch::kind::FLOAT_CPU);
+        let off = |v: &Tensor, w: &Tensor| f64::try_from((v - w).abs().max()).unwrap();
+        let out = vq.quantize(&x, false);
+        assert!(vq.codebook.equal(&before), "evaluation moved the codebook");
+        assert!(
+            off(&out.value, &vq.decode(&out.indices)) < 1e-5,
+            "evaluation added noise"
+        );
+        // Training moves it and adds the noise (to the codewords it quantized with).
+        let codewords = vq.decode(&vq.encode(&x));
+        let out = vq.quantize(&x, true);
+        assert!(!vq.codebook.equal(&before));
+        assert!(off(&out.value, &codewords) > 0.1);
+    }
+
+    #[test]
+    fn the_noise_sampler_reproduces_the_residual_covariance() {
+        // Σ = L Lᵀ with L lower-triangular, µ ≠ 0.
+        let chol = ndarray::arr2(&[[1.0f32, 0.0, 0.0], [0.5, 0.8, 0.0], [-0.3, 0.2, 0.4]]);
+        let mean = vec![0.2f32, -0.1, 0.05];
+        let noise = NoiseModel::Full {
+            mean: mean.clone(),
+            chol: chol.clone(),
+        };
+        let q = quantizer(1, 4, 3, Some(noise));
+        let vq = GroupedVq::from_quantizer(&q, VqConfig::default(), Device::Cpu);
+        tch::manual_seed(9);
+        let n = 200_000i64;
+        let xi = vq.sample_noise(&[n, 3]).unwrap().to_kind(Kind::Double);
+        let mu = xi.mean_dim(0, false, Kind::Double);
+        let c = &xi - &mu;
+        let cov = c.transpose(0, 1).matmul(&c) / (n - 1) as f64;
+        let l = Tensor::from_slice(chol.as_slice().unwrap())
+            .view([3, 3])
+            .to_kind(Kind::Double);
+        let want = l.matmul(&l.transpose(0, 1));
+        let mu_err = f64::try_from(
+            (&mu - Tensor::from_slice(&mean).to_kind(Kind::Double))
+                .abs()
+                .max(),
+        )
+        .unwrap();
+        let cov_err = f64::try_from((&cov - &want).abs().max()).unwrap();
+        assert!(mu_err < 0.01, "mean off by {mu_err}");
+        assert!(cov_err < 0.01, "covariance off by {cov_err}");
+    }
+}
