@@ -38,6 +38,62 @@ fn to_rows(t: &Tensor) -> Result<Array2<f32>> {
     Ok(Array2::from_shape_vec((n, d as usize), v).expect("sized"))
 }
 
+/// A seeded reservoir of at most `cap` rows (Algorithm R): every row seen has the same chance
+/// of being kept, whatever the order and however many rows pass, and memory stays `cap` rows.
+pub struct RowReservoir {
+    rows: Vec<f32>,
+    dim: usize,
+    cap: usize,
+    seen: u64,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+impl RowReservoir {
+    pub fn new(dim: usize, cap: usize, seed: u64) -> Self {
+        use rand::SeedableRng;
+        RowReservoir {
+            rows: Vec::new(),
+            dim,
+            cap: cap.max(1),
+            seen: 0,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
+    pub fn push(&mut self, x: ndarray::ArrayView2<f32>) {
+        use rand::Rng;
+        for row in x.outer_iter() {
+            let kept = self.rows.len() / self.dim;
+            if kept < self.cap {
+                self.rows.extend(row.iter());
+            } else {
+                let j = self.rng.random_range(0..=self.seen);
+                if (j as usize) < self.cap {
+                    let at = j as usize * self.dim;
+                    for (dst, src) in self.rows[at..at + self.dim].iter_mut().zip(row) {
+                        *dst = *src;
+                    }
+                }
+            }
+            self.seen += 1;
+        }
+    }
+
+    /// Rows seen in all.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    pub fn into_rows(self) -> Array2<f32> {
+        let n = self.rows.len() / self.dim;
+        Array2::from_shape_vec((n, self.dim), self.rows).expect("whole rows")
+    }
+}
+
+/// Fits per-block codebooks and NAQ statistics on a sample of the training data. Memory is
+/// bounded whatever the sample size: the first pass keeps a seeded reservoir of K × 256 rows per
+/// block (all that k-means trains on), the second streams every row through the fitted codebook
+/// into the residual statistics (which merge).
 pub fn calibrate(
     model: &Model,
     a: &CalibrationSettings,
@@ -50,55 +106,37 @@ pub fn calibrate(
         return Err(TrainError::invalid("samples", "must be at least 1"));
     }
     let layers = model.layers() as usize;
-    let mut per_block: Vec<Vec<Array2<f32>>> = vec![Vec::new(); layers];
-    tch::no_grad(|| -> Result<()> {
-        for x in task.calibration_batches(n, a.seed, device)? {
-            for (l, t) in model.block_inputs(&x)?.iter().enumerate() {
-                per_block[l].push(to_rows(t)?);
-            }
-        }
+    let dim = model.hidden() as usize;
+    let cap = a.k * KMeansConfig::new(a.k).max_points_per_centroid;
+    let mut reservoirs: Vec<RowReservoir> = (0..layers)
+        .map(|l| RowReservoir::new(dim, cap, a.seed.wrapping_add(l as u64)))
+        .collect();
+    for_each_block_input(model, &task, n, a.seed, device, |l, rows| {
+        reservoirs[l].push(rows.view());
         Ok(())
     })?;
-    let bar = if progress {
-        let b = ProgressBar::new(layers as u64);
-        b.set_style(
-            ProgressStyle::with_template(
-                "calibrate blocks {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
-            )
-            .expect("static"),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
-    let mut blocks = Vec::with_capacity(layers);
-    for parts in per_block {
-        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-        let rows = ndarray::concatenate(ndarray::Axis(0), &views).expect("same width");
+    let bar = progress_bar(progress, layers, "calibrate blocks");
+    let mut codebooks = Vec::with_capacity(layers);
+    for r in reservoirs {
+        let rows = r.into_rows();
         let cfg = KMeansConfig {
             iters: a.iters,
             seed: a.seed,
             ..KMeansConfig::new(a.k)
         };
-        let (cb, _) = GroupedCodebook::fit(rows.view(), a.groups, &cfg)?;
-        let noise = match a.noise {
-            None => None,
-            Some(kind) => {
-                let mut acc = ResidualAccumulator::new(cb.dim(), kind);
-                for chunk in rows.axis_chunks_iter(ndarray::Axis(0), 8192) {
-                    let xh = cb.decode(cb.encode(chunk)?.view())?;
-                    acc.push_pair(chunk, xh.view())?;
-                }
-                Some(acc.finish()?.noise_model().model)
-            }
-        };
-        blocks.push(BlockQuantizer {
-            codebook: cb,
-            noise,
-        });
+        codebooks.push(GroupedCodebook::fit(rows.view(), a.groups, &cfg)?.0);
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let noise = match a.noise {
+        None => vec![None; layers],
+        Some(kind) => residual_models(model, &task, n, a.seed, device, &codebooks, kind)?,
+    };
+    let blocks = codebooks
+        .into_iter()
+        .zip(noise)
+        .map(|(codebook, noise)| BlockQuantizer { codebook, noise })
+        .collect();
     let mut file = CodebookFile {
         blocks,
         extra: Default::default(),
@@ -107,7 +145,101 @@ pub fn calibrate(
     file.extra.insert("samples".into(), n.to_string());
     file.extra.insert(
         "sampling".into(),
-        format!("{n} training examples drawn at random with seed {}", a.seed),
+        format!(
+            "{n} training examples drawn at random with seed {}; k-means on a reservoir of at most {cap} rows per block; residual statistics over every row",
+            a.seed
+        ),
     );
     Ok(file)
+}
+
+/// Calls `f(block, rows)` with every block's input rows [M, D] for the calibration sample.
+fn for_each_block_input(
+    model: &Model,
+    task: &Task,
+    n: usize,
+    seed: u64,
+    device: Device,
+    mut f: impl FnMut(usize, Array2<f32>) -> Result<()>,
+) -> Result<()> {
+    tch::no_grad(|| -> Result<()> {
+        for x in task.calibration_batches(n, seed, device)? {
+            for (l, t) in model.block_inputs(&x)?.iter().enumerate() {
+                f(l, to_rows(t)?)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The second pass: the residual X − X̂ of every row under the fitted codebooks, streamed.
+fn residual_models(
+    model: &Model,
+    task: &Task,
+    n: usize,
+    seed: u64,
+    device: Device,
+    codebooks: &[GroupedCodebook],
+    kind: NoiseKind,
+) -> Result<Vec<Option<astra_quant::NoiseModel>>> {
+    let mut acc: Vec<ResidualAccumulator> = codebooks
+        .iter()
+        .map(|cb| ResidualAccumulator::new(cb.dim(), kind))
+        .collect();
+    for_each_block_input(model, task, n, seed, device, |l, rows| {
+        let cb = &codebooks[l];
+        let xh = cb.decode(cb.encode(rows.view())?.view())?;
+        acc[l].push_pair(rows.view(), xh.view())?;
+        Ok(())
+    })?;
+    acc.iter()
+        .map(|a| Ok(Some(a.finish()?.noise_model().model)))
+        .collect()
+}
+
+fn progress_bar(progress: bool, len: usize, what: &str) -> ProgressBar {
+    if !progress {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(len as u64);
+    b.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}]"
+        ))
+        .expect("static"),
+    );
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RowReservoir;
+
+    #[test]
+    fn the_reservoir_is_bounded_uniform_and_seeded() {
+        let rows = ndarray::Array2::from_shape_fn((10_000, 2), |(i, j)| (i * 2 + j) as f32);
+        let fill = |seed| {
+            let mut r = RowReservoir::new(2, 500, seed);
+            for chunk in rows.axis_chunks_iter(ndarray::Axis(0), 777) {
+                r.push(chunk);
+            }
+            assert_eq!(r.seen(), 10_000);
+            r.into_rows()
+        };
+        let a = fill(1);
+        assert_eq!(a.dim(), (500, 2));
+        assert_eq!(a, fill(1));
+        assert_ne!(a, fill(2));
+        // Rows stay whole, and the sample covers the whole stream (not the first 500).
+        assert!(a.outer_iter().all(|r| r[1] == r[0] + 1.0));
+        let late = a.outer_iter().filter(|r| r[0] >= 10_000.0).count();
+        assert!(
+            (200..=300).contains(&late),
+            "{late} of 500 from the second half"
+        );
+        // Fewer rows than the cap: all of them.
+        let mut r = RowReservoir::new(2, 500, 1);
+        r.push(rows.slice(ndarray::s![..10, ..]));
+        assert_eq!(r.into_rows().nrows(), 10);
+    }
 }
