@@ -305,8 +305,10 @@ impl Task {
         }
     }
 
-    /// Scores the model on the test split (images: the first `limit` test images; text: the
-    /// validation tokens in disjoint `context` windows, the first `limit` of them).
+    /// Scores the model on the test split (images: `limit` test images; text: the validation
+    /// tokens in disjoint `context` windows, `limit` of them). A limit draws a fixed random subset
+    /// ([`EVAL_SEED`]) spread over the split, never its first examples: ImageNet's validation
+    /// folders are sorted by class.
     pub fn evaluate(
         &self,
         model: &Model,
@@ -334,7 +336,7 @@ impl Task {
         let batches: Vec<(Tensor, Tensor)> = match self {
             Task::Images { data, size } => {
                 let n = limit.map_or(data.test.len(), |l| l.min(data.test.len()));
-                let idx: Vec<usize> = (0..n).collect();
+                let idx = sample_sorted(data.test.len(), n, EVAL_SEED);
                 idx.chunks(batch)
                     .map(|c| {
                         read_batch(&*data.test, c, None)
@@ -347,8 +349,12 @@ impl Task {
                 context,
                 stride,
             } => {
-                let mut ws = text::strided_windows(corpus.valid.len(), *context, *stride);
-                ws.truncate(limit.unwrap_or(usize::MAX));
+                let all = text::strided_windows(corpus.valid.len(), *context, *stride);
+                let ws: Vec<Window> =
+                    sample_sorted(all.len(), limit.unwrap_or(usize::MAX), EVAL_SEED)
+                        .into_iter()
+                        .map(|i| all[i])
+                        .collect();
                 // Batches of equal-length windows (only the last window can be shorter).
                 let mut out = Vec::new();
                 let mut i = 0;
@@ -411,7 +417,6 @@ impl Task {
         Ok(out)
     }
 
-    /// Inputs for calibration: the first `n` training examples, in batches.
     /// The inputs calibration collects block inputs from: `n` training examples (images, or
     /// text windows) drawn at random from the whole training set with `seed`, in data order.
     /// Never the first n: image folders are sorted by class and corpora by document, so a prefix
@@ -449,12 +454,19 @@ impl Task {
     }
 }
 
+/// The seed of the evaluation subset a `--max-test` limit draws (the same for every run, so runs
+/// compare on the same examples).
+pub const EVAL_SEED: u64 = 0x7E57;
+
 /// `n` distinct indices of `0..len` drawn uniformly with `seed`, ascending (all of them when
 /// n ≥ len).
 pub fn sample_sorted(len: usize, n: usize, seed: u64) -> Vec<usize> {
     use rand::SeedableRng;
+    if n >= len {
+        return (0..len).collect();
+    }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut idx = rand::seq::index::sample(&mut rng, len, n.min(len)).into_vec();
+    let mut idx = rand::seq::index::sample(&mut rng, len, n).into_vec();
     idx.sort_unstable();
     idx
 }
