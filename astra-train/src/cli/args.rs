@@ -173,7 +173,8 @@ pub struct AstraArgs {
     /// One CLS on device 0 instead of one per device (the DCT ablation).
     #[arg(long)]
     pub single_cls: bool,
-    /// A random token-to-device assignment per batch.
+    /// Heterogeneous devices: uneven shares drawn per batch (Dirichlet, FPAR spread of the
+    /// paper's Table 9), tokens dealt at random.
     #[arg(long)]
     pub random_partition: bool,
 }

@@ -33,6 +33,8 @@ pub struct AstraSettings {
     pub beta: f64,
     pub vq: VqConfig,
     pub single_cls: bool,
+    /// Uneven shares drawn per batch ([`DevicePartition::random_allocation`]) instead of equal
+    /// contiguous chunks: training for heterogeneous devices.
     pub random_partition: bool,
 }
 
@@ -377,7 +379,7 @@ fn train_epoch(
         let (x, y) = b?;
         let tokens = model.content_tokens(&x) as usize;
         let partition = match &cfg.astra {
-            Some(a) if a.random_partition => Some(DevicePartition::random(
+            Some(a) if a.random_partition => Some(DevicePartition::random_allocation(
                 tokens,
                 a.devices,
                 rng_next(&mut rng),
