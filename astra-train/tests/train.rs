@@ -236,6 +236,10 @@ fn resume_is_exact_and_astra_pipeline_runs() {
         &d.join("checkpoints/epoch-1.safetensors"),
     );
     assert!(c.join("model/codebooks.safetensors").exists());
+    // The exported codebooks carry the NAQ statistics the run ended with (refreshed each epoch),
+    // so a further ASTRA run from them can use λ > 0.
+    let exported = astra_quant::CodebookFile::load(&c.join("model/codebooks.safetensors")).unwrap();
+    assert!(exported.blocks.iter().all(|b| b.noise.is_some()));
     let (m, _) = astra_train::model::Model::load(c.to_str().unwrap(), Device::Cpu).unwrap();
     let file = astra_quant::CodebookFile::load(&c.join("model/codebooks.safetensors")).unwrap();
     astra_train::models::vq::check_codebooks(&file, m.layers(), m.hidden()).unwrap();
@@ -350,6 +354,10 @@ fn language_model_trains_resumes_and_runs_astra() {
     .unwrap();
     assert!(m.perplexity().is_finite() && m.count > 0);
     assert!(c.join("model/codebooks.safetensors").exists());
+    // The exported codebooks carry the NAQ statistics the run ended with (refreshed each epoch),
+    // so a further ASTRA run from them can use λ > 0.
+    let exported = astra_quant::CodebookFile::load(&c.join("model/codebooks.safetensors")).unwrap();
+    assert!(exported.blocks.iter().all(|b| b.noise.is_some()));
 
     // An image model cannot train on text, nor a GPT-2 on images.
     let mut bad = cfg.clone();

@@ -248,6 +248,14 @@ impl GroupedVq {
             ),
             (format!("{prefix}.ema_sum"), self.ema_sum.shallow_clone()),
         ]
+        .into_iter()
+        .chain(self.noise.iter().flat_map(|(mean, factor, _)| {
+            [
+                (format!("{prefix}.noise_mean"), mean.shallow_clone()),
+                (format!("{prefix}.noise_factor"), factor.shallow_clone()),
+            ]
+        }))
+        .collect()
     }
 
     pub fn load_state(
@@ -265,7 +273,70 @@ impl GroupedVq {
         self.codebook = get("codebook")?;
         self.ema_count = get("ema_count")?;
         self.ema_sum = get("ema_sum")?;
+        // The refreshed NAQ statistics (checkpoints from before the refresh lack them and keep
+        // the calibration's).
+        if let (Some(noise), Ok(mean), Ok(factor)) =
+            (self.noise.as_mut(), get("noise_mean"), get("noise_factor"))
+        {
+            noise.0 = mean;
+            noise.1 = factor;
+        }
         Ok(())
+    }
+
+    /// Re-estimates the NAQ noise model from the residual X − X̂ of `moments` (rows pushed under
+    /// the current codebook), keeping its kind (full or diagonal): as EMA moves the codebook and
+    /// fine-tuning moves X, the calibration's statistics stop describing the residual. No-op for a
+    /// quantizer without a noise model.
+    pub fn refresh_noise(&mut self, moments: &ResidualMoments) -> Result<()> {
+        let Some((_, _, diagonal)) = self.noise else {
+            return Ok(());
+        };
+        if moments.rows < 2.0 {
+            return Ok(());
+        }
+        let device = self.codebook.device();
+        let mean = &moments.sum / moments.rows;
+        let cov = &moments.outer / moments.rows - mean.outer(&mean);
+        let factor = if diagonal {
+            cov.diagonal(0, 0, 1).clamp_min(0.0).sqrt()
+        } else {
+            // A little jitter keeps the factorisation defined for rank-deficient residuals.
+            let d = cov.size()[0];
+            let jitter = cov.diagonal(0, 0, 1).mean(Kind::Double).double_value(&[]) * 1e-6 + 1e-12;
+            let eye = Tensor::eye(d, (Kind::Double, cov.device()));
+            (cov + eye * jitter).linalg_cholesky(false)
+        };
+        self.noise = Some((
+            mean.to_kind(Kind::Float).to_device(device).contiguous(),
+            factor.to_kind(Kind::Float).to_device(device).contiguous(),
+            diagonal,
+        ));
+        Ok(())
+    }
+
+    /// The current noise model in astra-quant form (for saving fine-tuned codebooks).
+    pub fn to_noise_model(&self) -> Result<Option<NoiseModel>> {
+        let Some((mean, factor, diagonal)) = &self.noise else {
+            return Ok(None);
+        };
+        let vec = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(Vec::<f32>::try_from(
+                t.to_kind(Kind::Float).to_device(Device::Cpu).reshape([-1]),
+            )?)
+        };
+        Ok(Some(if *diagonal {
+            NoiseModel::Diagonal {
+                mean: vec(mean)?,
+                std: vec(factor)?,
+            }
+        } else {
+            let d = mean.size()[0] as usize;
+            NoiseModel::Full {
+                mean: vec(mean)?,
+                chol: ndarray::Array2::from_shape_vec((d, d), vec(factor)?).expect("[D, D]"),
+            }
+        }))
     }
 
     /// Back to the astra-quant form (for saving fine-tuned codebooks).
@@ -285,7 +356,34 @@ impl GroupedVq {
     }
 }
 
-/// Checks that a codebook file fits a model of `layers` blocks of width `hidden`.
+/// Running sums of the residual X − X̂ under a block's current codebook (f64, on the device):
+/// what [`GroupedVq::refresh_noise`] turns into µ and Σ.
+pub struct ResidualMoments {
+    rows: f64,
+    sum: Tensor,
+    outer: Tensor,
+}
+
+impl ResidualMoments {
+    pub fn new(dim: i64, device: Device) -> Self {
+        ResidualMoments {
+            rows: 0.0,
+            sum: Tensor::zeros([dim], (Kind::Double, device)),
+            outer: Tensor::zeros([dim, dim], (Kind::Double, device)),
+        }
+    }
+
+    /// Adds the residuals of `x` [.., D] under `vq`'s current codebook.
+    pub fn push(&mut self, vq: &GroupedVq, x: &Tensor) {
+        let d = *x.size().last().expect("[.., D]");
+        let x = x.to_kind(Kind::Float).reshape([-1, d]);
+        let r = (&x - vq.decode(&vq.encode(&x))).to_kind(Kind::Double);
+        self.rows += r.size()[0] as f64;
+        self.sum += r.sum_dim_intlist(0, false, Kind::Double);
+        self.outer += r.transpose(0, 1).matmul(&r);
+    }
+}
+
 /// One quantizer per block of a codebook file, on `device`.
 pub fn quantizers_of(
     file: &astra_quant::CodebookFile,
@@ -298,6 +396,7 @@ pub fn quantizers_of(
         .collect()
 }
 
+/// Checks that a codebook file fits a model of `layers` blocks of width `hidden`.
 pub fn check_codebooks(file: &astra_quant::CodebookFile, layers: i64, hidden: i64) -> Result<()> {
     if file.blocks.len() as i64 != layers {
         return Err(TrainError::invalid(
@@ -425,5 +524,50 @@ mod tests {
         let cov_err = f64::try_from((&cov - &want).abs().max()).unwrap();
         assert!(mu_err < 0.01, "mean off by {mu_err}");
         assert!(cov_err < 0.01, "covariance off by {cov_err}");
+    }
+}
+
+#[cfg(test)]
+mod refresh_tests {
+    use super::*;
+    use astra_quant::{GroupedCodebook, NoiseModel};
+    use tch::Device;
+
+    #[test]
+    fn refreshed_noise_describes_the_current_residual() {
+        tch::manual_seed(21);
+        let flat = Vec::<f32>::try_from(Tensor::randn([8 * 4], tch::kind::FLOAT_CPU)).unwrap();
+        for noise in [
+            NoiseModel::Diagonal {
+                mean: vec![9.0; 4],
+                std: vec![9.0; 4],
+            },
+            NoiseModel::Full {
+                mean: vec![9.0; 4],
+                chol: ndarray::Array2::eye(4) * 9.0,
+            },
+        ] {
+            let q = BlockQuantizer {
+                codebook: GroupedCodebook::from_flat(1, 8, 4, flat.clone()).unwrap(),
+                noise: Some(noise),
+            };
+            let mut vq = GroupedVq::from_quantizer(&q, VqConfig::default(), Device::Cpu);
+            let x = Tensor::randn([4000, 4], tch::kind::FLOAT_CPU) * 0.3 + 1.0;
+            let mut m = ResidualMoments::new(4, Device::Cpu);
+            m.push(&vq, &x.narrow(0, 0, 2000));
+            m.push(&vq, &x.narrow(0, 2000, 2000));
+            vq.refresh_noise(&m).unwrap();
+            let r = &x - vq.decode(&vq.encode(&x));
+            let want_mean = r.mean_dim(0, false, Kind::Float);
+            let model = vq.to_noise_model().unwrap().unwrap();
+            let (mean, spread) = match &model {
+                NoiseModel::Diagonal { mean, std } => (mean.clone(), std[0]),
+                NoiseModel::Full { mean, chol } => (mean.clone(), chol[[0, 0]]),
+            };
+            let got = Tensor::from_slice(&mean);
+            assert!(f64::try_from((&got - &want_mean).abs().max()).unwrap() < 1e-4);
+            // The calibration's σ = 9 is gone; the residual's own spread is well below 1.
+            assert!(spread > 0.0 && spread < 1.0, "{spread}");
+        }
     }
 }

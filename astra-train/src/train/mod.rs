@@ -19,6 +19,7 @@ use crate::config::ModelConfig;
 use crate::data::augment::Augment;
 use crate::error::{Result, TrainError};
 use crate::model::Model;
+use crate::models::vq::ResidualMoments;
 use crate::models::{Astra, ClsMode, DevicePartition, GroupedVq, VqConfig};
 use crate::precision::bf16_autocast;
 use optim::{AdamW, AdamWConfig};
@@ -186,6 +187,14 @@ pub fn train(
         }
         let t0 = Instant::now();
         let totals = train_epoch(cfg, &mut setup, &mut opt, epoch, steps_per_epoch, progress)?;
+        // NAQ follows the codebook: as EMA moves it (and fine-tuning moves X), the residual
+        // statistics are re-estimated each epoch; the checkpoint and model/ keep what was used.
+        if let (Some(a), Some(q)) = (&cfg.astra, setup.vq.as_mut()) {
+            if a.vq.noise_lambda > 0.0 {
+                let seed = cfg.seed ^ ((epoch as u64 + 1) << 40);
+                refresh_naq(&setup.task, &setup.model, q, seed, device)?;
+            }
+        }
         let Setup {
             task,
             model,
@@ -335,6 +344,42 @@ fn restore(
         best: state.best_score,
         best_metrics: state.best_metrics,
     })
+}
+
+/// Examples (images, or text windows) each epoch's NAQ refresh draws from the training data.
+pub const NAQ_REFRESH_IMAGES: usize = 256;
+pub const NAQ_REFRESH_WINDOWS: usize = 16;
+
+/// Re-estimates every block's NAQ statistics under its current codebook, from the plain
+/// model's block inputs over a seeded sample of the training data.
+fn refresh_naq(
+    task: &Task,
+    model: &Model,
+    vq: &mut [GroupedVq],
+    seed: u64,
+    device: Device,
+) -> Result<()> {
+    let n = if task.is_text() {
+        NAQ_REFRESH_WINDOWS
+    } else {
+        NAQ_REFRESH_IMAGES
+    };
+    let mut moments: Vec<ResidualMoments> = vq
+        .iter()
+        .map(|_| ResidualMoments::new(model.hidden(), device))
+        .collect();
+    tch::no_grad(|| -> Result<()> {
+        for x in task.calibration_batches(n, seed, device)? {
+            for (l, t) in model.block_inputs(&x)?.iter().enumerate() {
+                moments[l].push(&vq[l], t);
+            }
+        }
+        Ok(())
+    })?;
+    for (q, m) in vq.iter_mut().zip(&moments) {
+        q.refresh_noise(m)?;
+    }
+    Ok(())
 }
 
 /// One epoch of training steps. Everything random in it derives from (seed, epoch), so a

@@ -366,7 +366,7 @@ impl RunFolder {
                 .map(|b| {
                     Ok(astra_quant::BlockQuantizer {
                         codebook: b.to_codebook()?,
-                        noise: None,
+                        noise: b.to_noise_model()?,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
