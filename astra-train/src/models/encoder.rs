@@ -3,7 +3,7 @@
 //! (an L-block, D-wide encoder over T tokens, any T), so `astra-eval profile` times the device
 //! engine on it rather than a block of its own.
 
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Tensor};
 
 use super::fast_kv::CodewordKv;
 use super::mpa::mixed_precision_mask;
@@ -72,12 +72,7 @@ impl AstraModel for Encoder {
         remote: Remote<'_>,
         _mask: Option<&Tensor>,
     ) -> Tensor {
-        let blk = &self.blocks[l];
-        match remote {
-            Remote::Nothing => blk.forward(x, None, None),
-            Remote::Tokens(e) => blk.forward(x, Some(e), None),
-            Remote::KeysValues(kv) => blk.forward_kv(x, Some(kv)),
-        }
+        self.blocks[l].step(x, remote)
     }
     fn codeword_kv(&self, l: usize, codebook: &Tensor) -> CodewordKv {
         self.blocks[l].codeword_kv(codebook, self.eps)
@@ -96,20 +91,14 @@ impl AstraModel for Encoder {
     fn forward_astra(&self, x: &Tensor, astra: Astra) -> Result<AstraOutput> {
         self.check(x)?;
         let mask = mixed_precision_mask(astra.partition, 0, false, x.device());
-        let mut commitment = Tensor::zeros([], (Kind::Float, x.device()));
-        let mut vq = astra.vq;
-        let mut x = x.shallow_clone();
-        for (l, blk) in self.blocks.iter().enumerate() {
-            let xq = match vq.as_deref_mut() {
-                Some(v) => {
-                    let q = v[l].quantize(&x, astra.train);
-                    commitment += q.commitment;
-                    q.value
-                }
-                None => x.shallow_clone(),
-            };
-            x = blk.forward(&x, Some(&xq), Some(&mask));
-        }
+        let (x, commitment) = super::masked_blocks(
+            self.blocks.len(),
+            x.shallow_clone(),
+            0,
+            astra.vq,
+            astra.train,
+            |l, x, xq| self.blocks[l].forward(x, Some(xq), Some(&mask)),
+        )?;
         Ok(AstraOutput {
             logits: x,
             commitment,
@@ -145,7 +134,7 @@ mod tests {
             ..ViTConfig::vit_base_patch16_224(2)
         };
         let enc = Encoder::new(&vs.root(), &cfg).unwrap();
-        let x = Tensor::randn([2, 10, 16], (Kind::Float, tch::Device::Cpu));
+        let x = Tensor::randn([2, 10, 16], (tch::Kind::Float, tch::Device::Cpu));
         let p = DevicePartition::contiguous(10, 3).unwrap();
         let astra = Astra {
             partition: &p,

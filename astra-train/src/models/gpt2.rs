@@ -8,7 +8,6 @@ use tch::{Kind, Tensor};
 use super::fast_kv::CodewordKv;
 use super::layers::{activate, attend, Conv1D};
 use super::mpa::mixed_precision_mask_with_loss;
-use super::vit::check_blocks;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::GPT2Config;
 use crate::engine::{AstraModel, Remote};
@@ -231,25 +230,17 @@ impl Gpt2 {
             ));
         }
         let pos = Tensor::arange(t, (Kind::Int64, ids.device()));
-        let mut x = self.embed(ids, &pos)?;
+        let x = self.embed(ids, &pos)?;
         let mask =
             mixed_precision_mask_with_loss(astra.partition, 0, true, astra.link_loss, ids.device());
-        let mut commitment = Tensor::zeros([], (Kind::Float, x.device()));
-        let mut vq = astra.vq;
-        if let Some(v) = &vq {
-            check_blocks(v.len(), self.blocks.len())?;
-        }
-        for (l, blk) in self.blocks.iter().enumerate() {
-            let xq = match vq.as_deref_mut() {
-                Some(v) => {
-                    let q = v[l].quantize(&x, astra.train);
-                    commitment += q.commitment;
-                    q.value
-                }
-                None => x.shallow_clone(),
-            };
-            x = blk.forward(&x, Some(&xq), Some(&mask));
-        }
+        let (x, commitment) = super::masked_blocks(
+            self.blocks.len(),
+            x,
+            0,
+            astra.vq,
+            astra.train,
+            |l, x, xq| self.blocks[l].forward(x, Some(xq), Some(&mask)),
+        )?;
         Ok(AstraOutput {
             logits: self.head(&x),
             commitment,

@@ -35,3 +35,35 @@ pub struct AstraOutput {
     pub logits: tch::Tensor,
     pub commitment: tch::Tensor,
 }
+
+/// The masked formulation's block loop, shared by every model: per block, the content states
+/// (`content_from` of them: after the CLS copies) are quantized (commitment summed; identity
+/// without quantizers) and the block runs with [full | quantized] keys under `mask`. Returns the
+/// final states and the summed commitment.
+pub(crate) fn masked_blocks(
+    blocks: usize,
+    mut x: tch::Tensor,
+    content_from: i64,
+    mut vq: Option<&mut [GroupedVq]>,
+    train: bool,
+    block: impl Fn(usize, &tch::Tensor, &tch::Tensor) -> tch::Tensor,
+) -> crate::error::Result<(tch::Tensor, tch::Tensor)> {
+    if let Some(v) = &vq {
+        vit::check_blocks(v.len(), blocks)?;
+    }
+    let mut commitment = tch::Tensor::zeros([], (tch::Kind::Float, x.device()));
+    for l in 0..blocks {
+        let t = x.size()[1] - content_from;
+        let content = x.narrow(1, content_from, t);
+        let xq = match vq.as_deref_mut() {
+            Some(v) => {
+                let q = v[l].quantize(&content, train);
+                commitment += q.commitment;
+                q.value
+            }
+            None => content,
+        };
+        x = block(l, &x, &xq);
+    }
+    Ok((x, commitment))
+}

@@ -73,6 +73,15 @@ impl VitBlock {
         &x + activate(&h.apply(&self.fc1), &self.act).apply(&self.fc2)
     }
 
+    /// The device engine's block step (bidirectional: no mask).
+    pub(crate) fn step(&self, x: &Tensor, remote: Remote<'_>) -> Tensor {
+        match remote {
+            Remote::Nothing => self.forward(x, None, None),
+            Remote::Tokens(e) => self.forward(x, Some(e), None),
+            Remote::KeysValues(kv) => self.forward_kv(x, Some(kv)),
+        }
+    }
+
     /// Keys/values of remote tokens straight from their indices for this block's LayerNorm and
     /// key/value projections (the fast inference path, [`CodewordKv`]).
     pub fn codeword_kv(&self, codebook: &Tensor, eps: f64) -> CodewordKv {
@@ -248,24 +257,15 @@ impl ViT {
             astra.link_loss,
             tokens.device(),
         );
-        let mut x = Tensor::cat(&[cls.expand([b, n_cls, -1], false), tokens], 1);
-        let mut commitment = Tensor::zeros([], (Kind::Float, x.device()));
-        let mut vq = astra.vq;
-        if let Some(v) = &vq {
-            check_blocks(v.len(), self.blocks.len())?;
-        }
-        for (l, blk) in self.blocks.iter().enumerate() {
-            let content = x.narrow(1, n_cls, t);
-            let xq = match vq.as_deref_mut() {
-                Some(v) => {
-                    let q = v[l].quantize(&content, astra.train);
-                    commitment += q.commitment;
-                    q.value
-                }
-                None => content,
-            };
-            x = blk.forward(&x, Some(&xq), Some(&mask));
-        }
+        let x = Tensor::cat(&[cls.expand([b, n_cls, -1], false), tokens], 1);
+        let (x, commitment) = super::masked_blocks(
+            self.blocks.len(),
+            x,
+            n_cls,
+            astra.vq,
+            astra.train,
+            |l, x, xq| self.blocks[l].forward(x, Some(xq), Some(&mask)),
+        )?;
         Ok(AstraOutput {
             logits: self.head(&x.narrow(1, 0, n_cls)),
             commitment,
@@ -323,12 +323,7 @@ impl AstraModel for ViT {
         remote: Remote<'_>,
         _mask: Option<&Tensor>,
     ) -> Tensor {
-        let blk = &self.blocks[l];
-        match remote {
-            Remote::Nothing => blk.forward(x, None, None),
-            Remote::Tokens(e) => blk.forward(x, Some(e), None),
-            Remote::KeysValues(kv) => blk.forward_kv(x, Some(kv)),
-        }
+        self.blocks[l].step(x, remote)
     }
 
     fn codeword_kv(&self, l: usize, codebook: &Tensor) -> CodewordKv {
