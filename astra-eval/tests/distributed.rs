@@ -230,15 +230,7 @@ fn wrong_session_key_and_malformed_frames_are_refused() {
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
         if payload.starts_with(b"hello") {
             // A well-formed hello with the wrong key.
-            let key = b"wrong-key";
-            let mut p = (key.len() as u32).to_le_bytes().to_vec();
-            p.extend_from_slice(key);
-            p.extend_from_slice(&u32::MAX.to_le_bytes());
-            let mut f = 0x4153_5452u32.to_le_bytes().to_vec();
-            f.push(1);
-            f.extend_from_slice(&(p.len() as u32).to_le_bytes());
-            f.extend_from_slice(&p);
-            s.write_all(&f).unwrap();
+            s.write_all(&coordinator_hello("wrong-key")).unwrap();
         } else {
             s.write_all(payload).unwrap();
         }
@@ -718,13 +710,7 @@ fn workers_guard_their_session() {
     refused_with(w, "not a hello of at most 1024");
     // An empty key presented to the worker is a wrong key.
     let (w, mut s) = worker_and_client("right-key");
-    let mut p = 0u32.to_le_bytes().to_vec();
-    p.extend_from_slice(&u32::MAX.to_le_bytes());
-    let mut f = 0x4153_5452u32.to_le_bytes().to_vec();
-    f.push(1);
-    f.extend_from_slice(&(p.len() as u32).to_le_bytes());
-    f.extend_from_slice(&p);
-    s.write_all(&f).unwrap();
+    s.write_all(&coordinator_hello("")).unwrap();
     refused_with(w, "wrong session key");
 }
 
@@ -807,4 +793,13 @@ fn worker_command_lines(parent: u32) -> Vec<String> {
         }
     }
     out
+}
+
+/// A well-formed coordinator hello presenting `key` (the transport's own frame encoding).
+fn coordinator_hello(key: &str) -> Vec<u8> {
+    astra_sim::transport::Frame::Hello {
+        session: key.into(),
+        rank: u32::MAX,
+    }
+    .to_bytes()
 }

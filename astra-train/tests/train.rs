@@ -535,25 +535,9 @@ fn a_run_that_fails_on_its_inputs_leaves_no_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let data = fixtures(tmp.path());
     // Codebooks that do not exist: found inside the trainer, after the folder was opened.
-    let mut cfg = config(&data, 1);
-    cfg.astra = Some(AstraSettings {
-        devices: 4,
-        codebooks: tmp.path().join("none.safetensors"),
-        beta: 5e-4,
-        vq: Default::default(),
-        single_cls: false,
-        random_partition: false,
-    });
+    let cfg = astra_config(&data, tmp.path().join("none.safetensors"));
     let run = tmp.path().join("run");
-    let e = train(
-        &cfg,
-        &RunFolder::open(&run, &cfg, false).unwrap(),
-        Device::Cpu,
-        false,
-        None,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = start_error(&cfg, &run);
     assert!(e.contains("none.safetensors"), "{e}");
     assert!(!run.exists(), "a failed start left {}", run.display());
     // So the corrected rerun is not refused as "already holds a run".
@@ -643,25 +627,9 @@ fn naq_without_residual_statistics_is_refused() {
     }
     .save(&cb)
     .unwrap();
-    let mut cfg = config(&data, 1);
-    cfg.astra = Some(AstraSettings {
-        devices: 4,
-        codebooks: cb,
-        beta: 5e-4,
-        vq: Default::default(), // λ = 1
-        single_cls: false,
-        random_partition: false,
-    });
+    let mut cfg = astra_config(&data, cb); // λ = 1
     let run = tmp.path().join("run");
-    let e = train(
-        &cfg,
-        &RunFolder::open(&run, &cfg, false).unwrap(),
-        Device::Cpu,
-        false,
-        None,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = start_error(&cfg, &run);
     assert!(
         e.contains("has no NAQ residual statistics, but --lambda 1"),
         "{e}"
@@ -677,4 +645,31 @@ fn naq_without_residual_statistics_is_refused() {
         None,
     )
     .unwrap();
+}
+
+/// The tiny ViT run of `config` as an ASTRA run on 4 devices with `codebooks` (default VQ: λ = 1).
+fn astra_config(data: &Path, codebooks: std::path::PathBuf) -> TrainConfig {
+    let mut cfg = config(data, 1);
+    cfg.astra = Some(AstraSettings {
+        devices: 4,
+        codebooks,
+        beta: 5e-4,
+        vq: Default::default(),
+        single_cls: false,
+        random_partition: false,
+    });
+    cfg
+}
+
+/// The error of a new run of `cfg` in `run` that must fail.
+fn start_error(cfg: &TrainConfig, run: &Path) -> String {
+    train(
+        cfg,
+        &RunFolder::open(run, cfg, false).unwrap(),
+        Device::Cpu,
+        false,
+        None,
+    )
+    .unwrap_err()
+    .to_string()
 }
