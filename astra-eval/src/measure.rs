@@ -270,6 +270,7 @@ fn random_quantizer(c: &ProfileConfig, groups: usize) -> Result<astra_quant::Blo
         (Kind::Float, Device::Cpu),
     ))?;
     Ok(astra_quant::BlockQuantizer {
+        usage: None,
         codebook: astra_quant::GroupedCodebook::from_flat(groups, c.codewords as usize, sub, data)?,
         noise: None,
     })

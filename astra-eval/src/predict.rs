@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::cli::args::PredictArgs;
 use crate::error::Result;
 use crate::fail;
 use astra_quant::npy::{self, NpyArray};
@@ -21,20 +22,13 @@ pub enum ForwardPath {
     PerDeviceFast,
 }
 
-pub struct PredictRequest {
-    pub model: String,
-    pub input: PathBuf,
-    pub out: PathBuf,
-    pub devices: Option<usize>,
-    pub codebooks: Option<PathBuf>,
-    pub cls: ClsMode,
-    pub path: ForwardPath,
-    pub device: Device,
-}
-
-pub fn run(a: &PredictRequest) -> Result<String> {
-    let (model, _) = Model::load(&a.model, a.device)?;
-    let input = read_input(&a.input, &model.config)?.to_device(a.device);
+/// Logits of `a.model` for `a.input`, written to `a.out`; returns the line to print.
+pub fn run(a: &PredictArgs) -> Result<String> {
+    let device =
+        astra_train::libtorch::parse_device(&a.device).map_err(crate::error::EvalError::Invalid)?;
+    let (model, _) = Model::load(&a.model, device)?;
+    let input = read_input(&a.input, &model.config)?.to_device(device);
+    let mut codebooks = None;
     let logits = tch::no_grad(|| -> Result<Tensor> {
         let Some(n) = a.devices else {
             return Ok(model.forward(&input)?);
@@ -44,8 +38,9 @@ pub fn run(a: &PredictRequest) -> Result<String> {
         }
         let tokens = model.content_tokens(&input) as usize;
         let partition = DevicePartition::contiguous(tokens, n)?;
-        let mut vq: Option<Vec<GroupedVq>> = match &a.codebooks {
-            Some(p) => Some(model.load_quantizers(p, &VqConfig::default(), a.device)?),
+        codebooks = self::codebooks(a)?;
+        let mut vq: Option<Vec<GroupedVq>> = match &codebooks {
+            Some(p) => Some(model.load_quantizers(p, &VqConfig::default(), device)?),
             None => None,
         };
         let astra = Astra {
@@ -62,33 +57,46 @@ pub fn run(a: &PredictRequest) -> Result<String> {
         })
     })?;
     write_npy_atomic(&logits.to_kind(Kind::Float).to_device(Device::Cpu), &a.out)?;
+    let what = match a.devices {
+        None => "plain model:".to_string(),
+        Some(n) => format!(
+            "ASTRA on {n} device(s), {} CLS, {} quantizer, {:?} path:",
+            if a.cls == ClsMode::Distributed {
+                "distributed"
+            } else {
+                "single"
+            },
+            match &codebooks {
+                Some(p) => format!("codebook ({})", p.display()),
+                None => "identity (--no-vq: remote tokens travel unquantized)".into(),
+            },
+            a.path
+        ),
+    };
     Ok(format!(
-        "{} logits {:?} -> {}{}",
-        match a.devices {
-            None => "plain model:".to_string(),
-            Some(n) => format!(
-                "ASTRA on {n} device(s), {} CLS, {} quantizer, {:?} path:",
-                if a.cls == ClsMode::Distributed {
-                    "distributed"
-                } else {
-                    "single"
-                },
-                if a.codebooks.is_some() {
-                    "codebook"
-                } else {
-                    "identity"
-                },
-                a.path
-            ),
-        },
+        "{what} logits {:?} -> {}",
         logits.size(),
-        a.out.display(),
-        if a.devices.is_some() && a.codebooks.is_none() {
-            " (no --codebooks: remote tokens travel unquantized)"
-        } else {
-            ""
-        }
+        a.out.display()
     ))
+}
+
+/// The codebooks of an ASTRA prediction: `--codebooks`, else those beside the model (an ASTRA
+/// run's model/), else none only when `--no-vq` says so: an unquantized exchange is not ASTRA.
+fn codebooks(a: &PredictArgs) -> Result<Option<PathBuf>> {
+    if a.no_vq {
+        return Ok(None);
+    }
+    if let Some(p) = &a.codebooks {
+        return Ok(Some(p.clone()));
+    }
+    let beside = astra_train::model::resolve(&a.model)?.join("codebooks.safetensors");
+    if beside.exists() {
+        return Ok(Some(beside));
+    }
+    fail!(
+        "--devices without codebooks: {} has no codebooks.safetensors beside it; pass --codebooks FILE, or --no-vq for an unquantized exchange",
+        a.model
+    )
 }
 
 /// The model's input from a .npy file (the workspace's checked codec): float32 images [B, C, H, W]

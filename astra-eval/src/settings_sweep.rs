@@ -1,8 +1,9 @@
 //! `astra-eval accuracy` / `astra-eval perplexity`: a trained model evaluated on the test split
-//! (validation tokens for text) over a grid of ASTRA settings — devices N, partition mode, CLS
-//! mode, VQ on or off, lost index messages — beside the single-device model. Random allocations
-//! are also reported by FPAR quintile (the paper's Table 9). Output: a JSON report and a markdown
-//! table that carries its command and commit.
+//! over a grid of ASTRA settings — devices N, partition mode, CLS mode, VQ on or off, lost index
+//! messages — beside the same model on a single device and, with `--baseline`, the original plain
+//! model it was fine-tuned from. Random allocations are also reported by FPAR quintile (the
+//! paper's Table 9). Output: a JSON report and a markdown table that carries its command and
+//! commit.
 
 use std::path::PathBuf;
 
@@ -10,7 +11,7 @@ use astra_train::data;
 use astra_train::model::Model;
 use astra_train::models::{ClsMode, VqConfig};
 use astra_train::train::task::{BatchScore, PartitionMode};
-use astra_train::train::{AstraEval, EvalMetrics, Task};
+use astra_train::train::{AstraEval, EvalMetrics, Split, Task};
 use serde::Serialize;
 use tch::Device;
 
@@ -36,6 +37,8 @@ pub enum Partition {
 pub struct SweepArgs {
     pub metric: Metric,
     pub model: String,
+    /// The original plain model (e.g. the run ASTRA fine-tuned from), scored beside.
+    pub baseline: Option<String>,
     pub data: String,
     pub codebooks: Option<PathBuf>,
     /// Expected codebook groups (checked against the file).
@@ -86,7 +89,17 @@ pub struct SweepReport {
     pub data: String,
     pub codebooks: Option<String>,
     pub protocol: String,
+    /// The `--baseline` model on a single device.
+    pub baseline: Option<SweepBaseline>,
     pub rows: Vec<SweepRow>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepBaseline {
+    pub model: String,
+    pub value: f64,
+    pub ce: f64,
+    pub count: usize,
 }
 
 fn invalid(what: &str, reason: String) -> EvalError {
@@ -161,8 +174,10 @@ pub fn run(args: &SweepArgs, progress: bool) -> Result<SweepReport> {
     let codebooks = codebooks(args, &model)?;
     let settings = settings(args, task.is_text());
     let bar = progress_bar(progress, settings.len() as u64 + 1);
+    let baseline = baseline(args)?;
     let single = task.evaluate_batches(
         &model,
+        Split::Test,
         args.max_test,
         None,
         args.bf16,
@@ -195,6 +210,7 @@ pub fn run(args: &SweepArgs, progress: bool) -> Result<SweepReport> {
         };
         let b = task.evaluate_batches(
             &model,
+            Split::Test,
             args.max_test,
             Some(AstraEval {
                 devices: s.devices,
@@ -217,8 +233,40 @@ pub fn run(args: &SweepArgs, progress: bool) -> Result<SweepReport> {
         data: args.data.clone(),
         codebooks: codebooks.map(|(p, _)| p.display().to_string()),
         protocol: protocol(&task, rows[0].count, args.batch),
+        baseline,
         rows,
     })
+}
+
+/// The `--baseline` model scored on the same test examples (the split and the `--max-test`
+/// subset are fixed by the data, whatever the model).
+fn baseline(args: &SweepArgs) -> Result<Option<SweepBaseline>> {
+    let Some(spec) = &args.baseline else {
+        return Ok(None);
+    };
+    let (model, _) = Model::load(spec, args.device)?;
+    let task = open_task(args, &model).map_err(|e| {
+        invalid(
+            "baseline",
+            format!("{spec} cannot score {}: {e}", args.data),
+        )
+    })?;
+    let b = task.evaluate_batches(
+        &model,
+        Split::Test,
+        args.max_test,
+        None,
+        args.bf16,
+        args.device,
+        args.batch,
+    )?;
+    let m = EvalMetrics::from_batches(&b);
+    Ok(Some(SweepBaseline {
+        model: spec.clone(),
+        value: value(args.metric, &m),
+        ce: m.loss,
+        count: m.count,
+    }))
 }
 
 /// One ASTRA setting of the grid.
@@ -275,7 +323,8 @@ fn open_task(args: &SweepArgs, model: &Model) -> Result<Task> {
         }
         _ => {}
     }
-    let task = Task::open(&args.data, &model.config, args.context)?;
+    // Sweeps score the test split; the validation hold-out does not touch it.
+    let task = Task::open(&args.data, &model.config, args.context, Default::default())?;
     Ok(match args.stride {
         Some(s) => task.with_stride(s)?,
         None => task,
@@ -355,10 +404,10 @@ fn row(metric: Metric, s: Option<&Setting>, b: &[BatchScore]) -> SweepRow {
 fn protocol(task: &Task, count: usize, batch: usize) -> String {
     match task {
         Task::Images { .. } => {
-            format!("top-1 accuracy on the first {count} test images, batches of {batch}")
+            format!("top-1 accuracy on {count} test images (a fixed random subset when --max-test limits them), batches of {batch}")
         }
         Task::Text { context, stride, .. } => format!(
-            "perplexity = exp(mean next-token cross-entropy) over {count} validation tokens (GPT-2 BPE), windows of {context} tokens every {stride} (each token scored once, with up to {context} tokens of context)"
+            "perplexity = exp(mean next-token cross-entropy) over {count} test tokens (GPT-2 BPE), windows of {context} tokens every {stride} (each token scored once, with up to {context} tokens of context)"
         ),
     }
 }
@@ -378,12 +427,26 @@ pub fn markdown(r: &SweepReport, command: &str, commit: &str) -> String {
         r.protocol,
         r.codebooks.as_deref().unwrap_or("none")
     );
-    s += &format!("| devices N | partition | CLS | VQ | link loss | {name} | Δ vs single | mean FPAR |\n|---:|---|---|---|---:|---:|---:|---:|\n");
+    if let Some(b) = &r.baseline {
+        s += &format!(
+            "Baseline (the original model, single device): {} scores {:.2} over {} scored examples.\n\n",
+            b.model, b.value, b.count
+        );
+    }
+    let (vs_base, vs_base_rule) = match r.baseline {
+        Some(_) => (" Δ vs baseline |", "---:|"),
+        None => ("", ""),
+    };
+    s += &format!("| devices N | partition | CLS | VQ | link loss | {name} | Δ vs single |{vs_base} mean FPAR |\n|---:|---|---|---|---:|---:|---:|{vs_base_rule}---:|\n");
     let base = r.rows[0].value;
     for row in &r.rows {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "—".into());
+        let vs_base = r
+            .baseline
+            .as_ref()
+            .map_or(String::new(), |b| format!(" {:+.2} |", row.value - b.value));
         s += &format!(
-            "| {} | {} | {} | {} | {} | {:.2} | {:+.2} | {:.3} |\n",
+            "| {} | {} | {} | {} | {} | {:.2} | {:+.2} |{vs_base} {:.3} |\n",
             row.devices.map_or("1 (single)".into(), |n| n.to_string()),
             opt(row.partition.map(|p| format!("{p:?}").to_lowercase())),
             opt(row.cls.map(|c| format!("{c:?}").to_lowercase())),

@@ -149,10 +149,21 @@ fn gpt2_predict_and_bad_input() {
         .unwrap();
     let out = dir.path().join("y.npy");
     let m = model_dir.to_str().unwrap();
-    ok(predict(
+    // Without codebooks an ASTRA prediction must say it exchanges unquantized tokens.
+    let o = predict(
         &["--devices", "3", "--model", m, "--input"],
         &[&ids, Path::new("--out"), &out],
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("pass --codebooks FILE, or --no-vq"),
+        "{e}"
+    );
+    let msg = ok(predict(
+        &["--devices", "3", "--no-vq", "--model", m, "--input"],
+        &[&ids, Path::new("--out"), &out],
     ));
+    assert!(msg.contains("identity (--no-vq"), "{msg}");
     assert_eq!(Tensor::read_npy(&out).unwrap().size(), vec![2, 12, 40]);
     // With codebooks: the fast per-device prefill (indices only, keys/values from per-codeword
     // tables) equals the direct per-device path, and quantization changes the logits.

@@ -172,6 +172,20 @@ impl GroupedCodebook {
         Ok(out)
     }
 
+    /// [G·K], group-major: the share of the rows `x` (n × D, n ≥ 1) whose nearest codeword in
+    /// each group is each codeword (what [`crate::BlockQuantizer::usage`] records).
+    pub fn code_shares(&self, x: ArrayView2<f32>) -> Result<Vec<f32>> {
+        let idx = self.encode(x)?;
+        let (g, k, n) = (self.groups(), self.k(), idx.nrows().max(1));
+        let mut counts = vec![0usize; g * k];
+        for row in idx.outer_iter() {
+            for (j, &c) in row.iter().enumerate() {
+                counts[j * k + c as usize] += 1;
+            }
+        }
+        Ok(counts.iter().map(|&c| c as f32 / n as f32).collect())
+    }
+
     /// n × G indices → n × D reconstructed rows.
     pub fn decode(&self, idx: ArrayView2<u16>) -> Result<Array2<f32>> {
         if idx.ncols() != self.groups() {

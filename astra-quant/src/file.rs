@@ -5,6 +5,8 @@
 //! - `blocks.{l}.residual_mean`   [D]          µ of X − X̂ (present when the block has a noise model)
 //! - `blocks.{l}.residual_chol`   [D, D]       lower Cholesky factor of Σ (noise = "full")
 //! - `blocks.{l}.residual_std`    [D]          per-coordinate σ (noise = "diagonal")
+//! - `blocks.{l}.code_usage`      [G, K]       optional: the share of the fitting rows nearest to
+//!   each codeword, per group (each group sums to 1); EMA fine-tuning starts its counts from it
 //!
 //! Metadata (all strings, as safetensors requires): `format` = "astra-codebooks",
 //! `format_version` = "1", `k`, `groups`, `dim`, `bits` (= ceil(log2 K)), `blocks`, `noise`
@@ -28,6 +30,19 @@ pub const FORMAT_VERSION: u32 = 1;
 pub struct BlockQuantizer {
     pub codebook: GroupedCodebook,
     pub noise: Option<NoiseModel>,
+    /// [G·K], group-major: the share of the rows the codebook was fitted on (or last trained on)
+    /// that each codeword is nearest to; None when unknown (EMA then assumes uniform use).
+    pub usage: Option<Vec<f32>>,
+}
+
+impl BlockQuantizer {
+    pub fn new(codebook: GroupedCodebook, noise: Option<NoiseModel>) -> Self {
+        BlockQuantizer {
+            codebook,
+            noise,
+            usage: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -55,7 +70,7 @@ fn f32_bytes(v: impl IntoIterator<Item = f32>) -> Vec<u8> {
 impl CodebookFile {
     pub fn single(codebook: GroupedCodebook, noise: Option<NoiseModel>) -> Self {
         CodebookFile {
-            blocks: vec![BlockQuantizer { codebook, noise }],
+            blocks: vec![BlockQuantizer::new(codebook, noise)],
             extra: BTreeMap::new(),
         }
     }
@@ -97,6 +112,10 @@ impl CodebookFile {
                     "noise",
                     format!("block {l} has {this_kind}, block 0 has {kind}"),
                 ));
+            }
+            if let Some(u) = &b.usage {
+                check_usage(u, g, k)
+                    .map_err(|r| QuantError::param("usage", format!("block {l}: {r}")))?;
             }
             if let Some(n) = &b.noise {
                 if n.dim() != d {
@@ -141,6 +160,13 @@ impl CodebookFile {
                 vec![c.groups(), c.k(), c.sub_dim()],
                 f32_bytes(c.to_flat()),
             ));
+            if let Some(u) = &b.usage {
+                owned.push((
+                    format!("blocks.{l}.code_usage"),
+                    vec![c.groups(), c.k()],
+                    f32_bytes(u.iter().copied()),
+                ));
+            }
             match &b.noise {
                 None => {}
                 Some(NoiseModel::Full { mean, chol }) => {
@@ -299,9 +325,20 @@ impl CodebookFile {
                     )))
                 }
             };
+            let name = format!("blocks.{l}.code_usage");
+            let usage = match st.tensor(&name) {
+                Err(_) => None,
+                Ok(_) => {
+                    let u = tensor(name, &[groups, k])?;
+                    check_usage(&u, groups, k)
+                        .map_err(|r| bad(format!("block {l}: code_usage {r}")))?;
+                    Some(u)
+                }
+            };
             out.push(BlockQuantizer {
                 codebook: cb,
                 noise,
+                usage,
             });
         }
         let extra = meta
@@ -310,6 +347,24 @@ impl CodebookFile {
             .collect();
         Ok(CodebookFile { blocks: out, extra })
     }
+}
+
+/// Usage shares are G groups of K non-negative shares that sum to 1 each.
+fn check_usage(u: &[f32], groups: usize, k: usize) -> std::result::Result<(), String> {
+    if u.len() != groups * k {
+        return Err(format!(
+            "holds {} shares, expected G·K = {}",
+            u.len(),
+            groups * k
+        ));
+    }
+    for (g, shares) in u.chunks(k).enumerate() {
+        let sum: f64 = shares.iter().map(|&x| x as f64).sum();
+        if shares.iter().any(|x| !(x.is_finite() && *x >= 0.0)) || (sum - 1.0).abs() > 1e-3 {
+            return Err(format!("group {g} is not a distribution (sum {sum})"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -326,6 +381,7 @@ mod tests {
         f.blocks.push(BlockQuantizer {
             codebook: cb,
             noise: Some(noise),
+            usage: Some(vec![0.5, 0.25, 0.25, 0.0, 1.0, 0.0]),
         });
         f.extra
             .insert("command".into(), "astra-quant fit ...".into());
@@ -358,5 +414,16 @@ mod tests {
         let mut f = sample();
         f.blocks[1].codebook = GroupedCodebook::from_flat(1, 3, 4, vec![0.0; 12]).unwrap();
         assert!(f.to_bytes().is_err());
+        // Usage that is not a distribution per group, or of the wrong size.
+        for bad in [
+            vec![0.5, 0.5, 0.5, 0.0, 1.0, 0.0],
+            vec![1.0, 0.0, 0.0],
+            vec![-0.5, 1.5, 0.0, 0.0, 1.0, 0.0],
+        ] {
+            let mut f = sample();
+            f.blocks[1].usage = Some(bad.clone());
+            let e = f.to_bytes().unwrap_err().to_string();
+            assert!(e.contains("usage") && e.contains("block 1"), "{bad:?}: {e}");
+        }
     }
 }

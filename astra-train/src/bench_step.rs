@@ -89,6 +89,7 @@ pub fn run(b: &StepBench) -> Result<StepResult> {
                 std: vec![0.05; d],
             };
             let q = BlockQuantizer {
+                usage: None,
                 codebook: cb,
                 noise: Some(noise),
             };
@@ -192,6 +193,7 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
         (Kind::Float, Device::Cpu),
     ))?;
     let q = BlockQuantizer {
+        usage: None,
         codebook: GroupedCodebook::from_flat(g, k, w, flat)?,
         noise: Some(NoiseModel::Diagonal {
             mean: vec![0.0; d as usize],

@@ -250,10 +250,16 @@ fn image_folders_decode_resize_and_reject_bad_layouts() {
             std::fs::write(d.join("notes.txt"), "not an image").unwrap();
         }
     }
-    let data = open_images(&format!("imagefolder:{}", root.display()), 8).unwrap();
+    let hold = astra_train::data::split::HoldOut::Count(2);
+    let data = open_images(&format!("imagefolder:{}", root.display()), 8, hold).unwrap();
     assert_eq!(
-        (data.train.len(), data.test.len(), data.train.classes()),
-        (12, 4, 2)
+        (
+            data.train.len(),
+            data.valid.len(),
+            data.test.len(),
+            data.train.classes()
+        ),
+        (10, 2, 4, 2)
     );
     assert_eq!(data.train.shape(), (3, 8, 8));
     let mut px = vec![0u8; 3 * 64];
@@ -264,8 +270,8 @@ fn image_folders_decode_resize_and_reject_bad_layouts() {
         "{:?}",
         &px[..8]
     );
-    data.train.read_into(11, &mut px).unwrap();
-    assert_eq!(data.train.label(11), 1);
+    data.train.read_into(9, &mut px).unwrap();
+    assert_eq!(data.train.label(9), 1);
     assert!(px[..64].iter().all(|&v| v.abs_diff(200) <= 3));
     let (x, y) = astra_train::data::loader::read_batch(&*data.test, &[0, 3], None)
         .unwrap()
@@ -282,7 +288,7 @@ fn image_folders_decode_resize_and_reject_bad_layouts() {
     assert!(e.contains("0.JPEG") && e.contains("cannot decode"), "{e}");
     let empty = root.join("empty");
     std::fs::create_dir_all(empty.join("train")).unwrap();
-    let e = open_images(&format!("imagefolder:{}", empty.display()), 8)
+    let e = open_images(&format!("imagefolder:{}", empty.display()), 8, hold)
         .err()
         .unwrap()
         .to_string();
@@ -291,7 +297,7 @@ fn image_folders_decode_resize_and_reject_bad_layouts() {
         "{e}"
     );
     std::fs::create_dir_all(root.join("val/n03_fox")).unwrap();
-    let e = open_images(&format!("imagefolder:{}", root.display()), 8)
+    let e = open_images(&format!("imagefolder:{}", root.display()), 8, hold)
         .err()
         .unwrap()
         .to_string();

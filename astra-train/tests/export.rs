@@ -48,6 +48,7 @@ fn codebooks(layers: usize, dim: usize) -> CodebookFile {
     CodebookFile {
         blocks: (0..layers)
             .map(|_| BlockQuantizer {
+                usage: None,
                 codebook: cb.clone(),
                 noise: None,
             })

@@ -130,6 +130,7 @@ fn quantizers(layers: usize, d: usize, groups: usize) -> Vec<GroupedVq> {
     let file = CodebookFile {
         blocks: (0..layers)
             .map(|_| BlockQuantizer {
+                usage: None,
                 codebook: cb.clone(),
                 noise: None,
             })
@@ -390,6 +391,7 @@ fn bad_input_is_named() {
     let file = CodebookFile {
         blocks: vec![
             BlockQuantizer {
+                usage: None,
                 codebook: cb,
                 noise: None
             };

@@ -6,9 +6,10 @@ use std::path::Path;
 
 use astra_train::config::{GPT2Config, ModelConfig, ViTConfig};
 use astra_train::data::augment::Augment;
+use astra_train::data::split::HoldOut;
 use astra_train::train::optim::AdamWConfig;
-use astra_train::train::run::RunFolder;
-use astra_train::train::{calibrate, train, AstraSettings, TrainConfig};
+use astra_train::train::run::{RunFolder, RunResult};
+use astra_train::train::{calibrate, train, AstraSettings, Split, Task, TrainConfig};
 use tch::{Device, Tensor};
 
 fn write_idx(dir: &Path, prefix: &str, n: usize, seed: u64) {
@@ -75,6 +76,7 @@ fn config(data: &Path, epochs: usize) -> TrainConfig {
         seed: 7,
         max_train: None,
         max_test: None,
+        valid: HoldOut::Count(48),
         // Crop augmentation on (flips would change the quadrant label), so the test covers its
         // per-example seeding on resume.
         augment: Augment {
@@ -149,11 +151,31 @@ fn resume_is_exact_and_astra_pipeline_runs() {
         &a.join("checkpoints/epoch-3.safetensors"),
         &b.join("checkpoints/epoch-3.safetensors"),
     );
-    let acc = best_a.unwrap().accuracy;
+    let result = best_a.unwrap();
+    let acc = result.test.unwrap().accuracy;
     assert!(
         acc > 0.4,
         "the tiny ViT did not learn the quadrant task: {acc}"
     );
+    // Selection is on the 48 held-out training images, and the test split (48 images of its
+    // own) is scored once, for the selected model: complete.json holds exactly that.
+    let (valid, test) = (result.valid.unwrap(), result.test.unwrap());
+    assert_eq!((valid.count, test.count), (48, 48));
+    let epoch = result.best_epoch.unwrap();
+    let csv = std::fs::read_to_string(a.join("summary.csv")).unwrap();
+    assert!(csv.starts_with("epoch,step,train_loss,train_accuracy,valid_loss,valid_accuracy,"));
+    let best_row = csv.lines().nth(epoch + 1).unwrap();
+    assert!(
+        best_row.contains(&format!(",{:.6},", valid.accuracy)),
+        "{best_row}"
+    );
+    assert_eq!(RunResult::read(&a).unwrap().unwrap(), result);
+    let (selected, _) = astra_train::model::Model::load(a.to_str().unwrap(), Device::Cpu).unwrap();
+    let task = Task::open(&cfg.data, &cfg.model, None, cfg.valid).unwrap();
+    let again = task
+        .evaluate(&selected, Split::Test, None, None, false, Device::Cpu)
+        .unwrap();
+    assert_eq!(again, test);
 
     // The run folder protects itself.
     let e = RunFolder::open(&a, &cfg, false).err().unwrap().to_string();
@@ -189,6 +211,7 @@ fn resume_is_exact_and_astra_pipeline_runs() {
         seed: 1,
         noise: Some(astra_quant::NoiseKind::Diagonal),
         context: None,
+        valid: cfg.valid,
     };
     let cb = tmp.path().join("cb.safetensors");
     calibrate::calibrate(&model, &args, Device::Cpu, false)
@@ -313,9 +336,9 @@ fn language_model_trains_resumes_and_runs_astra() {
     assert_eq!(best_a, best_b);
     assert_eq!(summary_without_time(&a), summary_without_time(&b));
     // Perplexity well below the vocabulary's 50,257 (uniform guessing).
-    assert!(best_a.perplexity() < 200.0, "{best_a:?}");
+    assert!(best_a.test.unwrap().perplexity() < 200.0, "{best_a:?}");
     let csv = std::fs::read_to_string(a.join("summary.csv")).unwrap();
-    assert!(csv.lines().next().unwrap().contains("test_perplexity"));
+    assert!(csv.lines().next().unwrap().contains("valid_perplexity"));
 
     let (model, _) = astra_train::model::Model::load(a.to_str().unwrap(), Device::Cpu).unwrap();
     let args = calibrate::CalibrationSettings {
@@ -327,6 +350,7 @@ fn language_model_trains_resumes_and_runs_astra() {
         seed: 1,
         noise: Some(astra_quant::NoiseKind::Full),
         context: Some(16),
+        valid: cfg.valid,
     };
     let cb = tmp.path().join("cb.safetensors");
     let file = calibrate::calibrate(&model, &args, Device::Cpu, false).unwrap();
@@ -352,6 +376,7 @@ fn language_model_trains_resumes_and_runs_astra() {
     )
     .unwrap()
     .unwrap();
+    let m = m.test.unwrap();
     assert!(m.perplexity().is_finite() && m.count > 0);
     assert!(c.join("model/codebooks.safetensors").exists());
     // The exported codebooks carry the NAQ statistics the run ended with (refreshed each epoch),
@@ -611,6 +636,7 @@ fn naq_without_residual_statistics_is_refused() {
     let data = fixtures(tmp.path());
     // Codebooks for the tiny ViT (2 blocks, D = 16) without a noise model.
     let block = astra_quant::BlockQuantizer {
+        usage: None,
         codebook: astra_quant::GroupedCodebook::from_flat(
             1,
             8,

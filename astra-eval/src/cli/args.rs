@@ -21,6 +21,10 @@ pub struct SweepOpts {
     /// The model: a run folder (its model/, with codebooks.safetensors for ASTRA runs), an HF folder or hub id.
     #[arg(long)]
     pub model: String,
+    /// The original plain model (e.g. the run ASTRA fine-tuned from): scored on the same test
+    /// examples, and every row's difference to it reported ("Δ vs baseline").
+    #[arg(long)]
+    pub baseline: Option<String>,
     /// Data spec, as for astra-train (images for accuracy, text:… for perplexity).
     #[arg(long)]
     pub data: String,
@@ -202,9 +206,13 @@ pub struct PredictArgs {
     /// Simulate ASTRA on N devices (contiguous token split); without it, the plain model.
     #[arg(long)]
     pub devices: Option<usize>,
-    /// Codebooks (astra-quant file, one block per layer); without them remote tokens are not quantized.
+    /// Codebooks (astra-quant file, one block per layer); default: codebooks.safetensors beside
+    /// the model (an ASTRA run's model/).
     #[arg(long, requires = "devices")]
     pub codebooks: Option<PathBuf>,
+    /// Exchange remote tokens unquantized (MPA alone; no codebooks needed).
+    #[arg(long, requires = "devices", conflicts_with = "codebooks")]
+    pub no_vq: bool,
     /// Where the CLS token lives (ViT).
     #[arg(long, value_enum, default_value = "distributed")]
     pub cls: ClsMode,

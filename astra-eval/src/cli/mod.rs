@@ -33,17 +33,7 @@ fn device(spec: &str) -> Result<tch::Device> {
 
 /// `predict`: logits of one batch, plain or under ASTRA, on any forward path.
 pub fn predict(a: &PredictArgs) -> Result<()> {
-    let msg = crate::predict::run(&crate::predict::PredictRequest {
-        model: a.model.clone(),
-        input: a.input.clone(),
-        out: a.out.clone(),
-        devices: a.devices,
-        codebooks: a.codebooks.clone(),
-        cls: a.cls,
-        path: a.path,
-        device: device(&a.device)?,
-    })?;
-    println!("{msg}");
+    println!("{}", crate::predict::run(a)?);
     Ok(())
 }
 
@@ -283,6 +273,7 @@ pub fn sweep(metric: Metric, o: SweepOpts) -> Result<()> {
         metric,
         device: device(&o.device)?,
         model: o.model,
+        baseline: o.baseline,
         data: o.data,
         codebooks: o.codebooks,
         groups: o.groups,

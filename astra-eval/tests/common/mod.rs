@@ -17,6 +17,7 @@ pub fn save_codebooks(path: &Path, layers: usize, d: usize, groups: usize) {
     CodebookFile {
         blocks: vec![
             BlockQuantizer {
+                usage: None,
                 codebook: cb,
                 noise: None
             };

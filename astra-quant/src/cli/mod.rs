@@ -116,6 +116,7 @@ pub fn fit(a: FitArgs) -> Result<()> {
                 "threads": rayon::current_num_threads(), "fit_seconds": fit_s, "mse": mse, "groups_stats": stats,
             }));
         blocks.push(crate::BlockQuantizer {
+            usage: Some(cb.code_shares(x.view())?),
             codebook: cb,
             noise: noise_model,
         });

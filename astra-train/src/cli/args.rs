@@ -39,12 +39,16 @@ pub struct TrainArgs {
     pub clip: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Train on the first N images only (quick runs).
+    /// Train on N examples per epoch only (quick runs).
     #[arg(long)]
     pub max_train: Option<usize>,
-    /// Evaluate on the first N test images only.
+    /// Score the selected model on N test examples only (a fixed random subset).
     #[arg(long)]
     pub max_test: Option<usize>,
+    /// Validation hold-out the best epoch is selected on: a fraction of the training data
+    /// (0.1) or a count of examples (5000). Text given as TRAIN,VALID,TEST uses its VALID file.
+    #[arg(long, default_value_t = crate::data::split::HoldOut::default())]
+    pub valid: crate::data::split::HoldOut,
     /// Continue the run in --out from its last complete epoch (same configuration required).
     #[arg(long)]
     pub resume: bool,
@@ -142,6 +146,9 @@ pub struct CalibrateArgs {
     /// Text: tokens per calibration window (default: the model's n_positions).
     #[arg(long)]
     pub context: Option<usize>,
+    /// The model's run's validation hold-out (its --valid): calibration samples only the rest.
+    #[arg(long, default_value_t = crate::data::split::HoldOut::default())]
+    pub valid: crate::data::split::HoldOut,
     #[arg(long)]
     pub out: std::path::PathBuf,
     #[arg(long)]

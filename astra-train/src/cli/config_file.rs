@@ -95,6 +95,7 @@ fn run_options(run: &TrainConfig) -> Map<String, Value> {
         "seed": run.seed,
         "max_train": run.max_train,
         "max_test": run.max_test,
+        "valid": run.valid,
         "pad": run.augment.pad,
         "flip": run.augment.flip,
         "context": run.context,

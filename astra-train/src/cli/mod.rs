@@ -111,6 +111,7 @@ fn train_config(
         seed: t.seed,
         max_train: t.max_train,
         max_test: t.max_test,
+        valid: t.valid,
         augment: crate::data::augment::Augment {
             pad: t.pad,
             flip: t.flip,
@@ -129,27 +130,28 @@ fn run_training(cfg: TrainConfig, t: &TrainArgs) -> Result<()> {
     let stop_after = std::env::var("ASTRA_STOP_AFTER_EPOCHS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok());
-    let best = crate::train::train(&cfg, &run, device, true, stop_after)?;
-    if !run.is_complete() {
+    let Some(result) = crate::train::train(&cfg, &run, device, true, stop_after)? else {
         bail!(
             "stopped before epoch {} of {} (ASTRA_STOP_AFTER_EPOCHS); continue with --resume",
             stop_after.unwrap_or(0) + 1,
             cfg.epochs
         );
-    }
+    };
     let out = t.out.display();
-    match best {
-        Some(m) if crate::data::is_text(&cfg.data) => println!(
-            "best validation loss {:.4} (perplexity {:.2}) over {} tokens; run folder {out}",
-            m.loss,
-            m.perplexity(),
-            m.count,
-        ),
-        Some(m) => println!(
-            "best test accuracy {:.4} over {} images; run folder {out}",
-            m.accuracy, m.count,
-        ),
-        None => println!("no epoch left to run; run folder {out}"),
+    let (Some(epoch), Some(v), Some(m)) = (result.best_epoch, result.valid, result.test) else {
+        println!("no epoch was run; run folder {out}");
+        return Ok(());
+    };
+    if crate::data::is_text(&cfg.data) {
+        println!(
+            "selected epoch {} (validation perplexity {:.2}): test loss {:.4}, perplexity {:.2} over {} tokens; run folder {out}",
+            epoch + 1, v.perplexity(), m.loss, m.perplexity(), m.count,
+        );
+    } else {
+        println!(
+            "selected epoch {} (validation accuracy {:.4}): test accuracy {:.4} over {} images; run folder {out}",
+            epoch + 1, v.accuracy, m.accuracy, m.count,
+        );
     }
     Ok(())
 }
@@ -171,7 +173,7 @@ fn scratch_model(a: &FinetuneArgs) -> Result<ModelConfig> {
         return Ok(ModelConfig::GPT2(cfg));
     }
     let size = a.image_size.unwrap_or(224) as usize;
-    let data = crate::data::open_images(&t.data, size)?;
+    let data = crate::data::open_images(&t.data, size, t.valid)?;
     let (channels, h, _) = data.train.shape();
     let cfg = ViTConfig {
         hidden_size: a.hidden,
@@ -207,6 +209,7 @@ pub fn calibrate(a: &CalibrateArgs) -> Result<()> {
         seed: a.seed,
         noise,
         context: a.context,
+        valid: a.valid,
     };
     let mut file = crate::train::calibrate::calibrate(&m, &args, device, true)?;
     file.extra.insert(

@@ -15,6 +15,7 @@ pub mod folder;
 pub mod idx;
 pub mod loader;
 pub mod pickle;
+pub mod split;
 pub mod text;
 
 use std::path::{Path, PathBuf};
@@ -93,10 +94,12 @@ impl ImageSet for ImageDataset {
     }
 }
 
-/// Both splits of an image data set and its per-channel normalisation.
+/// The splits of an image data set and its per-channel normalisation: `valid` is held out of the
+/// data set's training images ([`split`]), `test` is its own test (or val) split.
 #[derive(Clone)]
 pub struct ImageData {
     pub train: Arc<dyn ImageSet>,
+    pub valid: Arc<dyn ImageSet>,
     pub test: Arc<dyn ImageSet>,
     pub mean: Vec<f64>,
     pub std: Vec<f64>,
@@ -107,9 +110,10 @@ pub fn is_text(spec: &str) -> bool {
     spec.starts_with("text:")
 }
 
-/// Opens an image data set spec. `folder_size` is the side image folders are resized to (the
-/// model's image size); fixed-size formats ignore it.
-pub fn open_images(spec: &str, folder_size: usize) -> Result<ImageData> {
+/// Opens an image data set spec and holds `hold_out` of its training images out for validation.
+/// `folder_size` is the side image folders are resized to (the model's image size); fixed-size
+/// formats ignore it.
+pub fn open_images(spec: &str, folder_size: usize, hold_out: split::HoldOut) -> Result<ImageData> {
     let (kind, dir) = spec
         .split_once(':')
         .ok_or_else(|| TrainError::invalid("data", format!("'{spec}' is not KIND:DIR")))?;
@@ -167,8 +171,10 @@ pub fn open_images(spec: &str, folder_size: usize) -> Result<ImageData> {
             ))
         }
     };
+    let (train, valid) = split::split_images(train, hold_out)?;
     Ok(ImageData {
         train,
+        valid,
         test,
         mean,
         std,

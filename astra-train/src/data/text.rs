@@ -1,15 +1,19 @@
 //! Plain-text corpora as GPT-2 BPE token streams (tiktoken-rs `r50k_base`, GPT-2's vocabulary,
-//! compiled in), split into training and validation tokens, and cut into language-model windows.
+//! compiled in), split into training, validation and test tokens, and cut into language-model
+//! windows.
 //!
-//! Specs: `text:FILE` uses the first 90% of FILE's tokens for training and the rest for
-//! validation (a contiguous split, so no validation text leaks into training windows);
-//! `text:TRAIN,VALID` takes the two splits from two files (e.g. WikiText's `valid.txt` and
-//! `test.txt` when its train split is not at hand).
+//! Specs: `text:FILE` uses the first 90% of FILE's tokens for training and the rest as the test
+//! split; `text:TRAIN,TEST` takes the two from two files (e.g. WikiText-2's `valid.txt` and
+//! `test.txt` when its train split is not at hand); either way the validation split is the tail
+//! of the training tokens ([`HoldOut`], in windows of the run's context), contiguous, so no
+//! validation text leaks into training windows. `text:TRAIN,VALID,TEST` names all three files
+//! (WikiText-103's own splits).
 
 use std::path::{Path, PathBuf};
 
 use tch::{Device, Tensor};
 
+use super::split::HoldOut;
 use crate::error::{Result, TrainError};
 
 /// Target value that the loss ignores (PyTorch's `ignore_index` default).
@@ -22,6 +26,7 @@ pub const GPT2_VOCAB: i64 = 50257;
 pub struct TokenCorpus {
     pub train: Vec<u32>,
     pub valid: Vec<u32>,
+    pub test: Vec<u32>,
     pub files: Vec<PathBuf>,
 }
 
@@ -45,24 +50,61 @@ fn read(path: &Path) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Opens the part of a `text:` spec after the colon.
-pub fn open(files: &str) -> Result<TokenCorpus> {
-    match files.split_once(',') {
-        Some((train, valid)) => Ok(TokenCorpus {
-            train: read(Path::new(train))?,
-            valid: read(Path::new(valid))?,
-            files: vec![train.into(), valid.into()],
-        }),
-        None => {
-            let ids = read(Path::new(files))?;
-            let cut = ids.len() * 9 / 10;
-            Ok(TokenCorpus {
-                train: ids[..cut].to_vec(),
-                valid: ids[cut..].to_vec(),
-                files: vec![files.into()],
-            })
+/// Opens the part of a `text:` spec after the colon; a validation split not given as a file is
+/// `hold_out` windows of `context` tokens cut from the end of the training tokens.
+pub fn open(files: &str, hold_out: HoldOut, context: usize) -> Result<TokenCorpus> {
+    let names: Vec<&str> = files.split(',').collect();
+    let paths: Vec<PathBuf> = names.iter().map(PathBuf::from).collect();
+    let (train, valid, test) = match names[..] {
+        [train, valid, test] => (
+            read(Path::new(train))?,
+            read(Path::new(valid))?,
+            read(Path::new(test))?,
+        ),
+        [train, test] => {
+            let (train, valid) = hold_out_tail(read(Path::new(train))?, hold_out, context)?;
+            (train, valid, read(Path::new(test))?)
         }
+        [file] => {
+            let mut ids = read(Path::new(file))?;
+            let test = ids.split_off(ids.len() * 9 / 10);
+            let (train, valid) = hold_out_tail(ids, hold_out, context)?;
+            (train, valid, test)
+        }
+        _ => {
+            return Err(TrainError::invalid(
+                "data",
+                format!(
+                    "'text:{files}' names {} files; give FILE, TRAIN,TEST or TRAIN,VALID,TEST",
+                    names.len()
+                ),
+            ))
+        }
+    };
+    Ok(TokenCorpus {
+        train,
+        valid,
+        test,
+        files: paths,
+    })
+}
+
+/// (train, valid): the last `hold_out` windows' worth of tokens become the validation split.
+fn hold_out_tail(
+    mut ids: Vec<u32>,
+    hold_out: HoldOut,
+    context: usize,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let windows = ids.len() / context.max(1);
+    if windows < 2 {
+        return Err(TrainError::invalid(
+            "data",
+            format!("{} training tokens do not fill two {context}-token windows (one to train on, one to validate)", ids.len()),
+        ));
     }
+    let n = hold_out.count(windows)?;
+    let valid = ids.split_off(ids.len() - (n * context).min(ids.len() - 2));
+    Ok((ids, valid))
 }
 
 /// One evaluation window: inputs `tokens[start..start+len]`, targets shifted by one, of which
@@ -139,6 +181,39 @@ mod tests {
         // Reference ids from GPT-2's tokenizer (HF `gpt2`): "Hello world" → [15496, 995].
         assert_eq!(encode("Hello world"), vec![15496, 995]);
         assert_eq!(encode(" the"), vec![262]);
+    }
+
+    #[test]
+    fn validation_is_the_contiguous_tail_of_the_training_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.txt"), dir.path().join("b.txt"));
+        let words: String = (0..400).map(|i| format!(" w{i}")).collect();
+        std::fs::write(&a, &words).unwrap();
+        std::fs::write(&b, " the end").unwrap();
+        let all = encode(&words);
+        let one = open(a.to_str().unwrap(), HoldOut::Count(3), 8).unwrap();
+        assert_eq!(one.valid.len(), 24);
+        let joined: Vec<u32> = [&one.train[..], &one.valid, &one.test].concat();
+        assert_eq!(joined, all);
+        assert_eq!(one.test.len(), all.len() - all.len() * 9 / 10);
+        let two = open(
+            &format!("{},{}", a.display(), b.display()),
+            HoldOut::default(),
+            8,
+        )
+        .unwrap();
+        assert_eq!([&two.train[..], &two.valid].concat(), all);
+        assert_eq!(
+            two.valid.len(),
+            ((all.len() / 8) as f64 * 0.1).round() as usize * 8
+        );
+        assert_eq!(two.test, encode(" the end"));
+        let three = format!("{},{},{}", a.display(), b.display(), b.display());
+        let three = open(&three, HoldOut::Count(1), 8).unwrap();
+        assert_eq!((three.train.len(), three.valid.len()), (all.len(), 2));
+        assert!(open(b.to_str().unwrap(), HoldOut::Count(1), 8).is_err());
+        let four = format!("{0},{0},{0},{0}", a.display());
+        assert!(open(&four, HoldOut::Count(1), 8).is_err());
     }
 
     #[test]

@@ -95,6 +95,7 @@ impl AstraModel for Encoder {
             self.blocks.len(),
             x.shallow_clone(),
             0,
+            None,
             astra.vq,
             astra.train,
             |l, x, xq| self.blocks[l].forward(x, Some(xq), Some(&mask)),

@@ -49,11 +49,21 @@ impl GptBlock {
     pub fn forward(&self, x: &Tensor, quantized: Option<&Tensor>, mask: Option<&Tensor>) -> Tensor {
         let (q, mut k, mut v) = self.qkv(x);
         if let Some(xq) = quantized {
-            let (_, kq, vq) = self.qkv(xq);
+            let (kq, vq) = self.kv(xq);
             k = Tensor::cat(&[k, kq], 1);
             v = Tensor::cat(&[v, vq], 1);
         }
         self.finish(x, &q, &k, &v, mask)
+    }
+
+    /// Keys and values only (the quantized copies are never queries): the last two thirds of
+    /// c_attn.
+    fn kv(&self, x: &Tensor) -> (Tensor, Tensor) {
+        let d = self.c_proj.weight.size()[0];
+        let w = self.c_attn.weight.narrow(1, d, 2 * d);
+        let b = self.c_attn.bias.narrow(0, d, 2 * d);
+        let kv = x.apply(&self.ln_1).matmul(&w) + b;
+        (kv.narrow(2, 0, d), kv.narrow(2, d, d))
     }
 
     /// Queries, keys and values of `x` (LayerNorm, then c_attn split in three).
@@ -233,10 +243,28 @@ impl Gpt2 {
         let x = self.embed(ids, &pos)?;
         let mask =
             mixed_precision_mask_with_loss(astra.partition, 0, true, astra.link_loss, ids.device());
+        // Under the causal mask the last tokens are attended by no other device: only the sent
+        // ones are quantized (and EMA-updated) and get key columns.
+        let sent = astra.partition.sent_tokens(true);
+        let (mask, sent) = if !sent.is_empty() && sent.len() < t as usize {
+            let idx: Vec<i64> = sent.iter().map(|&i| i as i64).collect();
+            let idx = Tensor::from_slice(&idx).to_device(ids.device());
+            let cols = Tensor::cat(
+                &[
+                    mask.narrow(1, 0, t),
+                    mask.narrow(1, t, t).index_select(1, &idx),
+                ],
+                1,
+            );
+            (cols, Some(idx))
+        } else {
+            (mask, None)
+        };
         let (x, commitment) = super::masked_blocks(
             self.blocks.len(),
             x,
             0,
+            sent.as_ref(),
             astra.vq,
             astra.train,
             |l, x, xq| self.blocks[l].forward(x, Some(xq), Some(&mask)),

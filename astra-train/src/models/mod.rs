@@ -37,13 +37,15 @@ pub struct AstraOutput {
 }
 
 /// The masked formulation's block loop, shared by every model: per block, the content states
-/// (`content_from` of them: after the CLS copies) are quantized (commitment summed; identity
-/// without quantizers) and the block runs with [full | quantized] keys under `mask`. Returns the
-/// final states and the summed commitment.
+/// (`content_from` of them: after the CLS copies; only those at `sent`, when given, the tokens
+/// another device attends to) are quantized (commitment summed; identity without quantizers)
+/// and the block runs with [full | quantized] keys under `mask`. Returns the final states and
+/// the summed commitment.
 pub(crate) fn masked_blocks(
     blocks: usize,
     mut x: tch::Tensor,
     content_from: i64,
+    sent: Option<&tch::Tensor>,
     mut vq: Option<&mut [GroupedVq]>,
     train: bool,
     block: impl Fn(usize, &tch::Tensor, &tch::Tensor) -> tch::Tensor,
@@ -54,7 +56,10 @@ pub(crate) fn masked_blocks(
     let mut commitment = tch::Tensor::zeros([], (tch::Kind::Float, x.device()));
     for l in 0..blocks {
         let t = x.size()[1] - content_from;
-        let content = x.narrow(1, content_from, t);
+        let mut content = x.narrow(1, content_from, t);
+        if let Some(i) = sent {
+            content = content.index_select(1, i);
+        }
         let xq = match vq.as_deref_mut() {
             Some(v) => {
                 let q = v[l].quantize(&content, train);

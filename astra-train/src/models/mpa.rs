@@ -146,6 +146,35 @@ impl DevicePartition {
             .filter(|&t| self.owner[t] == d)
             .collect()
     }
+
+    /// The tokens some other device attends to, in sequence order: every token when attention
+    /// is bidirectional (and N > 1); under a causal mask only those with a later token on
+    /// another device (with contiguous shares, all but the last device's). The rest are never
+    /// sent, so need no quantizing.
+    pub fn sent_tokens(&self, causal: bool) -> Vec<usize> {
+        let n = self.owner.len();
+        if !causal {
+            return if self.devices > 1 {
+                (0..n).collect()
+            } else {
+                vec![]
+            };
+        }
+        // Scanning from the end: the owners seen so far are the owners of later tokens.
+        let mut later: Option<(usize, bool)> = None; // (some later owner, whether two differ)
+        let mut sent = vec![false; n];
+        for t in (0..n).rev() {
+            sent[t] = match later {
+                Some((o, mixed)) => mixed || o != self.owner[t],
+                None => false,
+            };
+            later = Some(match later {
+                None => (self.owner[t], false),
+                Some((o, mixed)) => (o, mixed || o != self.owner[t]),
+            });
+        }
+        (0..n).filter(|&t| sent[t]).collect()
+    }
 }
 
 /// Where the CLS token lives: one copy per device (Distributed Class Tokens), or one on device 0.
@@ -232,6 +261,29 @@ pub fn mixed_precision_mask_with_loss(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sent_tokens_are_those_another_device_attends_to() {
+        for seed in 0..50 {
+            let p = DevicePartition::random_allocation(23, 1 + seed as usize % 5, seed).unwrap();
+            let brute: Vec<usize> = (0..23)
+                .filter(|&t| (t + 1..23).any(|q| p.owner(q) != p.owner(t)))
+                .collect();
+            assert_eq!(p.sent_tokens(true), brute, "seed {seed}");
+            let all: Vec<usize> = if p.devices() > 1 {
+                (0..23).collect()
+            } else {
+                vec![]
+            };
+            assert_eq!(p.sent_tokens(false), all);
+        }
+        // Contiguous shares: everything but the last device's tokens.
+        let c = DevicePartition::contiguous(10, 3).unwrap();
+        assert_eq!(
+            c.sent_tokens(true),
+            (0..c.tokens_of(2)[0]).collect::<Vec<_>>()
+        );
+    }
 
     #[test]
     fn partitions() {

@@ -262,6 +262,7 @@ impl ViT {
             self.blocks.len(),
             x,
             n_cls,
+            None,
             astra.vq,
             astra.train,
             |l, x, xq| self.blocks[l].forward(x, Some(xq), Some(&mask)),

@@ -14,7 +14,9 @@ pub struct VqConfig {
     pub decay: f64,
     /// Laplace smoothing of the code counts.
     pub epsilon: f64,
-    /// Codes whose EMA count falls below this are restarted on a random current input.
+    /// Codes whose EMA count falls below this fraction of the mean count per code (n / K) are
+    /// restarted on a random current input (a fraction, so its meaning does not depend on the
+    /// batch size).
     pub dead_threshold: f64,
     /// NAQ strength λ (0 = off).
     pub noise_lambda: f64,
@@ -35,8 +37,12 @@ impl Default for VqConfig {
 pub struct GroupedVq {
     /// [G, K, D/G].
     pub codebook: Tensor,
+    /// [G, K]: before the first update, each codeword's share of the calibration rows (uniform
+    /// when the file has none); after it, the EMA of the per-batch counts.
     ema_count: Tensor,
     ema_sum: Tensor,
+    /// Whether `ema_count` holds counts yet (false: still the calibration shares).
+    ema_started: bool,
     /// NAQ noise: mean [D] and a factor [D, D] (Cholesky) or std [D] (diagonal).
     noise: Option<(Tensor, Tensor, bool)>,
     pub cfg: VqConfig,
@@ -72,12 +78,17 @@ impl GroupedVq {
                 true,
             ),
         });
-        let ema_count = Tensor::ones([cb.groups() as i64, cb.k() as i64], (Kind::Float, device));
+        let (g, k) = (cb.groups() as i64, cb.k() as i64);
+        let ema_count = match &q.usage {
+            Some(u) => Tensor::from_slice(u).view([g, k]).to_device(device),
+            None => Tensor::full([g, k], 1.0 / k as f64, (Kind::Float, device)),
+        };
         let ema_sum = codebook.copy();
         GroupedVq {
             codebook,
             ema_count,
             ema_sum,
+            ema_started: false,
             noise,
             cfg,
         }
@@ -201,6 +212,15 @@ impl GroupedVq {
             .to_kind(Kind::Float)
             .reshape([-1, g, w])
             .transpose(0, 1); // [G, M, w]
+        if !self.ema_started {
+            // Start the statistics as if the calibration codebook had been averaged over batches
+            // of this size with the calibration's code shares: the first update then moves it by
+            // (1 − decay), not by a jump towards this one batch.
+            let m = (slot.size()[0] / g) as f64;
+            self.ema_count = &self.ema_count * m;
+            self.ema_sum = self.codebook.to_kind(Kind::Float) * self.ema_count.unsqueeze(-1);
+            self.ema_started = true;
+        }
         let decay = self.cfg.decay;
         self.ema_count = &self.ema_count * decay + counts * (1.0 - decay);
         self.ema_sum = &self.ema_sum * decay + sums * (1.0 - decay);
@@ -208,17 +228,22 @@ impl GroupedVq {
         let eps = self.cfg.epsilon;
         let smoothed = (&self.ema_count + eps) / (&n + eps * k as f64) * &n;
         let new_cb = &self.ema_sum / smoothed.unsqueeze(-1);
-        // Dead codes: restart on random inputs of this batch, so no codeword stays unused.
-        let dead = self.ema_count.lt(self.cfg.dead_threshold); // [G, K]
+        // Dead codes: restart on random inputs of this batch, so no codeword stays unused. The
+        // threshold and the restarted count are relative to the mean count per code.
+        let mean_count = &n / k as f64; // [G, 1]
+        let dead = self
+            .ema_count
+            .lt_tensor(&(&mean_count * self.cfg.dead_threshold)); // [G, K]
         let m = flat.size()[1];
         let pick = Tensor::randint(m, [g, k], (Kind::Int64, x.device()));
         let fresh = flat.gather(1, &pick.unsqueeze(-1).expand([g, k, w], false), false);
         let dead3 = dead.unsqueeze(-1).expand([g, k, w], false);
         let updated = new_cb.where_self(&dead3.logical_not(), &fresh);
-        self.ema_sum = self.ema_sum.where_self(&dead3.logical_not(), &fresh);
-        self.ema_count = self
-            .ema_count
-            .where_self(&dead.logical_not(), &Tensor::ones_like(&self.ema_count));
+        let restart = mean_count.expand([g, k], false);
+        self.ema_sum = self
+            .ema_sum
+            .where_self(&dead3.logical_not(), &(&fresh * restart.unsqueeze(-1)));
+        self.ema_count = self.ema_count.where_self(&dead.logical_not(), &restart);
         self.codebook = updated.to_kind(self.codebook.kind());
     }
 
@@ -273,6 +298,7 @@ impl GroupedVq {
         self.codebook = get("codebook")?;
         self.ema_count = get("ema_count")?;
         self.ema_sum = get("ema_sum")?;
+        self.ema_started = true;
         // The refreshed NAQ statistics (checkpoints from before the refresh lack them and keep
         // the calibration's).
         if let (Some(noise), Ok(mean), Ok(factor)) =
@@ -337,6 +363,19 @@ impl GroupedVq {
                 chol: ndarray::Array2::from_shape_vec((d, d), vec(factor)?).expect("[D, D]"),
             }
         }))
+    }
+
+    /// [G·K] code shares: of the EMA counts once training has updated them, else those the
+    /// quantizer started from (what [`BlockQuantizer::usage`] records in saved codebooks).
+    pub fn to_usage(&self) -> Result<Vec<f32>> {
+        let c = self.ema_count.to_kind(Kind::Double);
+        let shares = &c / c.sum_dim_intlist(-1, true, Kind::Double).clamp_min(1e-30);
+        Ok(Vec::<f32>::try_from(
+            shares
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu)
+                .reshape([-1]),
+        )?)
     }
 
     /// Back to the astra-quant form (for saving fine-tuned codebooks).
@@ -430,6 +469,7 @@ mod tests {
         let flat =
             Vec::<f32>::try_from(Tensor::randn([(k * d) as i64], tch::kind::FLOAT_CPU)).unwrap();
         BlockQuantizer {
+            usage: None,
             codebook: GroupedCodebook::from_flat(g, k, d / g, flat).unwrap(),
             noise,
         }
@@ -494,6 +534,89 @@ mod tests {
         assert!(off(&out.value, &codewords) > 0.1);
     }
 
+    /// One EMA training step (no noise) on rows `x` [M, D]; returns the codebook before and after.
+    fn one_update(q: &BlockQuantizer, x: &Tensor) -> (Tensor, Tensor, GroupedVq) {
+        let cfg = VqConfig {
+            noise_lambda: 0.0,
+            ..Default::default()
+        };
+        let mut vq = GroupedVq::from_quantizer(q, cfg, Device::Cpu);
+        let before = vq.codebook.copy();
+        let _ = vq.quantize(x, true);
+        (before, vq.codebook.copy(), vq)
+    }
+
+    fn rows(x: &Tensor) -> Array2<f32> {
+        let d = x.size()[1] as usize;
+        Array2::from_shape_vec(
+            (x.size()[0] as usize, d),
+            Vec::<f32>::try_from(x.reshape([-1])).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn ema_starts_from_the_calibration_counts_and_moves_by_one_minus_decay() {
+        tch::manual_seed(11);
+        let mut q = quantizer(1, 8, 4, None);
+        let x = Tensor::randn([4000, 4], tch::kind::FLOAT_CPU);
+        q.usage = Some(q.codebook.code_shares(rows(&x).view()).unwrap());
+        let (before, after, _) = one_update(&q, &x);
+        // With the calibration's shares equal to this batch's, each used codeword moves 1% of the
+        // way to its batch mean: c' = 0.99 c + 0.01 mean (the old start, count 1, jumped most of
+        // the way there).
+        let idx: Vec<i64> = q
+            .codebook
+            .encode(rows(&x).view())
+            .unwrap()
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
+        let idx = Tensor::from_slice(&idx);
+        for code in 0..8 {
+            let members = x.index_select(0, &idx.eq(code).nonzero().reshape([-1]));
+            if members.size()[0] == 0 {
+                continue;
+            }
+            let mean = members.mean_dim(0, false, Kind::Float);
+            let want = before.get(0).get(code) * 0.99 + mean * 0.01;
+            let off = f64::try_from((after.get(0).get(code) - want).abs().max()).unwrap();
+            assert!(off < 1e-4, "code {code}: {off}");
+        }
+        // A file without shares starts uniform: still a small step, not a jump.
+        q.usage = None;
+        let (before, after, _) = one_update(&q, &x);
+        let step = f64::try_from((&after - &before).abs().max()).unwrap();
+        assert!(step < 0.1, "{step}");
+    }
+
+    #[test]
+    fn the_dead_code_threshold_does_not_depend_on_the_batch_size() {
+        tch::manual_seed(12);
+        let mut q = quantizer(1, 8, 4, None);
+        // Code 7 lies far from every row: the calibration never used it.
+        let mut flat = q.codebook.to_flat();
+        flat[28..32].copy_from_slice(&[50.0; 4]);
+        q.codebook = GroupedCodebook::from_flat(1, 8, 4, flat).unwrap();
+        let small = Tensor::randn([64, 4], tch::kind::FLOAT_CPU);
+        q.usage = Some(q.codebook.code_shares(rows(&small).view()).unwrap());
+        let unused: Vec<i64> = (0..8)
+            .filter(|&c| q.usage.as_ref().unwrap()[c as usize] == 0.0)
+            .collect();
+        assert!(unused.contains(&7));
+        for x in [small.shallow_clone(), small.repeat([100, 1])] {
+            let (before, after, _) = one_update(&q, &x);
+            let restarted: Vec<i64> = (0..8)
+                .filter(|&c| {
+                    f64::try_from((after.get(0).get(c) - before.get(0).get(c)).abs().max()).unwrap()
+                        > 1.0
+                })
+                .collect();
+            assert_eq!(restarted, unused, "batch of {}", x.size()[0]);
+            assert!(f64::try_from(after.get(0).get(7).abs().max()).unwrap() < 10.0);
+        }
+    }
+
     #[test]
     fn the_noise_sampler_reproduces_the_residual_covariance() {
         // Σ = L Lᵀ with L lower-triangular, µ ≠ 0.
@@ -548,6 +671,7 @@ mod refresh_tests {
             },
         ] {
             let q = BlockQuantizer {
+                usage: None,
                 codebook: GroupedCodebook::from_flat(1, 8, 4, flat.clone()).unwrap(),
                 noise: Some(noise),
             };

@@ -24,6 +24,9 @@ pub struct CalibrationSettings {
     pub noise: Option<NoiseKind>,
     /// Tokens per window for language models (None: the model's n_positions).
     pub context: Option<usize>,
+    /// The validation hold-out of the model's training run: calibration samples only what the
+    /// run trained on.
+    pub valid: crate::data::split::HoldOut,
 }
 
 fn to_rows(t: &Tensor) -> Result<Array2<f32>> {
@@ -100,7 +103,7 @@ pub fn calibrate(
     device: Device,
     progress: bool,
 ) -> Result<CodebookFile> {
-    let task = Task::open(&a.data, &model.config, a.context)?;
+    let task = Task::open(&a.data, &model.config, a.context, a.valid)?;
     let n = a.samples.min(task.train_len());
     if n == 0 {
         return Err(TrainError::invalid("samples", "must be at least 1"));
@@ -117,6 +120,7 @@ pub fn calibrate(
     })?;
     let bar = progress_bar(progress, layers, "calibrate blocks");
     let mut codebooks = Vec::with_capacity(layers);
+    let mut usage = Vec::with_capacity(layers);
     for r in reservoirs {
         let rows = r.into_rows();
         let cfg = KMeansConfig {
@@ -124,7 +128,11 @@ pub fn calibrate(
             seed: a.seed,
             ..KMeansConfig::new(a.k)
         };
-        codebooks.push(GroupedCodebook::fit(rows.view(), a.groups, &cfg)?.0);
+        let cb = GroupedCodebook::fit(rows.view(), a.groups, &cfg)?.0;
+        // The reservoir is a uniform sample of the block's rows: its code shares estimate the
+        // whole sample's, which EMA fine-tuning starts its counts from.
+        usage.push(cb.code_shares(rows.view())?);
+        codebooks.push(cb);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -135,7 +143,12 @@ pub fn calibrate(
     let blocks = codebooks
         .into_iter()
         .zip(noise)
-        .map(|(codebook, noise)| BlockQuantizer { codebook, noise })
+        .zip(usage)
+        .map(|((codebook, noise), usage)| BlockQuantizer {
+            codebook,
+            noise,
+            usage: Some(usage),
+        })
         .collect();
     let mut file = CodebookFile {
         blocks,

@@ -17,14 +17,15 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::ModelConfig;
 use crate::data::augment::Augment;
+use crate::data::split::HoldOut;
 use crate::error::{Result, TrainError};
 use crate::model::Model;
 use crate::models::vq::ResidualMoments;
 use crate::models::{Astra, ClsMode, DevicePartition, GroupedVq, VqConfig};
 use crate::precision::bf16_autocast;
 use optim::{AdamW, AdamWConfig};
-use run::{EpochRecord, RunFolder};
-pub use task::{AstraEval, EvalMetrics, Task};
+use run::{EpochRecord, RunFolder, RunResult};
+pub use task::{AstraEval, EvalMetrics, Split, Task};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AstraSettings {
@@ -53,8 +54,12 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Use only N training examples per epoch (images, or text windows); None: all.
     pub max_train: Option<usize>,
-    /// Evaluate on the first N test images (or validation windows) only.
+    /// Score the selected model on N test examples (a fixed random subset) only.
     pub max_test: Option<usize>,
+    /// The validation hold-out the best epoch is selected on (default: 10% of the training
+    /// data, at most 10,000 examples).
+    #[serde(default)]
+    pub valid: HoldOut,
     /// Training-time augmentation of images.
     #[serde(default)]
     pub augment: Augment,
@@ -121,8 +126,8 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The score the run keeps its best model by (higher is better): test accuracy for images,
-    /// minus the validation loss for text.
+    /// The validation score the run selects its best model by (higher is better): accuracy for
+    /// images, minus the loss for text.
     pub fn score(&self, m: &EvalMetrics) -> f64 {
         if crate::data::is_text(&self.data) {
             -m.loss
@@ -140,10 +145,12 @@ struct Setup {
     vq: Option<Vec<GroupedVq>>,
 }
 
-/// Where a run continues from: the first epoch to run and the best score and metrics so far.
+/// Where a run continues from: the first epoch to run and the best validation score, epoch and
+/// metrics so far.
 struct Progress {
     start_epoch: usize,
     best: f64,
+    best_epoch: Option<usize>,
     best_metrics: Option<EvalMetrics>,
 }
 
@@ -154,15 +161,17 @@ struct EpochTotals {
     seen: f64,
 }
 
-/// Trains (or resumes) the run in `run`; returns the best epoch's test metrics. `stop_after`
-/// ends the process's work after that many epochs in total, as a kill would (tests of --resume).
+/// Trains (or resumes) the run in `run`, selecting the best epoch on the validation split; once
+/// every epoch has run, scores the selected model on the test split and returns the run's result
+/// (None when `stop_after` ended the work early: it stops after that many epochs in total, as a
+/// kill would, for tests of --resume).
 pub fn train(
     cfg: &TrainConfig,
     run: &RunFolder,
     device: Device,
     progress: bool,
     stop_after: Option<usize>,
-) -> Result<Option<EvalMetrics>> {
+) -> Result<Option<RunResult>> {
     cfg.validate()?;
     if cfg.bf16 && !device.is_cuda() {
         return Err(TrainError::invalid(
@@ -183,7 +192,7 @@ pub fn train(
     let mut p = restore(run, &setup.model, &mut opt, setup.vq.as_deref_mut())?;
     for epoch in p.start_epoch..cfg.epochs {
         if stop_after.is_some_and(|s| epoch >= s) {
-            break;
+            return Ok(None);
         }
         let t0 = Instant::now();
         let totals = train_epoch(cfg, &mut setup, &mut opt, epoch, steps_per_epoch, progress)?;
@@ -195,56 +204,114 @@ pub fn train(
                 refresh_naq(&setup.task, &setup.model, q, seed, device)?;
             }
         }
-        let Setup {
-            task,
-            model,
-            cls,
-            vq,
-        } = &mut setup;
-        let astra_eval = match (vq.as_mut(), &cfg.astra) {
-            (Some(q), Some(a)) => Some(AstraEval {
-                devices: a.devices,
-                partition: task::PartitionMode::Contiguous,
-                cls: *cls,
-                vq: Some(q),
-                link_loss: 0.0,
-            }),
-            _ => None,
-        };
-        let m = task.evaluate(model, cfg.max_test, astra_eval, cfg.bf16, device)?;
+        let m = evaluate(
+            cfg,
+            &setup.task,
+            &setup.model,
+            setup.vq.as_deref_mut(),
+            Split::Valid,
+            None,
+        )?;
         let seen = totals.seen.max(1.0);
         let rec = EpochRecord {
             epoch,
             step: opt.step,
             train_loss: totals.loss_sum / seen,
             train_accuracy: totals.correct / seen,
-            test_loss: m.loss,
-            test_accuracy: m.accuracy,
-            test_perplexity: task.is_text().then(|| m.perplexity()),
+            valid_loss: m.loss,
+            valid_accuracy: m.accuracy,
+            valid_perplexity: setup.task.is_text().then(|| m.perplexity()),
             lr: opt.lr_at(opt.step.saturating_sub(1)),
             seconds: t0.elapsed().as_secs_f64(),
         };
         if progress {
-            report_epoch(&rec, &m, cfg.epochs, task.is_text());
+            report_epoch(&rec, &m, cfg.epochs, setup.task.is_text());
         }
         let score = cfg.score(&m);
         let is_best = score > p.best;
         if is_best {
             p.best = score;
+            p.best_epoch = Some(epoch);
             p.best_metrics = Some(m);
         }
         checkpoint(run, &setup, &opt, &rec, &p, is_best)?;
     }
-    if stop_after.is_none_or(|s| s >= cfg.epochs) {
-        run.mark_complete(cfg.epochs, p.best_metrics.as_ref())?;
+    let test = test_selected(cfg, run, &setup.task, device)?;
+    let result = RunResult {
+        epochs: cfg.epochs,
+        best_epoch: p.best_epoch,
+        valid: p.best_metrics,
+        test,
+    };
+    run.mark_complete(&result)?;
+    Ok(Some(result))
+}
+
+/// Scores `model` on `split`: plain, or as ASTRA runs train (N devices with contiguous shares,
+/// the run's CLS mode, the quantizers `vq`).
+fn evaluate(
+    cfg: &TrainConfig,
+    task: &Task,
+    model: &Model,
+    vq: Option<&mut [GroupedVq]>,
+    split: Split,
+    limit: Option<usize>,
+) -> Result<EvalMetrics> {
+    let astra = match (vq, &cfg.astra) {
+        (Some(q), Some(a)) => Some(AstraEval {
+            devices: a.devices,
+            partition: task::PartitionMode::Contiguous,
+            cls: cls_mode(cfg),
+            vq: Some(q),
+            link_loss: 0.0,
+        }),
+        _ => None,
+    };
+    task.evaluate(model, split, limit, astra, cfg.bf16, model.vs.device())
+}
+
+/// The test metrics of the selected model — the run's `model/` (with its codebooks for ASTRA),
+/// the files sweeps and the runtime load — scored once, on `max_test` examples; None when no
+/// epoch was selected.
+fn test_selected(
+    cfg: &TrainConfig,
+    run: &RunFolder,
+    task: &Task,
+    device: Device,
+) -> Result<Option<EvalMetrics>> {
+    let dir = run.dir.join("model");
+    if !dir.join("config.json").exists() {
+        return Ok(None);
     }
-    Ok(p.best_metrics)
+    let (model, _) = Model::load(&dir.to_string_lossy(), device)?;
+    let mut vq = match &cfg.astra {
+        Some(a) => {
+            Some(model.load_quantizers(&dir.join("codebooks.safetensors"), &a.vq, device)?)
+        }
+        None => None,
+    };
+    let m = evaluate(
+        cfg,
+        task,
+        &model,
+        vq.as_deref_mut(),
+        Split::Test,
+        cfg.max_test,
+    )?;
+    Ok(Some(m))
+}
+
+fn cls_mode(cfg: &TrainConfig) -> ClsMode {
+    match &cfg.astra {
+        Some(a) if a.single_cls => ClsMode::Single,
+        _ => ClsMode::Distributed,
+    }
 }
 
 /// The data, the model (fresh, or from `init` with this data's label set and image size) and
 /// the quantizers of an ASTRA run.
 fn set_up(cfg: &TrainConfig, device: Device) -> Result<Setup> {
-    let task = Task::open(&cfg.data, &cfg.model, cfg.context)?;
+    let task = Task::open(&cfg.data, &cfg.model, cfg.context, cfg.valid)?;
     let mut model_cfg = cfg.model.clone();
     if let (ModelConfig::ViT(v), Some(classes)) = (&mut model_cfg, task.classes()) {
         v.num_labels = Some(classes as i64);
@@ -278,10 +345,7 @@ fn set_up(cfg: &TrainConfig, device: Device) -> Result<Setup> {
             Model::new(model_cfg, device)?
         }
     };
-    let cls = match &cfg.astra {
-        Some(a) if a.single_cls => ClsMode::Single,
-        _ => ClsMode::Distributed,
-    };
+    let cls = cls_mode(cfg);
     let vq = match &cfg.astra {
         None => None,
         Some(a) => {
@@ -319,6 +383,7 @@ fn restore(
         return Ok(Progress {
             start_epoch: 0,
             best: f64::NEG_INFINITY,
+            best_epoch: None,
             best_metrics: None,
         });
     };
@@ -342,6 +407,7 @@ fn restore(
     Ok(Progress {
         start_epoch: state.epoch + 1,
         best: state.best_score,
+        best_epoch: state.best_epoch,
         best_metrics: state.best_metrics,
     })
 }
@@ -516,7 +582,7 @@ fn report_epoch(rec: &EpochRecord, m: &EvalMetrics, epochs: usize, text: bool) {
     let what = if text {
         format!("valid loss {:.4}, perplexity {:.2}", m.loss, m.perplexity())
     } else {
-        format!("test acc {:.4}", m.accuracy)
+        format!("valid acc {:.4}", m.accuracy)
     };
     eprintln!(
         "epoch {}/{}: train loss {:.4}, train acc {:.4}, {what} ({:.0} s)",
@@ -547,7 +613,7 @@ fn checkpoint(
     for (l, b) in setup.vq.iter().flatten().enumerate() {
         tensors.extend(b.state(&format!("astra.vq.{l}")));
     }
-    run.record_epoch(rec, &tensors, p.best, p.best_metrics)
+    run.record_epoch(rec, &tensors, (p.best, p.best_epoch, p.best_metrics))
 }
 
 /// Names what made the loss non-finite: a codebook (NaN codewords, or EMA statistics that blew up),

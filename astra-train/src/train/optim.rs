@@ -218,14 +218,23 @@ mod flat_tests {
     use super::*;
     use tch::Device;
 
-    /// Two parameters, and a third the loss never uses when `unused`.
+    /// Two parameters, and a third the loss never uses when `unused`. Values come from a local
+    /// generator: libtorch's is process-global, and other tests draw from it concurrently.
     fn store(seed: i64, unused: bool) -> (nn::VarStore, Tensor, Tensor, Option<Tensor>) {
-        tch::manual_seed(seed);
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed as u64);
+        let mut values =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
         let vs = nn::VarStore::new(Device::Cpu);
         let root = vs.root();
-        let a = root.randn("a", &[3, 4], 0.0, 1.0);
-        let b = root.randn("b", &[5], 0.0, 1.0);
-        let u = unused.then(|| root.randn("unused", &[2], 0.0, 1.0));
+        let var = |name: &str, shape: &[i64], v: Vec<f32>| {
+            let t = root.zeros(name, shape);
+            tch::no_grad(|| t.shallow_clone().copy_(&Tensor::from_slice(&v).view(shape)));
+            t
+        };
+        let a = var("a", &[3, 4], values(12));
+        let b = var("b", &[5], values(5));
+        let u = unused.then(|| var("unused", &[2], values(2)));
         (vs, a, b, u)
     }
 

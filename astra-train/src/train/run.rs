@@ -2,7 +2,8 @@
 //! object per epoch), `summary.csv`, `checkpoints/epoch-N.safetensors` + `state.json`,
 //! `best.safetensors`, and `model/` (HF-style config.json + model.safetensors of the best epoch,
 //! with `codebooks.safetensors` beside it for ASTRA runs), and `complete.json` once every epoch
-//! has run (what scripts test to skip a finished run). Every file is written atomically (temp
+//! has run and the selected model has been scored on the test split (what scripts test to skip a
+//! finished run). Every file is written atomically (temp
 //! file + rename, [`astra_quant::atomic`]); an epoch writes its checkpoint, its best model and its
 //! log lines before state.json, the commit point, so a run killed anywhere resumes from its last
 //! whole epoch with everything that epoch produced. A lock file (`.lock`, holding the pid) keeps a
@@ -26,9 +27,39 @@ use crate::models::GroupedVq;
 pub struct RunState {
     pub epoch: usize,
     pub step: usize,
-    /// The best epoch's score (accuracy for images, −validation loss for text).
+    /// The best epoch's validation score (accuracy for images, −loss for text).
     pub best_score: f64,
+    /// The best epoch (selected on the validation split) and its validation metrics.
+    #[serde(default)]
+    pub best_epoch: Option<usize>,
     pub best_metrics: Option<EvalMetrics>,
+}
+
+/// What a finished run reports (`complete.json`): the epoch selected on the validation split,
+/// its validation metrics, and its model's metrics on the test split, scored once.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunResult {
+    pub epochs: usize,
+    pub best_epoch: Option<usize>,
+    pub valid: Option<EvalMetrics>,
+    pub test: Option<EvalMetrics>,
+}
+
+impl RunResult {
+    /// The result of a finished run folder (`complete.json`), if it has one.
+    pub fn read(dir: &Path) -> Result<Option<RunResult>> {
+        let p = dir.join("complete.json");
+        if !p.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).map_err(io(&p))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| TrainError::File {
+                path: p,
+                reason: format!("is not a run result: {e}"),
+            })
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -37,10 +68,11 @@ pub struct EpochRecord {
     pub step: usize,
     pub train_loss: f64,
     pub train_accuracy: f64,
-    pub test_loss: f64,
-    pub test_accuracy: f64,
+    /// Metrics on the validation split (held out of the training data).
+    pub valid_loss: f64,
+    pub valid_accuracy: f64,
     /// Validation perplexity (language models).
-    pub test_perplexity: Option<f64>,
+    pub valid_perplexity: Option<f64>,
     pub lr: f64,
     pub seconds: f64,
 }
@@ -265,12 +297,11 @@ impl RunFolder {
         Ok(())
     }
 
-    /// Marks the run finished: `complete.json` with the epochs run and the best epoch's metrics.
-    pub fn mark_complete(&self, epochs: usize, best: Option<&EvalMetrics>) -> Result<()> {
-        let v = serde_json::json!({ "epochs": epochs, "best": best });
+    /// Marks the run finished: `complete.json` holds its [`RunResult`].
+    pub fn mark_complete(&self, result: &RunResult) -> Result<()> {
         write_atomic(
             &self.dir.join("complete.json"),
-            serde_json::to_string_pretty(&v)
+            serde_json::to_string_pretty(result)
                 .expect("serialisable")
                 .as_bytes(),
         )
@@ -286,8 +317,7 @@ impl RunFolder {
         &self,
         rec: &EpochRecord,
         tensors: &[(String, Tensor)],
-        best_score: f64,
-        best_metrics: Option<EvalMetrics>,
+        best: (f64, Option<usize>, Option<EvalMetrics>),
     ) -> Result<()> {
         let ck = self
             .dir
@@ -311,7 +341,7 @@ impl RunFolder {
         if new {
             writeln!(
                 f,
-                "epoch,step,train_loss,train_accuracy,test_loss,test_accuracy,test_perplexity,lr,seconds"
+                "epoch,step,train_loss,train_accuracy,valid_loss,valid_accuracy,valid_perplexity,lr,seconds"
             )
             .map_err(io(&cp))?;
         }
@@ -322,18 +352,20 @@ impl RunFolder {
             rec.step,
             rec.train_loss,
             rec.train_accuracy,
-            rec.test_loss,
-            rec.test_accuracy,
-            rec.test_perplexity
+            rec.valid_loss,
+            rec.valid_accuracy,
+            rec.valid_perplexity
                 .map_or(String::new(), |p| format!("{p:.4}")),
             rec.lr,
             rec.seconds
         )
         .map_err(io(&cp))?;
+        let (best_score, best_epoch, best_metrics) = best;
         let state = RunState {
             epoch: rec.epoch,
             step: rec.step,
             best_score,
+            best_epoch,
             best_metrics,
         };
         write_atomic(
@@ -367,6 +399,7 @@ impl RunFolder {
                     Ok(astra_quant::BlockQuantizer {
                         codebook: b.to_codebook()?,
                         noise: b.to_noise_model()?,
+                        usage: Some(b.to_usage()?),
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;

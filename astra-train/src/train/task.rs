@@ -12,6 +12,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 use crate::config::ModelConfig;
 use crate::data::augment::Augment;
 use crate::data::loader::{read_batch, BatchLoader};
+use crate::data::split::HoldOut;
 use crate::data::text::{self, TokenCorpus, Window};
 use crate::data::{self, ImageData};
 use crate::error::{Result, TrainError};
@@ -30,6 +31,14 @@ pub enum Task {
         context: usize,
         stride: usize,
     },
+}
+
+/// The split a model is scored on: validation (held out of the training data, for selecting a
+/// run's best epoch) or test (scored once for the selected model, and by the sweeps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Valid,
+    Test,
 }
 
 /// Scores of a model on a split.
@@ -150,8 +159,14 @@ fn score(logits: &Tensor, targets: &Tensor) -> (f64, i64, i64) {
 }
 
 impl Task {
-    /// Opens the data of `spec` for a model of `model` (checking they fit together).
-    pub fn open(spec: &str, model: &ModelConfig, context: Option<usize>) -> Result<Self> {
+    /// Opens the data of `spec` for a model of `model` (checking they fit together), holding
+    /// `hold_out` of the training data out for validation ([`crate::data::split`]).
+    pub fn open(
+        spec: &str,
+        model: &ModelConfig,
+        context: Option<usize>,
+        hold_out: HoldOut,
+    ) -> Result<Self> {
         if data::is_text(spec) {
             let ModelConfig::GPT2(g) = model else {
                 return Err(TrainError::invalid(
@@ -176,7 +191,7 @@ impl Task {
                     format!("{context} must be in 2..={} (n_positions)", g.n_positions),
                 ));
             }
-            let corpus = text::open(&spec["text:".len()..])?;
+            let corpus = text::open(&spec["text:".len()..], hold_out, context)?;
             if corpus.train.len() <= context {
                 return Err(TrainError::invalid(
                     "data",
@@ -198,7 +213,7 @@ impl Task {
                 format!("'{spec}' is images; the model is not a ViT"),
             ));
         };
-        let data = data::open_images(spec, v.image_size as usize)?;
+        let data = data::open_images(spec, v.image_size as usize, hold_out)?;
         let (c, _, _) = data.train.shape();
         if c as i64 != v.num_channels {
             return Err(TrainError::invalid(
@@ -305,27 +320,30 @@ impl Task {
         }
     }
 
-    /// Scores the model on the test split (images: `limit` test images; text: the validation
-    /// tokens in disjoint `context` windows, `limit` of them). A limit draws a fixed random subset
+    /// Scores the model on `split` (images: `limit` of its images; text: its tokens in
+    /// `stride`-spaced windows, `limit` of them). A limit draws a fixed random subset
     /// ([`EVAL_SEED`]) spread over the split, never its first examples: ImageNet's validation
     /// folders are sorted by class.
     pub fn evaluate(
         &self,
         model: &Model,
+        split: Split,
         limit: Option<usize>,
         astra: Option<AstraEval>,
         bf16: bool,
         device: Device,
     ) -> Result<EvalMetrics> {
-        let b = self.evaluate_batches(model, limit, astra, bf16, device, 256)?;
+        let b = self.evaluate_batches(model, split, limit, astra, bf16, device, 256)?;
         Ok(EvalMetrics::from_batches(&b))
     }
 
     /// Scores per batch of at most `batch` images (text: 8 windows), so results can be grouped by
     /// the FPAR of each batch's partition.
+    #[allow(clippy::too_many_arguments)]
     pub fn evaluate_batches(
         &self,
         model: &Model,
+        split: Split,
         limit: Option<usize>,
         mut astra: Option<AstraEval>,
         bf16: bool,
@@ -335,11 +353,15 @@ impl Task {
         let batch = batch.max(1);
         let batches: Vec<(Tensor, Tensor)> = match self {
             Task::Images { data, size } => {
-                let n = limit.map_or(data.test.len(), |l| l.min(data.test.len()));
-                let idx = sample_sorted(data.test.len(), n, EVAL_SEED);
+                let set = match split {
+                    Split::Valid => &data.valid,
+                    Split::Test => &data.test,
+                };
+                let n = limit.map_or(set.len(), |l| l.min(set.len()));
+                let idx = sample_sorted(set.len(), n, EVAL_SEED);
                 idx.chunks(batch)
                     .map(|c| {
-                        read_batch(&*data.test, c, None)
+                        read_batch(&**set, c, None)
                             .map(|b| b.to_tensors(&data.mean, &data.std, *size, device))
                     })
                     .collect::<Result<_>>()?
@@ -349,7 +371,11 @@ impl Task {
                 context,
                 stride,
             } => {
-                let all = text::strided_windows(corpus.valid.len(), *context, *stride);
+                let tokens = match split {
+                    Split::Valid => &corpus.valid,
+                    Split::Test => &corpus.test,
+                };
+                let all = text::strided_windows(tokens.len(), *context, *stride);
                 let ws: Vec<Window> =
                     sample_sorted(all.len(), limit.unwrap_or(usize::MAX), EVAL_SEED)
                         .into_iter()
@@ -367,7 +393,7 @@ impl Task {
                     {
                         j += 1;
                     }
-                    out.push(text::lm_batch(&corpus.valid, &ws[i..j], device));
+                    out.push(text::lm_batch(tokens, &ws[i..j], device));
                     i = j;
                 }
                 out
