@@ -171,8 +171,9 @@ fi
 
 if wants text; then
   ctx=${CONTEXT:-1024}
-  train_spec=text:$wt/wiki.train.raw,$wt/wiki.valid.raw
-  # Perplexity on the test split (the sweep scores the spec's second file).
+  # Training selects its epoch on WikiText-103's own validation split; the sweeps score the last
+  # file of a spec, its test split.
+  train_spec=text:$wt/wiki.train.raw,$wt/wiki.valid.raw,$wt/wiki.test.raw
   test_spec=text:$wt/wiki.valid.raw,$wt/wiki.test.raw
   text_flags=(--context "$ctx" --batch "${TEXT_BATCH:-8}" --lr "${TEXT_LR:-5e-5}" --warmup-steps 200
     --device "$device" $precision --epochs "${TEXT_EPOCHS:-1}")

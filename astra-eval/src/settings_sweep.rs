@@ -175,15 +175,7 @@ pub fn run(args: &SweepArgs, progress: bool) -> Result<SweepReport> {
     let settings = settings(args, task.is_text());
     let bar = progress_bar(progress, settings.len() as u64 + 1);
     let baseline = baseline(args)?;
-    let single = task.evaluate_batches(
-        &model,
-        Split::Test,
-        args.max_test,
-        None,
-        args.bf16,
-        args.device,
-        args.batch,
-    )?;
+    let single = single_device(args, &task, &model)?;
     let mut rows = vec![row(args.metric, None, &single)];
     bar.inc(1);
     let vq_cfg = VqConfig {
@@ -238,6 +230,19 @@ pub fn run(args: &SweepArgs, progress: bool) -> Result<SweepReport> {
     })
 }
 
+/// `model` on one device, scored on the test split.
+fn single_device(args: &SweepArgs, task: &Task, model: &Model) -> Result<Vec<BatchScore>> {
+    Ok(task.evaluate_batches(
+        model,
+        Split::Test,
+        args.max_test,
+        None,
+        args.bf16,
+        args.device,
+        args.batch,
+    )?)
+}
+
 /// The `--baseline` model scored on the same test examples (the split and the `--max-test`
 /// subset are fixed by the data, whatever the model).
 fn baseline(args: &SweepArgs) -> Result<Option<SweepBaseline>> {
@@ -251,16 +256,7 @@ fn baseline(args: &SweepArgs) -> Result<Option<SweepBaseline>> {
             format!("{spec} cannot score {}: {e}", args.data),
         )
     })?;
-    let b = task.evaluate_batches(
-        &model,
-        Split::Test,
-        args.max_test,
-        None,
-        args.bf16,
-        args.device,
-        args.batch,
-    )?;
-    let m = EvalMetrics::from_batches(&b);
+    let m = EvalMetrics::from_batches(&single_device(args, &task, &model)?);
     Ok(Some(SweepBaseline {
         model: spec.clone(),
         value: value(args.metric, &m),

@@ -95,12 +95,17 @@ fn accuracy_grid_quintiles_and_bad_requests() {
         json.to_str().unwrap(),
         "--table",
         table.to_str().unwrap(),
+        // The model as its own baseline: the baseline's score must be the single-device row's.
+        "--baseline",
+        model.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let rows = r["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 1 + 2 * 2 * 2 * 2 * 2);
     let single = rows[0]["value"].as_f64().unwrap();
+    assert_eq!(r["baseline"]["value"].as_f64().unwrap(), single);
+    assert_eq!(r["baseline"]["count"], 40);
     for row in &rows[1..] {
         assert_eq!(row["count"], 40);
         // Without VQ and without lost messages, distributed-CLS ASTRA is the plain model.
@@ -121,7 +126,9 @@ fn accuracy_grid_quintiles_and_bad_requests() {
     }
     let md = std::fs::read_to_string(&table).unwrap();
     assert!(
-        md.contains("Command (commit") && md.contains("by FPAR quintile"),
+        md.contains("Command (commit")
+            && md.contains("by FPAR quintile")
+            && md.contains("Δ vs baseline"),
         "{md}"
     );
 

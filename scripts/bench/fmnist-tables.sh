@@ -5,7 +5,12 @@
 #   main rows (Table 1): G ∈ {1, 4, 16, 32}, N = 4, λ = 1, β = 5e-4, distributed CLS, every seed;
 #   Table 2: N ∈ {2, 7} (N = 4 from the main rows), G = 16, first seed;
 #   NAQ: λ ∈ {0, 0.1, 0.3} (1 from the main rows), G = 16;  DCT: single CLS at G ∈ {1, 16, 32};
-#   β ∈ {0, 1e-4, 0.25} (5e-4 from the main rows), G = 16.
+#   β ∈ {0, 1e-4, 0.25} (5e-4 from the main rows), G = 16;
+#   Table 9: G = 16, N = 4 trained on random allocations (--random-partition), and both it and the
+#   main row swept under random allocations (astra-eval accuracy --partition allocation), by FPAR
+#   quintile, beside the original plain model (--baseline).
+# Every run selects its epoch on 10% of the training images held out (astra-train --valid) and
+# scores that model on the test split once (complete.json).
 # Runs go JOBS at a time (the GPU is far from busy with one small ViT). Each run folder keeps its
 # summary.csv (per-epoch wall seconds) and a time.txt; scripts/bench/tables.py makes the tables.
 #   scripts/bench/fmnist-tables.sh FASHION_MNIST_DIR OUT_DIR
@@ -55,5 +60,12 @@ astra() { # NAME SEED G then extra flags
   for l in 0 0.1 0.3; do astra "astra-s$s-g16-n4-lambda$l" "$s" 16 --devices 4 --lambda "$l"; done
   for g in 1 16 32; do astra "astra-s$s-g$g-n4-single" "$s" "$g" --devices 4 --single-cls; done
   for b in 0 1e-4 0.25; do astra "astra-s$s-g16-n4-beta$b" "$s" 16 --devices 4 --beta "$b"; done
+  astra "astra-s$s-g16-n4-alloc" "$s" 16 --devices 4 --random-partition
 } | xargs -P "$jobs" -I{} bash -c '{}'
+
+# 4. Table 9 analogue: accuracy under random allocations, by FPAR quintile.
+s=${seeds[0]}
+for name in "astra-s$s-g16-n4" "astra-s$s-g16-n4-alloc"; do
+  echo "run sweep-${name#astra-} astra-eval accuracy --model $out/$name --baseline $out/base-s$s --data fashion-mnist:$data --devices 4 --partition allocation,contiguous --vq on --batch 64 --seed 7 --device $device --json $out/sweep-${name#astra-}.json"
+done | xargs -P "$jobs" -I{} bash -c '{}'
 echo "all runs finished in $out"

@@ -2,8 +2,10 @@
 # The paper's GPT-2 perplexity table (ASTRA.md §5) at small scale, on one GPU: a GPT-2 small
 # configuration (768 wide, 12 blocks, 12 heads) trained from scratch on each corpus, then codebooks
 # (G ∈ {1, 16, 32}) and ASTRA fine-tuning with N = 4 (λ = 1, β = 5e-4).
-# Corpora: WikiText-2 (train on its valid split, evaluate on its test split: the train split is not
-# available offline) and tiny-shakespeare (first 90% / last 10% of its tokens).
+# Corpora: WikiText-2 (train on its valid split, test on its test split: the train split is not
+# available offline) and tiny-shakespeare (first 90% / last 10% of its tokens). Every run holds the
+# last 10% of its training windows out, selects its epoch on them and scores that model on the
+# test split once (complete.json).
 #   scripts/bench/text-tables.sh DATA_DIR OUT_DIR      (DATA_DIR holds wikitext-2/ and tinyshakespeare/)
 # Environment: BASE_EPOCHS (8), ASTRA_EPOCHS (3), CONTEXT (256), K (256), JOBS (3), DEVICE (cuda),
 # BF16 (--bf16), EXTRA (more training flags, e.g. "--max-train 512" for a smoke test).

@@ -50,7 +50,7 @@ pub struct SweepOpts {
     /// receiver masks the token out). The paper's Table 11 uses 0.05.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub loss: Vec<f64>,
-    /// Evaluate the first N test images (text: N windows) only.
+    /// Evaluate N test images (text: N windows) only: a fixed random subset.
     #[arg(long)]
     pub max_test: Option<usize>,
     /// Text: tokens per window (default: the model's n_positions).
