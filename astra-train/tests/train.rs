@@ -176,6 +176,11 @@ fn resume_is_exact_and_astra_pipeline_runs() {
         .evaluate(&selected, Split::Test, None, None, false, Device::Cpu)
         .unwrap();
     assert_eq!(again, test);
+    // The exported model is the selected epoch's, bit for bit: it scores that epoch's validation.
+    let again = task
+        .evaluate(&selected, Split::Valid, None, None, false, Device::Cpu)
+        .unwrap();
+    assert_eq!(again, valid);
 
     // The run folder protects itself.
     let e = RunFolder::open(&a, &cfg, false).err().unwrap().to_string();
@@ -316,6 +321,14 @@ fn language_model_trains_resumes_and_runs_astra() {
     )
     .unwrap()
     .unwrap();
+    // The exported GPT-2 (tied head, positions) is the selected epoch's model: loaded back, it
+    // scores that epoch's validation loss.
+    let (selected, _) = astra_train::model::Model::load(a.to_str().unwrap(), Device::Cpu).unwrap();
+    let task = Task::open(&cfg.data, &cfg.model, cfg.context, cfg.valid).unwrap();
+    let again = task
+        .evaluate(&selected, Split::Valid, None, None, false, Device::Cpu)
+        .unwrap();
+    assert_eq!(Some(again), best_a.valid);
     train(
         &cfg,
         &RunFolder::open(&b, &cfg, false).unwrap(),

@@ -114,7 +114,7 @@ if a.fmnist:
         name = f"astra-s{s0}-g16-n4" if b == "5e-4" else f"astra-s{s0}-g16-n4-beta{b}"
         out.append(f"| {b} | {fmt([acc(r(name))])} | {p} |")
     out.append("\n### Table 9 analogue: heterogeneous allocation, accuracy by FPAR quintile (G = 16, N = 4)\n")
-    out.append("Each test batch of 256 images gets its own random allocation (Dirichlet shares, α = 1.6, each device "
+    out.append("Each test batch (64 images, as fmnist-tables.sh sweeps) gets its own random allocation (Dirichlet shares, α = 1.6, each device "
                "≥ 1 token); batches are grouped by the FPAR of their allocation. Trained on equal contiguous shares "
                "(the main row) or on random allocations (`--random-partition`).\n")
     for name, label in ((f"sweep-s{s0}-g16-n4", "trained on equal shares"), (f"sweep-s{s0}-g16-n4-alloc", "trained on random allocations")):
