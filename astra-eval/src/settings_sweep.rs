@@ -15,6 +15,7 @@ use astra_train::train::{AstraEval, EvalMetrics, Split, Task};
 use serde::Serialize;
 use tch::Device;
 
+use crate::cli::args::SweepOpts;
 use crate::error::{EvalError, Result};
 
 /// Which metric the sweep reports.
@@ -34,27 +35,23 @@ pub enum Partition {
     Allocation,
 }
 
-pub struct SweepArgs {
+/// A sweep: the metric (the subcommand), the command's options, and the device they name.
+pub struct SweepArgs<'a> {
     pub metric: Metric,
-    pub model: String,
-    /// The original plain model (e.g. the run ASTRA fine-tuned from), scored beside.
-    pub baseline: Option<String>,
-    pub data: String,
-    pub codebooks: Option<PathBuf>,
-    /// Expected codebook groups (checked against the file).
-    pub groups: Option<usize>,
-    pub devices: Vec<usize>,
-    pub partitions: Vec<Partition>,
-    pub cls: Vec<ClsMode>,
-    pub vq: Vec<bool>,
-    pub loss: Vec<f64>,
-    pub max_test: Option<usize>,
-    pub context: Option<usize>,
-    pub stride: Option<usize>,
-    pub batch: usize,
-    pub seed: u64,
-    pub bf16: bool,
+    pub opts: &'a SweepOpts,
     pub device: Device,
+}
+
+impl<'a> SweepArgs<'a> {
+    pub fn new(metric: Metric, opts: &'a SweepOpts) -> Result<Self> {
+        let device =
+            astra_train::libtorch::parse_device(&opts.device).map_err(EvalError::Invalid)?;
+        Ok(SweepArgs {
+            metric,
+            opts,
+            device,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -136,24 +133,24 @@ fn quintiles(metric: Metric, batches: &[BatchScore]) -> Vec<Quintile> {
 
 /// The codebooks to use: `--codebooks`, else `codebooks.safetensors` beside the model (an ASTRA
 /// run's model/ folder).
-fn find_codebooks(args: &SweepArgs) -> Result<Option<PathBuf>> {
-    if let Some(c) = &args.codebooks {
+fn find_codebooks(args: &SweepArgs<'_>) -> Result<Option<PathBuf>> {
+    if let Some(c) = &args.opts.codebooks {
         return Ok(Some(c.clone()));
     }
-    let dir = astra_train::model::resolve(&args.model)?;
+    let dir = astra_train::model::resolve(&args.opts.model)?;
     let beside = dir.join("codebooks.safetensors");
     Ok(beside.exists().then_some(beside))
 }
 
-pub fn run(args: &SweepArgs, progress: bool) -> Result<SweepReport> {
+pub fn run(args: &SweepArgs<'_>, progress: bool) -> Result<SweepReport> {
     // Zero counts would be reported as results (0.00 % over nothing): refused first.
-    if args.max_test == Some(0) {
+    if args.opts.max_test == Some(0) {
         return Err(invalid("max_test", "must be at least 1".into()));
     }
-    if args.batch == 0 {
+    if args.opts.batch == 0 {
         return Err(invalid("batch", "must be at least 1".into()));
     }
-    let (model, _) = Model::load(&args.model, args.device)?;
+    let (model, _) = Model::load(&args.opts.model, args.device)?;
     let task = open_task(args, &model)?;
     let tokens = match &task {
         Task::Images { .. } => match &model.config {
@@ -162,13 +159,13 @@ pub fn run(args: &SweepArgs, progress: bool) -> Result<SweepReport> {
         },
         Task::Text { context, .. } => *context,
     };
-    if let Some(&n) = args.devices.iter().find(|&&n| n == 0 || n > tokens) {
+    if let Some(&n) = args.opts.devices.iter().find(|&&n| n == 0 || n > tokens) {
         return Err(invalid(
             "devices",
             format!("{n} is not in 1..={tokens} (the model's {tokens} content tokens)"),
         ));
     }
-    if let Some(&p) = args.loss.iter().find(|&&p| !(0.0..=1.0).contains(&p)) {
+    if let Some(&p) = args.opts.loss.iter().find(|&&p| !(0.0..=1.0).contains(&p)) {
         return Err(invalid("loss", format!("{p} is not a probability")));
     }
     let codebooks = codebooks(args, &model)?;
@@ -197,13 +194,17 @@ pub fn run(args: &SweepArgs, progress: bool) -> Result<SweepReport> {
         };
         let partition = match s.partition {
             Partition::Contiguous => PartitionMode::Contiguous,
-            Partition::Random => PartitionMode::Random { seed: args.seed },
-            Partition::Allocation => PartitionMode::Allocation { seed: args.seed },
+            Partition::Random => PartitionMode::Random {
+                seed: args.opts.seed,
+            },
+            Partition::Allocation => PartitionMode::Allocation {
+                seed: args.opts.seed,
+            },
         };
         let b = task.evaluate_batches(
             &model,
             Split::Test,
-            args.max_test,
+            args.opts.max_test,
             Some(AstraEval {
                 devices: s.devices,
                 partition,
@@ -211,9 +212,9 @@ pub fn run(args: &SweepArgs, progress: bool) -> Result<SweepReport> {
                 vq: q.as_deref_mut(),
                 link_loss: s.loss,
             }),
-            args.bf16,
+            args.opts.bf16,
             args.device,
-            args.batch,
+            args.opts.batch,
         )?;
         rows.push(row(args.metric, Some(&s), &b));
         bar.inc(1);
@@ -221,39 +222,39 @@ pub fn run(args: &SweepArgs, progress: bool) -> Result<SweepReport> {
     bar.finish_and_clear();
     Ok(SweepReport {
         metric: args.metric,
-        model: args.model.clone(),
-        data: args.data.clone(),
+        model: args.opts.model.clone(),
+        data: args.opts.data.clone(),
         codebooks: codebooks.map(|(p, _)| p.display().to_string()),
-        protocol: protocol(&task, rows[0].count, args.batch),
+        protocol: protocol(&task, rows[0].count, args.opts.batch),
         baseline,
         rows,
     })
 }
 
 /// `model` on one device, scored on the test split.
-fn single_device(args: &SweepArgs, task: &Task, model: &Model) -> Result<Vec<BatchScore>> {
+fn single_device(args: &SweepArgs<'_>, task: &Task, model: &Model) -> Result<Vec<BatchScore>> {
     Ok(task.evaluate_batches(
         model,
         Split::Test,
-        args.max_test,
+        args.opts.max_test,
         None,
-        args.bf16,
+        args.opts.bf16,
         args.device,
-        args.batch,
+        args.opts.batch,
     )?)
 }
 
 /// The `--baseline` model scored on the same test examples (the split and the `--max-test`
 /// subset are fixed by the data, whatever the model).
-fn baseline(args: &SweepArgs) -> Result<Option<SweepBaseline>> {
-    let Some(spec) = &args.baseline else {
+fn baseline(args: &SweepArgs<'_>) -> Result<Option<SweepBaseline>> {
+    let Some(spec) = &args.opts.baseline else {
         return Ok(None);
     };
     let (model, _) = Model::load(spec, args.device)?;
     let task = open_task(args, &model).map_err(|e| {
         invalid(
             "baseline",
-            format!("{spec} cannot score {}: {e}", args.data),
+            format!("{spec} cannot score {}: {e}", args.opts.data),
         )
     })?;
     let m = EvalMetrics::from_batches(&single_device(args, &task, &model)?);
@@ -275,18 +276,18 @@ struct Setting {
 }
 
 /// Every combination of the requested devices, partitions, CLS modes (images), VQ and loss.
-fn settings(args: &SweepArgs, is_text: bool) -> Vec<Setting> {
+fn settings(args: &SweepArgs<'_>, is_text: bool) -> Vec<Setting> {
     let cls: Vec<Option<ClsMode>> = if is_text {
         vec![None]
     } else {
-        args.cls.iter().copied().map(Some).collect()
+        args.opts.cls.iter().copied().map(Some).collect()
     };
     let mut out = Vec::new();
-    for &devices in &args.devices {
-        for &partition in &args.partitions {
+    for &devices in &args.opts.devices {
+        for &partition in &args.opts.partition {
             for &cls in &cls {
-                for &vq in &args.vq {
-                    for &loss in &args.loss {
+                for &vq in &args.opts.vq {
+                    for &loss in &args.opts.loss {
                         out.push(Setting {
                             devices,
                             partition,
@@ -303,25 +304,30 @@ fn settings(args: &SweepArgs, is_text: bool) -> Vec<Setting> {
 }
 
 /// The data for the metric: images for accuracy, text for perplexity (with `--stride`).
-fn open_task(args: &SweepArgs, model: &Model) -> Result<Task> {
-    match (args.metric, data::is_text(&args.data)) {
+fn open_task(args: &SweepArgs<'_>, model: &Model) -> Result<Task> {
+    match (args.metric, data::is_text(&args.opts.data)) {
         (Metric::Accuracy, true) => {
             return Err(invalid(
                 "data",
-                format!("'{}' is text: use `astra-eval perplexity`", args.data),
+                format!("'{}' is text: use `astra-eval perplexity`", args.opts.data),
             ))
         }
         (Metric::Perplexity, false) => {
             return Err(invalid(
                 "data",
-                format!("'{}' is images: use `astra-eval accuracy`", args.data),
+                format!("'{}' is images: use `astra-eval accuracy`", args.opts.data),
             ))
         }
         _ => {}
     }
     // Sweeps score the test split; the validation hold-out does not touch it.
-    let task = Task::open(&args.data, &model.config, args.context, Default::default())?;
-    Ok(match args.stride {
+    let task = Task::open(
+        &args.opts.data,
+        &model.config,
+        args.opts.context,
+        Default::default(),
+    )?;
+    Ok(match args.opts.stride {
         Some(s) => task.with_stride(s)?,
         None => task,
     })
@@ -330,10 +336,10 @@ fn open_task(args: &SweepArgs, model: &Model) -> Result<Task> {
 /// The codebook file (and its path) when any setting quantizes, checked against the model and
 /// `--groups`.
 fn codebooks(
-    args: &SweepArgs,
+    args: &SweepArgs<'_>,
     model: &Model,
 ) -> Result<Option<(PathBuf, astra_quant::CodebookFile)>> {
-    if !args.vq.contains(&true) {
+    if !args.opts.vq.contains(&true) {
         return Ok(None);
     }
     let path = find_codebooks(args)?.ok_or_else(|| {
@@ -341,13 +347,13 @@ fn codebooks(
             "vq",
             format!(
                 "{} has no codebooks.safetensors beside it; pass --codebooks FILE or --vq off",
-                args.model
+                args.opts.model
             ),
         )
     })?;
     let file = astra_quant::CodebookFile::load(&path)?;
     astra_train::models::vq::check_codebooks(&file, model.layers(), model.hidden())?;
-    if let Some(g) = args.groups {
+    if let Some(g) = args.opts.groups {
         let have = file.blocks[0].codebook.groups();
         if have != g {
             return Err(invalid(

@@ -649,7 +649,10 @@ fn nonsense_runtime_flags_are_named() {
     let d = tmp.path().join("d.npy");
     let d = d.to_str().unwrap();
     for (extra, needle) in [
-        (vec!["--links", "fast"], "--links fast: rate 'fast'"),
+        (
+            vec!["--links", "fast"],
+            "'--links <LINKS>': fast: rate 'fast'",
+        ),
         (vec!["--links", "0"], "RATE > 0"),
         (vec!["--runs", "0"], "--runs must be at least 1"),
         (

@@ -266,87 +266,110 @@ impl CodebookFile {
             )));
         }
         let noise = get("noise")?.clone();
-        let tensor = |name: String, shape: &[usize]| -> Result<Vec<f32>> {
-            let t = st
-                .tensor(&name)
-                .map_err(|_| bad(format!("tensor '{name}' is missing")))?;
-            if t.dtype() != Dtype::F32 {
-                return Err(bad(format!(
-                    "tensor '{name}' is {:?}, expected F32",
-                    t.dtype()
-                )));
-            }
-            if t.shape() != shape {
-                return Err(bad(format!(
-                    "tensor '{name}' has shape {:?}, expected {shape:?}",
-                    t.shape()
-                )));
-            }
-            let v: Vec<f32> = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-                .collect();
-            // One NaN codeword would make every output NaN downstream: refuse it here.
-            if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-                return Err(bad(format!(
-                    "tensor '{name}' holds {x} at flat index {i} (values must be finite)"
-                )));
-            }
-            Ok(v)
+        let shape = BlockShape {
+            groups,
+            k,
+            dim,
+            noise: &noise,
         };
-        let sub = dim / groups;
-        let mut out = Vec::with_capacity(blocks);
-        for l in 0..blocks {
-            let cb = GroupedCodebook::from_flat(
-                groups,
-                k,
-                sub,
-                tensor(format!("blocks.{l}.codebook"), &[groups, k, sub])?,
-            )
-            .map_err(|e| bad(format!("block {l}: {e}")))?;
-            let noise = match noise.as_str() {
-                "none" => None,
-                "full" => Some(NoiseModel::Full {
-                    mean: tensor(format!("blocks.{l}.residual_mean"), &[dim])?,
-                    chol: Array2::from_shape_vec(
-                        (dim, dim),
-                        tensor(format!("blocks.{l}.residual_chol"), &[dim, dim])?,
-                    )
-                    .expect("shape checked"),
-                }),
-                "diagonal" => Some(NoiseModel::Diagonal {
-                    mean: tensor(format!("blocks.{l}.residual_mean"), &[dim])?,
-                    std: tensor(format!("blocks.{l}.residual_std"), &[dim])?,
-                }),
-                other => {
-                    return Err(bad(format!(
-                        "metadata 'noise' = '{other}' is not none/full/diagonal"
-                    )))
-                }
-            };
-            let name = format!("blocks.{l}.code_usage");
-            let usage = match st.tensor(&name) {
-                Err(_) => None,
-                Ok(_) => {
-                    let u = tensor(name, &[groups, k])?;
-                    check_usage(&u, groups, k)
-                        .map_err(|r| bad(format!("block {l}: code_usage {r}")))?;
-                    Some(u)
-                }
-            };
-            out.push(BlockQuantizer {
-                codebook: cb,
-                noise,
-                usage,
-            });
-        }
+        let blocks = (0..blocks)
+            .map(|l| read_block(&st, l, &shape))
+            .collect::<Result<Vec<_>>>()?;
         let extra = meta
             .into_iter()
             .filter(|(k, _)| !RESERVED.contains(&k.as_str()))
             .collect();
-        Ok(CodebookFile { blocks: out, extra })
+        Ok(CodebookFile { blocks, extra })
     }
+}
+
+/// The shape every block of a file shares (from its metadata).
+struct BlockShape<'a> {
+    groups: usize,
+    k: usize,
+    dim: usize,
+    noise: &'a str,
+}
+
+/// Tensor `name` of `st` as f32 values, checked: present, F32, of `shape`, all finite.
+fn read_tensor(st: &SafeTensors, name: String, shape: &[usize]) -> Result<Vec<f32>> {
+    let bad = |r: String| QuantError::file("<codebook>", r);
+    let t = st
+        .tensor(&name)
+        .map_err(|_| bad(format!("tensor '{name}' is missing")))?;
+    if t.dtype() != Dtype::F32 {
+        return Err(bad(format!(
+            "tensor '{name}' is {:?}, expected F32",
+            t.dtype()
+        )));
+    }
+    if t.shape() != shape {
+        return Err(bad(format!(
+            "tensor '{name}' has shape {:?}, expected {shape:?}",
+            t.shape()
+        )));
+    }
+    let v: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+        .collect();
+    // One NaN codeword would make every output NaN downstream: refuse it here.
+    if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+        return Err(bad(format!(
+            "tensor '{name}' holds {x} at flat index {i} (values must be finite)"
+        )));
+    }
+    Ok(v)
+}
+
+/// Block `l`: its codebook, its noise model (of the file's kind) and its code usage, if stored.
+fn read_block(st: &SafeTensors, l: usize, s: &BlockShape) -> Result<BlockQuantizer> {
+    let bad = |r: String| QuantError::file("<codebook>", r);
+    let tensor = |name: String, shape: &[usize]| read_tensor(st, name, shape);
+    let (groups, k, dim) = (s.groups, s.k, s.dim);
+    let sub = dim / groups;
+    let codebook = GroupedCodebook::from_flat(
+        groups,
+        k,
+        sub,
+        tensor(format!("blocks.{l}.codebook"), &[groups, k, sub])?,
+    )
+    .map_err(|e| bad(format!("block {l}: {e}")))?;
+    let noise = match s.noise {
+        "none" => None,
+        "full" => Some(NoiseModel::Full {
+            mean: tensor(format!("blocks.{l}.residual_mean"), &[dim])?,
+            chol: Array2::from_shape_vec(
+                (dim, dim),
+                tensor(format!("blocks.{l}.residual_chol"), &[dim, dim])?,
+            )
+            .expect("shape checked"),
+        }),
+        "diagonal" => Some(NoiseModel::Diagonal {
+            mean: tensor(format!("blocks.{l}.residual_mean"), &[dim])?,
+            std: tensor(format!("blocks.{l}.residual_std"), &[dim])?,
+        }),
+        other => {
+            return Err(bad(format!(
+                "metadata 'noise' = '{other}' is not none/full/diagonal"
+            )))
+        }
+    };
+    let name = format!("blocks.{l}.code_usage");
+    let usage = match st.tensor(&name) {
+        Err(_) => None,
+        Ok(_) => {
+            let u = tensor(name, &[groups, k])?;
+            check_usage(&u, groups, k).map_err(|r| bad(format!("block {l}: code_usage {r}")))?;
+            Some(u)
+        }
+    };
+    Ok(BlockQuantizer {
+        codebook,
+        noise,
+        usage,
+    })
 }
 
 /// Usage shares are G groups of K non-negative shares that sum to 1 each.

@@ -402,6 +402,36 @@ pub struct Links {
     pub loss_pct: f64,
 }
 
+impl std::str::FromStr for Links {
+    type Err = String;
+    /// `RATE_MBIT[,DELAY_MS[,LOSS_PCT]]`, e.g. `10` or `100,5,0.1`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let f: Vec<&str> = s.split(',').collect();
+        let num = |i: usize, what: &str| -> std::result::Result<f64, String> {
+            match f.get(i) {
+                None => Ok(0.0),
+                Some(v) => v
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x >= 0.0)
+                    .ok_or_else(|| format!("{s}: {what} '{v}' is not a number ≥ 0")),
+            }
+        };
+        let l = Links {
+            mbps: num(0, "rate")?,
+            delay_ms: num(1, "delay")?,
+            loss_pct: num(2, "loss")?,
+        };
+        if f.len() > 3 || l.mbps <= 0.0 || l.loss_pct > 100.0 {
+            return Err(format!(
+                "{s}: expected RATE_MBIT[,DELAY_MS[,LOSS_PCT]] with RATE > 0 and LOSS ≤ 100"
+            ));
+        }
+        Ok(l)
+    }
+}
+
 /// Namespaces made by netem.sh; removed on drop (also on errors and panics).
 pub struct Namespaces {
     script: PathBuf,

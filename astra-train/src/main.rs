@@ -1,8 +1,6 @@
 //! `astra-train`: parses the command line (options declared in `astra_train::cli::args`) and runs
 //! the command (`astra_train::cli`).
 
-use clap::Parser;
-
 use astra_train::cli::{expand_config, run, Cli};
 
 fn main() {
@@ -14,7 +12,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let cli = Cli::parse_from(expanded.args);
+    let cli: Cli = astra_quant::cli::parse::parse_or_exit(expanded.args);
     if let Err(e) = run(cli.command, expanded.model) {
         eprintln!("astra-train: {e:#}");
         std::process::exit(1);

@@ -151,7 +151,7 @@ pub struct DistributedArgs {
     /// Shape every local worker's uplink: RATE Mbit/s (2^20 bit), optional one-way DELAY ms
     /// and LOSS %, e.g. 10 or 50,5,0.1. Workers run in network namespaces (needs root).
     #[arg(long)]
-    pub links: Option<String>,
+    pub links: Option<astra_sim::live::Links>,
     /// libtorch threads per worker (default: this machine's cores / devices).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,

@@ -3,7 +3,6 @@
 
 pub mod args;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
@@ -11,7 +10,7 @@ use anyhow::{anyhow, bail, Result};
 pub use args::*;
 
 use crate::measure::{self, Measurement, ProfileConfig};
-use crate::runtime::{ControlVia, DistributedRun, Links, SESSION_ENV};
+use crate::runtime::{ControlVia, DistributedRun, SESSION_ENV};
 use crate::settings_sweep::Metric;
 
 /// Runs one parsed command.
@@ -56,73 +55,8 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
 
 /// `distributed`: N worker processes over TCP (ASTRA, SP, or the single device).
 pub fn distributed(a: &DistributedArgs) -> Result<()> {
-    let devices = a.devices.unwrap_or(if a.workers.is_empty() {
-        4
-    } else {
-        a.workers.len()
-    });
-    // One device exchanges nothing: the single-device model needs no codebooks.
-    let sp = a.mode == "sp" || (devices == 1 && a.codebooks.is_none());
-    let codebooks = match &a.codebooks {
-        Some(c) => c.clone(),
-        None if sp => PathBuf::new(),
-        None => {
-            let c = astra_train::model::resolve(&a.model)?.join("codebooks.safetensors");
-            if !c.exists() {
-                bail!(
-                    "{} has no codebooks.safetensors beside it; pass --codebooks FILE",
-                    a.model
-                );
-            }
-            c
-        }
-    };
-    let msg = crate::runtime::distributed(&DistributedRun {
-        model: a.model.clone(),
-        codebooks,
-        sp,
-        devices,
-        workers: a.workers.clone(),
-        links: a.links.as_deref().map(parse_links).transpose()?,
-        threads: a.threads,
-        all_logits: a.all_logits,
-        input: a.input.clone(),
-        out: a.out.clone(),
-        single_cls: a.single_cls,
-        timeout: Duration::from_millis(a.timeout_ms),
-        startup: Duration::from_millis(a.startup_timeout_ms),
-        runs: a.runs,
-        warmup: a.warmup,
-        trace: a.trace.clone(),
-        json: a.json.clone(),
-    })?;
-    print!("{msg}");
+    print!("{}", crate::runtime::distributed(&DistributedRun::new(a)?)?);
     Ok(())
-}
-
-/// `RATE[,DELAY_MS[,LOSS_PCT]]` of `--links`.
-fn parse_links(s: &str) -> Result<Links> {
-    let f: Vec<&str> = s.split(',').collect();
-    let num = |i: usize, what: &str| -> Result<f64> {
-        match f.get(i) {
-            None => Ok(0.0),
-            Some(v) => v
-                .trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|x| x.is_finite() && *x >= 0.0)
-                .ok_or_else(|| anyhow!("--links {s}: {what} '{v}' is not a number ≥ 0")),
-        }
-    };
-    let l = Links {
-        mbps: num(0, "rate")?,
-        delay_ms: num(1, "delay")?,
-        loss_pct: num(2, "loss")?,
-    };
-    if f.len() > 3 || l.mbps <= 0.0 || l.loss_pct > 100.0 {
-        bail!("--links {s}: expected RATE_MBIT[,DELAY_MS[,LOSS_PCT]] with RATE > 0 and LOSS ≤ 100");
-    }
-    Ok(l)
 }
 
 /// `info`: the libtorch and devices evaluation would run on.
@@ -269,26 +203,7 @@ fn profile_tables(measured: &[Measurement]) -> String {
 /// `accuracy` / `perplexity`: a sweep over ASTRA settings, printed as markdown (with the command
 /// and commit), optionally as JSON and appended to a table file.
 pub fn sweep(metric: Metric, o: SweepOpts) -> Result<()> {
-    let args = crate::settings_sweep::SweepArgs {
-        metric,
-        device: device(&o.device)?,
-        model: o.model,
-        baseline: o.baseline,
-        data: o.data,
-        codebooks: o.codebooks,
-        groups: o.groups,
-        devices: o.devices,
-        partitions: o.partition,
-        cls: o.cls,
-        vq: o.vq,
-        loss: o.loss,
-        max_test: o.max_test,
-        context: o.context,
-        stride: o.stride,
-        batch: o.batch,
-        seed: o.seed,
-        bf16: o.bf16,
-    };
+    let args = crate::settings_sweep::SweepArgs::new(metric, &o)?;
     let report = crate::settings_sweep::run(&args, true)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let md = crate::settings_sweep::markdown(&report, &command, &commit());

@@ -9,6 +9,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::cli::args::DistributedArgs;
 use crate::error::Result;
 use crate::{fail, invalid};
 use astra_train::model::Model;
@@ -24,37 +25,59 @@ use super::{Plan, COORDINATOR};
 /// delay and loss (netem, where the kernel has it).
 pub use astra_sim::live::Links;
 
-pub struct DistributedRun {
-    pub model: String,
-    /// Unused (may be empty) in the SP baseline.
-    pub codebooks: PathBuf,
-    /// The SP baseline: full-precision embeddings exchanged instead of indices.
+/// A `distributed` request: the command's options and what follows from them.
+pub struct DistributedRun<'a> {
+    pub args: &'a DistributedArgs,
+    /// The SP baseline: full-precision embeddings exchanged instead of indices (`--mode sp`, or
+    /// one device without codebooks).
     pub sp: bool,
     pub devices: usize,
-    /// Running workers to use (`astra-eval worker --listen ADDR` on each host), by rank; empty:
-    /// start local ones.
-    pub workers: Vec<String>,
-    /// Shape the local workers' links (network namespaces + tc; needs root).
-    pub links: Option<Links>,
-    /// Threads per worker (0: this machine's cores / devices, at least 1).
-    pub threads: usize,
-    /// GPT-2: the logits of every token [B, T, V] (every device returns its final states)
-    /// instead of the next-token logits [B, V] from the last device.
-    pub all_logits: bool,
-    pub input: PathBuf,
-    pub out: PathBuf,
-    pub single_cls: bool,
+    /// Unused (empty) in the SP baseline.
+    pub codebooks: PathBuf,
+}
+
+impl<'a> DistributedRun<'a> {
+    /// Resolves the device count (default 4 local workers, or one per `--workers` address), the
+    /// mode and the codebooks (`--codebooks`, else those beside the model).
+    pub fn new(args: &'a DistributedArgs) -> Result<Self> {
+        let devices = args.devices.unwrap_or(if args.workers.is_empty() {
+            4
+        } else {
+            args.workers.len()
+        });
+        // One device exchanges nothing: the single-device model needs no codebooks.
+        let sp = args.mode == "sp" || (devices == 1 && args.codebooks.is_none());
+        let codebooks = match &args.codebooks {
+            Some(c) => c.clone(),
+            None if sp => PathBuf::new(),
+            None => {
+                let c = astra_train::model::resolve(&args.model)?.join("codebooks.safetensors");
+                if !c.exists() {
+                    fail!(
+                        "{} has no codebooks.safetensors beside it; pass --codebooks FILE",
+                        args.model
+                    );
+                }
+                c
+            }
+        };
+        Ok(DistributedRun {
+            args,
+            sp,
+            devices,
+            codebooks,
+        })
+    }
+
     /// Waiting on a silent peer during the run.
-    pub timeout: Duration,
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.args.timeout_ms)
+    }
+
     /// Waiting for workers to start, load and connect.
-    pub startup: Duration,
-    /// Timed runs (the median is reported) after `warmup` untimed ones.
-    pub runs: usize,
-    pub warmup: usize,
-    /// Write the measured per-block timings (of the median run) as an astra-sim trace here.
-    pub trace: Option<PathBuf>,
-    /// Write a JSON summary (latencies, per-worker times) here.
-    pub json: Option<PathBuf>,
+    fn startup(&self) -> Duration {
+        Duration::from_millis(self.args.startup_timeout_ms)
+    }
 }
 
 /// What `--json` writes.
@@ -103,14 +126,14 @@ fn median(v: &[f64]) -> f64 {
 
 /// Starts local workers (in namespaces `ns`, when given) and reads the address each listens on.
 fn start_local(
-    a: &DistributedRun,
+    a: &DistributedRun<'_>,
     session: &str,
     namespaces: Option<&[(String, String)]>,
     workers: &mut Workers,
 ) -> Result<WorkerLinks> {
     let exe = std::env::current_exe()?;
-    let ms = a.timeout.as_millis().to_string();
-    let startup_ms = a.startup.as_millis().to_string();
+    let ms = a.timeout().as_millis().to_string();
+    let startup_ms = a.startup().as_millis().to_string();
     type Started = std::result::Result<(String, BufReader<ChildStdout>), String>;
     let mut lines: Vec<mpsc::Receiver<Started>> = Vec::new();
     let mut stdins: Vec<ChildStdin> = Vec::new();
@@ -143,7 +166,7 @@ fn start_local(
         });
         lines.push(rx);
     }
-    let deadline = Instant::now() + a.startup;
+    let deadline = Instant::now() + a.startup();
     let (ftx, rx) = mpsc::channel();
     let mut addrs = Vec::new();
     for (r, rx) in lines.iter().enumerate() {
@@ -153,7 +176,7 @@ fn start_local(
             .map_err(|_| {
                 invalid!(
                     "worker {r} did not start within {} ms",
-                    a.startup.as_millis()
+                    a.startup().as_millis()
                 )
             })?
             .map_err(|e| invalid!("worker {r}: {e}"))?;
@@ -175,13 +198,13 @@ fn start_local(
 }
 
 /// Connects to running workers.
-fn connect_remote(a: &DistributedRun) -> Result<WorkerLinks> {
-    let deadline = Instant::now() + a.startup;
+fn connect_remote(a: &DistributedRun<'_>) -> Result<WorkerLinks> {
+    let deadline = Instant::now() + a.startup();
     let (ftx, rx) = mpsc::channel();
     let mut tx: Vec<Box<dyn std::io::Write + Send>> = Vec::new();
-    for (r, addr) in a.workers.iter().enumerate() {
+    for (r, addr) in a.args.workers.iter().enumerate() {
         let s = connect_by(addr, deadline, &format!("worker {r}"))?;
-        configure(&s, a.timeout)?;
+        configure(&s, a.timeout())?;
         s.set_read_timeout(None)?;
         read_frames(s.try_clone()?, r, ftx.clone());
         tx.push(Box::new(s));
@@ -189,7 +212,7 @@ fn connect_remote(a: &DistributedRun) -> Result<WorkerLinks> {
     Ok(WorkerLinks {
         tx,
         rx,
-        addrs: a.workers.clone(),
+        addrs: a.args.workers.clone(),
     })
 }
 
@@ -266,10 +289,10 @@ struct RunResult {
 
 /// Runs the input through N workers, writes the logits; returns a summary with latencies and the
 /// per-block compute and wait times of each worker.
-pub fn distributed(a: &DistributedRun) -> Result<String> {
+pub fn distributed(a: &DistributedRun<'_>) -> Result<String> {
     check_flags(a)?;
-    let (model, _) = Model::load(&a.model, Device::Cpu)?;
-    let input = crate::predict::read_input(&a.input, &model.config)?;
+    let (model, _) = Model::load(&a.args.model, Device::Cpu)?;
+    let input = crate::predict::read_input(&a.args.input, &model.config)?;
     let tokens = model.content_tokens(&input);
     check_sizes(a, tokens)?;
     let groups = if a.sp {
@@ -280,7 +303,7 @@ pub fn distributed(a: &DistributedRun) -> Result<String> {
         Some(file.blocks[0].codebook.groups() as i64)
     };
     let threads = astra_quant::threads::checked(
-        a.threads,
+        a.args.threads,
         (astra_quant::threads::cores() / a.devices).max(1),
     )?;
     let session = session(a)?;
@@ -300,7 +323,7 @@ pub fn distributed(a: &DistributedRun) -> Result<String> {
     let m = median(&runs_ms);
     let run = &results[runs_ms.iter().position(|&v| v == m).expect("a member")];
     let logits = output_logits(a, &model, tokens as usize, run)?;
-    crate::predict::write_npy_atomic(&logits, &a.out)?;
+    crate::predict::write_npy_atomic(&logits, &a.args.out)?;
     let sum = |t: &[f64], i: usize| t.iter().skip(i).step_by(3).sum::<f64>();
     let summary = Summary {
         mode: match (a.devices, a.sp) {
@@ -320,10 +343,10 @@ pub fn distributed(a: &DistributedRun) -> Result<String> {
         runs_ms,
     };
     let mut report = report_text(a, &summary, &logits, blocks);
-    if let Some(path) = &a.trace {
+    if let Some(path) = &a.args.trace {
         let t = super::measured_trace::measured(
             &super::measured_trace::Measured {
-                model: &a.model,
+                model: &a.args.model,
                 network: &summary.network,
                 blocks: blocks as u32,
                 hidden: model.hidden() as u32,
@@ -337,7 +360,7 @@ pub fn distributed(a: &DistributedRun) -> Result<String> {
         write_file(path, t.to_json().as_bytes())?;
         report += &format!("trace -> {}\n", path.display());
     }
-    if let Some(path) = &a.json {
+    if let Some(path) = &a.args.json {
         write_file(path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     }
     Ok(report)
@@ -348,21 +371,21 @@ fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Flags that contradict each other, before anything is loaded.
-fn check_flags(a: &DistributedRun) -> Result<()> {
+fn check_flags(a: &DistributedRun<'_>) -> Result<()> {
     if a.devices == 0 {
         fail!("--devices must be at least 1");
     }
-    if !a.workers.is_empty() && a.workers.len() != a.devices {
+    if !a.args.workers.is_empty() && a.args.workers.len() != a.devices {
         fail!(
             "--workers lists {} addresses for --devices {}",
-            a.workers.len(),
+            a.args.workers.len(),
             a.devices
         );
     }
-    if !a.workers.is_empty() && a.links.is_some() {
+    if !a.args.workers.is_empty() && a.args.links.is_some() {
         fail!("--links shapes local workers; remote workers run over the hosts' own network");
     }
-    if a.runs == 0 {
+    if a.args.runs == 0 {
         fail!("--runs must be at least 1");
     }
     Ok(())
@@ -370,7 +393,7 @@ fn check_flags(a: &DistributedRun) -> Result<()> {
 
 /// N devices need N tokens; local workers are processes on this host, so a typo such as
 /// --devices 1000000 must not start a million of them.
-fn check_sizes(a: &DistributedRun, tokens: i64) -> Result<()> {
+fn check_sizes(a: &DistributedRun<'_>, tokens: i64) -> Result<()> {
     if a.devices as i64 > tokens {
         fail!(
             "--devices {} exceeds the input's {tokens} tokens",
@@ -378,7 +401,7 @@ fn check_sizes(a: &DistributedRun, tokens: i64) -> Result<()> {
         );
     }
     let local_limit = astra_quant::threads::PER_CORE * astra_quant::threads::cores();
-    if a.workers.is_empty() && a.devices > local_limit {
+    if a.args.workers.is_empty() && a.devices > local_limit {
         fail!(
             "--devices {} would start that many local worker processes; at most {local_limit} here (use --workers for other hosts)",
             a.devices
@@ -389,8 +412,8 @@ fn check_sizes(a: &DistributedRun, tokens: i64) -> Result<()> {
 
 /// Local workers get a fresh key in their environment; running workers were started with one,
 /// which the coordinator must present.
-fn session(a: &DistributedRun) -> Result<String> {
-    if a.workers.is_empty() {
+fn session(a: &DistributedRun<'_>) -> Result<String> {
+    if a.args.workers.is_empty() {
         return Ok(session_key());
     }
     std::env::var(super::SESSION_ENV)
@@ -406,14 +429,14 @@ fn session(a: &DistributedRun) -> Result<String> {
 /// The workers and their links: remote ones, local ones behind shaped links (their namespaces
 /// live as long as the returned guard), or local ones on loopback; and the network's name.
 fn bring_up(
-    a: &DistributedRun,
+    a: &DistributedRun<'_>,
     session: &str,
     workers: &mut Workers,
 ) -> Result<(WorkerLinks, Option<astra_sim::live::Namespaces>, String)> {
-    if !a.workers.is_empty() {
+    if !a.args.workers.is_empty() {
         return Ok((connect_remote(a)?, None, "remote workers".to_string()));
     }
-    let Some(l) = &a.links else {
+    let Some(l) = &a.args.links else {
         let links = start_local(a, session, None, workers)?;
         return Ok((links, None, "loopback".to_string()));
     };
@@ -453,7 +476,7 @@ fn link_description(l: &Links, netem: bool) -> String {
 
 /// Every worker's hello and plan, then their ready.
 fn send_plans(
-    a: &DistributedRun,
+    a: &DistributedRun<'_>,
     links: &mut WorkerLinks,
     session: &str,
     threads: usize,
@@ -465,15 +488,15 @@ fn send_plans(
             rank: r as u32,
             devices: n as u32,
             peers: addrs.clone(),
-            model: a.model.clone(),
+            model: a.args.model.clone(),
             codebooks: a.codebooks.display().to_string(),
-            input: a.input.display().to_string(),
-            single_cls: a.single_cls,
-            timeout_ms: a.timeout.as_millis() as u64,
-            startup_ms: a.startup.as_millis() as u64,
+            input: a.args.input.display().to_string(),
+            single_cls: a.args.single_cls,
+            timeout_ms: a.timeout().as_millis() as u64,
+            startup_ms: a.startup().as_millis() as u64,
             sp: a.sp,
             threads,
-            all_logits: a.all_logits,
+            all_logits: a.args.all_logits,
         };
         let hello = Frame::Hello {
             session: session.into(),
@@ -486,8 +509,8 @@ fn send_plans(
     gather(
         links,
         n,
-        Instant::now() + a.startup,
-        a.timeout + Duration::from_secs(1),
+        Instant::now() + a.startup(),
+        a.timeout() + Duration::from_secs(1),
         "ready",
         |_, f| Ok(matches!(f, Frame::Ready { .. }).then_some(())),
     )?;
@@ -496,13 +519,13 @@ fn send_plans(
 
 /// The warm-up and timed runs: latency (go to the last result) and what each worker returned.
 fn timed_runs(
-    a: &DistributedRun,
+    a: &DistributedRun<'_>,
     links: &mut WorkerLinks,
     blocks: usize,
 ) -> Result<(Vec<f64>, Vec<RunResult>)> {
     let mut runs_ms = Vec::new();
     let mut results = Vec::new();
-    for run in 0..a.warmup + a.runs {
+    for run in 0..a.args.warmup + a.args.runs {
         for (r, w) in links.tx.iter_mut().enumerate() {
             Frame::Go { run: run as u32 }
                 .write_to(w)
@@ -514,13 +537,13 @@ fn timed_runs(
         let got = gather(
             links,
             a.devices,
-            t0 + a.startup + a.timeout * 3,
-            a.timeout + Duration::from_secs(1),
+            t0 + a.startup() + a.timeout() * 3,
+            a.timeout() + Duration::from_secs(1),
             "a result",
             |r, f| result_of(r, f, blocks),
         )?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
-        if run >= a.warmup {
+        if run >= a.args.warmup {
             runs_ms.push(ms);
             let (states, timings) = got.into_iter().unzip();
             results.push(RunResult { states, timings });
@@ -558,7 +581,7 @@ fn result_of(r: usize, f: Frame, blocks: usize) -> Result<Option<(Option<Tensor>
 /// The logits from what the workers returned: the next-token logits the last device computed
 /// (GPT-2 prefill), or the device engine's combination of their states.
 fn output_logits(
-    a: &DistributedRun,
+    a: &DistributedRun<'_>,
     model: &Model,
     tokens: usize,
     run: &RunResult,
@@ -571,7 +594,7 @@ fn output_logits(
         .collect();
     let engine = model.astra_model();
     tch::no_grad(|| {
-        if engine.is_causal() && !a.all_logits {
+        if engine.is_causal() && !a.args.all_logits {
             return Ok(states[0].shallow_clone());
         }
         let partition = DevicePartition::contiguous(tokens, a.devices)?;
@@ -579,7 +602,7 @@ fn output_logits(
     })
 }
 
-fn report_text(a: &DistributedRun, s: &Summary, logits: &Tensor, blocks: usize) -> String {
+fn report_text(a: &DistributedRun<'_>, s: &Summary, logits: &Tensor, blocks: usize) -> String {
     let runs = &s.runs_ms;
     let mut report = format!(
         "{} devices over TCP ({}; {} thread(s) per worker): logits {:?} -> {}\nlatency: median {:.1} ms over {} run(s) (min {:.1}, max {:.1}) after {} warm-up\n",
@@ -587,12 +610,12 @@ fn report_text(a: &DistributedRun, s: &Summary, logits: &Tensor, blocks: usize) 
         s.network,
         s.threads_per_worker,
         logits.size(),
-        a.out.display(),
+        a.args.out.display(),
         s.median_ms,
         runs.len(),
         runs.iter().copied().fold(f64::INFINITY, f64::min),
         runs.iter().copied().fold(0.0, f64::max),
-        a.warmup,
+        a.args.warmup,
     );
     for r in 0..s.devices {
         report += &format!(

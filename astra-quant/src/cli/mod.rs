@@ -2,6 +2,7 @@
 //! function taking its options struct.
 
 pub mod args;
+pub mod parse;
 
 use std::path::Path;
 use std::time::Instant;

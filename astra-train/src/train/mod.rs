@@ -488,16 +488,7 @@ fn train_epoch(
     );
     for b in batches {
         let (x, y) = b?;
-        let tokens = model.content_tokens(&x) as usize;
-        let partition = match &cfg.astra {
-            Some(a) if a.random_partition => Some(DevicePartition::random_allocation(
-                tokens,
-                a.devices,
-                rng_next(&mut rng),
-            )?),
-            Some(a) => Some(DevicePartition::contiguous(tokens, a.devices)?),
-            None => None,
-        };
+        let partition = step_partition(cfg, model.content_tokens(&x) as usize, &mut rng)?;
         let (logits, loss) = bf16_autocast(cfg.bf16, || -> Result<(Tensor, Tensor)> {
             let (logits, commit) = match (vq.as_mut(), &partition) {
                 (Some(q), Some(p)) => {
@@ -524,20 +515,7 @@ fn train_epoch(
         opt.zero_grad();
         loss.backward();
         opt.step();
-        tch::no_grad(|| {
-            let keep = y.reshape([-1]).ne(crate::data::text::IGNORE);
-            let n = keep.sum(Kind::Float);
-            let v = *logits.size().last().expect("class axis");
-            let hits = logits
-                .reshape([-1, v])
-                .argmax(-1, false)
-                .eq_tensor(&y.reshape([-1]))
-                .logical_and(&keep)
-                .sum(Kind::Float);
-            let _ = loss_sum.shallow_clone().g_add_(&(loss.detach() * &n));
-            let _ = correct.shallow_clone().g_add_(&hits);
-            let _ = seen.shallow_clone().g_add_(&n);
-        });
+        add_step(&[&loss_sum, &correct, &seen], &logits, &y, &loss);
         bar.inc(1);
         if bar.position().is_multiple_of(50) && !bar.is_hidden() {
             let l = loss_sum.double_value(&[]) / seen.double_value(&[]).max(1.0);
@@ -649,7 +627,40 @@ fn non_finite_cause(model: &Model, vq: Option<&[GroupedVq]>, beta: f64) -> Strin
     }
 }
 
-fn rng_next(rng: &mut rand_chacha::ChaCha8Rng) -> u64 {
+/// How a training step deals tokens: contiguous equal shares, a random allocation drawn from
+/// `rng` (`--random-partition`), or none for a plain run.
+fn step_partition(
+    cfg: &TrainConfig,
+    tokens: usize,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> Result<Option<DevicePartition>> {
     use rand::Rng;
-    rng.random()
+    Ok(match &cfg.astra {
+        Some(a) if a.random_partition => Some(DevicePartition::random_allocation(
+            tokens,
+            a.devices,
+            rng.random(),
+        )?),
+        Some(a) => Some(DevicePartition::contiguous(tokens, a.devices)?),
+        None => None,
+    })
+}
+
+/// Adds a step's loss × scored targets, correct predictions and scored targets to the epoch's
+/// running sums `[loss_sum, correct, seen]` (on the device: reading them would sync every step).
+fn add_step(sums: &[&Tensor; 3], logits: &Tensor, y: &Tensor, loss: &Tensor) {
+    tch::no_grad(|| {
+        let keep = y.reshape([-1]).ne(crate::data::text::IGNORE);
+        let n = keep.sum(Kind::Float);
+        let v = *logits.size().last().expect("class axis");
+        let hits = logits
+            .reshape([-1, v])
+            .argmax(-1, false)
+            .eq_tensor(&y.reshape([-1]))
+            .logical_and(&keep)
+            .sum(Kind::Float);
+        let _ = sums[0].shallow_clone().g_add_(&(loss.detach() * &n));
+        let _ = sums[1].shallow_clone().g_add_(&hits);
+        let _ = sums[2].shallow_clone().g_add_(&n);
+    });
 }

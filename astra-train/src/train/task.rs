@@ -350,8 +350,61 @@ impl Task {
         device: Device,
         batch: usize,
     ) -> Result<Vec<BatchScore>> {
-        let batch = batch.max(1);
-        let batches: Vec<(Tensor, Tensor)> = match self {
+        let batches = self.eval_inputs(split, limit, batch.max(1), device)?;
+        let mut out = Vec::with_capacity(batches.len());
+        tch::no_grad(|| -> Result<()> {
+            for (i, (x, y)) in batches.iter().enumerate() {
+                let mut fpar = 1.0;
+                let logits = bf16_autocast(bf16, || -> Result<Tensor> {
+                    match astra.as_mut() {
+                        None => model.forward(x),
+                        Some(a) => {
+                            let tokens = model.content_tokens(x) as usize;
+                            // The last text window can be shorter than N tokens.
+                            let p = a.partition.partition(tokens, a.devices.min(tokens), i)?;
+                            fpar = p.fpar();
+                            let link_loss = (a.link_loss > 0.0).then_some(LinkLoss {
+                                p: a.link_loss,
+                                seed: 0x5EED ^ i as u64,
+                            });
+                            Ok(model
+                                .forward_astra(
+                                    x,
+                                    Astra {
+                                        partition: &p,
+                                        cls: a.cls,
+                                        vq: a.vq.as_deref_mut(),
+                                        train: false,
+                                        link_loss,
+                                    },
+                                )?
+                                .logits)
+                        }
+                    }
+                })??;
+                let (loss_sum, correct, count) = score(&logits, y);
+                out.push(BatchScore {
+                    fpar,
+                    loss_sum,
+                    correct,
+                    count,
+                });
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The (input, target) batches of `split` an evaluation scores: `limit` examples of it at
+    /// most (a fixed random subset), `batch` images or up to 8 equal-length text windows each.
+    fn eval_inputs(
+        &self,
+        split: Split,
+        limit: Option<usize>,
+        batch: usize,
+        device: Device,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        Ok(match self {
             Task::Images { data, size } => {
                 let set = match split {
                     Split::Valid => &data.valid,
@@ -398,49 +451,7 @@ impl Task {
                 }
                 out
             }
-        };
-        let mut out = Vec::with_capacity(batches.len());
-        tch::no_grad(|| -> Result<()> {
-            for (i, (x, y)) in batches.iter().enumerate() {
-                let mut fpar = 1.0;
-                let logits = bf16_autocast(bf16, || -> Result<Tensor> {
-                    match astra.as_mut() {
-                        None => model.forward(x),
-                        Some(a) => {
-                            let tokens = model.content_tokens(x) as usize;
-                            // The last text window can be shorter than N tokens.
-                            let p = a.partition.partition(tokens, a.devices.min(tokens), i)?;
-                            fpar = p.fpar();
-                            let link_loss = (a.link_loss > 0.0).then_some(LinkLoss {
-                                p: a.link_loss,
-                                seed: 0x5EED ^ i as u64,
-                            });
-                            Ok(model
-                                .forward_astra(
-                                    x,
-                                    Astra {
-                                        partition: &p,
-                                        cls: a.cls,
-                                        vq: a.vq.as_deref_mut(),
-                                        train: false,
-                                        link_loss,
-                                    },
-                                )?
-                                .logits)
-                        }
-                    }
-                })??;
-                let (loss_sum, correct, count) = score(&logits, y);
-                out.push(BatchScore {
-                    fpar,
-                    loss_sum,
-                    correct,
-                    count,
-                });
-            }
-            Ok(())
-        })?;
-        Ok(out)
+        })
     }
 
     /// The inputs calibration collects block inputs from: `n` training examples (images, or
