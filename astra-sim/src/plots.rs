@@ -30,6 +30,21 @@ fn perr<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> SimError + '_ {
     }
 }
 
+/// The house legend: `size`-point labels on a translucent white box with a black border.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    size: u32,
+    at: SeriesLabelPosition,
+) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", size))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(at)
+        .draw()
+}
+
 const W: u32 = 1400;
 const H: u32 = 800;
 
@@ -110,14 +125,7 @@ fn panel(
                     .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
                     .map_err(&e)?;
             }
-            chart
-                .configure_series_labels()
-                .label_font(("sans-serif", 16))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::LowerRight)
-                .draw()
-                .map_err(&e)?;
+            legend(&mut chart, 16, SeriesLabelPosition::LowerRight).map_err(&e)?;
         }};
     }
     if x.2 {
@@ -331,14 +339,7 @@ fn fig3(root: &DrawingArea<BitMapBackend, Shift>, p: &Path, r: &Reproduction) ->
         .map_err(&e)?
         .label("communication")
         .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 18, y + 6)], comm.filled()));
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", 16))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(&e)?;
+    legend(&mut chart, 16, SeriesLabelPosition::UpperLeft).map_err(&e)?;
     Ok(())
 }
 
@@ -404,12 +405,6 @@ fn fig11(root: &DrawingArea<BitMapBackend, Shift>, p: &Path, r: &Reproduction) -
                 PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
             });
     }
-    c.configure_series_labels()
-        .label_font(("sans-serif", 15))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(&e)?;
+    legend(&mut c, 15, SeriesLabelPosition::UpperLeft).map_err(&e)?;
     Ok(())
 }
