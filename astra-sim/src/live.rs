@@ -558,33 +558,7 @@ pub fn replay(
     let run_path = dir.join("run.json");
     std::fs::write(&run_path, serde_json::to_vec(run).expect("runs serialise"))
         .map_err(|e| err(e.to_string()))?;
-    let mut guard = None;
-    let mut netem = false;
-    let (addrs, namespaces): (Vec<SocketAddr>, Vec<Option<String>>) = if shape {
-        let prefix = format!("astra-{}-{id}", std::process::id());
-        let up = links_up(script, &prefix, n, links)?;
-        netem = up.netem;
-        let mut a = Vec::new();
-        let mut ns = Vec::new();
-        for (name, addr) in &up.devices {
-            a.push(
-                format!("{addr}:47000")
-                    .parse()
-                    .map_err(|_| err(format!("bad netem.sh address '{addr}'")))?,
-            );
-            ns.push(Some(name.clone()));
-        }
-        guard = Some(up.namespaces);
-        (a, ns)
-    } else {
-        let base = 20000 + (std::process::id() as usize * 7 + id * 64) % 30000;
-        (
-            (0..n)
-                .map(|i| format!("127.0.0.1:{}", base + i).parse().expect("valid"))
-                .collect(),
-            vec![None; n],
-        )
-    };
+    let (addrs, namespaces, guard, netem) = addresses(links, shape, script, n, id)?;
     let addr_list = addrs
         .iter()
         .map(|a| a.to_string())
@@ -620,6 +594,63 @@ pub fn replay(
                 .map_err(|e| err(format!("cannot start worker {rank}: {e}")))?,
         );
     }
+    let collected = collect_reports(&mut children);
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&dir);
+    let reports = collected.map_err(err)?;
+    let measured_ms = reports.iter().map(|r| r.elapsed_ms).fold(0.0, f64::max);
+    Ok(LiveOutcome {
+        measured_ms,
+        reports,
+        shaped: shape,
+        netem,
+    })
+}
+
+/// The workers' addresses and network namespaces: behind shaped links (`shape`: netem.sh brings
+/// up one namespace per device; the guard takes them down; whether netem is in place) or on
+/// loopback ports.
+#[allow(clippy::type_complexity)]
+fn addresses(
+    links: &Links,
+    shape: bool,
+    script: &Path,
+    n: usize,
+    id: usize,
+) -> Result<(
+    Vec<SocketAddr>,
+    Vec<Option<String>>,
+    Option<Namespaces>,
+    bool,
+)> {
+    if shape {
+        let prefix = format!("astra-{}-{id}", std::process::id());
+        let up = links_up(script, &prefix, n, links)?;
+        let mut a = Vec::new();
+        let mut ns = Vec::new();
+        for (name, addr) in &up.devices {
+            a.push(
+                format!("{addr}:47000")
+                    .parse()
+                    .map_err(|_| err(format!("bad netem.sh address '{addr}'")))?,
+            );
+            ns.push(Some(name.clone()));
+        }
+        return Ok((a, ns, Some(up.namespaces), up.netem));
+    }
+    let base = 20000 + (std::process::id() as usize * 7 + id * 64) % 30000;
+    Ok((
+        (0..n)
+            .map(|i| format!("127.0.0.1:{}", base + i).parse().expect("valid"))
+            .collect(),
+        vec![None; n],
+        None,
+        false,
+    ))
+}
+
+/// Every worker's report line, in rank order; Err names the first worker that failed.
+fn collect_reports(children: &mut [Child]) -> std::result::Result<Vec<WorkerReport>, String> {
     let mut reports = Vec::new();
     let mut failure = None;
     for (rank, child) in children.iter_mut().enumerate() {
@@ -629,7 +660,10 @@ pub fn replay(
             .next()
             .and_then(|l| l.ok())
             .unwrap_or_default();
-        let status = child.wait().map_err(|e| err(e.to_string()))?;
+        let status = match child.wait() {
+            Ok(s) => s,
+            Err(e) => return Err(e.to_string()),
+        };
         if !status.success() || line.is_empty() {
             let mut msg = String::new();
             if let Some(mut e) = child.stderr.take() {
@@ -645,18 +679,10 @@ pub fn replay(
             }
         }
     }
-    drop(guard);
-    let _ = std::fs::remove_dir_all(&dir);
-    if let Some(f) = failure {
-        return Err(err(f));
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(reports),
     }
-    let measured_ms = reports.iter().map(|r| r.elapsed_ms).fold(0.0, f64::max);
-    Ok(LiveOutcome {
-        measured_ms,
-        reports,
-        shaped: shape,
-        netem,
-    })
 }
 
 fn tempdir(id: usize) -> Result<PathBuf> {

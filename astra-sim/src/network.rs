@@ -326,122 +326,19 @@ impl CompiledRun {
     /// A send is eager, as over TCP: it leaves when the sender is ready and its uplink free, and
     /// the receiver's op ends when both it is ready and the data is in.
     fn schedule(&self, net: &Network, slow: &[f64], rate: &[f64], inflate: f64) -> Result<f64> {
-        let n = self.devices;
-        let mut finish: Vec<Vec<f64>> = self.ops.iter().map(|o| vec![0.0; o.len()]).collect();
-        let mut pc = vec![0usize; n];
-        let mut compute_free = vec![0f64; n];
-        let mut nic_free = vec![0f64; n];
-        // When each send's data has arrived, once its sender has sent it.
-        let mut arrived: Vec<Option<f64>> = vec![None; self.collectives.len()];
-        let ready_of = |finish: &Vec<Vec<f64>>, d: usize, i: usize| -> f64 {
-            self.ops[d][i]
-                .deps
-                .iter()
-                .map(|&j| finish[d][j])
-                .fold(0.0, f64::max)
-        };
-        loop {
+        let mut c = Clocks::new(self, net, slow, rate, inflate);
+        while !c.all_done() {
             let mut progress = false;
-            let mut done = true;
-            for d in 0..n {
-                while pc[d] < self.ops[d].len() {
-                    done = false;
-                    let i = pc[d];
-                    let op = &self.ops[d][i];
-                    match op.coll {
-                        None => {
-                            let engine = if net.overlap {
-                                compute_free[d]
-                            } else {
-                                compute_free[d].max(nic_free[d])
-                            };
-                            let start = ready_of(&finish, d, i).max(engine);
-                            let end = start + op.compute_ms * slow[d];
-                            finish[d][i] = end;
-                            compute_free[d] = end;
-                            if !net.overlap {
-                                nic_free[d] = end;
-                            }
-                            pc[d] += 1;
-                            progress = true;
-                        }
-                        Some(c) if self.collectives[c].kind == Collective::Send => {
-                            let info = &self.collectives[c];
-                            let ready = ready_of(&finish, d, i);
-                            let end = if info.members[0].0 == d {
-                                let engine = if net.overlap {
-                                    nic_free[d]
-                                } else {
-                                    nic_free[d].max(compute_free[d])
-                                };
-                                let end = ready.max(engine)
-                                    + self.collective_ms(info, net, rate, inflate);
-                                arrived[c] = Some(end);
-                                nic_free[d] = end;
-                                end
-                            } else {
-                                // The receiver waits for the data, not for the sender.
-                                let Some(at) = arrived[c] else { break };
-                                ready.max(at)
-                            };
-                            finish[d][i] = end;
-                            if !net.overlap {
-                                compute_free[d] = compute_free[d].max(end);
-                                nic_free[d] = nic_free[d].max(end);
-                            }
-                            pc[d] += 1;
-                            progress = true;
-                        }
-                        Some(c) => {
-                            let info = &self.collectives[c];
-                            // Every member must be at this collective.
-                            if info.members.iter().any(|&(p, j)| pc[p] != j) {
-                                break;
-                            }
-                            let mut start: f64 = 0.0;
-                            for &(p, j) in &info.members {
-                                let engine = if net.overlap {
-                                    nic_free[p]
-                                } else {
-                                    nic_free[p].max(compute_free[p])
-                                };
-                                start = start.max(ready_of(&finish, p, j).max(engine));
-                            }
-                            let dur = self.collective_ms(info, net, rate, inflate);
-                            for &(p, j) in &info.members {
-                                finish[p][j] = start + dur;
-                                nic_free[p] = start + dur;
-                                if !net.overlap {
-                                    compute_free[p] = start + dur;
-                                }
-                                pc[p] += 1;
-                            }
-                            progress = true;
-                        }
-                    }
+            for d in 0..self.devices {
+                while c.pc[d] < self.ops[d].len() && c.step(d) {
+                    progress = true;
                 }
             }
-            if done || pc.iter().zip(&self.ops).all(|(&p, o)| p == o.len()) {
-                break;
-            }
-            if !progress {
-                let stuck: Vec<String> = (0..n)
-                    .filter(|&d| pc[d] < self.ops[d].len())
-                    .map(|d| {
-                        let tag = self.ops[d][pc[d]]
-                            .coll
-                            .map(|c| self.collectives[c].tag.as_str())
-                            .unwrap_or("?");
-                        format!("device {d} at '{tag}'")
-                    })
-                    .collect();
-                return Err(SimError::invalid(
-                    "programs",
-                    format!("deadlock: {}", stuck.join(", ")),
-                ));
+            if !progress && !c.all_done() {
+                return Err(c.deadlock());
             }
         }
-        Ok(finish
+        Ok(c.finish
             .iter()
             .flat_map(|f| f.iter().cloned())
             .fold(0.0, f64::max))
@@ -491,6 +388,169 @@ impl CompiledRun {
                 }
             },
         }
+    }
+}
+
+/// The list scheduler's state ([`CompiledRun::schedule`]): per device the next op, when its
+/// compute engine and its NIC are free, when each op finished, and when each send's data arrived.
+struct Clocks<'a> {
+    run: &'a CompiledRun,
+    net: &'a Network,
+    slow: &'a [f64],
+    rate: &'a [f64],
+    inflate: f64,
+    finish: Vec<Vec<f64>>,
+    pc: Vec<usize>,
+    compute_free: Vec<f64>,
+    nic_free: Vec<f64>,
+    arrived: Vec<Option<f64>>,
+}
+
+impl<'a> Clocks<'a> {
+    fn new(
+        run: &'a CompiledRun,
+        net: &'a Network,
+        slow: &'a [f64],
+        rate: &'a [f64],
+        inflate: f64,
+    ) -> Self {
+        let n = run.devices;
+        Clocks {
+            run,
+            net,
+            slow,
+            rate,
+            inflate,
+            finish: run.ops.iter().map(|o| vec![0.0; o.len()]).collect(),
+            pc: vec![0; n],
+            compute_free: vec![0.0; n],
+            nic_free: vec![0.0; n],
+            arrived: vec![None; run.collectives.len()],
+        }
+    }
+
+    fn all_done(&self) -> bool {
+        self.pc
+            .iter()
+            .zip(&self.run.ops)
+            .all(|(&p, o)| p == o.len())
+    }
+
+    /// When op `i` of device `d` has its inputs.
+    fn ready(&self, d: usize, i: usize) -> f64 {
+        self.run.ops[d][i]
+            .deps
+            .iter()
+            .map(|&j| self.finish[d][j])
+            .fold(0.0, f64::max)
+    }
+
+    /// When device `d`'s compute engine (or NIC) is free; one shared engine without overlap.
+    fn compute_engine(&self, d: usize) -> f64 {
+        if self.net.overlap {
+            self.compute_free[d]
+        } else {
+            self.compute_free[d].max(self.nic_free[d])
+        }
+    }
+    fn nic_engine(&self, d: usize) -> f64 {
+        if self.net.overlap {
+            self.nic_free[d]
+        } else {
+            self.nic_free[d].max(self.compute_free[d])
+        }
+    }
+
+    /// Runs device `d`'s next op if it can; false when it must wait (a receive before its data
+    /// was sent, a collective before every member reached it).
+    fn step(&mut self, d: usize) -> bool {
+        let i = self.pc[d];
+        match self.run.ops[d][i].coll {
+            None => self.compute(d, i),
+            Some(c) if self.run.collectives[c].kind == Collective::Send => self.send(d, i, c),
+            Some(c) => self.collective(c),
+        }
+    }
+
+    fn compute(&mut self, d: usize, i: usize) -> bool {
+        let start = self.ready(d, i).max(self.compute_engine(d));
+        let end = start + self.run.ops[d][i].compute_ms * self.slow[d];
+        self.finish[d][i] = end;
+        self.compute_free[d] = end;
+        if !self.net.overlap {
+            self.nic_free[d] = end;
+        }
+        self.pc[d] += 1;
+        true
+    }
+
+    /// A send is eager, as over TCP: the sender's op ends when its data has left; the
+    /// receiver's when it is ready and the data is in.
+    fn send(&mut self, d: usize, i: usize, c: usize) -> bool {
+        let info = &self.run.collectives[c];
+        let ready = self.ready(d, i);
+        let end = if info.members[0].0 == d {
+            let end = ready.max(self.nic_engine(d))
+                + self
+                    .run
+                    .collective_ms(info, self.net, self.rate, self.inflate);
+            self.arrived[c] = Some(end);
+            self.nic_free[d] = end;
+            end
+        } else {
+            let Some(at) = self.arrived[c] else {
+                return false;
+            };
+            ready.max(at)
+        };
+        self.finish[d][i] = end;
+        if !self.net.overlap {
+            self.compute_free[d] = self.compute_free[d].max(end);
+            self.nic_free[d] = self.nic_free[d].max(end);
+        }
+        self.pc[d] += 1;
+        true
+    }
+
+    /// A collective starts when every member is at it, ready, and its NIC free.
+    fn collective(&mut self, c: usize) -> bool {
+        let info = &self.run.collectives[c];
+        if info.members.iter().any(|&(p, j)| self.pc[p] != j) {
+            return false;
+        }
+        let start = info
+            .members
+            .iter()
+            .map(|&(p, j)| self.ready(p, j).max(self.nic_engine(p)))
+            .fold(0.0, f64::max);
+        let end = start
+            + self
+                .run
+                .collective_ms(info, self.net, self.rate, self.inflate);
+        for &(p, j) in &info.members {
+            self.finish[p][j] = end;
+            self.nic_free[p] = end;
+            if !self.net.overlap {
+                self.compute_free[p] = end;
+            }
+            self.pc[p] += 1;
+        }
+        true
+    }
+
+    /// Names where every unfinished device is stuck.
+    fn deadlock(&self) -> SimError {
+        let stuck: Vec<String> = (0..self.run.devices)
+            .filter(|&d| self.pc[d] < self.run.ops[d].len())
+            .map(|d| {
+                let tag = self.run.ops[d][self.pc[d]]
+                    .coll
+                    .map(|c| self.run.collectives[c].tag.as_str())
+                    .unwrap_or("?");
+                format!("device {d} at '{tag}'")
+            })
+            .collect();
+        SimError::invalid("programs", format!("deadlock: {}", stuck.join(", ")))
     }
 }
 

@@ -94,6 +94,36 @@ pub fn check_devices(devices: &[u32]) -> Result<()> {
 }
 
 pub fn run(runs: Runs, g: &Grid) -> Result<(String, usize)> {
+    let nets = checked_networks(g)?;
+    let jobs = jobs(runs, g)?;
+    if jobs.is_empty() {
+        return Err(SimError::invalid("sweep", "the grid selects no run"));
+    }
+    let parts: Vec<String> = jobs
+        .par_iter()
+        .map(|(run, single)| {
+            let compiled = CompiledRun::new(run)?;
+            let mut s = String::with_capacity(nets.len() * 120);
+            for net in &nets {
+                let o = compiled.simulate(net)?;
+                write_row(&mut s, run, net, &o, *single);
+            }
+            Ok(s)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let count = jobs.len() * nets.len();
+    let mut csv =
+        String::with_capacity(parts.iter().map(String::len).sum::<usize>() + HEADER.len() + 1);
+    csv.push_str(HEADER);
+    csv.push('\n');
+    for p in parts {
+        csv.push_str(&p);
+    }
+    Ok((csv, count))
+}
+
+/// The grid's network settings, after checking the grid's size, tokens and networks.
+fn checked_networks(g: &Grid) -> Result<Vec<Network>> {
     check_devices(&g.devices)?;
     let size = [
         g.methods.len(),
@@ -127,7 +157,13 @@ pub fn run(runs: Runs, g: &Grid) -> Result<(String, usize)> {
     for n in &nets {
         n.validate()?;
     }
-    let jobs: Vec<(Run, Option<f64>)> = match runs {
+    Ok(nets)
+}
+
+/// The runs to simulate (from the profile's compute or the trace's runs, filtered by the grid),
+/// each with its single-device latency for the speed-up column.
+fn jobs(runs: Runs, g: &Grid) -> Result<Vec<(Run, Option<f64>)>> {
+    Ok(match runs {
         Runs::Source(src, model, split) => {
             let mut jobs = Vec::new();
             for &m in &g.methods {
@@ -158,56 +194,43 @@ pub fn run(runs: Runs, g: &Grid) -> Result<(String, usize)> {
                 (r.clone(), single)
             })
             .collect(),
-    };
-    if jobs.is_empty() {
-        return Err(SimError::invalid("sweep", "the grid selects no run"));
-    }
-    let parts: Vec<String> = jobs
-        .par_iter()
-        .map(|(run, single)| {
-            let compiled = CompiledRun::new(run)?;
-            let mut s = String::with_capacity(nets.len() * 120);
-            for net in &nets {
-                let o = compiled.simulate(net)?;
-                let speedup = single.map_or(String::new(), |v| format!("{:.6}", v / o.latency_ms));
-                let _ = writeln!(
-                    s,
-                    "{},{},{},{},{},{},{},{},{},{:.6},{:.6},{:.6},{},{}",
-                    run.method,
-                    run.devices,
-                    run.tokens,
-                    net.mbps[0],
-                    match net.model {
-                        ModelKind::Paper => "paper",
-                        ModelKind::AlphaBeta => "alpha-beta",
-                    },
-                    net.alpha_ms,
-                    match net.algorithm {
-                        Algorithm::Direct => "direct",
-                        Algorithm::Ring => "ring",
-                        Algorithm::Star => "star",
-                    },
-                    net.overlap,
-                    net.loss,
-                    o.compute_ms,
-                    o.comm_ms,
-                    o.latency_ms,
-                    speedup,
-                    o.dropped_fraction
-                );
-            }
-            Ok(s)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let count = jobs.len() * nets.len();
-    let mut csv =
-        String::with_capacity(parts.iter().map(String::len).sum::<usize>() + HEADER.len() + 1);
-    csv.push_str(HEADER);
-    csv.push('\n');
-    for p in parts {
-        csv.push_str(&p);
-    }
-    Ok((csv, count))
+    })
+}
+
+/// One CSV row: the run, the network setting, and what the simulation gave.
+fn write_row(
+    s: &mut String,
+    run: &Run,
+    net: &Network,
+    o: &crate::network::Outcome,
+    single: Option<f64>,
+) {
+    let speedup = single.map_or(String::new(), |v| format!("{:.6}", v / o.latency_ms));
+    let _ = writeln!(
+        s,
+        "{},{},{},{},{},{},{},{},{},{:.6},{:.6},{:.6},{},{}",
+        run.method,
+        run.devices,
+        run.tokens,
+        net.mbps[0],
+        match net.model {
+            ModelKind::Paper => "paper",
+            ModelKind::AlphaBeta => "alpha-beta",
+        },
+        net.alpha_ms,
+        match net.algorithm {
+            Algorithm::Direct => "direct",
+            Algorithm::Ring => "ring",
+            Algorithm::Star => "star",
+        },
+        net.overlap,
+        net.loss,
+        o.compute_ms,
+        o.comm_ms,
+        o.latency_ms,
+        speedup,
+        o.dropped_fraction
+    );
 }
 
 /// Parses a list "a,b,c" or a range "start:stop:step" (inclusive) of numbers.

@@ -59,20 +59,7 @@ pub fn fit(a: FitArgs) -> Result<()> {
         tol,
         progress: !quiet,
     };
-    // One codebook per block when a safetensors input holds blocks.{l}.input tensors
-    // (block inputs collected from a model); otherwise one from the rows given.
-    let per_block = match &tensor {
-        None => block_inputs(&input)?,
-        Some(_) => Vec::new(),
-    };
-    let inputs: Vec<(String, Array2<f32>)> = if per_block.is_empty() {
-        vec![(
-            input.display().to_string(),
-            read_rows(&input, tensor.as_deref())?,
-        )]
-    } else {
-        per_block
-    };
+    let inputs = fit_inputs(&input, tensor.as_deref())?;
     let mut blocks = Vec::new();
     let mut reports = Vec::new();
     let mut rows = 0;
@@ -82,26 +69,7 @@ pub fn fit(a: FitArgs) -> Result<()> {
             .with_context(|| format!("fitting {name}"))?;
         let fit_s = t0.elapsed().as_secs_f64();
         let mse = cb.mse(x.view())?;
-        let noise_model = match noise {
-            Noise::None => None,
-            Noise::Full | Noise::Diagonal => {
-                let kind = if matches!(noise, Noise::Full) {
-                    NoiseKind::Full
-                } else {
-                    NoiseKind::Diagonal
-                };
-                let mut acc = ResidualAccumulator::new(cb.dim(), kind);
-                for chunk in x.axis_chunks_iter(ndarray::Axis(0), 8192) {
-                    let xh = cb.decode(cb.encode(chunk)?.view())?;
-                    acc.push_pair(chunk, xh.view())?;
-                }
-                let fitted = acc.finish()?.noise_model();
-                if fitted.jitter > 0.0 {
-                    eprintln!("note: {name}: residual covariance was not positive definite; added jitter {:.3e} to its diagonal", fitted.jitter);
-                }
-                Some(fitted.model)
-            }
-        };
+        let noise_model = fit_noise(&cb, x, noise, name)?;
         let objective = stats
             .iter()
             .filter_map(|s| s.last())
@@ -144,6 +112,46 @@ pub fn fit(a: FitArgs) -> Result<()> {
             .with_context(|| r.display().to_string())?;
     }
     Ok(())
+}
+
+/// The rows to fit: one set per block when a safetensors input holds `blocks.{l}.input` tensors
+/// (block inputs collected from a model), otherwise the one set given.
+fn fit_inputs(input: &Path, tensor: Option<&str>) -> Result<Vec<(String, Array2<f32>)>> {
+    let per_block = match tensor {
+        None => block_inputs(input)?,
+        Some(_) => Vec::new(),
+    };
+    if !per_block.is_empty() {
+        return Ok(per_block);
+    }
+    Ok(vec![(
+        input.display().to_string(),
+        read_rows(input, tensor)?,
+    )])
+}
+
+/// The NAQ noise model of `cb`'s residual over `x` (None for `--noise none`).
+fn fit_noise(
+    cb: &GroupedCodebook,
+    x: &Array2<f32>,
+    noise: Noise,
+    name: &str,
+) -> Result<Option<crate::NoiseModel>> {
+    let kind = match noise {
+        Noise::None => return Ok(None),
+        Noise::Full => NoiseKind::Full,
+        Noise::Diagonal => NoiseKind::Diagonal,
+    };
+    let mut acc = ResidualAccumulator::new(cb.dim(), kind);
+    for chunk in x.axis_chunks_iter(ndarray::Axis(0), 8192) {
+        let xh = cb.decode(cb.encode(chunk)?.view())?;
+        acc.push_pair(chunk, xh.view())?;
+    }
+    let fitted = acc.finish()?.noise_model();
+    if fitted.jitter > 0.0 {
+        eprintln!("note: {name}: residual covariance was not positive definite; added jitter {:.3e} to its diagonal", fitted.jitter);
+    }
+    Ok(Some(fitted.model))
 }
 
 pub fn encode(a: EncodeArgs) -> Result<()> {
