@@ -51,76 +51,15 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
     let sizes: Vec<u64> = (0..n as u64)
         .map(|d| tokens / n as u64 + u64::from(d < tokens % n as u64))
         .collect();
+    let wire = Wire {
+        devices: n,
+        causal: m.causal,
+        bits_per_share: sizes.iter().map(|&s| batch * s * bits_per_token).collect(),
+    };
     let programs = timings
         .iter()
         .enumerate()
-        .map(|(d, t)| {
-            let mut ops = Vec::new();
-            for (l, b) in t.chunks_exact(3).enumerate() {
-                let id = ops.len() as u32;
-                ops.push(Op {
-                    id,
-                    kind: OpKind::Compute {
-                        ms: b[0],
-                        label: format!("block {l} encode"),
-                    },
-                    deps: None,
-                });
-                let bits = |from: usize| batch * sizes[from] * bits_per_token;
-                if n > 1 && !m.causal {
-                    ops.push(Op {
-                        id: id + 1,
-                        kind: OpKind::AllGather(Comm {
-                            bits: bits(d),
-                            peers: (0..n).collect(),
-                            tag: format!("block {l}"),
-                        }),
-                        deps: Some(vec![id]),
-                    });
-                }
-                // Causal: every (sender < receiver) pair this device is in, in one global order.
-                let mut received = Vec::new();
-                if m.causal {
-                    for from in 0..n as usize {
-                        for to in from + 1..n as usize {
-                            if d != from && d != to {
-                                continue;
-                            }
-                            let op = ops.len() as u32;
-                            ops.push(Op {
-                                id: op,
-                                kind: OpKind::Send(Comm {
-                                    bits: bits(from),
-                                    peers: vec![from as u32, to as u32],
-                                    tag: format!("block {l} {from}->{to}"),
-                                }),
-                                deps: Some(vec![id]),
-                            });
-                            if d == to {
-                                received.push(op);
-                            }
-                        }
-                    }
-                }
-                let last = ops.len() as u32;
-                // After the exchange: an encoder waits for its all-gather, a decoder for what it
-                // received (its own sends go out from a sender thread).
-                let deps = if m.causal {
-                    std::iter::once(id).chain(received).collect()
-                } else {
-                    vec![last - 1]
-                };
-                ops.push(Op {
-                    id: last,
-                    kind: OpKind::Compute {
-                        ms: b[2],
-                        label: format!("block {l} attend + MLP"),
-                    },
-                    deps: Some(deps),
-                });
-            }
-            ops
-        })
+        .map(|(d, t)| device_program(&wire, d, t))
         .collect();
     let trace = Trace {
         format: FORMAT.into(),
@@ -144,4 +83,90 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
     };
     trace.validate()?;
     Ok(trace)
+}
+
+/// What each device puts on the wire per block.
+struct Wire {
+    devices: u32,
+    causal: bool,
+    /// Bits of one device's share of the batch (indices or embeddings), per device.
+    bits_per_share: Vec<u64>,
+}
+
+/// Device `d`'s program from its measured per-block timings (encode, exchange, attend + MLP).
+fn device_program(w: &Wire, d: usize, timings: &[f64]) -> Vec<Op> {
+    let n = w.devices;
+    let mut ops = Vec::new();
+    for (l, b) in timings.chunks_exact(3).enumerate() {
+        let id = ops.len() as u32;
+        ops.push(Op {
+            id,
+            kind: OpKind::Compute {
+                ms: b[0],
+                label: format!("block {l} encode"),
+            },
+            deps: None,
+        });
+        if n > 1 && !w.causal {
+            ops.push(Op {
+                id: id + 1,
+                kind: OpKind::AllGather(Comm {
+                    bits: w.bits_per_share[d],
+                    peers: (0..n).collect(),
+                    tag: format!("block {l}"),
+                }),
+                deps: Some(vec![id]),
+            });
+        }
+        let received = if w.causal {
+            causal_sends(w, d, l, id, &mut ops)
+        } else {
+            Vec::new()
+        };
+        let last = ops.len() as u32;
+        // After the exchange: an encoder waits for its all-gather, a decoder for what it
+        // received (its own sends go out from a sender thread).
+        let deps = if w.causal {
+            std::iter::once(id).chain(received).collect()
+        } else {
+            vec![last - 1]
+        };
+        ops.push(Op {
+            id: last,
+            kind: OpKind::Compute {
+                ms: b[2],
+                label: format!("block {l} attend + MLP"),
+            },
+            deps: Some(deps),
+        });
+    }
+    ops
+}
+
+/// Causal: every (sender < receiver) pair device `d` is in, in one global order, after op
+/// `after`; returns the ops of what `d` receives.
+fn causal_sends(w: &Wire, d: usize, l: usize, after: u32, ops: &mut Vec<Op>) -> Vec<u32> {
+    let n = w.devices as usize;
+    let mut received = Vec::new();
+    for from in 0..n {
+        for to in from + 1..n {
+            if d != from && d != to {
+                continue;
+            }
+            let op = ops.len() as u32;
+            ops.push(Op {
+                id: op,
+                kind: OpKind::Send(Comm {
+                    bits: w.bits_per_share[from],
+                    peers: vec![from as u32, to as u32],
+                    tag: format!("block {l} {from}->{to}"),
+                }),
+                deps: Some(vec![after]),
+            });
+            if d == to {
+                received.push(op);
+            }
+        }
+    }
+    received
 }
