@@ -583,6 +583,92 @@ fn running_workers_are_used_with_their_session_key() {
 }
 
 #[test]
+fn user_space_shaping_paces_every_uplink_without_root() {
+    // SP exchanges fp32 embeddings: 3 images × 8 tokens × 16 wide × 4 B = 1,536 B per block from
+    // each of 2 workers to the other, 3 blocks: 4,608 B per uplink and run, above the bucket's
+    // 3,028 B burst. At 0.01 Mbit/s (1,310.72 B/s) no run can end before the rest has left.
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, x) = fixture(tmp.path());
+    let (d, json) = (tmp.path().join("d.npy"), tmp.path().join("s.json"));
+    let out = ok(&eval(
+        &[
+            "distributed",
+            "--model",
+            &m,
+            "--mode",
+            "sp",
+            "--devices",
+            "2",
+            "--links",
+            "0.01,50",
+            "--shaper",
+            "user",
+            "--input",
+            &x,
+            "--out",
+            d.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        None,
+    ));
+    assert!(
+        out.contains("shaped 0.01 Mbit/s uplinks, 50 ms delay (shaped in user space)"),
+        "{out}"
+    );
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let latency = s["median_ms"].as_f64().unwrap();
+    let bytes_per_s = 0.01 * 1_048_576.0 / 8.0;
+    let floor_ms = (4608.0 - 3028.0) / bytes_per_s * 1e3;
+    assert!(latency >= floor_ms, "{latency} ms < {floor_ms} ms");
+    // Three blocks, each waiting for the other's embeddings: three one-way delays at least.
+    assert!(latency >= 150.0, "{latency}");
+    // The same numbers as the unshaped per-device path.
+    let sp = tmp.path().join("sp.npy");
+    ok(&eval(
+        &[
+            "distributed",
+            "--model",
+            &m,
+            "--mode",
+            "sp",
+            "--devices",
+            "2",
+            "--input",
+            &x,
+            "--out",
+            sp.to_str().unwrap(),
+        ],
+        None,
+    ));
+    let (a, b) = (
+        Tensor::read_npy(&d).unwrap(),
+        Tensor::read_npy(&sp).unwrap(),
+    );
+    assert!(a.equal(&b), "user-space shaping changed the logits");
+    // User space cannot drop messages over TCP: loss needs the kernel's netem.
+    one_line_error(
+        &eval(
+            &[
+                "distributed",
+                "--model",
+                &m,
+                "--links",
+                "10,0,5",
+                "--shaper",
+                "user",
+                "--input",
+                &x,
+                "--out",
+                d.to_str().unwrap(),
+            ],
+            None,
+        ),
+        "needs kernel shaping",
+    );
+}
+
+#[test]
 fn shaped_links_give_the_same_logits_and_leave_no_namespaces() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/netem.sh");
     if !astra_sim::live::can_shape(&script) {
@@ -615,6 +701,8 @@ fn shaped_links_give_the_same_logits_and_leave_no_namespaces() {
         "2",
         "--links",
         "50",
+        "--shaper",
+        "kernel",
         "--input",
         &x,
         "--out",

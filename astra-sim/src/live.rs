@@ -394,7 +394,7 @@ impl Exchange<'_> {
 }
 
 /// Shaped links for one replay.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Links {
     /// Uplink rate in Mbit/s (2^20 bit).
     pub mbps: f64,

@@ -152,6 +152,11 @@ pub struct DistributedArgs {
     /// and LOSS %, e.g. 10 or 50,5,0.1. Workers run in network namespaces (needs root).
     #[arg(long)]
     pub links: Option<astra_sim::live::Links>,
+    /// Who shapes `--links`: the kernel (tc in network namespaces: root, iproute2), each worker
+    /// in user space (pacing its own uplink: runs anywhere; no loss), or auto (the kernel when it
+    /// can, else user space; the run says which).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub shaper: crate::runtime::Shaper,
     /// libtorch threads per worker (default: this machine's cores / devices).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,

@@ -19,7 +19,7 @@ use tch::{Device, Tensor};
 
 use super::frame::{Frame, FrameError};
 use super::net::{configure, connect_by, read_frames, session_key, Tagged};
-use super::{Plan, COORDINATOR};
+use super::{Plan, Shaper, COORDINATOR};
 
 /// Link shaping for local workers: uplink rate (Mbit/s, 2^20 bit, as astra-sim counts), one-way
 /// delay and loss (netem, where the kernel has it).
@@ -34,6 +34,8 @@ pub struct DistributedRun<'a> {
     pub devices: usize,
     /// Unused (empty) in the SP baseline.
     pub codebooks: PathBuf,
+    /// `--links` are shaped by each worker in user space (no root needed), not by the kernel.
+    pub user_shaping: bool,
 }
 
 impl<'a> DistributedRun<'a> {
@@ -66,6 +68,7 @@ impl<'a> DistributedRun<'a> {
             sp,
             devices,
             codebooks,
+            user_shaping: user_shaping(args)?,
         })
     }
 
@@ -78,6 +81,27 @@ impl<'a> DistributedRun<'a> {
     fn startup(&self) -> Duration {
         Duration::from_millis(self.args.startup_timeout_ms)
     }
+}
+
+/// Whether `--links` are shaped in user space: `--shaper user`, or `auto` where the kernel
+/// cannot (no root, iproute2 or namespaces). User space cannot drop messages: loss needs netem.
+fn user_shaping(args: &DistributedArgs) -> Result<bool> {
+    let Some(l) = &args.links else {
+        return Ok(false);
+    };
+    let kernel_can = || astra_sim::live::can_shape(&astra_sim::live::default_netem_script());
+    let user = match args.shaper {
+        Shaper::User => true,
+        Shaper::Kernel => false,
+        Shaper::Auto => !kernel_can(),
+    };
+    if user && l.loss_pct > 0.0 {
+        fail!(
+            "--links with {}% loss needs kernel shaping (netem; root): user-space shaping cannot drop messages over TCP",
+            l.loss_pct
+        );
+    }
+    Ok(user)
 }
 
 /// What `--json` writes.
@@ -440,10 +464,15 @@ fn bring_up(
         let links = start_local(a, session, None, workers)?;
         return Ok((links, None, "loopback".to_string()));
     };
+    if a.user_shaping {
+        let links = start_local(a, session, None, workers)?;
+        let desc = format!("{} (shaped in user space)", link_description(l, true));
+        return Ok((links, None, desc));
+    }
     let script = astra_sim::live::default_netem_script();
     if !astra_sim::live::can_shape(&script) {
         fail!(
-            "--links needs root, ip, tc and network namespaces ({} check failed); run without --links for unshaped loopback",
+            "--shaper kernel needs root, ip, tc and network namespaces ({} check failed); use --shaper user (or auto)",
             script.display()
         );
     }
@@ -497,6 +526,7 @@ fn send_plans(
             sp: a.sp,
             threads,
             all_logits: a.args.all_logits,
+            uplink: a.user_shaping.then(|| a.args.links.clone()).flatten(),
         };
         let hello = Frame::Hello {
             session: session.into(),

@@ -28,6 +28,14 @@ pub const REJECTED_KEY: &str = "rejected the session key";
 
 pub use astra_sim::transport::net::SESSION_ENV;
 
+/// Who shapes the links of a local run (`--shaper`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shaper {
+    Auto,
+    Kernel,
+    User,
+}
+
 /// What a worker is told to do.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Plan {
@@ -53,4 +61,8 @@ pub struct Plan {
     /// instead of the last device returning the next-token logits.
     #[serde(default)]
     pub all_logits: bool,
+    /// Shape this worker's uplink in user space at this rate and delay (`--shaper user`); None:
+    /// unshaped, or shaped by the kernel around the process.
+    #[serde(default)]
+    pub uplink: Option<astra_sim::live::Links>,
 }

@@ -6,12 +6,13 @@
 
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::error::Result;
 use crate::{fail, invalid};
 use astra_quant::bitpack;
+use astra_sim::transport::shaper::Uplink;
 use astra_train::model::Model;
 use tch::{Device, Kind, Tensor};
 
@@ -146,14 +147,19 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         timeout,
         Duration::from_millis(plan.startup_ms),
     )?;
-    // A sender thread for every peer that attends to this device's tokens, in rank order.
+    // A sender thread for every peer that attends to this device's tokens, in rank order, all
+    // sharing this device's one uplink when it is shaped here.
+    let uplink = plan
+        .uplink
+        .as_ref()
+        .map(|l| Arc::new(Uplink::new(l.mbps, l.delay_ms)));
     let mut sinks: Vec<Sender> = dev
         .sinks
         .iter()
         .filter_map(|r| {
             streams
                 .get(r)
-                .map(|s| s.try_clone().map(|s| Sender::new(*r, s)))
+                .map(|s| s.try_clone().map(|s| Sender::new(*r, s, uplink.clone())))
         })
         .collect::<std::io::Result<_>>()?;
     control.send(&Frame::Ready { rank: plan.rank })?;
@@ -206,7 +212,8 @@ fn quantizers(model: &Model, plan: &Plan) -> Result<Vec<GroupedVq>> {
 
 /// Sends to one peer from a thread of its own, so a message larger than the socket buffer (SP's
 /// embeddings on a slow link) goes out while the device waits for its sources, and the time spent
-/// transmitting is not counted as compute.
+/// transmitting is not counted as compute. With a user-space `uplink`, each message is held until
+/// the shaped link would have delivered it.
 struct Sender {
     rank: u32,
     queue: mpsc::Sender<std::sync::Arc<Vec<u8>>>,
@@ -214,12 +221,15 @@ struct Sender {
 }
 
 impl Sender {
-    fn new(rank: u32, mut stream: TcpStream) -> Self {
+    fn new(rank: u32, mut stream: TcpStream, uplink: Option<Arc<Uplink>>) -> Self {
         let (tx, rx) = mpsc::channel::<std::sync::Arc<Vec<u8>>>();
         let (ftx, failed) = mpsc::channel();
         std::thread::spawn(move || {
             use std::io::Write;
             for bytes in rx {
+                if let Some(u) = &uplink {
+                    u.transmit(bytes.len());
+                }
                 if let Err(e) = stream.write_all(&bytes) {
                     let _ = ftx.send(e.to_string());
                     return;

@@ -1,10 +1,11 @@
 //! The one transport of the workspace (libtorch-free): the checked frame format, dialling and
 //! accepting with deadlines, reader threads that turn a socket into a channel of frames, session
-//! keys, and the full mesh of N processes. astra-eval's runtime (the device engine over TCP) and
+//! keys, the full mesh of N processes, and a user-space uplink shaper. astra-eval's runtime (the device engine over TCP) and
 //! astra-sim's live replay (slept compute, real bytes) both run on it; shaped links and their
 //! namespaces are in [`crate::live`].
 
 pub mod frame;
 pub mod net;
+pub mod shaper;
 
 pub use frame::{Frame, FrameError};
