@@ -619,10 +619,23 @@ fn user_space_shaping_paces_every_uplink_without_root() {
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let latency = s["median_ms"].as_f64().unwrap();
     let bytes_per_s = 0.01 * 1_048_576.0 / 8.0;
-    let floor_ms = (4608.0 - 3028.0) / bytes_per_s * 1e3;
+    let floor_ms = (3.0 * (9.0 + 20.0 + 1536.0) - 3028.0) / bytes_per_s * 1e3;
     assert!(latency >= floor_ms, "{latency} ms < {floor_ms} ms");
     // Three blocks, each waiting for the other's embeddings: three one-way delays at least.
     assert!(latency >= 150.0, "{latency}");
+    // What went over the wire, exactly: per block one Embeddings frame of 9 header bytes, 20 of
+    // fields and 384 fp32 values to the one peer.
+    let per_run = 3 * (9 + 20 + 384 * 4);
+    assert_eq!(
+        s["sent_bytes"],
+        serde_json::json!([per_run, per_run]),
+        "{s}"
+    );
+    assert_eq!(
+        s["received_bytes"],
+        serde_json::json!([per_run, per_run]),
+        "{s}"
+    );
     // The same numbers as the unshaped per-device path.
     let sp = tmp.path().join("sp.npy");
     ok(&eval(
@@ -646,6 +659,34 @@ fn user_space_shaping_paces_every_uplink_without_root() {
         Tensor::read_npy(&sp).unwrap(),
     );
     assert!(a.equal(&b), "user-space shaping changed the logits");
+    // ASTRA sends packed indices: G·log2(K) bits per token and block, plus the frame's fields.
+    let cb =
+        astra_quant::CodebookFile::load(Path::new(&format!("{m}/codebooks.safetensors"))).unwrap();
+    let (g, k) = (cb.blocks[0].codebook.groups(), cb.blocks[0].codebook.k());
+    let bits = astra_quant::bitpack::bits_for(k);
+    ok(&eval(
+        &[
+            "distributed",
+            "--model",
+            &m,
+            "--devices",
+            "2",
+            "--input",
+            &x,
+            "--out",
+            sp.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        None,
+    ));
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let frame = 9 + 17 + 4 + astra_quant::bitpack::packed_len(3 * 8 * g, bits);
+    assert_eq!(
+        s["sent_bytes"],
+        serde_json::json!([3 * frame, 3 * frame]),
+        "{s}"
+    );
     // User space cannot drop messages over TCP: loss needs the kernel's netem.
     one_line_error(
         &eval(

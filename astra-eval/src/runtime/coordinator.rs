@@ -120,6 +120,10 @@ pub struct Summary {
     /// Per worker (median run): ms computing and ms waiting for peers.
     pub compute_ms: Vec<f64>,
     pub wait_ms: Vec<f64>,
+    /// Per worker (median run): bytes of the frames it sent to its peers and received from them
+    /// (headers included; SP: fp32 embeddings, ASTRA: packed indices).
+    pub sent_bytes: Vec<u64>,
+    pub received_bytes: Vec<u64>,
 }
 
 /// Kills and reaps local workers when the coordinator leaves early.
@@ -309,6 +313,8 @@ fn gather<T>(
 struct RunResult {
     states: Vec<Option<Tensor>>,
     timings: Vec<Vec<f64>>,
+    /// (sent, received) bytes per worker.
+    bytes: Vec<(u64, u64)>,
 }
 
 /// Runs the input through N workers, writes the logits; returns a summary with latencies and the
@@ -364,6 +370,8 @@ pub fn distributed(a: &DistributedRun<'_>) -> Result<String> {
         median_ms: m,
         compute_ms: run.timings.iter().map(|t| sum(t, 0) + sum(t, 2)).collect(),
         wait_ms: run.timings.iter().map(|t| sum(t, 1)).collect(),
+        sent_bytes: run.bytes.iter().map(|b| b.0).collect(),
+        received_bytes: run.bytes.iter().map(|b| b.1).collect(),
         runs_ms,
     };
     let mut report = report_text(a, &summary, &logits, blocks);
@@ -575,20 +583,37 @@ fn timed_runs(
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if run >= a.args.warmup {
             runs_ms.push(ms);
-            let (states, timings) = got.into_iter().unzip();
-            results.push(RunResult { states, timings });
+            let (mut states, mut timings, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+            for r in got {
+                states.push(r.state);
+                timings.push(r.timings);
+                bytes.push(r.bytes);
+            }
+            results.push(RunResult {
+                states,
+                timings,
+                bytes,
+            });
         }
     }
     Ok((runs_ms, results))
 }
 
-/// A worker's result frame, checked: its state (if any) and its per-block timings.
-#[allow(clippy::type_complexity)]
-fn result_of(r: usize, f: Frame, blocks: usize) -> Result<Option<(Option<Tensor>, Vec<f64>)>> {
+/// One worker's checked result: its state (if any), per-block timings, and bytes on the wire.
+struct WorkerResult {
+    state: Option<Tensor>,
+    timings: Vec<f64>,
+    bytes: (u64, u64),
+}
+
+/// A worker's result frame, checked.
+fn result_of(r: usize, f: Frame, blocks: usize) -> Result<Option<WorkerResult>> {
     let Frame::Result {
         shape,
         data,
         timings,
+        sent_bytes,
+        received_bytes,
         ..
     } = f
     else {
@@ -605,7 +630,11 @@ fn result_of(r: usize, f: Frame, blocks: usize) -> Result<Option<(Option<Tensor>
         fail!("worker {r} sent {} values for shape {shape:?}", data.len());
     }
     let state = (!data.is_empty()).then(|| Tensor::from_slice(&data).view(shape.as_slice()));
-    Ok(Some((state, timings)))
+    Ok(Some(WorkerResult {
+        state,
+        timings,
+        bytes: (sent_bytes, received_bytes),
+    }))
 }
 
 /// The logits from what the workers returned: the next-token logits the last device computed

@@ -171,6 +171,8 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         taken: Default::default(),
         blocks: model.layers() as usize,
         batch: input.size()[0],
+        sent: 0,
+        received: 0,
     };
     loop {
         match control.recv(None) {
@@ -182,6 +184,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         }
         let _g = tch::no_grad_guard();
         let (states, timings) = ex.forward(&input, &mut sinks)?;
+        let (sent_bytes, received_bytes) = (ex.sent, ex.received);
         let (shape, data) = match states {
             Some(s) => {
                 let s = s.to_kind(Kind::Float).contiguous();
@@ -194,6 +197,8 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
             shape,
             data,
             timings,
+            sent_bytes,
+            received_bytes,
         })?;
     }
 }
@@ -266,6 +271,9 @@ struct Exchange<'a> {
     taken: std::collections::HashSet<(u32, u32)>,
     blocks: usize,
     batch: i64,
+    /// Bytes of the frames this worker queued for its peers and took from them in this run.
+    sent: u64,
+    received: u64,
 }
 
 impl Exchange<'_> {
@@ -278,6 +286,7 @@ impl Exchange<'_> {
     ) -> Result<(Option<Tensor>, Vec<f64>)> {
         let t_start = Instant::now();
         self.taken.clear();
+        (self.sent, self.received) = (0, 0);
         let mut local = self.dev.start(input)?;
         let mut embed = t_start.elapsed();
         let mut timings = Vec::with_capacity(3 * self.blocks);
@@ -301,6 +310,7 @@ impl Exchange<'_> {
                 for s in sinks.iter_mut() {
                     for _ in 0..copies {
                         s.send(l, msg.clone())?;
+                        self.sent += msg.len() as u64;
                     }
                 }
             }
@@ -369,6 +379,7 @@ impl Exchange<'_> {
                     e => invalid!("block {l}: peer {from}: {e}"),
                 })?;
                 let from = from as u32;
+                self.received += f.wire_len() as u64;
                 let (block, payload) = self.check(l, from, f)?;
                 let replay = self.taken.contains(&(from, block));
                 if self.pending.insert((from, block), payload).is_some() || replay {

@@ -38,12 +38,15 @@ pub enum Frame {
         bits: u8,
         packed: Vec<u8>,
     },
-    /// Worker → coordinator: a float32 tensor (the CLS states) and per-block timings (ms).
+    /// Worker → coordinator: a float32 tensor (the CLS states), per-block timings (ms), and the
+    /// bytes of the frames this worker put on the wire and took off it in the run.
     Result {
         from: u32,
         shape: Vec<i64>,
         data: Vec<f32>,
         timings: Vec<f64>,
+        sent_bytes: u64,
+        received_bytes: u64,
     },
     /// Worker → coordinator: what went wrong.
     Error(String),
@@ -202,6 +205,8 @@ impl Frame {
                 shape,
                 data,
                 timings,
+                sent_bytes,
+                received_bytes,
             } => {
                 p.extend_from_slice(&from.to_le_bytes());
                 p.extend_from_slice(&(shape.len() as u32).to_le_bytes());
@@ -216,9 +221,16 @@ impl Frame {
                 for v in timings {
                     p.extend_from_slice(&v.to_le_bytes());
                 }
+                p.extend_from_slice(&sent_bytes.to_le_bytes());
+                p.extend_from_slice(&received_bytes.to_le_bytes());
             }
         }
         p
+    }
+
+    /// Its size on the wire (header and payload).
+    pub fn wire_len(&self) -> usize {
+        9 + self.payload().len()
     }
 
     /// The frame as bytes on the wire.
@@ -304,11 +316,14 @@ impl Frame {
                     .chunks_exact(8)
                     .map(|b| f64::from_le_bytes(b.try_into().expect("8")))
                     .collect();
+                let (sent_bytes, received_bytes) = (c.i64()? as u64, c.i64()? as u64);
                 Frame::Result {
                     from,
                     shape,
                     data,
                     timings,
+                    sent_bytes,
+                    received_bytes,
                 }
             }
             5 => Frame::Error(text(&mut c)?),
@@ -398,6 +413,8 @@ mod tests {
                 shape: vec![2, 1, 4],
                 data: (0..8).map(|i| i as f32 * 0.5).collect(),
                 timings: vec![1.5, 2.5],
+                sent_bytes: 1 << 40,
+                received_bytes: 12_345,
             },
             Frame::Error("boom".into()),
             Frame::Embeddings {
