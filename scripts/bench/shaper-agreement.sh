@@ -9,7 +9,7 @@ out=${1:?usage: shaper-agreement.sh OUT_DIR}
 bin=${BIN:-target/release}
 runs=${RUNS:-3}
 mkdir -p "$out"
-py=${PYTHON:-python3}
+py=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 echo '{"model_type": "vit", "hidden_size": 192, "num_hidden_layers": 6, "num_attention_heads": 3, "intermediate_size": 768, "image_size": 64, "patch_size": 8, "num_channels": 3, "num_labels": 10}' >"$out/vit.json"
 [[ -d $out/vit ]] || "$bin/astra-train" init --model-config "$out/vit.json" --out "$out/vit" >/dev/null
 [[ -f $out/vit/codebooks.safetensors ]] || "$bin/astra-train" calibrate --model "$out/vit" --data fake:600x64 \

@@ -15,6 +15,16 @@ use std::time::{Duration, Instant};
 /// netem.sh's default tbf burst (bytes): two full-size Ethernet frames.
 pub const DEFAULT_BURST_BYTES: f64 = 3028.0;
 
+/// What the kernel's shaper counts besides the payload: per TCP segment of at most
+/// [`SEGMENT_PAYLOAD`] bytes, its Ethernet (14), IPv4 (20) and TCP-with-timestamps (32) headers.
+pub const SEGMENT_OVERHEAD: usize = 66;
+pub const SEGMENT_PAYLOAD: usize = 1448;
+
+/// Bytes a message of `payload` bytes occupies on a shaped Ethernet link.
+pub fn wire_bytes(payload: usize) -> usize {
+    payload + payload.div_ceil(SEGMENT_PAYLOAD) * SEGMENT_OVERHEAD
+}
+
 /// One device's shaped uplink.
 #[derive(Debug)]
 pub struct Uplink {
@@ -49,9 +59,10 @@ impl Uplink {
         end.checked_sub(self.burst).map_or(now, |t| t.max(now)) + self.delay
     }
 
-    /// [`Uplink::reserve_at`] now, then sleeps until the message is due at the peer.
-    pub fn transmit(&self, bytes: usize) {
-        let due = self.reserve_at(bytes, Instant::now());
+    /// [`Uplink::reserve_at`] now for a message of `payload` bytes (with its headers, as the
+    /// kernel's shaper would count them), then sleeps until the message is due at the peer.
+    pub fn transmit(&self, payload: usize) {
+        let due = self.reserve_at(wire_bytes(payload), Instant::now());
         let now = Instant::now();
         if due > now {
             std::thread::sleep(due - now);
@@ -82,5 +93,13 @@ mod tests {
         // An idle link refills: much later, a small message leaves at once again.
         let later = t0 + Duration::from_secs(5);
         assert_eq!(up.reserve_at(500, later), later + Duration::from_millis(20));
+    }
+
+    #[test]
+    fn headers_are_counted_per_segment() {
+        assert_eq!(wire_bytes(0), 0);
+        assert_eq!(wire_bytes(100), 166);
+        assert_eq!(wire_bytes(1448), 1514);
+        assert_eq!(wire_bytes(1449), 1449 + 132);
     }
 }
