@@ -45,8 +45,9 @@ pub struct TrainArgs {
     /// Score the selected model on N test examples only (a fixed random subset).
     #[arg(long)]
     pub max_test: Option<usize>,
-    /// Validation hold-out the best epoch is selected on: a fraction of the training data
-    /// (0.1) or a count of examples (5000). Text given as TRAIN,VALID,TEST uses its VALID file.
+    /// Validation hold-out the best epoch is selected on: a fraction of the training data or a
+    /// count of examples (5000). The default 0.1 holds out at most 10,000 examples (ImageNet); a
+    /// count is exact. Text given as TRAIN,VALID,TEST uses its VALID file.
     #[arg(long, default_value_t = crate::data::split::HoldOut::default())]
     pub valid: crate::data::split::HoldOut,
     /// Continue the run in --out from its last complete epoch (same configuration required).
