@@ -19,6 +19,7 @@ pub mod method;
 pub mod network;
 pub mod output;
 pub mod paper;
+pub mod plot_style;
 pub mod plots;
 pub mod profile;
 pub mod reproduce;

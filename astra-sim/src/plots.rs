@@ -9,6 +9,10 @@ use plotters::prelude::*;
 use crate::error::{Result, SimError};
 use crate::method::Method;
 use crate::paper;
+use crate::plot_style::{
+    self, decade_label, draw_method, draw_paper, grid_bold, grid_light, log_range, side_legend,
+    Entry,
+};
 use crate::reproduce::{find, Reproduction};
 
 static FONT: Once = Once::new();
@@ -30,21 +34,6 @@ fn perr<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> SimError + '_ {
     }
 }
 
-/// The house legend: `size`-point labels on a translucent white box with a black border.
-fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
-    chart: &mut ChartContext<'a, DB, CT>,
-    size: u32,
-    at: SeriesLabelPosition,
-) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", size))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(at)
-        .draw()
-}
-
 const W: u32 = 1400;
 const H: u32 = 800;
 
@@ -53,7 +42,8 @@ struct Series {
     points: Vec<(f64, f64)>,
 }
 
-/// What a panel shows on its axes; x is (from, to, log scale).
+/// What a panel shows on its axes; x is (from, to, log scale); `x_fmt` labels x values (empty:
+/// no label there).
 struct Axes<'a> {
     title: &'a str,
     x_desc: &'a str,
@@ -62,12 +52,33 @@ struct Axes<'a> {
     x_fmt: &'a dyn Fn(&f64) -> String,
 }
 
-/// One panel: lines with markers, log-scale y, optional log-scale x.
+/// Width of the legend strip beside the plots.
+const LEGEND_W: u32 = 190;
+
+/// The plot area and, to its right, the legend strip (method lines, then the paper's marker).
+fn with_legend<'b>(
+    root: &DrawingArea<BitMapBackend<'b>, Shift>,
+    path: &Path,
+    names: &[String],
+    paper: bool,
+) -> Result<DrawingArea<BitMapBackend<'b>, Shift>> {
+    let (plot, side) = root.split_horizontally(root.dim_in_pixel().0 - LEGEND_W);
+    let mut entries: Vec<Entry> = names.iter().map(|n| Entry::method(n)).collect();
+    if paper {
+        entries.push(Entry::paper());
+    }
+    side_legend(&side, &entries).map_err(perr(path))?;
+    Ok(plot)
+}
+
+/// One panel: each method's line in its style, the paper's values as hollow markers, log-scale
+/// y fitted to the data with decade labels, optional log-scale x.
 fn panel(
     area: &DrawingArea<BitMapBackend, Shift>,
     path: &Path,
     axes: Axes,
     series: &[Series],
+    paper: &[Series],
 ) -> Result<()> {
     let Axes {
         title,
@@ -77,15 +88,15 @@ fn panel(
         x_fmt,
     } = axes;
     let e = perr(path);
-    let ys = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
-        .filter(|v| *v > 0.0);
-    let (lo, hi) = ys.fold((f64::INFINITY, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
-    // Room below the lowest curve for the legend (lower right), so it covers no data.
-    let (lo, hi) = (lo / 30.0, hi * 1.6);
+    let (lo, hi) = log_range(
+        series
+            .iter()
+            .chain(paper)
+            .flat_map(|s| s.points.iter().map(|p| p.1)),
+        1.3,
+    );
     let mut b = ChartBuilder::on(area);
-    b.caption(title, ("sans-serif", 24))
+    b.caption(title, ("sans-serif", 22))
         .margin(14)
         .x_label_area_size(48)
         .y_label_area_size(72);
@@ -98,34 +109,18 @@ fn panel(
                 .y_desc(y_desc)
                 .label_style(("sans-serif", 16))
                 .axis_desc_style(("sans-serif", 18))
-                .y_label_formatter(&|v| {
-                    if *v >= 1.0 {
-                        format!("{v:.0}")
-                    } else {
-                        let digits = (-v.log10()).ceil().max(0.0) as usize;
-                        format!("{v:.digits$}")
-                    }
-                })
+                .bold_line_style(grid_bold())
+                .light_line_style(grid_light())
+                .y_label_formatter(&decade_label)
                 .x_label_formatter(x_fmt)
                 .draw()
                 .map_err(&e)?;
-            for (i, s) in series.iter().enumerate() {
-                let color = Palette99::pick(i).to_rgba();
-                chart
-                    .draw_series(LineSeries::new(
-                        s.points.iter().cloned(),
-                        color.stroke_width(3),
-                    ))
-                    .map_err(&e)?
-                    .label(s.name.clone())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-                    });
-                chart
-                    .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
-                    .map_err(&e)?;
+            for s in series {
+                draw_method(&mut chart, &s.name, &s.points, true).map_err(&e)?;
             }
-            legend(&mut chart, 16, SeriesLabelPosition::LowerRight).map_err(&e)?;
+            for s in paper {
+                draw_paper(&mut chart, &s.name, &s.points).map_err(&e)?;
+            }
         }};
     }
     if x.2 {
@@ -182,18 +177,42 @@ pub fn write_all(out: &Path, r: &Reproduction) -> Result<Vec<String>> {
             })
             .collect(),
     };
+    // The paper's printed speedups at N = 4, T = 1024 beside ours.
+    let paper_n4: Vec<Series> = paper::SPEEDUP_N4_T1024
+        .iter()
+        .map(|(m, v)| Series {
+            name: m.to_string(),
+            points: paper::BANDWIDTHS
+                .iter()
+                .copied()
+                .zip(v.iter().copied())
+                .collect(),
+        })
+        .collect();
+    let names_of: Vec<String> = methods.iter().map(|m| m.to_string()).collect();
+    let at_bandwidths = |v: &f64| {
+        if paper::BANDWIDTHS.iter().any(|b| (b - v).abs() < 1e-6) {
+            format!("{v:.0}")
+        } else {
+            String::new()
+        }
+    };
     names.push(render(
         out,
         "fig1-speedup-vs-bandwidth.png",
         (W, H),
         |root, p| {
+            let plot = with_legend(root, p, &names_of, true)?;
             let s: Vec<Series> = methods.iter().map(by_bw).collect();
-            panel(
-                root,
-                p,
-                Axes { title: "Speedup over one device vs bandwidth (N = 4, T = 1024, paper latency model)", x_desc: "bandwidth (Mbit/s, log scale)", y_desc: "speedup (×, log scale)", x: (8.0, 620.0, true), x_fmt: &|v| format!("{v:.0}") },
-                &s,
-            )
+            let axes = Axes {
+                title:
+                    "Speedup over one device vs bandwidth (N = 4, T = 1024, paper latency model)",
+                x_desc: "bandwidth (Mbit/s, log scale)",
+                y_desc: "speedup (×, log scale)",
+                x: (8.0, 620.0, true),
+                x_fmt: &at_bandwidths,
+            };
+            panel(&plot, p, axes, &s, &paper_n4)
         },
     )?);
     // Figs 4 and 5: two panels (10 and 100 Mbit/s) of speedup against one varying quantity.
@@ -203,7 +222,8 @@ pub fn write_all(out: &Path, r: &Reproduction) -> Result<Vec<String>> {
                       configs: &[(f64, u32, u64)],
                       x_fmt: &dyn Fn(&f64) -> String| {
         render(out, name, (W, H), |root, p| {
-            for (area, bw) in root.split_evenly((1, 2)).iter().zip([10.0, 100.0]) {
+            let plots = with_legend(root, p, &names_of, false)?;
+            for (area, bw) in plots.split_evenly((1, 2)).iter().zip([10.0, 100.0]) {
                 let s: Vec<Series> = methods
                     .iter()
                     .map(|m| Series {
@@ -224,7 +244,7 @@ pub fn write_all(out: &Path, r: &Reproduction) -> Result<Vec<String>> {
                     x: (x.0, x.1, false),
                     x_fmt,
                 };
-                panel(area, p, axes, &s)?;
+                panel(area, p, axes, &s, &[])?;
             }
             Ok(())
         })
@@ -281,12 +301,29 @@ fn fig3(root: &DrawingArea<BitMapBackend, Shift>, p: &Path, r: &Reproduction) ->
         let row = find(&r.rows, &m.to_string(), 4, 1024, 10.0).unwrap();
         bars.push((m.to_string(), row.outcome.compute_ms, row.outcome.comm_ms));
     }
+    let (compute, comm) = (plot_style::BLUE, plot_style::VERMILLION);
+    let (plot, side) = root.split_horizontally(root.dim_in_pixel().0 - LEGEND_W);
+    let entry = |label: &str, color| Entry {
+        label: label.into(),
+        color,
+        family: plot_style::Family::Astra,
+        hollow: false,
+    };
+    side_legend(
+        &side,
+        &[
+            entry("compute", compute),
+            entry("communication", comm),
+            Entry::paper(),
+        ],
+    )
+    .map_err(&e)?;
     let n = bars.len();
-    let hi = bars.iter().map(|b| b.1.max(b.2)).fold(0.0, f64::max) * 2.0;
-    let mut chart = ChartBuilder::on(root)
+    let (_, hi) = log_range(bars.iter().flat_map(|b| [b.1, b.2]), 1.4);
+    let mut chart = ChartBuilder::on(&plot)
         .caption(
             "Latency split at N = 4, T = 1024, 10 Mbit/s (paper latency model)",
-            ("sans-serif", 24),
+            ("sans-serif", 22),
         )
         .margin(14)
         .x_label_area_size(70)
@@ -309,43 +346,61 @@ fn fig3(root: &DrawingArea<BitMapBackend, Shift>, p: &Path, r: &Reproduction) ->
         .y_desc("time (ms, log scale)")
         .label_style(("sans-serif", 16))
         .axis_desc_style(("sans-serif", 18))
-        .y_label_formatter(&|v| format!("{v:.0}"))
+        .bold_line_style(grid_bold())
+        .light_line_style(grid_light())
+        .y_label_formatter(&decade_label)
         .draw()
         .map_err(&e)?;
-    let compute = RGBColor(52, 101, 164);
-    let comm = RGBColor(204, 85, 0);
+    let bar = |i: usize, left: bool, v: f64, color: RGBColor| {
+        let x = i as f64 + if left { -0.38 } else { 0.02 };
+        Rectangle::new([(x, 1.0), (x + 0.36, v)], color.filled())
+    };
     chart
-        .draw_series(bars.iter().enumerate().map(|(i, b)| {
-            Rectangle::new(
-                [(i as f64 - 0.38, 1.0), (i as f64 - 0.02, b.1)],
-                compute.filled(),
-            )
-        }))
-        .map_err(&e)?
-        .label("compute")
-        .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 18, y + 6)], compute.filled()));
+        .draw_series(
+            bars.iter()
+                .enumerate()
+                .map(|(i, b)| bar(i, true, b.1, compute)),
+        )
+        .map_err(&e)?;
     chart
         .draw_series(
             bars.iter()
                 .enumerate()
                 .filter(|(_, b)| b.2 > 0.0)
-                .map(|(i, b)| {
-                    Rectangle::new(
-                        [(i as f64 + 0.02, 1.0), (i as f64 + 0.38, b.2)],
-                        comm.filled(),
-                    )
-                }),
+                .map(|(i, b)| bar(i, false, b.2, comm)),
         )
-        .map_err(&e)?
-        .label("communication")
-        .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 18, y + 6)], comm.filled()));
-    legend(&mut chart, 16, SeriesLabelPosition::UpperLeft).map_err(&e)?;
+        .map_err(&e)?;
+    // The paper's printed split, as hollow markers on the bars' tops.
+    let paper_marks = bars.iter().enumerate().flat_map(|(i, (name, _, _))| {
+        let printed = if name == "single" {
+            Some((paper::FIG3_SINGLE_MS, 0.0))
+        } else {
+            paper::FIG3.iter().find(|f| f.0 == name).map(|f| (f.1, f.2))
+        };
+        printed
+            .into_iter()
+            .flat_map(move |(c, m)| [(i as f64 - 0.2, c), (i as f64 + 0.2, m)])
+            .filter(|p| p.1 > 0.0)
+    });
+    chart
+        .draw_series(paper_marks.map(|p| Circle::new(p, 8, plot_style::INK.stroke_width(2))))
+        .map_err(&e)?;
     Ok(())
 }
 
 fn fig11(root: &DrawingArea<BitMapBackend, Shift>, p: &Path, r: &Reproduction) -> Result<()> {
     let e = perr(p);
-    let (top, bottom) = root.split_vertically(260);
+    let (plots, side) = root.split_horizontally(root.dim_in_pixel().0 - LEGEND_W - 40);
+    let entries: Vec<Entry> = r
+        .dynamic
+        .iter()
+        .map(|d| Entry {
+            label: format!("{} ({})", d.method, d.total),
+            ..Entry::method(&d.method.to_string())
+        })
+        .collect();
+    side_legend(&side, &entries).map_err(&e)?;
+    let (top, bottom) = plots.split_vertically(260);
     let secs = r.trace.seconds() as f64;
     let mut c = ChartBuilder::on(&top)
         .caption(
@@ -361,19 +416,21 @@ fn fig11(root: &DrawingArea<BitMapBackend, Shift>, p: &Path, r: &Reproduction) -
         .y_desc("Mbit/s")
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 16))
+        .bold_line_style(grid_bold())
+        .light_line_style(grid_light())
         .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()
         .map_err(&e)?;
     c.draw_series(LineSeries::new(
         r.trace.mbps.iter().enumerate().map(|(i, &b)| (i as f64, b)),
-        BLACK.stroke_width(2),
+        plot_style::INK.stroke_width(2),
     ))
     .map_err(&e)?;
     let max = r.dynamic.iter().map(|d| d.total).max().unwrap_or(1) as f64;
     let mut c = ChartBuilder::on(&bottom)
         .caption(
-            "Requests completed so far (Llama-3-8B prefill, 4 devices, one request at a time)",
+            "Requests completed in 600 s (Llama-3-8B prefill, 4 devices, one request at a time)",
             ("sans-serif", 22),
         )
         .margin(12)
@@ -386,25 +443,20 @@ fn fig11(root: &DrawingArea<BitMapBackend, Shift>, p: &Path, r: &Reproduction) -
         .y_desc("requests completed")
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 16))
+        .bold_line_style(grid_bold())
+        .light_line_style(grid_light())
         .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()
         .map_err(&e)?;
-    for (i, d) in r.dynamic.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+    for d in &r.dynamic {
         let mut total = 0usize;
         let mut points = vec![(0.0, 0.0)];
         for (w, &n) in d.per_window.iter().enumerate() {
             total += n;
             points.push((((w + 1) * 10) as f64, total as f64));
         }
-        c.draw_series(LineSeries::new(points, color.stroke_width(3)))
-            .map_err(&e)?
-            .label(format!("{} ({} in 600 s)", d.method, d.total))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-            });
+        draw_method(&mut c, &d.method.to_string(), &points, false).map_err(&e)?;
     }
-    legend(&mut c, 15, SeriesLabelPosition::UpperLeft).map_err(&e)?;
     Ok(())
 }

@@ -117,6 +117,10 @@ fn reproduce_matches_the_paper() {
         let png = std::fs::read(dir.path().join(format!("{f}.png"))).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{f} is not a PNG");
         assert!(png.len() > 20_000, "{f} looks empty");
+        // The IHDR chunk: the size every figure is drawn at.
+        assert_eq!(&png[12..16], b"IHDR", "{f}");
+        let dim = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+        assert_eq!((dim(16), dim(20)), (1400, 800), "{f}");
     }
     let readme = std::fs::read_to_string(dir.path().join("README.md")).unwrap();
     assert!(readme.contains("42 of 42 cells agree"), "{readme}");
