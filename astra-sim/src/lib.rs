@@ -15,6 +15,7 @@ pub mod cli;
 pub mod dynamic;
 pub mod error;
 pub mod live;
+pub mod measured_plot;
 pub mod method;
 pub mod network;
 pub mod output;

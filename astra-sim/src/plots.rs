@@ -27,7 +27,7 @@ fn register_font() {
     });
 }
 
-fn perr<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> SimError + '_ {
+pub(crate) fn perr<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> SimError + '_ {
     move |e| SimError::File {
         path: path.into(),
         reason: format!("plot: {e}"),
@@ -141,24 +141,32 @@ fn render(
     size: (u32, u32),
     f: impl FnOnce(&DrawingArea<BitMapBackend, Shift>, &Path) -> Result<()>,
 ) -> Result<String> {
+    render_to(&out.join(name), size, f)?;
+    Ok(name.to_string())
+}
+
+/// Draws a `size` PNG at `path` with `f`: rendered beside the target and renamed, so a reader
+/// never sees half a PNG.
+pub(crate) fn render_to(
+    path: &Path,
+    size: (u32, u32),
+    f: impl FnOnce(&DrawingArea<BitMapBackend, Shift>, &Path) -> Result<()>,
+) -> Result<()> {
     register_font();
-    let final_path = out.join(name);
-    let sim = |e: std::io::Error| SimError::io(&final_path)(e);
-    // Rendered beside the target and renamed, so a reader never sees half a PNG.
-    let drawn = astra_quant::atomic::write_via(&final_path, |tmp| -> std::io::Result<()> {
+    let sim = |e: std::io::Error| SimError::io(path)(e);
+    let drawn = astra_quant::atomic::write_via(path, |tmp| -> std::io::Result<()> {
         let draw = || -> Result<()> {
             let root = BitMapBackend::new(tmp, size).into_drawing_area();
-            root.fill(&WHITE).map_err(perr(&final_path))?;
-            f(&root, &final_path)?;
-            root.present().map_err(perr(&final_path))
+            root.fill(&WHITE).map_err(perr(path))?;
+            f(&root, path)?;
+            root.present().map_err(perr(path))
         };
         draw().map_err(std::io::Error::other)
     });
     drawn.map_err(|e| match e.downcast::<SimError>() {
         Ok(sim_error) => sim_error,
         Err(e) => sim(e),
-    })?;
-    Ok(name.to_string())
+    })
 }
 
 pub fn write_all(out: &Path, r: &Reproduction) -> Result<Vec<String>> {

@@ -132,3 +132,6 @@ for t in "${gpt2_tokens[@]}"; do predict "gpt2-t$t" "$t"; done
   fi
 } >"$out/table.md"
 cat "$out/table.md"
+# Every run against its prediction (the figure results/distributed-real.md shows).
+$bin/astra-sim plot-measured --dir "$out" --out "$out/measured-vs-predicted.png" \
+  --title "Real runs at N = $n against astra-sim's prediction"

@@ -89,6 +89,22 @@ pub enum Command {
     ReplayWorker(ReplayWorkerArgs),
     /// Run the dynamic-bandwidth experiment on any trace and latency table.
     Dynamic(DynamicArgs),
+    /// Plot real runs (astra-eval distributed --json summaries) against astra-sim's predictions
+    /// of them (NAME.ab.csv beside each NAME.json), with the ±5% band.
+    PlotMeasured(PlotMeasuredArgs),
+}
+
+/// Options of `astra-sim plot-measured`.
+#[derive(Args, Clone, Debug)]
+pub struct PlotMeasuredArgs {
+    /// The folder of runs (as scripts/bench/distributed-real.sh leaves it).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The PNG to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "Real runs against astra-sim's prediction")]
+    pub title: String,
 }
 
 /// Options of `astra-sim reproduce`.

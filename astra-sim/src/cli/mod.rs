@@ -27,6 +27,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::ReplayWorker(a) => replay_worker_command(a),
         Command::Replay(args) => replay_command(args, &command_line),
         Command::Dynamic(a) => dynamic_command(a),
+        Command::PlotMeasured(a) => plot_measured_command(a),
     }
 }
 
@@ -172,6 +173,23 @@ pub fn replay_worker_command(a: ReplayWorkerArgs) -> Result<()> {
         std::time::Duration::from_secs_f64(timeout_s),
     )?;
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// `plot-measured`: the figure, and each point's prediction error on stdout.
+pub fn plot_measured_command(a: PlotMeasuredArgs) -> Result<()> {
+    let points = crate::measured_plot::collect(&a.dir)?;
+    crate::measured_plot::plot(&points, &a.title, &a.out)?;
+    let worst = points
+        .iter()
+        .map(crate::measured_plot::error)
+        .fold(0.0, f64::max);
+    println!(
+        "{} runs -> {} (largest prediction error {:.1}%)",
+        points.len(),
+        a.out.display(),
+        100.0 * worst
+    );
     Ok(())
 }
 
