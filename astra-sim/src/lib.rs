@@ -14,6 +14,7 @@ pub mod analytic;
 pub mod cli;
 pub mod dynamic;
 pub mod error;
+pub mod line_plot;
 pub mod live;
 pub mod measured_plot;
 pub mod method;

@@ -92,6 +92,26 @@ pub enum Command {
     /// Plot real runs (astra-eval distributed --json summaries) against astra-sim's predictions
     /// of them (NAME.ab.csv beside each NAME.json), with the ±5% band.
     PlotMeasured(PlotMeasuredArgs),
+    /// A line figure from a `series,x,y,source` CSV (ours solid, the paper's dashed and hollow).
+    PlotLines(PlotLinesArgs),
+}
+
+/// Options of `astra-sim plot-lines`.
+#[derive(Args, Clone, Debug)]
+pub struct PlotLinesArgs {
+    #[arg(long)]
+    pub csv: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub title: String,
+    #[arg(long)]
+    pub x_desc: String,
+    #[arg(long)]
+    pub y_desc: String,
+    /// Log-scale x axis (decade labels).
+    #[arg(long)]
+    pub log_x: bool,
 }
 
 /// Options of `astra-sim plot-measured`.

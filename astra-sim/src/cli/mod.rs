@@ -28,6 +28,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Replay(args) => replay_command(args, &command_line),
         Command::Dynamic(a) => dynamic_command(a),
         Command::PlotMeasured(a) => plot_measured_command(a),
+        Command::PlotLines(a) => plot_lines_command(a),
     }
 }
 
@@ -173,6 +174,20 @@ pub fn replay_worker_command(a: ReplayWorkerArgs) -> Result<()> {
         std::time::Duration::from_secs_f64(timeout_s),
     )?;
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// `plot-lines`: a line figure from a CSV of points.
+pub fn plot_lines_command(a: PlotLinesArgs) -> Result<()> {
+    let lines = crate::line_plot::read(&a.csv)?;
+    let axes = crate::line_plot::LineAxes {
+        title: &a.title,
+        x_desc: &a.x_desc,
+        y_desc: &a.y_desc,
+        log_x: a.log_x,
+    };
+    crate::line_plot::plot(&lines, &axes, &a.out)?;
+    println!("{} series -> {}", lines.len(), a.out.display());
     Ok(())
 }
 
