@@ -167,7 +167,11 @@ $prof_rows
 ## The paper's latency study (astra-sim, paper-1660ti profile)
 
 $cells: speedups at N = 4, T = 1024 match the paper's. Tables and figures: \`sim/\`
-(\`sim/README.md\`, \`sim/fig1-speedup-vs-bandwidth.png\`, …).
+(\`sim/README.md\`, \`sim/fig1-speedup-vs-bandwidth.png\`, …). Ours as lines, the paper's as hollow
+markers:
+
+![Speedup over one device vs bandwidth, N = 4, T = 1024](sim/fig1-speedup-vs-bandwidth.png)
+![Latency split at N = 4, T = 1024, 10 Mbit/s](sim/fig3-latency-breakdown.png)
 MD
 
 say "done"
