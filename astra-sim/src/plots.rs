@@ -173,56 +173,8 @@ pub fn write_all(out: &Path, r: &Reproduction) -> Result<Vec<String>> {
     std::fs::create_dir_all(out).map_err(SimError::io(out))?;
     let methods = Method::paper_methods();
     let mut names = Vec::new();
-    let by_bw = |m: &Method| Series {
-        name: m.to_string(),
-        points: paper::BANDWIDTHS
-            .iter()
-            .map(|&b| {
-                (
-                    b,
-                    find(&r.rows, &m.to_string(), 4, 1024, b).unwrap().speedup,
-                )
-            })
-            .collect(),
-    };
-    // The paper's printed speedups at N = 4, T = 1024 beside ours.
-    let paper_n4: Vec<Series> = paper::SPEEDUP_N4_T1024
-        .iter()
-        .map(|(m, v)| Series {
-            name: m.to_string(),
-            points: paper::BANDWIDTHS
-                .iter()
-                .copied()
-                .zip(v.iter().copied())
-                .collect(),
-        })
-        .collect();
     let names_of: Vec<String> = methods.iter().map(|m| m.to_string()).collect();
-    let at_bandwidths = |v: &f64| {
-        if paper::BANDWIDTHS.iter().any(|b| (b - v).abs() < 1e-6) {
-            format!("{v:.0}")
-        } else {
-            String::new()
-        }
-    };
-    names.push(render(
-        out,
-        "fig1-speedup-vs-bandwidth.png",
-        (W, H),
-        |root, p| {
-            let plot = with_legend(root, p, &names_of, true)?;
-            let s: Vec<Series> = methods.iter().map(by_bw).collect();
-            let axes = Axes {
-                title:
-                    "Speedup over one device vs bandwidth (N = 4, T = 1024, paper latency model)",
-                x_desc: "bandwidth (Mbit/s, log scale)",
-                y_desc: "speedup (×, log scale)",
-                x: (8.0, 620.0, true),
-                x_fmt: &at_bandwidths,
-            };
-            panel(&plot, p, axes, &s, &paper_n4)
-        },
-    )?);
+    names.push(fig1(out, r, &names_of)?);
     // Figs 4 and 5: two panels (10 and 100 Mbit/s) of speedup against one varying quantity.
     let two_panels = |name: &str,
                       what: &str,
@@ -300,6 +252,54 @@ pub fn write_all(out: &Path, r: &Reproduction) -> Result<Vec<String>> {
         |root, p| fig11(root, p, r),
     )?);
     Ok(names)
+}
+
+/// Fig 1: speedup against bandwidth at N = 4, T = 1024, the paper's printed values beside ours.
+fn fig1(out: &Path, r: &Reproduction, names_of: &[String]) -> Result<String> {
+    let methods = Method::paper_methods();
+    let by_bw = |m: &Method| Series {
+        name: m.to_string(),
+        points: paper::BANDWIDTHS
+            .iter()
+            .map(|&b| {
+                (
+                    b,
+                    find(&r.rows, &m.to_string(), 4, 1024, b).unwrap().speedup,
+                )
+            })
+            .collect(),
+    };
+    // The paper's printed speedups at N = 4, T = 1024 beside ours.
+    let paper_n4: Vec<Series> = paper::SPEEDUP_N4_T1024
+        .iter()
+        .map(|(m, v)| Series {
+            name: m.to_string(),
+            points: paper::BANDWIDTHS
+                .iter()
+                .copied()
+                .zip(v.iter().copied())
+                .collect(),
+        })
+        .collect();
+    let at_bandwidths = |v: &f64| {
+        if paper::BANDWIDTHS.iter().any(|b| (b - v).abs() < 1e-6) {
+            format!("{v:.0}")
+        } else {
+            String::new()
+        }
+    };
+    render(out, "fig1-speedup-vs-bandwidth.png", (W, H), |root, p| {
+        let plot = with_legend(root, p, &names_of, true)?;
+        let s: Vec<Series> = methods.iter().map(by_bw).collect();
+        let axes = Axes {
+            title: "Speedup over one device vs bandwidth (N = 4, T = 1024, paper latency model)",
+            x_desc: "bandwidth (Mbit/s, log scale)",
+            y_desc: "speedup (×, log scale)",
+            x: (8.0, 620.0, true),
+            x_fmt: &at_bandwidths,
+        };
+        panel(&plot, p, axes, &s, &paper_n4)
+    })
 }
 
 fn fig3(root: &DrawingArea<BitMapBackend, Shift>, p: &Path, r: &Reproduction) -> Result<()> {
