@@ -289,7 +289,7 @@ fn fig1(out: &Path, r: &Reproduction, names_of: &[String]) -> Result<String> {
         }
     };
     render(out, "fig1-speedup-vs-bandwidth.png", (W, H), |root, p| {
-        let plot = with_legend(root, p, &names_of, true)?;
+        let plot = with_legend(root, p, names_of, true)?;
         let s: Vec<Series> = methods.iter().map(by_bw).collect();
         let axes = Axes {
             title: "Speedup over one device vs bandwidth (N = 4, T = 1024, paper latency model)",
