@@ -81,9 +81,11 @@ pub fn run(a: &PredictArgs) -> Result<String> {
 }
 
 /// The codebooks of an ASTRA prediction: `--codebooks`, else those beside the model (an ASTRA
-/// run's model/), else none only when `--no-vq` says so: an unquantized exchange is not ASTRA.
+/// run's model/), else none only when `--no-vq` says so (or on one device, which exchanges
+/// nothing): an unquantized exchange is not ASTRA.
 fn codebooks(a: &PredictArgs) -> Result<Option<PathBuf>> {
-    if a.no_vq {
+    // One device sends nothing: no quantizer is involved.
+    if a.no_vq || (a.devices == Some(1) && a.codebooks.is_none()) {
         return Ok(None);
     }
     if let Some(p) = &a.codebooks {

@@ -16,8 +16,8 @@ pub struct Cli {
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainArgs {
     /// Data: fashion-mnist:DIR, mnist:DIR, cifar10:DIR, cifar100:DIR (binary or python batches),
-    /// imagefolder:DIR (DIR/train/<class>/*.JPEG, DIR/val/<class>/*), text:FILE (90/10 split) or
-    /// text:TRAIN,VALID (GPT-2 BPE).
+    /// imagefolder:DIR (DIR/train/<class>/*.JPEG, DIR/val/<class>/*), text:FILE (90/10
+    /// train/test split), text:TRAIN,TEST or text:TRAIN,VALID,TEST (GPT-2 BPE).
     #[arg(long)]
     pub data: String,
     /// Run folder to create (or continue with --resume).

@@ -5,7 +5,8 @@
 //!
 //! A data set is named by a spec string: `fashion-mnist:DIR`, `mnist:DIR`, `cifar10:DIR`,
 //! `cifar100:DIR`, `imagefolder:DIR` (DIR/train/<class>/*, DIR/val/<class>/*) or `text:FILE`
-//! / `text:TRAIN,VALID` (see [`text`]).
+//! / `text:TRAIN,TEST` / `text:TRAIN,VALID,TEST` (see [`text`]); the validation split is held
+//! out of the training data unless given ([`split`]).
 
 pub mod augment;
 pub mod cifar;
