@@ -11,6 +11,7 @@
 //! - [`reproduce`], [`plots`], [`sweep`]: the paper's tables and figures, and arbitrary grids;
 //! - [`live`]: replay over real TCP between processes behind kernel-shaped links.
 pub mod analytic;
+pub mod bar_plot;
 pub mod cli;
 pub mod dynamic;
 pub mod error;

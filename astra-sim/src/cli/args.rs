@@ -94,6 +94,25 @@ pub enum Command {
     PlotMeasured(PlotMeasuredArgs),
     /// A line figure from a `series,x,y,source` CSV (ours solid, the paper's dashed and hollow).
     PlotLines(PlotLinesArgs),
+    /// Grouped bars from a `group,bar,value` CSV (e.g. throughput against a peer).
+    PlotBars(PlotBarsArgs),
+}
+
+/// Options of `astra-sim plot-bars`.
+#[derive(Args, Clone, Debug)]
+pub struct PlotBarsArgs {
+    #[arg(long)]
+    pub csv: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub title: String,
+    /// What the values are (the axis description).
+    #[arg(long)]
+    pub x_desc: String,
+    /// Draw a dashed line at this value (e.g. 1 for parity with a peer).
+    #[arg(long)]
+    pub reference: Option<f64>,
 }
 
 /// Options of `astra-sim plot-lines`.

@@ -29,6 +29,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Dynamic(a) => dynamic_command(a),
         Command::PlotMeasured(a) => plot_measured_command(a),
         Command::PlotLines(a) => plot_lines_command(a),
+        Command::PlotBars(a) => plot_bars_command(a),
     }
 }
 
@@ -174,6 +175,14 @@ pub fn replay_worker_command(a: ReplayWorkerArgs) -> Result<()> {
         std::time::Duration::from_secs_f64(timeout_s),
     )?;
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// `plot-bars`: grouped bars from a CSV.
+pub fn plot_bars_command(a: PlotBarsArgs) -> Result<()> {
+    let groups = crate::bar_plot::read(&a.csv)?;
+    crate::bar_plot::plot(&groups, &a.title, &a.x_desc, a.reference, &a.out)?;
+    println!("{} groups -> {}", groups.len(), a.out.display());
     Ok(())
 }
 

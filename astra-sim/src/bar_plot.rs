@@ -1,0 +1,204 @@
+//! `astra-sim plot-bars`: grouped horizontal bars from a CSV `group,bar,value`, e.g. training
+//! throughput of ours (plain, ASTRA) against the PyTorch peer per model. Bars keep one colour
+//! per bar name across groups (the house palette, in order of first appearance); each bar is
+//! labelled with its value; an optional reference line (`--reference 1`) marks parity.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::error::{Result, SimError};
+use crate::plot_style::{self, grid_bold, grid_light, side_legend, Entry, Family};
+
+/// The bars of one group, in file order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Group {
+    pub name: String,
+    pub bars: Vec<(String, f64)>,
+}
+
+const COLOURS: [RGBColor; 5] = [
+    plot_style::BLUE,
+    plot_style::VERMILLION,
+    plot_style::GREY,
+    plot_style::BLUISH_GREEN,
+    plot_style::ORANGE,
+];
+
+/// The groups of a `group,bar,value` CSV (values finite and ≥ 0).
+pub fn read(path: &Path) -> Result<Vec<Group>> {
+    let text = std::fs::read_to_string(path).map_err(SimError::io(path))?;
+    let csv_err = |line: usize, reason: String| SimError::Csv {
+        path: path.display().to_string(),
+        line,
+        reason,
+    };
+    let mut rows = text.lines().enumerate();
+    let header = rows.next().map(|(_, h)| h.trim()).unwrap_or_default();
+    if header != "group,bar,value" {
+        return Err(csv_err(
+            1,
+            format!("header '{header}' is not 'group,bar,value'"),
+        ));
+    }
+    let mut groups: Vec<Group> = Vec::new();
+    for (i, row) in rows.filter(|(_, r)| !r.trim().is_empty()) {
+        let f: Vec<&str> = row.split(',').map(str::trim).collect();
+        let [group, bar, value] = f[..] else {
+            return Err(csv_err(i + 1, format!("{} fields, expected 3", f.len())));
+        };
+        let v = value
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .ok_or_else(|| csv_err(i + 1, format!("'{value}' is not a number ≥ 0")))?;
+        match groups.iter_mut().find(|g| g.name == group) {
+            Some(g) => g.bars.push((bar.to_string(), v)),
+            None => groups.push(Group {
+                name: group.to_string(),
+                bars: vec![(bar.to_string(), v)],
+            }),
+        }
+    }
+    if groups.is_empty() {
+        return Err(SimError::invalid(
+            "csv",
+            format!("{} holds no bars", path.display()),
+        ));
+    }
+    Ok(groups)
+}
+
+/// Draws `groups` to the PNG `out`; `x_desc` names the value axis; `reference` draws a line at
+/// that value (e.g. 1 for parity with a peer).
+pub fn plot(
+    groups: &[Group],
+    title: &str,
+    x_desc: &str,
+    reference: Option<f64>,
+    out: &Path,
+) -> Result<()> {
+    let e = crate::plots::perr(out);
+    let mut names: Vec<String> = Vec::new();
+    for g in groups {
+        for (b, _) in &g.bars {
+            if !names.contains(b) {
+                names.push(b.clone());
+            }
+        }
+    }
+    let colour =
+        |bar: &str| COLOURS[names.iter().position(|n| n == bar).unwrap_or(0) % COLOURS.len()];
+    crate::plots::render_to(out, (1400, 800), |root, _| {
+        let (plot, side) = root.split_horizontally(1400 - 300);
+        let entries: Vec<Entry> = names
+            .iter()
+            .map(|n| Entry {
+                label: n.clone(),
+                color: colour(n),
+                family: Family::Astra,
+                hollow: false,
+            })
+            .collect();
+        side_legend(&side, &entries).map_err(&e)?;
+        // Rows from the top: per group a title row, then its bars.
+        let rows: usize = groups.iter().map(|g| g.bars.len() + 1).sum();
+        let hi = groups
+            .iter()
+            .flat_map(|g| g.bars.iter().map(|b| b.1))
+            .chain(reference)
+            .fold(0.0, f64::max)
+            * 1.18;
+        let mut chart = ChartBuilder::on(&plot)
+            .caption(title, ("sans-serif", 22))
+            .margin(14)
+            .x_label_area_size(48)
+            .y_label_area_size(20)
+            .build_cartesian_2d(0.0..hi.max(1e-9), 0.0..rows as f64)
+            .map_err(&e)?;
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .x_desc(x_desc)
+            .label_style(("sans-serif", 16))
+            .axis_desc_style(("sans-serif", 18))
+            .bold_line_style(grid_bold())
+            .light_line_style(grid_light())
+            .y_label_formatter(&|_| String::new())
+            .draw()
+            .map_err(&e)?;
+        // Each group: its name on a row of its own, then its bars.
+        let mut top = rows as f64;
+        for g in groups {
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    g.name.clone(),
+                    (hi * 0.005, top - 0.35),
+                    ("sans-serif", 18).into_font(),
+                )))
+                .map_err(&e)?;
+            for (i, (bar, v)) in g.bars.iter().enumerate() {
+                let y = top - 2.0 - i as f64;
+                chart
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [(0.0, y + 0.1), (*v, y + 0.9)],
+                        colour(bar).filled(),
+                    )))
+                    .map_err(&e)?;
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        format!("{v:.3}"),
+                        (*v + hi * 0.01, y + 0.72),
+                        ("sans-serif", 15).into_font(),
+                    )))
+                    .map_err(&e)?;
+            }
+            top -= g.bars.len() as f64 + 1.0;
+        }
+        if let Some(r) = reference {
+            chart
+                .draw_series(DashedLineSeries::new(
+                    [(r, 0.0), (r, rows as f64)],
+                    6,
+                    4,
+                    plot_style::INK.stroke_width(2),
+                ))
+                .map_err(&e)?;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_groups_and_draws_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.csv");
+        std::fs::write(&p, "group,bar,value\nViT-B/16,ours plain,0.98\nViT-B/16,ours ASTRA,0.31\nGPT-2,ours plain,1.25\n").unwrap();
+        let g = read(&p).unwrap();
+        assert_eq!(g.len(), 2);
+        assert_eq!(
+            g[0].bars,
+            vec![
+                ("ours plain".to_string(), 0.98),
+                ("ours ASTRA".to_string(), 0.31)
+            ]
+        );
+        let out = dir.path().join("b.png");
+        plot(&g, "t", "× PyTorch", Some(1.0), &out).unwrap();
+        assert_eq!(&std::fs::read(&out).unwrap()[..4], b"\x89PNG");
+        for (bad, needle) in [
+            ("a,b\n", "header"),
+            ("group,bar,value\nx,y,-1\n", "b.csv:2:"),
+            ("group,bar,value\nx,y\n", "2 fields"),
+            ("group,bar,value\n", "no bars"),
+        ] {
+            std::fs::write(&p, bad).unwrap();
+            let e = read(&p).unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+}
