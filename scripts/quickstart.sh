@@ -92,8 +92,11 @@ d = sys.argv[1]
 logits, ref, y = (np.load(f"{d}/{n}.npy") for n in ("logits", "per-device", "y"))
 s = json.load(open(f"{d}/summary.json"))
 rel = np.abs(logits - ref).max() / np.abs(ref).max()
+# Images whose logits differ beyond float noise: a token on a codeword boundary can take the other
+# index under 1e-7 differences between the paths (argmin), which moves that image's logits.
+off = int((np.abs(logits - ref).max(1) > 1e-5 * np.abs(ref).max()).sum())
 acc = (logits.argmax(1) == y).mean()
-print(f"| {s['devices']} | {s['network']} | {acc:.4f} | {s['median_ms']:.1f} | {max(s['wait_ms']):.1f} | {rel:.1e} |")
+print(f"| {s['devices']} | {s['network']} | {acc:.4f} | {s['median_ms']:.1f} | {max(s['wait_ms']):.1f} | {rel:.1e} | {off} of {len(y)} |")
 PY
 )
 
@@ -148,10 +151,11 @@ $acc_rows
 
 \`astra-eval distributed\`: per block every worker encodes its tokens, sends the packed indices to
 the others and attends to theirs through per-codeword key/value tables; latency is the median of 3
-runs (\`runtime/\`). The last column compares the logits with the one-process per-device path.
+runs (\`runtime/\`). The last columns compare the logits with the one-process per-device path (an
+image can differ where one of its tokens sits on a codeword boundary and takes the other index).
 
-| devices | network | accuracy | latency (ms) | max wait for peers (ms) | max relative difference vs per-device |
-|---:|---|---:|---:|---:|---:|
+| devices | network | accuracy | latency (ms) | max wait for peers (ms) | max relative difference vs per-device | images differing by > 1e-5 |
+|---:|---|---:|---:|---:|---:|---:|
 $runtime_row
 
 ## This machine: per-device compute and the speedups it implies (N = 4, T = 256)
