@@ -589,34 +589,39 @@ fn user_space_shaping_paces_every_uplink_without_root() {
     // 3,028 B burst. At 0.01 Mbit/s (1,310.72 B/s) no run can end before the rest has left.
     let tmp = tempfile::tempdir().unwrap();
     let (m, x) = fixture(tmp.path());
-    let (d, json) = (tmp.path().join("d.npy"), tmp.path().join("s.json"));
-    let out = ok(&eval(
-        &[
+    let (d, sp, json) = (
+        tmp.path().join("d.npy"),
+        tmp.path().join("sp.npy"),
+        tmp.path().join("s.json"),
+    );
+    // Two local workers on the fixture, writing `out` and the JSON summary; stdout and summary.
+    let two_workers = |extra: &[&str], out: &Path| {
+        let mut args = vec![
             "distributed",
             "--model",
             &m,
-            "--mode",
-            "sp",
             "--devices",
             "2",
-            "--links",
-            "0.01,50",
-            "--shaper",
-            "user",
             "--input",
             &x,
+        ];
+        args.extend([
             "--out",
-            d.to_str().unwrap(),
+            out.to_str().unwrap(),
             "--json",
             json.to_str().unwrap(),
-        ],
-        None,
-    ));
+        ]);
+        args.extend(extra);
+        let stdout = ok(&eval(&args, None));
+        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        (stdout, s)
+    };
+    let shaped = ["--mode", "sp", "--links", "0.01,50", "--shaper", "user"];
+    let (out, s) = two_workers(&shaped, &d);
     assert!(
         out.contains("shaped 0.01 Mbit/s uplinks, 50 ms delay (shaped in user space)"),
         "{out}"
     );
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let latency = s["median_ms"].as_f64().unwrap();
     let bytes_per_s = 0.01 * 1_048_576.0 / 8.0;
     let floor_ms = (3.0 * (9.0 + 20.0 + 1536.0) - 3028.0) / bytes_per_s * 1e3;
@@ -637,23 +642,7 @@ fn user_space_shaping_paces_every_uplink_without_root() {
         "{s}"
     );
     // The same numbers as the unshaped per-device path.
-    let sp = tmp.path().join("sp.npy");
-    ok(&eval(
-        &[
-            "distributed",
-            "--model",
-            &m,
-            "--mode",
-            "sp",
-            "--devices",
-            "2",
-            "--input",
-            &x,
-            "--out",
-            sp.to_str().unwrap(),
-        ],
-        None,
-    ));
+    two_workers(&["--mode", "sp"], &sp);
     let (a, b) = (
         Tensor::read_npy(&d).unwrap(),
         Tensor::read_npy(&sp).unwrap(),
@@ -664,23 +653,7 @@ fn user_space_shaping_paces_every_uplink_without_root() {
         astra_quant::CodebookFile::load(Path::new(&format!("{m}/codebooks.safetensors"))).unwrap();
     let (g, k) = (cb.blocks[0].codebook.groups(), cb.blocks[0].codebook.k());
     let bits = astra_quant::bitpack::bits_for(k);
-    ok(&eval(
-        &[
-            "distributed",
-            "--model",
-            &m,
-            "--devices",
-            "2",
-            "--input",
-            &x,
-            "--out",
-            sp.to_str().unwrap(),
-            "--json",
-            json.to_str().unwrap(),
-        ],
-        None,
-    ));
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let (_, s) = two_workers(&[], &sp);
     let frame = 9 + 17 + 4 + astra_quant::bitpack::packed_len(3 * 8 * g, bits);
     assert_eq!(
         s["sent_bytes"],
@@ -688,23 +661,18 @@ fn user_space_shaping_paces_every_uplink_without_root() {
         "{s}"
     );
     // User space cannot drop messages over TCP: loss needs the kernel's netem.
+    let d = d.to_str().unwrap();
+    let lossy = [
+        "distributed",
+        "--model",
+        &m,
+        "--links",
+        "10,0,5",
+        "--shaper",
+        "user",
+    ];
     one_line_error(
-        &eval(
-            &[
-                "distributed",
-                "--model",
-                &m,
-                "--links",
-                "10,0,5",
-                "--shaper",
-                "user",
-                "--input",
-                &x,
-                "--out",
-                d.to_str().unwrap(),
-            ],
-            None,
-        ),
+        &eval(&[&lossy[..], &["--input", &x, "--out", d]].concat(), None),
         "needs kernel shaping",
     );
 }

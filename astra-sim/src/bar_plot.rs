@@ -8,6 +8,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use crate::error::{Result, SimError};
+use crate::figure_csv;
 use crate::plot_style::{self, grid_bold, grid_light, side_legend, Entry, Family};
 
 /// The bars of one group, in file order.
@@ -27,36 +28,15 @@ const COLOURS: [RGBColor; 5] = [
 
 /// The groups of a `group,bar,value` CSV (values finite and ≥ 0).
 pub fn read(path: &Path) -> Result<Vec<Group>> {
-    let text = std::fs::read_to_string(path).map_err(SimError::io(path))?;
-    let csv_err = |line: usize, reason: String| SimError::Csv {
-        path: path.display().to_string(),
-        line,
-        reason,
-    };
-    let mut rows = text.lines().enumerate();
-    let header = rows.next().map(|(_, h)| h.trim()).unwrap_or_default();
-    if header != "group,bar,value" {
-        return Err(csv_err(
-            1,
-            format!("header '{header}' is not 'group,bar,value'"),
-        ));
-    }
     let mut groups: Vec<Group> = Vec::new();
-    for (i, row) in rows.filter(|(_, r)| !r.trim().is_empty()) {
-        let f: Vec<&str> = row.split(',').map(str::trim).collect();
-        let [group, bar, value] = f[..] else {
-            return Err(csv_err(i + 1, format!("{} fields, expected 3", f.len())));
-        };
-        let v = value
-            .parse::<f64>()
-            .ok()
-            .filter(|v| v.is_finite() && *v >= 0.0)
-            .ok_or_else(|| csv_err(i + 1, format!("'{value}' is not a number ≥ 0")))?;
-        match groups.iter_mut().find(|g| g.name == group) {
-            Some(g) => g.bars.push((bar.to_string(), v)),
+    for row in figure_csv::rows(path, "group,bar,value")? {
+        let v = row.number(path, 2, "a number ≥ 0", |v| v >= 0.0)?;
+        let (group, bar) = (&row.fields[0], row.fields[1].clone());
+        match groups.iter_mut().find(|g| &g.name == group) {
+            Some(g) => g.bars.push((bar, v)),
             None => groups.push(Group {
-                name: group.to_string(),
-                bars: vec![(bar.to_string(), v)],
+                name: group.clone(),
+                bars: vec![(bar, v)],
             }),
         }
     }

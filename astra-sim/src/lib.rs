@@ -15,6 +15,7 @@ pub mod bar_plot;
 pub mod cli;
 pub mod dynamic;
 pub mod error;
+pub mod figure_csv;
 pub mod line_plot;
 pub mod live;
 pub mod measured_plot;

@@ -8,7 +8,10 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use crate::error::{Result, SimError};
-use crate::plot_style::{self, decade_label, grid_bold, grid_light, side_legend, Entry, Family};
+use crate::figure_csv;
+use crate::plot_style::{
+    self, decade_label, draw_hollow, draw_line, grid_bold, grid_light, side_legend, Entry, Family,
+};
 
 /// One series of points.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,43 +33,23 @@ const COLOURS: [RGBColor; 6] = [
 
 /// The series of a `series,x,y,source` CSV, in order of first appearance.
 pub fn read(path: &Path) -> Result<Vec<Line>> {
-    let text = std::fs::read_to_string(path).map_err(SimError::io(path))?;
     let mut lines: Vec<Line> = Vec::new();
-    let mut rows = text.lines().enumerate();
-    let header = rows.next().map(|(_, h)| h.trim()).unwrap_or_default();
-    if header != "series,x,y,source" {
-        return Err(SimError::Csv {
-            path: path.display().to_string(),
-            line: 1,
-            reason: format!("header '{header}' is not 'series,x,y,source'"),
-        });
-    }
-    for (i, row) in rows.filter(|(_, r)| !r.trim().is_empty()) {
-        let bad = |reason: String| SimError::Csv {
-            path: path.display().to_string(),
-            line: i + 1,
-            reason,
-        };
-        let f: Vec<&str> = row.split(',').map(str::trim).collect();
-        let [name, x, y, source] = f[..] else {
-            return Err(bad(format!("{} fields, expected 4", f.len())));
-        };
-        let num = |v: &str| {
-            v.parse::<f64>()
-                .ok()
-                .filter(|v| v.is_finite())
-                .ok_or_else(|| bad(format!("'{v}' is not a finite number")))
-        };
-        let paper = match source {
+    for row in figure_csv::rows(path, "series,x,y,source")? {
+        let f = &row.fields;
+        let paper = match f[3].as_str() {
             "ours" => false,
             "paper" => true,
-            other => return Err(bad(format!("source '{other}' is not ours or paper"))),
+            other => return Err(row.error(path, format!("source '{other}' is not ours or paper"))),
         };
-        let point = (num(x)?, num(y)?);
-        match lines.iter_mut().find(|l| l.name == name) {
+        let any = |_| true;
+        let point = (
+            row.number(path, 1, "a finite number", any)?,
+            row.number(path, 2, "a finite number", any)?,
+        );
+        match lines.iter_mut().find(|l| l.name == f[0]) {
             Some(l) => l.points.push(point),
             None => lines.push(Line {
-                name: name.to_string(),
+                name: f[0].clone(),
                 paper,
                 points: vec![point],
             }),
@@ -132,30 +115,12 @@ pub fn plot(lines: &[Line], axes: &LineAxes, out: &Path) -> Result<()> {
                     .x_label_formatter($xfmt)
                     .draw()
                     .map_err(&e)?;
+                // Ours solid with filled markers; the paper's dashed with hollow ones.
                 for (i, l) in lines.iter().enumerate() {
-                    let style = colour(i).stroke_width(3);
+                    let family = if l.paper { Family::Bp } else { Family::Astra };
+                    draw_line(&mut chart, &l.points, colour(i), family, !l.paper).map_err(&e)?;
                     if l.paper {
-                        chart
-                            .draw_series(DashedLineSeries::new(l.points.clone(), 9, 5, style))
-                            .map_err(&e)?;
-                        chart
-                            .draw_series(
-                                l.points
-                                    .iter()
-                                    .map(|&p| Circle::new(p, 7, colour(i).stroke_width(2))),
-                            )
-                            .map_err(&e)?;
-                    } else {
-                        chart
-                            .draw_series(LineSeries::new(l.points.clone(), style))
-                            .map_err(&e)?;
-                        chart
-                            .draw_series(
-                                l.points
-                                    .iter()
-                                    .map(|&p| Circle::new(p, 5, colour(i).filled())),
-                            )
-                            .map_err(&e)?;
+                        draw_hollow(&mut chart, &l.points, colour(i)).map_err(&e)?;
                     }
                 }
             }};

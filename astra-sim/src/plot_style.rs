@@ -155,17 +155,7 @@ where
     Y::ValueType: Clone + 'static,
 {
     let (color, family) = method_style(name);
-    let style = color.stroke_width(3);
-    let pts = points.to_vec();
-    match family {
-        Family::Astra => chart.draw_series(LineSeries::new(pts.clone(), style))?,
-        Family::Bp => chart.draw_series(DashedLineSeries::new(pts.clone(), 9, 5, style))?,
-        Family::Baseline => chart.draw_series(DashedLineSeries::new(pts.clone(), 3, 5, style))?,
-    };
-    if markers {
-        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
-    }
-    Ok(())
+    draw_line(chart, points, color, family, markers)
 }
 
 /// The paper's values for a method: hollow markers in its colour.
@@ -180,7 +170,49 @@ where
     X::ValueType: Clone + 'static,
     Y::ValueType: Clone + 'static,
 {
-    let (color, _) = method_style(name);
+    draw_hollow(chart, points, method_style(name).0)
+}
+
+/// `points` joined by a line in `color`, drawn as `family` draws (solid, dashed, dotted), with
+/// filled markers when `markers`.
+pub fn draw_line<X, Y>(
+    chart: &mut ChartContext<'_, BitMapBackend, Cartesian2d<X, Y>>,
+    points: &[(X::ValueType, Y::ValueType)],
+    color: RGBColor,
+    family: Family,
+    markers: bool,
+) -> Result<(), DrawingAreaErrorKind<BitmapError>>
+where
+    X: Ranged,
+    Y: Ranged,
+    X::ValueType: Clone + 'static,
+    Y::ValueType: Clone + 'static,
+{
+    let style = color.stroke_width(3);
+    let pts = points.to_vec();
+    match family {
+        Family::Astra => chart.draw_series(LineSeries::new(pts.clone(), style))?,
+        Family::Bp => chart.draw_series(DashedLineSeries::new(pts.clone(), 9, 5, style))?,
+        Family::Baseline => chart.draw_series(DashedLineSeries::new(pts.clone(), 3, 5, style))?,
+    };
+    if markers {
+        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+    }
+    Ok(())
+}
+
+/// Hollow markers in `color` (how the paper's values are drawn).
+pub fn draw_hollow<X, Y>(
+    chart: &mut ChartContext<'_, BitMapBackend, Cartesian2d<X, Y>>,
+    points: &[(X::ValueType, Y::ValueType)],
+    color: RGBColor,
+) -> Result<(), DrawingAreaErrorKind<BitmapError>>
+where
+    X: Ranged,
+    Y: Ranged,
+    X::ValueType: Clone + 'static,
+    Y::ValueType: Clone + 'static,
+{
     chart.draw_series(
         points
             .iter()

@@ -98,15 +98,22 @@ pub enum Command {
     PlotBars(PlotBarsArgs),
 }
 
-/// Options of `astra-sim plot-bars`.
+/// The data and the PNG of a figure command.
 #[derive(Args, Clone, Debug)]
-pub struct PlotBarsArgs {
+pub struct FigureFiles {
     #[arg(long)]
     pub csv: PathBuf,
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long)]
     pub title: String,
+}
+
+/// Options of `astra-sim plot-bars`.
+#[derive(Args, Clone, Debug)]
+pub struct PlotBarsArgs {
+    #[command(flatten)]
+    pub files: FigureFiles,
     /// What the values are (the axis description).
     #[arg(long)]
     pub x_desc: String,
@@ -118,12 +125,8 @@ pub struct PlotBarsArgs {
 /// Options of `astra-sim plot-lines`.
 #[derive(Args, Clone, Debug)]
 pub struct PlotLinesArgs {
-    #[arg(long)]
-    pub csv: PathBuf,
-    #[arg(long)]
-    pub out: PathBuf,
-    #[arg(long)]
-    pub title: String,
+    #[command(flatten)]
+    pub files: FigureFiles,
     #[arg(long)]
     pub x_desc: String,
     #[arg(long)]

@@ -180,23 +180,29 @@ pub fn replay_worker_command(a: ReplayWorkerArgs) -> Result<()> {
 
 /// `plot-bars`: grouped bars from a CSV.
 pub fn plot_bars_command(a: PlotBarsArgs) -> Result<()> {
-    let groups = crate::bar_plot::read(&a.csv)?;
-    crate::bar_plot::plot(&groups, &a.title, &a.x_desc, a.reference, &a.out)?;
-    println!("{} groups -> {}", groups.len(), a.out.display());
+    let groups = crate::bar_plot::read(&a.files.csv)?;
+    crate::bar_plot::plot(
+        &groups,
+        &a.files.title,
+        &a.x_desc,
+        a.reference,
+        &a.files.out,
+    )?;
+    println!("{} groups -> {}", groups.len(), a.files.out.display());
     Ok(())
 }
 
 /// `plot-lines`: a line figure from a CSV of points.
 pub fn plot_lines_command(a: PlotLinesArgs) -> Result<()> {
-    let lines = crate::line_plot::read(&a.csv)?;
+    let lines = crate::line_plot::read(&a.files.csv)?;
     let axes = crate::line_plot::LineAxes {
-        title: &a.title,
+        title: &a.files.title,
         x_desc: &a.x_desc,
         y_desc: &a.y_desc,
         log_x: a.log_x,
     };
-    crate::line_plot::plot(&lines, &axes, &a.out)?;
-    println!("{} series -> {}", lines.len(), a.out.display());
+    crate::line_plot::plot(&lines, &axes, &a.files.out)?;
+    println!("{} series -> {}", lines.len(), a.files.out.display());
     Ok(())
 }
 
