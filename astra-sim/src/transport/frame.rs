@@ -229,8 +229,14 @@ impl Frame {
     }
 
     /// Its size on the wire (header and payload).
+    /// Counted from the fields for the data frames (the runtime counts every one it receives;
+    /// encoding an SP block's embeddings again only to measure them would copy megabytes).
     pub fn wire_len(&self) -> usize {
-        9 + self.payload().len()
+        9 + match self {
+            Frame::Indices { packed, .. } => 21 + packed.len(),
+            Frame::Embeddings { data, .. } => 20 + 4 * data.len(),
+            other => other.payload().len(),
+        }
     }
 
     /// The frame as bytes on the wire.
@@ -432,6 +438,7 @@ mod tests {
             let mut buf = Vec::new();
             f.write_to(&mut buf).unwrap();
             assert_eq!(&Frame::read_from(&mut buf.as_slice()).unwrap(), f);
+            assert_eq!(f.wire_len(), buf.len(), "{}", f.name());
             // Any truncation is an error, never a panic.
             for cut in 0..buf.len() {
                 assert!(Frame::read_from(&mut &buf[..cut]).is_err());
