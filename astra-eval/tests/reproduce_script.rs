@@ -73,9 +73,11 @@ fn script_with(tmp: &Path, steps: &str, env: &[(&str, &str)]) -> std::process::O
 
 #[test]
 fn reproduce_paper_runs_every_step_at_tiny_scale_and_resumes() {
-    // Fresh binaries of every crate (the script calls astra-train and astra-sim too).
+    // Fresh binaries of every crate (the script calls astra-train and astra-sim too). `--tests`
+    // resolves features as `cargo test` does, so after `cargo test --workspace` this builds nothing
+    // (plain `--bins` rebuilt half the dependency tree with other features: a second target folder).
     let st = Command::new(env!("CARGO"))
-        .args(["build", "--workspace", "--bins", "-q"])
+        .args(["build", "--workspace", "--bins", "--tests", "-q"])
         .current_dir(root())
         .status()
         .unwrap();

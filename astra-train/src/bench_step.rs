@@ -257,30 +257,40 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
         }),
     );
     let xc = content.detach();
-    row(
-        "VQ encode (fp32 distances + argmin)",
-        time_ms(dev, w_, st, || {
-            amp(&mut || {
-                let _ = vq.encode(&xc);
-            })
-        }),
-    );
-    row(
-        "VQ quantize, training (encode + NAQ + EMA + commitment)",
-        time_ms(dev, w_, st, || {
-            amp(&mut || {
-                let _ = vq.quantize(&xc, true);
-            })
-        }),
-    );
-    row(
-        "VQ quantize fwd+bwd (STE into X), training",
-        time_ms(dev, w_, st, || {
-            amp(&mut || {
-                let q = vq.quantize(&content, true);
-                (q.value.sum(Kind::Float) + q.commitment).backward()
-            })
-        }),
-    );
+    // On CUDA each VQ part twice: the fused kernels and the ATen path they replace.
+    let kernels_were_on = crate::cuda::enabled();
+    let paths: &[(bool, &str)] = match crate::cuda::kernels(dev) {
+        Some(_) => &[(true, "kernels"), (false, "ATen")],
+        None => &[(false, "ATen")],
+    };
+    for &(on, path) in paths {
+        crate::cuda::set_enabled(on);
+        row(
+            &format!("VQ encode (fp32 nearest codeword; {path})"),
+            time_ms(dev, w_, st, || {
+                amp(&mut || {
+                    let _ = vq.encode(&xc);
+                })
+            }),
+        );
+        row(
+            &format!("VQ quantize, training (encode + NAQ + EMA + commitment; {path})"),
+            time_ms(dev, w_, st, || {
+                amp(&mut || {
+                    let _ = vq.quantize(&xc, true);
+                })
+            }),
+        );
+        row(
+            &format!("VQ quantize fwd+bwd (STE into X), training; {path}"),
+            time_ms(dev, w_, st, || {
+                amp(&mut || {
+                    let q = vq.quantize(&content, true);
+                    (q.value.sum(Kind::Float) + q.commitment).backward()
+                })
+            }),
+        );
+    }
+    crate::cuda::set_enabled(kernels_were_on);
     Ok(rows)
 }

@@ -7,10 +7,12 @@
 //!   ([`models::vq`]), Distributed Class Tokens, and the per-device inference path;
 //! - [`weights`], [`model`]: safetensors checkpoints, HF folders and the HF cache;
 //! - [`train`]: the run folder, AdamW, and the (resumable) training loop;
-//! - [`runtime`]: the libtorch and accelerators this process sees.
+//! - [`libtorch`]: the libtorch and accelerators this process sees;
+//! - [`cuda`]: CUDA kernels (NVRTC, cudarc) for the nearest-codeword search and the EMA statistics.
 pub mod bench_step;
 pub mod cli;
 pub mod config;
+pub mod cuda;
 pub mod data;
 pub mod engine;
 pub mod error;

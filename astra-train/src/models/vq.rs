@@ -116,26 +116,26 @@ impl GroupedVq {
 
     fn encode_fp32(&self, x: &Tensor) -> Tensor {
         let shape = x.size();
-        let (g, k, w) = (self.groups(), self.k(), self.codebook.size()[2]);
-        let flat = x
-            .detach()
-            .to_kind(Kind::Float)
-            .reshape([-1, g, w])
-            .transpose(0, 1); // [G, M, w]
-        let cb = self.codebook.to_kind(Kind::Float);
-        let c_norm = cb
-            .square()
-            .sum_dim_intlist(-1, false, Kind::Float)
-            .view([g, 1, k]);
-        // ‖c‖² − 2·x·c in one fused pass: the [G, M, K] tile is the largest tensor here.
-        let idx = c_norm
-            .baddbmm(&flat, &cb.transpose(1, 2), 1.0, -2.0)
-            .argmin(-1, false); // [G, M]
+        let (g, w) = (self.groups(), self.codebook.size()[2]);
+        let rows = x.detach().to_kind(Kind::Float).reshape([-1, g, w]);
+        let idx = self.nearest(&rows);
         let mut out_shape = shape[..shape.len() - 1].to_vec();
         out_shape.push(g);
-        idx.transpose(0, 1).reshape(out_shape)
+        idx.reshape(out_shape)
     }
 
+    /// Rows [M, G, w] (fp32) → [M, G] nearest-codeword indices: the fused kernel on CUDA, the
+    /// ATen search elsewhere (or where the kernels are off).
+    fn nearest(&self, rows: &Tensor) -> Tensor {
+        let cb = self.codebook.to_kind(Kind::Float);
+        if let Some(k) = crate::cuda::kernels(rows.device()) {
+            let idx = crate::cuda::nearest::nearest_codeword(&k, &rows.contiguous(), &cb.contiguous());
+            if let Some(idx) = crate::cuda::or_aten(idx) {
+                return idx;
+            }
+        }
+        nearest_aten(rows, &cb)
+    }
     /// [.., G] indices → [.., D] codewords.
     pub fn decode(&self, idx: &Tensor) -> Tensor {
         let shape = idx.size();
@@ -193,30 +193,14 @@ impl GroupedVq {
 
     fn ema_update(&mut self, x: &Tensor, indices: &Tensor) {
         let (g, k, w) = (self.groups(), self.k(), self.codebook.size()[2]);
-        let rows = x.detach().to_kind(Kind::Float).reshape([-1, w]); // [M·G, w], group-major per token
-        let offsets = Tensor::arange(g, (Kind::Int64, x.device())) * k;
-        let slot = (indices.reshape([-1, g]) + offsets.view([1, g])).reshape([-1]); // [M·G] in 0..G·K
-                                                                                    // Scatter-adds, not one-hot matrices: a [G, M, K] one-hot is gigabytes at ViT-B scale.
-        let counts = Tensor::zeros([g * k], (Kind::Float, x.device()))
-            .index_add(
-                0,
-                &slot,
-                &Tensor::ones([slot.size()[0]], (Kind::Float, x.device())),
-            )
-            .view([g, k]);
-        let sums = Tensor::zeros([g * k, w], (Kind::Float, x.device()))
-            .index_add(0, &slot, &rows)
-            .view([g, k, w]);
-        let flat = x
-            .detach()
-            .to_kind(Kind::Float)
-            .reshape([-1, g, w])
-            .transpose(0, 1); // [G, M, w]
+        let rows = x.detach().to_kind(Kind::Float).reshape([-1, g, w]); // [M, G, w]
+        let (counts, sums) = code_stats(&rows, &indices.reshape([-1, g]), k);
+        let flat = rows.transpose(0, 1); // [G, M, w]
         if !self.ema_started {
             // Start the statistics as if the calibration codebook had been averaged over batches
             // of this size with the calibration's code shares: the first update then moves it by
             // (1 − decay), not by a jump towards this one batch.
-            let m = (slot.size()[0] / g) as f64;
+            let m = rows.size()[0] as f64;
             self.ema_count = &self.ema_count * m;
             self.ema_sum = self.codebook.to_kind(Kind::Float) * self.ema_count.unsqueeze(-1);
             self.ema_started = true;
@@ -454,6 +438,49 @@ pub fn check_codebooks(file: &astra_quant::CodebookFile, layers: i64, hidden: i6
         ));
     }
     Ok(())
+}
+
+
+/// The ATen nearest-codeword search: rows [M, G, w] and codebook [G, K, w] (fp32) → [M, G].
+pub fn nearest_aten(rows: &Tensor, codebook: &Tensor) -> Tensor {
+    let (g, k) = (codebook.size()[0], codebook.size()[1]);
+    let c_norm = codebook
+        .square()
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .view([g, 1, k]);
+    // ‖c‖² − 2·x·c in one fused pass: the [G, M, K] tile is the largest tensor here.
+    c_norm
+        .baddbmm(&rows.transpose(0, 1), &codebook.transpose(1, 2), 1.0, -2.0)
+        .argmin(-1, false) // [G, M]
+        .transpose(0, 1)
+}
+
+/// Per-code counts [G, K] and sums [G, K, w] of rows [M, G, w] (fp32) under indices [M, G]: one
+/// fused scatter on CUDA, two index_adds elsewhere.
+fn code_stats(rows: &Tensor, indices: &Tensor, k: i64) -> (Tensor, Tensor) {
+    if let Some(kern) = crate::cuda::kernels(rows.device()) {
+        let stats = crate::cuda::ema::code_stats(&kern, &rows.contiguous(), &indices.contiguous(), k);
+        if let Some(stats) = crate::cuda::or_aten(stats) {
+            return stats;
+        }
+    }
+    code_stats_aten(rows, indices, k)
+}
+
+/// The ATen statistics: scatter-adds, not one-hot matrices (a [G, M, K] one-hot is gigabytes at
+/// ViT-B scale).
+pub fn code_stats_aten(rows: &Tensor, indices: &Tensor, k: i64) -> (Tensor, Tensor) {
+    let (g, w) = (rows.size()[1], rows.size()[2]);
+    let dev = rows.device();
+    let offsets = Tensor::arange(g, (Kind::Int64, dev)) * k;
+    let slot = (indices + offsets.view([1, g])).reshape([-1]); // [M·G] in 0..G·K
+    let counts = Tensor::zeros([g * k], (Kind::Float, dev))
+        .index_add(0, &slot, &Tensor::ones([slot.size()[0]], (Kind::Float, dev)))
+        .view([g, k]);
+    let sums = Tensor::zeros([g * k, w], (Kind::Float, dev))
+        .index_add(0, &slot, &rows.reshape([-1, w]))
+        .view([g, k, w]);
+    (counts, sums)
 }
 
 #[cfg(test)]

@@ -30,6 +30,10 @@ pub struct AdamW {
     /// The parameters themselves as views of one flat fp32 buffer (when all are fp32 on one
     /// device), so the update is a few in-place kernels on it instead of several per parameter.
     flat: Option<Tensor>,
+    /// The gradients as views of one flat fp32 buffer, from the first step on (when the
+    /// parameters are flat and all have gradients): backward accumulates into the views in place,
+    /// `zero_grad` is one kernel and a step needs no concatenation.
+    grads: Option<Tensor>,
     pub step: usize,
 }
 
@@ -67,6 +71,7 @@ impl AdamW {
             m: zeros(),
             v: zeros(),
             flat,
+            grads: None,
             step: 0,
         }
     }
@@ -94,6 +99,10 @@ impl AdamW {
     }
 
     pub fn zero_grad(&mut self) {
+        if let Some(g) = &mut self.grads {
+            let _ = g.zero_();
+            return;
+        }
         for (_, p) in &mut self.params {
             let mut g = p.grad();
             if g.defined() {
@@ -110,34 +119,29 @@ impl AdamW {
         let c = self.cfg.clone();
         tch::no_grad(|| {
             let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
-            let flat: Vec<Tensor> = grads
-                .iter()
-                .zip(&self.params)
-                .map(|(g, (_, p))| {
-                    if g.defined() {
-                        g.reshape([-1]).to_kind(Kind::Float)
-                    } else {
-                        Tensor::zeros([p.numel() as i64], (Kind::Float, p.device()))
-                    }
-                })
-                .collect();
-            let mut g = Tensor::cat(&flat, 0);
-            if c.clip_norm > 0.0 {
+            // A parameter without a gradient this step is left alone (as torch.optim.AdamW
+            // does), which only the per-parameter path can do.
+            let all_have_grads = grads.iter().all(|g| g.defined());
+            let g = self.flat_grads(&grads);
+            let scale = (c.clip_norm > 0.0).then(|| {
                 let norm = g.square().sum(Kind::Float).sqrt();
-                let scale = (c.clip_norm / (norm + 1e-6)).clamp_max(1.0);
-                g *= scale;
-            }
+                (c.clip_norm / (norm + 1e-6)).clamp_max(1.0)
+            });
             let t = self.step as i32;
             let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+            if all_have_grads && self.fused_step(&g, scale.as_ref(), lr, (bc1, bc2)) {
+                return;
+            }
+            let g = match &scale {
+                Some(s) => &g * s,
+                None => g,
+            };
             let _ = self.m.lerp_(&g, 1.0 - c.beta1);
             let _ = self
                 .v
                 .g_mul_scalar_(c.beta2)
                 .addcmul_(&g, &(&g * (1.0 - c.beta2)));
             let denom = (&self.v / bc2).sqrt() + c.eps;
-            // A parameter without a gradient this step is left alone (as torch.optim.AdamW
-            // does), which only the per-parameter path can do.
-            let all_have_grads = grads.iter().all(|g| g.defined());
             match &mut self.flat {
                 // p ← p·(1 − lr·wd) − lr·m̂ / (√v̂ + ε), in place on the flat buffer.
                 Some(flat) if all_have_grads => {
@@ -163,6 +167,63 @@ impl AdamW {
                 }
             }
         })
+    }
+
+    /// All gradients as one flat fp32 tensor (zeros for a parameter without one): the flat
+    /// gradient buffer when there is one, else a concatenation, which then becomes that buffer
+    /// when the parameters are flat and every one has a gradient.
+    fn flat_grads(&mut self, grads: &[Tensor]) -> Tensor {
+        if let Some(g) = &self.grads {
+            return g.shallow_clone();
+        }
+        let flat: Vec<Tensor> = grads
+            .iter()
+            .zip(&self.params)
+            .map(|(g, (_, p))| {
+                if g.defined() {
+                    g.reshape([-1]).to_kind(Kind::Float)
+                } else {
+                    Tensor::zeros([p.numel() as i64], (Kind::Float, p.device()))
+                }
+            })
+            .collect();
+        let buffer = Tensor::cat(&flat, 0);
+        let all_fp32 = grads.iter().all(|g| g.defined() && g.kind() == Kind::Float);
+        if self.flat.is_some() && all_fp32 {
+            let views: Vec<Tensor> = self.views(&buffer).collect();
+            for (g, view) in grads.iter().zip(&views) {
+                // Every handle of the gradient shares its TensorImpl, so autograd's in-place
+                // accumulation now writes the buffer.
+                g.shallow_clone().set_data(view);
+            }
+            self.grads = Some(buffer.shallow_clone());
+        }
+        buffer
+    }
+
+    /// The update as one CUDA kernel over the flat buffers; false where it cannot run (not flat,
+    /// not CUDA, kernels off), and the ATen path does the step.
+    fn fused_step(&mut self, g: &Tensor, scale: Option<&Tensor>, lr: f64, bc: (f64, f64)) -> bool {
+        let Some(flat) = &self.flat else {
+            return false;
+        };
+        let Some(k) = crate::cuda::kernels(flat.device()) else {
+            return false;
+        };
+        let one = Tensor::ones([1], (Kind::Float, flat.device()));
+        let c = &self.cfg;
+        let h = crate::cuda::adamw::AdamWStep {
+            lr: lr as f32,
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            bias_correction1: bc.0 as f32,
+            bias_correction2: bc.1 as f32,
+            eps: c.eps as f32,
+            weight_decay: c.weight_decay as f32,
+        };
+        let scale = scale.map_or(one, |s| s.reshape([1]));
+        let r = crate::cuda::adamw::adamw_step(&k, flat, g, (&self.m, &self.v), &scale, h);
+        crate::cuda::or_aten(r).is_some()
     }
 
     /// Moments as named tensors (`adamw.m.NAME`, `adamw.v.NAME`) for a checkpoint.

@@ -1,0 +1,255 @@
+//! CUDA kernels for ASTRA's hot spots, written in CUDA C, compiled at run time with NVRTC and
+//! launched through cudarc on the memory of libtorch tensors.
+//!
+//! - [`nearest`]: the nearest codeword of every row and group, distances and argmin fused so the
+//!   [G, M, K] distance tile is never written;
+//! - [`ema`]: the per-code counts and sums of the EMA codebook update in one scatter;
+//! - [`adamw`]: an AdamW step over the flat parameter buffer in one pass.
+//!
+//! They run in libtorch's context (the device's primary context, which cudarc retains as well) and
+//! on the legacy default stream: tch never makes another stream current, so that is where libtorch
+//! enqueues its own work, and a kernel here is ordered after the ops that made its inputs and before
+//! those that read its outputs without any synchronisation. Outputs are allocated by libtorch (its
+//! caching allocator owns all memory); kernels only read and write through data pointers.
+//!
+//! Each source is compiled once per process and device. Without a CUDA driver or NVRTC, or with
+//! `ASTRA_CUDA_KERNELS=0`, [`kernels`] returns None and callers keep their ATen path; why the
+//! kernels are off is said once, in one line.
+
+pub mod adamw;
+pub mod ema;
+pub mod nearest;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use tch::{Device, Kind, Tensor};
+
+/// Why a kernel could not be built or launched (one line).
+#[derive(Debug, thiserror::Error)]
+#[error("CUDA kernel: {0}")]
+pub struct KernelError(pub String);
+
+impl KernelError {
+    fn from<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> KernelError + '_ {
+        move |e| KernelError(format!("{what}: {e}"))
+    }
+}
+
+/// The kernels of one CUDA device: its context, the stream libtorch uses, the compiled modules.
+pub struct Kernels {
+    ordinal: usize,
+    stream: Arc<CudaStream>,
+    /// `compute_XY` of the device, the architecture NVRTC compiles for.
+    arch: String,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+/// A kernel source: a name for the cache and error messages, and its CUDA C text.
+pub struct Source {
+    pub name: &'static str,
+    pub text: &'static str,
+}
+
+static DEVICES: OnceLock<Mutex<HashMap<usize, Option<Arc<Kernels>>>>> = OnceLock::new();
+static ENABLED: OnceLock<AtomicBool> = OnceLock::new();
+
+fn enabled_flag() -> &'static AtomicBool {
+    ENABLED.get_or_init(|| {
+        let off = std::env::var("ASTRA_CUDA_KERNELS").is_ok_and(|v| v == "0" || v == "off");
+        AtomicBool::new(!off)
+    })
+}
+
+/// Turns the kernels on or off for this process (benchmarks and tests compare both paths; the
+/// environment variable `ASTRA_CUDA_KERNELS=0` sets the initial state).
+pub fn set_enabled(on: bool) {
+    enabled_flag().store(on, Ordering::Relaxed);
+}
+
+pub fn enabled() -> bool {
+    enabled_flag().load(Ordering::Relaxed)
+}
+
+/// The kernels of `device`, or None (not CUDA, turned off, or no driver/NVRTC: said once).
+pub fn kernels(device: Device) -> Option<Arc<Kernels>> {
+    let Device::Cuda(ordinal) = device else {
+        return None;
+    };
+    if !enabled() {
+        return None;
+    }
+    let mut devices = DEVICES.get_or_init(Default::default).lock().ok()?;
+    devices
+        .entry(ordinal)
+        .or_insert_with(|| match Kernels::open(ordinal) {
+            Ok(k) => Some(Arc::new(k)),
+            Err(e) => {
+                eprintln!("astra: CUDA kernels off on cuda:{ordinal} ({e}); using the ATen path");
+                None
+            }
+        })
+        .clone()
+}
+
+impl Kernels {
+    fn open(ordinal: usize) -> Result<Self, KernelError> {
+        // SAFETY: both only try to dlopen the libraries by name.
+        let (driver, nvrtc) = unsafe {
+            (
+                cudarc::driver::sys::is_culib_present(),
+                cudarc::nvrtc::sys::is_culib_present(),
+            )
+        };
+        if !driver {
+            return Err(KernelError("no CUDA driver library (libcuda.so)".into()));
+        }
+        if !nvrtc && !preload_nvrtc_beside_libtorch() {
+            return Err(KernelError(
+                "NVRTC not found (libnvrtc.so.13): put the lib folder of PyTorch's nvidia/cu13 \
+                 wheel on LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(KernelError::from("context"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(KernelError::from("compute capability"))?;
+        Ok(Kernels {
+            ordinal,
+            stream: ctx.default_stream(),
+            arch: format!("compute_{major}{minor}"),
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Function `name` of `src`, compiling the source on first use.
+    pub fn function(&self, src: &Source, name: &str) -> Result<CudaFunction, KernelError> {
+        let module = {
+            let mut modules = self
+                .modules
+                .lock()
+                .map_err(|_| KernelError("module cache poisoned".into()))?;
+            match modules.get(src.name) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = self.compile(src)?;
+                    modules.insert(src.name, m.clone());
+                    m
+                }
+            }
+        };
+        module
+            .load_function(name)
+            .map_err(KernelError::from(&format!("{}: function {name}", src.name)))
+    }
+
+    fn compile(&self, src: &Source) -> Result<Arc<CudaModule>, KernelError> {
+        let opts = cudarc::nvrtc::CompileOptions {
+            options: vec![format!("--gpu-architecture={}", self.arch), "-std=c++17".into()],
+            name: Some(format!("{}.cu", src.name)),
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(src.text, opts).map_err(|e| {
+            // The compiler's log names the line; the error's Debug form is a struct dump.
+            let why = match &e {
+                cudarc::nvrtc::CompileError::CompileError { log, .. } => log
+                    .to_string_lossy()
+                    .lines()
+                    .find(|l| l.contains("error"))
+                    .unwrap_or_default()
+                    .to_string(),
+                other => format!("{other:?}"),
+            };
+            KernelError(format!("NVRTC on {}: {why}", src.name))
+        })?;
+        self.stream
+            .context()
+            .load_module(ptx)
+            .map_err(KernelError::from(&format!("loading {}", src.name)))
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Checks that `t` lives on this device, has kind `kind` and is contiguous: kernels index
+    /// its memory directly.
+    pub fn check(&self, what: &str, t: &Tensor, kind: Kind) -> Result<(), KernelError> {
+        if t.device() != Device::Cuda(self.ordinal) {
+            return Err(KernelError(format!(
+                "{what} is on {:?}, not cuda:{}",
+                t.device(),
+                self.ordinal
+            )));
+        }
+        if t.kind() != kind || !t.is_contiguous() {
+            return Err(KernelError(format!(
+                "{what} must be contiguous {kind:?} (is {:?}, contiguous: {})",
+                t.kind(),
+                t.is_contiguous()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Loads NVRTC from the CUDA libraries that came with libtorch (PyTorch's wheels keep them in
+/// `site-packages/nvidia/*/lib`, beside `torch/lib`, where the loader does not look by itself).
+/// Once loaded, cudarc's dlopen by soname finds it. True when it was found.
+fn preload_nvrtc_beside_libtorch() -> bool {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return false;
+    };
+    let Some(torch_lib) = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cuda.so") || p.ends_with("/libtorch_cpu.so"))
+        .and_then(|p| std::path::Path::new(p).parent().map(|d| d.to_path_buf()))
+    else {
+        return false;
+    };
+    let Ok(dirs) = std::fs::read_dir(torch_lib.join("../../nvidia")) else {
+        return false;
+    };
+    for lib in dirs.flatten().map(|d| d.path().join("lib")) {
+        let Ok(files) = std::fs::read_dir(&lib) else {
+            continue;
+        };
+        for f in files.flatten().map(|f| f.path()) {
+            let name = f.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            if name.starts_with("libnvrtc.so.") {
+                // SAFETY: loading NVRTC runs no code of ours; kept loaded for the process.
+                if let Ok(l) = unsafe { libloading::Library::new(&f) } {
+                    std::mem::forget(l);
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// The kernel's result, or None after saying (once per process) why the ATen path takes over.
+pub fn or_aten<T>(r: Result<T, KernelError>) -> Option<T> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            SAID.call_once(|| eprintln!("astra: {e}; using the ATen path"));
+            None
+        }
+    }
+}
+
+/// The device address of a tensor's first element, as a kernel argument.
+pub fn ptr(t: &Tensor) -> u64 {
+    t.data_ptr() as u64
+}
+
+/// A size as a kernel's `int` argument.
+pub fn int(what: &str, n: i64) -> Result<i32, KernelError> {
+    i32::try_from(n).map_err(|_| KernelError(format!("{what} = {n} does not fit a kernel's int")))
+}

@@ -1,0 +1,231 @@
+//! The CUDA kernels (src/cuda) against the ATen path they replace and an fp64 reference, on the
+//! GPU. Where libtorch sees no CUDA device each test says so and returns: CI machines have none;
+//! the GPU machine runs this file's release test binary (scripts/bench/gpu-kernels.sh).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use astra_train::config::{ModelConfig, ViTConfig};
+use astra_train::cuda::{self, Kernels};
+use astra_train::model::{Backbone, Model};
+use astra_train::models::vq::{code_stats_aten, nearest_aten};
+use tch::{Device, Kind, Tensor};
+
+/// Tests that turn the kernels off (to compare) would starve the others: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Gpu {
+    _serial: MutexGuard<'static, ()>,
+    dev: Device,
+    k: Arc<Kernels>,
+}
+
+fn gpu() -> Option<Gpu> {
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: the kernel tests are skipped here");
+        return None;
+    }
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    cuda::set_enabled(true);
+    let dev = Device::Cuda(0);
+    let k = cuda::kernels(dev).expect("the kernels build on a machine with a CUDA device");
+    Some(Gpu {
+        _serial: serial,
+        dev,
+        k,
+    })
+}
+
+/// fp64 squared distance of every row [M, G, W] to codeword `idx` [M, G] of its group.
+fn dist64(x: &Tensor, cb: &Tensor, idx: &Tensor) -> Tensor {
+    let (g, k, w) = (cb.size()[0], cb.size()[1], cb.size()[2]);
+    let offsets = Tensor::arange(g, (Kind::Int64, x.device())) * k;
+    let flat = (idx + offsets.view([1, g])).reshape([-1]);
+    let c = cb.reshape([g * k, w]).index_select(0, &flat).view(x.size().as_slice());
+    (x.to_kind(Kind::Double) - c.to_kind(Kind::Double))
+        .square()
+        .sum_dim_intlist(-1, false, Kind::Double)
+}
+
+/// How the kernel's indices compare with ATen's and with the fp64 optimum; panics where a
+/// disagreement is more than fp32 rounding.
+fn check_nearest(k: &Kernels, x: &Tensor, cb: &Tensor, what: &str) -> f64 {
+    let ours = cuda::nearest::nearest_codeword(k, x, cb).unwrap();
+    let aten = nearest_aten(x, cb);
+    let (d_ours, d_aten) = (dist64(x, cb, &ours), dist64(x, cb, &aten));
+    // fp32 rounding of ‖c‖² − 2·x·c is relative to ‖x‖² + ‖c‖², not to the distance.
+    let scale = x.to_kind(Kind::Double).square().sum_dim_intlist(-1, false, Kind::Double)
+        + cb.to_kind(Kind::Double).square().sum_dim_intlist(-1, false, Kind::Double).max();
+    let gap = (&d_ours - &d_aten).abs() / &scale;
+    let worst = gap.max().double_value(&[]);
+    let agree = ours.eq_tensor(&aten).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    eprintln!("{what}: {:.5}% of indices equal ATen's; worst relative gap {worst:.2e}", agree * 100.0);
+    assert!(worst <= 1e-5, "{what}: a disagreement beyond fp32 rounding ({worst:e})");
+    assert!(agree >= 0.999, "{what}: only {agree} of indices equal ATen's");
+    agree
+}
+
+fn random_case(dev: Device, m: i64, g: i64, k: i64, w: i64) -> (Tensor, Tensor) {
+    let cb = Tensor::randn([g, k, w], (Kind::Float, dev));
+    // Half the rows near a codeword (where real inputs are), half anywhere.
+    let near_idx = Tensor::randint(k, [m / 2, g], (Kind::Int64, dev));
+    let near = cb.transpose(0, 1).gather(
+        1,
+        &near_idx.unsqueeze(-1).expand([m / 2, g, w], false),
+        false,
+    ) + Tensor::randn([m / 2, g, w], (Kind::Float, dev)) * 0.1;
+    let far = Tensor::randn([m - m / 2, g, w], (Kind::Float, dev)) * 1.5;
+    (Tensor::cat(&[near, far], 0).contiguous(), cb)
+}
+
+#[test]
+fn nearest_codeword_equals_aten_up_to_fp32_rounding() {
+    let Some(Gpu { dev, k, .. }) = gpu() else { return };
+    tch::manual_seed(1);
+    // ViT-B at G = 32 and G = 1, ragged sizes (no dimension a multiple of a tile), a single row.
+    for (m, g, n, w) in [(20_000, 32, 1024, 24), (6_000, 1, 1024, 768), (777, 3, 100, 7), (1, 2, 1, 1)] {
+        let (x, cb) = random_case(dev, m, g, n, w);
+        check_nearest(&k, &x, &cb, &format!("random M={m} G={g} K={n} W={w}"));
+    }
+}
+
+#[test]
+fn nearest_codeword_on_real_block_inputs() {
+    let Some(Gpu { dev, k, .. }) = gpu() else { return };
+    tch::manual_seed(2);
+    let vit = ViTConfig {
+        image_size: 64,
+        ..ViTConfig::vit_base_patch16_224(10)
+    };
+    let model = Model::new(ModelConfig::ViT(vit), dev).unwrap();
+    let Backbone::ViT(net) = &model.net else { unreachable!() };
+    let images = Tensor::rand([64, 3, 64, 64], (Kind::Float, dev));
+    let inputs = tch::no_grad(|| net.block_inputs(&images).unwrap());
+    for (l, x) in inputs.iter().enumerate().step_by(5) {
+        let d = x.size()[2];
+        for g in [1, 32] {
+            let rows = x.reshape([-1, g, d / g]).contiguous();
+            // Codewords drawn from the rows themselves, as k-means++ and dead-code restarts do:
+            // some rows sit exactly on a codeword.
+            let pick = Tensor::randperm(rows.size()[0], (Kind::Int64, dev)).narrow(0, 0, 256);
+            let cb = rows.index_select(0, &pick).transpose(0, 1).contiguous();
+            check_nearest(&k, &rows, &cb, &format!("ViT block {l} input, G={g}, K=256"));
+        }
+    }
+}
+
+#[test]
+fn exact_ties_go_to_the_lowest_index_and_nan_rows_to_zero() {
+    let Some(Gpu { dev, k, .. }) = gpu() else { return };
+    tch::manual_seed(3);
+    let cb = Tensor::randn([2, 300, 16], (Kind::Float, dev));
+    // Codeword 250 duplicates codeword 7 in both groups; rows that sit on it must pick 7.
+    let _ = cb.narrow(1, 250, 1).copy_(&cb.narrow(1, 7, 1));
+    let x = cb.narrow(1, 7, 1).transpose(0, 1).repeat([5, 1, 1]).contiguous(); // [5, 2, 16]
+    let ours = cuda::nearest::nearest_codeword(&k, &x, &cb).unwrap();
+    assert_eq!(Vec::<i64>::try_from(ours.reshape([-1])).unwrap(), vec![7; 10]);
+    let _ = x.get(0).fill_(f64::NAN);
+    let ours = cuda::nearest::nearest_codeword(&k, &x, &cb).unwrap();
+    let aten = nearest_aten(&x, &cb);
+    assert_eq!(Vec::<i64>::try_from(ours.get(0)).unwrap(), vec![0, 0]);
+    eprintln!("ATen's argmin on an all-NaN row: {:?}", Vec::<i64>::try_from(aten.get(0)).unwrap());
+}
+
+#[test]
+fn code_stats_equal_the_two_index_adds() {
+    let Some(Gpu { dev, k, .. }) = gpu() else { return };
+    tch::manual_seed(4);
+    let (m, g, n, w) = (30_000, 32, 1024, 24);
+    let x = Tensor::randn([m, g, w], (Kind::Float, dev));
+    let idx = Tensor::randint(n, [m, g], (Kind::Int64, dev));
+    let (counts, sums) = cuda::ema::code_stats(&k, &x, &idx, n).unwrap();
+    let (c_ref, s_ref) = code_stats_aten(&x, &idx, n);
+    assert!(counts.equal(&c_ref), "counts differ");
+    let err = (&sums - &s_ref).abs().max().double_value(&[]);
+    assert!(err < 1e-4, "sums differ by {err}");
+}
+
+#[test]
+fn kernels_reject_wrong_layouts_in_one_line() {
+    let Some(Gpu { dev, k, .. }) = gpu() else { return };
+    let cb = Tensor::randn([2, 8, 4], (Kind::Float, dev));
+    let bad = [
+        (Tensor::randn([5, 2, 4], (Kind::Double, dev)), "Double"),
+        (Tensor::randn([5, 4, 2], (Kind::Float, dev)).transpose(1, 2), "contiguous"),
+        (Tensor::randn([5, 3, 4], (Kind::Float, dev)), "[M, G, W]"),
+        (Tensor::randn([5, 2, 4], (Kind::Float, Device::Cpu)), "Cpu"),
+    ];
+    for (x, needle) in bad {
+        let e = cuda::nearest::nearest_codeword(&k, &x, &cb).unwrap_err().to_string();
+        assert!(e.contains(needle) && !e.contains('\n'), "{e}");
+    }
+}
+
+#[test]
+fn a_training_quantize_step_is_the_same_with_and_without_kernels() {
+    use astra_quant::{BlockQuantizer, GroupedCodebook};
+    use astra_train::models::vq::{GroupedVq, VqConfig};
+    let Some(Gpu { dev, .. }) = gpu() else { return };
+    let (m, g, n, w) = (8_192, 32, 1024, 24);
+    tch::manual_seed(5);
+    let flat = Vec::<f32>::try_from(Tensor::randn([g * n * w], (Kind::Float, Device::Cpu))).unwrap();
+    let q = BlockQuantizer {
+        usage: None,
+        codebook: GroupedCodebook::from_flat(g as usize, n as usize, w as usize, flat).unwrap(),
+        noise: None,
+    };
+    let x = Tensor::randn([16, m / 16, g * w], (Kind::Float, dev));
+    let step = |kernels: bool| {
+        cuda::set_enabled(kernels);
+        let mut vq = GroupedVq::from_quantizer(&q, VqConfig::default(), dev);
+        tch::manual_seed(6);
+        let out = vq.quantize(&x, true);
+        cuda::set_enabled(true);
+        (out.indices, vq.codebook.shallow_clone(), out.commitment)
+    };
+    let (i_k, cb_k, c_k) = step(true);
+    let (i_a, cb_a, c_a) = step(false);
+    let agree = i_k.eq_tensor(&i_a).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    assert!(agree >= 0.999, "indices agree on {agree}");
+    let cb_err = (&cb_k - &cb_a).abs().max().double_value(&[]);
+    assert!(cb_err < 1e-3, "updated codebooks differ by {cb_err}");
+    let c_err = (c_k - c_a).abs().double_value(&[]);
+    assert!(c_err < 1e-4, "commitment losses differ by {c_err}");
+}
+
+#[test]
+fn the_fused_adamw_step_equals_the_aten_one() {
+    use astra_train::train::optim::{AdamW, AdamWConfig};
+    let Some(Gpu { dev, .. }) = gpu() else { return };
+    let cfg = AdamWConfig {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        clip_norm: 1.0,
+        warmup_steps: 2,
+        total_steps: 10,
+        min_lr_ratio: 0.1,
+    };
+    let run = |kernels: bool| {
+        cuda::set_enabled(kernels);
+        tch::manual_seed(7);
+        let vs = tch::nn::VarStore::new(dev);
+        let lin = tch::nn::linear(vs.root() / "lin", 64, 32, Default::default());
+        let emb = vs.root().randn("emb", &[100, 64], 0.0, 1.0);
+        let mut opt = AdamW::new(&vs, cfg.clone());
+        let x = Tensor::randn([16, 64], (Kind::Float, dev));
+        for _ in 0..5 {
+            opt.zero_grad();
+            let y = x.apply(&lin).tanh().sum(Kind::Float) + emb.square().mean(Kind::Float) * 50.0;
+            y.backward();
+            opt.step();
+        }
+        cuda::set_enabled(true);
+        (lin.ws.copy(), emb.copy())
+    };
+    let (w_k, e_k) = run(true);
+    let (w_a, e_a) = run(false);
+    let err = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+    assert!(err(&w_k, &w_a) < 1e-6 && err(&e_k, &e_a) < 1e-6, "{} {}", err(&w_k, &w_a), err(&e_k, &e_a));
+}
