@@ -40,7 +40,10 @@ fn dist64(x: &Tensor, cb: &Tensor, idx: &Tensor) -> Tensor {
     let (g, k, w) = (cb.size()[0], cb.size()[1], cb.size()[2]);
     let offsets = Tensor::arange(g, (Kind::Int64, x.device())) * k;
     let flat = (idx + offsets.view([1, g])).reshape([-1]);
-    let c = cb.reshape([g * k, w]).index_select(0, &flat).view(x.size().as_slice());
+    let c = cb
+        .reshape([g * k, w])
+        .index_select(0, &flat)
+        .view(x.size().as_slice());
     (x.to_kind(Kind::Double) - c.to_kind(Kind::Double))
         .square()
         .sum_dim_intlist(-1, false, Kind::Double)
@@ -53,14 +56,33 @@ fn check_nearest(k: &Kernels, x: &Tensor, cb: &Tensor, what: &str) -> f64 {
     let aten = nearest_aten(x, cb);
     let (d_ours, d_aten) = (dist64(x, cb, &ours), dist64(x, cb, &aten));
     // fp32 rounding of ‖c‖² − 2·x·c is relative to ‖x‖² + ‖c‖², not to the distance.
-    let scale = x.to_kind(Kind::Double).square().sum_dim_intlist(-1, false, Kind::Double)
-        + cb.to_kind(Kind::Double).square().sum_dim_intlist(-1, false, Kind::Double).max();
+    let scale = x
+        .to_kind(Kind::Double)
+        .square()
+        .sum_dim_intlist(-1, false, Kind::Double)
+        + cb.to_kind(Kind::Double)
+            .square()
+            .sum_dim_intlist(-1, false, Kind::Double)
+            .max();
     let gap = (&d_ours - &d_aten).abs() / &scale;
     let worst = gap.max().double_value(&[]);
-    let agree = ours.eq_tensor(&aten).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
-    eprintln!("{what}: {:.5}% of indices equal ATen's; worst relative gap {worst:.2e}", agree * 100.0);
-    assert!(worst <= 1e-5, "{what}: a disagreement beyond fp32 rounding ({worst:e})");
-    assert!(agree >= 0.999, "{what}: only {agree} of indices equal ATen's");
+    let agree = ours
+        .eq_tensor(&aten)
+        .to_kind(Kind::Double)
+        .mean(Kind::Double)
+        .double_value(&[]);
+    eprintln!(
+        "{what}: {:.5}% of indices equal ATen's; worst relative gap {worst:.2e}",
+        agree * 100.0
+    );
+    assert!(
+        worst <= 1e-5,
+        "{what}: a disagreement beyond fp32 rounding ({worst:e})"
+    );
+    assert!(
+        agree >= 0.999,
+        "{what}: only {agree} of indices equal ATen's"
+    );
     agree
 }
 
@@ -79,10 +101,17 @@ fn random_case(dev: Device, m: i64, g: i64, k: i64, w: i64) -> (Tensor, Tensor) 
 
 #[test]
 fn nearest_codeword_equals_aten_up_to_fp32_rounding() {
-    let Some(Gpu { dev, k, .. }) = gpu() else { return };
+    let Some(Gpu { dev, k, .. }) = gpu() else {
+        return;
+    };
     tch::manual_seed(1);
     // ViT-B at G = 32 and G = 1, ragged sizes (no dimension a multiple of a tile), a single row.
-    for (m, g, n, w) in [(20_000, 32, 1024, 24), (6_000, 1, 1024, 768), (777, 3, 100, 7), (1, 2, 1, 1)] {
+    for (m, g, n, w) in [
+        (20_000, 32, 1024, 24),
+        (6_000, 1, 1024, 768),
+        (777, 3, 100, 7),
+        (1, 2, 1, 1),
+    ] {
         let (x, cb) = random_case(dev, m, g, n, w);
         check_nearest(&k, &x, &cb, &format!("random M={m} G={g} K={n} W={w}"));
     }
@@ -90,14 +119,18 @@ fn nearest_codeword_equals_aten_up_to_fp32_rounding() {
 
 #[test]
 fn nearest_codeword_on_real_block_inputs() {
-    let Some(Gpu { dev, k, .. }) = gpu() else { return };
+    let Some(Gpu { dev, k, .. }) = gpu() else {
+        return;
+    };
     tch::manual_seed(2);
     let vit = ViTConfig {
         image_size: 64,
         ..ViTConfig::vit_base_patch16_224(10)
     };
     let model = Model::new(ModelConfig::ViT(vit), dev).unwrap();
-    let Backbone::ViT(net) = &model.net else { unreachable!() };
+    let Backbone::ViT(net) = &model.net else {
+        unreachable!()
+    };
     let images = Tensor::rand([64, 3, 64, 64], (Kind::Float, dev));
     let inputs = tch::no_grad(|| net.block_inputs(&images).unwrap());
     for (l, x) in inputs.iter().enumerate().step_by(5) {
@@ -108,31 +141,50 @@ fn nearest_codeword_on_real_block_inputs() {
             // some rows sit exactly on a codeword.
             let pick = Tensor::randperm(rows.size()[0], (Kind::Int64, dev)).narrow(0, 0, 256);
             let cb = rows.index_select(0, &pick).transpose(0, 1).contiguous();
-            check_nearest(&k, &rows, &cb, &format!("ViT block {l} input, G={g}, K=256"));
+            check_nearest(
+                &k,
+                &rows,
+                &cb,
+                &format!("ViT block {l} input, G={g}, K=256"),
+            );
         }
     }
 }
 
 #[test]
 fn exact_ties_go_to_the_lowest_index_and_nan_rows_to_zero() {
-    let Some(Gpu { dev, k, .. }) = gpu() else { return };
+    let Some(Gpu { dev, k, .. }) = gpu() else {
+        return;
+    };
     tch::manual_seed(3);
     let cb = Tensor::randn([2, 300, 16], (Kind::Float, dev));
     // Codeword 250 duplicates codeword 7 in both groups; rows that sit on it must pick 7.
     let _ = cb.narrow(1, 250, 1).copy_(&cb.narrow(1, 7, 1));
-    let x = cb.narrow(1, 7, 1).transpose(0, 1).repeat([5, 1, 1]).contiguous(); // [5, 2, 16]
+    let x = cb
+        .narrow(1, 7, 1)
+        .transpose(0, 1)
+        .repeat([5, 1, 1])
+        .contiguous(); // [5, 2, 16]
     let ours = cuda::nearest::nearest_codeword(&k, &x, &cb).unwrap();
-    assert_eq!(Vec::<i64>::try_from(ours.reshape([-1])).unwrap(), vec![7; 10]);
+    assert_eq!(
+        Vec::<i64>::try_from(ours.reshape([-1])).unwrap(),
+        vec![7; 10]
+    );
     let _ = x.get(0).fill_(f64::NAN);
     let ours = cuda::nearest::nearest_codeword(&k, &x, &cb).unwrap();
     let aten = nearest_aten(&x, &cb);
     assert_eq!(Vec::<i64>::try_from(ours.get(0)).unwrap(), vec![0, 0]);
-    eprintln!("ATen's argmin on an all-NaN row: {:?}", Vec::<i64>::try_from(aten.get(0)).unwrap());
+    eprintln!(
+        "ATen's argmin on an all-NaN row: {:?}",
+        Vec::<i64>::try_from(aten.get(0)).unwrap()
+    );
 }
 
 #[test]
 fn code_stats_equal_the_two_index_adds() {
-    let Some(Gpu { dev, k, .. }) = gpu() else { return };
+    let Some(Gpu { dev, k, .. }) = gpu() else {
+        return;
+    };
     tch::manual_seed(4);
     let (m, g, n, w) = (30_000, 32, 1024, 24);
     let x = Tensor::randn([m, g, w], (Kind::Float, dev));
@@ -146,16 +198,23 @@ fn code_stats_equal_the_two_index_adds() {
 
 #[test]
 fn kernels_reject_wrong_layouts_in_one_line() {
-    let Some(Gpu { dev, k, .. }) = gpu() else { return };
+    let Some(Gpu { dev, k, .. }) = gpu() else {
+        return;
+    };
     let cb = Tensor::randn([2, 8, 4], (Kind::Float, dev));
     let bad = [
         (Tensor::randn([5, 2, 4], (Kind::Double, dev)), "Double"),
-        (Tensor::randn([5, 4, 2], (Kind::Float, dev)).transpose(1, 2), "contiguous"),
+        (
+            Tensor::randn([5, 4, 2], (Kind::Float, dev)).transpose(1, 2),
+            "contiguous",
+        ),
         (Tensor::randn([5, 3, 4], (Kind::Float, dev)), "[M, G, W]"),
         (Tensor::randn([5, 2, 4], (Kind::Float, Device::Cpu)), "Cpu"),
     ];
     for (x, needle) in bad {
-        let e = cuda::nearest::nearest_codeword(&k, &x, &cb).unwrap_err().to_string();
+        let e = cuda::nearest::nearest_codeword(&k, &x, &cb)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(needle) && !e.contains('\n'), "{e}");
     }
 }
@@ -167,7 +226,8 @@ fn a_training_quantize_step_is_the_same_with_and_without_kernels() {
     let Some(Gpu { dev, .. }) = gpu() else { return };
     let (m, g, n, w) = (8_192, 32, 1024, 24);
     tch::manual_seed(5);
-    let flat = Vec::<f32>::try_from(Tensor::randn([g * n * w], (Kind::Float, Device::Cpu))).unwrap();
+    let flat =
+        Vec::<f32>::try_from(Tensor::randn([g * n * w], (Kind::Float, Device::Cpu))).unwrap();
     let q = BlockQuantizer {
         usage: None,
         codebook: GroupedCodebook::from_flat(g as usize, n as usize, w as usize, flat).unwrap(),
@@ -184,7 +244,11 @@ fn a_training_quantize_step_is_the_same_with_and_without_kernels() {
     };
     let (i_k, cb_k, c_k) = step(true);
     let (i_a, cb_a, c_a) = step(false);
-    let agree = i_k.eq_tensor(&i_a).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    let agree = i_k
+        .eq_tensor(&i_a)
+        .to_kind(Kind::Double)
+        .mean(Kind::Double)
+        .double_value(&[]);
     assert!(agree >= 0.999, "indices agree on {agree}");
     let cb_err = (&cb_k - &cb_a).abs().max().double_value(&[]);
     assert!(cb_err < 1e-3, "updated codebooks differ by {cb_err}");
@@ -227,5 +291,10 @@ fn the_fused_adamw_step_equals_the_aten_one() {
     let (w_k, e_k) = run(true);
     let (w_a, e_a) = run(false);
     let err = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
-    assert!(err(&w_k, &w_a) < 1e-6 && err(&e_k, &e_a) < 1e-6, "{} {}", err(&w_k, &w_a), err(&e_k, &e_a));
+    assert!(
+        err(&w_k, &w_a) < 1e-6 && err(&e_k, &e_a) < 1e-6,
+        "{} {}",
+        err(&w_k, &w_a),
+        err(&e_k, &e_a)
+    );
 }

@@ -1,12 +1,27 @@
 #!/usr/bin/env bash
 # Training throughput on the GPU, ours against PyTorch (HF transformers) in the same call:
 # ViT-B/16 224² batch 128 and GPT-2 small 1024 tokens batch 8, bf16 autocast, AdamW, random data.
+# Ours twice: with the CUDA kernels (the default) and with ASTRA_CUDA_KERNELS=0 (the ATen path);
+# the peer three ways: sdpa with torch.optim.AdamW's foreach update, with its fused update, and
+# under torch.compile.
 #   scripts/bench/gpu-throughput.sh OUT.md      (needs astra-train on PATH and python3 with
 #                                                torch + transformers, e.g. after .gpu/env.sh)
+#   PEERS=0 ...                                 (ours only)
 set -euo pipefail
 out=${1:?usage: gpu-throughput.sh OUT.md}
 here=$(cd "$(dirname "$0")" && pwd)
 steps=${STEPS:-20}
+ours() { # model args...: our rows with the kernels, then without (marked)
+  astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda | tail -n +3
+  ASTRA_CUDA_KERNELS=0 astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda | tail -n +5 |
+    sed 's/^| \([^|]*\) |/| \1 — ATen path (kernels off) |/'
+}
+peers() {
+  [[ ${PEERS:-1} == 0 ]] && return
+  python3 "$here/hf_throughput.py" "$@" --steps "$steps"
+  python3 "$here/hf_throughput.py" "$@" --steps "$steps" --fused
+  python3 "$here/hf_throughput.py" "$@" --steps "$steps" --compile 2>/dev/null
+}
 {
   echo "# Training throughput: ours vs PyTorch (HF transformers), same call, same GPU"
   echo
@@ -17,11 +32,11 @@ steps=${STEPS:-20}
   echo
   echo "## ViT-B/16, 224², batch 128, bf16 autocast"
   echo
-  astra-train bench-step --model vit --batch 128 --bf16 --steps "$steps" --device cuda | tail -n +3
-  python3 "$here/hf_throughput.py" --model vit --batch 128 --steps "$steps"
+  ours --model vit --batch 128
+  peers --model vit --batch 128
   echo
   echo "## GPT-2 small, 1024 tokens, batch 8, bf16 autocast"
   echo
-  astra-train bench-step --model gpt2 --seq 1024 --batch 8 --bf16 --steps "$steps" --device cuda | tail -n +3
-  python3 "$here/hf_throughput.py" --model gpt2 --batch 8 --seq 1024 --steps "$steps"
+  ours --model gpt2 --seq 1024 --batch 8
+  peers --model gpt2 --batch 8 --seq 1024
 } | tee "$out"

@@ -69,7 +69,10 @@ pub fn adamw_step(
     }
     k.check("clip scale", scale, Kind::Float)?;
     if scale.numel() != 1 {
-        return Err(KernelError(format!("clip scale has {} elements, not 1", scale.numel())));
+        return Err(KernelError(format!(
+            "clip scale has {} elements, not 1",
+            scale.numel()
+        )));
     }
     let n = params.numel() as i64;
     if n == 0 {

@@ -148,7 +148,10 @@ impl Kernels {
 
     fn compile(&self, src: &Source) -> Result<Arc<CudaModule>, KernelError> {
         let opts = cudarc::nvrtc::CompileOptions {
-            options: vec![format!("--gpu-architecture={}", self.arch), "-std=c++17".into()],
+            options: vec![
+                format!("--gpu-architecture={}", self.arch),
+                "-std=c++17".into(),
+            ],
             name: Some(format!("{}.cu", src.name)),
             ..Default::default()
         };
@@ -219,7 +222,11 @@ fn preload_nvrtc_beside_libtorch() -> bool {
             continue;
         };
         for f in files.flatten().map(|f| f.path()) {
-            let name = f.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let name = f
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             if name.starts_with("libnvrtc.so.") {
                 // SAFETY: loading NVRTC runs no code of ours; kept loaded for the process.
                 if let Ok(l) = unsafe { libloading::Library::new(&f) } {

@@ -125,7 +125,11 @@ pub fn nearest_codeword(k: &Kernels, x: &Tensor, codebook: &Tensor) -> Result<Te
     let (m32, g32, k32, w32) = (int("M", m)?, int("G", g)?, int("K", n)?, int("W", w)?);
     let (px, pc, po) = (ptr(x), ptr(codebook), ptr(&out));
     let cfg = cudarc::driver::LaunchConfig {
-        grid_dim: (((m + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK) as u32, g32 as u32, 1),
+        grid_dim: (
+            ((m + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK) as u32,
+            g32 as u32,
+            1,
+        ),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };

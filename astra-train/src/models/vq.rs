@@ -129,7 +129,8 @@ impl GroupedVq {
     fn nearest(&self, rows: &Tensor) -> Tensor {
         let cb = self.codebook.to_kind(Kind::Float);
         if let Some(k) = crate::cuda::kernels(rows.device()) {
-            let idx = crate::cuda::nearest::nearest_codeword(&k, &rows.contiguous(), &cb.contiguous());
+            let idx =
+                crate::cuda::nearest::nearest_codeword(&k, &rows.contiguous(), &cb.contiguous());
             if let Some(idx) = crate::cuda::or_aten(idx) {
                 return idx;
             }
@@ -440,7 +441,6 @@ pub fn check_codebooks(file: &astra_quant::CodebookFile, layers: i64, hidden: i6
     Ok(())
 }
 
-
 /// The ATen nearest-codeword search: rows [M, G, w] and codebook [G, K, w] (fp32) → [M, G].
 pub fn nearest_aten(rows: &Tensor, codebook: &Tensor) -> Tensor {
     let (g, k) = (codebook.size()[0], codebook.size()[1]);
@@ -459,7 +459,8 @@ pub fn nearest_aten(rows: &Tensor, codebook: &Tensor) -> Tensor {
 /// fused scatter on CUDA, two index_adds elsewhere.
 fn code_stats(rows: &Tensor, indices: &Tensor, k: i64) -> (Tensor, Tensor) {
     if let Some(kern) = crate::cuda::kernels(rows.device()) {
-        let stats = crate::cuda::ema::code_stats(&kern, &rows.contiguous(), &indices.contiguous(), k);
+        let stats =
+            crate::cuda::ema::code_stats(&kern, &rows.contiguous(), &indices.contiguous(), k);
         if let Some(stats) = crate::cuda::or_aten(stats) {
             return stats;
         }
@@ -475,7 +476,11 @@ pub fn code_stats_aten(rows: &Tensor, indices: &Tensor, k: i64) -> (Tensor, Tens
     let offsets = Tensor::arange(g, (Kind::Int64, dev)) * k;
     let slot = (indices + offsets.view([1, g])).reshape([-1]); // [M·G] in 0..G·K
     let counts = Tensor::zeros([g * k], (Kind::Float, dev))
-        .index_add(0, &slot, &Tensor::ones([slot.size()[0]], (Kind::Float, dev)))
+        .index_add(
+            0,
+            &slot,
+            &Tensor::ones([slot.size()[0]], (Kind::Float, dev)),
+        )
         .view([g, k]);
     let sums = Tensor::zeros([g * k, w], (Kind::Float, dev))
         .index_add(0, &slot, &rows.reshape([-1, w]))
