@@ -102,7 +102,7 @@ fn codebooks(a: &PredictArgs) -> Result<Option<PathBuf>> {
 }
 
 /// The model's input from a .npy file (the workspace's checked codec): float32 images [B, C, H, W]
-/// for a ViT, integer token ids [B, T] for a GPT-2 (the model checks their range); NaN/Inf pixels
+/// for a ViT, integer token ids [B, T] for a language model (the model checks their range); NaN/Inf pixels
 /// are refused, since they would pass through to NaN outputs.
 pub fn read_input(path: &Path, config: &ModelConfig) -> Result<Tensor> {
     let array = npy::read_array(path)?;
@@ -132,7 +132,7 @@ pub fn read_input(path: &Path, config: &ModelConfig) -> Result<Tensor> {
             "{}: images must be float32 [B, C, H, W], found an integer array",
             path.display()
         ),
-        (ModelConfig::GPT2(_), NpyArray::I64(a)) => {
+        (ModelConfig::GPT2(_) | ModelConfig::Llama(_), NpyArray::I64(a)) => {
             if shape.len() != 2 || shape[1] == 0 {
                 fail!(
                     "{}: shape {shape:?}, expected [B, T] with T ≥ 1",
@@ -142,7 +142,7 @@ pub fn read_input(path: &Path, config: &ModelConfig) -> Result<Tensor> {
             let data: Vec<i64> = a.iter().copied().collect();
             Ok(Tensor::from_slice(&data).reshape(&shape))
         }
-        (ModelConfig::GPT2(_), NpyArray::F32(_)) => fail!(
+        (ModelConfig::GPT2(_) | ModelConfig::Llama(_), NpyArray::F32(_)) => fail!(
             "{}: token ids must be int64 [B, T], found a float array",
             path.display()
         ),

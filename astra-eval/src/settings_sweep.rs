@@ -352,7 +352,7 @@ fn codebooks(
         )
     })?;
     let file = astra_quant::CodebookFile::load(&path)?;
-    astra_train::models::vq::check_codebooks(&file, model.layers(), model.hidden())?;
+    astra_train::models::vq::check_codebooks(&file, model.quantizers(), model.quantized_width())?;
     if let Some(g) = args.opts.groups {
         let have = file.blocks[0].codebook.groups();
         if have != g {

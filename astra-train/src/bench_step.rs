@@ -101,13 +101,13 @@ pub fn run(b: &StepBench) -> Result<StepResult> {
     };
     let mut times = Vec::with_capacity(b.steps);
     for step in 0..b.warmup + b.steps {
-        let (images, labels) = match &config {
-            ModelConfig::GPT2(g) => {
+        let (images, labels) = match config.language_model() {
+            Some((vocab, _)) => {
                 let t = tokens as i64;
-                let ids = Tensor::randint(g.vocab_size, [b.batch, t + 1], (Kind::Int64, b.device));
+                let ids = Tensor::randint(vocab, [b.batch, t + 1], (Kind::Int64, b.device));
                 (ids.narrow(1, 0, t), ids.narrow(1, 1, t))
             }
-            ModelConfig::ViT(_) => (
+            None => (
                 Tensor::randn([b.batch, 3, b.image, b.image], (Kind::Float, b.device)),
                 Tensor::randint(b.classes, [b.batch], (Kind::Int64, b.device)),
             ),

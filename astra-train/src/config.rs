@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 
+mod llama;
+pub use llama::{LlamaConfig, LlamaFamily, RopeScaling};
+
 fn d_image() -> i64 {
     224
 }
@@ -201,13 +204,25 @@ fn positive(field: &'static str, v: i64) -> Result<()> {
 }
 
 /// Which model a config.json describes, by its HF `model_type`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "model_type")]
+#[derive(Clone, Debug, PartialEq)]
 pub enum ModelConfig {
-    #[serde(rename = "vit")]
     ViT(ViTConfig),
-    #[serde(rename = "gpt2")]
     GPT2(GPT2Config),
+    /// llama, mistral and qwen2: one model with flags.
+    Llama(LlamaConfig),
+}
+
+impl Serialize for ModelConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.to_value().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        Self::parse(v).map_err(serde::de::Error::custom)
+    }
 }
 
 impl ModelConfig {
@@ -225,13 +240,50 @@ impl ModelConfig {
     /// From a parsed config.json object, validated (the error says what is wrong, without the
     /// file).
     pub fn from_value(v: serde_json::Value) -> std::result::Result<Self, String> {
-        let cfg: ModelConfig = serde_json::from_value(v).map_err(|e| format!("config: {e}"))?;
+        let cfg = Self::parse(v)?;
         match &cfg {
             ModelConfig::ViT(c) => c.validate(),
             ModelConfig::GPT2(c) => c.validate(),
+            ModelConfig::Llama(c) => c.validate(),
         }
         .map_err(|e| e.to_string())?;
         Ok(cfg)
+    }
+
+    /// By `model_type`, not yet validated (Llama configs validate as they parse).
+    fn parse(v: serde_json::Value) -> std::result::Result<Self, String> {
+        let kind = v["model_type"].as_str().unwrap_or_default().to_string();
+        let err = |e: serde_json::Error| format!("config: {e}");
+        Ok(match kind.as_str() {
+            "vit" => ModelConfig::ViT(serde_json::from_value(v).map_err(err)?),
+            "gpt2" => ModelConfig::GPT2(serde_json::from_value(v).map_err(err)?),
+            t => match LlamaFamily::from_model_type(t) {
+                Some(f) => ModelConfig::Llama(LlamaConfig::from_value(f, v)?),
+                None => {
+                    return Err(format!(
+                        "config field model_type: '{t}' is not vit, gpt2, llama, mistral or qwen2"
+                    ))
+                }
+            },
+        })
+    }
+
+    /// The HF class that loads this model's exported folder.
+    pub fn architecture(&self) -> &'static str {
+        match self {
+            ModelConfig::ViT(_) => "ViTForImageClassification",
+            ModelConfig::GPT2(_) => "GPT2LMHeadModel",
+            ModelConfig::Llama(c) => c.family.architecture(),
+        }
+    }
+
+    /// Vocabulary and positions of a language model (None for an image classifier).
+    pub fn language_model(&self) -> Option<(i64, i64)> {
+        match self {
+            ModelConfig::ViT(_) => None,
+            ModelConfig::GPT2(g) => Some((g.vocab_size, g.n_positions)),
+            ModelConfig::Llama(c) => Some((c.vocab_size, c.max_position_embeddings)),
+        }
     }
 
     /// HF-style config.json text (with `model_type`).
@@ -240,7 +292,15 @@ impl ModelConfig {
     }
 
     pub fn to_value(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("serialisable")
+        let tagged = |mut v: serde_json::Value, t: &str| {
+            v["model_type"] = serde_json::json!(t);
+            v
+        };
+        match self {
+            ModelConfig::ViT(c) => tagged(serde_json::to_value(c).expect("serialisable"), "vit"),
+            ModelConfig::GPT2(c) => tagged(serde_json::to_value(c).expect("serialisable"), "gpt2"),
+            ModelConfig::Llama(c) => c.to_value(),
+        }
     }
 
     pub fn load(path: &Path) -> Result<Self> {

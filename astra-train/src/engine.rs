@@ -24,13 +24,36 @@ pub enum Remote<'a> {
     KeysValues(&'a Tensor),
 }
 
+/// Where a device's tokens sit in the sequence: its own content tokens, and the remote tokens of
+/// a block step in the order their keys are appended. Models with rotary positions (Llama)
+/// rotate queries and keys with them; models with absolute position embeddings ignore them.
+#[derive(Clone, Copy)]
+pub struct Positions<'a> {
+    pub local: &'a Tensor,
+    pub remote: &'a Tensor,
+}
+
 /// What a backbone provides for ASTRA. A new model implements this in its own file and registers
 /// in [`crate::model::Model::new`]; the engine, the runtime and the evaluation need nothing else.
 pub trait AstraModel {
     /// Transformer blocks.
     fn blocks(&self) -> usize;
-    /// Width of the residual stream (what the block-input codebooks quantize).
+    /// Width of the residual stream.
     fn hidden(&self) -> i64;
+    /// Quantizers per block: 1 (the block input X, ViT and GPT-2) or 2 (keys then values,
+    /// Llama). Quantizer `l · per + i` is block l's i-th.
+    fn quantizers_per_block(&self) -> usize {
+        1
+    }
+    /// Width of what each quantizer sees.
+    fn quantized_width(&self) -> i64 {
+        self.hidden()
+    }
+    /// What block `l` quantizes of a device's content states [B, n, D], one tensor per quantizer
+    /// of the block (default: the states themselves).
+    fn sent_states(&self, _l: usize, content: &Tensor) -> Vec<Tensor> {
+        vec![content.shallow_clone()]
+    }
     /// Causal attention (decoders): a query sees keys at or before its position.
     fn is_causal(&self) -> bool;
     /// CLS copies placed on devices 0.. for `cls` over `devices` (0 for models without a CLS).
@@ -41,12 +64,22 @@ pub trait AstraModel {
     /// `input` embedded, after its CLS copy when `with_cls`. Only the device's own share is
     /// embedded.
     fn embed_share(&self, input: &Tensor, mine: &Tensor, with_cls: bool) -> Result<Tensor>;
-    /// Block `l` on states `x` [B, S, D] with `remote` as extra keys/values; `mask` [S, S + T_r]
-    /// (true: may attend) where the model is causal and remote tokens are present.
-    fn block_step(&self, l: usize, x: &Tensor, remote: Remote<'_>, mask: Option<&Tensor>)
-        -> Tensor;
-    /// Keys and values of block `l` for every codeword of `codebook` [G, K, D/G] (fast lookup).
-    fn codeword_kv(&self, l: usize, codebook: &Tensor) -> CodewordKv;
+    /// Block `l` on states `x` [B, S, D] (content tokens at `at.local`) with `remote` as extra
+    /// keys/values (tokens at `at.remote`); `mask` [S, S + T_r] (true: may attend) where the
+    /// model is causal and remote tokens are present. Remote keys/values from codewords are
+    /// what the model's quantizers hold: projected keys/values (ViT, GPT-2 tables) or, for
+    /// models quantizing keys and values, keys before their rotation.
+    fn block_step(
+        &self,
+        l: usize,
+        x: &Tensor,
+        at: Positions<'_>,
+        remote: Remote<'_>,
+        mask: Option<&Tensor>,
+    ) -> Tensor;
+    /// Keys and values of block `l` for every codeword of `codebook` [G, K, D/G] (fast lookup);
+    /// None where the codewords are keys and values already (Llama).
+    fn codeword_kv(&self, l: usize, codebook: &Tensor) -> Option<CodewordKv>;
     /// Logits from final states: the CLS copies [B, C, D] (pooled, DCT) for a classifier, every
     /// token's states [B, T, D] for a language model.
     fn head(&self, states: &Tensor) -> Tensor;
@@ -83,9 +116,12 @@ pub struct DeviceShare<'m> {
     /// 1 when this device holds a CLS copy in front of its tokens, else 0.
     pub has_cls: i64,
     mine: Tensor,
-    /// Quantizers, one per block (empty: embeddings travel unquantized).
+    /// Positions of the remote tokens, sources in rank order (the order of their keys).
+    remote_positions: Tensor,
+    /// Quantizers, `quantizers_per_block` per block (empty: embeddings travel unquantized).
     pub vq: &'m [GroupedVq],
-    remote_kv: RemoteKv,
+    /// Per-codeword key/value tables (RemoteKv::Tables for models whose codewords need a
+    /// projection); empty: remote codewords are decoded.
     tables: Vec<CodewordKv>,
     /// Ranks whose tokens this device attends to (receives from), and ranks that attend to its
     /// tokens (sends to), ascending.
@@ -112,11 +148,12 @@ impl<'m> DeviceShare<'m> {
         remote_kv: RemoteKv,
         device: Device,
     ) -> Result<Self> {
-        if !vq.is_empty() && vq.len() != model.blocks() {
+        let want = model.blocks() * model.quantizers_per_block();
+        if !vq.is_empty() && vq.len() != want {
             return Err(TrainError::invalid(
                 "codebooks",
                 format!(
-                    "{} block quantizers for a model of {} blocks",
+                    "{} quantizers for a model of {} blocks (it needs {want})",
                     vq.len(),
                     model.blocks()
                 ),
@@ -126,25 +163,28 @@ impl<'m> DeviceShare<'m> {
         let n = partition.devices();
         let mine = positions(&partition, rank, device);
         let (sources, sinks) = peers(&partition, rank, model.is_causal());
+        let remote: Vec<Tensor> = sources
+            .iter()
+            .map(|&s| positions(&partition, s as usize, device))
+            .collect();
+        let remote_positions = if remote.is_empty() {
+            Tensor::zeros([0], (Kind::Int64, device))
+        } else {
+            Tensor::cat(&remote, 0)
+        };
         let mask = model.is_causal().then(|| {
-            let keys: Vec<Tensor> = std::iter::once(mine.shallow_clone())
-                .chain(
-                    sources
-                        .iter()
-                        .map(|&s| positions(&partition, s as usize, device)),
-                )
-                .collect();
-            Tensor::cat(&keys, 0)
+            Tensor::cat(&[&mine, &remote_positions], 0)
                 .view([1, -1])
                 .le_tensor(&mine.view([-1, 1]))
         });
+        // Tables only where codewords need a projection to become keys/values.
         let tables = match remote_kv {
-            RemoteKv::Tables => vq
+            RemoteKv::Tables if model.quantizers_per_block() == 1 => vq
                 .iter()
                 .enumerate()
-                .map(|(l, q)| model.codeword_kv(l, &q.codebook))
+                .filter_map(|(l, q)| model.codeword_kv(l, &q.codebook))
                 .collect(),
-            RemoteKv::Decode => Vec::new(),
+            _ => Vec::new(),
         };
         Ok(DeviceShare {
             model,
@@ -152,8 +192,8 @@ impl<'m> DeviceShare<'m> {
             has_cls: i64::from(rank < model.cls_copies(cls, n)),
             partition,
             mine,
+            remote_positions,
             vq,
-            remote_kv,
             tables,
             sources,
             sinks,
@@ -175,13 +215,27 @@ impl<'m> DeviceShare<'m> {
         self.model.embed_share(input, &self.mine, self.has_cls == 1)
     }
 
-    /// What this device sends in block `l`.
+    /// Block `l`'s quantizers (empty without codebooks).
+    pub fn block_quantizers(&self, l: usize) -> &[GroupedVq] {
+        let per = self.model.quantizers_per_block();
+        self.vq.get(l * per..(l + 1) * per).unwrap_or(&[])
+    }
+
+    /// What this device sends in block `l`: per quantizer of the block its indices, side by
+    /// side [B, n, ΣG]; without codebooks the content states.
     pub fn outgoing(&self, l: usize, local: &Tensor) -> Payload {
         let content = local.narrow(1, self.has_cls, self.own_tokens());
-        match self.vq.get(l) {
-            Some(q) => Payload::Indices(q.encode(&content)),
-            None => Payload::Embeddings(content),
+        let q = self.block_quantizers(l);
+        if q.is_empty() {
+            return Payload::Embeddings(content);
         }
+        let states = self.model.sent_states(l, &content);
+        let idx: Vec<Tensor> = q.iter().zip(&states).map(|(q, s)| q.encode(s)).collect();
+        Payload::Indices(if idx.len() == 1 {
+            idx[0].shallow_clone()
+        } else {
+            Tensor::cat(&idx, -1)
+        })
     }
 
     /// Block `l` on this device, given its sources' payloads in rank order.
@@ -197,17 +251,26 @@ impl<'m> DeviceShare<'m> {
         let (tokens, kv) = match remote {
             None => (None, None),
             Some(r) if !indices => (Some(r.to_kind(local.kind())), None),
-            Some(r) => match self.remote_kv {
-                RemoteKv::Decode => (Some(self.vq[l].decode(&r).to_kind(local.kind())), None),
-                RemoteKv::Tables => (None, Some(self.tables[l].kv(&r))),
-            },
+            Some(r) => {
+                let q = self.block_quantizers(l);
+                match (q.len(), self.tables.get(l)) {
+                    (1, Some(t)) => (None, Some(t.kv(&r))),
+                    (1, None) => (Some(q[0].decode(&r).to_kind(local.kind())), None),
+                    // Codewords that are keys and values: looked up directly.
+                    _ => (None, Some(decode_side_by_side(q, &r).to_kind(local.kind()))),
+                }
+            }
         };
         let (remote, mask) = match (&tokens, &kv) {
             (Some(t), _) => (Remote::Tokens(t), self.mask.as_ref()),
             (_, Some(kv)) => (Remote::KeysValues(kv), self.mask.as_ref()),
             _ => (Remote::Nothing, None),
         };
-        self.model.block_step(l, local, remote, mask)
+        let at = Positions {
+            local: &self.mine,
+            remote: &self.remote_positions,
+        };
+        self.model.block_step(l, local, at, remote, mask)
     }
 
     /// What this device contributes to the output: its CLS state [B, 1, D] (classifiers; nothing
@@ -226,6 +289,20 @@ impl<'m> DeviceShare<'m> {
             self.model.head(&local.narrow(1, n - 1, 1)).squeeze_dim(1)
         })
     }
+}
+
+/// Indices of several quantizers side by side [.., ΣG] decoded and put side by side [.., Σ width].
+fn decode_side_by_side(q: &[GroupedVq], idx: &Tensor) -> Tensor {
+    let mut from = 0;
+    let parts: Vec<Tensor> = q
+        .iter()
+        .map(|q| {
+            let part = q.decode(&idx.narrow(-1, from, q.groups()));
+            from += q.groups();
+            part
+        })
+        .collect();
+    Tensor::cat(&parts, -1)
 }
 
 /// Sources and sinks of device `d`: every other device for bidirectional attention; for causal

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 
 use tch::Device;
 
-use crate::config::ModelConfig;
 use crate::error::{Result, TrainError};
 use crate::model::{resolve, Model};
 
@@ -31,7 +30,7 @@ pub fn export(spec: &str, out: &Path) -> Result<Exported> {
     let has_codebooks = codebooks.exists();
     if has_codebooks {
         let file = astra_quant::CodebookFile::load(&codebooks)?;
-        crate::models::vq::check_codebooks(&file, model.layers(), model.hidden())?;
+        crate::models::vq::check_codebooks(&file, model.quantizers(), model.quantized_width())?;
     }
     let name = out.file_name().ok_or_else(|| {
         TrainError::invalid("out", format!("{} has no folder name", out.display()))
@@ -44,10 +43,7 @@ pub fn export(spec: &str, out: &Path) -> Result<Exported> {
     let io = |p: &Path| TrainError::io(p);
     let result = (|| -> Result<&'static str> {
         model.save(&tmp)?;
-        let architecture = match &model.config {
-            ModelConfig::ViT(_) => "ViTForImageClassification",
-            ModelConfig::GPT2(_) => "GPT2LMHeadModel",
-        };
+        let architecture = model.config.architecture();
         let mut cfg = model.config.to_value();
         cfg["architectures"] = serde_json::json!([architecture]);
         cfg["torch_dtype"] = serde_json::json!("float32");

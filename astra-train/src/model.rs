@@ -9,6 +9,7 @@ use crate::config::ModelConfig;
 use crate::engine::{AstraModel, RemoteKv};
 use crate::error::{Result, TrainError};
 use crate::models::gpt2::Gpt2;
+use crate::models::llama::Llama;
 use crate::models::vit::ViT;
 use crate::models::{Astra, AstraOutput, GroupedVq, VqConfig};
 use crate::weights::{load_safetensors, LoadReport};
@@ -18,6 +19,7 @@ use crate::weights::{load_safetensors, LoadReport};
 pub enum Backbone {
     ViT(ViT),
     Gpt2(Gpt2),
+    Llama(Llama),
 }
 
 pub struct Model {
@@ -33,6 +35,7 @@ impl Model {
         let net = match &config {
             ModelConfig::ViT(c) => Backbone::ViT(ViT::new(&vs.root(), c)?),
             ModelConfig::GPT2(c) => Backbone::Gpt2(Gpt2::new(&vs.root(), c)?),
+            ModelConfig::Llama(c) => Backbone::Llama(Llama::new(&vs.root(), c)?),
         };
         Ok(Model { vs, net, config })
     }
@@ -68,7 +71,7 @@ impl Model {
         may_be_fresh: &[&str],
     ) -> Result<(Self, LoadReport)> {
         let model = Self::new(config, device)?;
-        let weights = ["model.safetensors", "best.safetensors"]
+        let weights = WEIGHT_FILES
             .iter()
             .map(|f| dir.join(f))
             .find(|p| p.exists())
@@ -95,6 +98,18 @@ impl Model {
         self.astra_model().hidden()
     }
 
+    /// Quantizers of the model (a codebook file holds one block of codewords per quantizer):
+    /// blocks × quantizers per block.
+    pub fn quantizers(&self) -> i64 {
+        let m = self.astra_model();
+        (m.blocks() * m.quantizers_per_block()) as i64
+    }
+
+    /// Width of what each quantizer sees (the residual stream, or Llama's keys/values).
+    pub fn quantized_width(&self) -> i64 {
+        self.astra_model().quantized_width()
+    }
+
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
         self.astra_model().forward(input)
     }
@@ -112,12 +127,11 @@ impl Model {
         device: Device,
     ) -> Result<Vec<GroupedVq>> {
         let file = astra_quant::CodebookFile::load(path)?;
-        crate::models::vq::check_codebooks(&file, self.layers(), self.hidden()).map_err(|e| {
-            TrainError::File {
+        crate::models::vq::check_codebooks(&file, self.quantizers(), self.quantized_width())
+            .map_err(|e| TrainError::File {
                 path: path.into(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         Ok(crate::models::vq::quantizers_of(&file, cfg, device))
     }
 
@@ -126,6 +140,7 @@ impl Model {
         match &self.net {
             Backbone::ViT(m) => m,
             Backbone::Gpt2(m) => m,
+            Backbone::Llama(m) => m,
         }
     }
 
@@ -176,6 +191,14 @@ impl Model {
     }
 }
 
+/// The weights of a model folder, in order of preference: one file, HF's sharded index, a run's
+/// best checkpoint.
+const WEIGHT_FILES: [&str; 3] = [
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "best.safetensors",
+];
+
 /// A folder path as is; otherwise a hub id looked up in the HF cache, then downloaded.
 pub fn resolve(spec: &str) -> Result<PathBuf> {
     let p = Path::new(spec);
@@ -190,10 +213,12 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
                 reason: "missing (a model folder holds config.json and model.safetensors)".into(),
             });
         }
-        if !p.join("model.safetensors").exists() && !p.join("best.safetensors").exists() {
+        if !WEIGHT_FILES.iter().any(|f| p.join(f).exists()) {
             return Err(TrainError::File {
                 path: p.join("model.safetensors"),
-                reason: "missing (nor is there a run's best.safetensors)".into(),
+                reason: "missing (nor is there a sharded model.safetensors.index.json or a \
+                         run's best.safetensors)"
+                    .into(),
             });
         }
         return Ok(p.to_path_buf());
@@ -215,8 +240,11 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
     }
     let cache = hf_hub::Cache::from_env();
     let repo = cache.model(spec.to_string());
-    if let (Some(cfg), Some(_)) = (repo.get("config.json"), repo.get("model.safetensors")) {
-        return Ok(cfg.parent().expect("snapshot folder").to_path_buf());
+    if let Some(cfg) = repo.get("config.json") {
+        let dir = cfg.parent().expect("snapshot folder").to_path_buf();
+        if repo.get("model.safetensors").is_some() || cached_shards(&dir) {
+            return Ok(dir);
+        }
     }
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .build()
@@ -234,6 +262,38 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
         })
     };
     let cfg = fetch("config.json")?;
-    fetch("model.safetensors")?;
+    if fetch("model.safetensors").is_err() {
+        // Large checkpoints are sharded: the index, then every shard it names.
+        let index = fetch("model.safetensors.index.json")?;
+        for shard in shard_names(&index) {
+            fetch(&shard)?;
+        }
+    }
     Ok(cfg.parent().expect("snapshot folder").to_path_buf())
+}
+
+/// Shard files named by a sharded checkpoint's index (empty when it cannot be read).
+fn shard_names(index: &Path) -> Vec<String> {
+    let v: serde_json::Value = std::fs::read_to_string(index)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let mut names: Vec<String> = v["weight_map"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Whether a cached snapshot holds a sharded checkpoint complete: its index and every shard.
+fn cached_shards(dir: &Path) -> bool {
+    let index = dir.join("model.safetensors.index.json");
+    let names = shard_names(&index);
+    !names.is_empty() && names.iter().all(|n| dir.join(n).exists())
 }

@@ -26,11 +26,7 @@ pub fn load_safetensors(
     path: &Path,
     may_be_fresh: &[&str],
 ) -> Result<LoadReport> {
-    let file = Tensor::read_safetensors(path).map_err(|e| TrainError::File {
-        path: path.into(),
-        reason: format!("cannot read safetensors: {e}"),
-    })?;
-    let mut by_name: HashMap<String, Tensor> = file.into_iter().collect();
+    let mut by_name = read_tensors(path)?;
     let mut report = LoadReport::default();
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -93,6 +89,47 @@ pub fn load_safetensors(
     report.unused = by_name.into_keys().collect();
     report.unused.sort();
     Ok(report)
+}
+
+/// The tensors of a safetensors file, or of every shard a `*.safetensors.index.json` names (HF's
+/// sharded checkpoints: `weight_map` from tensor name to shard file, beside the index).
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let read = |p: &Path| {
+        Tensor::read_safetensors(p).map_err(|e| TrainError::File {
+            path: p.into(),
+            reason: format!("cannot read safetensors: {e}"),
+        })
+    };
+    if !path.to_string_lossy().ends_with(".index.json") {
+        return Ok(read(path)?.into_iter().collect());
+    }
+    let bad = |reason: String| TrainError::File {
+        path: path.into(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+    let index: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map = index["weight_map"]
+        .as_object()
+        .ok_or_else(|| bad("no weight_map object".into()))?;
+    let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    if shards.len() != map.len() {
+        return Err(bad("weight_map values must be shard file names".into()));
+    }
+    shards.sort();
+    shards.dedup();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut all = HashMap::new();
+    for shard in shards {
+        if shard.contains('/') || shard.contains("..") {
+            return Err(bad(format!(
+                "shard '{shard}' is not a file beside the index"
+            )));
+        }
+        all.extend(read(&dir.join(shard))?);
+    }
+    Ok(all)
 }
 
 /// ViT position embeddings [1, 1 + g², D] → [1, 1 + h², D]: the CLS position kept, the g × g grid

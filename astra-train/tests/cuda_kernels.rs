@@ -160,7 +160,7 @@ fn exact_ties_go_to_the_lowest_index_and_nan_rows_to_zero() {
     tch::manual_seed(3);
     let cb = Tensor::randn([2, 300, 16], (Kind::Float, dev));
     // Codeword 250 duplicates codeword 7 in both groups; rows that sit on it must pick 7.
-    let _ = cb.narrow(1, 250, 1).copy_(&cb.narrow(1, 7, 1));
+    cb.narrow(1, 250, 1).copy_(&cb.narrow(1, 7, 1));
     let x = cb
         .narrow(1, 7, 1)
         .transpose(0, 1)

@@ -270,7 +270,7 @@ fn resume_is_exact_and_astra_pipeline_runs() {
     assert!(exported.blocks.iter().all(|b| b.noise.is_some()));
     let (m, _) = astra_train::model::Model::load(c.to_str().unwrap(), Device::Cpu).unwrap();
     let file = astra_quant::CodebookFile::load(&c.join("model/codebooks.safetensors")).unwrap();
-    astra_train::models::vq::check_codebooks(&file, m.layers(), m.hidden()).unwrap();
+    astra_train::models::vq::check_codebooks(&file, m.quantizers(), m.quantized_width()).unwrap();
 }
 
 /// Text repeating a few sentences: a tiny GPT-2 learns it quickly.
@@ -397,7 +397,7 @@ fn language_model_trains_resumes_and_runs_astra() {
     let exported = astra_quant::CodebookFile::load(&c.join("model/codebooks.safetensors")).unwrap();
     assert!(exported.blocks.iter().all(|b| b.noise.is_some()));
 
-    // An image model cannot train on text, nor a GPT-2 on images.
+    // An image model cannot train on text, nor a language model on images.
     let mut bad = cfg.clone();
     bad.model = config(&corpus, 1).model;
     let d = tmp.path().join("d");
@@ -410,7 +410,7 @@ fn language_model_trains_resumes_and_runs_astra() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("not a GPT-2"), "{e}");
+    assert!(e.contains("not a language model"), "{e}");
 }
 
 fn astra_train() -> std::process::Command {

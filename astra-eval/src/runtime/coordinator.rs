@@ -329,7 +329,11 @@ pub fn distributed(a: &DistributedRun<'_>) -> Result<String> {
         None
     } else {
         let file = astra_quant::CodebookFile::load(&a.codebooks)?;
-        astra_train::models::vq::check_codebooks(&file, model.layers(), model.hidden())?;
+        astra_train::models::vq::check_codebooks(
+            &file,
+            model.quantizers(),
+            model.quantized_width(),
+        )?;
         Some(file.blocks[0].codebook.groups() as i64)
     };
     let threads = astra_quant::threads::checked(

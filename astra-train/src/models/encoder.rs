@@ -10,7 +10,7 @@ use super::mpa::mixed_precision_mask;
 use super::vit::VitBlock;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::ViTConfig;
-use crate::engine::{AstraModel, Remote};
+use crate::engine::{AstraModel, Positions, Remote};
 use crate::error::{Result, TrainError};
 
 pub struct Encoder {
@@ -69,13 +69,14 @@ impl AstraModel for Encoder {
         &self,
         l: usize,
         x: &Tensor,
+        _at: Positions<'_>,
         remote: Remote<'_>,
         _mask: Option<&Tensor>,
     ) -> Tensor {
         self.blocks[l].step(x, remote)
     }
-    fn codeword_kv(&self, l: usize, codebook: &Tensor) -> CodewordKv {
-        self.blocks[l].codeword_kv(codebook, self.eps)
+    fn codeword_kv(&self, l: usize, codebook: &Tensor) -> Option<CodewordKv> {
+        Some(self.blocks[l].codeword_kv(codebook, self.eps))
     }
     /// The final states themselves (no head).
     fn head(&self, states: &Tensor) -> Tensor {

@@ -10,7 +10,7 @@ use super::layers::{activate, attend, Conv1D};
 use super::mpa::mixed_precision_mask_with_loss;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::GPT2Config;
-use crate::engine::{AstraModel, Remote};
+use crate::engine::{AstraModel, Positions, Remote};
 use crate::error::{Result, TrainError};
 
 #[derive(Debug)]
@@ -299,6 +299,7 @@ impl AstraModel for Gpt2 {
         &self,
         l: usize,
         x: &Tensor,
+        _at: Positions<'_>,
         remote: Remote<'_>,
         mask: Option<&Tensor>,
     ) -> Tensor {
@@ -309,8 +310,8 @@ impl AstraModel for Gpt2 {
             Remote::KeysValues(kv) => blk.forward_kv(x, Some(kv), mask),
         }
     }
-    fn codeword_kv(&self, l: usize, codebook: &Tensor) -> CodewordKv {
-        self.blocks[l].codeword_kv(codebook, self.cfg.layer_norm_epsilon)
+    fn codeword_kv(&self, l: usize, codebook: &Tensor) -> Option<CodewordKv> {
+        Some(self.blocks[l].codeword_kv(codebook, self.cfg.layer_norm_epsilon))
     }
     fn head(&self, states: &Tensor) -> Tensor {
         Gpt2::head(self, states)

@@ -1,8 +1,9 @@
-//! The models (ViT, GPT-2) with Mixed-Precision Attention, grouped VQ, NAQ and DCT.
+//! The models (ViT, GPT-2, Llama/Mistral/Qwen2) with Mixed-Precision Attention, grouped VQ, NAQ and DCT.
 pub mod encoder;
 pub mod fast_kv;
 pub mod gpt2;
 pub mod layers;
+pub mod llama;
 pub mod mpa;
 pub mod vit;
 pub mod vq;

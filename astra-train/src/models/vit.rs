@@ -9,7 +9,7 @@ use super::layers::{activate, attend};
 use super::mpa::mixed_precision_mask_with_loss;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::ViTConfig;
-use crate::engine::{AstraModel, Remote};
+use crate::engine::{AstraModel, Positions, Remote};
 use crate::error::{Result, TrainError};
 
 #[derive(Debug)]
@@ -321,14 +321,15 @@ impl AstraModel for ViT {
         &self,
         l: usize,
         x: &Tensor,
+        _at: Positions<'_>,
         remote: Remote<'_>,
         _mask: Option<&Tensor>,
     ) -> Tensor {
         self.blocks[l].step(x, remote)
     }
 
-    fn codeword_kv(&self, l: usize, codebook: &Tensor) -> CodewordKv {
-        self.blocks[l].codeword_kv(codebook, self.cfg.layer_norm_eps)
+    fn codeword_kv(&self, l: usize, codebook: &Tensor) -> Option<CodewordKv> {
+        Some(self.blocks[l].codeword_kv(codebook, self.cfg.layer_norm_eps))
     }
 
     fn head(&self, states: &Tensor) -> Tensor {

@@ -421,21 +421,27 @@ pub fn quantizers_of(
 }
 
 /// Checks that a codebook file fits a model of `layers` blocks of width `hidden`.
-pub fn check_codebooks(file: &astra_quant::CodebookFile, layers: i64, hidden: i64) -> Result<()> {
-    if file.blocks.len() as i64 != layers {
+/// Checks a codebook file against a model's quantizers (`Model::quantizers`: one per block, or
+/// two for Llama's keys and values) and their width.
+pub fn check_codebooks(
+    file: &astra_quant::CodebookFile,
+    quantizers: i64,
+    width: i64,
+) -> Result<()> {
+    if file.blocks.len() as i64 != quantizers {
         return Err(TrainError::invalid(
             "codebooks",
             format!(
-                "file has {} blocks, the model has {layers}",
+                "file has {} blocks of codewords, the model has {quantizers} quantizers",
                 file.blocks.len()
             ),
         ));
     }
     let d = file.blocks[0].codebook.dim() as i64;
-    if d != hidden {
+    if d != width {
         return Err(TrainError::invalid(
             "codebooks",
-            format!("codeword width D = {d}, the model's hidden size is {hidden}"),
+            format!("codeword width D = {d}, the model quantizes vectors of width {width}"),
         ));
     }
     Ok(())

@@ -108,8 +108,9 @@ pub fn calibrate(
     if n == 0 {
         return Err(TrainError::invalid("samples", "must be at least 1"));
     }
-    let layers = model.layers() as usize;
-    let dim = model.hidden() as usize;
+    // One codebook per quantizer: per block, or per block's keys and values (Llama).
+    let layers = model.quantizers() as usize;
+    let dim = model.quantized_width() as usize;
     let cap = a.k * KMeansConfig::new(a.k).max_points_per_centroid;
     let mut reservoirs: Vec<RowReservoir> = (0..layers)
         .map(|l| RowReservoir::new(dim, cap, a.seed.wrapping_add(l as u64)))

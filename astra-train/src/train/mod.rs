@@ -432,7 +432,7 @@ fn refresh_naq(
     };
     let mut moments: Vec<ResidualMoments> = vq
         .iter()
-        .map(|_| ResidualMoments::new(model.hidden(), device))
+        .map(|_| ResidualMoments::new(model.quantized_width(), device))
         .collect();
     tch::no_grad(|| -> Result<()> {
         for x in task.calibration_batches(n, seed, device)? {

@@ -168,27 +168,27 @@ impl Task {
         hold_out: HoldOut,
     ) -> Result<Self> {
         if data::is_text(spec) {
-            let ModelConfig::GPT2(g) = model else {
+            let Some((vocab, positions)) = model.language_model() else {
                 return Err(TrainError::invalid(
                     "data",
-                    format!("'{spec}' is text; the model is not a GPT-2"),
+                    format!("'{spec}' is text; the model is not a language model"),
                 ));
             };
-            if g.vocab_size < text::GPT2_VOCAB {
+            // Text is tokenized with GPT-2's BPE (a Llama-shaped model trained here uses it too).
+            if vocab < text::GPT2_VOCAB {
                 return Err(TrainError::config(
                     "vocab_size",
                     format!(
-                        "{} is below GPT-2's BPE vocabulary ({})",
-                        g.vocab_size,
+                        "{vocab} is below GPT-2's BPE vocabulary ({}), which tokenizes the text",
                         text::GPT2_VOCAB
                     ),
                 ));
             }
-            let context = context.unwrap_or(g.n_positions as usize);
-            if context < 2 || context as i64 > g.n_positions {
+            let context = context.unwrap_or(positions as usize);
+            if context < 2 || context as i64 > positions {
                 return Err(TrainError::invalid(
                     "context",
-                    format!("{context} must be in 2..={} (n_positions)", g.n_positions),
+                    format!("{context} must be in 2..={positions} (the model's positions)"),
                 ));
             }
             let corpus = text::open(&spec["text:".len()..], hold_out, context)?;
