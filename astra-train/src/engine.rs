@@ -221,6 +221,16 @@ impl<'m> DeviceShare<'m> {
         self.vq.get(l * per..(l + 1) * per).unwrap_or(&[])
     }
 
+    /// The codewords each index column of block `l`'s payload chooses among (K of its
+    /// quantizer), [ΣG] in payload order: what a receiver checks indices against and how many
+    /// bits the wire spends per index.
+    pub fn index_columns(&self, l: usize) -> Vec<i64> {
+        self.block_quantizers(l)
+            .iter()
+            .flat_map(|q| std::iter::repeat_n(q.k(), q.groups() as usize))
+            .collect()
+    }
+
     /// What this device sends in block `l`: per quantizer of the block its indices, side by
     /// side [B, n, ΣG]; without codebooks the content states.
     pub fn outgoing(&self, l: usize, local: &Tensor) -> Payload {

@@ -42,9 +42,12 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
             let cb = &file.blocks[0].codebook;
             shape.index_bits = bitpack::bits_for(cb.k());
             let g = cb.groups() as u32;
+            // A block sends the indices of each of its quantizers: one (the block input), or
+            // two (Llama's keys and values: the file holds 2 per block).
+            let per_block = (file.blocks.len() as u64 / m.blocks.max(1) as u64).max(1);
             (
                 Method::Astra { groups: g },
-                g as u64 * shape.index_bits as u64,
+                per_block * g as u64 * shape.index_bits as u64,
             )
         }
     };

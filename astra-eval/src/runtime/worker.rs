@@ -341,8 +341,9 @@ impl Exchange<'_> {
                 data: Vec::<f32>::try_from(wire_embeddings(&e).reshape([-1]))?,
             },
             Payload::Indices(idx) => {
-                let q = &self.dev.vq[l];
-                let bits = bitpack::bits_for(q.k() as usize);
+                let columns = self.dev.index_columns(l);
+                let k = columns.iter().copied().max().unwrap_or(1);
+                let bits = bitpack::bits_for(k as usize);
                 let flat: Vec<u16> = Vec::<i64>::try_from(idx.reshape([-1]))?
                     .into_iter()
                     .map(|v| v as u16)
@@ -351,7 +352,7 @@ impl Exchange<'_> {
                     block,
                     from,
                     tokens,
-                    groups: q.groups() as u32,
+                    groups: columns.len() as u32,
                     bits: bits as u8,
                     packed: bitpack::pack(&flat, bits)?,
                 }
@@ -438,9 +439,11 @@ impl Exchange<'_> {
                 if block as usize >= self.blocks {
                     fail!("block {l}: peer {from} sent a frame for block {block}");
                 }
-                let q = &self.dev.vq[block as usize];
-                let (g, k) = (q.groups(), q.k());
-                let want_bits = bitpack::bits_for(k as usize);
+                // Index columns of the block's quantizers (one, or Llama's keys and values).
+                let columns = self.dev.index_columns(block as usize);
+                let g = columns.len() as i64;
+                let want_bits =
+                    bitpack::bits_for(columns.iter().copied().max().unwrap_or(1) as usize);
                 if claimed != from
                     || groups != g as u32
                     || bits as u32 != want_bits
@@ -459,8 +462,13 @@ impl Exchange<'_> {
                 }
                 let vals = bitpack::unpack(&packed, count, bits as u32)
                     .map_err(|e| invalid!("block {block}: peer {from}: {e}"))?;
-                if vals.iter().any(|&v| v as i64 >= k) {
-                    fail!("block {block}: peer {from} sent a codeword index ≥ K = {k}");
+                if let Some((i, &v)) = vals
+                    .iter()
+                    .enumerate()
+                    .find(|&(i, &v)| v as i64 >= columns[i % columns.len()])
+                {
+                    let k = columns[i % columns.len()];
+                    fail!("block {block}: peer {from} sent a codeword index {v} ≥ K = {k}");
                 }
                 let t = Tensor::from_slice(&vals.iter().map(|&v| v as i64).collect::<Vec<_>>())
                     .view([self.batch, tokens as i64, g]);

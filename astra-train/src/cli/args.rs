@@ -119,6 +119,19 @@ pub struct FinetuneArgs {
     pub heads: i64,
     #[arg(long, default_value_t = 192)]
     pub mlp: i64,
+    /// Text: the decoder trained from scratch (gpt2, or llama: RMSNorm, RoPE, SwiGLU, GQA).
+    #[arg(long, value_enum, default_value_t = TextArch::Gpt2)]
+    pub arch: TextArch,
+    /// Llama: key/value heads (grouped-query attention; default: --heads).
+    #[arg(long)]
+    pub kv_heads: Option<i64>,
+}
+
+/// `finetune --arch`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextArch {
+    Gpt2,
+    Llama,
 }
 
 /// Options of `astra-train calibrate`.

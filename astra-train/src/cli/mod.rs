@@ -156,9 +156,35 @@ fn run_training(cfg: TrainConfig, t: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// A from-scratch model for the data: a ViT for images, a GPT-2 (BPE vocabulary) for text.
+/// A from-scratch model for the data: a ViT for images, a GPT-2 or a Llama (BPE vocabulary) for
+/// text.
 fn scratch_model(a: &FinetuneArgs) -> Result<ModelConfig> {
     let t = &a.train;
+    if crate::data::is_text(&t.data) && a.arch == TextArch::Llama {
+        let cfg = crate::config::LlamaConfig {
+            family: crate::config::LlamaFamily::Llama,
+            vocab_size: crate::data::text::GPT2_VOCAB,
+            hidden_size: a.hidden,
+            intermediate_size: a.mlp,
+            num_hidden_layers: a.layers,
+            num_attention_heads: a.heads,
+            num_key_value_heads: a.kv_heads.unwrap_or(a.heads),
+            head_dim: if a.heads > 0 { a.hidden / a.heads } else { 0 },
+            max_position_embeddings: t.context.unwrap_or(256) as i64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: crate::config::RopeScaling::Default,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+        };
+        cfg.validate()?;
+        if a.heads * cfg.head_dim != a.hidden {
+            bail!("--heads {} does not divide --hidden {}", a.heads, a.hidden);
+        }
+        return Ok(ModelConfig::Llama(cfg));
+    }
     if crate::data::is_text(&t.data) {
         let cfg = GPT2Config {
             vocab_size: crate::data::text::GPT2_VOCAB,
