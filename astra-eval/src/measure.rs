@@ -388,6 +388,7 @@ pub fn to_trace(csv: &str, c: &ProfileConfig, configs: &[(Method, u32, u64)]) ->
         hidden: c.hidden as u32,
         element_bits: 32,
         index_bits: astra_quant::bitpack::bits_for(c.codewords as usize),
+        codebooks_per_block: 1,
     };
     let configs: Vec<_> = configs
         .iter()

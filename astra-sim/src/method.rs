@@ -111,6 +111,14 @@ pub struct ModelShape {
     pub element_bits: u32,
     /// Bits of one VQ index, ceil(log2 K) (10 for K = 1024).
     pub index_bits: u32,
+    /// Codebooks per block whose indices a token sends: 1 (the block input, ViT and GPT-2) or
+    /// 2 (keys and values, Llama): the paper's Llama accounting, 2·L·G·log2 K bits per token.
+    #[serde(default = "one")]
+    pub codebooks_per_block: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl Default for ModelShape {
@@ -120,6 +128,7 @@ impl Default for ModelShape {
             hidden: 768,
             element_bits: 32,
             index_bits: 10,
+            codebooks_per_block: 1,
         }
     }
 }
@@ -129,7 +138,9 @@ impl ModelShape {
     /// token, or G indices per token for ASTRA.
     pub fn payload_bits(&self, method: Method, local_tokens: u64) -> u64 {
         match method {
-            Method::Astra { groups } => local_tokens * groups as u64 * self.index_bits as u64,
+            Method::Astra { groups } => {
+                local_tokens * (groups * self.index_bits * self.codebooks_per_block) as u64
+            }
             _ => local_tokens * self.hidden as u64 * self.element_bits as u64,
         }
     }
@@ -162,6 +173,22 @@ pub fn partition(tokens: u64, devices: u32) -> Vec<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn llama_sends_key_and_value_indices_per_block() {
+        // Llama-3-8B (32 blocks), K = 1024: 2·L·G·log2 K bits per token (the paper's Table 7).
+        let shape = ModelShape {
+            blocks: 32,
+            hidden: 4096,
+            codebooks_per_block: 2,
+            ..ModelShape::default()
+        };
+        for (g, bits) in [(1, 640), (16, 10_240), (32, 20_480)] {
+            assert_eq!(shape.bits_per_device(Method::Astra { groups: g }, 1), bits);
+        }
+        // SP still sends the block input: 32 × 4096 × 32 bits per token.
+        assert_eq!(shape.bits_per_device(Method::Sp, 1), 32 * 4096 * 32);
+    }
+
     use super::*;
 
     #[test]

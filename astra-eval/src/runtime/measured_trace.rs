@@ -34,6 +34,7 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
         hidden: m.hidden,
         element_bits: 32,
         index_bits: 10,
+        codebooks_per_block: 1,
     };
     let (method, bits_per_token) = match m.codebooks {
         None => (Method::Sp, 32 * m.hidden as u64),
@@ -44,10 +45,10 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
             let g = cb.groups() as u32;
             // A block sends the indices of each of its quantizers: one (the block input), or
             // two (Llama's keys and values: the file holds 2 per block).
-            let per_block = (file.blocks.len() as u64 / m.blocks.max(1) as u64).max(1);
+            shape.codebooks_per_block = (file.blocks.len() as u32 / m.blocks.max(1)).max(1);
             (
                 Method::Astra { groups: g },
-                per_block * g as u64 * shape.index_bits as u64,
+                shape.payload_bits(Method::Astra { groups: g }, 1),
             )
         }
     };

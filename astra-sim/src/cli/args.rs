@@ -32,6 +32,10 @@ pub struct ModelArgs {
     /// Codewords K per group (ASTRA sends ceil(log2 K) bits per index).
     #[arg(long, default_value_t = 1024)]
     pub codewords: u32,
+    /// Codebooks per block a token sends indices of: 1 (block input: ViT, GPT-2) or 2 (keys and
+    /// values: Llama, 2·L·G·log2 K bits per token).
+    #[arg(long, default_value_t = 1)]
+    pub codebooks_per_block: u32,
     /// Share of each block's compute before its exchange (LN + VQ encode), for traces built from a profile.
     #[arg(long, default_value_t = 0.05)]
     pub pre_fraction: f64,
@@ -45,6 +49,12 @@ impl ModelArgs {
         if self.blocks == 0 || self.hidden == 0 || self.element_bits == 0 {
             bail!("--blocks, --hidden and --element-bits must be positive");
         }
+        if !(1..=2).contains(&self.codebooks_per_block) {
+            bail!(
+                "--codebooks-per-block must be 1 (block input) or 2 (keys and values), got {}",
+                self.codebooks_per_block
+            );
+        }
         if !(2..=65536).contains(&self.codewords) {
             bail!("--codewords must be in 2..=65536, got {}", self.codewords);
         }
@@ -53,6 +63,7 @@ impl ModelArgs {
             hidden: self.hidden,
             element_bits: self.element_bits,
             index_bits: astra_bits(self.codewords),
+            codebooks_per_block: self.codebooks_per_block,
         })
     }
     pub fn split(&self) -> Result<BlockSplit> {
