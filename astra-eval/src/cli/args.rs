@@ -91,7 +91,7 @@ pub enum Command {
     /// One device of the multi-process runtime: listens, takes a plan from the coordinator, runs
     /// the forward as often as the coordinator asks. Start one per host for `distributed --workers`.
     Worker(WorkerArgs),
-    /// ASTRA inference across N worker processes over TCP (ViT classification or GPT-2 prefill;
+    /// ASTRA inference across N worker processes over TCP (ViT classification, GPT-2 or Llama prefill;
     /// VQ indices exchanged per block), the SP baseline (`--mode sp`: fp32 embeddings exchanged)
     /// or the single-device model (`--devices 1`). Local workers by default, each behind a shaped
     /// link with `--links` (root); running workers on other hosts with `--workers`.
@@ -99,7 +99,7 @@ pub enum Command {
     /// Accuracy of an image model over ASTRA settings (devices, partition, CLS, VQ, lost messages),
     /// beside the single-device model; random allocations also by FPAR quintile.
     Accuracy(SweepOpts),
-    /// Perplexity of a GPT-2 over ASTRA settings (devices, partition, VQ, lost messages), beside the
+    /// Perplexity of a language model (GPT-2, Llama) over ASTRA settings (devices, partition, VQ, lost messages), beside the
     /// single-device model; pinned protocol: disjoint (or --stride) windows, GPT-2 BPE.
     Perplexity(SweepOpts),
     /// Logits of a model for a batch: the plain model, or ASTRA on N devices.
