@@ -90,6 +90,42 @@ pub trait AstraModel {
     fn forward_astra(&self, input: &Tensor, astra: Astra) -> Result<AstraOutput>;
     /// The input of every block for the content tokens, [B, T, D] each (calibration).
     fn block_inputs(&self, input: &Tensor) -> Result<Vec<Tensor>>;
+    /// The model as a decoder that continues a sequence with a key/value cache (language
+    /// models); None for classifiers.
+    fn as_decoder(&self) -> Option<&dyn Decoder> {
+        None
+    }
+}
+
+/// What token-by-token decoding needs of a language model. Keys and values are [B, n, W] (W the
+/// key/value width), exactly as the block's attention uses them: after any rotation, so a cache
+/// of them never needs recomputing.
+pub trait Decoder {
+    /// Token embeddings of `ids` [B, s] at `positions` [s].
+    fn embed_at(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor>;
+    /// Keys and values of block `l` for a device's own states `x` [B, n, D] at `positions`.
+    fn local_kv(&self, l: usize, x: &Tensor, positions: &Tensor) -> (Tensor, Tensor);
+    /// Keys and values of block `l` for remote tokens at `positions`, from what the device
+    /// received (embeddings, or keys/values looked up from codewords), as `block_step` uses them;
+    /// None for no remote tokens.
+    fn remote_kv(
+        &self,
+        l: usize,
+        remote: Remote<'_>,
+        positions: &Tensor,
+    ) -> Option<(Tensor, Tensor)>;
+    /// Block `l` for one new token `x` [B, 1, D] at `position` [1] that attends to `keys` and
+    /// `values` [B, S, W] (every earlier token) and to itself: (output, its key, its value).
+    fn decode_step(
+        &self,
+        l: usize,
+        x: &Tensor,
+        position: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> (Tensor, Tensor, Tensor);
+    /// Positions the model can attend over.
+    fn max_positions(&self) -> i64;
 }
 
 /// What a device sends per block: its content tokens' VQ indices [B, n, G] (ASTRA), or the
@@ -97,6 +133,23 @@ pub trait AstraModel {
 pub enum Payload {
     Indices(Tensor),
     Embeddings(Tensor),
+}
+
+/// Remote tokens as a receiver holds them for one block (see [`DeviceShare::expand`]).
+pub enum Expanded {
+    Nothing,
+    Tokens(Tensor),
+    KeysValues(Tensor),
+}
+
+impl Expanded {
+    pub fn as_remote(&self) -> Remote<'_> {
+        match self {
+            Expanded::Nothing => Remote::Nothing,
+            Expanded::Tokens(t) => Remote::Tokens(t),
+            Expanded::KeysValues(kv) => Remote::KeysValues(kv),
+        }
+    }
 }
 
 /// How a receiver turns remote indices into keys and values.
@@ -248,39 +301,49 @@ impl<'m> DeviceShare<'m> {
         })
     }
 
-    /// Block `l` on this device, given its sources' payloads in rank order.
-    pub fn block(&self, l: usize, local: &Tensor, received: &[&Payload]) -> Tensor {
+    /// What block `l`'s sources sent (in rank order) as this device attends to it: remote
+    /// embeddings (unquantized, or decoded codewords), or keys/values looked up from codewords.
+    pub fn expand(&self, l: usize, received: &[&Payload], kind: Kind) -> Expanded {
         let parts: Vec<&Tensor> = received
             .iter()
             .map(|p| match p {
                 Payload::Indices(t) | Payload::Embeddings(t) => t,
             })
             .collect();
-        let indices = received.iter().any(|p| matches!(p, Payload::Indices(_)));
-        let remote = (!parts.is_empty()).then(|| Tensor::cat(&parts, 1));
-        let (tokens, kv) = match remote {
-            None => (None, None),
-            Some(r) if !indices => (Some(r.to_kind(local.kind())), None),
-            Some(r) => {
-                let q = self.block_quantizers(l);
-                match (q.len(), self.tables.get(l)) {
-                    (1, Some(t)) => (None, Some(t.kv(&r))),
-                    (1, None) => (Some(q[0].decode(&r).to_kind(local.kind())), None),
-                    // Codewords that are keys and values: looked up directly.
-                    _ => (None, Some(decode_side_by_side(q, &r).to_kind(local.kind()))),
-                }
-            }
+        if parts.is_empty() {
+            return Expanded::Nothing;
+        }
+        let r = Tensor::cat(&parts, 1);
+        if !received.iter().any(|p| matches!(p, Payload::Indices(_))) {
+            return Expanded::Tokens(r.to_kind(kind));
+        }
+        let q = self.block_quantizers(l);
+        match (q.len(), self.tables.get(l)) {
+            (1, Some(t)) => Expanded::KeysValues(t.kv(&r)),
+            (1, None) => Expanded::Tokens(q[0].decode(&r).to_kind(kind)),
+            // Codewords that are keys and values: looked up directly.
+            _ => Expanded::KeysValues(decode_side_by_side(q, &r).to_kind(kind)),
+        }
+    }
+
+    /// Block `l` on this device, given its sources' payloads in rank order.
+    pub fn block(&self, l: usize, local: &Tensor, received: &[&Payload]) -> Tensor {
+        let expanded = self.expand(l, received, local.kind());
+        let remote = expanded.as_remote();
+        let mask = match remote {
+            Remote::Nothing => None,
+            _ => self.mask.as_ref(),
         };
-        let (remote, mask) = match (&tokens, &kv) {
-            (Some(t), _) => (Remote::Tokens(t), self.mask.as_ref()),
-            (_, Some(kv)) => (Remote::KeysValues(kv), self.mask.as_ref()),
-            _ => (Remote::Nothing, None),
-        };
-        let at = Positions {
+        self.model
+            .block_step(l, local, self.positions(), remote, mask)
+    }
+
+    /// Where this device's own tokens and its remote tokens sit.
+    pub fn positions(&self) -> Positions<'_> {
+        Positions {
             local: &self.mine,
             remote: &self.remote_positions,
-        };
-        self.model.block_step(l, local, at, remote, mask)
+        }
     }
 
     /// What this device contributes to the output: its CLS state [B, 1, D] (classifiers; nothing
@@ -364,6 +427,38 @@ pub fn run_in_memory(
     vq: &[GroupedVq],
     remote_kv: RemoteKv,
 ) -> Result<Tensor> {
+    let (shares, local) = run_devices(
+        model,
+        input,
+        partition,
+        cls,
+        vq,
+        remote_kv,
+        &mut |_, _, _| {},
+    )?;
+    let parts: Vec<Tensor> = shares
+        .iter()
+        .zip(&local)
+        .filter_map(|(s, x)| s.finish(x, false))
+        .collect();
+    Ok(combine(model, partition, &parts))
+}
+
+/// Sees block `l`'s states (per device, before the block) and payloads (per device).
+pub type BlockObserver<'a> = dyn FnMut(usize, &[Tensor], &[Payload]) + 'a;
+
+/// N engines through every block in memory; `observe(l, states, sent)` sees each device's states
+/// before block `l` and what each sent in it (the decoder keeps its cache from them). Returns the
+/// engines and their final states.
+pub fn run_devices<'m>(
+    model: &'m dyn AstraModel,
+    input: &Tensor,
+    partition: &DevicePartition,
+    cls: ClsMode,
+    vq: &'m [GroupedVq],
+    remote_kv: RemoteKv,
+    observe: &mut BlockObserver<'_>,
+) -> Result<(Vec<DeviceShare<'m>>, Vec<Tensor>)> {
     let t = model.content_tokens(input);
     if partition.tokens() as i64 != t {
         return Err(TrainError::invalid(
@@ -394,6 +489,7 @@ pub fn run_in_memory(
             .zip(&local)
             .map(|(s, x)| s.outgoing(l, x))
             .collect();
+        observe(l, &local, &sent);
         local = shares
             .iter()
             .zip(&local)
@@ -404,12 +500,7 @@ pub fn run_in_memory(
             })
             .collect();
     }
-    let parts: Vec<Tensor> = shares
-        .iter()
-        .zip(&local)
-        .filter_map(|(s, x)| s.finish(x, false))
-        .collect();
-    Ok(combine(model, partition, &parts))
+    Ok((shares, local))
 }
 
 /// Float32 on the CPU, the runtime's wire form of embeddings.

@@ -6,6 +6,7 @@
 //!   ([`models::mpa`]), grouped VQ with EMA, NAQ and the straight-through estimator
 //!   ([`models::vq`]), Distributed Class Tokens, and the per-device inference path;
 //! - [`weights`], [`model`]: safetensors checkpoints, HF folders and the HF cache;
+//! - [`generate`]: decoding after an ASTRA prefill, with a key/value cache of VQ indices;
 //! - [`train`]: the run folder, AdamW, and the (resumable) training loop;
 //! - [`libtorch`]: the libtorch and accelerators this process sees;
 //! - [`cuda`]: CUDA kernels (NVRTC, cudarc) for the nearest-codeword search and the EMA statistics.
@@ -17,6 +18,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod export;
+pub mod generate;
 pub mod libtorch;
 pub mod model;
 pub mod models;

@@ -8,7 +8,10 @@
 # test split once (complete.json).
 #   scripts/bench/text-tables.sh DATA_DIR OUT_DIR      (DATA_DIR holds wikitext-2/ and tinyshakespeare/)
 # Environment: BASE_EPOCHS (8), ASTRA_EPOCHS (3), CONTEXT (256), K (256), JOBS (3), DEVICE (cuda),
-# BF16 (--bf16), EXTRA (more training flags, e.g. "--max-train 512" for a smoke test).
+# BF16 (--bf16), EXTRA (more training flags, e.g. "--max-train 512" for a smoke test),
+# ARCH (gpt2; llama: the same size as a Llama — SwiGLU 2048, 12 query heads sharing KV_HEADS (4)
+# key/value heads, RoPE — whose ASTRA quantizes each block's keys and values; runs named llama-*),
+# SHAPE (the width/depth flags, default the 768×12 configuration).
 set -euo pipefail
 data=${1:?usage: text-tables.sh DATA_DIR OUT_DIR}
 out=${2:?usage: text-tables.sh DATA_DIR OUT_DIR}
@@ -30,17 +33,22 @@ declare -A spec=(
   [shakespeare]="text:$data/tinyshakespeare/input.txt"
 )
 common="--batch 16 --context $ctx --device $device $bf16 ${EXTRA:-}"
+case ${ARCH:-gpt2} in
+  gpt2) p=lm shape=${SHAPE:-"--hidden 768 --layers 12 --heads 12 --mlp 3072"} ;;
+  llama) p=llama shape="${SHAPE:-"--hidden 768 --layers 12 --heads 12 --mlp 2048"} --arch llama --kv-heads ${KV_HEADS:-4}" ;;
+  *) echo "text-tables.sh: ARCH must be gpt2 or llama" >&2; exit 2 ;;
+esac
 for c in wikitext2 shakespeare; do
-  echo "run lm-$c astra-train finetune --data ${spec[$c]} $common --epochs $base_epochs --lr 3e-4 --warmup-steps 100 --hidden 768 --layers 12 --heads 12 --mlp 3072 --seed 42 --out $out/lm-$c"
+  echo "run $p-$c astra-train finetune --data ${spec[$c]} $common --epochs $base_epochs --lr 3e-4 --warmup-steps 100 $shape --seed 42 --out $out/$p-$c"
 done | xargs -P "$jobs" -I{} bash -c '{}'
 for c in wikitext2 shakespeare; do
   for g in 1 16 32; do
-    echo "run lmcb-$c-g$g astra-train calibrate --model $out/lm-$c --data ${spec[$c]} --context $ctx --samples 100 --groups $g --k $k --iters 20 --device $device --out $out/lmcb-$c-g$g.safetensors"
+    echo "run ${p}cb-$c-g$g astra-train calibrate --model $out/$p-$c --data ${spec[$c]} --context $ctx --samples 100 --groups $g --k $k --iters 20 --device $device --out $out/${p}cb-$c-g$g.safetensors"
   done
 done | xargs -P "$jobs" -I{} bash -c '{}'
 for c in wikitext2 shakespeare; do
   for g in 1 16 32; do
-    echo "run lmastra-$c-g$g astra-train astra --data ${spec[$c]} $common --epochs $astra_epochs --lr 1e-4 --warmup-steps 50 --init $out/lm-$c --codebooks $out/lmcb-$c-g$g.safetensors --devices 4 --seed 42 --out $out/lmastra-$c-g$g"
+    echo "run ${p}astra-$c-g$g astra-train astra --data ${spec[$c]} $common --epochs $astra_epochs --lr 1e-4 --warmup-steps 50 --init $out/$p-$c --codebooks $out/${p}cb-$c-g$g.safetensors --devices 4 --seed 42 --out $out/${p}astra-$c-g$g"
   done
 done | xargs -P "$jobs" -I{} bash -c '{}'
 echo "all runs finished in $out"

@@ -10,7 +10,7 @@ use super::layers::{activate, attend, Conv1D};
 use super::mpa::mixed_precision_mask_with_loss;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::GPT2Config;
-use crate::engine::{AstraModel, Positions, Remote};
+use crate::engine::{AstraModel, Decoder, Positions, Remote};
 use crate::error::{Result, TrainError};
 
 #[derive(Debug)]
@@ -86,7 +86,21 @@ impl GptBlock {
         v: &Tensor,
         mask: Option<&Tensor>,
     ) -> Tensor {
-        let x = x + attend(q, k, v, self.heads, mask, true).apply(&self.c_proj);
+        self.finish_with(x, q, k, v, mask, true)
+    }
+
+    /// [`Self::finish`] with the causal flag given: a decoding step's one query sees every key
+    /// (SDPA's causal mask is aligned top-left, which would hide all but the first).
+    fn finish_with(
+        &self,
+        x: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        causal: bool,
+    ) -> Tensor {
+        let x = x + attend(q, k, v, self.heads, mask, causal).apply(&self.c_proj);
         let h = x.apply(&self.ln_2);
         &x + activate(&h.apply(&self.c_fc), &self.act).apply(&self.mlp_proj)
     }
@@ -324,5 +338,49 @@ impl AstraModel for Gpt2 {
     }
     fn block_inputs(&self, input: &Tensor) -> Result<Vec<Tensor>> {
         Gpt2::block_inputs(self, input)
+    }
+    fn as_decoder(&self) -> Option<&dyn Decoder> {
+        Some(self)
+    }
+}
+
+impl Decoder for Gpt2 {
+    fn embed_at(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        self.embed(ids, positions)
+    }
+    fn local_kv(&self, l: usize, x: &Tensor, _positions: &Tensor) -> (Tensor, Tensor) {
+        self.blocks[l].kv(x)
+    }
+    fn remote_kv(
+        &self,
+        l: usize,
+        remote: Remote<'_>,
+        _positions: &Tensor,
+    ) -> Option<(Tensor, Tensor)> {
+        match remote {
+            Remote::Tokens(e) => Some(self.blocks[l].kv(e)),
+            Remote::KeysValues(kv) => {
+                let d = self.cfg.n_embd;
+                Some((kv.narrow(2, 0, d), kv.narrow(2, d, d)))
+            }
+            Remote::Nothing => None,
+        }
+    }
+    fn decode_step(
+        &self,
+        l: usize,
+        x: &Tensor,
+        _position: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> (Tensor, Tensor, Tensor) {
+        let blk = &self.blocks[l];
+        let (q, k, v) = blk.qkv(x);
+        let keys = Tensor::cat(&[keys, &k.to_kind(keys.kind())], 1);
+        let values = Tensor::cat(&[values, &v.to_kind(values.kind())], 1);
+        (blk.finish_with(x, &q, &keys, &values, None, false), k, v)
+    }
+    fn max_positions(&self) -> i64 {
+        self.cfg.n_positions
     }
 }

@@ -20,7 +20,7 @@ use super::fast_kv::CodewordKv;
 use super::mpa::mixed_precision_mask_with_loss;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::{LlamaConfig, LlamaFamily, RopeScaling};
-use crate::engine::{AstraModel, Remote};
+use crate::engine::{AstraModel, Decoder, Remote};
 use crate::error::{Result, TrainError};
 
 /// HF's LlamaRMSNorm: normalised in fp32, scaled by the weight in the input's precision.
@@ -199,6 +199,20 @@ impl LlamaBlock {
             .reshape([b, kvh * rep, s, hd])
     }
 
+    /// Rotated keys and values [B, kvh, n, hd] of states `x` at rotations `cos_sin`.
+    fn rotated_kv(&self, x: &Tensor, cos_sin: &(Tensor, Tensor)) -> (Tensor, Tensor) {
+        let (k, v) = self.keys_values(x);
+        self.rotate_kv(&k, &v, cos_sin)
+    }
+
+    /// Keys and values [B, n, kv_dim] (keys before RoPE) in head layout, keys rotated.
+    fn rotate_kv(&self, k: &Tensor, v: &Tensor, cos_sin: &(Tensor, Tensor)) -> (Tensor, Tensor) {
+        (
+            rotate(&self.heads_of(k, self.kv_heads), cos_sin),
+            self.heads_of(v, self.kv_heads),
+        )
+    }
+
     /// One block on `x` [B, S, D] at rotations `cos_sin` (of its tokens' positions), with
     /// `remote` keys/values appended after the local ones; `mask` [S, S + T_r] (true: may
     /// attend), plain causal attention without one.
@@ -209,29 +223,39 @@ impl LlamaBlock {
         remote: Option<RemoteKeys<'_>>,
         mask: Option<&Tensor>,
     ) -> Tensor {
-        let h = x.apply(&self.input_layernorm);
-        let q = rotate(&self.heads_of(&h.apply(&self.q_proj), self.heads), cos_sin);
-        let mut k = rotate(
-            &self.heads_of(&h.apply(&self.k_proj), self.kv_heads),
-            cos_sin,
-        );
-        let mut v = self.heads_of(&h.apply(&self.v_proj), self.kv_heads);
+        let (mut k, mut v) = self.rotated_kv(x, cos_sin);
         if let Some(r) = remote {
-            let rk = rotate(
-                &self.heads_of(&r.keys.to_kind(k.kind()), self.kv_heads),
+            let (rk, rv) = self.rotate_kv(
+                &r.keys.to_kind(k.kind()),
+                &r.values.to_kind(v.kind()),
                 r.cos_sin,
             );
-            let rv = self.heads_of(&r.values.to_kind(v.kind()), self.kv_heads);
             k = Tensor::cat(&[k, rk], 2);
             v = Tensor::cat(&[v, rv], 2);
         }
+        self.attend_and_mlp(x, cos_sin, &k, &v, mask, mask.is_none())
+    }
+
+    /// Queries of `x` against head-layout keys/values [B, kvh, Sk, hd], the output projection
+    /// and the MLP, both residual.
+    fn attend_and_mlp(
+        &self,
+        x: &Tensor,
+        cos_sin: &(Tensor, Tensor),
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        causal: bool,
+    ) -> Tensor {
+        let h = x.apply(&self.input_layernorm);
+        let q = rotate(&self.heads_of(&h.apply(&self.q_proj), self.heads), cos_sin);
         let out = Tensor::scaled_dot_product_attention(
             &q,
-            &self.repeat_kv(&k),
-            &self.repeat_kv(&v),
+            &self.repeat_kv(k),
+            &self.repeat_kv(v),
             mask,
             0.0,
-            mask.is_none(),
+            causal,
             None::<f64>,
             false,
         );
@@ -523,5 +547,63 @@ impl AstraModel for Llama {
     }
     fn block_inputs(&self, input: &Tensor) -> Result<Vec<Tensor>> {
         Llama::block_inputs(self, input)
+    }
+    fn as_decoder(&self) -> Option<&dyn Decoder> {
+        Some(self)
+    }
+}
+
+/// Head layout [B, kvh, n, hd] → the cache's flat [B, n, kv_dim].
+fn flat(t: &Tensor) -> Tensor {
+    let (b, h, n, hd) = t.size4().expect("[B, kvh, n, hd]");
+    t.transpose(1, 2).reshape([b, n, h * hd])
+}
+
+impl Decoder for Llama {
+    fn embed_at(&self, ids: &Tensor, _positions: &Tensor) -> Result<Tensor> {
+        self.embed(ids)
+    }
+    fn local_kv(&self, l: usize, x: &Tensor, positions: &Tensor) -> (Tensor, Tensor) {
+        let (k, v) = self.blocks[l].rotated_kv(x, &self.rotary.cos_sin(positions));
+        (flat(&k), flat(&v))
+    }
+    fn remote_kv(
+        &self,
+        l: usize,
+        remote: Remote<'_>,
+        positions: &Tensor,
+    ) -> Option<(Tensor, Tensor)> {
+        let blk = &self.blocks[l];
+        let (k, v) = match remote {
+            Remote::Nothing => return None,
+            Remote::Tokens(e) => blk.keys_values(e),
+            Remote::KeysValues(kv) => {
+                let w = self.cfg.kv_dim();
+                (kv.narrow(2, 0, w), kv.narrow(2, w, w))
+            }
+        };
+        let (k, v) = blk.rotate_kv(&k, &v, &self.rotary.cos_sin(positions));
+        Some((flat(&k), flat(&v)))
+    }
+    fn decode_step(
+        &self,
+        l: usize,
+        x: &Tensor,
+        position: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> (Tensor, Tensor, Tensor) {
+        let blk = &self.blocks[l];
+        let cs = self.rotary.cos_sin(position);
+        let (k, v) = blk.rotated_kv(x, &cs);
+        let heads = |t: &Tensor| blk.heads_of(&t.to_kind(k.kind()), self.cfg.num_key_value_heads);
+        let all_k = Tensor::cat(&[heads(keys), k.shallow_clone()], 2);
+        let all_v = Tensor::cat(&[heads(values), v.shallow_clone()], 2);
+        // One query that sees every key: no mask, not causal (SDPA aligns is_causal top-left).
+        let out = blk.attend_and_mlp(x, &cs, &all_k, &all_v, None, false);
+        (out, flat(&k), flat(&v))
+    }
+    fn max_positions(&self) -> i64 {
+        self.cfg.max_position_embeddings
     }
 }

@@ -1,0 +1,324 @@
+//! Generation after an ASTRA prefill. The prompt is split over N devices and prefilled by the
+//! per-device engines; the device holding the last token then decodes alone with a key/value
+//! cache (the paper's App. G): its own tokens' keys and values in full precision, the other
+//! devices' tokens as the VQ indices it received, bit-packed at log2 K bits and expanded on use
+//! (per-codeword tables for GPT-2's projected keys/values, direct look-up and rotation for
+//! Llama's key/value codebooks). New tokens are its own. Without codebooks the remote tokens'
+//! keys and values are kept as computed; with one device there are none.
+
+use astra_quant::bitpack;
+use tch::{Kind, Tensor};
+
+use crate::engine::{run_devices, Decoder, DeviceShare, Expanded, Payload, RemoteKv};
+use crate::error::{Result, TrainError};
+use crate::model::Model;
+use crate::models::{ClsMode, DevicePartition, GroupedVq};
+
+/// How the next token is chosen from its logits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// 0: greedy (argmax); otherwise logits are divided by it and a token is drawn.
+    pub temperature: f64,
+    pub top_k: Option<i64>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub fn greedy() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
+    }
+
+    /// Next tokens [B] (int64) from logits [B, V].
+    pub fn pick(&self, logits: &Tensor) -> Tensor {
+        if self.temperature <= 0.0 {
+            return logits.argmax(-1, false);
+        }
+        let mut l = logits.to_kind(Kind::Float) / self.temperature;
+        let v = l.size()[1];
+        if let Some(k) = self.top_k.filter(|&k| k > 0 && k < v) {
+            let (top, _) = l.topk(k, -1, true, true);
+            let kth = top.narrow(1, k - 1, 1);
+            l = l.masked_fill(&l.lt_tensor(&kth), f64::NEG_INFINITY);
+        }
+        if let Some(p) = self.top_p.filter(|&p| p < 1.0) {
+            // Keep the smallest set of most likely tokens whose probability reaches p.
+            let (sorted, order) = l.sort(-1, true);
+            let probs = sorted.softmax(-1, Kind::Float);
+            let before = probs.cumsum(-1, Kind::Float) - &probs;
+            let drop_sorted = before.gt(p);
+            let drop = drop_sorted.scatter(1, &order, &drop_sorted);
+            l = l.masked_fill(&drop, f64::NEG_INFINITY);
+        }
+        l.softmax(-1, Kind::Float)
+            .multinomial(1, true)
+            .squeeze_dim(1)
+    }
+}
+
+/// One block's remote tokens in the cache.
+enum RemoteCache {
+    None,
+    /// Bit-packed indices [B, T_r, ΣG] at `bits` each, expanded on use.
+    Indices {
+        packed: Vec<u8>,
+        shape: [i64; 3],
+        bits: u32,
+    },
+    /// Keys and values [B, T_r, W] as computed (no codebooks).
+    KeysValues(Tensor, Tensor),
+}
+
+struct BlockCache {
+    keys: Tensor,
+    values: Tensor,
+    remote: RemoteCache,
+}
+
+/// Bytes the decoding device's cache holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CacheBytes {
+    /// Its own tokens' keys and values (full precision).
+    pub local: usize,
+    /// The remote tokens: packed indices, or keys and values without codebooks.
+    pub remote: usize,
+}
+
+/// The decoding device after the prefill: its engine, its cache and the next position.
+pub struct Generator<'m> {
+    dec: &'m dyn Decoder,
+    share: DeviceShare<'m>,
+    blocks: Vec<BlockCache>,
+    position: i64,
+}
+
+impl<'m> Generator<'m> {
+    /// Prefills `prompt` [B, T] over `partition` (contiguous shares, so the last device holds
+    /// the last token) with `vq` (empty: unquantized remote tokens). Returns the decoding
+    /// device and the next-token logits [B, V].
+    pub fn prefill(
+        model: &'m Model,
+        prompt: &Tensor,
+        partition: &DevicePartition,
+        vq: &'m [GroupedVq],
+    ) -> Result<(Self, Tensor)> {
+        let m = model.astra_model();
+        let dec = m.as_decoder().ok_or_else(|| {
+            TrainError::invalid("model", "is not a language model: nothing to generate")
+        })?;
+        let last = partition.owner(partition.tokens() - 1);
+        let mut captured: Vec<(Tensor, Vec<Payload>)> = Vec::new();
+        let (mut shares, local) = run_devices(
+            m,
+            prompt,
+            partition,
+            ClsMode::Single,
+            vq,
+            RemoteKv::Tables,
+            &mut |_, states, sent| {
+                let received = sent.iter().map(copy_payload).collect();
+                captured.push((states[last].shallow_clone(), received));
+            },
+        )?;
+        let share = shares.swap_remove(last);
+        let logits = share
+            .finish(&local[last], true)
+            .expect("the last device holds the last token");
+        let mut g = Generator {
+            dec,
+            blocks: Vec::with_capacity(captured.len()),
+            position: partition.tokens() as i64,
+            share,
+        };
+        for (l, (states, sent)) in captured.into_iter().enumerate() {
+            let block = g.cache_block(l, &states, &sent)?;
+            g.blocks.push(block);
+        }
+        Ok((g, logits))
+    }
+
+    /// Block `l`'s cache from the device's states before it and what every device sent in it.
+    fn cache_block(&self, l: usize, states: &Tensor, sent: &[Payload]) -> Result<BlockCache> {
+        let at = self.share.positions();
+        let (keys, values) = self.dec.local_kv(l, states, at.local);
+        let received: Vec<&Payload> = self
+            .share
+            .sources
+            .iter()
+            .map(|&e| &sent[e as usize])
+            .collect();
+        let remote = match received.first() {
+            None => RemoteCache::None,
+            Some(Payload::Indices(_)) => {
+                let parts: Vec<&Tensor> = received
+                    .iter()
+                    .map(|p| match p {
+                        Payload::Indices(t) | Payload::Embeddings(t) => t,
+                    })
+                    .collect();
+                let idx = Tensor::cat(&parts, 1);
+                let k = self.share.index_columns(l).into_iter().max().unwrap_or(1);
+                let bits = bitpack::bits_for(k as usize);
+                let flat: Vec<u16> = Vec::<i64>::try_from(idx.reshape([-1]))?
+                    .into_iter()
+                    .map(|v| v as u16)
+                    .collect();
+                let s = idx.size();
+                RemoteCache::Indices {
+                    packed: bitpack::pack(&flat, bits)?,
+                    shape: [s[0], s[1], s[2]],
+                    bits,
+                }
+            }
+            Some(Payload::Embeddings(_)) => {
+                let e = self.share.expand(l, &received, states.kind());
+                let (k, v) = self
+                    .dec
+                    .remote_kv(l, e.as_remote(), at.remote)
+                    .expect("remote tokens arrived");
+                RemoteCache::KeysValues(k, v)
+            }
+        };
+        Ok(BlockCache {
+            keys,
+            values,
+            remote,
+        })
+    }
+
+    /// Remote keys and values of block `l`, expanded from the cache.
+    fn remote_kv(&self, l: usize, kind: Kind) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(match &self.blocks[l].remote {
+            RemoteCache::None => None,
+            RemoteCache::KeysValues(k, v) => Some((k.shallow_clone(), v.shallow_clone())),
+            RemoteCache::Indices {
+                packed,
+                shape,
+                bits,
+            } => {
+                let n = shape.iter().product::<i64>() as usize;
+                let vals: Vec<i64> = bitpack::unpack(packed, n, *bits)?
+                    .into_iter()
+                    .map(i64::from)
+                    .collect();
+                let device = self.blocks[l].keys.device();
+                let idx = Tensor::from_slice(&vals).view(*shape).to_device(device);
+                let payload = Payload::Indices(idx);
+                let e: Expanded = self.share.expand(l, &[&payload], kind);
+                self.dec
+                    .remote_kv(l, e.as_remote(), self.share.positions().remote)
+            }
+        })
+    }
+
+    /// Feeds `tokens` [B] at the next position; returns the logits [B, V] of the token after.
+    pub fn step(&mut self, tokens: &Tensor) -> Result<Tensor> {
+        if self.position >= self.dec.max_positions() {
+            return Err(TrainError::invalid(
+                "generation",
+                format!(
+                    "position {} is past the model's {} positions",
+                    self.position,
+                    self.dec.max_positions()
+                ),
+            ));
+        }
+        let device = self
+            .blocks
+            .first()
+            .map_or(tch::Device::Cpu, |b| b.keys.device());
+        let pos = Tensor::from_slice(&[self.position]).to_device(device);
+        let mut x = self.dec.embed_at(&tokens.view([-1, 1]), &pos)?;
+        for l in 0..self.blocks.len() {
+            let remote = self.remote_kv(l, x.kind())?;
+            let b = &self.blocks[l];
+            let (keys, values) = match remote {
+                Some((rk, rv)) => (
+                    Tensor::cat(&[&rk.to_kind(b.keys.kind()), &b.keys], 1),
+                    Tensor::cat(&[&rv.to_kind(b.values.kind()), &b.values], 1),
+                ),
+                None => (b.keys.shallow_clone(), b.values.shallow_clone()),
+            };
+            let (out, k, v) = self.dec.decode_step(l, &x, &pos, &keys, &values);
+            let b = &mut self.blocks[l];
+            b.keys = Tensor::cat(&[&b.keys, &k.to_kind(b.keys.kind())], 1);
+            b.values = Tensor::cat(&[&b.values, &v.to_kind(b.values.kind())], 1);
+            x = out;
+        }
+        self.position += 1;
+        // This device holds the last token: its head gives the next token's logits.
+        Ok(self
+            .share
+            .finish(&x, true)
+            .expect("the decoding device holds the last token"))
+    }
+
+    /// Bytes held by the cache.
+    pub fn cache_bytes(&self) -> CacheBytes {
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let mut c = CacheBytes {
+            local: 0,
+            remote: 0,
+        };
+        for b in &self.blocks {
+            c.local += bytes(&b.keys) + bytes(&b.values);
+            c.remote += match &b.remote {
+                RemoteCache::None => 0,
+                RemoteCache::Indices { packed, .. } => packed.len(),
+                RemoteCache::KeysValues(k, v) => bytes(k) + bytes(v),
+            };
+        }
+        c
+    }
+
+    /// The next position (prompt length + tokens fed so far).
+    pub fn position(&self) -> i64 {
+        self.position
+    }
+}
+
+fn copy_payload(p: &Payload) -> Payload {
+    match p {
+        Payload::Indices(t) => Payload::Indices(t.shallow_clone()),
+        Payload::Embeddings(t) => Payload::Embeddings(t.shallow_clone()),
+    }
+}
+
+/// `prompt` [B, T] continued by `max_new` tokens on `devices` devices (contiguous shares; `vq`
+/// empty: unquantized remote tokens): [B, T + max_new] like HF's `generate`. `on_token` sees each
+/// new token [B] as it is chosen.
+pub fn generate(
+    model: &Model,
+    prompt: &Tensor,
+    devices: usize,
+    vq: &[GroupedVq],
+    max_new: usize,
+    sampling: &Sampling,
+    mut on_token: impl FnMut(&Tensor),
+) -> Result<Tensor> {
+    let t = prompt.size().get(1).copied().unwrap_or(0);
+    if t == 0 {
+        return Err(TrainError::invalid("prompt", "is empty"));
+    }
+    let partition = DevicePartition::contiguous(t as usize, devices)?;
+    tch::manual_seed(sampling.seed as i64);
+    let mut out = vec![prompt.shallow_clone()];
+    if max_new == 0 {
+        return Ok(prompt.shallow_clone());
+    }
+    let (mut g, mut logits) = tch::no_grad(|| Generator::prefill(model, prompt, &partition, vq))?;
+    for i in 0..max_new {
+        let next = sampling.pick(&logits);
+        on_token(&next);
+        out.push(next.view([-1, 1]));
+        if i + 1 < max_new {
+            logits = tch::no_grad(|| g.step(&next))?;
+        }
+    }
+    Ok(Tensor::cat(&out, 1))
+}
