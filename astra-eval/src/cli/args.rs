@@ -104,6 +104,11 @@ pub enum Command {
     Perplexity(SweepOpts),
     /// Logits of a model for a batch: the plain model, or ASTRA on N devices.
     Predict(PredictArgs),
+    /// Continue a prompt with a language model (GPT-2, Llama): the prompt prefilled over N
+    /// devices (ASTRA with codebooks, or --no-vq), then decoded by the device holding its last
+    /// token with a key/value cache (remote tokens kept as VQ indices). Text in and out through
+    /// GPT-2 BPE, streamed as tokens arrive; --out writes int64 [B, prompt + new].
+    Generate(GenerateArgs),
     /// Measure per-device compute of every method (single, tp, sp, bp-ag-nbK, bp-sp-nbK, astra-gG)
     /// on this machine: writes DIR/profile.csv and DIR/trace.json (astra-sim's formats).
     Profile(ProfileArgs),
@@ -224,6 +229,51 @@ pub struct PredictArgs {
     /// masked: all devices in one process; per-device: device by device with an in-memory exchange.
     #[arg(long, value_enum, default_value = "masked")]
     pub path: ForwardPath,
+    /// cpu, cuda, or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Options of `astra-eval generate`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct GenerateArgs {
+    /// HF-style folder, a run folder (an ASTRA run's model/ brings its codebooks), or a hub id.
+    #[arg(long)]
+    pub model: String,
+    /// The prompt as text (GPT-2 BPE; the model's vocabulary must be GPT-2's).
+    #[arg(long, required_unless_present = "input", conflicts_with = "input")]
+    pub prompt: Option<String>,
+    /// The prompt as token ids: int64 [B, T] .npy.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// int64 [B, T + new] .npy (the prompt and its continuation, as HF's generate returns).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Devices the prompt is split over (contiguous shares); the last one decodes.
+    #[arg(long, default_value_t = 1)]
+    pub devices: usize,
+    /// Codebooks; default: codebooks.safetensors beside the model.
+    #[arg(long, conflicts_with = "no_vq")]
+    pub codebooks: Option<PathBuf>,
+    /// Exchange remote tokens unquantized (no codebooks).
+    #[arg(long)]
+    pub no_vq: bool,
+    /// 0: greedy; otherwise sample at this temperature.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Sampling: keep the K most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<i64>,
+    /// Sampling: keep the most likely tokens up to probability P.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Summary (time to first token, decode tokens/s, cache bytes) as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
     /// cpu, cuda, or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,

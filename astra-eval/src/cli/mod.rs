@@ -17,6 +17,7 @@ use crate::settings_sweep::Metric;
 pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Predict(a) => predict(&a),
+        Command::Generate(a) => generate(&a),
         Command::Profile(a) => profile(&a),
         Command::Worker(a) => worker(&a),
         Command::Distributed(a) => distributed(&a),
@@ -33,6 +34,13 @@ fn device(spec: &str) -> Result<tch::Device> {
 /// `predict`: logits of one batch, plain or under ASTRA, on any forward path.
 pub fn predict(a: &PredictArgs) -> Result<()> {
     println!("{}", crate::predict::run(a)?);
+    Ok(())
+}
+
+/// `generate`: a prompt continued, text streamed to stdout.
+pub fn generate(a: &GenerateArgs) -> Result<()> {
+    let summary = crate::generate::run(a)?;
+    eprintln!("{}", summary.line());
     Ok(())
 }
 

@@ -35,6 +35,12 @@ pub fn encode(text: &str) -> Vec<u32> {
     tiktoken_rs::r50k_base_singleton().encode_ordinary(text)
 }
 
+/// The bytes of GPT-2 BPE tokens (a token may end inside a UTF-8 character: callers stream the
+/// valid prefix); None for an id outside the vocabulary.
+pub fn decode_bytes(tokens: &[u32]) -> Option<Vec<u8>> {
+    tiktoken_rs::r50k_base_singleton().decode_bytes(tokens).ok()
+}
+
 fn read(path: &Path) -> Result<Vec<u32>> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::File {
         path: path.into(),

@@ -1,0 +1,238 @@
+//! `astra-eval generate`: a prompt (text through GPT-2 BPE, or ids) prefilled over N devices and
+//! continued by the device holding its last token ([`astra_train::generate`]), the text streamed
+//! to stdout as it is decoded; a JSON summary with the time to the first token, the decode rate
+//! and the bytes of the cache.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use astra_train::generate::{CacheBytes, Generator, Sampling};
+use astra_train::model::Model;
+use astra_train::models::{DevicePartition, GroupedVq, VqConfig};
+use tch::{Device, Kind, Tensor};
+
+use crate::cli::args::GenerateArgs;
+use crate::error::Result;
+use crate::fail;
+
+#[derive(Debug, serde::Serialize)]
+pub struct Summary {
+    pub devices: usize,
+    pub codebooks: Option<PathBuf>,
+    pub batch: i64,
+    pub prompt_tokens: i64,
+    pub new_tokens: usize,
+    /// Prefill and the first token's logits.
+    pub time_to_first_token_ms: f64,
+    /// Tokens after the first, per second and sequence.
+    pub decode_tokens_per_s: Option<f64>,
+    pub cache_bytes: CacheBytes,
+}
+
+impl Summary {
+    pub fn line(&self) -> String {
+        format!(
+            "{} new token(s) after {} prompt token(s) on {} device(s): first token {:.1} ms, decode {}; cache {} B own + {} B remote",
+            self.new_tokens,
+            self.prompt_tokens,
+            self.devices,
+            self.time_to_first_token_ms,
+            self.decode_tokens_per_s
+                .map_or("–".into(), |r| format!("{r:.1} tokens/s")),
+            self.cache_bytes.local,
+            self.cache_bytes.remote
+        )
+    }
+}
+
+fn sampling(a: &GenerateArgs) -> Result<Sampling> {
+    if !a.temperature.is_finite() || a.temperature < 0.0 {
+        fail!(
+            "--temperature must be a finite number ≥ 0 (0: greedy), got {}",
+            a.temperature
+        );
+    }
+    if a.top_k.is_some_and(|k| k < 1) {
+        fail!("--top-k must be at least 1");
+    }
+    if a.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        fail!("--top-p must be in (0, 1]");
+    }
+    if a.temperature == 0.0 && (a.top_k.is_some() || a.top_p.is_some()) {
+        fail!("--top-k/--top-p sample: give a --temperature above 0 with them");
+    }
+    Ok(Sampling {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    })
+}
+
+/// The prompt ids [B, T]: from --input, or --prompt through GPT-2 BPE.
+fn prompt(a: &GenerateArgs, model: &Model) -> Result<Tensor> {
+    let (vocab, _) = model.config.language_model().ok_or_else(|| {
+        crate::error::EvalError::Invalid(format!("{}: not a language model", a.model))
+    })?;
+    if let Some(path) = &a.input {
+        return crate::predict::read_input(path, &model.config);
+    }
+    let text = a.prompt.as_deref().unwrap_or_default();
+    if vocab < astra_train::data::text::GPT2_VOCAB {
+        fail!(
+            "--prompt is tokenized with GPT-2 BPE, but {} has a vocabulary of {vocab}: pass ids with --input",
+            a.model
+        );
+    }
+    let ids: Vec<i64> = astra_train::data::text::encode(text)
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    if ids.is_empty() {
+        fail!("--prompt is empty");
+    }
+    Ok(Tensor::from_slice(&ids).view([1, -1]))
+}
+
+/// Codebooks for N > 1: --codebooks, else beside the model, else only with --no-vq.
+fn quantizers(
+    a: &GenerateArgs,
+    model: &Model,
+    device: Device,
+) -> Result<(Vec<GroupedVq>, Option<PathBuf>)> {
+    if a.devices == 1 || a.no_vq {
+        return Ok((Vec::new(), None));
+    }
+    let path = match &a.codebooks {
+        Some(p) => p.clone(),
+        None => {
+            let beside = astra_train::model::resolve(&a.model)?.join("codebooks.safetensors");
+            if !beside.exists() {
+                fail!(
+                    "--devices {} without codebooks: {} has no codebooks.safetensors beside it; pass --codebooks FILE, or --no-vq",
+                    a.devices,
+                    a.model
+                );
+            }
+            beside
+        }
+    };
+    Ok((
+        model.load_quantizers(&path, &VqConfig::default(), device)?,
+        Some(path),
+    ))
+}
+
+pub fn run(a: &GenerateArgs) -> Result<Summary> {
+    let sampling = sampling(a)?;
+    let device =
+        astra_train::libtorch::parse_device(&a.device).map_err(crate::error::EvalError::Invalid)?;
+    let (model, _) = Model::load(&a.model, device)?;
+    let ids = prompt(a, &model)?.to_device(device);
+    let (b, t) = (ids.size()[0], ids.size()[1]);
+    if a.devices == 0 || a.devices as i64 > t {
+        fail!(
+            "--devices must be in 1..={t} (the prompt's tokens), got {}",
+            a.devices
+        );
+    }
+    let (_, positions) = model.config.language_model().expect("checked");
+    if t + a.max_new_tokens as i64 > positions {
+        fail!(
+            "{t} prompt + {} new tokens exceed the model's {positions} positions",
+            a.max_new_tokens
+        );
+    }
+    let (vq, codebooks) = quantizers(a, &model, device)?;
+    let partition = DevicePartition::contiguous(t as usize, a.devices)?;
+    tch::manual_seed(a.seed as i64);
+    let text = a.prompt.is_some();
+    let mut stream = Stream::default();
+    if let Some(p) = &a.prompt {
+        print!("{p}");
+    }
+    let start = Instant::now();
+    let (mut g, mut logits) = tch::no_grad(|| Generator::prefill(&model, &ids, &partition, &vq))?;
+    let mut out = vec![ids.shallow_clone()];
+    let mut first_ms = 0.0;
+    let mut decode_start = start;
+    for i in 0..a.max_new_tokens {
+        let next = sampling.pick(&logits);
+        if i == 0 {
+            first_ms = start.elapsed().as_secs_f64() * 1e3;
+            decode_start = Instant::now();
+        }
+        if text {
+            stream.push(next.int64_value(&[0]) as u32);
+        }
+        out.push(next.view([-1, 1]));
+        if i + 1 < a.max_new_tokens {
+            logits = tch::no_grad(|| g.step(&next))?;
+        }
+    }
+    let decode_s = decode_start.elapsed().as_secs_f64();
+    if text {
+        stream.finish();
+    }
+    let all = Tensor::cat(&out, 1);
+    if let Some(path) = &a.out {
+        write_ids_atomic(&all, path)?;
+    }
+    let summary = Summary {
+        devices: a.devices,
+        codebooks,
+        batch: b,
+        prompt_tokens: t,
+        new_tokens: a.max_new_tokens,
+        time_to_first_token_ms: first_ms,
+        decode_tokens_per_s: (a.max_new_tokens > 1)
+            .then(|| (a.max_new_tokens - 1) as f64 / decode_s.max(1e-9)),
+        cache_bytes: g.cache_bytes(),
+    };
+    if let Some(path) = &a.json {
+        astra_quant::atomic::write_bytes(path, serde_json::to_string_pretty(&summary)?.as_bytes())
+            .map_err(|e| crate::error::EvalError::Invalid(format!("{}: {e}", path.display())))?;
+    }
+    Ok(summary)
+}
+
+/// Prints decoded text as it completes (a BPE token may end inside a UTF-8 character).
+#[derive(Default)]
+struct Stream {
+    tokens: Vec<u32>,
+    printed: usize,
+}
+
+impl Stream {
+    fn push(&mut self, token: u32) {
+        self.tokens.push(token);
+        let bytes = astra_train::data::text::decode_bytes(&self.tokens).unwrap_or_default();
+        let valid = match std::str::from_utf8(&bytes) {
+            Ok(s) => s.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        if valid > self.printed {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&bytes[self.printed..valid]);
+            let _ = out.flush();
+            self.printed = valid;
+        }
+    }
+    fn finish(&self) {
+        let bytes = astra_train::data::text::decode_bytes(&self.tokens).unwrap_or_default();
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(String::from_utf8_lossy(&bytes[self.printed..]).as_bytes());
+        let _ = writeln!(out);
+    }
+}
+
+/// Token ids as an int64 .npy, atomically.
+fn write_ids_atomic(ids: &Tensor, path: &std::path::Path) -> Result<()> {
+    let t = ids.to_kind(Kind::Int64).to_device(Device::Cpu).contiguous();
+    let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+    let data = Vec::<i64>::try_from(t.reshape([-1]))?;
+    let a = ndarray::ArrayD::from_shape_vec(shape, data)?;
+    astra_quant::npy::write(path, &a)?;
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! `astra-eval generate` as users call it: a text prompt through GPT-2 BPE streamed back with its
+//! continuation, ids written like HF's generate, N devices without codebooks equal to one, a
+//! summary with the cache's bytes, and bad flags named in one line.
+
+use std::process::Command;
+
+mod common;
+
+use astra_train::config::{LlamaConfig, LlamaFamily, ModelConfig, RopeScaling};
+use astra_train::model::Model;
+use tch::{Device, Tensor};
+
+fn generate(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_astra-eval"))
+        .arg("generate")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn text_in_text_out_and_ids_like_hf() {
+    let dir = tempfile::tempdir().unwrap();
+    tch::manual_seed(8);
+    let cfg = LlamaConfig {
+        family: LlamaFamily::Llama,
+        vocab_size: 50257,
+        hidden_size: 16,
+        intermediate_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 8,
+        max_position_embeddings: 32,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10_000.0,
+        rope_scaling: RopeScaling::Default,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        mlp_bias: false,
+        sliding_window: None,
+    };
+    let m = dir.path().join("m");
+    Model::new(ModelConfig::Llama(cfg), Device::Cpu)
+        .unwrap()
+        .save(&m)
+        .unwrap();
+    let m = m.to_str().unwrap();
+    let path = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let prompt = "The quick brown fox jumps";
+    let mut outs = Vec::new();
+    for devices in ["1", "3"] {
+        let o = generate(&[
+            "--model",
+            m,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "6",
+            "--devices",
+            devices,
+            "--no-vq",
+            "--out",
+            &path(&format!("ids{devices}.npy")),
+            "--json",
+            &path("s.json"),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            text.starts_with(prompt) && text.len() > prompt.len(),
+            "{text}"
+        );
+        outs.push(Tensor::read_npy(path(&format!("ids{devices}.npy"))).unwrap());
+    }
+    // 5 prompt tokens + 6 new, int64, the prompt first; 3 devices without codebooks = 1 device.
+    assert_eq!(outs[0].size(), vec![1, 11]);
+    assert_eq!(outs[0].kind(), tch::Kind::Int64);
+    assert!(outs[0].equal(&outs[1]));
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path("s.json")).unwrap()).unwrap();
+    assert_eq!(s["devices"], 3);
+    assert!(s["time_to_first_token_ms"].as_f64().unwrap() > 0.0);
+    // Own tokens 2..: 2 blocks × keys and values × (1 own prompt token + 5 new) × 8 × 4 bytes.
+    assert_eq!(s["cache_bytes"]["local"], 2 * 2 * 6 * 8 * 4);
+
+    for (args, needle) in [
+        (vec!["--prompt", "x", "--top-p", "2"], "--top-p"),
+        (vec!["--prompt", "x", "--top-k", "3"], "--temperature"),
+        (
+            vec![
+                "--prompt",
+                "a b c",
+                "--devices",
+                "2",
+                "--max-new-tokens",
+                "2",
+            ],
+            "--no-vq",
+        ),
+        (
+            vec!["--prompt", "a b c", "--max-new-tokens", "40"],
+            "positions",
+        ),
+        (vec!["--prompt", ""], "empty"),
+    ] {
+        let mut full = vec!["--model", m];
+        full.extend(args);
+        let o = generate(&full);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(needle) && err.trim().lines().count() == 1,
+            "{err}"
+        );
+    }
+}
