@@ -246,7 +246,7 @@ fn gpt2_predict_and_bad_input() {
             ],
             &[&ids, Path::new("--out"), &out],
         ),
-        "file has 5 blocks, the model has 2",
+        "file has 5 blocks of codewords, the model has 2 quantizers",
     );
     err(
         predict(
