@@ -4,10 +4,9 @@
 //! exactly the bytes of the paper's App. G accounting.
 
 mod common;
-use common::{max_rel_diff, python};
+use common::{fixture, max_rel_diff};
 
 use std::path::Path;
-use std::process::Command;
 
 use astra_quant::{BlockQuantizer, GroupedCodebook, KMeansConfig};
 use astra_train::config::{GPT2Config, LlamaConfig, LlamaFamily, ModelConfig, RopeScaling};
@@ -15,24 +14,6 @@ use astra_train::generate::{generate, Generator, Sampling};
 use astra_train::model::Model;
 use astra_train::models::{Astra, ClsMode, DevicePartition, GroupedVq, VqConfig};
 use tch::{Device, Kind, Tensor};
-
-fn fixture(script: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(script);
-    let out = Command::new(python())
-        .arg(script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir
-}
 
 /// Our greedy decoding from the first 10 tokens of the fixture input against HF's: the same 8
 /// tokens, and each step's logits within 1e-4.

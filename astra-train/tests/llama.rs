@@ -4,9 +4,8 @@
 //! masked ≡ per-device ≡ per-device with direct lookup, and with the identity quantizer ≡ plain.
 
 mod common;
-use common::{max_rel_diff, python};
+use common::{fixture, max_rel_diff, python};
 
-use std::path::Path;
 use std::process::Command;
 
 use astra_quant::{BlockQuantizer, GroupedCodebook, KMeansConfig};
@@ -23,25 +22,9 @@ const VARIANTS: [&str; 5] = [
     "llama-bf16",
 ];
 
-fn fixtures() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_llama_models.py");
-    let out = Command::new(python())
-        .arg(script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fixture script failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir
-}
-
 #[test]
 fn parity_with_transformers_and_export_back() {
-    let dir = fixtures();
+    let dir = fixture("make_llama_models.py");
     let d = dir.path();
     let ids = Tensor::read_npy(d.join("ids.npy")).unwrap();
     for name in VARIANTS {

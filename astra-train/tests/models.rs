@@ -3,10 +3,7 @@
 //! equals the plain model.
 
 mod common;
-use common::{max_rel_diff, python};
-
-use std::path::Path;
-use std::process::Command;
+use common::{fixture, max_rel_diff};
 
 use astra_quant::{BlockQuantizer, CodebookFile, GroupedCodebook, KMeansConfig};
 use astra_train::config::{GPT2Config, ModelConfig, ViTConfig};
@@ -14,25 +11,9 @@ use astra_train::model::Model;
 use astra_train::models::{Astra, ClsMode, DevicePartition, GroupedVq, VqConfig};
 use tch::{Device, Kind, Tensor};
 
-fn fixtures() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_hf_models.py");
-    let out = Command::new(python())
-        .arg(script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fixture script failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir
-}
-
 #[test]
 fn parity_with_transformers_and_hf_cache() {
-    let dir = fixtures();
+    let dir = fixture("make_hf_models.py");
     let d = dir.path();
     for (name, input, logits) in [
         ("vit", "vit_input.npy", "vit_logits.npy"),

@@ -16,6 +16,27 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// A temporary folder filled by `tests/fixtures/SCRIPT OUT_DIR` (run with the project venv's
+/// Python); the script's stderr is shown when it fails.
+pub fn fixture(script: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(script);
+    let out = std::process::Command::new(python())
+        .arg(&script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
 /// max |a − b| relative to max |b|.
 pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
     let scale = b.abs().max().double_value(&[]).max(1e-6);
