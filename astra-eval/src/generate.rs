@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use astra_train::data::tokenizer::TextCodec;
 use astra_train::generate::{CacheBytes, Generator, Sampling};
 use astra_train::model::Model;
 use astra_train::models::{DevicePartition, GroupedVq, VqConfig};
@@ -70,29 +71,25 @@ fn sampling(a: &GenerateArgs) -> Result<Sampling> {
     })
 }
 
-/// The prompt ids [B, T]: from --input, or --prompt through GPT-2 BPE.
-fn prompt(a: &GenerateArgs, model: &Model) -> Result<Tensor> {
+/// The prompt ids [B, T]: from --input, or --prompt through the model's tokenizer (its
+/// tokenizer.json, else GPT-2 BPE), with that tokenizer for the output text.
+fn prompt(a: &GenerateArgs, model: &Model) -> Result<(Tensor, Option<TextCodec>)> {
     let (vocab, _) = model.config.language_model().ok_or_else(|| {
         crate::error::EvalError::Invalid(format!("{}: not a language model", a.model))
     })?;
     if let Some(path) = &a.input {
-        return crate::predict::read_input(path, &model.config);
+        return Ok((crate::predict::read_input(path, &model.config)?, None));
     }
+    let codec = TextCodec::for_model(&astra_train::model::resolve(&a.model)?, vocab)?;
     let text = a.prompt.as_deref().unwrap_or_default();
-    if vocab < astra_train::data::text::GPT2_VOCAB {
-        fail!(
-            "--prompt is tokenized with GPT-2 BPE, but {} has a vocabulary of {vocab}: pass ids with --input",
-            a.model
-        );
-    }
-    let ids: Vec<i64> = astra_train::data::text::encode(text)
-        .into_iter()
-        .map(i64::from)
-        .collect();
-    if ids.is_empty() {
+    if text.is_empty() {
         fail!("--prompt is empty");
     }
-    Ok(Tensor::from_slice(&ids).view([1, -1]))
+    let ids: Vec<i64> = codec.encode(text)?.into_iter().map(i64::from).collect();
+    if ids.is_empty() {
+        fail!("--prompt has no tokens");
+    }
+    Ok((Tensor::from_slice(&ids).view([1, -1]), Some(codec)))
 }
 
 /// Codebooks for N > 1: --codebooks, else beside the model, else only with --no-vq.
@@ -129,7 +126,8 @@ pub fn run(a: &GenerateArgs) -> Result<Summary> {
     let device =
         astra_train::libtorch::parse_device(&a.device).map_err(crate::error::EvalError::Invalid)?;
     let (model, _) = Model::load(&a.model, device)?;
-    let ids = prompt(a, &model)?.to_device(device);
+    let (ids, codec) = prompt(a, &model)?;
+    let ids = ids.to_device(device);
     let (b, t) = (ids.size()[0], ids.size()[1]);
     if a.devices == 0 || a.devices as i64 > t {
         fail!(
@@ -147,8 +145,7 @@ pub fn run(a: &GenerateArgs) -> Result<Summary> {
     let (vq, codebooks) = quantizers(a, &model, device)?;
     let partition = DevicePartition::contiguous(t as usize, a.devices)?;
     tch::manual_seed(a.seed as i64);
-    let text = a.prompt.is_some();
-    let mut stream = Stream::default();
+    let mut stream = codec.as_ref().map(Stream::new);
     if let Some(p) = &a.prompt {
         print!("{p}");
     }
@@ -163,8 +160,8 @@ pub fn run(a: &GenerateArgs) -> Result<Summary> {
             first_ms = start.elapsed().as_secs_f64() * 1e3;
             decode_start = Instant::now();
         }
-        if text {
-            stream.push(next.int64_value(&[0]) as u32);
+        if let Some(s) = &mut stream {
+            s.push(next.int64_value(&[0]) as u32);
         }
         out.push(next.view([-1, 1]));
         if i + 1 < a.max_new_tokens {
@@ -172,8 +169,8 @@ pub fn run(a: &GenerateArgs) -> Result<Summary> {
         }
     }
     let decode_s = decode_start.elapsed().as_secs_f64();
-    if text {
-        stream.finish();
+    if stream.is_some() {
+        println!();
     }
     let all = Tensor::cat(&out, 1);
     if let Some(path) = &a.out {
@@ -197,33 +194,34 @@ pub fn run(a: &GenerateArgs) -> Result<Summary> {
     Ok(summary)
 }
 
-/// Prints decoded text as it completes (a BPE token may end inside a UTF-8 character).
-#[derive(Default)]
-struct Stream {
+/// Prints the continuation's text as it grows (a token may complete a character, or change how
+/// the tokenizer joins the text: only a stable extension is printed).
+struct Stream<'c> {
+    codec: &'c TextCodec,
     tokens: Vec<u32>,
-    printed: usize,
+    printed: String,
 }
 
-impl Stream {
-    fn push(&mut self, token: u32) {
-        self.tokens.push(token);
-        let bytes = astra_train::data::text::decode_bytes(&self.tokens).unwrap_or_default();
-        let valid = match std::str::from_utf8(&bytes) {
-            Ok(s) => s.len(),
-            Err(e) => e.valid_up_to(),
-        };
-        if valid > self.printed {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(&bytes[self.printed..valid]);
-            let _ = out.flush();
-            self.printed = valid;
+impl<'c> Stream<'c> {
+    fn new(codec: &'c TextCodec) -> Self {
+        Stream {
+            codec,
+            tokens: Vec::new(),
+            printed: String::new(),
         }
     }
-    fn finish(&self) {
-        let bytes = astra_train::data::text::decode_bytes(&self.tokens).unwrap_or_default();
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(String::from_utf8_lossy(&bytes[self.printed..]).as_bytes());
-        let _ = writeln!(out);
+
+    fn push(&mut self, token: u32) {
+        self.tokens.push(token);
+        let Ok(text) = self.codec.decode(&self.tokens) else {
+            return;
+        };
+        if let Some(rest) = text.strip_prefix(self.printed.as_str()) {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(rest.as_bytes());
+            let _ = out.flush();
+            self.printed = text;
+        }
     }
 }
 

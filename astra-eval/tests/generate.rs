@@ -114,3 +114,44 @@ fn text_in_text_out_and_ids_like_hf() {
         );
     }
 }
+
+/// A Llama checkpoint with its own tokenizer.json: the prompt encoded (BOS included) and the
+/// continuation decoded by it, the ids and the text equal to transformers' greedy generate.
+#[test]
+fn a_models_tokenizer_json_is_used_for_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../astra-train/tests/fixtures/make_llama_models.py");
+    let o = Command::new(common::python())
+        .arg(script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = dir.path();
+    let m = d.join("llama-gqa-llama3");
+    let want_ids = Tensor::read_npy(d.join("tok_generate.npy")).unwrap();
+    let want_text = std::fs::read_to_string(d.join("tok_text.txt")).unwrap();
+    for devices in ["1", "2"] {
+        let out = d.join(format!("ids{devices}.npy"));
+        let o = generate(&[
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "the quick brown fox jumps over",
+            "--max-new-tokens",
+            "8",
+            "--devices",
+            devices,
+            "--no-vq",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            Tensor::read_npy(&out).unwrap().equal(&want_ids),
+            "{devices} device(s)"
+        );
+        assert_eq!(String::from_utf8_lossy(&o.stdout), want_text);
+    }
+}

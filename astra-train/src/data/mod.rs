@@ -18,6 +18,7 @@ pub mod loader;
 pub mod pickle;
 pub mod split;
 pub mod text;
+pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
