@@ -973,4 +973,53 @@ fn llama_prefill_over_tcp_equals_the_per_device_path() {
         rel_diff(&path("d.npy"), &path("plain.npy")) > 1e-4,
         "the key/value codebooks changed nothing"
     );
+    // Decoding on the worker holding the last token, after the prefill over TCP: the same tokens
+    // as in-process generation with the same codebooks (its cache holds the indices it received).
+    let json = path("dec.json");
+    let out = ok(&eval(
+        &[
+            "distributed",
+            "--model",
+            m,
+            "--input",
+            ids,
+            "--devices",
+            "3",
+            "--decode",
+            "5",
+            "--json",
+            json.to_str().unwrap(),
+            "--out",
+            path("dec.npy").to_str().unwrap(),
+        ],
+        None,
+    ));
+    assert!(out.contains("decoded by worker 2: 5 token(s)"), "{out}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let decoded: Vec<Vec<i64>> = serde_json::from_value(s["decoded"].clone()).unwrap();
+    assert!(s["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    ok(&eval(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--input",
+            ids,
+            "--devices",
+            "3",
+            "--codebooks",
+            &format!("{m}/codebooks.safetensors"),
+            "--max-new-tokens",
+            "5",
+            "--out",
+            path("gen.npy").to_str().unwrap(),
+        ],
+        None,
+    ));
+    let gen = Tensor::read_npy(path("gen.npy")).unwrap().narrow(1, 11, 5);
+    let want: Vec<Vec<i64>> = (0..2)
+        .map(|b| Vec::<i64>::try_from(gen.get(b)).unwrap())
+        .collect();
+    assert_eq!(decoded, want);
 }

@@ -9,7 +9,7 @@
 use astra_quant::bitpack;
 use tch::{Kind, Tensor};
 
-use crate::engine::{run_devices, Decoder, DeviceShare, Expanded, Payload, RemoteKv};
+use crate::engine::{run_devices, AstraModel, Decoder, DeviceShare, Expanded, Payload, RemoteKv};
 use crate::error::{Result, TrainError};
 use crate::model::Model;
 use crate::models::{ClsMode, DevicePartition, GroupedVq};
@@ -108,9 +108,6 @@ impl<'m> Generator<'m> {
         vq: &'m [GroupedVq],
     ) -> Result<(Self, Tensor)> {
         let m = model.astra_model();
-        let dec = m.as_decoder().ok_or_else(|| {
-            TrainError::invalid("model", "is not a language model: nothing to generate")
-        })?;
         let last = partition.owner(partition.tokens() - 1);
         let mut captured: Vec<(Tensor, Vec<Payload>)> = Vec::new();
         let (mut shares, local) = run_devices(
@@ -126,32 +123,54 @@ impl<'m> Generator<'m> {
             },
         )?;
         let share = shares.swap_remove(last);
-        let logits = share
-            .finish(&local[last], true)
-            .expect("the last device holds the last token");
+        // Of what every device sent, what this one received (its sources, in rank order).
+        let received = captured
+            .into_iter()
+            .map(|(states, sent)| {
+                let mine = share
+                    .sources
+                    .iter()
+                    .map(|&e| copy_payload(&sent[e as usize]));
+                (states, mine.collect())
+            })
+            .collect();
+        Self::from_prefill(m, share, received, &local[last])
+    }
+
+    /// The decoding device from its own prefill: its engine `share` (which must hold the last
+    /// token), per block its states before the block and the payloads it received (sources in
+    /// rank order), and its final states. Returns it and the next-token logits [B, V]. The
+    /// runtime's decoding worker comes here from its own exchange.
+    pub fn from_prefill(
+        model: &'m dyn AstraModel,
+        share: DeviceShare<'m>,
+        per_block: Vec<(Tensor, Vec<Payload>)>,
+        last_states: &Tensor,
+    ) -> Result<(Self, Tensor)> {
+        let dec = model.as_decoder().ok_or_else(|| {
+            TrainError::invalid("model", "is not a language model: nothing to generate")
+        })?;
+        let logits = share.finish(last_states, true).ok_or_else(|| {
+            TrainError::invalid("decoding device", "does not hold the prompt's last token")
+        })?;
         let mut g = Generator {
             dec,
-            blocks: Vec::with_capacity(captured.len()),
-            position: partition.tokens() as i64,
+            blocks: Vec::with_capacity(per_block.len()),
+            position: share.partition.tokens() as i64,
             share,
         };
-        for (l, (states, sent)) in captured.into_iter().enumerate() {
-            let block = g.cache_block(l, &states, &sent)?;
+        for (l, (states, received)) in per_block.into_iter().enumerate() {
+            let block = g.cache_block(l, &states, &received)?;
             g.blocks.push(block);
         }
         Ok((g, logits))
     }
 
-    /// Block `l`'s cache from the device's states before it and what every device sent in it.
-    fn cache_block(&self, l: usize, states: &Tensor, sent: &[Payload]) -> Result<BlockCache> {
+    /// Block `l`'s cache from the device's states before it and the payloads it received.
+    fn cache_block(&self, l: usize, states: &Tensor, received: &[Payload]) -> Result<BlockCache> {
         let at = self.share.positions();
         let (keys, values) = self.dec.local_kv(l, states, at.local);
-        let received: Vec<&Payload> = self
-            .share
-            .sources
-            .iter()
-            .map(|&e| &sent[e as usize])
-            .collect();
+        let received: Vec<&Payload> = received.iter().collect();
         let remote = match received.first() {
             None => RemoteCache::None,
             Some(Payload::Indices(_)) => {
@@ -282,7 +301,8 @@ impl<'m> Generator<'m> {
     }
 }
 
-fn copy_payload(p: &Payload) -> Payload {
+/// A payload handle (the tensors are shared, not copied).
+pub fn copy_payload(p: &Payload) -> Payload {
     match p {
         Payload::Indices(t) => Payload::Indices(t.shallow_clone()),
         Payload::Embeddings(t) => Payload::Embeddings(t.shallow_clone()),

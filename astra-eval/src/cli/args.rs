@@ -199,6 +199,11 @@ pub struct DistributedArgs {
     /// Write latencies and per-worker times as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Language models: after each prefill the worker holding the last token decodes this many
+    /// tokens greedily with its cache of VQ indices (the summary reports them and the decode
+    /// rate; the prefill latency is the time to the first token).
+    #[arg(long, default_value_t = 0)]
+    pub decode: u32,
 }
 
 /// Options of `astra-eval predict`.

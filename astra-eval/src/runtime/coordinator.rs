@@ -124,6 +124,12 @@ pub struct Summary {
     /// (headers included; SP: fp32 embeddings, ASTRA: packed indices).
     pub sent_bytes: Vec<u64>,
     pub received_bytes: Vec<u64>,
+    /// `--decode`: the tokens the last device generated after the median run's prefill
+    /// ([batch][new]) and its decode rate (tokens/s per sequence, steps after the first token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoded: Option<Vec<Vec<i64>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_tokens_per_s: Option<f64>,
 }
 
 /// Kills and reaps local workers when the coordinator leaves early.
@@ -315,6 +321,8 @@ struct RunResult {
     timings: Vec<Vec<f64>>,
     /// (sent, received) bytes per worker.
     bytes: Vec<(u64, u64)>,
+    /// `--decode`: the generated tokens [batch][new] and each decode step's ms.
+    decoded: Option<(Vec<Vec<i64>>, Vec<f64>)>,
 }
 
 /// Runs the input through N workers, writes the logits; returns a summary with latencies and the
@@ -322,6 +330,12 @@ struct RunResult {
 pub fn distributed(a: &DistributedRun<'_>) -> Result<String> {
     check_flags(a)?;
     let (model, _) = Model::load(&a.args.model, Device::Cpu)?;
+    if a.args.decode > 0 && model.astra_model().as_decoder().is_none() {
+        fail!(
+            "--decode needs a language model; {} is a classifier",
+            a.args.model
+        );
+    }
     let input = crate::predict::read_input(&a.args.input, &model.config)?;
     let tokens = model.content_tokens(&input);
     check_sizes(a, tokens)?;
@@ -377,6 +391,11 @@ pub fn distributed(a: &DistributedRun<'_>) -> Result<String> {
         sent_bytes: run.bytes.iter().map(|b| b.0).collect(),
         received_bytes: run.bytes.iter().map(|b| b.1).collect(),
         runs_ms,
+        decoded: run.decoded.as_ref().map(|d| d.0.clone()),
+        decode_tokens_per_s: run.decoded.as_ref().and_then(|(_, ms)| {
+            let total: f64 = ms.iter().sum();
+            (!ms.is_empty() && total > 0.0).then(|| ms.len() as f64 * 1e3 / total)
+        }),
     };
     let mut report = report_text(a, &summary, &logits, blocks);
     if let Some(path) = &a.args.trace {
@@ -423,6 +442,9 @@ fn check_flags(a: &DistributedRun<'_>) -> Result<()> {
     }
     if a.args.runs == 0 {
         fail!("--runs must be at least 1");
+    }
+    if a.args.decode > 0 && a.args.all_logits {
+        fail!("--decode continues from the next-token logits; drop --all-logits");
     }
     Ok(())
 }
@@ -539,6 +561,7 @@ fn send_plans(
             threads,
             all_logits: a.args.all_logits,
             uplink: a.user_shaping.then(|| a.args.links.clone()).flatten(),
+            decode_tokens: a.args.decode,
         };
         let hello = Frame::Hello {
             session: session.into(),
@@ -585,6 +608,9 @@ fn timed_runs(
             |r, f| result_of(r, f, blocks),
         )?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let decoded = (a.args.decode > 0)
+            .then(|| decoded_of(links, a, t0))
+            .transpose()?;
         if run >= a.args.warmup {
             runs_ms.push(ms);
             let (mut states, mut timings, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
@@ -597,10 +623,54 @@ fn timed_runs(
                 states,
                 timings,
                 bytes,
+                decoded,
             });
         }
     }
     Ok((runs_ms, results))
+}
+
+/// The decoding worker's tokens after a run's prefill (the last device sends them after its
+/// result), checked.
+fn decoded_of(
+    links: &WorkerLinks,
+    a: &DistributedRun<'_>,
+    t0: Instant,
+) -> Result<(Vec<Vec<i64>>, Vec<f64>)> {
+    let last = a.devices - 1;
+    let new = a.args.decode as usize;
+    let deadline = t0 + a.startup() + a.timeout() * (3 + new as u32);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match links.rx.recv_timeout(left) {
+            Ok((
+                r,
+                Ok(Frame::Decoded {
+                    batch,
+                    tokens,
+                    step_ms,
+                    ..
+                }),
+            )) if r == last => {
+                let b = batch as usize;
+                if b == 0 || tokens.len() != b * new || step_ms.len() != new.saturating_sub(1) {
+                    fail!(
+                        "worker {r} sent {} tokens and {} step times for batch {b} × {new}",
+                        tokens.len(),
+                        step_ms.len()
+                    );
+                }
+                return Ok((tokens.chunks(new).map(<[i64]>::to_vec).collect(), step_ms));
+            }
+            Ok((r, Ok(Frame::Error(e)))) => fail!("worker {r}: {e}"),
+            Ok((r, Ok(f))) => fail!(
+                "worker {r} sent a {} frame while the coordinator waited for decoded tokens",
+                f.name()
+            ),
+            Ok((r, Err(e))) => fail!("worker {r}: {e}"),
+            Err(_) => fail!("no decoded tokens from worker {last} in time"),
+        }
+    }
 }
 
 /// One worker's checked result: its state (if any), per-block timings, and bytes on the wire.
@@ -684,6 +754,17 @@ fn report_text(a: &DistributedRun<'_>, s: &Summary, logits: &Tensor, blocks: usi
         report += &format!(
             "worker {r}: compute {:.1} ms, waiting {:.1} ms over {blocks} blocks\n",
             s.compute_ms[r], s.wait_ms[r]
+        );
+    }
+    if let Some(d) = &s.decoded {
+        report += &format!(
+            "decoded by worker {}: {} token(s) per sequence after the prefill (time to first token {:.1} ms), {}; sequence 0: {:?}\n",
+            s.devices - 1,
+            d.first().map_or(0, Vec::len),
+            s.median_ms,
+            s.decode_tokens_per_s
+                .map_or("one token, no decode steps".into(), |r| format!("{r:.1} tokens/s")),
+            d.first().cloned().unwrap_or_default()
         );
     }
     report

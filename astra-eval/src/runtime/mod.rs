@@ -65,4 +65,8 @@ pub struct Plan {
     /// unshaped, or shaped by the kernel around the process.
     #[serde(default)]
     pub uplink: Option<astra_sim::live::Links>,
+    /// Language models: after the prefill, the device holding the last token decodes this many
+    /// tokens greedily with its cache of indices and sends them back (0: prefill only).
+    #[serde(default)]
+    pub decode_tokens: u32,
 }

@@ -20,6 +20,7 @@ use super::frame::{self, Frame};
 use super::net::{self, accept_by, configure, read_frames, same_key, Control, MeshMember, Tagged};
 use super::{Plan, COORDINATOR, REJECTED_KEY};
 use astra_train::engine::{wire_embeddings, DeviceShare, Payload, RemoteKv};
+use astra_train::generate::{copy_payload, Generator};
 use astra_train::models::{ClsMode, DevicePartition, GroupedVq, VqConfig};
 
 /// Where the coordinator's frames come from.
@@ -163,9 +164,14 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         })
         .collect::<std::io::Result<_>>()?;
     control.send(&Frame::Ready { rank: plan.rank })?;
+    // The decoding device keeps what its cache needs from each prefill.
+    let holds_last = dev.partition.owner(dev.partition.tokens() - 1) == dev.rank;
+    let decodes =
+        plan.decode_tokens > 0 && holds_last && model.astra_model().as_decoder().is_some();
     let mut ex = Exchange {
         plan,
         dev: &dev,
+        captured: decodes.then(Vec::new),
         rx,
         pending: HashMap::new(),
         taken: Default::default(),
@@ -173,6 +179,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         batch: input.size()[0],
         sent: 0,
         received: 0,
+        last_states: None,
     };
     loop {
         match control.recv(None) {
@@ -200,7 +207,49 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
             sent_bytes,
             received_bytes,
         })?;
+        if let Some(per_block) = ex.captured.as_mut().map(std::mem::take) {
+            let last = ex.last_states.take().expect("captured with the prefill");
+            let share = DeviceShare::new(
+                model.astra_model(),
+                dev.partition.clone(),
+                plan.rank as usize,
+                cls,
+                &vq,
+                RemoteKv::Tables,
+                Device::Cpu,
+            )?;
+            control.send(&decode(&model, share, per_block, &last, plan)?)?;
+        }
     }
+}
+
+/// Greedy decoding on this device after its prefill: the tokens and each step's milliseconds.
+fn decode(
+    model: &Model,
+    share: DeviceShare<'_>,
+    per_block: Vec<(Tensor, Vec<Payload>)>,
+    last: &Tensor,
+    plan: &Plan,
+) -> Result<Frame> {
+    let (mut g, mut logits) = Generator::from_prefill(model.astra_model(), share, per_block, last)?;
+    let mut tokens = Vec::new();
+    let mut step_ms = Vec::new();
+    for i in 0..plan.decode_tokens {
+        let next = logits.argmax(-1, false);
+        tokens.push(next.shallow_clone());
+        if i + 1 < plan.decode_tokens {
+            let t = Instant::now();
+            logits = g.step(&next)?;
+            step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let ids = Tensor::stack(&tokens, 1); // [B, new]
+    Ok(Frame::Decoded {
+        from: plan.rank,
+        batch: ids.size()[0] as u32,
+        tokens: Vec::<i64>::try_from(ids.reshape([-1]))?,
+        step_ms,
+    })
 }
 
 /// The run's quantizers (none for the SP baseline), without NAQ noise.
@@ -274,6 +323,10 @@ struct Exchange<'a> {
     /// Bytes of the frames this worker queued for its peers and took from them in this run.
     sent: u64,
     received: u64,
+    /// The decoding device: per block its states before the block and the payloads it
+    /// received in the last run, and its final states (None on the other devices).
+    captured: Option<Vec<(Tensor, Vec<Payload>)>>,
+    last_states: Option<Tensor>,
 }
 
 impl Exchange<'_> {
@@ -319,6 +372,12 @@ impl Exchange<'_> {
             let received = self.receive(l)?;
             let wait = t1.elapsed();
             let t2 = Instant::now();
+            if let Some(c) = self.captured.as_mut() {
+                c.push((
+                    local.shallow_clone(),
+                    received.iter().map(copy_payload).collect(),
+                ));
+            }
             let received: Vec<&Payload> = received.iter().collect();
             local = self.dev.block(l, &local, &received);
             timings.extend([
@@ -326,6 +385,9 @@ impl Exchange<'_> {
                 wait.as_secs_f64() * 1e3,
                 t2.elapsed().as_secs_f64() * 1e3,
             ]);
+        }
+        if self.captured.is_some() {
+            self.last_states = Some(local.shallow_clone());
         }
         Ok((self.dev.finish(&local, !self.plan.all_logits), timings))
     }

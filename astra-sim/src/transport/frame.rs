@@ -67,6 +67,14 @@ pub enum Frame {
     /// Replay worker → worker: an opaque payload of the size a trace's communication op names,
     /// tagged by that op (astra-sim's live replay).
     Bytes { tag: u32, payload: Vec<u8> },
+    /// Decoding worker → coordinator, after its Result: the tokens it generated after the
+    /// prefill, [batch, new] row-major, and the milliseconds each decode step took.
+    Decoded {
+        from: u32,
+        batch: u32,
+        tokens: Vec<i64>,
+        step_ms: Vec<f64>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +145,7 @@ impl Frame {
             Frame::Go { .. } => "go",
             Frame::Done => "done",
             Frame::Bytes { .. } => "bytes",
+            Frame::Decoded { .. } => "decoded",
         }
     }
 
@@ -152,6 +161,7 @@ impl Frame {
             Frame::Go { .. } => 8,
             Frame::Done => 9,
             Frame::Bytes { .. } => 10,
+            Frame::Decoded { .. } => 11,
         }
     }
 
@@ -170,6 +180,23 @@ impl Frame {
             Frame::Bytes { tag, payload } => {
                 p.extend_from_slice(&tag.to_le_bytes());
                 put_bytes(&mut p, payload);
+            }
+            Frame::Decoded {
+                from,
+                batch,
+                tokens,
+                step_ms,
+            } => {
+                p.extend_from_slice(&from.to_le_bytes());
+                p.extend_from_slice(&batch.to_le_bytes());
+                p.extend_from_slice(&(tokens.len() as u32).to_le_bytes());
+                for t in tokens {
+                    p.extend_from_slice(&t.to_le_bytes());
+                }
+                p.extend_from_slice(&(step_ms.len() as u32).to_le_bytes());
+                for v in step_ms {
+                    p.extend_from_slice(&v.to_le_bytes());
+                }
             }
             Frame::Embeddings {
                 block,
@@ -355,6 +382,27 @@ impl Frame {
                 tag: c.u32()?,
                 payload: c.bytes()?,
             },
+            11 => {
+                let (from, batch) = (c.u32()?, c.u32()?);
+                let n = c.u32()? as usize;
+                let raw = c.take(n.checked_mul(8).ok_or_else(|| bad("size overflow"))?)?;
+                let tokens = raw
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().expect("8")))
+                    .collect();
+                let m = c.u32()? as usize;
+                let raw = c.take(m.checked_mul(8).ok_or_else(|| bad("size overflow"))?)?;
+                let step_ms = raw
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().expect("8")))
+                    .collect();
+                Frame::Decoded {
+                    from,
+                    batch,
+                    tokens,
+                    step_ms,
+                }
+            }
             k => return Err(bad(format!("kind {k} is unknown"))),
         };
         c.done()?;
@@ -433,6 +481,12 @@ mod tests {
             Frame::Ready { rank: 3 },
             Frame::Go { run: 9 },
             Frame::Done,
+            Frame::Decoded {
+                from: 2,
+                batch: 2,
+                tokens: vec![5, 50_000, 7, 1],
+                step_ms: vec![3.25],
+            },
         ];
         for f in &frames {
             let mut buf = Vec::new();
