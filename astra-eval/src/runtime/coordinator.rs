@@ -640,36 +640,34 @@ fn decoded_of(
     let last = a.devices - 1;
     let new = a.args.decode as usize;
     let deadline = t0 + a.startup() + a.timeout() * (3 + new as u32);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match links.rx.recv_timeout(left) {
-            Ok((
-                r,
-                Ok(Frame::Decoded {
-                    batch,
-                    tokens,
-                    step_ms,
-                    ..
-                }),
-            )) if r == last => {
-                let b = batch as usize;
-                if b == 0 || tokens.len() != b * new || step_ms.len() != new.saturating_sub(1) {
-                    fail!(
-                        "worker {r} sent {} tokens and {} step times for batch {b} × {new}",
-                        tokens.len(),
-                        step_ms.len()
-                    );
-                }
-                return Ok((tokens.chunks(new).map(<[i64]>::to_vec).collect(), step_ms));
+    let left = deadline.saturating_duration_since(Instant::now());
+    match links.rx.recv_timeout(left) {
+        Ok((
+            r,
+            Ok(Frame::Decoded {
+                batch,
+                tokens,
+                step_ms,
+                ..
+            }),
+        )) if r == last => {
+            let b = batch as usize;
+            if b == 0 || tokens.len() != b * new || step_ms.len() != new.saturating_sub(1) {
+                fail!(
+                    "worker {r} sent {} tokens and {} step times for batch {b} × {new}",
+                    tokens.len(),
+                    step_ms.len()
+                );
             }
-            Ok((r, Ok(Frame::Error(e)))) => fail!("worker {r}: {e}"),
-            Ok((r, Ok(f))) => fail!(
-                "worker {r} sent a {} frame while the coordinator waited for decoded tokens",
-                f.name()
-            ),
-            Ok((r, Err(e))) => fail!("worker {r}: {e}"),
-            Err(_) => fail!("no decoded tokens from worker {last} in time"),
+            Ok((tokens.chunks(new).map(<[i64]>::to_vec).collect(), step_ms))
         }
+        Ok((r, Ok(Frame::Error(e)))) => fail!("worker {r}: {e}"),
+        Ok((r, Ok(f))) => fail!(
+            "worker {r} sent a {} frame while the coordinator waited for decoded tokens",
+            f.name()
+        ),
+        Ok((r, Err(e))) => fail!("worker {r}: {e}"),
+        Err(_) => fail!("no decoded tokens from worker {last} in time"),
     }
 }
 
