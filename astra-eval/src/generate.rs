@@ -28,21 +28,27 @@ pub struct Summary {
     pub time_to_first_token_ms: f64,
     /// Tokens after the first, per second and sequence.
     pub decode_tokens_per_s: Option<f64>,
-    pub cache_bytes: CacheBytes,
+    /// The decoding device's cache (in process; a runtime worker's is not reported back).
+    pub cache_bytes: Option<CacheBytes>,
+    /// "in process", or the runtime's network ("shaped 10 Mbit/s …", "remote").
+    pub network: String,
 }
 
 impl Summary {
     pub fn line(&self) -> String {
         format!(
-            "{} new token(s) after {} prompt token(s) on {} device(s): first token {:.1} ms, decode {}; cache {} B own + {} B remote",
+            "{} new token(s) after {} prompt token(s) on {} device(s) ({}): first token {:.1} ms, decode {}{}",
             self.new_tokens,
             self.prompt_tokens,
             self.devices,
+            self.network,
             self.time_to_first_token_ms,
             self.decode_tokens_per_s
                 .map_or("–".into(), |r| format!("{r:.1} tokens/s")),
-            self.cache_bytes.local,
-            self.cache_bytes.remote
+            self.cache_bytes.map_or(String::new(), |c| format!(
+                "; cache {} B own + {} B remote",
+                c.local, c.remote
+            ))
         )
     }
 }
@@ -143,6 +149,11 @@ pub fn run(a: &GenerateArgs) -> Result<Summary> {
         );
     }
     let (vq, codebooks) = quantizers(a, &model, device)?;
+    if a.links.is_some() || !a.workers.is_empty() {
+        let s = over_runtime(a, &ids, codebooks, &sampling, codec.as_ref())?;
+        write_summary(a, &s)?;
+        return Ok(s);
+    }
     let partition = DevicePartition::contiguous(t as usize, a.devices)?;
     tch::manual_seed(a.seed as i64);
     let mut stream = codec.as_ref().map(Stream::new);
@@ -185,13 +196,95 @@ pub fn run(a: &GenerateArgs) -> Result<Summary> {
         time_to_first_token_ms: first_ms,
         decode_tokens_per_s: (a.max_new_tokens > 1)
             .then(|| (a.max_new_tokens - 1) as f64 / decode_s.max(1e-9)),
-        cache_bytes: g.cache_bytes(),
+        cache_bytes: Some(g.cache_bytes()),
+        network: "in process".into(),
     };
+    write_summary(a, &summary)?;
+    Ok(summary)
+}
+
+fn write_summary(a: &GenerateArgs, s: &Summary) -> Result<()> {
     if let Some(path) = &a.json {
-        astra_quant::atomic::write_bytes(path, serde_json::to_string_pretty(&summary)?.as_bytes())
+        astra_quant::atomic::write_bytes(path, serde_json::to_string_pretty(s)?.as_bytes())
             .map_err(|e| crate::error::EvalError::Invalid(format!("{}: {e}", path.display())))?;
     }
-    Ok(summary)
+    Ok(())
+}
+
+/// The prefill over the runtime (local workers behind --links, or --workers); the worker holding
+/// the last token decodes with `sampling` and returns the tokens, printed and written here.
+fn over_runtime(
+    a: &GenerateArgs,
+    ids: &Tensor,
+    codebooks: Option<PathBuf>,
+    sampling: &Sampling,
+    codec: Option<&TextCodec>,
+) -> Result<Summary> {
+    let tmp = tempfile::tempdir()?;
+    let input = match &a.input {
+        Some(p) => p.clone(),
+        None if !a.workers.is_empty() => fail!(
+            "--prompt with --workers: the workers read the prompt from a file; write its ids to a path present on every host and pass --input"
+        ),
+        None => {
+            let p = tmp.path().join("prompt.npy");
+            write_ids_atomic(ids, &p)?;
+            p
+        }
+    };
+    let args = crate::cli::args::DistributedArgs {
+        model: a.model.clone(),
+        mode: if codebooks.is_some() { "astra" } else { "sp" }.into(),
+        codebooks,
+        devices: Some(a.devices),
+        workers: a.workers.clone(),
+        links: a.links.clone(),
+        shaper: a.shaper,
+        threads: 0,
+        input,
+        out: tmp.path().join("logits.npy"),
+        single_cls: false,
+        all_logits: false,
+        timeout_ms: 10_000,
+        startup_timeout_ms: 60_000,
+        runs: 1,
+        warmup: 0,
+        trace: None,
+        json: None,
+        decode: a.max_new_tokens as u32,
+        sampling: Some(sampling.clone()),
+    };
+    let run = crate::runtime::DistributedRun::new(&args)?;
+    let (s, _) = crate::runtime::distributed_with_summary(&run)?;
+    let decoded = s.decoded.clone().unwrap_or_default();
+    let b = ids.size()[0];
+    let flat: Vec<i64> = decoded.concat();
+    if flat.len() as i64 != b * a.max_new_tokens as i64 {
+        fail!(
+            "the runtime returned {} tokens for {b} × {}",
+            flat.len(),
+            a.max_new_tokens
+        );
+    }
+    let new = Tensor::from_slice(&flat).view([b, a.max_new_tokens as i64]);
+    if let Some(c) = codec {
+        let first: Vec<u32> = decoded[0].iter().map(|&t| t as u32).collect();
+        println!("{}{}", a.prompt.as_deref().unwrap_or_default(), c.decode(&first)?);
+    }
+    if let Some(path) = &a.out {
+        write_ids_atomic(&Tensor::cat(&[ids, &new], 1), path)?;
+    }
+    Ok(Summary {
+        devices: a.devices,
+        codebooks: (!run.sp).then(|| run.codebooks.clone()),
+        batch: b,
+        prompt_tokens: ids.size()[1],
+        new_tokens: a.max_new_tokens,
+        time_to_first_token_ms: s.median_ms,
+        decode_tokens_per_s: s.decode_tokens_per_s,
+        cache_bytes: None,
+        network: s.network.clone(),
+    })
 }
 
 /// Prints the continuation's text as it grows (a token may complete a character, or change how

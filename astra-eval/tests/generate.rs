@@ -73,6 +73,38 @@ fn text_in_text_out_and_ids_like_hf() {
         );
         outs.push(Tensor::read_npy(path(&format!("ids{devices}.npy"))).unwrap());
     }
+    // Over the runtime: two worker processes, links paced in user space; the worker holding the
+    // last token decodes. The same tokens and text.
+    let o = generate(&[
+        "--model",
+        m,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "6",
+        "--devices",
+        "2",
+        "--no-vq",
+        "--links",
+        "1000",
+        "--shaper",
+        "user",
+        "--out",
+        &path("net.npy"),
+        "--json",
+        &path("net.json"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let net = Tensor::read_npy(path("net.npy")).unwrap();
+    assert!(net.equal(&outs[0]), "{net:?} vs {:?}", outs[0]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        text.starts_with(prompt) && text.len() > prompt.len(),
+        "{text}"
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path("net.json")).unwrap()).unwrap();
+    assert!(s["network"].as_str().unwrap().contains("user"), "{s}");
     // 5 prompt tokens + 6 new, int64, the prompt first; 3 devices without codebooks = 1 device.
     assert_eq!(outs[0].size(), vec![1, 11]);
     assert_eq!(outs[0].kind(), tch::Kind::Int64);

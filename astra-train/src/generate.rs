@@ -15,7 +15,7 @@ use crate::model::Model;
 use crate::models::{ClsMode, DevicePartition, GroupedVq};
 
 /// How the next token is chosen from its logits.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Sampling {
     /// 0: greedy (argmax); otherwise logits are divided by it and a token is drawn.
     pub temperature: f64,

@@ -204,6 +204,9 @@ pub struct DistributedArgs {
     /// rate; the prefill latency is the time to the first token).
     #[arg(long, default_value_t = 0)]
     pub decode: u32,
+    /// How the decoding worker picks tokens (set by `generate`; None: greedy).
+    #[arg(skip)]
+    pub sampling: Option<astra_train::generate::Sampling>,
 }
 
 /// Options of `astra-eval predict`.
@@ -279,6 +282,17 @@ pub struct GenerateArgs {
     /// Summary (time to first token, decode tokens/s, cache bytes) as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Prefill over the runtime: local worker processes behind shaped links (as `distributed
+    /// --links`); the worker holding the last token decodes and returns the tokens.
+    #[arg(long, conflicts_with = "workers")]
+    pub links: Option<astra_sim::live::Links>,
+    /// Who shapes --links (as `distributed --shaper`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub shaper: crate::runtime::Shaper,
+    /// Prefill over running workers (as `distributed --workers`; the prompt must then be an
+    /// --input file present on every host).
+    #[arg(long, value_delimiter = ',')]
+    pub workers: Vec<String>,
     /// cpu, cuda, or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,

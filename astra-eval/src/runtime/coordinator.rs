@@ -328,6 +328,11 @@ struct RunResult {
 /// Runs the input through N workers, writes the logits; returns a summary with latencies and the
 /// per-block compute and wait times of each worker.
 pub fn distributed(a: &DistributedRun<'_>) -> Result<String> {
+    distributed_with_summary(a).map(|(_, report)| report)
+}
+
+/// [`distributed`], also returning the summary (what `--json` writes).
+pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, String)> {
     check_flags(a)?;
     let (model, _) = Model::load(&a.args.model, Device::Cpu)?;
     if a.args.decode > 0 && model.astra_model().as_decoder().is_none() {
@@ -418,7 +423,7 @@ pub fn distributed(a: &DistributedRun<'_>) -> Result<String> {
     if let Some(path) = &a.args.json {
         write_file(path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     }
-    Ok(report)
+    Ok((summary, report))
 }
 
 fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
@@ -562,6 +567,7 @@ fn send_plans(
             all_logits: a.args.all_logits,
             uplink: a.user_shaping.then(|| a.args.links.clone()).flatten(),
             decode_tokens: a.args.decode,
+            sampling: a.args.sampling.clone(),
         };
         let hello = Frame::Hello {
             session: session.into(),

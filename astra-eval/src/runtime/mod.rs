@@ -15,7 +15,7 @@ pub use astra_sim::transport::{frame, net};
 pub mod measured_trace;
 pub mod worker;
 
-pub use coordinator::{distributed, DistributedRun, Links};
+pub use coordinator::{distributed, distributed_with_summary, DistributedRun, Links, Summary};
 pub use worker::{serve, ControlVia};
 
 use serde::{Deserialize, Serialize};
@@ -69,4 +69,7 @@ pub struct Plan {
     /// tokens greedily with its cache of indices and sends them back (0: prefill only).
     #[serde(default)]
     pub decode_tokens: u32,
+    /// How the decoding device picks tokens (None: greedy).
+    #[serde(default)]
+    pub sampling: Option<astra_train::generate::Sampling>,
 }

@@ -20,7 +20,7 @@ use super::frame::{self, Frame};
 use super::net::{self, accept_by, configure, read_frames, same_key, Control, MeshMember, Tagged};
 use super::{Plan, COORDINATOR, REJECTED_KEY};
 use astra_train::engine::{wire_embeddings, DeviceShare, Payload, RemoteKv};
-use astra_train::generate::{copy_payload, Generator};
+use astra_train::generate::{copy_payload, Generator, Sampling};
 use astra_train::models::{ClsMode, DevicePartition, GroupedVq, VqConfig};
 
 /// Where the coordinator's frames come from.
@@ -232,10 +232,12 @@ fn decode(
     plan: &Plan,
 ) -> Result<Frame> {
     let (mut g, mut logits) = Generator::from_prefill(model.astra_model(), share, per_block, last)?;
+    let sampling = plan.sampling.clone().unwrap_or_else(Sampling::greedy);
+    tch::manual_seed(sampling.seed as i64);
     let mut tokens = Vec::new();
     let mut step_ms = Vec::new();
     for i in 0..plan.decode_tokens {
-        let next = logits.argmax(-1, false);
+        let next = sampling.pick(&logits);
         tokens.push(next.shallow_clone());
         if i + 1 < plan.decode_tokens {
             let t = Instant::now();
