@@ -269,7 +269,11 @@ fn over_runtime(
     let new = Tensor::from_slice(&flat).view([b, a.max_new_tokens as i64]);
     if let Some(c) = codec {
         let first: Vec<u32> = decoded[0].iter().map(|&t| t as u32).collect();
-        println!("{}{}", a.prompt.as_deref().unwrap_or_default(), c.decode(&first)?);
+        println!(
+            "{}{}",
+            a.prompt.as_deref().unwrap_or_default(),
+            c.decode(&first)?
+        );
     }
     if let Some(path) = &a.out {
         write_ids_atomic(&Tensor::cat(&[ids, &new], 1), path)?;
