@@ -257,6 +257,24 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
         }),
     );
     let xc = content.detach();
+    row(
+        "  NAQ draw (residual noise)",
+        time_ms(dev, w_, st, || {
+            let _ = vq.sample_noise(&xc.size());
+        }),
+    );
+    row(
+        "ASTRA block fwd+bwd (training quantize + MPA block, as the step runs it)",
+        time_ms(dev, w_, st, || {
+            amp(&mut || {
+                let q = vq.quantize(&content, true);
+                (blk.forward(&x, Some(&q.value), Some(&mask))
+                    .sum(Kind::Float)
+                    + q.commitment)
+                    .backward()
+            })
+        }),
+    );
     // On CUDA each VQ part twice: the fused kernels and the ATen path they replace.
     let kernels_were_on = crate::cuda::enabled();
     let paths: &[(bool, &str)] = match crate::cuda::kernels(dev) {
@@ -280,6 +298,17 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
                     let _ = vq.quantize(&xc, true);
                 })
             }),
+        );
+        let idx = vq.encode(&xc);
+        row(
+            &format!("  of which decode (codeword gather; {path})"),
+            time_ms(dev, w_, st, || {
+                let _ = vq.decode(&idx);
+            }),
+        );
+        row(
+            &format!("  of which EMA update (statistics, restart; {path})"),
+            time_ms(dev, w_, st, || tch::no_grad(|| vq.ema_update(&xc, &idx))),
         );
         row(
             &format!("VQ quantize fwd+bwd (STE into X), training; {path}"),

@@ -111,6 +111,9 @@ fn nearest_codeword_equals_aten_up_to_fp32_rounding() {
         (20_000, 32, 1024, 24),
         (6_000, 1, 1024, 768),
         (777, 3, 100, 7),
+        // The widest group of the narrow kernel, and the narrowest of the general one.
+        (4_099, 4, 300, 32),
+        (513, 2, 129, 33),
         (1, 2, 1, 1),
     ] {
         let (x, cb) = random_case(dev, m, g, n, w);
@@ -195,6 +198,40 @@ fn code_stats_equal_the_two_index_adds() {
     assert!(counts.equal(&c_ref), "counts differ");
     let err = (&sums - &s_ref).abs().max().double_value(&[]);
     assert!(err < 1e-4, "sums differ by {err}");
+}
+
+#[test]
+fn gathered_codewords_equal_the_index_select_and_bad_indices_give_nan() {
+    use astra_quant::{BlockQuantizer, GroupedCodebook};
+    use astra_train::models::vq::{GroupedVq, VqConfig};
+    let Some(Gpu { dev, k, .. }) = gpu() else {
+        return;
+    };
+    tch::manual_seed(7);
+    let (m, g, n, w) = (10_001, 32, 1024, 24);
+    let flat =
+        Vec::<f32>::try_from(Tensor::randn([g * n * w], (Kind::Float, Device::Cpu))).unwrap();
+    let q = BlockQuantizer {
+        usage: None,
+        codebook: GroupedCodebook::from_flat(g as usize, n as usize, w as usize, flat).unwrap(),
+        noise: None,
+    };
+    let vq = GroupedVq::from_quantizer(&q, VqConfig::default(), dev);
+    let idx = Tensor::randint(n, [7, m / 7, g], (Kind::Int64, dev));
+    let ours = vq.decode(&idx);
+    cuda::set_enabled(false);
+    let aten = vq.decode(&idx);
+    cuda::set_enabled(true);
+    assert_eq!(ours.size(), [7, m / 7, g * w]);
+    assert!(
+        ours.equal(&aten),
+        "gathered codewords differ from index_select"
+    );
+    let bad = Tensor::from_slice(&[0i64, n, -1, 3]).view([2, 2]).to(dev);
+    let cb = Tensor::randn([2, n, 4], (Kind::Float, dev));
+    let out = cuda::nearest::gather_codewords(&k, &cb, &bad).unwrap();
+    let nan = Vec::<bool>::try_from(out.isnan().any_dim(-1, false).reshape([-1])).unwrap();
+    assert_eq!(nan, [false, true, true, false]);
 }
 
 #[test]

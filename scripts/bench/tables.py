@@ -14,6 +14,7 @@ import argparse, csv, glob, json, math, os, re, statistics
 ap = argparse.ArgumentParser()
 ap.add_argument("--fmnist")
 ap.add_argument("--text")
+ap.add_argument("--astra-epochs", default="ASTRA_EPOCHS", help="the text runs' ASTRA epochs (for the control row's label)")
 ap.add_argument("--device", default="")
 ap.add_argument("--figure-csv", help="also write accuracy change vs bits per token (series,x,y,source) "
                 "for `astra-sim plot-lines`")
@@ -166,6 +167,7 @@ if a.text:
     out.append("|---|---:|---:|---:|---:|")
     f2 = lambda v: "not run" if v is None else f"{v:.2f}"
     out.append(f"| original | {f2(best('lm-wikitext2'))} | {f2(best('lm-shakespeare'))} | 15.79 | 18.96 |")
+    out.append(f"| original + {a.astra_epochs} plain epochs (control) | {f2(ppl('lmmore-wikitext2'))} | {f2(ppl('lmmore-shakespeare'))} | — | — |")
     paper3 = {1: ("21.46", "25.98"), 16: ("18.84", "23.22"), 32: ("17.39", "20.95")}
     for g in (1, 16, 32):
         out.append(f"| ASTRA G={g} | {f2(ppl(f'lmastra-wikitext2-g{g}'))} | {f2(ppl(f'lmastra-shakespeare-g{g}'))} | {paper3[g][0]} | {paper3[g][1]} |")
@@ -176,6 +178,7 @@ if a.text:
         out.append("| model | ours WikiText-2 | ours tiny-shakespeare | paper Llama-3-8B WikiText-2 |")
         out.append("|---|---:|---:|---:|")
         out.append(f"| original | {f2(ppl('llama-wikitext2'))} | {f2(ppl('llama-shakespeare'))} | 5.81 |")
+        out.append(f"| original + {a.astra_epochs} plain epochs (control) | {f2(ppl('llamamore-wikitext2'))} | {f2(ppl('llamamore-shakespeare'))} | — |")
         for g in (1, 16, 32):
             out.append(f"| ASTRA G={g} | {f2(ppl(f'llamaastra-wikitext2-g{g}'))} | {f2(ppl(f'llamaastra-shakespeare-g{g}'))} | {'7.44' if g == 32 else '—'} |")
     for run in sorted(glob.glob(os.path.join(d, "*", "time.txt"))):

@@ -46,7 +46,10 @@ for c in wikitext2 shakespeare; do
     echo "run ${p}cb-$c-g$g astra-train calibrate --model $out/$p-$c --data ${spec[$c]} --context $ctx --samples 100 --groups $g --k $k --iters 20 --device $device --out $out/${p}cb-$c-g$g.safetensors"
   done
 done | xargs -P "$jobs" -I{} bash -c '{}'
+# The control: the original trained for ASTRA's extra epochs at ASTRA's learning rate, without
+# ASTRA, so each ASTRA row compares with a model that saw as much training.
 for c in wikitext2 shakespeare; do
+  echo "run ${p}more-$c astra-train finetune --data ${spec[$c]} $common --epochs $astra_epochs --lr 1e-4 --warmup-steps 50 --init $out/$p-$c --seed 42 --out $out/${p}more-$c"
   for g in 1 16 32; do
     echo "run ${p}astra-$c-g$g astra-train astra --data ${spec[$c]} $common --epochs $astra_epochs --lr 1e-4 --warmup-steps 50 --init $out/$p-$c --codebooks $out/${p}cb-$c-g$g.safetensors --devices 4 --seed 42 --out $out/${p}astra-$c-g$g"
   done

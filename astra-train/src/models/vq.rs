@@ -141,12 +141,31 @@ impl GroupedVq {
     pub fn decode(&self, idx: &Tensor) -> Tensor {
         let shape = idx.size();
         let (g, k, w) = (self.groups(), self.k(), self.codebook.size()[2]);
+        let mut out_shape = shape[..shape.len() - 1].to_vec();
+        out_shape.push(g * w);
+        if let Some(rows) = self.decode_kernel(idx) {
+            return rows.reshape(out_shape);
+        }
         let offsets = Tensor::arange(g, (Kind::Int64, idx.device())) * k;
         let flat_idx = (idx.reshape([-1, g]) + offsets.view([1, g])).reshape([-1]);
         let rows = self.codebook.reshape([g * k, w]).index_select(0, &flat_idx);
-        let mut out_shape = shape[..shape.len() - 1].to_vec();
-        out_shape.push(g * w);
         rows.reshape(out_shape)
+    }
+
+    /// The decode as one CUDA kernel, where it applies: an fp32 codebook that needs no gradient
+    /// (the EMA codebook; a learned one keeps ATen's differentiable index_select).
+    fn decode_kernel(&self, idx: &Tensor) -> Option<Tensor> {
+        let cb = &self.codebook;
+        if cb.kind() != Kind::Float || cb.requires_grad() || idx.kind() != Kind::Int64 {
+            return None;
+        }
+        let k = crate::cuda::kernels(idx.device())?;
+        let idx = idx.reshape([-1, self.groups()]).contiguous();
+        crate::cuda::or_aten(crate::cuda::nearest::gather_codewords(
+            &k,
+            &cb.contiguous(),
+            &idx,
+        ))
     }
 
     /// Quantizes X. In training: NAQ noise on the codewords, the EMA codebook update, and the
@@ -174,7 +193,7 @@ impl GroupedVq {
         }
     }
 
-    fn sample_noise(&self, shape: &[i64]) -> Option<Tensor> {
+    pub(crate) fn sample_noise(&self, shape: &[i64]) -> Option<Tensor> {
         if self.cfg.noise_lambda == 0.0 {
             return None;
         }
@@ -192,7 +211,7 @@ impl GroupedVq {
         Some(xi.reshape(shape))
     }
 
-    fn ema_update(&mut self, x: &Tensor, indices: &Tensor) {
+    pub(crate) fn ema_update(&mut self, x: &Tensor, indices: &Tensor) {
         let (g, k, w) = (self.groups(), self.k(), self.codebook.size()[2]);
         let rows = x.detach().to_kind(Kind::Float).reshape([-1, g, w]); // [M, G, w]
         let (counts, sums) = code_stats(&rows, &indices.reshape([-1, g]), k);
