@@ -16,6 +16,12 @@
 //! With `fast`, ASTRA's remote keys/values come from per-codeword tables (G gathers and adds per
 //! remote token, see astra-train's fast_kv) instead of LayerNorm + a D × 2D matmul.
 //!
+//! `arch` picks the model: the bare encoder (default), or a randomly initialised GPT-2 or Llama
+//! decoder of the same width and depth (prefill of T tokens). Decoders are causal, so the device
+//! timed is the last one, which attends to every earlier token (the one the prefill waits for);
+//! Llama's ASTRA sends the indices of its tokens' keys and values (two codebooks per block, of
+//! the key/value width) and looks the remote ones up directly. TP and BP exist for the encoder only.
+//!
 //! Single, SP and ASTRA run the device engine (astra-train's `DeviceShare`) on a bare encoder of
 //! ViT blocks (`models::encoder`): the code the runtime's workers run, not a copy of it. TP and BP
 //! have no engine mode (sharded weights, blocks attending only locally) and run a minimal block of
@@ -34,8 +40,41 @@ use astra_sim::profile::ComputeProfile;
 use astra_sim::trace::{BlockSplit, Trace};
 use tch::{Device, Kind, Tensor};
 
+/// The model `profile` times.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arch {
+    /// Bare ViT-style encoder blocks (bidirectional).
+    Encoder,
+    Gpt2,
+    /// Llama with this many key/value heads (grouped-query attention).
+    Llama {
+        kv_heads: i64,
+    },
+}
+
+impl Arch {
+    /// Quantizers per block: Llama quantizes keys and values, the others the block input.
+    pub fn codebooks_per_block(self) -> u32 {
+        match self {
+            Arch::Llama { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// Width of the vectors a codebook quantizes.
+    pub fn quantized_width(self, c: &ProfileConfig) -> i64 {
+        match self {
+            Arch::Llama { kv_heads } => kv_heads * (c.hidden / c.heads),
+            _ => c.hidden,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ProfileConfig {
+    pub arch: Arch,
+    /// Positions of a decoder (the largest T profiled).
+    pub max_tokens: i64,
     pub blocks: i64,
     pub hidden: i64,
     pub heads: i64,
@@ -156,26 +195,83 @@ fn baseline_work(c: &ProfileConfig, method: Method, n: i64, t: i64, w: &Weights)
 /// tokens and, per block, sends (ASTRA: VQ encode and bit pack), receives the others' tokens (SP:
 /// embeddings; ASTRA: packed indices, unpacked) and runs the block on them.
 struct EngineWork {
-    encoder: astra_train::models::encoder::Encoder,
+    net: Net,
     vq: Vec<astra_train::models::GroupedVq>,
-    _vs: tch::nn::VarStore,
+}
+
+/// The timed model with random weights.
+enum Net {
+    Encoder {
+        encoder: astra_train::models::encoder::Encoder,
+        _vs: tch::nn::VarStore,
+    },
+    Decoder(Box<astra_train::model::Model>),
+}
+
+impl Net {
+    fn new(c: &ProfileConfig) -> Result<Self> {
+        use astra_train::config::{GPT2Config, LlamaConfig, ModelConfig, ViTConfig};
+        let vocab = astra_train::data::text::GPT2_VOCAB;
+        let config = match c.arch {
+            Arch::Encoder => {
+                let vs = tch::nn::VarStore::new(c.device);
+                let cfg = ViTConfig {
+                    hidden_size: c.hidden,
+                    num_hidden_layers: c.blocks,
+                    num_attention_heads: c.heads,
+                    intermediate_size: c.mlp,
+                    ..ViTConfig::vit_base_patch16_224(2)
+                };
+                let encoder = astra_train::models::encoder::Encoder::new(&vs.root(), &cfg)?;
+                return Ok(Net::Encoder { encoder, _vs: vs });
+            }
+            Arch::Gpt2 => ModelConfig::GPT2(GPT2Config {
+                vocab_size: vocab,
+                n_positions: c.max_tokens,
+                n_embd: c.hidden,
+                n_layer: c.blocks,
+                n_head: c.heads,
+                n_inner: Some(c.mlp),
+                ..GPT2Config::gpt2_small()
+            }),
+            Arch::Llama { kv_heads } => ModelConfig::Llama(LlamaConfig::scratch(
+                vocab,
+                c.hidden,
+                c.blocks,
+                c.heads,
+                kv_heads,
+                c.mlp,
+                c.max_tokens,
+            )),
+        };
+        let model = astra_train::model::Model::new(config, c.device)?;
+        Ok(Net::Decoder(Box::new(model)))
+    }
+
+    fn astra(&self) -> &dyn astra_train::engine::AstraModel {
+        match self {
+            Net::Encoder { encoder, .. } => encoder,
+            Net::Decoder(m) => m.astra_model(),
+        }
+    }
+
+    /// The whole input of `t` tokens: embeddings for the encoder, token ids for a decoder.
+    fn input(&self, c: &ProfileConfig, t: i64) -> Tensor {
+        match self {
+            Net::Encoder { .. } => Tensor::randn([1, t, c.hidden], (Kind::Float, c.device)),
+            Net::Decoder(_) => Tensor::randint(1000, [1, t], (Kind::Int64, c.device)),
+        }
+    }
 }
 
 impl EngineWork {
     fn new(c: &ProfileConfig, method: Method) -> Result<Self> {
-        let vs = tch::nn::VarStore::new(c.device);
-        let cfg = astra_train::config::ViTConfig {
-            hidden_size: c.hidden,
-            num_hidden_layers: c.blocks,
-            num_attention_heads: c.heads,
-            intermediate_size: c.mlp,
-            ..astra_train::config::ViTConfig::vit_base_patch16_224(2)
-        };
-        let encoder = astra_train::models::encoder::Encoder::new(&vs.root(), &cfg)?;
+        let net = Net::new(c)?;
         let vq = match method {
             Method::Astra { groups } => {
                 let q = random_quantizer(c, groups as usize)?;
-                (0..c.blocks)
+                let count = net.astra().blocks() * net.astra().quantizers_per_block();
+                (0..count)
                     .map(|_| {
                         astra_train::models::GroupedVq::from_quantizer(
                             &q,
@@ -187,15 +283,12 @@ impl EngineWork {
             }
             _ => Vec::new(),
         };
-        Ok(EngineWork {
-            encoder,
-            vq,
-            _vs: vs,
-        })
+        Ok(EngineWork { net, vq })
     }
 
-    /// Device 0 of a contiguous split of `t` tokens over `n` devices; its per-codeword tables are
-    /// built here, once, as a deployment builds them at load time (not timed).
+    /// The timed device of a contiguous split of `t` tokens over `n` devices (device 0; for a
+    /// causal model the last, which attends to all tokens); its per-codeword tables are built
+    /// here, once, as a deployment builds them at load time (not timed).
     fn share(
         &self,
         c: &ProfileConfig,
@@ -209,10 +302,12 @@ impl EngineWork {
         } else {
             RemoteKv::Decode
         };
+        let model = self.net.astra();
+        let rank = if model.is_causal() { n - 1 } else { 0 };
         Ok(DeviceShare::new(
-            &self.encoder,
+            model,
             partition,
-            0,
+            rank,
             astra_train::models::ClsMode::Single,
             &self.vq,
             kv,
@@ -229,31 +324,30 @@ impl EngineWork {
         use astra_train::engine::Payload;
         let remote = t as i64 - dev.own_tokens();
         let opts = (Kind::Float, c.device);
-        let mut local = dev.start(&Tensor::randn([1, t as i64, c.hidden], opts))?;
-        // The others' packed indices as they arrive over the network (ASTRA), or their
-        // embeddings (SP).
+        let mut local = dev.start(&self.net.input(c, t as i64))?;
+        // The others' packed indices as they arrive over the network (ASTRA; ΣG columns per
+        // token, every index of log2 K bits), or their embeddings (SP).
         let embeddings = Tensor::randn([1, remote, c.hidden], opts);
-        let wire = self
-            .vq
-            .first()
-            .map(|q| random_packed(q, remote))
+        let columns = dev.index_columns(0).len() as i64;
+        let bits = astra_quant::bitpack::bits_for(c.codewords as usize);
+        let wire = (!self.vq.is_empty())
+            .then(|| random_packed(c.codewords, remote * columns, bits))
             .transpose()?;
         for l in 0..c.blocks as usize {
-            let received = match (&wire, self.vq.get(l)) {
-                (Some((packed, count)), Some(q)) => {
+            let received = match &wire {
+                Some((packed, count)) => {
                     if let Payload::Indices(mine) = dev.outgoing(l, &local) {
-                        let _sent = pack(&mine, q)?;
+                        let _sent = pack(&mine, bits)?;
                     }
-                    let bits = astra_quant::bitpack::bits_for(q.k() as usize);
                     let theirs = astra_quant::bitpack::unpack(packed, *count, bits)?;
                     let theirs: Vec<i64> = theirs.iter().map(|&v| v as i64).collect();
-                    Payload::Indices(Tensor::from_slice(&theirs).to_device(c.device).view([
-                        1,
-                        remote,
-                        q.groups(),
-                    ]))
+                    Payload::Indices(
+                        Tensor::from_slice(&theirs)
+                            .to_device(c.device)
+                            .view([1, remote, columns]),
+                    )
                 }
-                _ => Payload::Embeddings(embeddings.shallow_clone()),
+                None => Payload::Embeddings(embeddings.shallow_clone()),
             };
             let received: Vec<&Payload> = if remote > 0 { vec![&received] } else { vec![] };
             local = dev.block(l, &local, &received);
@@ -262,9 +356,9 @@ impl EngineWork {
     }
 }
 
-/// A random G-group codebook of K codewords for a D-wide block.
+/// A random G-group codebook of K codewords for the vectors the model quantizes.
 fn random_quantizer(c: &ProfileConfig, groups: usize) -> Result<astra_quant::BlockQuantizer> {
-    let sub = c.hidden as usize / groups;
+    let sub = c.arch.quantized_width(c) as usize / groups;
     let data = Vec::<f32>::try_from(Tensor::randn(
         [(groups * c.codewords as usize * sub) as i64],
         (Kind::Float, Device::Cpu),
@@ -276,16 +370,14 @@ fn random_quantizer(c: &ProfileConfig, groups: usize) -> Result<astra_quant::Blo
     })
 }
 
-/// Random indices of `tokens` remote tokens, bit-packed as the wire carries them, and their count.
-fn random_packed(q: &astra_train::models::GroupedVq, tokens: i64) -> Result<(Vec<u8>, usize)> {
-    let idx = Tensor::randint(q.k(), [tokens * q.groups()], (Kind::Int64, Device::Cpu));
-    let packed = pack(&idx, q)?;
-    Ok((packed, (tokens * q.groups()) as usize))
+/// `count` random indices below `k`, bit-packed as the wire carries them, and their count.
+fn random_packed(k: i64, count: i64, bits: u32) -> Result<(Vec<u8>, usize)> {
+    let idx = Tensor::randint(k, [count], (Kind::Int64, Device::Cpu));
+    Ok((pack(&idx, bits)?, count as usize))
 }
 
-/// Bit-packs indices (any shape) at the codebook's width.
-fn pack(idx: &Tensor, q: &astra_train::models::GroupedVq) -> Result<Vec<u8>> {
-    let bits = astra_quant::bitpack::bits_for(q.k() as usize);
+/// Bit-packs indices (any shape) at `bits` per index.
+fn pack(idx: &Tensor, bits: u32) -> Result<Vec<u8>> {
     let v: Vec<u16> = Vec::<i64>::try_from(idx.to_device(Device::Cpu).reshape([-1]))?
         .into_iter()
         .map(|v| v as u16)
@@ -319,9 +411,21 @@ pub fn measure(c: &ProfileConfig, configs: &[(Method, u32, u64)]) -> Result<Vec<
             }
         }
         if let Method::Astra { groups } = method {
-            if c.hidden % groups as i64 != 0 {
-                fail!("{method}: G = {groups} does not divide D = {}", c.hidden);
+            let width = c.arch.quantized_width(c);
+            if width % groups as i64 != 0 {
+                fail!("{method}: G = {groups} does not divide the quantized width {width}");
             }
+        }
+        if c.arch != Arch::Encoder
+            && matches!(
+                method,
+                Method::Tp | Method::BpAg { .. } | Method::BpSp { .. }
+            )
+        {
+            fail!("{method} is profiled for --arch encoder only (no decoder engine mode)");
+        }
+        if c.arch != Arch::Encoder && t as i64 > c.max_tokens {
+            fail!("{t} tokens exceed the decoder's {} positions", c.max_tokens);
         }
         let engine = match method {
             Method::Single | Method::Sp | Method::Astra { .. } => Some(EngineWork::new(c, method)?),
@@ -388,7 +492,7 @@ pub fn to_trace(csv: &str, c: &ProfileConfig, configs: &[(Method, u32, u64)]) ->
         hidden: c.hidden as u32,
         element_bits: 32,
         index_bits: astra_quant::bitpack::bits_for(c.codewords as usize),
-        codebooks_per_block: 1,
+        codebooks_per_block: c.arch.codebooks_per_block(),
     };
     let configs: Vec<_> = configs
         .iter()

@@ -909,28 +909,11 @@ fn coordinator_hello(key: &str) -> Vec<u8> {
 /// senders' positions; equal to the per-device path, and SP equal to the plain model.
 #[test]
 fn llama_prefill_over_tcp_equals_the_per_device_path() {
-    use astra_train::config::{LlamaConfig, LlamaFamily, RopeScaling};
+    use astra_train::config::LlamaConfig;
     let tmp = tempfile::tempdir().unwrap();
     tch::manual_seed(13);
     let m = tmp.path().join("llama");
-    let cfg = LlamaConfig {
-        family: LlamaFamily::Llama,
-        vocab_size: 50,
-        hidden_size: 16,
-        intermediate_size: 32,
-        num_hidden_layers: 3,
-        num_attention_heads: 2,
-        num_key_value_heads: 1,
-        head_dim: 8,
-        max_position_embeddings: 32,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        rope_scaling: RopeScaling::Default,
-        tie_word_embeddings: false,
-        attention_bias: false,
-        mlp_bias: false,
-        sliding_window: None,
-    };
+    let cfg = LlamaConfig::scratch(50, 16, 3, 2, 1, 32, 32);
     Model::new(ModelConfig::Llama(cfg), Device::Cpu)
         .unwrap()
         .save(&m)

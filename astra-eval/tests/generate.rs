@@ -6,7 +6,7 @@ use std::process::Command;
 
 mod common;
 
-use astra_train::config::{LlamaConfig, LlamaFamily, ModelConfig, RopeScaling};
+use astra_train::config::{LlamaConfig, ModelConfig};
 use astra_train::model::Model;
 use tch::{Device, Tensor};
 
@@ -23,22 +23,8 @@ fn text_in_text_out_and_ids_like_hf() {
     let dir = tempfile::tempdir().unwrap();
     tch::manual_seed(8);
     let cfg = LlamaConfig {
-        family: LlamaFamily::Llama,
-        vocab_size: 50257,
-        hidden_size: 16,
-        intermediate_size: 32,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        num_key_value_heads: 1,
-        head_dim: 8,
-        max_position_embeddings: 32,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        rope_scaling: RopeScaling::Default,
         tie_word_embeddings: true,
-        attention_bias: false,
-        mlp_bias: false,
-        sliding_window: None,
+        ..LlamaConfig::scratch(50257, 16, 2, 2, 1, 32, 32)
     };
     let m = dir.path().join("m");
     Model::new(ModelConfig::Llama(cfg), Device::Cpu)

@@ -540,3 +540,113 @@ fn bad_files_and_values_are_refused_in_one_line() {
         "a temporary file was left: {after:?}"
     );
 }
+
+/// `profile --arch gpt2|llama`: the decoders' prefill per device (the last device, which sees
+/// every token); Llama's trace charges two codebooks per block; bad combinations in one line.
+#[test]
+fn profile_times_decoders_and_refuses_what_they_lack() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = |extra: &[&str], out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_astra-eval"))
+            .args([
+                "profile",
+                "--devices",
+                "2",
+                "--tokens",
+                "24",
+                "--blocks",
+                "2",
+            ])
+            .args([
+                "--hidden",
+                "32",
+                "--heads",
+                "4",
+                "--mlp",
+                "48",
+                "--codewords",
+                "16",
+            ])
+            .args(["--runs", "1", "--warmup", "0", "--out"])
+            .arg(dir.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for (arch, extra, per_block, runs) in [
+        (
+            "gpt2",
+            &["--methods", "single,sp,astra-g4", "--fast"][..],
+            1,
+            3,
+        ),
+        (
+            "llama",
+            &[
+                "--kv-heads",
+                "2",
+                "--methods",
+                "single,sp,astra-g1,astra-g4",
+            ][..],
+            2,
+            4,
+        ),
+    ] {
+        let out = profile(&[&["--arch", arch][..], extra].concat(), arch);
+        assert!(
+            out.status.success(),
+            "{arch}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let trace = astra_sim::Trace::load(&dir.path().join(arch).join("trace.json")).unwrap();
+        assert_eq!(trace.model.codebooks_per_block, per_block, "{arch}");
+        assert_eq!(trace.runs.len(), runs, "{arch}");
+    }
+    // Llama's default methods: those with an engine mode.
+    let out = profile(&["--arch", "llama", "--kv-heads", "4"], "default");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = std::fs::read_to_string(dir.path().join("default/profile.csv")).unwrap();
+    let methods: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(
+        methods,
+        ["single", "sp", "astra-g1", "astra-g16", "astra-g32"]
+    );
+    for (extra, needle) in [
+        (
+            &["--arch", "llama", "--methods", "tp"][..],
+            "tp is profiled for --arch encoder only",
+        ),
+        (&["--arch", "llama", "--kv-heads", "3"][..], "--kv-heads 3"),
+        (
+            &["--arch", "gpt2", "--kv-heads", "2"][..],
+            "--kv-heads is for --arch llama",
+        ),
+        // Llama with 1 key/value head quantizes 8-wide keys: G = 16 does not divide them.
+        (
+            &[
+                "--arch",
+                "llama",
+                "--kv-heads",
+                "1",
+                "--methods",
+                "astra-g16",
+            ][..],
+            "quantized width 8",
+        ),
+    ] {
+        let out = profile(extra, "bad");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && e.contains(needle) && e.trim().lines().count() == 1,
+            "{extra:?}: {e}"
+        );
+    }
+}

@@ -9,7 +9,7 @@ use common::{fixture, max_rel_diff};
 use std::path::Path;
 
 use astra_quant::{BlockQuantizer, GroupedCodebook, KMeansConfig};
-use astra_train::config::{GPT2Config, LlamaConfig, LlamaFamily, ModelConfig, RopeScaling};
+use astra_train::config::{GPT2Config, LlamaConfig, ModelConfig};
 use astra_train::generate::{generate, Generator, Sampling};
 use astra_train::model::Model;
 use astra_train::models::{Astra, ClsMode, DevicePartition, GroupedVq, VqConfig};
@@ -97,24 +97,7 @@ fn greedy_decoding_equals_transformers_generate() {
 fn tiny(llama: bool) -> Model {
     tch::manual_seed(21);
     let cfg = if llama {
-        ModelConfig::Llama(LlamaConfig {
-            family: LlamaFamily::Llama,
-            vocab_size: 40,
-            hidden_size: 32,
-            intermediate_size: 48,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            head_dim: 8,
-            max_position_embeddings: 40,
-            rms_norm_eps: 1e-6,
-            rope_theta: 10_000.0,
-            rope_scaling: RopeScaling::Default,
-            tie_word_embeddings: false,
-            attention_bias: false,
-            mlp_bias: false,
-            sliding_window: None,
-        })
+        ModelConfig::Llama(LlamaConfig::scratch(40, 32, 2, 4, 2, 48, 40))
     } else {
         ModelConfig::GPT2(GPT2Config {
             vocab_size: 40,

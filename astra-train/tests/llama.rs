@@ -142,21 +142,7 @@ fn tiny_llama(family: LlamaFamily, kv_heads: i64) -> Model {
     tch::manual_seed(3);
     let cfg = LlamaConfig {
         family,
-        vocab_size: 60,
-        hidden_size: 32,
-        intermediate_size: 48,
-        num_hidden_layers: 3,
-        num_attention_heads: 4,
-        num_key_value_heads: kv_heads,
-        head_dim: 8,
-        max_position_embeddings: 64,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        rope_scaling: RopeScaling::Default,
-        tie_word_embeddings: false,
-        attention_bias: false,
-        mlp_bias: false,
-        sliding_window: None,
+        ..LlamaConfig::scratch(60, 32, 3, 4, kv_heads, 48, 64)
     };
     Model::new(ModelConfig::Llama(cfg), Device::Cpu).unwrap()
 }

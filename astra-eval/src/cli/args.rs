@@ -298,14 +298,27 @@ pub struct GenerateArgs {
     pub device: String,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum ProfileArch {
+    Encoder,
+    Gpt2,
+    Llama,
+}
+
 /// Options of `astra-eval profile`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ProfileArgs {
-    #[arg(
-        long,
-        default_value = "single,tp,sp,bp-ag-nb1,bp-sp-nb1,astra-g1,astra-g16,astra-g32"
-    )]
-    pub methods: String,
+    /// Methods (comma-separated); default: all of them for the encoder
+    /// (single,tp,sp,bp-ag-nb1,bp-sp-nb1,astra-g1,astra-g16,astra-g32), for a decoder those with
+    /// an engine mode (single,sp,astra-g1,astra-g16,astra-g32).
+    #[arg(long)]
+    pub methods: Option<String>,
+    /// The model: encoder (ViT blocks), gpt2 or llama (decoders: the prefill of T tokens).
+    #[arg(long, value_enum, default_value = "encoder")]
+    pub arch: ProfileArch,
+    /// Llama's key/value heads (grouped-query attention); default: --heads.
+    #[arg(long)]
+    pub kv_heads: Option<i64>,
     /// Devices N (comma-separated).
     #[arg(long, default_value = "4")]
     pub devices: String,

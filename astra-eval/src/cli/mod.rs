@@ -102,7 +102,26 @@ pub fn profile(a: &ProfileArgs) -> Result<()> {
         bail!("--runs, --blocks, --hidden, --heads and --mlp must be positive and --codewords at least 2");
     }
     let configs = profile_grid(a)?;
+    let arch = match a.arch {
+        ProfileArch::Encoder => measure::Arch::Encoder,
+        ProfileArch::Gpt2 => measure::Arch::Gpt2,
+        ProfileArch::Llama => {
+            let kv_heads = a.kv_heads.unwrap_or(a.heads);
+            if kv_heads <= 0 || a.heads % kv_heads != 0 {
+                bail!(
+                    "--kv-heads {kv_heads} must be positive and divide --heads {}",
+                    a.heads
+                );
+            }
+            measure::Arch::Llama { kv_heads }
+        }
+    };
+    if a.kv_heads.is_some() && a.arch != ProfileArch::Llama {
+        bail!("--kv-heads is for --arch llama");
+    }
     let cfg = ProfileConfig {
+        arch,
+        max_tokens: configs.iter().map(|c| c.2 as i64).max().unwrap_or(1),
         blocks: a.blocks,
         hidden: a.hidden,
         heads: a.heads,
@@ -120,7 +139,8 @@ pub fn profile(a: &ProfileArgs) -> Result<()> {
     astra_sim::output::write_atomic(&csv_path, csv.as_bytes())?;
     astra_sim::output::write_atomic(&trace_path, trace.to_json().as_bytes())?;
     println!(
-        "{} blocks × {} wide, fp32, {device:?}, median of {} runs{}\n",
+        "{:?}: {} blocks × {} wide, fp32, {device:?}, median of {} runs{}\n",
+        a.arch,
         a.blocks,
         a.hidden,
         a.runs,
@@ -137,8 +157,11 @@ pub fn profile(a: &ProfileArgs) -> Result<()> {
 
 /// The (method, devices, tokens) configurations `--methods × --devices × --tokens` name.
 fn profile_grid(a: &ProfileArgs) -> Result<Vec<(astra_sim::Method, u32, u64)>> {
-    let methods: Vec<astra_sim::Method> = a
-        .methods
+    let methods = a.methods.as_deref().unwrap_or(match a.arch {
+        ProfileArch::Encoder => "single,tp,sp,bp-ag-nb1,bp-sp-nb1,astra-g1,astra-g16,astra-g32",
+        _ => "single,sp,astra-g1,astra-g16,astra-g32",
+    });
+    let methods: Vec<astra_sim::Method> = methods
         .split(',')
         .map(|m| m.trim().parse())
         .collect::<std::result::Result<_, _>>()?;

@@ -161,24 +161,15 @@ fn run_training(cfg: TrainConfig, t: &TrainArgs) -> Result<()> {
 fn scratch_model(a: &FinetuneArgs) -> Result<ModelConfig> {
     let t = &a.train;
     if crate::data::is_text(&t.data) && a.arch == TextArch::Llama {
-        let cfg = crate::config::LlamaConfig {
-            family: crate::config::LlamaFamily::Llama,
-            vocab_size: crate::data::text::GPT2_VOCAB,
-            hidden_size: a.hidden,
-            intermediate_size: a.mlp,
-            num_hidden_layers: a.layers,
-            num_attention_heads: a.heads,
-            num_key_value_heads: a.kv_heads.unwrap_or(a.heads),
-            head_dim: if a.heads > 0 { a.hidden / a.heads } else { 0 },
-            max_position_embeddings: t.context.unwrap_or(256) as i64,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            rope_scaling: crate::config::RopeScaling::Default,
-            tie_word_embeddings: false,
-            attention_bias: false,
-            mlp_bias: false,
-            sliding_window: None,
-        };
+        let cfg = crate::config::LlamaConfig::scratch(
+            crate::data::text::GPT2_VOCAB,
+            a.hidden,
+            a.layers,
+            a.heads,
+            a.kv_heads.unwrap_or(a.heads),
+            a.mlp,
+            t.context.unwrap_or(256) as i64,
+        );
         cfg.validate()?;
         if a.heads * cfg.head_dim != a.hidden {
             bail!("--heads {} does not divide --hidden {}", a.heads, a.hidden);

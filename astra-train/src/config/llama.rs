@@ -123,6 +123,39 @@ fn d_silu() -> String {
 }
 
 impl LlamaConfig {
+    /// A Llama of the given shape for training from scratch or for tests: head_dim = hidden /
+    /// heads, RoPE θ = 10⁴ without scaling, RMSNorm ε = 1e-5, no biases, untied embeddings.
+    /// Arguments in config.json's order of size: vocabulary, width, depth, query heads,
+    /// key/value heads, MLP width, context.
+    pub fn scratch(
+        vocab: i64,
+        hidden: i64,
+        layers: i64,
+        heads: i64,
+        kv_heads: i64,
+        mlp: i64,
+        positions: i64,
+    ) -> Self {
+        LlamaConfig {
+            family: LlamaFamily::Llama,
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: mlp,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim: if heads > 0 { hidden / heads } else { 0 },
+            max_position_embeddings: positions,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::Default,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+        }
+    }
+
     /// From a config.json object whose `model_type` is `family`'s.
     pub fn from_value(family: LlamaFamily, v: Value) -> std::result::Result<Self, String> {
         let f: File = serde_json::from_value(v).map_err(|e| format!("config: {e}"))?;
