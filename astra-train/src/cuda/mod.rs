@@ -44,6 +44,8 @@ pub struct Kernels {
     stream: Arc<CudaStream>,
     /// `compute_XY` of the device, the architecture NVRTC compiles for.
     arch: String,
+    /// Streaming multiprocessors: a kernel with fewer blocks than this leaves the device idle.
+    sms: i64,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
 }
 
@@ -117,10 +119,16 @@ impl Kernels {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(KernelError::from("compute capability"))?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(KernelError::from("multiprocessor count"))?;
         Ok(Kernels {
             ordinal,
             stream: ctx.default_stream(),
             arch: format!("compute_{major}{minor}"),
+            sms: sms as i64,
             modules: Mutex::new(HashMap::new()),
         })
     }
@@ -172,6 +180,10 @@ impl Kernels {
             .context()
             .load_module(ptx)
             .map_err(KernelError::from(&format!("loading {}", src.name)))
+    }
+
+    pub fn multiprocessors(&self) -> i64 {
+        self.sms
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {

@@ -198,6 +198,15 @@ const NARROW_WIDTH: i64 = 32;
 /// Rows per block (BM in the source).
 const ROWS_PER_BLOCK: i64 = 128;
 
+/// Whether the fused search fills the device for M rows in G groups: it runs one block per 128
+/// rows and group and scans all K codewords in each, so a small batch (one device's share at
+/// inference: a few hundred rows, G = 1) would occupy a handful of the device's multiprocessors
+/// while a matmul + argmin spreads over all of them. Below one block per multiprocessor the ATen
+/// search is the faster of the two (and is exact as well).
+pub fn fills_device(k: &Kernels, rows: i64, groups: i64) -> bool {
+    (rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK * groups >= k.multiprocessors()
+}
+
 /// Indices [M, G] (int64) of the nearest codeword of each row of `x` [M, G, W] in its group's
 /// codebook `codebook` [G, K, W]; both fp32, contiguous, on the device of `k`.
 pub fn nearest_codeword(k: &Kernels, x: &Tensor, codebook: &Tensor) -> Result<Tensor, KernelError> {

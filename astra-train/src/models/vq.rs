@@ -124,11 +124,14 @@ impl GroupedVq {
         idx.reshape(out_shape)
     }
 
-    /// Rows [M, G, w] (fp32) → [M, G] nearest-codeword indices: the fused kernel on CUDA, the
-    /// ATen search elsewhere (or where the kernels are off).
+    /// Rows [M, G, w] (fp32) → [M, G] nearest-codeword indices: the fused kernel on CUDA where
+    /// the batch fills the device, the ATen search elsewhere (or where the kernels are off).
     fn nearest(&self, rows: &Tensor) -> Tensor {
         let cb = self.codebook.to_kind(Kind::Float);
-        if let Some(k) = crate::cuda::kernels(rows.device()) {
+        let (m, g) = (rows.size()[0], rows.size()[1]);
+        if let Some(k) = crate::cuda::kernels(rows.device())
+            .filter(|k| crate::cuda::nearest::fills_device(k, m, g))
+        {
             let idx =
                 crate::cuda::nearest::nearest_codeword(&k, &rows.contiguous(), &cb.contiguous());
             if let Some(idx) = crate::cuda::or_aten(idx) {
