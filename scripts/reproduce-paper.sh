@@ -5,8 +5,20 @@
 #
 #   scripts/reproduce-paper.sh                 # everything that has data (ImageNet needs IMAGENET_DIR)
 #   STEPS="data cifar" scripts/reproduce-paper.sh
+#   scripts/reproduce-paper.sh --rehearse full|tiny [--out DIR]
 #
-# Steps (STEPS, default "setup data cifar imagenet text sim summary"):
+# --rehearse runs every step below, in the same order and through the same commands, on generated
+# data (scripts/lib/rehearsal_data.py: CIFAR-100 batches, an ImageNet folder, WikiText-103 raw
+# files) with randomly initialised models of the real shapes (full: ViT-B/16 224², GPT-2 small and
+# medium at 1024 tokens; on the GPU) or tiny ones (tiny: a CPU in minutes); each training run
+# stops after REHEARSAL_STEPS steps (full 120, tiny 2) and each evaluation after a few hundred
+# examples (scripts/lib/rehearsal.sh sets it up). It writes DIR/rehearsal.md (default DIR
+# results/rehearsal-MODE): per step the wall-clock, throughput, peak host RSS and GPU memory,
+# checkpoint and codebook sizes, and the projected wall-clock and GPU-hours of the real recipe
+# (scripts/lib/rehearsal_report.py). Every run, rehearsal or not, appends what each command cost
+# to OUT/steps.jsonl.
+#
+# Steps (STEPS, default "setup data cifar imagenet text deploy sim summary"):
 #   setup     scripts/setup.sh and the release build
 #   data      CIFAR-100 (astra-train download, MD5-checked), WikiText-103 raw (zip from
 #             $WIKITEXT103_URL, unpacked); ImageNet is never downloaded: IMAGENET_DIR=DIR with
@@ -20,6 +32,10 @@
 #   text      per GPT-2 in $GPT2_MODELS (openai-community/gpt2, openai-community/gpt2-medium):
 #             zero-shot WikiText-103 perplexity, one epoch of plain fine-tuning on WikiText-103,
 #             codebooks, one epoch of ASTRA per G, perplexity tables on the WikiText-103 test split
+#   deploy    the CIFAR-100 ASTRA model (largest G) and the first GPT-2's exported as HF folders
+#             with their codebooks (astra-train export), each run by the multi-process runtime on
+#             N = $DEVICES local workers over 10 Mbit/s links shaped in user space (a random image
+#             / a random CONTEXT-token prompt; astra-eval distributed --json)
 #   sim       the latency study: astra-sim reproduce (speedups, Table 4, Fig 3, figures; no GPU)
 #   summary   $OUT/summary.md listing every table with the commands that made it
 #
@@ -28,10 +44,25 @@
 # (10), CIFAR_EPOCHS (32), IMAGENET_EPOCHS (4), TEXT_EPOCHS (1), CONTEXT (1024), TEXT_BATCH (8),
 # TEXT_LR (5e-5), CALIB_SAMPLES (2000), IMAGE_SIZE (224), TABLE2_DEVICES ("2 6 8"), EXTRA (flags
 # for every training run, e.g. "--max-train 64" for a smoke run), EVAL_EXTRA (flags for every
-# evaluation, e.g. "--max-test 64"), CIFAR100_DIR / WIKITEXT103_DIR (use these instead of
-# downloading). Not wired: the paper's 1M-sample Wikipedia fine-tuning (no public split is named).
+# evaluation, e.g. "--max-test 64"), IMAGE_EXTRA / TEXT_EXTRA (flags for the image / text training
+# runs only), CIFAR100_DIR / WIKITEXT103_DIR (use these instead of downloading). Not wired: the
+# paper's 1M-sample Wikipedia fine-tuning (no public split is named).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+rehearse=""
+while (($#)); do
+  case $1 in
+    --rehearse) rehearse=${2-}; shift; shift || true ;;
+    --out) OUT=${2:?reproduce-paper.sh: --out needs a folder}; shift 2 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    *) echo "reproduce-paper.sh: unknown argument '$1' (use --rehearse full|tiny and --out DIR; steps via STEPS)" >&2; exit 2 ;;
+  esac
+done
+if [[ -n $rehearse ]]; then
+  # shellcheck source=lib/rehearsal.sh
+  source scripts/lib/rehearsal.sh
+fi
 
 out=${OUT:-results/paper}
 data=${DATA:-data}
@@ -43,7 +74,7 @@ k=${K:-1024}
 read -r -a groups <<<"${VQ_GROUPS:-1 16 32}"
 read -r -a table2 <<<"${TABLE2_DEVICES:-2 6 8}"
 read -r -a gpt2_models <<<"${GPT2_MODELS:-openai-community/gpt2 openai-community/gpt2-medium}"
-read -r -a steps <<<"${STEPS:-setup data cifar imagenet text sim summary}"
+read -r -a steps <<<"${STEPS:-setup data cifar imagenet text deploy sim summary}"
 batch=${BATCH:-128}
 lr=${LR:-1e-4}
 image=${IMAGE_SIZE:-224}
@@ -58,6 +89,9 @@ wt=${WIKITEXT103_DIR:-$data/wikitext-103-raw}
 mkdir -p "$out/runs" "$out/codebooks" "$out/tables" "$out/logs"
 
 say() { printf '\n== %s\n' "$*"; }
+# meter LABEL CMD...: runs CMD, appending its wall-clock, peak RSS and peak GPU memory to
+# $out/steps.jsonl (what the rehearsal report reads; kept for real runs too).
+meter() { local label=$1; shift; python3 scripts/lib/step_meter.py "$out/steps.jsonl" "$label" -- "$@"; }
 wants() { [[ " ${steps[*]} " == *" $1 "* ]]; }
 # The commands that made each output, for the summary.
 log_cmd() { printf '%s\n' "$*" >>"$out/commands.txt"; }
@@ -66,33 +100,34 @@ log_cmd() { printf '%s\n' "$*" >>"$out/commands.txt"; }
 # (the trainer writes complete.json after the last epoch), continued with --resume when the folder
 # holds an unfinished run.
 train() {
-  local run=$out/runs/$1; shift
+  local name=$1 run=$out/runs/$1; shift
   if [[ -s $run/complete.json ]]; then echo "skip: $run (done)"; return 0; fi
   local resume=()
   [[ -d $run ]] && resume=(--resume)
   say "train $run${resume:+ (resuming)}"
   log_cmd "$bin/astra-train $* --out $run"
-  "$bin/astra-train" "$@" --out "$run" "${resume[@]}" $extra 2>&1 | tee -a "$out/logs/$(basename "$run").log"
+  meter "train $name" "$bin/astra-train" "$@" --out "$run" "${resume[@]}" $extra $train_extra 2>&1 |
+    tee -a "$out/logs/$name.log"
 }
 
 # calibrate NAME MODEL DATA GROUPS [flags]: codebooks into $out/codebooks/NAME.safetensors.
 calibrate() {
-  local f=$out/codebooks/$1.safetensors model=$2 spec=$3 g=$4; shift 4
+  local name=$1 f=$out/codebooks/$1.safetensors model=$2 spec=$3 g=$4; shift 4
   if [[ -s $f ]]; then echo "skip: $f (done)"; return 0; fi
   say "codebooks $f"
   log_cmd "$bin/astra-train calibrate --model $model --data $spec --groups $g --k $k --samples $samples --device $device $* --out $f"
-  "$bin/astra-train" calibrate --model "$model" --data "$spec" --groups "$g" --k "$k" \
+  meter "calibrate $name" "$bin/astra-train" calibrate --model "$model" --data "$spec" --groups "$g" --k "$k" \
     --samples "$samples" --device "$device" "$@" --out "$f"
 }
 
 # evaluate TABLE METRIC MODEL DATA [flags]: one markdown table per model, written whole.
 evaluate() {
-  local t=$out/tables/$1.md metric=$2 model=$3 spec=$4; shift 4
+  local name=$1 t=$out/tables/$1.md metric=$2 model=$3 spec=$4; shift 4
   if [[ -s $t ]]; then echo "skip: $t (done)"; return 0; fi
   say "evaluate $t"
   log_cmd "$bin/astra-eval $metric --model $model --data $spec --device $device $* $eval_extra --table $t"
   rm -f "$t.tmp"
-  "$bin/astra-eval" "$metric" --model "$model" --data "$spec" --device "$device" "$@" $eval_extra --table "$t.tmp"
+  meter "evaluate $name" "$bin/astra-eval" "$metric" --model "$model" --data "$spec" --device "$device" "$@" $eval_extra --table "$t.tmp"
   mv "$t.tmp" "$t"
 }
 
@@ -102,7 +137,9 @@ if wants setup; then
   [[ -n ${BIN:-} ]] || cargo build --release --workspace --bins
 fi
 
-if wants data; then
+if wants data && [[ -n $rehearse ]]; then
+  rehearsal_data
+elif wants data; then
   say "data"
   if [[ -z ${CIFAR100_DIR:-} ]]; then
     "$bin/astra-train" download --dataset cifar100 --dir "$c100"
@@ -133,6 +170,7 @@ fi
 
 # The image size is chosen when the baseline is fine-tuned; ASTRA runs inherit it from their init.
 vit_flags=(--batch "$batch" --lr "$lr" --warmup-steps 500 --device "$device" $precision)
+train_extra=${IMAGE_EXTRA:-}
 
 if wants cifar; then
   spec=cifar100:$c100
@@ -170,6 +208,7 @@ if wants imagenet; then
 fi
 
 if wants text; then
+  train_extra=${TEXT_EXTRA:-}
   ctx=${CONTEXT:-1024}
   # Training selects its epoch on WikiText-103's own validation split; the sweeps score the last
   # file of a spec, its test split.
@@ -192,13 +231,53 @@ if wants text; then
   done
 fi
 
+# deploy NAME RUN INPUT.npy: export RUN (model + codebooks) as an HF folder, then run it on the
+# runtime: N local workers over user-space shaped 10 Mbit/s links, one warm-up and 3 timed runs.
+deploy() {
+  local name=$1 run=$2 input=$3 dir=$out/deploy/$1
+  if [[ -s $dir/runtime.json ]]; then echo "skip: $dir (done)"; return 0; fi
+  say "deploy $dir"
+  rm -rf "$dir" && mkdir -p "$dir"
+  log_cmd "$bin/astra-train export --model $run --out $dir/model"
+  meter "export $name" "$bin/astra-train" export --model "$run" --out "$dir/model"
+  log_cmd "$bin/astra-eval distributed --model $dir/model --input $input --devices $n --links 10 --shaper user --warmup 1 --runs 3 --out $dir/logits.npy --json $dir/runtime.json"
+  meter "runtime $name" "$bin/astra-eval" distributed --model "$dir/model" --input "$input" --devices "$n" \
+    --links 10 --shaper user --warmup 1 --runs 3 --out "$dir/logits.npy" --json "$dir/runtime.json.tmp"
+  mv "$dir/runtime.json.tmp" "$dir/runtime.json"
+}
+
+if wants deploy; then
+  mkdir -p "$out/deploy"
+  python3 - "$out/deploy" "$image" "${CONTEXT:-1024}" <<'EOF'
+import random, struct, sys
+d, side, ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(0)
+def npy(path, descr, shape, fmt, values):  # .npy version 1.0, C order
+    head = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}"
+    head += " " * (63 - (10 + len(head)) % 64) + "\n"
+    with open(path, "wb") as f:
+        f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(head)) + head.encode())
+        f.write(struct.pack(f"<{len(values)}{fmt}", *values))
+npy(f"{d}/image.npy", "<f4", (1, 3, side, side), "f", [rng.gauss(0, 1) for _ in range(3 * side * side)])
+npy(f"{d}/prompt.npy", "<i8", (1, ctx), "q", [rng.randrange(50257) for _ in range(ctx)])
+EOF
+  g_last=${groups[${#groups[@]}-1]}
+  if [[ -d $out/runs/vit-c100-astra-g$g_last/model ]]; then
+    deploy vit-c100-astra-g"$g_last" "$out/runs/vit-c100-astra-g$g_last" "$out/deploy/image.npy"
+  fi
+  name=$(basename "${gpt2_models[0]}")
+  if [[ -d $out/runs/$name-wt103-astra-g$g_last/model ]]; then
+    deploy "$name"-wt103-astra-g"$g_last" "$out/runs/$name-wt103-astra-g$g_last" "$out/deploy/prompt.npy"
+  fi
+fi
+
 if wants sim; then
   if [[ -d $out/sim ]]; then
     echo "skip: $out/sim (done)"
   else
     say "simulator"
     log_cmd "$bin/astra-sim reproduce --out $out/sim"
-    "$bin/astra-sim" reproduce --out "$out/sim.tmp"
+    meter "simulate" "$bin/astra-sim" reproduce --out "$out/sim.tmp"
     rm -rf "$out/sim"
     mv "$out/sim.tmp" "$out/sim"
   fi
@@ -219,4 +298,9 @@ if wants summary; then
   } >"$out/summary.md.tmp"
   mv "$out/summary.md.tmp" "$out/summary.md"
   say "summary: $out/summary.md"
+  if [[ -n $rehearse ]]; then
+    python3 scripts/lib/rehearsal_report.py "$out" "$rehearse" >"$out/rehearsal.md.tmp"
+    mv "$out/rehearsal.md.tmp" "$out/rehearsal.md"
+    say "rehearsal report: $out/rehearsal.md"
+  fi
 fi

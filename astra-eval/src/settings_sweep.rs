@@ -89,6 +89,9 @@ pub struct SweepReport {
     /// The `--baseline` model on a single device.
     pub baseline: Option<SweepBaseline>,
     pub rows: Vec<SweepRow>,
+    /// Wall-clock of scoring every row (model and data loading excluded): with the rows' counts,
+    /// the rate at which this machine evaluates, which projects to a full test split.
+    pub scoring_seconds: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -172,6 +175,7 @@ pub fn run(args: &SweepArgs<'_>, progress: bool) -> Result<SweepReport> {
     let settings = settings(args, task.is_text());
     let bar = progress_bar(progress, settings.len() as u64 + 1);
     let baseline = baseline(args)?;
+    let t0 = std::time::Instant::now();
     let single = single_device(args, &task, &model)?;
     let mut rows = vec![row(args.metric, None, &single)];
     bar.inc(1);
@@ -228,6 +232,7 @@ pub fn run(args: &SweepArgs<'_>, progress: bool) -> Result<SweepReport> {
         protocol: protocol(&task, rows[0].count, args.opts.batch),
         baseline,
         rows,
+        scoring_seconds: t0.elapsed().as_secs_f64(),
     })
 }
 
@@ -469,6 +474,16 @@ pub fn markdown(r: &SweepReport, command: &str, commit: &str) -> String {
             row.mean_fpar
         );
     }
+    let scored: usize = r.rows.iter().map(|r| r.count).sum();
+    s += &format!(
+        "\nScoring: {scored} {} over {} rows in {:.3} s.\n",
+        match r.metric {
+            Metric::Accuracy => "images",
+            Metric::Perplexity => "tokens",
+        },
+        r.rows.len(),
+        r.scoring_seconds
+    );
     for row in r.rows.iter().filter(|r| !r.quintiles.is_empty()) {
         s += &format!(
             "\nRandom allocation, N = {}, VQ {}, link loss {}: by FPAR quintile\n\n| FPAR range | {name} | scored |\n|---|---:|---:|\n",

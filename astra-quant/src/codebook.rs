@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::bitpack::bits_for;
 use crate::error::{check_finite, QuantError, Result};
 use crate::kmeans::{self, IterStats, KMeansConfig, MAX_K};
-use crate::nearest::nearest;
+use crate::nearest::{Cpu, Search};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct GroupedCodebook {
@@ -73,6 +73,16 @@ impl GroupedCodebook {
         groups: usize,
         cfg: &KMeansConfig,
     ) -> Result<(Self, Vec<Vec<IterStats>>)> {
+        Self::fit_with(x, groups, cfg, &Cpu)
+    }
+
+    /// [`Self::fit`] with k-means' searches on `search`.
+    pub fn fit_with(
+        x: ArrayView2<f32>,
+        groups: usize,
+        cfg: &KMeansConfig,
+        search: &dyn Search,
+    ) -> Result<(Self, Vec<Vec<IterStats>>)> {
         let (n, d) = x.dim();
         check_groups(d, groups)?;
         kmeans::validate(n, d / groups, cfg.k)?;
@@ -99,7 +109,7 @@ impl GroupedCodebook {
                     progress: cfg.progress && groups == 1,
                     ..cfg.clone()
                 };
-                let r = kmeans::fit(sub, &gcfg);
+                let r = kmeans::fit_with(sub, &gcfg, search);
                 bar.inc(1);
                 r
             })
@@ -159,12 +169,17 @@ impl GroupedCodebook {
 
     /// n × D rows → n × G indices.
     pub fn encode(&self, x: ArrayView2<f32>) -> Result<Array2<u16>> {
+        self.encode_with(x, &Cpu)
+    }
+
+    /// [`Self::encode`] with the search on `search`.
+    pub fn encode_with(&self, x: ArrayView2<f32>, search: &dyn Search) -> Result<Array2<u16>> {
         self.check_width(x.ncols())?;
         check_finite(x)?;
         let w = self.sub_dim();
         let mut out = Array2::<u16>::zeros((x.nrows(), self.groups()));
         for (g, cw) in self.codewords.iter().enumerate() {
-            let (labels, _) = nearest(x.slice(s![.., g * w..(g + 1) * w]), cw.view());
+            let (labels, _) = search.nearest(x.slice(s![.., g * w..(g + 1) * w]), cw.view());
             for (o, l) in out.column_mut(g).iter_mut().zip(labels) {
                 *o = l as u16;
             }
@@ -175,7 +190,12 @@ impl GroupedCodebook {
     /// [G·K], group-major: the share of the rows `x` (n × D, n ≥ 1) whose nearest codeword in
     /// each group is each codeword (what [`crate::BlockQuantizer::usage`] records).
     pub fn code_shares(&self, x: ArrayView2<f32>) -> Result<Vec<f32>> {
-        let idx = self.encode(x)?;
+        self.code_shares_with(x, &Cpu)
+    }
+
+    /// [`Self::code_shares`] with the search on `search`.
+    pub fn code_shares_with(&self, x: ArrayView2<f32>, search: &dyn Search) -> Result<Vec<f32>> {
+        let idx = self.encode_with(x, search)?;
         let (g, k, n) = (self.groups(), self.k(), idx.nrows().max(1));
         let mut counts = vec![0usize; g * k];
         for row in idx.outer_iter() {

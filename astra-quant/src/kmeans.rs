@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check_finite, QuantError, Result};
-use crate::nearest::nearest;
+use crate::nearest::Search;
 
 /// Largest codebook a u16 index can address.
 pub const MAX_K: usize = 65536;
@@ -102,6 +102,12 @@ pub fn validate(n: usize, d: usize, k: usize) -> Result<()> {
 }
 
 pub fn fit(data: ArrayView2<f32>, cfg: &KMeansConfig) -> Result<KMeans> {
+    fit_with(data, cfg, &crate::nearest::Cpu)
+}
+
+/// [`fit`] with the assignment step's nearest-centroid search on `search` (the initialisation,
+/// updates, empty-cluster splits and stopping rule are the same).
+pub fn fit_with(data: ArrayView2<f32>, cfg: &KMeansConfig, search: &dyn Search) -> Result<KMeans> {
     let (n, d) = data.dim();
     validate(n, d, cfg.k)?;
     check_finite(data)?;
@@ -135,7 +141,7 @@ pub fn fit(data: ArrayView2<f32>, cfg: &KMeansConfig) -> Result<KMeans> {
     let mut converged = false;
     for iter in 0..cfg.iters {
         let t0 = Instant::now();
-        let (labels, dists) = nearest(x.view(), centroids.view());
+        let (labels, dists) = search.nearest(x.view(), centroids.view());
         // Same assignment as last time: the update would reproduce the current centroids, so
         // Lloyd's iteration has reached its fixed point (faiss stops here too).
         if labels == previous {

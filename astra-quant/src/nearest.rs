@@ -15,6 +15,24 @@ pub fn row_block(k: usize) -> usize {
     (1_048_576 / k.max(1)).clamp(64, 1024)
 }
 
+/// Where the nearest-centroid search runs: k-means, encoding and code shares call it for every
+/// row. [`Cpu`] is this module's GEMM search; a caller with an accelerator passes its own (the
+/// trainer runs calibration's searches on the GPU) and everything else stays the same code.
+pub trait Search: Sync {
+    /// For every row of `x` (n × d) the index of the nearest row of `centroids` (k × d) and the
+    /// squared distance to it.
+    fn nearest(&self, x: ArrayView2<f32>, centroids: ArrayView2<f32>) -> (Vec<u32>, Vec<f32>);
+}
+
+/// The search on this machine's CPUs ([`nearest`]).
+pub struct Cpu;
+
+impl Search for Cpu {
+    fn nearest(&self, x: ArrayView2<f32>, centroids: ArrayView2<f32>) -> (Vec<u32>, Vec<f32>) {
+        nearest(x, centroids)
+    }
+}
+
 /// Squared norm of every row.
 pub fn row_norms(x: ArrayView2<f32>) -> Vec<f32> {
     x.outer_iter()

@@ -338,3 +338,46 @@ fn the_fused_adamw_step_equals_the_aten_one() {
         err(&e_k, &e_a)
     );
 }
+
+/// Calibration's k-means with its searches on the GPU reaches astra-quant's CPU objective.
+#[test]
+fn calibration_kmeans_on_the_gpu_matches_the_cpu() {
+    use astra_quant::{GroupedCodebook, KMeansConfig};
+    use astra_train::train::calibrate::TorchSearch;
+    let Some(Gpu { dev, .. }) = gpu() else {
+        return;
+    };
+    tch::manual_seed(8);
+    let (x, _) = random_case(Device::Cpu, 20_000, 4, 256, 24);
+    let x = ndarray::Array2::from_shape_vec(
+        (20_000, 96),
+        Vec::<f32>::try_from(x.reshape([-1])).unwrap(),
+    )
+    .unwrap();
+    let cfg = KMeansConfig {
+        iters: 10,
+        ..KMeansConfig::new(256)
+    };
+    let (cb_g, st_g) = GroupedCodebook::fit_with(x.view(), 4, &cfg, &TorchSearch(dev)).unwrap();
+    let (cb_c, st_c) = GroupedCodebook::fit(x.view(), 4, &cfg).unwrap();
+    for (g, c) in st_g.iter().zip(&st_c) {
+        let (og, oc) = (g.last().unwrap().objective, c.last().unwrap().objective);
+        assert!(
+            (og - oc).abs() <= 1e-3 * oc,
+            "objectives {og} (GPU) vs {oc} (CPU)"
+        );
+    }
+    let enc_g = cb_g.encode_with(x.view(), &TorchSearch(dev)).unwrap();
+    let enc_c = cb_g.encode(x.view()).unwrap();
+    let same = enc_g
+        .iter()
+        .zip(enc_c.iter())
+        .filter(|(a, b)| a == b)
+        .count();
+    assert!(
+        same as f64 >= 0.999 * enc_g.len() as f64,
+        "{same} of {} indices",
+        enc_g.len()
+    );
+    drop(cb_c);
+}

@@ -127,18 +127,7 @@ impl GroupedVq {
     /// Rows [M, G, w] (fp32) → [M, G] nearest-codeword indices: the fused kernel on CUDA where
     /// the batch fills the device, the ATen search elsewhere (or where the kernels are off).
     fn nearest(&self, rows: &Tensor) -> Tensor {
-        let cb = self.codebook.to_kind(Kind::Float);
-        let (m, g) = (rows.size()[0], rows.size()[1]);
-        if let Some(k) = crate::cuda::kernels(rows.device())
-            .filter(|k| crate::cuda::nearest::fills_device(k, m, g))
-        {
-            let idx =
-                crate::cuda::nearest::nearest_codeword(&k, &rows.contiguous(), &cb.contiguous());
-            if let Some(idx) = crate::cuda::or_aten(idx) {
-                return idx;
-            }
-        }
-        nearest_aten(rows, &cb)
+        nearest_codewords(rows, &self.codebook.to_kind(Kind::Float))
     }
     /// [.., G] indices → [.., D] codewords.
     pub fn decode(&self, idx: &Tensor) -> Tensor {
@@ -470,6 +459,23 @@ pub fn check_codebooks(
 }
 
 /// The ATen nearest-codeword search: rows [M, G, w] and codebook [G, K, w] (fp32) → [M, G].
+/// Rows [M, G, w] and codebook [G, K, w] (fp32) → [M, G] nearest-codeword indices: the fused
+/// kernel on CUDA where the batch fills the device, [`nearest_aten`] elsewhere (or where the
+/// kernels are off). Every exact search of the trainer goes through here.
+pub fn nearest_codewords(rows: &Tensor, codebook: &Tensor) -> Tensor {
+    let (m, g) = (rows.size()[0], rows.size()[1]);
+    if let Some(k) =
+        crate::cuda::kernels(rows.device()).filter(|k| crate::cuda::nearest::fills_device(k, m, g))
+    {
+        let idx =
+            crate::cuda::nearest::nearest_codeword(&k, &rows.contiguous(), &codebook.contiguous());
+        if let Some(idx) = crate::cuda::or_aten(idx) {
+            return idx;
+        }
+    }
+    nearest_aten(rows, codebook)
+}
+
 pub fn nearest_aten(rows: &Tensor, codebook: &Tensor) -> Tensor {
     let (g, k) = (codebook.size()[0], codebook.size()[1]);
     let c_norm = codebook

@@ -1,7 +1,10 @@
 //! `astra-train calibrate`: block inputs of a trained model (ViT over a sample of training
 //! images, GPT-2 over training windows) → one grouped codebook per block (astra-quant k-means)
-//! and its NAQ residual statistics.
+//! and its NAQ residual statistics. On a CUDA device every nearest-codeword search of it (k-means'
+//! assignments, the code shares, the residual pass's encoding) runs on the GPU ([`TorchSearch`]);
+//! the rest of k-means (initialisation, updates, splits) is astra-quant's, unchanged.
 
+use astra_quant::nearest::{Cpu, Search};
 use astra_quant::residual::NoiseKind;
 use astra_quant::{
     BlockQuantizer, CodebookFile, GroupedCodebook, KMeansConfig, ResidualAccumulator,
@@ -93,6 +96,43 @@ impl RowReservoir {
     }
 }
 
+/// The exact fp32 nearest-codeword search on a libtorch device (the trainer's: the fused kernel
+/// where it fills the GPU, matmul + argmin otherwise), for astra-quant's k-means and encoding.
+pub struct TorchSearch(pub Device);
+
+impl Search for TorchSearch {
+    fn nearest(
+        &self,
+        x: ndarray::ArrayView2<f32>,
+        centroids: ndarray::ArrayView2<f32>,
+    ) -> (Vec<u32>, Vec<f32>) {
+        let upload = |a: ndarray::ArrayView2<f32>| {
+            let a = a.as_standard_layout();
+            let (r, c) = a.dim();
+            Tensor::from_slice(a.as_slice().expect("standard layout"))
+                .view([r as i64, c as i64])
+                .to_device(self.0)
+        };
+        let (x, c) = (upload(x), upload(centroids));
+        let idx = crate::models::vq::nearest_codewords(&x.unsqueeze(1), &c.unsqueeze(0)).view([-1]);
+        let dist = (&x - c.index_select(0, &idx))
+            .square()
+            .sum_dim_intlist(-1, false, Kind::Float);
+        let labels = Vec::<i64>::try_from(idx.to_device(Device::Cpu)).expect("int64 indices");
+        let dist = Vec::<f32>::try_from(dist.to_device(Device::Cpu)).expect("fp32 distances");
+        (labels.into_iter().map(|l| l as u32).collect(), dist)
+    }
+}
+
+/// The search calibration runs on: the GPU's when it calibrates on one, else astra-quant's.
+fn search_on(device: Device) -> Box<dyn Search> {
+    if device.is_cuda() {
+        Box::new(TorchSearch(device))
+    } else {
+        Box::new(Cpu)
+    }
+}
+
 /// Fits per-block codebooks and NAQ statistics on a sample of the training data. Memory is
 /// bounded whatever the sample size: the first pass keeps a seeded reservoir of K × 256 rows per
 /// block (all that k-means trains on), the second streams every row through the fitted codebook
@@ -115,10 +155,17 @@ pub fn calibrate(
     let mut reservoirs: Vec<RowReservoir> = (0..layers)
         .map(|l| RowReservoir::new(dim, cap, a.seed.wrapping_add(l as u64)))
         .collect();
-    for_each_block_input(model, &task, n, a.seed, device, |l, rows| {
+    let sample = Sample {
+        task: &task,
+        n,
+        seed: a.seed,
+        device,
+    };
+    for_each_block_input(model, &sample, |l, rows| {
         reservoirs[l].push(rows.view());
         Ok(())
     })?;
+    let search = search_on(device);
     let bar = progress_bar(progress, layers, "calibrate blocks");
     let mut codebooks = Vec::with_capacity(layers);
     let mut usage = Vec::with_capacity(layers);
@@ -129,17 +176,17 @@ pub fn calibrate(
             seed: a.seed,
             ..KMeansConfig::new(a.k)
         };
-        let cb = GroupedCodebook::fit(rows.view(), a.groups, &cfg)?.0;
+        let cb = GroupedCodebook::fit_with(rows.view(), a.groups, &cfg, &*search)?.0;
         // The reservoir is a uniform sample of the block's rows: its code shares estimate the
         // whole sample's, which EMA fine-tuning starts its counts from.
-        usage.push(cb.code_shares(rows.view())?);
+        usage.push(cb.code_shares_with(rows.view(), &*search)?);
         codebooks.push(cb);
         bar.inc(1);
     }
     bar.finish_and_clear();
     let noise = match a.noise {
         None => vec![None; layers],
-        Some(kind) => residual_models(model, &task, n, a.seed, device, &codebooks, kind)?,
+        Some(kind) => residual_models(model, &sample, &codebooks, kind, &*search)?,
     };
     let blocks = codebooks
         .into_iter()
@@ -167,15 +214,27 @@ pub fn calibrate(
     Ok(file)
 }
 
-/// Calls `f(block, rows)` with every block's input rows [M, D] for the calibration sample.
-fn for_each_block_input(
-    model: &Model,
-    task: &Task,
+/// The calibration sample: `n` training examples of `task` drawn with `seed`, run on `device`.
+#[derive(Clone, Copy)]
+struct Sample<'a> {
+    task: &'a Task,
     n: usize,
     seed: u64,
     device: Device,
+}
+
+/// Calls `f(block, rows)` with every block's input rows [M, D] for the calibration sample.
+fn for_each_block_input(
+    model: &Model,
+    sample: &Sample<'_>,
     mut f: impl FnMut(usize, Array2<f32>) -> Result<()>,
 ) -> Result<()> {
+    let Sample {
+        task,
+        n,
+        seed,
+        device,
+    } = *sample;
     tch::no_grad(|| -> Result<()> {
         for x in task.calibration_batches(n, seed, device)? {
             for (l, t) in model.block_inputs(&x)?.iter().enumerate() {
@@ -189,20 +248,18 @@ fn for_each_block_input(
 /// The second pass: the residual X − X̂ of every row under the fitted codebooks, streamed.
 fn residual_models(
     model: &Model,
-    task: &Task,
-    n: usize,
-    seed: u64,
-    device: Device,
+    sample: &Sample<'_>,
     codebooks: &[GroupedCodebook],
     kind: NoiseKind,
+    search: &dyn Search,
 ) -> Result<Vec<Option<astra_quant::NoiseModel>>> {
     let mut acc: Vec<ResidualAccumulator> = codebooks
         .iter()
         .map(|cb| ResidualAccumulator::new(cb.dim(), kind))
         .collect();
-    for_each_block_input(model, task, n, seed, device, |l, rows| {
+    for_each_block_input(model, sample, |l, rows| {
         let cb = &codebooks[l];
-        let xh = cb.decode(cb.encode(rows.view())?.view())?;
+        let xh = cb.decode(cb.encode_with(rows.view(), search)?.view())?;
         acc[l].push_pair(rows.view(), xh.view())?;
         Ok(())
     })?;
@@ -227,7 +284,55 @@ fn progress_bar(progress: bool, len: usize, what: &str) -> ProgressBar {
 
 #[cfg(test)]
 mod tests {
-    use super::RowReservoir;
+    use super::{RowReservoir, TorchSearch};
+    use astra_quant::nearest::{Cpu, Search};
+    use astra_quant::{GroupedCodebook, KMeansConfig};
+
+    /// The libtorch search (here on the CPU; on the GPU in tests/cuda_kernels.rs) gives k-means
+    /// and encoding the same results as astra-quant's: same labels up to fp32 near-ties, the
+    /// same distances, the same fitted codebook's objective.
+    #[test]
+    fn the_libtorch_search_fits_what_astra_quants_fits() {
+        let x = ndarray::Array2::from_shape_fn((3000, 12), |(i, j)| {
+            ((i * 7 + j * 13) % 31) as f32 / 7.0 + ((i / 100) % 5) as f32
+        });
+        let c = x.slice(ndarray::s![..40, ..]).to_owned();
+        let (lt, dt) = TorchSearch(tch::Device::Cpu).nearest(x.view(), c.view());
+        let (lc, dc) = Cpu.nearest(x.view(), c.view());
+        let same = lt.iter().zip(&lc).filter(|(a, b)| a == b).count();
+        assert!(
+            same as f64 >= 0.999 * lt.len() as f64,
+            "{same} of {} labels agree",
+            lt.len()
+        );
+        for (a, b) in dt.iter().zip(&dc) {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "distances {a} vs {b}"
+            );
+        }
+        let cfg = KMeansConfig {
+            iters: 8,
+            ..KMeansConfig::new(32)
+        };
+        let (cb_t, st_t) =
+            GroupedCodebook::fit_with(x.view(), 3, &cfg, &TorchSearch(tch::Device::Cpu)).unwrap();
+        let (cb_c, st_c) = GroupedCodebook::fit(x.view(), 3, &cfg).unwrap();
+        for (t, c) in st_t.iter().zip(&st_c) {
+            let (ot, oc) = (t.last().unwrap().objective, c.last().unwrap().objective);
+            assert!((ot - oc).abs() <= 1e-3 * oc, "objectives {ot} vs {oc}");
+        }
+        let shares_t = cb_t
+            .code_shares_with(x.view(), &TorchSearch(tch::Device::Cpu))
+            .unwrap();
+        let shares_c = cb_c.code_shares(x.view()).unwrap();
+        let gap: f32 = shares_t
+            .iter()
+            .zip(&shares_c)
+            .map(|(a, b)| (a - b).abs())
+            .sum();
+        assert!(gap < 0.01, "code shares differ by {gap} in total");
+    }
 
     #[test]
     fn the_reservoir_is_bounded_uniform_and_seeded() {

@@ -196,6 +196,7 @@ pub fn train(
         }
         let t0 = Instant::now();
         let totals = train_epoch(cfg, &mut setup, &mut opt, epoch, steps_per_epoch, progress)?;
+        let train_seconds = t0.elapsed().as_secs_f64();
         // NAQ follows the codebook: as EMA moves it (and fine-tuning moves X), the residual
         // statistics are re-estimated each epoch; the checkpoint and model/ keep what was used.
         if let (Some(a), Some(q)) = (&cfg.astra, setup.vq.as_mut()) {
@@ -223,6 +224,8 @@ pub fn train(
             valid_perplexity: setup.task.is_text().then(|| m.perplexity()),
             lr: opt.lr_at(opt.step.saturating_sub(1)),
             seconds: t0.elapsed().as_secs_f64(),
+            train_seconds,
+            train_samples: totals.seen,
         };
         if progress {
             report_epoch(&rec, &m, cfg.epochs, setup.task.is_text());

@@ -74,7 +74,14 @@ pub struct EpochRecord {
     /// Validation perplexity (language models).
     pub valid_perplexity: Option<f64>,
     pub lr: f64,
+    /// Wall-clock of the epoch: training and validation.
     pub seconds: f64,
+    /// Of which training (data loading included), and what it trained on: images, or predicted
+    /// tokens for text. Throughput = train_samples / train_seconds. Absent in older runs.
+    #[serde(default)]
+    pub train_seconds: f64,
+    #[serde(default)]
+    pub train_samples: f64,
 }
 
 pub struct RunFolder {
@@ -341,13 +348,13 @@ impl RunFolder {
         if new {
             writeln!(
                 f,
-                "epoch,step,train_loss,train_accuracy,valid_loss,valid_accuracy,valid_perplexity,lr,seconds"
+                "epoch,step,train_loss,train_accuracy,valid_loss,valid_accuracy,valid_perplexity,lr,seconds,train_seconds,train_samples"
             )
             .map_err(io(&cp))?;
         }
         writeln!(
             f,
-            "{},{},{:.6},{:.6},{:.6},{:.6},{},{:.6e},{:.1}",
+            "{},{},{:.6},{:.6},{:.6},{:.6},{},{:.6e},{:.1},{:.2},{}",
             rec.epoch,
             rec.step,
             rec.train_loss,
@@ -357,7 +364,9 @@ impl RunFolder {
             rec.valid_perplexity
                 .map_or(String::new(), |p| format!("{p:.4}")),
             rec.lr,
-            rec.seconds
+            rec.seconds,
+            rec.train_seconds,
+            rec.train_samples
         )
         .map_err(io(&cp))?;
         let (best_score, best_epoch, best_metrics) = best;

@@ -1,0 +1,48 @@
+# Sourced by scripts/reproduce-paper.sh for `--rehearse full|tiny`: the recipe's settings for a
+# rehearsal on generated data (every one can still be overridden from the environment), and the
+# data step that generates that data. The real recipe's sizes and epochs, which the report projects
+# to, are written to $OUT/rehearsal.json.
+case $rehearse in
+  full | tiny) ;;
+  *) echo "reproduce-paper.sh: --rehearse must be full or tiny, not '$rehearse'" >&2; exit 2 ;;
+esac
+OUT=${OUT:-results/rehearsal-$rehearse}
+STEPS=${STEPS:-data cifar imagenet text deploy sim summary}
+if [[ $rehearse == full ]]; then
+  : "${REHEARSAL_STEPS:=120}" "${DEVICE:=cuda}" "${PRECISION=--bf16}" "${BATCH:=128}" "${TEXT_BATCH:=8}"
+  : "${CONTEXT:=1024}" "${IMAGE_SIZE:=224}" "${K:=1024}" "${VQ_GROUPS:=1 16 32}" "${DEVICES:=4}"
+  : "${TABLE2_DEVICES:=8}" "${REHEARSAL_VALID:=512}" "${EVAL_EXTRA:=--max-test 512}"
+else
+  : "${REHEARSAL_STEPS:=2}" "${DEVICE:=cpu}" "${PRECISION=}" "${BATCH:=8}" "${TEXT_BATCH:=4}"
+  : "${CONTEXT:=32}" "${IMAGE_SIZE:=32}" "${K:=16}" "${VQ_GROUPS:=1 32}" "${DEVICES:=4}"
+  : "${TABLE2_DEVICES:=2}" "${REHEARSAL_VALID:=16}" "${EVAL_EXTRA:=--max-test 8}" "${CALIB_SAMPLES:=8}"
+fi
+# One epoch of REHEARSAL_STEPS steps per training run; the report scales to the real epochs.
+real_epochs="{\"cifar_base\": ${CIFAR_BASE_EPOCHS:-10}, \"cifar_astra\": ${CIFAR_EPOCHS:-32}, \"imagenet_astra\": ${IMAGENET_EPOCHS:-4}, \"text\": ${TEXT_EPOCHS:-1}}"
+CIFAR_BASE_EPOCHS=1 CIFAR_EPOCHS=1 IMAGENET_EPOCHS=1 TEXT_EPOCHS=1
+IMAGE_EXTRA="--max-train $((REHEARSAL_STEPS * BATCH)) --valid $REHEARSAL_VALID ${IMAGE_EXTRA:-}"
+TEXT_EXTRA="--max-train $((REHEARSAL_STEPS * TEXT_BATCH)) ${TEXT_EXTRA:-}"
+rehearsal_dir=$OUT/data
+VIT_INIT=$rehearsal_dir/models/vit-in21k IMAGENET_INIT=$rehearsal_dir/models/vit-imagenet
+GPT2_MODELS="$rehearsal_dir/models/gpt2 $rehearsal_dir/models/gpt2-medium"
+CIFAR100_DIR=$rehearsal_dir/cifar100 IMAGENET_DIR=$rehearsal_dir/imagenet
+WIKITEXT103_DIR=$rehearsal_dir/wikitext-103-raw
+
+# The data step of a rehearsal: generated data and random models, made once.
+rehearsal_data() {
+  mkdir -p "$OUT"
+  cat >"$OUT/rehearsal.json" <<JSON
+{"mode": "$rehearse", "steps_per_run": $REHEARSAL_STEPS, "batch": $BATCH, "text_batch": $TEXT_BATCH,
+ "context": $CONTEXT, "image_size": $IMAGE_SIZE, "device": "$DEVICE", "groups": "$VQ_GROUPS",
+ "devices": $DEVICES, "table2_devices": "$TABLE2_DEVICES", "valid_images": $REHEARSAL_VALID,
+ "real_epochs": $real_epochs}
+JSON
+  if [[ -s $rehearsal_dir/sizes.json ]]; then
+    echo "skip: $rehearsal_dir (done)"
+    return 0
+  fi
+  say "rehearsal data ($rehearse) in $rehearsal_dir"
+  rm -rf "$rehearsal_dir.tmp"
+  meter "generate data" python3 scripts/lib/rehearsal_data.py "$rehearse" "$rehearsal_dir.tmp" "$bin/astra-train"
+  mv "$rehearsal_dir.tmp" "$rehearsal_dir"
+}

@@ -1,0 +1,227 @@
+"""The rehearsal report: what each step of the paper's recipe cost on generated data at the real
+shapes, and what the real recipe will cost, projected from the measured rates.
+
+  python3 rehearsal_report.py OUT MODE      (markdown on stdout; reproduce-paper.sh --rehearse)
+
+Reads OUT/steps.jsonl (wall-clock, peak RSS, peak GPU memory of every command), the training runs'
+summary.csv (training seconds and samples of their one epoch), the evaluation tables' "Scoring:"
+line, the runtime's JSON, checkpoint and codebook sizes, OUT/rehearsal.json (settings and the real
+epochs) and OUT/data/sizes.json (the real data sizes).
+
+Projection of a step to the real recipe:
+  training     startup + epochs × (real training samples ÷ measured samples/s
+               + real validation samples ÷ measured validation samples/s)
+  evaluation   startup + real test samples × rows ÷ measured scored samples/s
+  calibration, export, runtime, simulator: as measured (they do the real recipe's work already:
+               calibration draws its default sample count, the others do not depend on data size)
+"startup" is the wall-clock the step spent outside its measured loop (process start, loading the
+model and data, writing results), kept as measured. GPU-hours: the projected wall-clock of the
+steps that use the GPU (training, calibration, evaluation), one GPU each.
+"""
+import csv
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+BYTES_PER_TOKEN = 4.25  # GPT-2 BPE on WikiText (measured on WikiText-2's test split: 1,256,449 B → 295,876 tokens)
+
+
+def load_steps(out):
+    steps = {}
+    path = os.path.join(out, "steps.jsonl")
+    if os.path.exists(path):
+        for line in open(path):
+            r = json.loads(line)
+            steps[r["label"]] = r  # the last attempt of a label counts
+    return steps
+
+
+def size_mb(path):
+    if os.path.isfile(path):
+        return os.path.getsize(path) / 2**20
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total / 2**20
+
+
+def epoch_row(run):
+    path = os.path.join(run, "summary.csv")
+    if not os.path.exists(path):
+        return None
+    rows = list(csv.DictReader(open(path)))
+    return rows[-1] if rows else None
+
+
+def fmt_h(seconds):
+    if seconds is None:
+        return "—"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def main():
+    out, mode = sys.argv[1], sys.argv[2]
+    cfg = json.load(open(os.path.join(out, "rehearsal.json")))
+    real = json.load(open(os.path.join(out, "data", "sizes.json")))["real"]
+    epochs = cfg["real_epochs"]
+    steps = load_steps(out)
+    ctx = cfg["context"]
+    wt = real["wikitext103"]
+    train_tokens = wt["train_mb"] * 1e6 / BYTES_PER_TOKEN
+    valid_tokens, test_tokens = wt["valid_tokens"], wt["test_tokens"]
+    c100_train = real["cifar100"]["train"] * 0.9  # the default 10% validation hold-out
+    imnet_train = real["imagenet"]["train"] - 10_000  # hold-out capped at 10,000
+    # (real training samples per epoch, real validation samples, epochs, group) per training run
+    def train_target(name):
+        if name == "vit-c100":
+            return c100_train, 5_000, epochs["cifar_base"], "CIFAR-100 ViT-B/16"
+        if name.startswith("vit-c100-astra"):
+            return c100_train, 5_000, epochs["cifar_astra"], "CIFAR-100 ViT-B/16"
+        if name.startswith("vit-imagenet-astra"):
+            return imnet_train, 10_000, epochs["imagenet_astra"], "ImageNet-1K ViT-B/16"
+        model = name.split("-wt103")[0]
+        return train_tokens, valid_tokens, epochs["text"], f"WikiText-103 {model}"
+
+    def eval_target(name):
+        if name.startswith("c100"):
+            return real["cifar100"]["test"], "CIFAR-100 ViT-B/16"
+        if name.startswith("imagenet"):
+            return real["imagenet"]["val"], "ImageNet-1K ViT-B/16"
+        model = re.sub(r"^wt103-(.*?)-(zero-shot|original|astra-g\d+)$", r"\1", name)
+        return test_tokens, f"WikiText-103 {model}"
+
+    def group_of_calib(name):
+        if name.startswith("c100"):
+            return "CIFAR-100 ViT-B/16"
+        if name.startswith("imagenet"):
+            return "ImageNet-1K ViT-B/16"
+        return "WikiText-103 " + re.sub(r"^wt103-(.*)-g\d+$", r"\1", name)
+
+    rows = []  # (group, astra?, step, measured wall, rate text, rss, gpu, size text, projected s, gpu?)
+    for label, s in steps.items():
+        kind, _, name = label.partition(" ")
+        wall, rss, gpu = s["wall_s"], s["peak_rss_mb"], s["peak_gpu_mb"]
+        astra = "astra" in name
+        proj, rate, size, group, uses_gpu = wall, "", "", "", True
+        if kind == "train":
+            run = os.path.join(out, "runs", name)
+            e = epoch_row(run)
+            n_train, n_valid, ep, group = train_target(name)
+            if e and float(e.get("train_seconds") or 0) > 0:
+                t_s, t_n = float(e["train_seconds"]), float(e["train_samples"])
+                v_s = max(float(e["seconds"]) - t_s, 0.0)
+                r = t_n / t_s
+                unit = "tokens/s" if "wt103" in name else "images/s"
+                rate = f"{r:,.0f} {unit} ({int(e['step'])} steps)"
+                # validation: its measured seconds over what it scored (the hold-out of
+                # REHEARSAL_VALID images, or the VALID file's tokens)
+                v_n = valid_tokens if "wt103" in name else cfg.get("valid_images")
+                v_rate = (v_n / v_s) if v_s > 0 and v_n else None
+                startup = max(wall - float(e["seconds"]), 0.0)
+                proj = startup + ep * (n_train / r + (n_valid / v_rate if v_rate else 0.0))
+            ck = sorted(glob.glob(os.path.join(run, "checkpoints", "*.safetensors")))
+            size = f"checkpoint {size_mb(ck[-1]):,.0f} MiB, model {size_mb(os.path.join(run, 'model')):,.0f} MiB" if ck else ""
+        elif kind == "evaluate":
+            n_real, group = eval_target(name)
+            t = os.path.join(out, "tables", name + ".md")
+            m = re.search(r"Scoring: (\d+) (images|tokens) over (\d+) rows in ([\d.]+) s", open(t).read()) if os.path.exists(t) else None
+            astra = "astra" in name
+            if m:
+                scored, unit, nrows, secs = int(m[1]), m[2], int(m[3]), float(m[4])
+                if secs > 0:
+                    r = scored / secs
+                    rate = f"{r:,.0f} {unit}/s over {nrows} rows"
+                    proj = max(wall - secs, 0.0) + n_real * nrows / r
+        elif kind == "calibrate":
+            group = group_of_calib(name)
+            f = os.path.join(out, "codebooks", name + ".safetensors")
+            size = f"codebooks {size_mb(f):,.1f} MiB" if os.path.exists(f) else ""
+            astra = True
+        elif kind in ("export", "runtime"):
+            uses_gpu = False
+            group = "deployment (runtime on CPU workers)"
+            astra = True
+            if kind == "export":
+                size = f"export {size_mb(os.path.join(out, 'deploy', name, 'model')):,.0f} MiB"
+            else:
+                j = os.path.join(out, "deploy", name, "runtime.json")
+                if os.path.exists(j):
+                    d = json.load(open(j))
+                    med = d.get("median_ms") or d.get("latency_ms", {}).get("median")
+                    rate = f"median {med:,.0f} ms per inference" if isinstance(med, (int, float)) else ""
+        else:
+            uses_gpu = False
+            group = "data and simulator"
+        rows.append((group, astra, label, wall, rate, rss, gpu, size, proj, uses_gpu, s["rc"]))
+
+    dev = cfg["device"]
+    gpu_name = _gpu_name()
+    print(f"# Rehearsal of the paper's recipe ({mode}): generated data, random models of the {'real' if mode == 'full' else 'tiny'} shapes\n")
+    print(f"Command: `scripts/reproduce-paper.sh --rehearse {mode} --out {out}`; commit {_commit()}; "
+          f"device {dev}{' (' + gpu_name + ')' if gpu_name else ''}; every training run stopped after "
+          f"{cfg['steps_per_run']} steps (batch {cfg['batch']} images / {cfg['text_batch']} × {ctx} tokens), "
+          f"G ∈ {{{', '.join(cfg['groups'].split())}}}, N = {cfg['devices']} (Table 2 rows: N = {cfg['table2_devices'] or 'none'}). "
+          f"Real recipe projected to: epochs {epochs}, CIFAR-100 {real['cifar100']['train']:,} / {real['cifar100']['test']:,} images, "
+          f"ImageNet-1K {real['imagenet']['train']:,} / {real['imagenet']['val']:,}, WikiText-103 ≈ {train_tokens / 1e6:.0f} M "
+          f"training tokens ({wt['train_mb']} MB at {BYTES_PER_TOKEN} bytes per GPT-2 token) and ≈ {test_tokens:,} test tokens.\n")
+    if mode != "full":
+        print("**Tiny shapes**: the times below say the pipeline runs end to end; the projection only means something for `--rehearse full`.\n")
+    failed = [r for r in rows if r[10] != 0]
+    if failed:
+        print("**Failed steps**: " + ", ".join(f"{r[2]} (exit {r[10]})" for r in failed) + "\n")
+    print("## Every step\n")
+    print("| step | wall (measured) | throughput | peak host RSS | peak GPU memory | sizes | projected, real recipe |")
+    print("|---|---:|---|---:|---:|---|---:|")
+    for g, a, label, wall, rate, rss, gpu, size, proj, ug, rc in rows:
+        gm = "—" if gpu is None else f"{gpu:,.0f} MiB"
+        print(f"| {label}{'' if rc == 0 else ' (failed)'} | {fmt_h(wall)} | {rate} | {rss:,.0f} MiB | {gm} | {size} | {fmt_h(proj)} |")
+    print("\n## Projected cost of the real recipe\n")
+    print("GPU-hours: training, calibration and evaluation on one GPU each; deployment and simulator on CPUs.\n")
+    print("| experiment | without ASTRA (original: fine-tune + evaluation) | with ASTRA (calibration + ASTRA fine-tuning + evaluation, all G and N) | GPU-hours, total |")
+    print("|---|---:|---:|---:|")
+    groups = []
+    for r in rows:
+        if r[0] not in groups and any(x[0] == r[0] and x[9] for x in rows):
+            groups.append(r[0])
+    total_gpu = 0.0
+    for g in groups:
+        plain = sum(r[8] for r in rows if r[0] == g and not r[1])
+        astra = sum(r[8] for r in rows if r[0] == g and r[1])
+        gh = sum(r[8] for r in rows if r[0] == g and r[9]) / 3600
+        total_gpu += gh
+        print(f"| {g} | {fmt_h(plain)} | {fmt_h(astra)} | {gh:,.1f} |")
+    total = sum(r[8] for r in rows)
+    print(f"| **all** | | | **{total_gpu:,.1f}** |")
+    other = [r for r in rows if r[0] not in groups]
+    if other:
+        print("\nOff the GPU: " + ", ".join(f"{r[2]} {fmt_h(r[8])}" for r in other)
+              + f". Everything in sequence: {fmt_h(total)} of wall-clock.")
+    print("\nMeasured with scripts/lib/step_meter.py: peak host RSS is the command's high-water mark "
+          "(getrusage); peak GPU memory is nvidia-smi's used memory sampled every 0.5 s above what was "
+          "in use before the command, so it includes the CUDA context and the caching allocator's reserve.")
+
+
+def _gpu_name():
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        return r.stdout.splitlines()[0].strip() if r.returncode == 0 and r.stdout else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
