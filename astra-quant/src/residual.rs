@@ -118,13 +118,42 @@ impl ResidualAccumulator {
                 );
             }
         }
-        // Chan's merge of (count, mean, scatter) with the batch's.
+        self.merge(n as u64, &bmean, &bscatter);
+        Ok(())
+    }
+
+    /// Adds a batch given by its moments: `n` rows, their mean (D) and centred scatter
+    /// Σ (r − mean)(r − mean)ᵀ (D × D row-major, or its diagonal D for a diagonal accumulator),
+    /// e.g. computed on a GPU. The same as pushing the rows.
+    pub fn push_moments(&mut self, n: u64, mean: &[f64], scatter: &[f64]) -> Result<()> {
+        if mean.len() != self.dim || scatter.len() != self.scatter.len() {
+            return Err(QuantError::Shape {
+                what: "batch moments (mean, scatter)".into(),
+                expected: format!("({}, {})", self.dim, self.scatter.len()),
+                found: format!("({}, {})", mean.len(), scatter.len()),
+            });
+        }
+        if mean.iter().chain(scatter).any(|v| !v.is_finite()) {
+            return Err(QuantError::param(
+                "residuals",
+                "batch moments are not finite",
+            ));
+        }
+        if n > 0 {
+            self.merge(n, mean, scatter);
+        }
+        Ok(())
+    }
+
+    /// Chan's merge of (count, mean, scatter) with a batch's.
+    fn merge(&mut self, n: u64, bmean: &[f64], bscatter: &[f64]) {
+        let d = self.dim;
         let (na, nb) = (self.count as f64, n as f64);
         let total = na + nb;
         let delta: Vec<f64> = bmean.iter().zip(&self.mean).map(|(b, a)| b - a).collect();
         let w = na * nb / total;
         if self.diagonal {
-            for ((s, b), dl) in self.scatter.iter_mut().zip(&bscatter).zip(&delta) {
+            for ((s, b), dl) in self.scatter.iter_mut().zip(bscatter).zip(&delta) {
                 *s += b + dl * dl * w;
             }
         } else {
@@ -142,8 +171,7 @@ impl ResidualAccumulator {
         for (m, dl) in self.mean.iter_mut().zip(&delta) {
             *m += dl * nb / total;
         }
-        self.count += n as u64;
-        Ok(())
+        self.count += n;
     }
 
     /// Mean and (population) covariance; the diagonal variant returns a diagonal matrix.
@@ -306,6 +334,50 @@ pub fn cholesky_with_jitter(a: &Array2<f64>) -> (Array2<f64>, f64) {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    /// Moments computed elsewhere (the trainer computes them on the GPU) merge exactly as the
+    /// rows they describe; wrong sizes and non-finite moments are refused.
+    #[test]
+    fn pushed_moments_equal_pushed_rows() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+        let x = Array2::from_shape_simple_fn((300, 4), || rng.random_range(-1.0f32..2.0));
+        for kind in [NoiseKind::Full, NoiseKind::Diagonal] {
+            let (mut rows, mut moments) = (
+                ResidualAccumulator::new(4, kind),
+                ResidualAccumulator::new(4, kind),
+            );
+            for chunk in x.axis_chunks_iter(ndarray::Axis(0), 70) {
+                rows.push(&chunk).unwrap();
+                let c = chunk.mapv(|v| v as f64);
+                let mean = c.mean_axis(ndarray::Axis(0)).unwrap();
+                let centred = &c - &mean;
+                let scatter: Vec<f64> = match kind {
+                    NoiseKind::Full => centred.t().dot(&centred).iter().copied().collect(),
+                    NoiseKind::Diagonal => {
+                        centred.mapv(|v| v * v).sum_axis(ndarray::Axis(0)).to_vec()
+                    }
+                };
+                moments
+                    .push_moments(chunk.nrows() as u64, mean.as_slice().unwrap(), &scatter)
+                    .unwrap();
+            }
+            let (a, b) = (rows.finish().unwrap(), moments.finish().unwrap());
+            assert_eq!(a.count, b.count);
+            for (u, v) in a
+                .cov
+                .iter()
+                .zip(b.cov.iter())
+                .chain(a.mean.iter().zip(b.mean.iter()))
+            {
+                assert!((u - v).abs() < 1e-12, "{u} vs {v}");
+            }
+        }
+        let mut acc = ResidualAccumulator::new(4, NoiseKind::Full);
+        assert!(acc.push_moments(3, &[0.0; 4], &[0.0; 4]).is_err());
+        assert!(acc
+            .push_moments(3, &[f64::NAN, 0.0, 0.0, 0.0], &[0.0; 16])
+            .is_err());
+    }
 
     #[test]
     fn streamed_equals_two_pass() {

@@ -35,7 +35,8 @@ rehearsal_data() {
 {"mode": "$rehearse", "steps_per_run": $REHEARSAL_STEPS, "batch": $BATCH, "text_batch": $TEXT_BATCH,
  "context": $CONTEXT, "image_size": $IMAGE_SIZE, "device": "$DEVICE", "groups": "$VQ_GROUPS",
  "devices": $DEVICES, "table2_devices": "$TABLE2_DEVICES", "valid_images": $REHEARSAL_VALID,
- "real_epochs": $real_epochs}
+ "real_epochs": $real_epochs, "commit": "${REHEARSAL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}",
+ "gpu": "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"}
 JSON
   if [[ -s $rehearsal_dir/sizes.json ]]; then
     echo "skip: $rehearsal_dir (done)"

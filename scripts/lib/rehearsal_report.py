@@ -39,13 +39,34 @@ def load_steps(out):
     return steps
 
 
+MANIFEST = {}  # relative path -> bytes, from OUT/files.txt when the files themselves are gone
+
+
 def size_mb(path):
     if os.path.isfile(path):
         return os.path.getsize(path) / 2**20
-    total = 0
-    for root, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    return total / 2**20
+    if os.path.isdir(path):
+        total = 0
+        for root, _, files in os.walk(path):
+            total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        return total / 2**20
+    # A report made from a rehearsal's small files (its checkpoints left on the GPU machine):
+    # `find OUT -type f -printf '%P %s\n' > OUT/files.txt` there keeps their sizes.
+    rel = os.path.relpath(path, OUT_DIR[0])
+    return sum(b for p, b in MANIFEST.items() if p == rel or p.startswith(rel + "/")) / 2**20
+
+
+OUT_DIR = [""]
+
+
+def load_manifest(out):
+    OUT_DIR[0] = out
+    path = os.path.join(out, "files.txt")
+    if os.path.exists(path):
+        for line in open(path):
+            p, _, b = line.rstrip("\n").rpartition(" ")
+            if b.isdigit():
+                MANIFEST[p] = int(b)
 
 
 def epoch_row(run):
@@ -68,6 +89,7 @@ def fmt_h(seconds):
 
 def main():
     out, mode = sys.argv[1], sys.argv[2]
+    load_manifest(out)
     cfg = json.load(open(os.path.join(out, "rehearsal.json")))
     real = json.load(open(os.path.join(out, "data", "sizes.json")))["real"]
     epochs = cfg["real_epochs"]
@@ -126,7 +148,9 @@ def main():
                 v_rate = (v_n / v_s) if v_s > 0 and v_n else None
                 startup = max(wall - float(e["seconds"]), 0.0)
                 proj = startup + ep * (n_train / r + (n_valid / v_rate if v_rate else 0.0))
-            ck = sorted(glob.glob(os.path.join(run, "checkpoints", "*.safetensors")))
+            ck = sorted(glob.glob(os.path.join(run, "checkpoints", "*.safetensors"))) or sorted(
+                os.path.join(out, p) for p in MANIFEST
+                if p.startswith(f"runs/{name}/checkpoints/") and p.endswith(".safetensors"))
             size = f"checkpoint {size_mb(ck[-1]):,.0f} MiB, model {size_mb(os.path.join(run, 'model')):,.0f} MiB" if ck else ""
         elif kind == "evaluate":
             n_real, group = eval_target(name)
@@ -142,7 +166,7 @@ def main():
         elif kind == "calibrate":
             group = group_of_calib(name)
             f = os.path.join(out, "codebooks", name + ".safetensors")
-            size = f"codebooks {size_mb(f):,.1f} MiB" if os.path.exists(f) else ""
+            size = f"codebooks {size_mb(f):,.1f} MiB" if size_mb(f) > 0 else ""
             astra = True
         elif kind in ("export", "runtime"):
             uses_gpu = False
@@ -162,9 +186,9 @@ def main():
         rows.append((group, astra, label, wall, rate, rss, gpu, size, proj, uses_gpu, s["rc"]))
 
     dev = cfg["device"]
-    gpu_name = _gpu_name()
+    gpu_name = cfg.get("gpu") or _gpu_name()
     print(f"# Rehearsal of the paper's recipe ({mode}): generated data, random models of the {'real' if mode == 'full' else 'tiny'} shapes\n")
-    print(f"Command: `scripts/reproduce-paper.sh --rehearse {mode} --out {out}`; commit {_commit()}; "
+    print(f"Command: `scripts/reproduce-paper.sh --rehearse {mode} --out {out}`; commit {cfg.get('commit') or _commit()}; "
           f"device {dev}{' (' + gpu_name + ')' if gpu_name else ''}; every training run stopped after "
           f"{cfg['steps_per_run']} steps (batch {cfg['batch']} images / {cfg['text_batch']} × {ctx} tokens), "
           f"G ∈ {{{', '.join(cfg['groups'].split())}}}, N = {cfg['devices']} (Table 2 rows: N = {cfg['table2_devices'] or 'none'}). "
