@@ -25,10 +25,7 @@ fn script(tmp: &Path, steps: &str) -> String {
 }
 
 fn script_with(tmp: &Path, steps: &str, env: &[(&str, &str)]) -> std::process::Output {
-    let bin = Path::new(env!("CARGO_BIN_EXE_astra-eval"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    let bin = bin_dir();
     let f = tmp.join("fixtures");
     Command::new("bash")
         .arg(root().join("scripts/reproduce-paper.sh"))
@@ -71,17 +68,98 @@ fn script_with(tmp: &Path, steps: &str, env: &[(&str, &str)]) -> std::process::O
         .unwrap()
 }
 
-#[test]
-fn reproduce_paper_runs_every_step_at_tiny_scale_and_resumes() {
-    // Fresh binaries of every crate (the script calls astra-train and astra-sim too). `--tests`
-    // resolves features as `cargo test` does, so after `cargo test --workspace` this builds nothing
-    // (plain `--bins` rebuilt half the dependency tree with other features: a second target folder).
+/// Fresh binaries of every crate (the script calls astra-train and astra-sim too). `--tests`
+/// resolves features as `cargo test` does, so after `cargo test --workspace` this builds nothing
+/// (plain `--bins` rebuilt half the dependency tree with other features: a second target folder).
+fn build_all() {
     let st = Command::new(env!("CARGO"))
         .args(["build", "--workspace", "--bins", "--tests", "-q"])
         .current_dir(root())
         .status()
         .unwrap();
     assert!(st.success());
+}
+
+fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_astra-eval"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// `--rehearse tiny`: every step of the recipe on generated data and tiny random models, each
+/// command metered, and a report with a measured row per step and the projection.
+#[test]
+fn rehearse_tiny_runs_every_step_and_reports_what_each_cost() {
+    build_all();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("reh");
+    let o = Command::new("bash")
+        .arg(root().join("scripts/reproduce-paper.sh"))
+        .args(["--rehearse", "tiny", "--out"])
+        .arg(&out)
+        .env("BIN", bin_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        stdout.lines().rev().take(30).collect::<Vec<_>>().join("\n"),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let report = std::fs::read_to_string(out.join("rehearsal.md")).unwrap();
+    for step in [
+        "| generate data |",
+        "| train vit-c100 |",
+        "| calibrate c100-g32 |",
+        "| train vit-c100-astra-g32-n2 |",
+        "| evaluate imagenet-astra-g1 |",
+        "| train gpt2-medium-wt103-astra-g32 |",
+        "| evaluate wt103-gpt2-zero-shot |",
+        "| export vit-c100-astra-g32 |",
+        "| runtime gpt2-wt103-astra-g32 |",
+        "| simulate |",
+    ] {
+        assert!(report.contains(step), "{step} missing:\n{report}");
+    }
+    assert!(
+        !report.contains("(failed)") && !report.contains("Failed steps"),
+        "{report}"
+    );
+    assert!(
+        report.contains("images/s (2 steps)") && report.contains("tokens/s"),
+        "{report}"
+    );
+    assert!(
+        report.contains("## Projected cost of the real recipe"),
+        "{report}"
+    );
+    // Each command's cost is on record, and the runtime ran over the shaped links.
+    let steps = std::fs::read_to_string(out.join("steps.jsonl")).unwrap();
+    assert!(steps.lines().count() >= 40, "{steps}");
+    assert!(steps.lines().all(|l| l.contains("\"rc\": 0")), "{steps}");
+    let runtime =
+        std::fs::read_to_string(out.join("deploy/vit-c100-astra-g32/runtime.json")).unwrap();
+    assert!(runtime.contains("median_ms"), "{runtime}");
+    // A bad mode is refused before anything runs.
+    let bad = Command::new("bash")
+        .arg(root().join("scripts/reproduce-paper.sh"))
+        .args(["--rehearse", "huge", "--out"])
+        .arg(tmp.path().join("bad"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && e.contains("must be full or tiny"),
+        "{e}"
+    );
+    assert!(!tmp.path().join("bad").exists());
+}
+
+#[test]
+fn reproduce_paper_runs_every_step_at_tiny_scale_and_resumes() {
+    build_all();
     let tmp = tempfile::tempdir().unwrap();
     let o = Command::new(common::python())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_paper_fixtures.py"))
