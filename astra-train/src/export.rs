@@ -18,6 +18,18 @@ pub struct Exported {
 }
 
 pub fn export(spec: &str, out: &Path) -> Result<Exported> {
+    export_with(spec, out, None)
+}
+
+/// [`export`], optionally with the linear layers stored quantized (`quantize-weights`).
+pub fn export_with(
+    spec: &str,
+    out: &Path,
+    quant: Option<&crate::weight_quant::WeightQuant>,
+) -> Result<Exported> {
+    if let Some(q) = quant {
+        q.validate()?;
+    }
     if out.exists() {
         return Err(TrainError::File {
             path: out.into(),
@@ -42,9 +54,26 @@ pub fn export(spec: &str, out: &Path) -> Result<Exported> {
     ));
     let io = |p: &Path| TrainError::io(p);
     let result = (|| -> Result<&'static str> {
-        model.save(&tmp)?;
+        match quant {
+            None => model.save(&tmp)?,
+            Some(q) => {
+                std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+                let mut named: Vec<(String, tch::Tensor)> =
+                    model.vs.variables().into_iter().collect();
+                named.sort_by(|a, b| a.0.cmp(&b.0));
+                let gpt2 = matches!(model.config, crate::config::ModelConfig::GPT2(_));
+                let stored = crate::weight_quant::quantize(named, q, gpt2)?;
+                crate::train::run::write_safetensors_atomic(
+                    &tmp.join("model.safetensors"),
+                    &stored,
+                )?;
+            }
+        }
         let architecture = model.config.architecture();
         let mut cfg = model.config.to_value();
+        if let Some(q) = quant {
+            cfg["quantization_config"] = q.config_entry();
+        }
         cfg["architectures"] = serde_json::json!([architecture]);
         cfg["torch_dtype"] = serde_json::json!("float32");
         if has_codebooks {

@@ -24,6 +24,7 @@ pub mod model;
 pub mod models;
 pub mod precision;
 pub mod train;
+pub mod weight_quant;
 pub mod weights;
 
 pub use error::{Result, TrainError};

@@ -26,7 +26,8 @@ pub fn load_safetensors(
     path: &Path,
     may_be_fresh: &[&str],
 ) -> Result<LoadReport> {
-    let mut by_name = read_tensors(path)?;
+    // Weights stored quantized (`astra-train quantize-weights`) are dequantized on load.
+    let mut by_name = crate::weight_quant::dequantize(read_tensors(path)?)?;
     let mut report = LoadReport::default();
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));

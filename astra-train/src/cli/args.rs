@@ -84,6 +84,10 @@ pub enum Command {
     /// Write a model (run folder, HF folder or hub id) as an HF folder that transformers loads,
     /// with its ASTRA codebooks beside it.
     Export(ExportArgs),
+    /// Post-training weight quantization: a model folder (as `export` writes) whose linear layers
+    /// are stored as 8-bit (per output channel) or 4-bit (per group) integers with fp32 scales;
+    /// every command of the workspace loads it (dequantized on load).
+    QuantizeWeights(QuantizeWeightsArgs),
     /// Write a randomly initialised model (HF folder: config.json + model.safetensors) for an HF
     /// config.json: for latency and throughput runs, where trained weights do not matter.
     Init(InitArgs),
@@ -205,6 +209,29 @@ pub struct AstraArgs {
 pub struct ExportArgs {
     #[arg(long)]
     pub model: String,
+    /// The folder to create (must not exist).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+}
+
+/// Options of `astra-train quantize-weights`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct QuantizeWeightsArgs {
+    /// Run folder, HF folder or hub id (its codebooks.safetensors is copied beside).
+    #[arg(long)]
+    pub model: String,
+    /// 8 (symmetric, one scale per output channel) or 4 (symmetric, one scale per group).
+    #[arg(long)]
+    pub bits: u8,
+    /// Input columns per scale at 4 bits.
+    #[arg(long, default_value_t = 128)]
+    pub group_size: i64,
+    /// Also quantize the (2-D) token embeddings.
+    #[arg(long)]
+    pub embeddings: bool,
+    /// Also quantize the classifier / LM head.
+    #[arg(long)]
+    pub head: bool,
     /// The folder to create (must not exist).
     #[arg(long)]
     pub out: std::path::PathBuf,

@@ -24,6 +24,7 @@ pub fn run(command: Command, model: Option<ModelConfig>) -> Result<()> {
         Command::Calibrate(a) => calibrate(&a),
         Command::Astra(a) => astra(&a, model),
         Command::Export(a) => export(&a),
+        Command::QuantizeWeights(a) => quantize_weights(&a),
         Command::Init(a) => init(&a),
         Command::Download(a) => download(&a),
         Command::BenchStep(a) => bench_step(&a),
@@ -257,6 +258,37 @@ pub fn export(a: &ExportArgs) -> Result<()> {
         a.model,
         e.dir.display(),
         e.architecture
+    );
+    Ok(())
+}
+
+/// `quantize-weights`: the model with its linear layers stored as 8- or 4-bit integers.
+pub fn quantize_weights(a: &QuantizeWeightsArgs) -> Result<()> {
+    let q = crate::weight_quant::WeightQuant {
+        bits: a.bits,
+        group_size: a.group_size,
+        embeddings: a.embeddings,
+        head: a.head,
+    };
+    let e = crate::export::export_with(&a.model, &a.out, Some(&q))?;
+    let size =
+        |d: &std::path::Path| std::fs::metadata(d.join("model.safetensors")).map_or(0, |m| m.len());
+    let src = crate::model::resolve(&a.model)?;
+    let (before, after) = (size(&src), size(&e.dir));
+    println!(
+        "{} -> {} ({}, {}-bit weights{}): model.safetensors {:.1} MB -> {:.1} MB ({:.2}×)",
+        a.model,
+        e.dir.display(),
+        e.architecture,
+        a.bits,
+        if e.codebooks {
+            ", with codebooks.safetensors"
+        } else {
+            ""
+        },
+        before as f64 / 1e6,
+        after as f64 / 1e6,
+        after as f64 / before.max(1) as f64
     );
     Ok(())
 }
