@@ -49,10 +49,31 @@ pub fn read(path: &Path) -> Result<Vec<Group>> {
     Ok(groups)
 }
 
+/// How a group's bars are drawn.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Layout {
+    /// One bar per row, each labelled with its value.
+    Grouped,
+    /// A group's bars end to end on one row (parts of a whole), its total at the end.
+    Stacked,
+}
+
 /// Draws `groups` to the PNG `out`; `x_desc` names the value axis; `reference` draws a line at
 /// that value (e.g. 1 for parity with a peer).
 pub fn plot(
     groups: &[Group],
+    title: &str,
+    x_desc: &str,
+    reference: Option<f64>,
+    out: &Path,
+) -> Result<()> {
+    plot_as(groups, Layout::Grouped, title, x_desc, reference, out)
+}
+
+/// [`plot`] with a choice of [`Layout`].
+pub fn plot_as(
+    groups: &[Group],
+    layout: Layout,
     title: &str,
     x_desc: &str,
     reference: Option<f64>,
@@ -81,11 +102,18 @@ pub fn plot(
             })
             .collect();
         side_legend(&side, &entries).map_err(&e)?;
-        // Rows from the top: per group a title row, then its bars.
-        let rows: usize = groups.iter().map(|g| g.bars.len() + 1).sum();
+        // Rows from the top: per group a title row, then its bars (stacked: one bar).
+        let bar_rows = |g: &Group| match layout {
+            Layout::Grouped => g.bars.len(),
+            Layout::Stacked => 1,
+        };
+        let rows: usize = groups.iter().map(|g| bar_rows(g) + 1).sum();
         let hi = groups
             .iter()
-            .flat_map(|g| g.bars.iter().map(|b| b.1))
+            .flat_map(|g| match layout {
+                Layout::Grouped => g.bars.iter().map(|b| b.1).collect::<Vec<_>>(),
+                Layout::Stacked => vec![g.bars.iter().map(|b| b.1).sum()],
+            })
             .chain(reference)
             .fold(0.0, f64::max)
             * 1.18;
@@ -117,23 +145,39 @@ pub fn plot(
                     ("sans-serif", 18).into_font(),
                 )))
                 .map_err(&e)?;
+            let mut start = 0.0;
             for (i, (bar, v)) in g.bars.iter().enumerate() {
-                let y = top - 2.0 - i as f64;
+                let (y, x0) = match layout {
+                    Layout::Grouped => (top - 2.0 - i as f64, 0.0),
+                    Layout::Stacked => (top - 2.0, start),
+                };
                 chart
                     .draw_series(std::iter::once(Rectangle::new(
-                        [(0.0, y + 0.1), (*v, y + 0.9)],
+                        [(x0, y + 0.1), (x0 + *v, y + 0.9)],
                         colour(bar).filled(),
                     )))
                     .map_err(&e)?;
+                start += v;
+                if layout == Layout::Grouped {
+                    chart
+                        .draw_series(std::iter::once(Text::new(
+                            format!("{v:.3}"),
+                            (*v + hi * 0.01, y + 0.72),
+                            ("sans-serif", 15).into_font(),
+                        )))
+                        .map_err(&e)?;
+                }
+            }
+            if layout == Layout::Stacked {
                 chart
                     .draw_series(std::iter::once(Text::new(
-                        format!("{v:.3}"),
-                        (*v + hi * 0.01, y + 0.72),
+                        format!("{start:.2}"),
+                        (start + hi * 0.01, top - 2.0 + 0.72),
                         ("sans-serif", 15).into_font(),
                     )))
                     .map_err(&e)?;
             }
-            top -= g.bars.len() as f64 + 1.0;
+            top -= bar_rows(g) as f64 + 1.0;
         }
         if let Some(r) = reference {
             chart
@@ -170,6 +214,13 @@ mod tests {
         let out = dir.path().join("b.png");
         plot(&g, "t", "× PyTorch", Some(1.0), &out).unwrap();
         assert_eq!(&std::fs::read(&out).unwrap()[..4], b"\x89PNG");
+        let stacked = dir.path().join("s.png");
+        plot_as(&g, Layout::Stacked, "t", "ms", None, &stacked).unwrap();
+        let png = std::fs::read(&stacked).unwrap();
+        assert_eq!(&png[..4], b"\x89PNG");
+        // IHDR: width and height of the figure.
+        assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 1400);
+        assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 800);
         for (bad, needle) in [
             ("a,b\n", "header"),
             ("group,bar,value\nx,y,-1\n", "b.csv:2:"),

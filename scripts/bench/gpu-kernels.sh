@@ -21,6 +21,8 @@ fi
 if has parts; then
   astra-train bench-step --model vit --batch 128 --bf16 --parts --steps 10 --device cuda |
     tee "$out/vit-block-parts.md"
+  # The stacked-bar figure's data (astra-sim plot-bars --stacked --csv OUT/block-parts.csv …).
+  python3 "$(dirname "$0")/parts_stack.py" "$out/vit-block-parts.md" >"$out/block-parts.csv"
 fi
 if has train; then
   data=fashion-mnist:.gpu/data/fashion-mnist

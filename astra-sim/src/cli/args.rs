@@ -131,6 +131,9 @@ pub struct PlotBarsArgs {
     /// Draw a dashed line at this value (e.g. 1 for parity with a peer).
     #[arg(long)]
     pub reference: Option<f64>,
+    /// Each group's bars end to end on one row (the parts of a whole), its total at the end.
+    #[arg(long)]
+    pub stacked: bool,
 }
 
 /// Options of `astra-sim plot-lines`.

@@ -181,8 +181,14 @@ pub fn replay_worker_command(a: ReplayWorkerArgs) -> Result<()> {
 /// `plot-bars`: grouped bars from a CSV.
 pub fn plot_bars_command(a: PlotBarsArgs) -> Result<()> {
     let groups = crate::bar_plot::read(&a.files.csv)?;
-    crate::bar_plot::plot(
+    let layout = if a.stacked {
+        crate::bar_plot::Layout::Stacked
+    } else {
+        crate::bar_plot::Layout::Grouped
+    };
+    crate::bar_plot::plot_as(
         &groups,
+        layout,
         &a.files.title,
         &a.x_desc,
         a.reference,
