@@ -169,6 +169,28 @@ pub(crate) fn render_to(
     })
 }
 
+/// Width and height of a PNG file, after checking that it is one whole PNG (signature, IHDR
+/// first, IEND last): what the figure tests check of every figure.
+#[cfg(test)]
+pub(crate) fn png_size(path: &Path) -> (u32, u32) {
+    let png = std::fs::read(path).unwrap();
+    assert_eq!(
+        &png[..8],
+        b"\x89PNG\r\n\x1a\n",
+        "{} is not a PNG",
+        path.display()
+    );
+    assert_eq!(&png[12..16], b"IHDR", "{}", path.display());
+    assert_eq!(
+        &png[png.len() - 8..png.len() - 4],
+        b"IEND",
+        "{} is cut short",
+        path.display()
+    );
+    let dim = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+    (dim(16), dim(20))
+}
+
 pub fn write_all(out: &Path, r: &Reproduction) -> Result<Vec<String>> {
     std::fs::create_dir_all(out).map_err(SimError::io(out))?;
     let methods = Method::paper_methods();

@@ -40,3 +40,5 @@ peers() {
   ours --model gpt2 --seq 1024 --batch 8
   peers --model gpt2 --batch 8 --seq 1024
 } | tee "$out"
+# The figure's data: ours / HF eager with the fused AdamW (astra-sim plot-bars --csv …).
+python3 "$here/throughput_ratios.py" "$out" >"${out%.md}-vs-pytorch.csv"
