@@ -53,7 +53,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 rehearse=""
 while (($#)); do
   case $1 in
-    --rehearse) rehearse=${2-}; shift; shift || true ;;
+    --rehearse) rehearse=${2:?reproduce-paper.sh: --rehearse needs full or tiny}; shift 2 ;;
     --out) OUT=${2:?reproduce-paper.sh: --out needs a folder}; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "reproduce-paper.sh: unknown argument '$1' (use --rehearse full|tiny and --out DIR; steps via STEPS)" >&2; exit 2 ;;
