@@ -184,6 +184,26 @@ pub struct DeviceShare<'m> {
     mask: Option<Tensor>,
 }
 
+/// A second handle on the same device's share (its tensors shared, not copied: none is written
+/// after construction), e.g. for the decoder that continues a prefill beside the runtime's share.
+impl Clone for DeviceShare<'_> {
+    fn clone(&self) -> Self {
+        DeviceShare {
+            model: self.model,
+            rank: self.rank,
+            partition: self.partition.clone(),
+            has_cls: self.has_cls,
+            mine: self.mine.shallow_clone(),
+            remote_positions: self.remote_positions.shallow_clone(),
+            vq: self.vq,
+            tables: self.tables.clone(),
+            sources: self.sources.clone(),
+            sinks: self.sinks.clone(),
+            mask: self.mask.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+}
+
 /// Positions of device `d`'s tokens as an int64 tensor on `device`.
 fn positions(p: &DevicePartition, d: usize, device: Device) -> Tensor {
     let v: Vec<i64> = p.tokens_of(d).iter().map(|&i| i as i64).collect();

@@ -209,16 +209,8 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         })?;
         if let Some(per_block) = ex.captured.as_mut().map(std::mem::take) {
             let last = ex.last_states.take().expect("captured with the prefill");
-            let share = DeviceShare::new(
-                model.astra_model(),
-                dev.partition.clone(),
-                plan.rank as usize,
-                cls,
-                &vq,
-                RemoteKv::Tables,
-                Device::Cpu,
-            )?;
-            control.send(&decode(&model, share, per_block, &last, plan)?)?;
+            // The prefill's own share (its codeword tables built once, at load).
+            control.send(&decode(&model, dev.clone(), per_block, &last, plan)?)?;
         }
     }
 }

@@ -9,6 +9,23 @@
 
 use tch::{Kind, Tensor};
 
+/// Clones share the tables' storage (they are never written after construction).
+impl Clone for CodewordKv {
+    fn clone(&self) -> Self {
+        CodewordKv {
+            tables: self.tables.shallow_clone(),
+            s1: self.s1.shallow_clone(),
+            s2: self.s2.shallow_clone(),
+            colsum: self.colsum.shallow_clone(),
+            constant: self.constant.shallow_clone(),
+            groups: self.groups,
+            k: self.k,
+            dim: self.dim,
+            eps: self.eps,
+        }
+    }
+}
+
 pub struct CodewordKv {
     /// [G·K, 2D] projected codewords.
     tables: Tensor,
