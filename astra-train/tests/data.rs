@@ -306,3 +306,57 @@ fn image_folders_decode_resize_and_reject_bad_layouts() {
         "{e}"
     );
 }
+
+/// ImageNet's validation folder as distributed: flat, labelled by Kaggle's LOC_val_solution.csv
+/// four levels up (beside ILSVRC/ of ILSVRC/Data/CLS-LOC/val) or by a val_labels.txt beside the images; images
+/// without labels, labels without images, and unknown synsets are refused in one line.
+#[test]
+fn a_flat_validation_folder_is_labelled_by_its_ground_truth_file() {
+    use astra_train::data::open_images;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ILSVRC/Data/CLS-LOC");
+    for (c, shade) in [("n01440764", 40u8), ("n01443537", 200)] {
+        let d = root.join("train").join(c);
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..2 {
+            write_image(&d.join(format!("{c}_{i}.JPEG")), 12, 12, shade);
+        }
+    }
+    let val = root.join("val");
+    std::fs::create_dir_all(&val).unwrap();
+    // Kaggle's order is not the files' order; the second image is the second class.
+    write_image(&val.join("ILSVRC2012_val_00000001.JPEG"), 12, 12, 40);
+    write_image(&val.join("ILSVRC2012_val_00000002.JPEG"), 12, 12, 200);
+    let csv = dir.path().join("LOC_val_solution.csv");
+    std::fs::write(
+        &csv,
+        "ImageId,PredictionString\nILSVRC2012_val_00000002,n01443537 1 2 3 4 n01443537 5 6 7 8\nILSVRC2012_val_00000001,n01440764 1 2 3 4\n",
+    )
+    .unwrap();
+    let spec = format!("imagefolder:{}", root.display());
+    let hold = astra_train::data::split::HoldOut::Count(1);
+    let data = open_images(&spec, 8, hold).unwrap();
+    assert_eq!(data.test.len(), 2);
+    assert_eq!((data.test.label(0), data.test.label(1)), (0, 1));
+    // A val_labels.txt beside the images takes precedence.
+    std::fs::write(
+        val.join("val_labels.txt"),
+        "ILSVRC2012_val_00000001.JPEG n01443537\nILSVRC2012_val_00000002.JPEG n01440764\n",
+    )
+    .unwrap();
+    let data = open_images(&spec, 8, hold).unwrap();
+    assert_eq!((data.test.label(0), data.test.label(1)), (1, 0));
+    std::fs::remove_file(val.join("val_labels.txt")).unwrap();
+    let refused = |needle: &str| {
+        let e = open_images(&spec, 8, hold).err().unwrap().to_string();
+        assert!(e.contains(needle) && !e.contains('\n'), "{needle}: {e}");
+    };
+    write_image(&val.join("ILSVRC2012_val_00000003.JPEG"), 12, 12, 9);
+    refused("labels 2 images");
+    std::fs::write(&csv, "ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764\nILSVRC2012_val_00000002,n01443537\nILSVRC2012_val_00000009,n01443537\n").unwrap();
+    refused("has no label");
+    std::fs::write(&csv, "ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764\nILSVRC2012_val_00000002,n01443537\nILSVRC2012_val_00000003,n09999999 1 2\n").unwrap();
+    refused("n09999999, a class the training split does not have");
+    std::fs::write(&csv, "ImageId,PredictionString\nno comma here\n").unwrap();
+    refused("line 2: expected ImageId,PredictionString");
+}

@@ -1,7 +1,12 @@
 //! ImageNet-style class folders: `DIR/<class>/*.{JPEG,jpg,jpeg,png}`, classes in sorted name
-//! order (as torchvision's `ImageFolder`). Images are decoded on demand (the loader's worker
-//! threads), converted to RGB, resized so the shorter side is the model's size and centre-cropped
-//! to a square (the standard evaluation transform; training adds the augmentation on top).
+//! order (as torchvision's `ImageFolder`). A validation split may also be ImageNet's flat folder
+//! as distributed (`val/ILSVRC2012_val_00000001.JPEG`, …) with its labels in Kaggle's
+//! `LOC_val_solution.csv` (`ImageId,PredictionString`, the first word of the string the synset),
+//! found in the folder or up to four levels above it (Kaggle's download holds it beside
+//! `ILSVRC/`, four levels above `ILSVRC/Data/CLS-LOC/val`), or in a `val_labels.txt` beside the
+//! images (`FILE SYNSET` per line). Images are decoded on demand (the loader's worker threads),
+//! converted to RGB, resized so the shorter side is the model's size and centre-cropped to a
+//! square (the standard evaluation transform; training adds the augmentation on top).
 
 use std::path::{Path, PathBuf};
 
@@ -41,9 +46,12 @@ impl ImageFolder {
             .filter(|p| p.is_dir())
             .collect();
         if class_dirs.is_empty() {
+            if let Some(labels) = flat_labels_file(dir) {
+                return Self::open_flat(dir, &labels, size, classes);
+            }
             return Err(TrainError::File {
                 path: dir.into(),
-                reason: "holds no class folders (expected <class>/*.JPEG inside)".into(),
+                reason: "holds no class folders (expected <class>/*.JPEG inside, or flat images with a LOC_val_solution.csv or val_labels.txt)".into(),
             });
         }
         let names: Vec<String> = class_dirs
@@ -76,6 +84,125 @@ impl ImageFolder {
                     names.len()
                 ),
             });
+        }
+        Ok(ImageFolder {
+            class_names,
+            files,
+            size,
+        })
+    }
+}
+
+/// The labels file of a flat validation folder, if there is one.
+fn flat_labels_file(dir: &Path) -> Option<PathBuf> {
+    let beside = dir.join("val_labels.txt");
+    if beside.is_file() {
+        return Some(beside);
+    }
+    dir.ancestors()
+        .take(5)
+        .map(|d| d.join("LOC_val_solution.csv"))
+        .find(|p| p.is_file())
+}
+
+/// (image stem, synset) pairs of a labels file: Kaggle's CSV or `FILE SYNSET` lines.
+fn read_flat_labels(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+    let kaggle = path.extension().is_some_and(|e| e == "csv");
+    let mut pairs = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let bad = |why: &str| TrainError::File {
+            path: path.into(),
+            reason: format!("line {}: {why}", n + 1),
+        };
+        let line = line.trim();
+        if line.is_empty() || (kaggle && n == 0 && line.starts_with("ImageId")) {
+            continue;
+        }
+        let (file, synset) = if kaggle {
+            let (id, pred) = line
+                .split_once(',')
+                .ok_or_else(|| bad("expected ImageId,PredictionString"))?;
+            (
+                id,
+                pred.split_whitespace()
+                    .next()
+                    .ok_or_else(|| bad("no synset"))?,
+            )
+        } else {
+            let mut w = line.split_whitespace();
+            match (w.next(), w.next()) {
+                (Some(f), Some(c)) => (f, c),
+                _ => return Err(bad("expected FILE SYNSET")),
+            }
+        };
+        let stem = Path::new(file)
+            .file_stem()
+            .map_or(file.into(), |s| s.to_string_lossy().into_owned());
+        pairs.push((stem, synset.to_string()));
+    }
+    Ok(pairs)
+}
+
+impl ImageFolder {
+    /// A flat folder of images labelled by `labels`: every image must have a label and every
+    /// label an image; synsets follow `classes` (the training split's) when given.
+    fn open_flat(
+        dir: &Path,
+        labels: &Path,
+        size: usize,
+        classes: Option<&[String]>,
+    ) -> Result<Self> {
+        let pairs = read_flat_labels(labels)?;
+        let by_stem: std::collections::HashMap<&str, &str> = pairs
+            .iter()
+            .map(|(f, c)| (f.as_str(), c.as_str()))
+            .collect();
+        let class_names: Vec<String> = match classes {
+            Some(c) => c.to_vec(),
+            None => {
+                let mut c: Vec<String> = pairs.iter().map(|p| p.1.clone()).collect();
+                c.sort();
+                c.dedup();
+                c
+            }
+        };
+        let images: Vec<PathBuf> = sorted_entries(dir)?
+            .into_iter()
+            .filter(|p| p.is_file() && is_image(p))
+            .collect();
+        if images.len() != pairs.len() {
+            return Err(TrainError::File {
+                path: labels.into(),
+                reason: format!(
+                    "labels {} images, {} holds {}",
+                    pairs.len(),
+                    dir.display(),
+                    images.len()
+                ),
+            });
+        }
+        let mut files = Vec::with_capacity(images.len());
+        for p in images {
+            let stem = p
+                .file_stem()
+                .expect("a file")
+                .to_string_lossy()
+                .into_owned();
+            let synset = by_stem.get(stem.as_str()).ok_or_else(|| TrainError::File {
+                path: p.clone(),
+                reason: format!("has no label in {}", labels.display()),
+            })?;
+            let label = class_names
+                .iter()
+                .position(|c| c == synset)
+                .ok_or_else(|| TrainError::File {
+                    path: p.clone(),
+                    reason: format!(
+                        "is labelled {synset}, a class the training split does not have"
+                    ),
+                })?;
+            files.push((p, label as i64));
         }
         Ok(ImageFolder {
             class_names,
