@@ -7,9 +7,13 @@
 //! 2. `libtorch_cuda.so` kept with --no-as-needed when the libtorch has it: nothing in our code refers
 //!    to its symbols, so the linker would drop it and the binaries would never register CUDA.
 //! 3. The libtorch version seen at build time, for `astra-train info`.
+//! 4. The commit the binaries are built from (`ASTRA_BUILD_COMMIT`, empty outside a git checkout),
+//!    so result tables name the code that made them: binaries are built on one machine and run
+//!    on another, whose checkout may be anything.
 use std::path::PathBuf;
 
 fn main() {
+    build_commit();
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     // Without LIBTORCH torch-sys stops the build with its own message; scripts/setup.sh sets it up.
     let Some(root) = std::env::var_os("LIBTORCH").map(PathBuf::from) else {
@@ -39,4 +43,19 @@ fn main() {
         "cargo:rustc-env=ASTRA_LIBTORCH_BUILD_VERSION={}",
         version.trim()
     );
+}
+
+fn build_commit() {
+    // A branch switch changes HEAD; a new commit changes the branch's ref (loose or packed).
+    for f in ["../.git/HEAD", "../.git/refs/heads", "../.git/packed-refs"] {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    println!("cargo:rustc-env=ASTRA_BUILD_COMMIT={commit}");
 }

@@ -78,8 +78,13 @@ pub fn info(a: &InfoArgs) -> Result<()> {
     Ok(())
 }
 
-/// The commit this binary runs in (for results' provenance), or "unknown".
+/// The commit this binary was built from (for results' provenance); failing that, the checkout
+/// it runs in, or "unknown".
 fn commit() -> String {
+    let built = env!("ASTRA_BUILD_COMMIT");
+    if !built.is_empty() {
+        return built.to_string();
+    }
     std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .output()
