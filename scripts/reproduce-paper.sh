@@ -18,7 +18,7 @@
 # (scripts/lib/rehearsal_report.py). Every run, rehearsal or not, appends what each command cost
 # to OUT/steps.jsonl.
 #
-# Steps (STEPS, default "setup data cifar imagenet text deploy sim summary"):
+# Steps (STEPS, default "setup data cifar imagenet text wikipedia deploy sim summary"):
 #   setup     scripts/setup.sh and the release build
 #   data      CIFAR-100 (astra-train download, MD5-checked), WikiText-103 raw (zip from
 #             $WIKITEXT103_URL, unpacked); ImageNet is never downloaded: IMAGENET_DIR=DIR with
@@ -30,8 +30,15 @@
 #   imagenet  $IMAGENET_INIT (google/vit-base-patch16-224, already ImageNet-1K fine-tuned) as the
 #             original; codebooks, ASTRA per G for $IMAGENET_EPOCHS (4) epochs, accuracy tables
 #   text      per GPT-2 in $GPT2_MODELS (openai-community/gpt2, openai-community/gpt2-medium):
-#             zero-shot WikiText-103 perplexity, one epoch of plain fine-tuning on WikiText-103,
-#             codebooks, one epoch of ASTRA per G, perplexity tables on the WikiText-103 test split
+#             the pretrained model's WikiText-103 perplexity (its own row, "pretrained"), one epoch
+#             of plain fine-tuning on WikiText-103, codebooks, one epoch of ASTRA per G, perplexity
+#             tables on the WikiText-103 test split (Table 3's "WikiText-103 fine-tuned" column)
+#   wikipedia per GPT-2: one epoch on $WIKI_DOCS (1,000,000) English Wikipedia articles (the
+#             paper's 1M samples; $WIKIPEDIA, default hf:wikimedia/wikipedia/20231101.en from the
+#             HF cache — astra-train's parquet: spec, whose seeded split holds out test and
+#             validation articles), codebooks, one epoch of ASTRA per G; perplexity on the held-out
+#             Wikipedia articles (Table 3's "Wikipedia" column) and, the paper's zero-shot
+#             protocol, on WikiText-103's validation split ("WikiText-103 zero-shot" column)
 #   deploy    the CIFAR-100 ASTRA model (largest G) and the first GPT-2's exported as HF folders
 #             with their codebooks (astra-train export), each run by the multi-process runtime on
 #             N = $DEVICES local workers over 10 Mbit/s links shaped in user space (a random image
@@ -45,8 +52,10 @@
 # TEXT_LR (5e-5), CALIB_SAMPLES (2000), IMAGE_SIZE (224), TABLE2_DEVICES ("2 6 8"), EXTRA (flags
 # for every training run, e.g. "--max-train 64" for a smoke run), EVAL_EXTRA (flags for every
 # evaluation, e.g. "--max-test 64"), IMAGE_EXTRA / TEXT_EXTRA (flags for the image / text training
-# runs only), CIFAR100_DIR / WIKITEXT103_DIR (use these instead of downloading). Not wired: the
-# paper's 1M-sample Wikipedia fine-tuning (no public split is named).
+# runs only), CIFAR100_DIR / WIKITEXT103_DIR (use these instead of downloading), WIKIPEDIA (a
+# folder or glob of the parquet shards, or hf:ORG/NAME/CONFIG in the HF cache; never downloaded
+# here: `huggingface-cli download --repo-type dataset wikimedia/wikipedia --include '20231101.en/*'`),
+# WIKI_DOCS (1000000).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -74,7 +83,7 @@ k=${K:-1024}
 read -r -a groups <<<"${VQ_GROUPS:-1 16 32}"
 read -r -a table2 <<<"${TABLE2_DEVICES:-2 6 8}"
 read -r -a gpt2_models <<<"${GPT2_MODELS:-openai-community/gpt2 openai-community/gpt2-medium}"
-read -r -a steps <<<"${STEPS:-setup data cifar imagenet text deploy sim summary}"
+read -r -a steps <<<"${STEPS:-setup data cifar imagenet text wikipedia deploy sim summary}"
 batch=${BATCH:-128}
 lr=${LR:-1e-4}
 image=${IMAGE_SIZE:-224}
@@ -86,6 +95,7 @@ imagenet_init=${IMAGENET_INIT:-google/vit-base-patch16-224}
 wt_url=${WIKITEXT103_URL:-https://wikitext.smerity.com/wikitext-103-raw-v1.zip}
 c100=${CIFAR100_DIR:-$data/cifar100}
 wt=${WIKITEXT103_DIR:-$data/wikitext-103-raw}
+wiki_spec=parquet:${WIKIPEDIA:-hf:wikimedia/wikipedia/20231101.en}:text:max-docs=${WIKI_DOCS:-1000000}
 mkdir -p "$out/runs" "$out/codebooks" "$out/tables" "$out/logs"
 
 say() { printf '\n== %s\n' "$*"; }
@@ -218,7 +228,7 @@ if wants text; then
     --device "$device" $precision --epochs "${TEXT_EPOCHS:-1}")
   for m in "${gpt2_models[@]}"; do
     name=$(basename "$m")
-    evaluate wt103-"$name"-zero-shot perplexity "$m" "$test_spec" --context "$ctx" --devices 1 --vq off
+    evaluate wt103-"$name"-pretrained perplexity "$m" "$test_spec" --context "$ctx" --devices 1 --vq off
     train "$name"-wt103 finetune --init "$m" --data "$train_spec" "${text_flags[@]}"
     evaluate wt103-"$name"-original perplexity "$out/runs/$name-wt103" "$test_spec" --context "$ctx" --devices 1 --vq off
     for g in "${groups[@]}"; do
@@ -226,6 +236,30 @@ if wants text; then
       train "$name"-wt103-astra-g"$g" astra --init "$out/runs/$name-wt103" \
         --codebooks "$out/codebooks/wt103-$name-g$g.safetensors" --devices "$n" --data "$train_spec" "${text_flags[@]}"
       evaluate wt103-"$name"-astra-g"$g" perplexity "$out/runs/$name-wt103-astra-g$g" "$test_spec" \
+        --context "$ctx" --devices "$n"
+    done
+  done
+fi
+
+if wants wikipedia; then
+  train_extra=${TEXT_EXTRA:-}
+  ctx=${CONTEXT:-1024}
+  # The paper's zero-shot protocol: trained on Wikipedia, scored on WikiText-103's validation
+  # split (the sweeps score a spec's last file; the first only has to be text).
+  zero_shot_spec=text:$wt/wiki.test.raw,$wt/wiki.valid.raw
+  text_flags=(--context "$ctx" --batch "${TEXT_BATCH:-8}" --lr "${TEXT_LR:-5e-5}" --warmup-steps 200
+    --device "$device" $precision --epochs "${TEXT_EPOCHS:-1}")
+  for m in "${gpt2_models[@]}"; do
+    name=$(basename "$m")
+    train "$name"-wiki finetune --init "$m" --data "$wiki_spec" "${text_flags[@]}"
+    evaluate wiki-"$name"-original perplexity "$out/runs/$name-wiki" "$wiki_spec" --context "$ctx" --devices 1 --vq off
+    evaluate zero-shot-"$name"-original perplexity "$out/runs/$name-wiki" "$zero_shot_spec" --context "$ctx" --devices 1 --vq off
+    for g in "${groups[@]}"; do
+      calibrate wiki-"$name"-g"$g" "$out/runs/$name-wiki" "$wiki_spec" "$g" --context "$ctx"
+      train "$name"-wiki-astra-g"$g" astra --init "$out/runs/$name-wiki" \
+        --codebooks "$out/codebooks/wiki-$name-g$g.safetensors" --devices "$n" --data "$wiki_spec" "${text_flags[@]}"
+      evaluate wiki-"$name"-astra-g"$g" perplexity "$out/runs/$name-wiki-astra-g$g" "$wiki_spec" --context "$ctx" --devices "$n"
+      evaluate zero-shot-"$name"-astra-g"$g" perplexity "$out/runs/$name-wiki-astra-g$g" "$zero_shot_spec" \
         --context "$ctx" --devices "$n"
     done
   done

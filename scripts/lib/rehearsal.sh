@@ -7,7 +7,7 @@ case $rehearse in
   *) echo "reproduce-paper.sh: --rehearse must be full or tiny, not '$rehearse'" >&2; exit 2 ;;
 esac
 OUT=${OUT:-results/rehearsal-$rehearse}
-STEPS=${STEPS:-data cifar imagenet text deploy sim summary}
+STEPS=${STEPS:-data cifar imagenet text wikipedia deploy sim summary}
 if [[ $rehearse == full ]]; then
   : "${REHEARSAL_STEPS:=120}" "${DEVICE:=cuda}" "${PRECISION=--bf16}" "${BATCH:=128}" "${TEXT_BATCH:=8}"
   : "${CONTEXT:=1024}" "${IMAGE_SIZE:=224}" "${K:=1024}" "${VQ_GROUPS:=1 16 32}" "${DEVICES:=4}"
@@ -26,7 +26,9 @@ rehearsal_dir=$OUT/data
 VIT_INIT=$rehearsal_dir/models/vit-in21k IMAGENET_INIT=$rehearsal_dir/models/vit-imagenet
 GPT2_MODELS="$rehearsal_dir/models/gpt2 $rehearsal_dir/models/gpt2-medium"
 CIFAR100_DIR=$rehearsal_dir/cifar100 IMAGENET_DIR=$rehearsal_dir/imagenet
-WIKITEXT103_DIR=$rehearsal_dir/wikitext-103-raw
+WIKITEXT103_DIR=$rehearsal_dir/wikitext-103-raw WIKIPEDIA=$rehearsal_dir/wikipedia/20231101.en
+# The rehearsal's token caches stay in its folder (a real run keeps them in ~/.cache/astra).
+export ASTRA_CACHE=${ASTRA_CACHE:-$OUT/cache}
 
 # The data step of a rehearsal: generated data and random models, made once.
 rehearsal_data() {

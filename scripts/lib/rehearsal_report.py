@@ -21,6 +21,7 @@ steps that use the GPU (training, calibration, evaluation), one GPU each.
 import csv
 import glob
 import json
+import math
 import os
 import re
 import subprocess
@@ -77,6 +78,14 @@ def epoch_row(run):
     return rows[-1] if rows else None
 
 
+def tokenized(out, name):
+    """(documents, seconds, tokens) from a run log's "Tokenized N documents into T tokens in S s"
+    line, when this run tokenized a parquet: sample (the first one to read it)."""
+    log = os.path.join(out, "logs", name + ".log")
+    m = re.search(r"Tokenized (\d+) documents into (\d+) tokens in ([\d.]+) s", open(log).read()) if os.path.exists(log) else None
+    return (int(m[1]), float(m[3]), int(m[2])) if m else (None, None, None)
+
+
 def fmt_h(seconds):
     if seconds is None:
         return "—"
@@ -91,13 +100,16 @@ def main():
     out, mode = sys.argv[1], sys.argv[2]
     load_manifest(out)
     cfg = json.load(open(os.path.join(out, "rehearsal.json")))
-    real = json.load(open(os.path.join(out, "data", "sizes.json")))["real"]
+    sizes = json.load(open(os.path.join(out, "data", "sizes.json")))
+    real, gen = sizes["real"], sizes.get("generated", {})
     epochs = cfg["real_epochs"]
     steps = load_steps(out)
     ctx = cfg["context"]
     wt = real["wikitext103"]
     train_tokens = wt["train_mb"] * 1e6 / BYTES_PER_TOKEN
     valid_tokens, test_tokens = wt["valid_tokens"], wt["test_tokens"]
+    wp = real.get("wikipedia", {})
+    wiki_tokens = lambda docs: docs * wp.get("bytes_per_article", 0) / BYTES_PER_TOKEN
     c100_train = real["cifar100"]["train"] * 0.9  # the default 10% validation hold-out
     imnet_train = real["imagenet"]["train"] - 10_000  # hold-out capped at 10,000
     # (real training samples per epoch, real validation samples, epochs, group) per training run
@@ -108,6 +120,10 @@ def main():
             return c100_train, 5_000, epochs["cifar_astra"], "CIFAR-100 ViT-B/16"
         if name.startswith("vit-imagenet-astra"):
             return imnet_train, 10_000, epochs["imagenet_astra"], "ImageNet-1K ViT-B/16"
+        if "-wiki" in name:
+            model = name.split("-wiki")[0]
+            return (wiki_tokens(wp["train_docs"]), wiki_tokens(wp["held_out_docs"]), epochs["text"],
+                    f"Wikipedia {model}")
         model = name.split("-wt103")[0]
         return train_tokens, valid_tokens, epochs["text"], f"WikiText-103 {model}"
 
@@ -116,7 +132,11 @@ def main():
             return real["cifar100"]["test"], "CIFAR-100 ViT-B/16"
         if name.startswith("imagenet"):
             return real["imagenet"]["val"], "ImageNet-1K ViT-B/16"
-        model = re.sub(r"^wt103-(.*?)-(zero-shot|original|astra-g\d+)$", r"\1", name)
+        if name.startswith("wiki-"):
+            return wiki_tokens(wp["held_out_docs"]), "Wikipedia " + re.sub(r"^wiki-(.*?)-(original|astra-g\d+)$", r"\1", name)
+        if name.startswith("zero-shot-"):  # trained on Wikipedia, scored on WikiText-103 valid
+            return valid_tokens, "Wikipedia " + re.sub(r"^zero-shot-(.*?)-(original|astra-g\d+)$", r"\1", name)
+        model = re.sub(r"^wt103-(.*?)-(pretrained|original|astra-g\d+)$", r"\1", name)
         return test_tokens, f"WikiText-103 {model}"
 
     def group_of_calib(name):
@@ -124,6 +144,8 @@ def main():
             return "CIFAR-100 ViT-B/16"
         if name.startswith("imagenet"):
             return "ImageNet-1K ViT-B/16"
+        if name.startswith("wiki-"):
+            return "Wikipedia " + re.sub(r"^wiki-(.*)-g\d+$", r"\1", name)
         return "WikiText-103 " + re.sub(r"^wt103-(.*)-g\d+$", r"\1", name)
 
     rows = []  # (group, astra?, step, measured wall, rate text, rss, gpu, size text, projected s, gpu?)
@@ -140,14 +162,23 @@ def main():
                 t_s, t_n = float(e["train_seconds"]), float(e["train_samples"])
                 v_s = max(float(e["seconds"]) - t_s, 0.0)
                 r = t_n / t_s
-                unit = "tokens/s" if "wt103" in name else "images/s"
+                text = "wt103" in name or "-wiki" in name
+                unit = "tokens/s" if text else "images/s"
                 rate = f"{r:,.0f} {unit} ({int(e['step'])} steps)"
                 # validation: its measured seconds over what it scored (the hold-out of
                 # REHEARSAL_VALID images, or the VALID file's tokens)
                 v_n = valid_tokens if "wt103" in name else cfg.get("valid_images")
+                if "-wiki" in name:  # the generated held-out articles the run scored
+                    docs, _, tokens = tokenized(out, name.split("-wiki")[0] + "-wiki")
+                    articles = math.prod(gen.get("wikipedia_shards_articles", [0]))
+                    v_n = min(max(round(articles * 0.005), 1), 5000) * tokens / docs if docs else None
                 v_rate = (v_n / v_s) if v_s > 0 and v_n else None
                 startup = max(wall - float(e["seconds"]), 0.0)
                 proj = startup + ep * (n_train / r + (n_valid / v_rate if v_rate else 0.0))
+                docs, secs, _ = tokenized(out, name)
+                if docs and secs:  # tokenizing the real sample (once; cached for later steps)
+                    proj += max(wp["train_docs"] + 2 * wp["held_out_docs"] - docs, 0) * secs / docs
+                    rate += f"; tokenized {docs:,} articles in {secs:.1f} s"
             ck = sorted(glob.glob(os.path.join(run, "checkpoints", "*.safetensors"))) or sorted(
                 os.path.join(out, p) for p in MANIFEST
                 if p.startswith(f"runs/{name}/checkpoints/") and p.endswith(".safetensors"))
@@ -194,7 +225,10 @@ def main():
           f"G ∈ {{{', '.join(cfg['groups'].split())}}}, N = {cfg['devices']} (Table 2 rows: N = {cfg['table2_devices'] or 'none'}). "
           f"Real recipe projected to: epochs {epochs}, CIFAR-100 {real['cifar100']['train']:,} / {real['cifar100']['test']:,} images, "
           f"ImageNet-1K {real['imagenet']['train']:,} / {real['imagenet']['val']:,}, WikiText-103 ≈ {train_tokens / 1e6:.0f} M "
-          f"training tokens ({wt['train_mb']} MB at {BYTES_PER_TOKEN} bytes per GPT-2 token) and ≈ {test_tokens:,} test tokens.\n")
+          f"training tokens ({wt['train_mb']} MB at {BYTES_PER_TOKEN} bytes per GPT-2 token) and ≈ {test_tokens:,} test tokens"
+          + (f", Wikipedia {wp['train_docs']:,} sampled articles ≈ {wiki_tokens(wp['train_docs']) / 1e6:,.0f} M tokens "
+             f"(an estimate: {wp['bytes_per_article']:,} bytes of text per article) and {wp['held_out_docs']:,} held-out articles per split"
+             if wp else "") + ".\n")
     if mode != "full":
         print("**Tiny shapes**: the times below say the pipeline runs end to end; the projection only means something for `--rehearse full`.\n")
     failed = [r for r in rows if r[10] != 0]

@@ -17,7 +17,9 @@ pub struct Cli {
 pub struct TrainArgs {
     /// Data: fashion-mnist:DIR, mnist:DIR, cifar10:DIR, cifar100:DIR (binary or python batches),
     /// imagefolder:DIR (DIR/train/<class>/*.JPEG, DIR/val/<class>/*), text:FILE (90/10
-    /// train/test split), text:TRAIN,TEST or text:TRAIN,VALID,TEST (GPT-2 BPE).
+    /// train/test split), text:TRAIN,TEST or text:TRAIN,VALID,TEST (GPT-2 BPE), or
+    /// parquet:PATH[:COLUMN][:max-docs=N][:seed=S] (documents of Parquet shards, e.g.
+    /// Wikipedia; PATH a file, folder, glob or hf:ORG/NAME/CONFIG in the HF cache).
     #[arg(long)]
     pub data: String,
     /// Run folder to create (or continue with --resume).

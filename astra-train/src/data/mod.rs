@@ -4,9 +4,11 @@
 //! downloader.
 //!
 //! A data set is named by a spec string: `fashion-mnist:DIR`, `mnist:DIR`, `cifar10:DIR`,
-//! `cifar100:DIR`, `imagefolder:DIR` (DIR/train/<class>/*, DIR/val/<class>/*) or `text:FILE`
-//! / `text:TRAIN,TEST` / `text:TRAIN,VALID,TEST` (see [`text`]); the validation split is held
-//! out of the training data unless given ([`split`]).
+//! `cifar100:DIR`, `imagefolder:DIR` (DIR/train/<class>/*, DIR/val/<class>/* or a flat val/ with
+//! its ground truth, see [`folder`]), `text:FILE` / `text:TRAIN,TEST` / `text:TRAIN,VALID,TEST`
+//! (see [`text`]) or `parquet:PATH[:COLUMN][:max-docs=N]` (documents of HF-style Parquet shards,
+//! e.g. Wikipedia; see [`parquet_docs`]); the validation split is held out of the training data
+//! unless given ([`split`]).
 
 pub mod augment;
 pub mod cifar;
@@ -15,9 +17,11 @@ pub mod fake;
 pub mod folder;
 pub mod idx;
 pub mod loader;
+pub mod parquet_docs;
 pub mod pickle;
 pub mod split;
 pub mod text;
+pub mod token_cache;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
@@ -107,9 +111,9 @@ pub struct ImageData {
     pub std: Vec<f64>,
 }
 
-/// Whether a data spec names a text corpus (`text:…`) rather than images.
+/// Whether a data spec names a text corpus (`text:…`, `parquet:…`) rather than images.
 pub fn is_text(spec: &str) -> bool {
-    spec.starts_with("text:")
+    spec.starts_with("text:") || spec.starts_with("parquet:")
 }
 
 /// Opens an image data set spec and holds `hold_out` of its training images out for validation.

@@ -56,6 +56,19 @@ fn read(path: &Path) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// Opens a text spec: `text:FILES` ([`open`]) or `parquet:…` ([`super::parquet_docs`], whose
+/// validation and test splits are documents of their own, so `hold_out` does not apply).
+pub fn open_spec(spec: &str, hold_out: HoldOut, context: usize) -> Result<TokenCorpus> {
+    match spec.split_once(':') {
+        Some(("text", files)) => open(files, hold_out, context),
+        Some(("parquet", rest)) => super::parquet_docs::open(rest),
+        _ => Err(TrainError::invalid(
+            "data",
+            format!("'{spec}' is not a text spec"),
+        )),
+    }
+}
+
 /// Opens the part of a `text:` spec after the colon; a validation split not given as a file is
 /// `hold_out` windows of `context` tokens cut from the end of the training tokens.
 pub fn open(files: &str, hold_out: HoldOut, context: usize) -> Result<TokenCorpus> {

@@ -191,7 +191,7 @@ impl Task {
                     format!("{context} must be in 2..={positions} (the model's positions)"),
                 ));
             }
-            let corpus = text::open(&spec["text:".len()..], hold_out, context)?;
+            let corpus = text::open_spec(spec, hold_out, context)?;
             if corpus.train.len() <= context {
                 return Err(TrainError::invalid(
                     "data",
