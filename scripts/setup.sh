@@ -28,9 +28,10 @@ fi
 pip_install() { $py -m pip install --disable-pip-version-check -q "$@"; }
 
 # numpy and safetensors: the interop tests read our files with them; transformers: the parity tests
-# compare our models with HF's (CPU, tiny random models).
-$py -c "import numpy, safetensors, transformers" 2>/dev/null || pip_install numpy safetensors transformers ||
-  die "pip could not install numpy, safetensors and transformers into .venv"
+# compare our models with HF's (CPU, tiny random models); scipy: its savemat writes the MATLAB
+# fixture of ImageNet's devkit (meta.mat) in the data tests.
+$py -c "import numpy, safetensors, transformers, scipy" 2>/dev/null || pip_install numpy safetensors transformers scipy ||
+  die "pip could not install numpy, safetensors, transformers and scipy into .venv"
 
 if [[ -n ${LIBTORCH:-} && ${LIBTORCH%/} != "$PWD/.libtorch" && ${LIBTORCH%/} != .libtorch ]]; then
   target=${LIBTORCH%/}

@@ -360,3 +360,105 @@ fn a_flat_validation_folder_is_labelled_by_its_ground_truth_file() {
     std::fs::write(&csv, "ImageId,PredictionString\nno comma here\n").unwrap();
     refused("line 2: expected ImageId,PredictionString");
 }
+
+/// The devkit's ground truth (line n: the ILSVRC2012_ID of val image n) labels a flat folder
+/// through meta.mat's synsets, whose IDs are not in synset order; the MAT-files are written by
+/// scipy's savemat, compressed (v7) and not (v5).
+#[test]
+fn the_devkit_ground_truth_labels_a_flat_folder_through_meta_mat() {
+    use astra_train::data::{matlab, open_images};
+    let dir = common::fixture("make_imagenet_devkit.py");
+    let root = dir.path().join("imagenet");
+    for (c, shade) in [("n01440764", 40u8), ("n01443537", 200)] {
+        let d = root.join("train").join(c);
+        std::fs::create_dir_all(&d).unwrap();
+        write_image(&d.join(format!("{c}_0.JPEG")), 12, 12, shade);
+        write_image(&d.join(format!("{c}_1.JPEG")), 12, 12, shade);
+    }
+    let val = root.join("val");
+    std::fs::create_dir_all(&val).unwrap();
+    write_image(&val.join("ILSVRC2012_val_00000001.JPEG"), 12, 12, 40);
+    write_image(&val.join("ILSVRC2012_val_00000002.JPEG"), 12, 12, 200);
+    // The devkit unpacked one level above the data folder.
+    let devkit = dir.path().join("ILSVRC2012_devkit_t12");
+    let spec = format!("imagefolder:{}", root.display());
+    let hold = astra_train::data::split::HoldOut::Count(1);
+    let data = open_images(&spec, 8, hold).unwrap();
+    // Image 1 is ID 2 = n01440764 (class 0), image 2 is ID 1 = n01443537 (class 1).
+    assert_eq!((data.test.label(0), data.test.label(1)), (0, 1));
+
+    // v5 (uncompressed) and v7 (compressed) files read the same.
+    let meta = devkit.join("data/meta.mat");
+    let a = matlab::variable(&meta, "synsets").unwrap();
+    let b = matlab::variable(&dir.path().join("meta_plain.mat"), "synsets").unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.len(), 3);
+    assert_eq!(a.field(2, "WNID").unwrap().text(), Some("n02512053"));
+    assert!(a
+        .field(2, "gloss")
+        .unwrap()
+        .text()
+        .unwrap()
+        .ends_with("ünïcode"));
+    assert_eq!(a.field(2, "ILSVRC2012_ID").unwrap().scalar(), Some(1001.0));
+    assert!(
+        matches!(a.field(2, "children"), Some(matlab::MatArray::Numeric { values, .. }) if values == &[1.0, 2.0])
+    );
+
+    let truth = devkit.join("data/ILSVRC2012_validation_ground_truth.txt");
+    let refused = |needle: &str| {
+        let e = open_images(&spec, 8, hold).err().unwrap().to_string();
+        assert!(e.contains(needle) && !e.contains('\n'), "{needle}: {e}");
+    };
+    std::fs::write(&truth, "2\n7\n").unwrap();
+    refused("line 2: '7' is not an ILSVRC2012_ID");
+    std::fs::write(&truth, "2\n1\n1\n").unwrap();
+    refused("labels 3 images");
+    std::fs::write(&truth, "2\n1\n").unwrap();
+    std::fs::write(&meta, b"MATLAB 5.0 MAT-file, truncated").unwrap();
+    refused("not a MAT-file");
+    std::fs::remove_file(&meta).unwrap();
+    refused("meta.mat: missing: the devkit's synset table");
+}
+
+/// Every kind of MAT-file variable the reader handles, as scipy writes them.
+#[test]
+fn mat_files_read_numbers_text_cells_and_structs() {
+    use astra_train::data::matlab::{self, MatArray};
+    let dir = common::fixture("make_imagenet_devkit.py");
+    let vars = matlab::read(&dir.path().join("kinds.mat")).unwrap();
+    let get = |n: &str| vars.iter().find(|v| v.0 == n).unwrap().1.clone();
+    assert_eq!(
+        get("matrix"),
+        MatArray::Numeric {
+            dims: vec![2, 3],
+            values: vec![1.5, 4.0, -2.0, 5.0, 3.0, 6.25]
+        }
+    );
+    let numbers = |n: &str| match get(n) {
+        MatArray::Numeric { values, .. } => values,
+        other => panic!("{n}: {other:?}"),
+    };
+    assert_eq!(numbers("small_ints"), vec![1.0, 2.0, 300.0]);
+    assert_eq!(numbers("int64s"), vec![-5.0, 2f64.powi(40)]);
+    assert_eq!(numbers("singles"), vec![0.5, 1.5]);
+    assert_eq!(get("name").text(), Some("café"));
+    let MatArray::Cell { cells, .. } = get("cells") else {
+        panic!("cells")
+    };
+    assert_eq!(
+        cells.iter().map(|c| c.text().unwrap()).collect::<Vec<_>>(),
+        ["a", "bc"]
+    );
+    let nested = get("nested");
+    assert_eq!(nested.field(0, "label").unwrap().text(), Some("ok"));
+    let inner = nested.field(0, "inner").unwrap();
+    assert_eq!(inner.field(0, "x").unwrap().scalar(), Some(7.0));
+    assert!(get("empty").is_empty());
+    let e = matlab::variable(&dir.path().join("kinds.mat"), "synsets").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("has no variable 'synsets' (it holds: matrix, "),
+        "{e}"
+    );
+}

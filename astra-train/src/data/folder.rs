@@ -3,8 +3,11 @@
 //! as distributed (`val/ILSVRC2012_val_00000001.JPEG`, …) with its labels in Kaggle's
 //! `LOC_val_solution.csv` (`ImageId,PredictionString`, the first word of the string the synset),
 //! found in the folder or up to four levels above it (Kaggle's download holds it beside
-//! `ILSVRC/`, four levels above `ILSVRC/Data/CLS-LOC/val`), or in a `val_labels.txt` beside the
-//! images (`FILE SYNSET` per line). Images are decoded on demand (the loader's worker threads),
+//! `ILSVRC/`, four levels above `ILSVRC/Data/CLS-LOC/val`), in the devkit's
+//! `ILSVRC2012_validation_ground_truth.txt` (line n: the ILSVRC2012_ID of `ILSVRC2012_val_n`,
+//! mapped to synsets by the devkit's `meta.mat` beside it; found as `ILSVRC2012_devkit_t12/data/`
+//! or `data/` in the folder or up to four levels above), or in a `val_labels.txt` beside the images
+//! (`FILE SYNSET` per line). Images are decoded on demand (the loader's worker threads),
 //! converted to RGB, resized so the shorter side is the model's size and centre-cropped to a
 //! square (the standard evaluation transform; training adds the augmentation on top).
 
@@ -51,7 +54,7 @@ impl ImageFolder {
             }
             return Err(TrainError::File {
                 path: dir.into(),
-                reason: "holds no class folders (expected <class>/*.JPEG inside, or flat images with a LOC_val_solution.csv or val_labels.txt)".into(),
+                reason: "holds no class folders (expected <class>/*.JPEG inside, or flat images with a LOC_val_solution.csv, the devkit's ILSVRC2012_validation_ground_truth.txt or a val_labels.txt)".into(),
             });
         }
         let names: Vec<String> = class_dirs
@@ -93,20 +96,81 @@ impl ImageFolder {
     }
 }
 
-/// The labels file of a flat validation folder, if there is one.
+/// The devkit's ground-truth file name.
+const DEVKIT_TRUTH: &str = "ILSVRC2012_validation_ground_truth.txt";
+
+/// The labels file of a flat validation folder, if there is one: `val_labels.txt` beside the
+/// images, else Kaggle's CSV, else the devkit's ground truth, in the folder or up to four above.
 fn flat_labels_file(dir: &Path) -> Option<PathBuf> {
     let beside = dir.join("val_labels.txt");
     if beside.is_file() {
         return Some(beside);
     }
-    dir.ancestors()
-        .take(5)
+    let near = || dir.ancestors().take(5);
+    near()
         .map(|d| d.join("LOC_val_solution.csv"))
+        .chain(near().flat_map(|d| {
+            [
+                d.join("ILSVRC2012_devkit_t12/data").join(DEVKIT_TRUTH),
+                d.join("data").join(DEVKIT_TRUTH),
+                d.join(DEVKIT_TRUTH),
+            ]
+        }))
         .find(|p| p.is_file())
 }
 
-/// (image stem, synset) pairs of a labels file: Kaggle's CSV or `FILE SYNSET` lines.
+/// (image stem, synset) pairs of the devkit's ground truth: line n holds the ILSVRC2012_ID of
+/// `ILSVRC2012_val_{n:08}`; `meta.mat` beside it maps IDs to WordNet ids (its `synsets` struct
+/// array: ILSVRC2012_ID, WNID, …; the IDs are not in synset order, so the mapping is needed).
+fn read_devkit_truth(path: &Path) -> Result<Vec<(String, String)>> {
+    let meta = path.with_file_name("meta.mat");
+    if !meta.is_file() {
+        return Err(TrainError::File {
+            path: meta,
+            reason: format!("missing: the devkit's synset table, needed to read {DEVKIT_TRUTH}"),
+        });
+    }
+    let synsets = super::matlab::variable(&meta, "synsets")?;
+    let mut wnid = std::collections::HashMap::new();
+    for i in 0..synsets.len() {
+        let id = synsets.field(i, "ILSVRC2012_ID").and_then(|a| a.scalar());
+        let name = synsets.field(i, "WNID").and_then(|a| a.text());
+        let (Some(id), Some(name)) = (id, name) else {
+            return Err(TrainError::File {
+                path: meta,
+                reason: format!("synsets({}) lacks a numeric ILSVRC2012_ID or a WNID", i + 1),
+            });
+        };
+        wnid.insert(id as i64, name.to_string());
+    }
+    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+    let mut pairs = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|l| !l.1.trim().is_empty()) {
+        let synset = line
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .and_then(|id| wnid.get(&id))
+            .ok_or_else(|| TrainError::File {
+                path: path.into(),
+                reason: format!(
+                    "line {}: '{}' is not an ILSVRC2012_ID of {}",
+                    n + 1,
+                    line.trim(),
+                    meta.display()
+                ),
+            })?;
+        pairs.push((format!("ILSVRC2012_val_{:08}", n + 1), synset.clone()));
+    }
+    Ok(pairs)
+}
+
+/// (image stem, synset) pairs of a labels file: Kaggle's CSV, the devkit's ground truth or
+/// `FILE SYNSET` lines.
 fn read_flat_labels(path: &Path) -> Result<Vec<(String, String)>> {
+    if path.ends_with(DEVKIT_TRUTH) {
+        return read_devkit_truth(path);
+    }
     let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
     let kaggle = path.extension().is_some_and(|e| e == "csv");
     let mut pairs = Vec::new();

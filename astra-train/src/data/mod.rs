@@ -17,6 +17,7 @@ pub mod fake;
 pub mod folder;
 pub mod idx;
 pub mod loader;
+pub mod matlab;
 pub mod parquet_docs;
 pub mod pickle;
 pub mod split;
