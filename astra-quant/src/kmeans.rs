@@ -137,11 +137,12 @@ pub fn fit_with(data: ArrayView2<f32>, cfg: &KMeansConfig, search: &dyn Search) 
         ProgressBar::hidden()
     };
     let mut stats = Vec::with_capacity(cfg.iters);
+    let rows = search.over(x.view());
     let mut previous: Vec<u32> = Vec::new();
     let mut converged = false;
     for iter in 0..cfg.iters {
         let t0 = Instant::now();
-        let (labels, dists) = search.nearest(x.view(), centroids.view());
+        let (labels, dists) = rows.nearest(centroids.view());
         // Same assignment as last time: the update would reproduce the current centroids, so
         // Lloyd's iteration has reached its fixed point (faiss stops here too).
         if labels == previous {

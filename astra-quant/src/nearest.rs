@@ -22,6 +22,30 @@ pub trait Search: Sync {
     /// For every row of `x` (n × d) the index of the nearest row of `centroids` (k × d) and the
     /// squared distance to it.
     fn nearest(&self, x: ArrayView2<f32>, centroids: ArrayView2<f32>) -> (Vec<u32>, Vec<f32>);
+
+    /// A search of the fixed rows `x` against changing centroids, as k-means runs every
+    /// iteration: by default [`Search::nearest`] each time; an accelerator's search keeps the rows
+    /// on the device after the first call instead of copying them every iteration.
+    fn over<'a>(&'a self, x: ArrayView2<'a, f32>) -> Box<dyn FixedRows + 'a> {
+        Box::new(EachCall { search: self, x })
+    }
+}
+
+/// Nearest-centroid search of rows fixed when it was made ([`Search::over`]).
+pub trait FixedRows {
+    /// (index, squared distance) of the nearest row of `centroids` for every fixed row.
+    fn nearest(&self, centroids: ArrayView2<f32>) -> (Vec<u32>, Vec<f32>);
+}
+
+struct EachCall<'a, S: ?Sized> {
+    search: &'a S,
+    x: ArrayView2<'a, f32>,
+}
+
+impl<S: Search + ?Sized> FixedRows for EachCall<'_, S> {
+    fn nearest(&self, centroids: ArrayView2<f32>) -> (Vec<u32>, Vec<f32>) {
+        self.search.nearest(self.x.view(), centroids)
+    }
 }
 
 /// The search on this machine's CPUs ([`nearest`]).

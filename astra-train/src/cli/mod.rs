@@ -236,11 +236,12 @@ pub fn calibrate(a: &CalibrateArgs) -> Result<()> {
     );
     file.save(&a.out)?;
     println!(
-        "{} blocks, K={}, G={} -> {}",
+        "{} blocks, K={}, G={} -> {} ({})",
         file.blocks.len(),
         a.k,
         a.groups,
-        a.out.display()
+        a.out.display(),
+        file.extra.get("seconds").map_or("", String::as_str)
     );
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! assignments, the code shares, the residual pass's encoding) runs on the GPU ([`TorchSearch`]);
 //! the rest of k-means (initialisation, updates, splits) is astra-quant's, unchanged.
 
-use astra_quant::nearest::{Cpu, Search};
+use astra_quant::nearest::{Cpu, FixedRows, Search};
 use astra_quant::residual::NoiseKind;
 use astra_quant::{
     BlockQuantizer, CodebookFile, GroupedCodebook, KMeansConfig, ResidualAccumulator,
@@ -98,7 +98,42 @@ impl RowReservoir {
 
 /// The exact fp32 nearest-codeword search on a libtorch device (the trainer's: the fused kernel
 /// where it fills the GPU, matmul + argmin otherwise), for astra-quant's k-means and encoding.
+/// k-means' rows stay on the device for all its iterations ([`Search::over`]); only the
+/// centroids go up and the labels and distances come back.
 pub struct TorchSearch(pub Device);
+
+impl TorchSearch {
+    fn upload(&self, a: ndarray::ArrayView2<f32>) -> Tensor {
+        let a = a.as_standard_layout();
+        let (r, c) = a.dim();
+        Tensor::from_slice(a.as_slice().expect("standard layout"))
+            .view([r as i64, c as i64])
+            .to_device(self.0)
+    }
+}
+
+/// Rows already on the device.
+struct Resident<'a> {
+    search: &'a TorchSearch,
+    x: Tensor,
+}
+
+impl FixedRows for Resident<'_> {
+    fn nearest(&self, centroids: ndarray::ArrayView2<f32>) -> (Vec<u32>, Vec<f32>) {
+        nearest_on_device(&self.x, &self.search.upload(centroids))
+    }
+}
+
+/// Labels and squared distances of rows `x` [n, d] to their nearest row of `c` [k, d].
+fn nearest_on_device(x: &Tensor, c: &Tensor) -> (Vec<u32>, Vec<f32>) {
+    let idx = crate::models::vq::nearest_codewords(&x.unsqueeze(1), &c.unsqueeze(0)).view([-1]);
+    let dist = (x - c.index_select(0, &idx))
+        .square()
+        .sum_dim_intlist(-1, false, Kind::Float);
+    let labels = Vec::<i64>::try_from(idx.to_device(Device::Cpu)).expect("int64 indices");
+    let dist = Vec::<f32>::try_from(dist.to_device(Device::Cpu)).expect("fp32 distances");
+    (labels.into_iter().map(|l| l as u32).collect(), dist)
+}
 
 impl Search for TorchSearch {
     fn nearest(
@@ -106,21 +141,14 @@ impl Search for TorchSearch {
         x: ndarray::ArrayView2<f32>,
         centroids: ndarray::ArrayView2<f32>,
     ) -> (Vec<u32>, Vec<f32>) {
-        let upload = |a: ndarray::ArrayView2<f32>| {
-            let a = a.as_standard_layout();
-            let (r, c) = a.dim();
-            Tensor::from_slice(a.as_slice().expect("standard layout"))
-                .view([r as i64, c as i64])
-                .to_device(self.0)
-        };
-        let (x, c) = (upload(x), upload(centroids));
-        let idx = crate::models::vq::nearest_codewords(&x.unsqueeze(1), &c.unsqueeze(0)).view([-1]);
-        let dist = (&x - c.index_select(0, &idx))
-            .square()
-            .sum_dim_intlist(-1, false, Kind::Float);
-        let labels = Vec::<i64>::try_from(idx.to_device(Device::Cpu)).expect("int64 indices");
-        let dist = Vec::<f32>::try_from(dist.to_device(Device::Cpu)).expect("fp32 distances");
-        (labels.into_iter().map(|l| l as u32).collect(), dist)
+        nearest_on_device(&self.upload(x), &self.upload(centroids))
+    }
+
+    fn over<'a>(&'a self, x: ndarray::ArrayView2<'a, f32>) -> Box<dyn FixedRows + 'a> {
+        Box::new(Resident {
+            search: self,
+            x: self.upload(x),
+        })
     }
 }
 
@@ -161,10 +189,12 @@ pub fn calibrate(
         seed: a.seed,
         device,
     };
+    let clock = std::time::Instant::now();
     for_each_block_input(model, &sample, |l, t| {
         reservoirs[l].push(to_rows(t)?.view());
         Ok(())
     })?;
+    let first_pass = clock.elapsed().as_secs_f64();
     let search = search_on(device);
     let bar = progress_bar(progress, layers, "calibrate blocks");
     let mut codebooks = Vec::with_capacity(layers);
@@ -184,10 +214,16 @@ pub fn calibrate(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let fitted = clock.elapsed().as_secs_f64();
     let noise = match a.noise {
         None => vec![None; layers],
         Some(kind) => residual_models(model, &sample, &codebooks, kind)?,
     };
+    let seconds = format!(
+        "{first_pass:.1} s block inputs and reservoirs, {:.1} s k-means and code shares, {:.1} s residual statistics",
+        fitted - first_pass,
+        clock.elapsed().as_secs_f64() - fitted
+    );
     let blocks = codebooks
         .into_iter()
         .zip(noise)
@@ -204,6 +240,7 @@ pub fn calibrate(
     };
     file.extra.insert("data".into(), a.data.clone());
     file.extra.insert("samples".into(), n.to_string());
+    file.extra.insert("seconds".into(), seconds);
     file.extra.insert(
         "sampling".into(),
         format!(
@@ -378,6 +415,16 @@ mod tests {
         let c = x.slice(ndarray::s![..40, ..]).to_owned();
         let (lt, dt) = TorchSearch(tch::Device::Cpu).nearest(x.view(), c.view());
         let (lc, dc) = Cpu.nearest(x.view(), c.view());
+        // Rows kept on the device for k-means' iterations search the same.
+        let torch = TorchSearch(tch::Device::Cpu);
+        assert_eq!(
+            torch.over(x.view()).nearest(c.view()),
+            (lt.clone(), dt.clone())
+        );
+        assert_eq!(
+            Cpu.over(x.view()).nearest(c.view()),
+            (lc.clone(), dc.clone())
+        );
         let same = lt.iter().zip(&lc).filter(|(a, b)| a == b).count();
         assert!(
             same as f64 >= 0.999 * lt.len() as f64,
