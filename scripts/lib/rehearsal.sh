@@ -24,7 +24,7 @@ IMAGE_EXTRA="--max-train $((REHEARSAL_STEPS * BATCH)) --valid $REHEARSAL_VALID $
 TEXT_EXTRA="--max-train $((REHEARSAL_STEPS * TEXT_BATCH)) ${TEXT_EXTRA:-}"
 rehearsal_dir=$OUT/data
 VIT_INIT=$rehearsal_dir/models/vit-in21k IMAGENET_INIT=$rehearsal_dir/models/vit-imagenet
-GPT2_MODELS="$rehearsal_dir/models/gpt2 $rehearsal_dir/models/gpt2-medium"
+GPT2_MODELS=${GPT2_MODELS:-"$rehearsal_dir/models/gpt2 $rehearsal_dir/models/gpt2-medium"}
 CIFAR100_DIR=$rehearsal_dir/cifar100 IMAGENET_DIR=$rehearsal_dir/imagenet
 WIKITEXT103_DIR=$rehearsal_dir/wikitext-103-raw WIKIPEDIA=$rehearsal_dir/wikipedia/20231101.en
 # The rehearsal's token caches stay in its folder (a real run keeps them in ~/.cache/astra).

@@ -1,8 +1,10 @@
 //! `astra-train calibrate`: block inputs of a trained model (ViT over a sample of training
 //! images, GPT-2 over training windows) → one grouped codebook per block (astra-quant k-means)
-//! and its NAQ residual statistics. On a CUDA device every nearest-codeword search of it (k-means'
-//! assignments, the code shares, the residual pass's encoding) runs on the GPU ([`TorchSearch`]);
-//! the rest of k-means (initialisation, updates, splits) is astra-quant's, unchanged.
+//! and its NAQ residual statistics. On a CUDA device the block inputs stay on the GPU but for the
+//! rows the reservoir keeps ([`RowReservoir::push_tensor`]), and every nearest-codeword search
+//! (k-means' assignments, the code shares, the residual pass's encoding) and k-means' updates run
+//! there ([`TorchSearch`], its rows resident for all iterations); initialisation, empty-cluster
+//! splits and the stopping rule are astra-quant's, unchanged.
 
 use astra_quant::nearest::{Cpu, FixedRows, Search};
 use astra_quant::residual::NoiseKind;
@@ -66,23 +68,74 @@ impl RowReservoir {
         }
     }
 
-    pub fn push(&mut self, x: ndarray::ArrayView2<f32>) {
+    /// Algorithm R's decisions for the next `m` rows: (row of the batch, slot) for every row
+    /// kept, in row order; a slot chosen twice in one batch keeps its last row only.
+    fn admit(&mut self, m: usize) -> Vec<(usize, usize)> {
         use rand::Rng;
-        for row in x.outer_iter() {
-            let kept = self.rows.len() / self.dim;
-            if kept < self.cap {
-                self.rows.extend(row.iter());
+        let base = self.kept();
+        let mut writes: Vec<(usize, usize)> = Vec::new();
+        let mut at_slot = std::collections::HashMap::new();
+        for i in 0..m {
+            // Filling: every row is kept, so the batch's row i goes to slot base + i.
+            let slot = if base + i < self.cap {
+                Some(base + i)
             } else {
-                let j = self.rng.random_range(0..=self.seen);
-                if (j as usize) < self.cap {
-                    let at = j as usize * self.dim;
-                    for (dst, src) in self.rows[at..at + self.dim].iter_mut().zip(row) {
-                        *dst = *src;
-                    }
+                let j = self.rng.random_range(0..=self.seen) as usize;
+                (j < self.cap).then_some(j)
+            };
+            if let Some(slot) = slot {
+                if let Some(w) = at_slot.insert(slot, writes.len()) {
+                    writes[w].1 = usize::MAX; // superseded by this later row
                 }
+                writes.push((i, slot));
             }
             self.seen += 1;
         }
+        writes.retain(|w| w.1 != usize::MAX);
+        writes
+    }
+
+    fn kept(&self) -> usize {
+        self.rows.len() / self.dim
+    }
+
+    /// Stores `rows` (one per write, row-major) at the slots of `writes`.
+    fn write(&mut self, writes: &[(usize, usize)], rows: &[f32]) {
+        let d = self.dim;
+        let end = writes.iter().map(|w| w.1 + 1).max().unwrap_or(0);
+        if end > self.kept() {
+            self.rows.resize(end * d, 0.0);
+        }
+        for (r, &(_, slot)) in writes.iter().enumerate() {
+            self.rows[slot * d..(slot + 1) * d].copy_from_slice(&rows[r * d..(r + 1) * d]);
+        }
+    }
+
+    pub fn push(&mut self, x: ndarray::ArrayView2<f32>) {
+        let writes = self.admit(x.nrows());
+        let rows: Vec<f32> = writes.iter().flat_map(|w| x.row(w.0).to_vec()).collect();
+        self.write(&writes, &rows);
+    }
+
+    /// [`RowReservoir::push`] for rows [.., D] of a tensor on any device: the kept rows are
+    /// selected where they are and only they are copied to the host, in one transfer.
+    pub fn push_tensor(&mut self, t: &Tensor) -> Result<()> {
+        let rows = t.reshape([-1, self.dim as i64]);
+        let writes = self.admit(rows.size()[0] as usize);
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let which: Vec<i64> = writes.iter().map(|w| w.0 as i64).collect();
+        let picked = rows
+            .index_select(0, &Tensor::from_slice(&which).to_device(t.device()))
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu)
+            .contiguous();
+        let n = writes.len() * self.dim;
+        let mut host = vec![0f32; n];
+        picked.f_copy_data(&mut host, n)?;
+        self.write(&writes, &host);
+        Ok(())
     }
 
     /// Rows seen in all.
@@ -121,6 +174,41 @@ struct Resident<'a> {
 impl FixedRows for Resident<'_> {
     fn nearest(&self, centroids: ndarray::ArrayView2<f32>) -> (Vec<u32>, Vec<f32>) {
         nearest_on_device(&self.x, &self.search.upload(centroids))
+    }
+
+    /// The update where the rows are, deterministic: rows sorted (stably) by label, an f64
+    /// running sum, each label's sum the difference at its segment's ends.
+    fn update(&self, labels: &[u32], old: &Array2<f32>) -> (Vec<usize>, Array2<f32>) {
+        let (k, d) = old.dim();
+        let dev = self.search.0;
+        let labels: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+        let labels = Tensor::from_slice(&labels).to_device(dev);
+        let (_, order) = labels.sort_stable(true, 0, false);
+        let sorted = self.x.index_select(0, &order).to_kind(Kind::Double);
+        let running = Tensor::cat(
+            &[
+                Tensor::zeros([1, d as i64], (Kind::Double, dev)),
+                sorted.cumsum(0, Kind::Double),
+            ],
+            0,
+        );
+        let counts = labels.bincount::<Tensor>(None, k as i64);
+        let ends = counts.cumsum(0, Kind::Int64);
+        let sums = running.index_select(0, &ends) - running.index_select(0, &(&ends - &counts));
+        let means = sums / counts.clamp_min(1).unsqueeze(1).to_kind(Kind::Double);
+        let old_t = self.search.upload(old.view()).to_kind(Kind::Double);
+        let new = means.where_self(&counts.gt(0).unsqueeze(1), &old_t);
+        let new = Vec::<f32>::try_from(
+            new.to_kind(Kind::Float)
+                .to_device(Device::Cpu)
+                .reshape([-1]),
+        )
+        .expect("fp32 centroids");
+        let counts = Vec::<i64>::try_from(counts.to_device(Device::Cpu)).expect("int64 counts");
+        (
+            counts.into_iter().map(|c| c as usize).collect(),
+            Array2::from_shape_vec((k, d), new).expect("sized"),
+        )
     }
 }
 
@@ -190,10 +278,7 @@ pub fn calibrate(
         device,
     };
     let clock = std::time::Instant::now();
-    for_each_block_input(model, &sample, |l, t| {
-        reservoirs[l].push(to_rows(t)?.view());
-        Ok(())
-    })?;
+    for_each_block_input(model, &sample, |l, t| reservoirs[l].push_tensor(t))?;
     let first_pass = clock.elapsed().as_secs_f64();
     let search = search_on(device);
     let bar = progress_bar(progress, layers, "calibrate blocks");
@@ -482,6 +567,32 @@ mod tests {
             (200..=300).contains(&late),
             "{late} of 500 from the second half"
         );
+        // Equal to Algorithm R applied row by row (the reference below), and the same when the
+        // rows come as tensors (selected where they are, then copied).
+        let reference = |seed: u64| {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let mut kept: Vec<Vec<f32>> = Vec::new();
+            for (seen, row) in rows.outer_iter().enumerate() {
+                if kept.len() < 500 {
+                    kept.push(row.to_vec());
+                } else {
+                    let j = rng.random_range(0..=seen as u64) as usize;
+                    if j < 500 {
+                        kept[j] = row.to_vec();
+                    }
+                }
+            }
+            kept.concat()
+        };
+        assert_eq!(a.iter().copied().collect::<Vec<_>>(), reference(1));
+        let mut t = RowReservoir::new(2, 500, 1);
+        for chunk in rows.axis_chunks_iter(ndarray::Axis(0), 777) {
+            let c = chunk.as_standard_layout();
+            let tensor = tch::Tensor::from_slice(c.as_slice().unwrap()).view([-1, 2]);
+            t.push_tensor(&tensor.to_kind(tch::Kind::Double)).unwrap();
+        }
+        assert_eq!(t.into_rows(), a);
         // Fewer rows than the cap: all of them.
         let mut r = RowReservoir::new(2, 500, 1);
         r.push(rows.slice(ndarray::s![..10, ..]));
