@@ -3,10 +3,7 @@
 //!
 //! Determinism: the result depends only on the data, the configuration and the seed. Centroid sums are
 //! accumulated per centroid over its rows in row order (f64), never in a work-stealing reduction, so
-//! neither the thread count nor scheduling changes a single bit. A search that keeps the rows on
-//! an accelerator ([`crate::nearest::FixedRows`]) also does the update there, deterministically
-//! too (the trainer's: differences of an f64 running sum over the rows sorted stably by label),
-//! equal to the CPU's up to f64 rounding.
+//! neither the thread count nor scheduling changes a single bit.
 
 use std::time::Instant;
 
@@ -161,7 +158,7 @@ pub fn fit_with(data: ArrayView2<f32>, cfg: &KMeansConfig, search: &dyn Search) 
             break;
         }
         let objective = dists.iter().map(|&v| v as f64).sum::<f64>() / x.nrows() as f64;
-        let (mut counts, new) = rows.update(&labels, &centroids);
+        let (mut counts, new) = update_centroids(x.view(), &labels, &centroids);
         centroids = new;
         let splits = split_empty(&mut centroids, &mut counts);
         previous = if splits == 0 { labels } else { Vec::new() };
@@ -276,8 +273,8 @@ fn kmeans_plus_plus(x: ArrayView2<f32>, k: usize, rng: &mut ChaCha8Rng) -> Array
 }
 
 /// New centroids as the mean of their rows; a centroid with no rows keeps its old value (and is then
-/// replaced by `split_empty`). On the CPU: per centroid, the f64 sum of its rows in row order.
-pub fn update_centroids(
+/// replaced by `split_empty`).
+fn update_centroids(
     x: ArrayView2<f32>,
     labels: &[u32],
     old: &Array2<f32>,

@@ -5,7 +5,7 @@
 //! L2 cache, and blocks run in parallel on rayon. The result per row does not depend on the thread
 //! count: each row's argmin is computed from the same numbers whichever thread handles it.
 
-use ndarray::{Array2, ArrayView2, Axis};
+use ndarray::{ArrayView2, Axis};
 use rayon::prelude::*;
 
 /// Rows per GEMM call: large enough that packing the centroids is amortised (128 rows cost ~20% more
@@ -31,15 +31,10 @@ pub trait Search: Sync {
     }
 }
 
-/// Nearest-centroid search of rows fixed when it was made ([`Search::over`]), and k-means'
-/// update over them.
+/// Nearest-centroid search of rows fixed when it was made ([`Search::over`]).
 pub trait FixedRows {
     /// (index, squared distance) of the nearest row of `centroids` for every fixed row.
     fn nearest(&self, centroids: ArrayView2<f32>) -> (Vec<u32>, Vec<f32>);
-
-    /// Lloyd's update: the rows per label and the mean of each label's rows (f64 sums), `old`'s
-    /// centroid where a label has none.
-    fn update(&self, labels: &[u32], old: &Array2<f32>) -> (Vec<usize>, Array2<f32>);
 }
 
 struct EachCall<'a, S: ?Sized> {
@@ -50,10 +45,6 @@ struct EachCall<'a, S: ?Sized> {
 impl<S: Search + ?Sized> FixedRows for EachCall<'_, S> {
     fn nearest(&self, centroids: ArrayView2<f32>) -> (Vec<u32>, Vec<f32>) {
         self.search.nearest(self.x.view(), centroids)
-    }
-
-    fn update(&self, labels: &[u32], old: &Array2<f32>) -> (Vec<usize>, Array2<f32>) {
-        crate::kmeans::update_centroids(self.x.view(), labels, old)
     }
 }
 
