@@ -217,15 +217,17 @@ if wants imagenet; then
   fi
 fi
 
+# The language-model runs' settings, shared by the text and wikipedia steps.
+ctx=${CONTEXT:-1024}
+text_flags=(--context "$ctx" --batch "${TEXT_BATCH:-8}" --lr "${TEXT_LR:-5e-5}" --warmup-steps 200
+  --device "$device" $precision --epochs "${TEXT_EPOCHS:-1}")
+
 if wants text; then
   train_extra=${TEXT_EXTRA:-}
-  ctx=${CONTEXT:-1024}
   # Training selects its epoch on WikiText-103's own validation split; the sweeps score the last
   # file of a spec, its test split.
   train_spec=text:$wt/wiki.train.raw,$wt/wiki.valid.raw,$wt/wiki.test.raw
   test_spec=text:$wt/wiki.valid.raw,$wt/wiki.test.raw
-  text_flags=(--context "$ctx" --batch "${TEXT_BATCH:-8}" --lr "${TEXT_LR:-5e-5}" --warmup-steps 200
-    --device "$device" $precision --epochs "${TEXT_EPOCHS:-1}")
   for m in "${gpt2_models[@]}"; do
     name=$(basename "$m")
     evaluate wt103-"$name"-pretrained perplexity "$m" "$test_spec" --context "$ctx" --devices 1 --vq off
@@ -243,12 +245,9 @@ fi
 
 if wants wikipedia; then
   train_extra=${TEXT_EXTRA:-}
-  ctx=${CONTEXT:-1024}
   # The paper's zero-shot protocol: trained on Wikipedia, scored on WikiText-103's validation
   # split (the sweeps score a spec's last file; the first only has to be text).
   zero_shot_spec=text:$wt/wiki.test.raw,$wt/wiki.valid.raw
-  text_flags=(--context "$ctx" --batch "${TEXT_BATCH:-8}" --lr "${TEXT_LR:-5e-5}" --warmup-steps 200
-    --device "$device" $precision --epochs "${TEXT_EPOCHS:-1}")
   for m in "${gpt2_models[@]}"; do
     name=$(basename "$m")
     train "$name"-wiki finetune --init "$m" --data "$wiki_spec" "${text_flags[@]}"
@@ -282,7 +281,7 @@ deploy() {
 
 if wants deploy; then
   mkdir -p "$out/deploy"
-  python3 - "$out/deploy" "$image" "${CONTEXT:-1024}" <<'EOF'
+  python3 - "$out/deploy" "$image" "$ctx" <<'EOF'
 import random, struct, sys
 d, side, ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(0)

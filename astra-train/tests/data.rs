@@ -307,14 +307,10 @@ fn image_folders_decode_resize_and_reject_bad_layouts() {
     );
 }
 
-/// ImageNet's validation folder as distributed: flat, labelled by Kaggle's LOC_val_solution.csv
-/// four levels up (beside ILSVRC/ of ILSVRC/Data/CLS-LOC/val) or by a val_labels.txt beside the images; images
-/// without labels, labels without images, and unknown synsets are refused in one line.
-#[test]
-fn a_flat_validation_folder_is_labelled_by_its_ground_truth_file() {
-    use astra_train::data::open_images;
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("ILSVRC/Data/CLS-LOC");
+/// ImageNet's layout in miniature under `root`: train/<synset>/ with two images of each of two
+/// classes (n01440764 dark, n01443537 light) and a flat val/ whose image 1 is dark and image 2
+/// light; returns val/.
+fn two_class_flat_imagenet(root: &std::path::Path) -> std::path::PathBuf {
     for (c, shade) in [("n01440764", 40u8), ("n01443537", 200)] {
         let d = root.join("train").join(c);
         std::fs::create_dir_all(&d).unwrap();
@@ -324,9 +320,21 @@ fn a_flat_validation_folder_is_labelled_by_its_ground_truth_file() {
     }
     let val = root.join("val");
     std::fs::create_dir_all(&val).unwrap();
-    // Kaggle's order is not the files' order; the second image is the second class.
     write_image(&val.join("ILSVRC2012_val_00000001.JPEG"), 12, 12, 40);
     write_image(&val.join("ILSVRC2012_val_00000002.JPEG"), 12, 12, 200);
+    val
+}
+
+/// ImageNet's validation folder as distributed: flat, labelled by Kaggle's LOC_val_solution.csv
+/// four levels up (beside ILSVRC/ of ILSVRC/Data/CLS-LOC/val) or by a val_labels.txt beside the images; images
+/// without labels, labels without images, and unknown synsets are refused in one line.
+#[test]
+fn a_flat_validation_folder_is_labelled_by_its_ground_truth_file() {
+    use astra_train::data::open_images;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ILSVRC/Data/CLS-LOC");
+    // Kaggle's order is not the files' order; the second image is the second class.
+    let val = two_class_flat_imagenet(&root);
     let csv = dir.path().join("LOC_val_solution.csv");
     std::fs::write(
         &csv,
@@ -369,16 +377,7 @@ fn the_devkit_ground_truth_labels_a_flat_folder_through_meta_mat() {
     use astra_train::data::{matlab, open_images};
     let dir = common::fixture("make_imagenet_devkit.py");
     let root = dir.path().join("imagenet");
-    for (c, shade) in [("n01440764", 40u8), ("n01443537", 200)] {
-        let d = root.join("train").join(c);
-        std::fs::create_dir_all(&d).unwrap();
-        write_image(&d.join(format!("{c}_0.JPEG")), 12, 12, shade);
-        write_image(&d.join(format!("{c}_1.JPEG")), 12, 12, shade);
-    }
-    let val = root.join("val");
-    std::fs::create_dir_all(&val).unwrap();
-    write_image(&val.join("ILSVRC2012_val_00000001.JPEG"), 12, 12, 40);
-    write_image(&val.join("ILSVRC2012_val_00000002.JPEG"), 12, 12, 200);
+    two_class_flat_imagenet(&root);
     // The devkit unpacked one level above the data folder.
     let devkit = dir.path().join("ILSVRC2012_devkit_t12");
     let spec = format!("imagefolder:{}", root.display());

@@ -164,11 +164,7 @@ impl RowReservoir {
         let Some(store) = self.store else {
             return Ok(Array2::zeros((0, self.dim)));
         };
-        let rows = store.narrow(0, 0, self.kept as i64).to_device(Device::Cpu);
-        let mut host = vec![0f32; self.kept * self.dim];
-        let n = host.len();
-        rows.f_copy_data(&mut host, n)?;
-        Ok(Array2::from_shape_vec((self.kept, self.dim), host).expect("whole rows"))
+        to_rows(&store.narrow(0, 0, self.kept as i64))
     }
 }
 
