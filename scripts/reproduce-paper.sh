@@ -33,7 +33,7 @@
 #             the pretrained model's WikiText-103 perplexity (its own row, "pretrained"), one epoch
 #             of plain fine-tuning on WikiText-103, codebooks, one epoch of ASTRA per G, perplexity
 #             tables on the WikiText-103 test split (Table 3's "WikiText-103 fine-tuned" column)
-#   wikipedia per GPT-2: one epoch on $WIKI_DOCS (1,000,000) English Wikipedia articles (the
+#   wikipedia per GPT-2 in $WIKI_GPT2_MODELS (default: $GPT2_MODELS): one epoch on $WIKI_DOCS (1,000,000) English Wikipedia articles (the
 #             paper's 1M samples; $WIKIPEDIA, default hf:wikimedia/wikipedia/20231101.en from the
 #             HF cache — astra-train's parquet: spec, whose seeded split holds out test and
 #             validation articles), codebooks, one epoch of ASTRA per G; perplexity on the held-out
@@ -55,7 +55,7 @@
 # runs only), CIFAR100_DIR / WIKITEXT103_DIR (use these instead of downloading), WIKIPEDIA (a
 # folder or glob of the parquet shards, or hf:ORG/NAME/CONFIG in the HF cache; never downloaded
 # here: `huggingface-cli download --repo-type dataset wikimedia/wikipedia --include '20231101.en/*'`),
-# WIKI_DOCS (1000000).
+# WIKI_DOCS (1000000), WIKI_GPT2_MODELS (the GPT-2s of the wikipedia step; default GPT2_MODELS).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -68,6 +68,9 @@ while (($#)); do
     *) echo "reproduce-paper.sh: unknown argument '$1' (use --rehearse full|tiny and --out DIR; steps via STEPS)" >&2; exit 2 ;;
   esac
 done
+# The recipe's defaults (a rehearsal projects to these, whatever it runs itself).
+recipe_groups="1 16 32" recipe_table2="2 6 8" recipe_samples=2000
+recipe_gpt2="openai-community/gpt2 openai-community/gpt2-medium"
 if [[ -n $rehearse ]]; then
   # shellcheck source=lib/rehearsal.sh
   source scripts/lib/rehearsal.sh
@@ -80,14 +83,15 @@ bin=${BIN:-target/release}
 precision=${PRECISION---bf16}
 n=${DEVICES:-4}
 k=${K:-1024}
-read -r -a groups <<<"${VQ_GROUPS:-1 16 32}"
-read -r -a table2 <<<"${TABLE2_DEVICES:-2 6 8}"
-read -r -a gpt2_models <<<"${GPT2_MODELS:-openai-community/gpt2 openai-community/gpt2-medium}"
+read -r -a groups <<<"${VQ_GROUPS:-$recipe_groups}"
+read -r -a table2 <<<"${TABLE2_DEVICES:-$recipe_table2}"
+read -r -a gpt2_models <<<"${GPT2_MODELS:-$recipe_gpt2}"
+read -r -a wiki_models <<<"${WIKI_GPT2_MODELS:-${gpt2_models[*]}}"
 read -r -a steps <<<"${STEPS:-setup data cifar imagenet text wikipedia deploy sim summary}"
 batch=${BATCH:-128}
 lr=${LR:-1e-4}
 image=${IMAGE_SIZE:-224}
-samples=${CALIB_SAMPLES:-2000}
+samples=${CALIB_SAMPLES:-$recipe_samples}
 extra=${EXTRA:-}
 eval_extra=${EVAL_EXTRA:-}
 vit_init=${VIT_INIT:-google/vit-base-patch16-224-in21k}
@@ -248,7 +252,7 @@ if wants wikipedia; then
   # The paper's zero-shot protocol: trained on Wikipedia, scored on WikiText-103's validation
   # split (the sweeps score a spec's last file; the first only has to be text).
   zero_shot_spec=text:$wt/wiki.test.raw,$wt/wiki.valid.raw
-  for m in "${gpt2_models[@]}"; do
+  for m in "${wiki_models[@]}"; do
     name=$(basename "$m")
     train "$name"-wiki finetune --init "$m" --data "$wiki_spec" "${text_flags[@]}"
     evaluate wiki-"$name"-original perplexity "$out/runs/$name-wiki" "$wiki_spec" --context "$ctx" --devices 1 --vq off

@@ -86,6 +86,70 @@ def tokenized(out, name):
     return (int(m[1]), float(m[3]), int(m[2])) if m else (None, None, None)
 
 
+def codebook_header(path):
+    """(metadata, {tensor: shape}) of a safetensors codebook file; empty when it is not there."""
+    if not os.path.isfile(path):
+        return {}, {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", {}) or {}
+    return meta, {k: v["shape"] for k, v in header.items()}
+
+
+def recipe_steps(recipe, cfg):
+    """The labels of every step the real recipe runs (reproduce-paper.sh's order and names)."""
+    groups = recipe.get("groups", cfg["groups"]).split()
+    table2 = recipe.get("table2_devices", cfg["table2_devices"]).split() if "32" in groups else []
+    models = recipe.get("gpt2_models", cfg.get("gpt2_models", "")).split()
+    labels = ["train vit-c100", "evaluate c100-original"]
+    for g in groups:
+        labels += [f"calibrate c100-g{g}", f"train vit-c100-astra-g{g}", f"evaluate c100-astra-g{g}"]
+    for d in table2:
+        labels += [f"train vit-c100-astra-g32-n{d}", f"evaluate c100-astra-g32-n{d}"]
+    labels.append("evaluate imagenet-original")
+    for g in groups:
+        labels += [f"calibrate imagenet-g{g}", f"train vit-imagenet-astra-g{g}", f"evaluate imagenet-astra-g{g}"]
+    for m in models:
+        labels += [f"evaluate wt103-{m}-pretrained", f"train {m}-wt103", f"evaluate wt103-{m}-original"]
+        for g in groups:
+            labels += [f"calibrate wt103-{m}-g{g}", f"train {m}-wt103-astra-g{g}", f"evaluate wt103-{m}-astra-g{g}"]
+    for m in models:
+        labels += [f"train {m}-wiki", f"evaluate wiki-{m}-original", f"evaluate zero-shot-{m}-original"]
+        for g in groups:
+            labels += [f"calibrate wiki-{m}-g{g}", f"train {m}-wiki-astra-g{g}",
+                       f"evaluate wiki-{m}-astra-g{g}", f"evaluate zero-shot-{m}-astra-g{g}"]
+    return labels
+
+
+# What a recipe step repeats when the rehearsal did not run it: the same step at G = 32 (G = 16 has
+# the same shapes with half the codebooks) or G = 1, at Table 2's measured N, and a Wikipedia step
+# of a model on WikiText-103 (the same model; Wikipedia's data path is measured with another model).
+TWIN_RULES = [
+    (r"-g16\b", ["-g32", "-g1"]),
+    (r"-n\d+\b", ["-n8", "-n6", "-n2", ""]),
+    (r"^(train \S+)-wiki\b", [r"\1-wt103"]),
+    (r"^(calibrate |evaluate )(wiki|zero-shot)-", [r"\1wt103-"]),
+]
+
+
+def twin(label, steps):
+    """The measured step whose rates project LABEL, or None."""
+    todo, seen = [label], {label}
+    while todo:
+        cur = todo.pop(0)
+        if cur != label and cur in steps and steps[cur]["rc"] == 0:
+            return cur
+        for pattern, subs in TWIN_RULES:
+            if re.search(pattern, cur):
+                for sub in subs:
+                    nxt = re.sub(pattern, sub, cur)
+                    if nxt not in seen:
+                        seen.add(nxt)
+                        todo.append(nxt)
+    return None
+
+
 def fmt_h(seconds):
     if seconds is None:
         return "—"
@@ -148,46 +212,71 @@ def main():
             return "Wikipedia " + re.sub(r"^wiki-(.*)-g\d+$", r"\1", name)
         return "WikiText-103 " + re.sub(r"^wt103-(.*)-g\d+$", r"\1", name)
 
-    rows = []  # (group, astra?, step, measured wall, rate text, rss, gpu, size text, projected s, gpu?)
-    for label, s in steps.items():
+    recipe = cfg.get("recipe", {})
+    k = cfg.get("k", 1024)
+    tokens_per_example = lambda name: ctx if not name.startswith(("c100", "imagenet")) else (cfg["image_size"] // 16) ** 2 + 1
+
+    def calibration(name, wall):
+        """(projected seconds, size text) of calibration NAME at the recipe's sample, phase by phase."""
+        f = os.path.join(out, "codebooks", name + ".safetensors")
+        meta, shapes = codebook_header(f)
+        size = f"codebooks {size_mb(f):,.1f} MiB" if size_mb(f) > 0 else ""
+        phases = [float(x) for x in re.findall(r"([\d.]+) s", meta.get("seconds", ""))]
+        used, real = int(meta.get("samples", 0) or 0), recipe.get("calib_samples", 0)
+        if len(phases) != 3 or not used or not real or used == real:
+            return wall, size
+        first, kmeans, residual = phases
+        cap, tok = k * 256, tokens_per_example(name)
+        rows_used, rows_real = min(cap, used * tok), min(cap, real * tok)
+        proj = max(wall - sum(phases), 0.0) + (first + residual) * real / used + kmeans * rows_real / rows_used
+        blocks = [v for key, v in shapes.items() if key.endswith(".codebook")]
+        if blocks:  # [G, K, D/G] per quantizer; the reservoir holds rows of width D
+            width = blocks[0][0] * blocks[0][2]
+            extra = len(blocks) * (rows_real - rows_used) * width * 4 / 2**20
+            size += (f"; projected to {real:,} examples: first pass and residual ×{real / used:.3g}, "
+                     f"k-means ×{rows_real / rows_used:.3g}, reservoir +{extra:,.0f} MiB")
+        return proj, size
+
+    def project(label, s, src):
+        """The row of recipe step LABEL, measured by step SRC (itself, or the step it repeats)."""
         kind, _, name = label.partition(" ")
+        sname = src.partition(" ")[2]
         wall, rss, gpu = s["wall_s"], s["peak_rss_mb"], s["peak_gpu_mb"]
         astra = "astra" in name
         proj, rate, size, group, uses_gpu = wall, "", "", "", True
         if kind == "train":
-            run = os.path.join(out, "runs", name)
+            run = os.path.join(out, "runs", sname)
             e = epoch_row(run)
             n_train, n_valid, ep, group = train_target(name)
             if e and float(e.get("train_seconds") or 0) > 0:
                 t_s, t_n = float(e["train_seconds"]), float(e["train_samples"])
                 v_s = max(float(e["seconds"]) - t_s, 0.0)
                 r = t_n / t_s
-                text = "wt103" in name or "-wiki" in name
+                text = "wt103" in sname or "-wiki" in sname
                 unit = "tokens/s" if text else "images/s"
                 rate = f"{r:,.0f} {unit} ({int(e['step'])} steps)"
                 # validation: its measured seconds over what it scored (the hold-out of
                 # REHEARSAL_VALID images, or the VALID file's tokens)
-                v_n = valid_tokens if "wt103" in name else cfg.get("valid_images")
-                if "-wiki" in name:  # the generated held-out articles the run scored
-                    docs, _, tokens = tokenized(out, name.split("-wiki")[0] + "-wiki")
+                v_n = valid_tokens if "wt103" in sname else cfg.get("valid_images")
+                if "-wiki" in sname:  # the generated held-out articles the run scored
+                    docs, _, tokens = tokenized(out, sname.split("-wiki")[0] + "-wiki")
                     articles = math.prod(gen.get("wikipedia_shards_articles", [0]))
                     v_n = min(max(round(articles * 0.005), 1), 5000) * tokens / docs if docs else None
                 v_rate = (v_n / v_s) if v_s > 0 and v_n else None
                 startup = max(wall - float(e["seconds"]), 0.0)
                 proj = startup + ep * (n_train / r + (n_valid / v_rate if v_rate else 0.0))
-                docs, secs, _ = tokenized(out, name)
-                if docs and secs:  # tokenizing the real sample (once; cached for later steps)
+                docs, secs, _ = tokenized(out, sname)
+                if docs and secs and "-wiki" in name:  # tokenizing the real sample (once; cached for later steps)
                     proj += max(wp["train_docs"] + 2 * wp["held_out_docs"] - docs, 0) * secs / docs
                     rate += f"; tokenized {docs:,} articles in {secs:.1f} s"
             ck = sorted(glob.glob(os.path.join(run, "checkpoints", "*.safetensors"))) or sorted(
                 os.path.join(out, p) for p in MANIFEST
-                if p.startswith(f"runs/{name}/checkpoints/") and p.endswith(".safetensors"))
+                if p.startswith(f"runs/{sname}/checkpoints/") and p.endswith(".safetensors"))
             size = f"checkpoint {size_mb(ck[-1]):,.0f} MiB, model {size_mb(os.path.join(run, 'model')):,.0f} MiB" if ck else ""
         elif kind == "evaluate":
             n_real, group = eval_target(name)
-            t = os.path.join(out, "tables", name + ".md")
+            t = os.path.join(out, "tables", sname + ".md")
             m = re.search(r"Scoring: (\d+) (images|tokens) over (\d+) rows in ([\d.]+) s", open(t).read()) if os.path.exists(t) else None
-            astra = "astra" in name
             if m:
                 scored, unit, nrows, secs = int(m[1]), m[2], int(m[3]), float(m[4])
                 if secs > 0:
@@ -196,17 +285,16 @@ def main():
                     proj = max(wall - secs, 0.0) + n_real * nrows / r
         elif kind == "calibrate":
             group = group_of_calib(name)
-            f = os.path.join(out, "codebooks", name + ".safetensors")
-            size = f"codebooks {size_mb(f):,.1f} MiB" if size_mb(f) > 0 else ""
+            proj, size = calibration(sname, wall)
             astra = True
         elif kind in ("export", "runtime"):
             uses_gpu = False
             group = "deployment (runtime on CPU workers)"
             astra = True
             if kind == "export":
-                size = f"export {size_mb(os.path.join(out, 'deploy', name, 'model')):,.0f} MiB"
+                size = f"export {size_mb(os.path.join(out, 'deploy', sname, 'model')):,.0f} MiB"
             else:
-                j = os.path.join(out, "deploy", name, "runtime.json")
+                j = os.path.join(out, "deploy", sname, "runtime.json")
                 if os.path.exists(j):
                     d = json.load(open(j))
                     med = d.get("median_ms") or d.get("latency_ms", {}).get("median")
@@ -214,7 +302,18 @@ def main():
         else:
             uses_gpu = False
             group = "data and simulator"
-        rows.append((group, astra, label, wall, rate, rss, gpu, size, proj, uses_gpu, s["rc"]))
+        derived = None if src == label else src
+        return (group, astra, label, wall, rate, rss, gpu, size, proj, uses_gpu, s["rc"], derived)
+
+    plan = recipe_steps(recipe, cfg)
+    rows = [project(label, s, label) for label, s in steps.items()]
+    for label in plan:
+        src = None if label in steps else twin(label, steps)
+        if src:
+            rows.append(project(label, steps[src], src))
+    # The recipe's order; the data first, and deployment and the simulator (not in `plan`) last.
+    order = {label: i + 1 for i, label in enumerate(plan)}
+    rows.sort(key=lambda r: 0 if r[2] == "generate data" else order.get(r[2], len(plan) + 1))
 
     dev = cfg["device"]
     gpu_name = cfg.get("gpu") or _gpu_name()
@@ -231,13 +330,22 @@ def main():
              if wp else "") + ".\n")
     if mode != "full":
         print("**Tiny shapes**: the times below say the pipeline runs end to end; the projection only means something for `--rehearse full`.\n")
-    failed = [r for r in rows if r[10] != 0]
+    failed = [r for r in rows if r[10] != 0 and not r[11]]
     if failed:
         print("**Failed steps**: " + ", ".join(f"{r[2]} (exit {r[10]})" for r in failed) + "\n")
+    missing = [label for label in plan if label not in steps and not twin(label, steps)]
+    if missing:
+        print(f"**Not measured and not derived** ({len(missing)} steps of the recipe, left out of the totals): "
+              + ", ".join(missing) + "\n")
     print("## Every step\n")
+    print("Rows in *italics* were not run: their projection applies the measured rates of the step named "
+          "(the same model and shapes) to the step's own data sizes.\n")
     print("| step | wall (measured) | throughput | peak host RSS | peak GPU memory | sizes | projected, real recipe |")
     print("|---|---:|---|---:|---:|---|---:|")
-    for g, a, label, wall, rate, rss, gpu, size, proj, ug, rc in rows:
+    for g, a, label, wall, rate, rss, gpu, size, proj, ug, rc, src in rows:
+        if src:
+            print(f"| *{label}*: derived from {src} | | | | | | {fmt_h(proj)} |")
+            continue
         gm = "—" if gpu is None else f"{gpu:,.0f} MiB"
         print(f"| {label}{'' if rc == 0 else ' (failed)'} | {fmt_h(wall)} | {rate} | {rss:,.0f} MiB | {gm} | {size} | {fmt_h(proj)} |")
     print("\n## Projected cost of the real recipe\n")
