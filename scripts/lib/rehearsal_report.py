@@ -87,12 +87,17 @@ def tokenized(out, name):
 
 
 def codebook_header(path):
-    """(metadata, {tensor: shape}) of a safetensors codebook file; empty when it is not there."""
-    if not os.path.isfile(path):
+    """(metadata, {tensor: shape}) of a safetensors codebook file, or of the copy of its header
+    beside it (PATH.header.json, for a report made from a rehearsal's small files); empty when
+    neither is there."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+    elif os.path.isfile(path + ".header.json"):
+        header = json.load(open(path + ".header.json"))
+    else:
         return {}, {}
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
     meta = header.pop("__metadata__", {}) or {}
     return meta, {k: v["shape"] for k, v in header.items()}
 
