@@ -18,7 +18,9 @@
 # (scripts/lib/rehearsal_report.py). Every run, rehearsal or not, appends what each command cost
 # to OUT/steps.jsonl.
 #
-# Steps (STEPS, default "setup data cifar imagenet text wikipedia deploy sim summary"):
+# Steps, in the order they run (STEPS, default all: "setup data cifar imagenet text deploy sim
+# wikipedia summary"; wikipedia comes last as its training steps repeat the text step's on other
+# data, so a rehearsal cut short can still project them):
 #   setup     scripts/setup.sh and the release build
 #   data      CIFAR-100 (astra-train download, MD5-checked), WikiText-103 raw (zip from
 #             $WIKITEXT103_URL, unpacked); ImageNet is never downloaded: IMAGENET_DIR=DIR with
@@ -33,23 +35,23 @@
 #             the pretrained model's WikiText-103 perplexity (its own row, "pretrained"), one epoch
 #             of plain fine-tuning on WikiText-103, codebooks, one epoch of ASTRA per G, perplexity
 #             tables on the WikiText-103 test split (Table 3's "WikiText-103 fine-tuned" column)
-#   wikipedia per GPT-2 in $WIKI_GPT2_MODELS (default: $GPT2_MODELS): one epoch on $WIKI_DOCS (1,000,000) English Wikipedia articles (the
-#             paper's 1M samples; $WIKIPEDIA, default hf:wikimedia/wikipedia/20231101.en from the
-#             HF cache — astra-train's parquet: spec, whose seeded split holds out test and
-#             validation articles), codebooks, one epoch of ASTRA per G; perplexity on the held-out
-#             Wikipedia articles (Table 3's "Wikipedia" column) and, the paper's zero-shot
-#             protocol, on WikiText-103's validation split ("WikiText-103 zero-shot" column)
 #   deploy    the CIFAR-100 ASTRA model (largest G) and the first GPT-2's exported as HF folders
 #             with their codebooks (astra-train export), each run by the multi-process runtime on
 #             N = $DEVICES local workers over 10 Mbit/s links shaped in user space (a random image
 #             / a random CONTEXT-token prompt; astra-eval distributed --json)
 #   sim       the latency study: astra-sim reproduce (speedups, Table 4, Fig 3, figures; no GPU)
+#   wikipedia per GPT-2 in $WIKI_GPT2_MODELS (default $GPT2_MODELS): one epoch on $WIKI_DOCS
+#             (1,000,000) English Wikipedia articles (the paper's 1M samples; $WIKIPEDIA, default
+#             hf:wikimedia/wikipedia/20231101.en from the HF cache — astra-train's parquet: spec, whose seeded split holds out test and
+#             validation articles), codebooks, one epoch of ASTRA per G; perplexity on the held-out
+#             Wikipedia articles (Table 3's "Wikipedia" column) and, the paper's zero-shot
+#             protocol, on WikiText-103's validation split ("WikiText-103 zero-shot" column)
 #   summary   $OUT/summary.md listing every table with the commands that made it
 #
 # Environment: OUT (results/paper), DATA (data), DEVICE (cuda), BIN (target/release), PRECISION
 # (--bf16), DEVICES (4), K (1024), VQ_GROUPS ("1 16 32"), BATCH (128), LR (1e-4), CIFAR_BASE_EPOCHS
 # (10), CIFAR_EPOCHS (32), IMAGENET_EPOCHS (4), TEXT_EPOCHS (1), CONTEXT (1024), TEXT_BATCH (8),
-# TEXT_LR (5e-5), CALIB_SAMPLES (2000), IMAGE_SIZE (224), TABLE2_DEVICES ("2 6 8"), EXTRA (flags
+# TEXT_LR (5e-5), CALIB_SAMPLES (2000), TEXT_CALIB_SAMPLES (CALIB_SAMPLES), IMAGE_SIZE (224), TABLE2_DEVICES ("2 6 8"), EXTRA (flags
 # for every training run, e.g. "--max-train 64" for a smoke run), EVAL_EXTRA (flags for every
 # evaluation, e.g. "--max-test 64"), IMAGE_EXTRA / TEXT_EXTRA (flags for the image / text training
 # runs only), CIFAR100_DIR / WIKITEXT103_DIR (use these instead of downloading), WIKIPEDIA (a
@@ -87,11 +89,12 @@ read -r -a groups <<<"${VQ_GROUPS:-$recipe_groups}"
 read -r -a table2 <<<"${TABLE2_DEVICES:-$recipe_table2}"
 read -r -a gpt2_models <<<"${GPT2_MODELS:-$recipe_gpt2}"
 read -r -a wiki_models <<<"${WIKI_GPT2_MODELS:-${gpt2_models[*]}}"
-read -r -a steps <<<"${STEPS:-setup data cifar imagenet text wikipedia deploy sim summary}"
+read -r -a steps <<<"${STEPS:-setup data cifar imagenet text deploy sim wikipedia summary}"
 batch=${BATCH:-128}
 lr=${LR:-1e-4}
 image=${IMAGE_SIZE:-224}
 samples=${CALIB_SAMPLES:-$recipe_samples}
+text_samples=${TEXT_CALIB_SAMPLES:-$samples}
 extra=${EXTRA:-}
 eval_extra=${EVAL_EXTRA:-}
 vit_init=${VIT_INIT:-google/vit-base-patch16-224-in21k}
@@ -124,14 +127,14 @@ train() {
     tee -a "$out/logs/$name.log"
 }
 
-# calibrate NAME MODEL DATA GROUPS [flags]: codebooks into $out/codebooks/NAME.safetensors.
+# calibrate NAME MODEL DATA GROUPS SAMPLES [flags]: codebooks into $out/codebooks/NAME.safetensors.
 calibrate() {
-  local name=$1 f=$out/codebooks/$1.safetensors model=$2 spec=$3 g=$4; shift 4
+  local name=$1 f=$out/codebooks/$1.safetensors model=$2 spec=$3 g=$4 n=$5; shift 5
   if [[ -s $f ]]; then echo "skip: $f (done)"; return 0; fi
   say "codebooks $f"
-  log_cmd "$bin/astra-train calibrate --model $model --data $spec --groups $g --k $k --samples $samples --device $device $* --out $f"
+  log_cmd "$bin/astra-train calibrate --model $model --data $spec --groups $g --k $k --samples $n --device $device $* --out $f"
   meter "calibrate $name" "$bin/astra-train" calibrate --model "$model" --data "$spec" --groups "$g" --k "$k" \
-    --samples "$samples" --device "$device" "$@" --out "$f"
+    --samples "$n" --device "$device" "$@" --out "$f"
 }
 
 # evaluate TABLE METRIC MODEL DATA [flags]: one markdown table per model, written whole.
@@ -191,7 +194,7 @@ if wants cifar; then
   train vit-c100 finetune --init "$vit_init" --data "$spec" --epochs "${CIFAR_BASE_EPOCHS:-10}" "${vit_flags[@]}" --image-size "$image" --pad 4 --flip
   evaluate c100-original accuracy "$out/runs/vit-c100" "$spec" --devices 1 --vq off
   for g in "${groups[@]}"; do
-    calibrate c100-g"$g" "$out/runs/vit-c100" "$spec" "$g"
+    calibrate c100-g"$g" "$out/runs/vit-c100" "$spec" "$g" "$samples"
     train vit-c100-astra-g"$g" astra --init "$out/runs/vit-c100" --codebooks "$out/codebooks/c100-g$g.safetensors" \
       --devices "$n" --data "$spec" --epochs "${CIFAR_EPOCHS:-32}" "${vit_flags[@]}" --pad 4 --flip
     evaluate c100-astra-g"$g" accuracy "$out/runs/vit-c100-astra-g$g" "$spec" --devices "$n"
@@ -213,7 +216,7 @@ if wants imagenet; then
     spec=imagefolder:$IMAGENET_DIR
     evaluate imagenet-original accuracy "$imagenet_init" "$spec" --devices 1 --vq off
     for g in "${groups[@]}"; do
-      calibrate imagenet-g"$g" "$imagenet_init" "$spec" "$g"
+      calibrate imagenet-g"$g" "$imagenet_init" "$spec" "$g" "$samples"
       train vit-imagenet-astra-g"$g" astra --init "$imagenet_init" --codebooks "$out/codebooks/imagenet-g$g.safetensors" \
         --devices "$n" --data "$spec" --epochs "${IMAGENET_EPOCHS:-4}" "${vit_flags[@]}" --flip
       evaluate imagenet-astra-g"$g" accuracy "$out/runs/vit-imagenet-astra-g$g" "$spec" --devices "$n"
@@ -238,31 +241,10 @@ if wants text; then
     train "$name"-wt103 finetune --init "$m" --data "$train_spec" "${text_flags[@]}"
     evaluate wt103-"$name"-original perplexity "$out/runs/$name-wt103" "$test_spec" --context "$ctx" --devices 1 --vq off
     for g in "${groups[@]}"; do
-      calibrate wt103-"$name"-g"$g" "$out/runs/$name-wt103" "$train_spec" "$g" --context "$ctx"
+      calibrate wt103-"$name"-g"$g" "$out/runs/$name-wt103" "$train_spec" "$g" "$text_samples" --context "$ctx"
       train "$name"-wt103-astra-g"$g" astra --init "$out/runs/$name-wt103" \
         --codebooks "$out/codebooks/wt103-$name-g$g.safetensors" --devices "$n" --data "$train_spec" "${text_flags[@]}"
       evaluate wt103-"$name"-astra-g"$g" perplexity "$out/runs/$name-wt103-astra-g$g" "$test_spec" \
-        --context "$ctx" --devices "$n"
-    done
-  done
-fi
-
-if wants wikipedia; then
-  train_extra=${TEXT_EXTRA:-}
-  # The paper's zero-shot protocol: trained on Wikipedia, scored on WikiText-103's validation
-  # split (the sweeps score a spec's last file; the first only has to be text).
-  zero_shot_spec=text:$wt/wiki.test.raw,$wt/wiki.valid.raw
-  for m in "${wiki_models[@]}"; do
-    name=$(basename "$m")
-    train "$name"-wiki finetune --init "$m" --data "$wiki_spec" "${text_flags[@]}"
-    evaluate wiki-"$name"-original perplexity "$out/runs/$name-wiki" "$wiki_spec" --context "$ctx" --devices 1 --vq off
-    evaluate zero-shot-"$name"-original perplexity "$out/runs/$name-wiki" "$zero_shot_spec" --context "$ctx" --devices 1 --vq off
-    for g in "${groups[@]}"; do
-      calibrate wiki-"$name"-g"$g" "$out/runs/$name-wiki" "$wiki_spec" "$g" --context "$ctx"
-      train "$name"-wiki-astra-g"$g" astra --init "$out/runs/$name-wiki" \
-        --codebooks "$out/codebooks/wiki-$name-g$g.safetensors" --devices "$n" --data "$wiki_spec" "${text_flags[@]}"
-      evaluate wiki-"$name"-astra-g"$g" perplexity "$out/runs/$name-wiki-astra-g$g" "$wiki_spec" --context "$ctx" --devices "$n"
-      evaluate zero-shot-"$name"-astra-g"$g" perplexity "$out/runs/$name-wiki-astra-g$g" "$zero_shot_spec" \
         --context "$ctx" --devices "$n"
     done
   done
@@ -318,6 +300,27 @@ if wants sim; then
     rm -rf "$out/sim"
     mv "$out/sim.tmp" "$out/sim"
   fi
+fi
+
+if wants wikipedia; then
+  train_extra=${TEXT_EXTRA:-}
+  # The paper's zero-shot protocol: trained on Wikipedia, scored on WikiText-103's validation
+  # split (the sweeps score a spec's last file; the first only has to be text).
+  zero_shot_spec=text:$wt/wiki.test.raw,$wt/wiki.valid.raw
+  for m in "${wiki_models[@]}"; do
+    name=$(basename "$m")
+    train "$name"-wiki finetune --init "$m" --data "$wiki_spec" "${text_flags[@]}"
+    evaluate wiki-"$name"-original perplexity "$out/runs/$name-wiki" "$wiki_spec" --context "$ctx" --devices 1 --vq off
+    evaluate zero-shot-"$name"-original perplexity "$out/runs/$name-wiki" "$zero_shot_spec" --context "$ctx" --devices 1 --vq off
+    for g in "${groups[@]}"; do
+      calibrate wiki-"$name"-g"$g" "$out/runs/$name-wiki" "$wiki_spec" "$g" "$text_samples" --context "$ctx"
+      train "$name"-wiki-astra-g"$g" astra --init "$out/runs/$name-wiki" \
+        --codebooks "$out/codebooks/wiki-$name-g$g.safetensors" --devices "$n" --data "$wiki_spec" "${text_flags[@]}"
+      evaluate wiki-"$name"-astra-g"$g" perplexity "$out/runs/$name-wiki-astra-g$g" "$wiki_spec" --context "$ctx" --devices "$n"
+      evaluate zero-shot-"$name"-astra-g"$g" perplexity "$out/runs/$name-wiki-astra-g$g" "$zero_shot_spec" \
+        --context "$ctx" --devices "$n"
+    done
+  done
 fi
 
 if wants summary; then

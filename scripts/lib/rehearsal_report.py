@@ -9,11 +9,17 @@ line, the runtime's JSON, checkpoint and codebook sizes, OUT/rehearsal.json (set
 epochs) and OUT/data/sizes.json (the real data sizes).
 
 Projection of a step to the real recipe:
-  training     startup + epochs × (real training samples ÷ measured samples/s
-               + real validation samples ÷ measured validation samples/s)
+  training     startup + epochs × (warm-up extra + real training samples ÷ steady samples/s
+               + real validation samples ÷ measured validation samples/s); the steady rate leaves
+               out the epoch's first steps (summary.csv's warmup_seconds/warmup_samples), whose
+               cost beyond that rate is the warm-up extra
   evaluation   startup + real test samples × rows ÷ measured scored samples/s
-  calibration, export, runtime, simulator: as measured (they do the real recipe's work already:
-               calibration draws its default sample count, the others do not depend on data size)
+  calibration  startup + (first pass + residual pass) × recipe sample ÷ drawn sample + k-means ×
+               reservoir rows at the recipe's sample ÷ reservoir rows drawn (K × 256 at most);
+               as measured when the rehearsal drew the recipe's sample
+  export, runtime, simulator: as measured (they do not depend on data size)
+  a step the rehearsal did not run: the projection of the measured step it repeats (`twin`), with
+               the step's own data sizes
 "startup" is the wall-clock the step spent outside its measured loop (process start, loading the
 model and data, writing results), kept as measured. GPU-hours: the projected wall-clock of the
 steps that use the GPU (training, calibration, evaluation), one GPU each.
@@ -227,7 +233,7 @@ def main():
         meta, shapes = codebook_header(f)
         size = f"codebooks {size_mb(f):,.1f} MiB" if size_mb(f) > 0 else ""
         phases = [float(x) for x in re.findall(r"([\d.]+) s", meta.get("seconds", ""))]
-        used, real = int(meta.get("samples", 0) or 0), recipe.get("calib_samples", 0)
+        used, real = int(meta.get("samples", 0) or 0), recipe.get("calib_samples", 0)  # per calibration
         if len(phases) != 3 or not used or not real or used == real:
             return wall, size
         first, kmeans, residual = phases
@@ -256,10 +262,15 @@ def main():
             if e and float(e.get("train_seconds") or 0) > 0:
                 t_s, t_n = float(e["train_seconds"]), float(e["train_samples"])
                 v_s = max(float(e["seconds"]) - t_s, 0.0)
-                r = t_n / t_s
+                # The steady state after the epoch's warm-up steps (autotuning, allocator), which
+                # then count once per epoch as what they cost beyond that rate.
+                w_s, w_n = float(e.get("warmup_seconds") or 0), float(e.get("warmup_samples") or 0)
+                steady = w_s > 0 and t_s > w_s and t_n > w_n
+                r = (t_n - w_n) / (t_s - w_s) if steady else t_n / t_s
+                warm_extra = max(w_s - w_n / r, 0.0) if steady else 0.0
                 text = "wt103" in sname or "-wiki" in sname
                 unit = "tokens/s" if text else "images/s"
-                rate = f"{r:,.0f} {unit} ({int(e['step'])} steps)"
+                rate = f"{r:,.0f} {unit} ({int(e['step'])} steps{', steady state' if steady else ''})"
                 # validation: its measured seconds over what it scored (the hold-out of
                 # REHEARSAL_VALID images, or the VALID file's tokens)
                 v_n = valid_tokens if "wt103" in sname else cfg.get("valid_images")
@@ -269,7 +280,7 @@ def main():
                     v_n = min(max(round(articles * 0.005), 1), 5000) * tokens / docs if docs else None
                 v_rate = (v_n / v_s) if v_s > 0 and v_n else None
                 startup = max(wall - float(e["seconds"]), 0.0)
-                proj = startup + ep * (n_train / r + (n_valid / v_rate if v_rate else 0.0))
+                proj = startup + ep * (warm_extra + n_train / r + (n_valid / v_rate if v_rate else 0.0))
                 docs, secs, _ = tokenized(out, sname)
                 if docs and secs and "-wiki" in name:  # tokenizing the real sample (once; cached for later steps)
                     proj += max(wp["train_docs"] + 2 * wp["held_out_docs"] - docs, 0) * secs / docs

@@ -159,6 +159,15 @@ struct EpochTotals {
     loss_sum: f64,
     correct: f64,
     seen: f64,
+    /// When the warm-up steps had finished on the device, and what they trained on (None for
+    /// an epoch too short to have a steady part).
+    warmup: Option<(Instant, f64)>,
+}
+
+/// The steps at the start of an epoch whose time the steady-state rate leaves out (cuDNN and
+/// cuBLAS autotuning, the caching allocator growing, data workers starting): 10%, 1 to 20.
+fn warmup_steps(steps: usize) -> Option<usize> {
+    (steps >= 5).then(|| (steps / 10).clamp(1, 20))
 }
 
 /// Trains (or resumes) the run in `run`, selecting the best epoch on the validation split; once
@@ -197,6 +206,9 @@ pub fn train(
         let t0 = Instant::now();
         let totals = train_epoch(cfg, &mut setup, &mut opt, epoch, steps_per_epoch, progress)?;
         let train_seconds = t0.elapsed().as_secs_f64();
+        let (warmup_seconds, warmup_samples) = totals
+            .warmup
+            .map_or((0.0, 0.0), |(t, n)| ((t - t0).as_secs_f64(), n));
         // NAQ follows the codebook: as EMA moves it (and fine-tuning moves X), the residual
         // statistics are re-estimated each epoch; the checkpoint and model/ keep what was used.
         if let (Some(a), Some(q)) = (&cfg.astra, setup.vq.as_mut()) {
@@ -226,6 +238,8 @@ pub fn train(
             seconds: t0.elapsed().as_secs_f64(),
             train_seconds,
             train_samples: totals.seen,
+            warmup_seconds,
+            warmup_samples,
         };
         if progress {
             report_epoch(&rec, &m, cfg.epochs, setup.task.is_text());
@@ -489,7 +503,13 @@ fn train_epoch(
         &mut rng,
         device,
     );
-    for b in batches {
+    let warm = warmup_steps(steps);
+    let mut warmup = None;
+    for (i, b) in batches.enumerate() {
+        if Some(i) == warm {
+            // Reading a running sum waits for the device: the warm-up steps are done.
+            warmup = Some((Instant::now(), seen.double_value(&[])));
+        }
         let (x, y) = b?;
         let partition = step_partition(cfg, model.content_tokens(&x) as usize, &mut rng)?;
         let (logits, loss) = bf16_autocast(cfg.bf16, || -> Result<(Tensor, Tensor)> {
@@ -530,6 +550,7 @@ fn train_epoch(
         loss_sum: loss_sum.double_value(&[]),
         correct: correct.double_value(&[]),
         seen: seen.double_value(&[]),
+        warmup,
     };
     if !totals.loss_sum.is_finite() {
         return Err(TrainError::invalid(

@@ -82,6 +82,37 @@ pub struct EpochRecord {
     pub train_seconds: f64,
     #[serde(default)]
     pub train_samples: f64,
+    /// Of those, the epoch's first steps (`warmup_steps`): the steady-state rate is
+    /// (train_samples − warmup_samples) / (train_seconds − warmup_seconds). 0 when the epoch was
+    /// too short to tell, and in older runs.
+    #[serde(default)]
+    pub warmup_seconds: f64,
+    #[serde(default)]
+    pub warmup_samples: f64,
+}
+
+const SUMMARY_HEADER: &str = "epoch,step,train_loss,train_accuracy,valid_loss,valid_accuracy,valid_perplexity,lr,seconds,train_seconds,train_samples,warmup_seconds,warmup_samples";
+
+/// A run resumed by a newer trainer: its summary.csv gets the current header, and its rows the
+/// columns they lack as empty fields, so the file stays one table.
+fn migrate_summary(path: &Path) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let Some(header) = text.lines().next() else {
+        return Ok(());
+    };
+    let want = SUMMARY_HEADER.split(',').count();
+    let have = header.split(',').count();
+    if header == SUMMARY_HEADER || !SUMMARY_HEADER.starts_with(header) {
+        return Ok(());
+    }
+    let pad = ",".repeat(want - have);
+    let mut out = String::from(SUMMARY_HEADER) + "\n";
+    for line in text.lines().skip(1) {
+        out += &format!("{line}{pad}\n");
+    }
+    write_atomic(path, out.as_bytes())
 }
 
 pub struct RunFolder {
@@ -339,6 +370,7 @@ impl RunFolder {
             .map_err(io(&mp))?;
         writeln!(f, "{}", serde_json::to_string(rec).expect("serialisable")).map_err(io(&mp))?;
         let cp = self.dir.join("summary.csv");
+        migrate_summary(&cp)?;
         let new = !cp.exists();
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -346,15 +378,11 @@ impl RunFolder {
             .open(&cp)
             .map_err(io(&cp))?;
         if new {
-            writeln!(
-                f,
-                "epoch,step,train_loss,train_accuracy,valid_loss,valid_accuracy,valid_perplexity,lr,seconds,train_seconds,train_samples"
-            )
-            .map_err(io(&cp))?;
+            writeln!(f, "{SUMMARY_HEADER}").map_err(io(&cp))?;
         }
         writeln!(
             f,
-            "{},{},{:.6},{:.6},{:.6},{:.6},{},{:.6e},{:.1},{:.2},{}",
+            "{},{},{:.6},{:.6},{:.6},{:.6},{},{:.6e},{:.1},{:.2},{},{:.2},{}",
             rec.epoch,
             rec.step,
             rec.train_loss,
@@ -366,7 +394,9 @@ impl RunFolder {
             rec.lr,
             rec.seconds,
             rec.train_seconds,
-            rec.train_samples
+            rec.train_samples,
+            rec.warmup_seconds,
+            rec.warmup_samples
         )
         .map_err(io(&cp))?;
         let (best_score, best_epoch, best_metrics) = best;
@@ -427,5 +457,34 @@ impl RunFolder {
 fn crash_point(what: &str, epoch: usize) {
     if std::env::var("ASTRA_CRASH_AT").is_ok_and(|v| v == format!("{what}:{epoch}")) {
         std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_summary_gets_the_new_columns_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("summary.csv");
+        let old = "epoch,step,train_loss,train_accuracy,valid_loss,valid_accuracy,valid_perplexity,lr,seconds,train_seconds,train_samples";
+        std::fs::write(
+            &p,
+            format!("{old}\n0,5,1.0,0.5,1.1,0.4,,1e-4,2.0,1.50,40\n"),
+        )
+        .unwrap();
+        migrate_summary(&p).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(
+            text,
+            format!("{SUMMARY_HEADER}\n0,5,1.0,0.5,1.1,0.4,,1e-4,2.0,1.50,40,,\n")
+        );
+        // Current files and foreign ones are left alone.
+        migrate_summary(&p).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), text);
+        std::fs::write(&p, "a,b\n1,2\n").unwrap();
+        migrate_summary(&p).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "a,b\n1,2\n");
     }
 }
