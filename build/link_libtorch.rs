@@ -12,7 +12,7 @@
 //!    on another, whose checkout may be anything.
 use std::path::PathBuf;
 
-fn main() {
+pub fn main() {
     build_commit();
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     // Without LIBTORCH torch-sys stops the build with its own message; scripts/setup.sh sets it up.

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod error;
 pub mod export;
 pub mod generate;
+pub mod int8_linear;
 pub mod libtorch;
 pub mod model;
 pub mod models;

@@ -97,6 +97,9 @@ fn quantized_models_load_and_stay_near_fp32() {
             eprintln!("{name} {bits}-bit: logits {err:.4} from fp32");
             assert!(err < bound, "{name} {bits}-bit: logits {err:.4} from fp32");
             assert!(err > 0.0, "{name} {bits}-bit: nothing was quantized");
+            if bits == 8 {
+                int8_compute_stays_near(name, &loaded, &input, &logits, &fp32);
+            }
             // The ViT's weights are nearly all linear layers; the decoders' embeddings and
             // head (kept fp32 here) dominate their tiny files.
             if name == "vit" {
@@ -108,6 +111,37 @@ fn quantized_models_load_and_stay_near_fp32() {
             }
         }
     }
+}
+
+/// Restores float compute when dropped (also when an assertion fails).
+struct Int8Compute;
+
+impl Int8Compute {
+    fn on() -> Self {
+        astra_train::int8_linear::set_compute(true);
+        Int8Compute
+    }
+}
+
+impl Drop for Int8Compute {
+    fn drop(&mut self) {
+        astra_train::int8_linear::set_compute(false);
+    }
+}
+
+/// The 8-bit model computing in int8 (fbgemm: its stored integers, activations quantized per
+/// tensor) stays near fp32 and near its own dequantized float compute; the switch really changes
+/// the kernels, and turning it off gives the float logits back exactly.
+fn int8_compute_stays_near(name: &str, m: &Model, input: &Tensor, deq: &Tensor, fp32: &Tensor) {
+    let int8 = {
+        let _on = Int8Compute::on();
+        tch::no_grad(|| m.forward(input)).unwrap()
+    };
+    let (err, vs_deq) = (rel_l2(&int8, fp32), rel_l2(&int8, deq));
+    eprintln!("{name} int8 compute: logits {err:.4} from fp32, {vs_deq:.4} from dequantized");
+    assert!(err < 0.05, "{name} int8 compute: logits {err:.4} from fp32");
+    assert!(vs_deq > 0.0, "{name}: the int8 switch changed nothing");
+    assert!(tch::no_grad(|| m.forward(input)).unwrap().equal(deq));
 }
 
 /// `quantize-weights` on the command line: codebooks travel with the model, and bad flags are

@@ -1,13 +1,62 @@
-//! Building blocks shared by the models: GPT-2's Conv1D, activations, and attention over
-//! [full | quantized] keys through libtorch's scaled_dot_product_attention.
+//! Building blocks shared by the models: linear layers (nn.Linear's and GPT-2's Conv1D, both with
+//! an int8 CPU path), activations, and attention over [full | quantized] keys through libtorch's
+//! scaled_dot_product_attention.
+
+use std::sync::OnceLock;
 
 use tch::{nn, Tensor};
+
+use crate::int8_linear::{self, Int8Linear};
+
+/// nn.Linear (`weight` [out, in], optional `bias`) that computes in int8 on the CPU when
+/// [`int8_linear::set_compute`] is on: its weights are packed on first use.
+#[derive(Debug)]
+pub struct Linear {
+    pub ws: Tensor,
+    pub bs: Option<Tensor>,
+    packed: OnceLock<Int8Linear>,
+}
+
+/// As `nn::linear`: the same variables, initialisation and names.
+pub fn linear(p: nn::Path, inp: i64, out: i64, cfg: nn::LinearConfig) -> Linear {
+    let l = nn::linear(p, inp, out, cfg);
+    Linear {
+        ws: l.ws,
+        bs: l.bs,
+        packed: OnceLock::new(),
+    }
+}
+
+impl nn::Module for Linear {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        if int8_linear::applies_to(x) {
+            return int8(&self.packed, x, || {
+                (self.ws.shallow_clone(), self.bs.as_ref())
+            });
+        }
+        x.linear(&self.ws, self.bs.as_ref())
+    }
+}
+
+/// x through the int8 weights in `packed`, packing them from `weights` (W [out, in], bias) first.
+fn int8<'a>(
+    packed: &OnceLock<Int8Linear>,
+    x: &Tensor,
+    weights: impl FnOnce() -> (Tensor, Option<&'a Tensor>),
+) -> Tensor {
+    let lin = packed.get_or_init(|| {
+        let (w, b) = weights();
+        Int8Linear::from_float(&w, b).expect("packing a float linear layer for int8")
+    });
+    lin.forward(x).expect("int8 linear on a float CPU input")
+}
 
 /// GPT-2's Conv1D: a linear layer whose weight is stored [in, out] (transposed from nn.Linear).
 #[derive(Debug)]
 pub struct Conv1D {
     pub weight: Tensor,
     pub bias: Tensor,
+    packed: OnceLock<Int8Linear>,
 }
 
 impl Conv1D {
@@ -22,12 +71,16 @@ impl Conv1D {
                 },
             ),
             bias: p.var("bias", &[out], nn::Init::Const(0.0)),
+            packed: OnceLock::new(),
         }
     }
 }
 
 impl nn::Module for Conv1D {
     fn forward(&self, x: &Tensor) -> Tensor {
+        if int8_linear::applies_to(x) {
+            return int8(&self.packed, x, || (self.weight.tr(), Some(&self.bias)));
+        }
         x.matmul(&self.weight) + &self.bias
     }
 }

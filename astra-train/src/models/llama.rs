@@ -17,6 +17,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use super::fast_kv::CodewordKv;
+use super::layers::{self, Linear};
 use super::mpa::mixed_precision_mask_with_loss;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::{LlamaConfig, LlamaFamily, RopeScaling};
@@ -113,21 +114,21 @@ fn rotate(x: &Tensor, cos_sin: &(Tensor, Tensor)) -> Tensor {
 #[derive(Debug)]
 pub struct LlamaBlock {
     input_layernorm: RmsNorm,
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    o_proj: nn::Linear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
     post_attention_layernorm: RmsNorm,
-    gate_proj: nn::Linear,
-    up_proj: nn::Linear,
-    down_proj: nn::Linear,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
 }
 
-fn linear(p: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
-    nn::linear(
+fn linear(p: nn::Path, i: i64, o: i64, bias: bool) -> Linear {
+    layers::linear(
         p,
         i,
         o,

@@ -5,7 +5,7 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::fast_kv::CodewordKv;
-use super::layers::{activate, attend};
+use super::layers::{activate, attend, linear, Linear};
 use super::mpa::mixed_precision_mask_with_loss;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::ViTConfig;
@@ -15,13 +15,13 @@ use crate::error::{Result, TrainError};
 #[derive(Debug)]
 pub struct VitBlock {
     ln_before: nn::LayerNorm,
-    query: nn::Linear,
-    key: nn::Linear,
-    value: nn::Linear,
-    out: nn::Linear,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    out: Linear,
     ln_after: nn::LayerNorm,
-    fc1: nn::Linear,
-    fc2: nn::Linear,
+    fc1: Linear,
+    fc2: Linear,
     heads: i64,
     act: String,
 }
@@ -44,13 +44,13 @@ impl VitBlock {
         let att = &p / "attention";
         VitBlock {
             ln_before: nn::layer_norm(&p / "layernorm_before", vec![d], ln),
-            query: nn::linear(&att / "attention" / "query", d, d, qkv),
-            key: nn::linear(&att / "attention" / "key", d, d, qkv),
-            value: nn::linear(&att / "attention" / "value", d, d, qkv),
-            out: nn::linear(&att / "output" / "dense", d, d, lin),
+            query: linear(&att / "attention" / "query", d, d, qkv),
+            key: linear(&att / "attention" / "key", d, d, qkv),
+            value: linear(&att / "attention" / "value", d, d, qkv),
+            out: linear(&att / "output" / "dense", d, d, lin),
             ln_after: nn::layer_norm(&p / "layernorm_after", vec![d], ln),
-            fc1: nn::linear(&p / "intermediate" / "dense", d, c.intermediate_size, lin),
-            fc2: nn::linear(&p / "output" / "dense", c.intermediate_size, d, lin),
+            fc1: linear(&p / "intermediate" / "dense", d, c.intermediate_size, lin),
+            fc2: linear(&p / "output" / "dense", c.intermediate_size, d, lin),
             heads: c.num_attention_heads,
             act: c.hidden_act.clone(),
         }
