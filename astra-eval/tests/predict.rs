@@ -406,6 +406,56 @@ fn profile_writes_what_astra_sim_reads() {
     );
 }
 
+/// `profile --weights int8`: the engine's methods with fbgemm's int8 linear layers, for every
+/// architecture; plain-matrix baselines and GPUs are refused in one line.
+#[test]
+fn profile_with_int8_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = |arch: &str, methods: &str, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_astra-eval"))
+            .args(["profile", "--weights", "int8", "--arch", arch])
+            .args(["--methods", methods, "--devices", "2", "--tokens", "32"])
+            .args([
+                "--blocks", "2", "--hidden", "32", "--heads", "4", "--mlp", "64",
+            ])
+            .args(["--codewords", "16", "--runs", "1", "--warmup", "0"])
+            .args(extra)
+            .arg("--out")
+            .arg(dir.path().join(arch))
+            .output()
+            .unwrap()
+    };
+    for arch in ["encoder", "gpt2", "llama"] {
+        let o = profile(arch, "single,sp,astra-g4", &[]);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && stdout.contains("int8 linear layers"),
+            "{arch}: {stdout}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let csv = std::fs::read_to_string(dir.path().join(arch).join("profile.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 4, "{csv}");
+    }
+    // (Without a GPU, the device itself is refused first.)
+    for (methods, extra, needles) in [
+        ("single,tp", &[][..], &["tp runs plain matrices"][..]),
+        (
+            "single",
+            &["--device", "cuda"][..],
+            &["--weights int8 computes on the CPU", "no such CUDA device"][..],
+        ),
+    ] {
+        let o = profile("encoder", methods, extra);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success()
+                && needles.iter().any(|n| e.contains(n))
+                && e.trim().lines().count() == 1,
+            "{e}"
+        );
+    }
+}
+
 #[test]
 fn bad_files_and_values_are_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();

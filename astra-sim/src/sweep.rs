@@ -93,9 +93,15 @@ pub fn check_devices(devices: &[u32]) -> Result<()> {
     }
 }
 
-pub fn run(runs: Runs, g: &Grid) -> Result<(String, usize)> {
+/// `baseline`: the compute source of the speedup's single device (None: the runs' own).
+pub fn run(runs: Runs, g: &Grid, baseline: Option<&dyn ComputeSource>) -> Result<(String, usize)> {
     let nets = checked_networks(g)?;
-    let jobs = jobs(runs, g)?;
+    let mut jobs = jobs(runs, g)?;
+    if let Some(b) = baseline {
+        for (run, single) in &mut jobs {
+            *single = Some(b.compute_ms(Method::Single, 1, run.tokens)?);
+        }
+    }
     if jobs.is_empty() {
         return Err(SimError::invalid("sweep", "the grid selects no run"));
     }

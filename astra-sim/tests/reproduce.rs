@@ -341,3 +341,60 @@ fn sweep_is_fast_and_consistent_with_trace_files() {
     assert_eq!(sort(&a), sort(&b));
     assert_eq!(sort(&a).len(), 1 + 2 * 10 * 3);
 }
+
+/// `sweep --baseline`: the speedup column over another source's single device (an int8 profile
+/// against the fp32 original: ASTRA and weight quantization together), latencies unchanged.
+#[test]
+fn sweep_speedups_over_a_baseline_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = |name: &str, single: f64, astra: f64| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "method,devices,tokens,compute_ms\nsingle,1,197,{single}\nastra-g32,4,197,{astra}\n"
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let (fp32, int8) = (
+        profile("fp32.csv", 300.0, 200.0),
+        profile("int8.csv", 120.0, 100.0),
+    );
+    let sweep = |baseline: Option<&std::path::Path>| {
+        let out = dir.path().join("out.csv");
+        let mut c = bin();
+        c.args(["sweep", "--methods", "single,astra-g32", "--devices", "4"])
+            .args(["--tokens", "197", "--mbps", "10", "--profile"])
+            .arg(&int8)
+            .arg("--out")
+            .arg(&out);
+        if let Some(b) = baseline {
+            c.arg("--baseline").arg(b);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        csv_rows(&std::fs::read_to_string(&out).unwrap())
+    };
+    let (own, over_fp32) = (sweep(None), sweep(Some(&fp32)));
+    for (a, b) in own.iter().zip(&over_fp32) {
+        assert_eq!(a[..12], b[..12], "latencies do not depend on the baseline");
+        let latency: f64 = a[11].parse().unwrap();
+        let (s_own, s_fp32): (f64, f64) = (a[12].parse().unwrap(), b[12].parse().unwrap());
+        assert!((s_own - 120.0 / latency).abs() < 1e-4, "{a:?}");
+        assert!((s_fp32 - 300.0 / latency).abs() < 1e-4, "{b:?}");
+    }
+    // The single device under int8 alone: 300 / 120 = 2.5× over the fp32 original.
+    assert!((over_fp32[0][12].parse::<f64>().unwrap() - 2.5).abs() < 1e-6);
+    one_line_error(
+        &[
+            "sweep",
+            "--baseline",
+            dir.path().join("none.csv").to_str().unwrap(),
+            "--out",
+            dir.path().join("x.csv").to_str().unwrap(),
+        ],
+        "none.csv",
+    );
+}

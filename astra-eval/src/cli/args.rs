@@ -343,11 +343,21 @@ pub struct ProfileArgs {
     /// ASTRA's remote keys/values from per-codeword tables (the fast inference path).
     #[arg(long)]
     pub fast: bool,
+    /// The linear layers' compute: fp32, or int8 (fbgemm's dynamic int8 linear on the CPU, what
+    /// 8-bit weight quantization buys there; the engine's methods: single, sp, astra-*).
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub weights: ProfileWeights,
     /// cpu, cuda, or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     #[arg(long)]
     pub out: PathBuf,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum ProfileWeights {
+    Fp32,
+    Int8,
 }
 
 /// Options of `astra-eval info`.

@@ -107,6 +107,19 @@ pub fn profile(a: &ProfileArgs) -> Result<()> {
         bail!("--runs, --blocks, --hidden, --heads and --mlp must be positive and --codewords at least 2");
     }
     let configs = profile_grid(a)?;
+    let int8 = a.weights == ProfileWeights::Int8;
+    if int8 && device != tch::Device::Cpu {
+        bail!("--weights int8 computes on the CPU (fbgemm); use --device cpu");
+    }
+    if let Some((m, _, _)) = configs.iter().find(|(m, _, _)| {
+        int8 && matches!(
+            m,
+            astra_sim::Method::Tp | astra_sim::Method::BpAg { .. } | astra_sim::Method::BpSp { .. }
+        )
+    }) {
+        bail!("--weights int8 profiles the device engine's methods (single, sp, astra-*); {m} runs plain matrices");
+    }
+    astra_train::int8_linear::set_compute(int8);
     let arch = match a.arch {
         ProfileArch::Encoder => measure::Arch::Encoder,
         ProfileArch::Gpt2 => measure::Arch::Gpt2,
@@ -144,10 +157,15 @@ pub fn profile(a: &ProfileArgs) -> Result<()> {
     astra_sim::output::write_atomic(&csv_path, csv.as_bytes())?;
     astra_sim::output::write_atomic(&trace_path, trace.to_json().as_bytes())?;
     println!(
-        "{:?}: {} blocks × {} wide, fp32, {device:?}, median of {} runs{}\n",
+        "{:?}: {} blocks × {} wide, {}, {device:?}, median of {} runs{}\n",
         a.arch,
         a.blocks,
         a.hidden,
+        if int8 {
+            "int8 linear layers (fbgemm dynamic)"
+        } else {
+            "fp32"
+        },
         a.runs,
         if a.fast { ", ASTRA fast path" } else { "" }
     );

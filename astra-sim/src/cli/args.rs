@@ -214,6 +214,11 @@ pub struct SweepArgs {
     /// Take the runs from a trace file (e.g. measured by astra-eval) instead of a profile.
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    /// The compute source of the speedup column's single device (default: the runs' own). With
+    /// an int8 profile as --profile and the fp32 one here, the speedup is ASTRA's and weight
+    /// quantization's together, over the original model on one device (the paper's Table 5).
+    #[arg(long)]
+    pub baseline: Option<String>,
     #[command(flatten)]
     pub model: ModelArgs,
     #[arg(long)]

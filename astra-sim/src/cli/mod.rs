@@ -60,10 +60,12 @@ pub fn sweep_command(a: SweepArgs) -> Result<()> {
         slowdown,
         profile,
         trace,
+        baseline,
         model,
         out,
     } = a;
     let shape = model.shape()?;
+    let baseline = baseline.map(|b| load_source(&b, shape)).transpose()?;
     let grid = Grid {
         methods: methods(&m)?,
         devices: parse_numbers("devices", &devices, |v| v as u32)?,
@@ -107,7 +109,7 @@ pub fn sweep_command(a: SweepArgs) -> Result<()> {
             Runs::Source(source.as_ref(), shape, model.split()?)
         }
     };
-    let (csv, count) = sweep::run(runs, &grid)?;
+    let (csv, count) = sweep::run(runs, &grid, baseline.as_deref())?;
     let secs = t0.elapsed().as_secs_f64();
     write_atomic(&out, csv.as_bytes())?;
     eprintln!(
