@@ -153,6 +153,13 @@ pub fn run(args: &SweepArgs<'_>, progress: bool) -> Result<SweepReport> {
     if args.opts.batch == 0 {
         return Err(invalid("batch", "must be at least 1".into()));
     }
+    if args.opts.int8_compute && (args.device != tch::Device::Cpu || args.opts.bf16) {
+        return Err(invalid(
+            "int8_compute",
+            "computes on the CPU in float32 activations: use --device cpu without --bf16".into(),
+        ));
+    }
+    astra_train::int8_linear::set_compute(args.opts.int8_compute);
     let (model, _) = Model::load(&args.opts.model, args.device)?;
     let task = open_task(args, &model)?;
     let tokens = match &task {
@@ -229,7 +236,12 @@ pub fn run(args: &SweepArgs<'_>, progress: bool) -> Result<SweepReport> {
         model: args.opts.model.clone(),
         data: args.opts.data.clone(),
         codebooks: codebooks.map(|(p, _)| p.display().to_string()),
-        protocol: protocol(&task, rows[0].count, args.opts.batch),
+        protocol: protocol(&task, rows[0].count, args.opts.batch)
+            + if args.opts.int8_compute {
+                "; linear layers computed in int8 (fbgemm dynamic: int8 weights per output channel, activations per tensor)"
+            } else {
+                ""
+            },
         baseline,
         rows,
         scoring_seconds: t0.elapsed().as_secs_f64(),

@@ -67,6 +67,10 @@ pub struct SweepOpts {
     pub seed: u64,
     #[arg(long)]
     pub bf16: bool,
+    /// The linear layers compute in int8 (fbgemm's dynamic int8 linear, CPU): for a model from
+    /// `quantize-weights --bits 8`, what its integers give with activations quantized per tensor.
+    #[arg(long)]
+    pub int8_compute: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
