@@ -5,8 +5,9 @@
 # VQ on (ASTRA), through `astra-eval accuracy`; the 8-bit models also computed in int8
 # (`--int8-compute`, fbgemm on the CPU) instead of dequantized.
 #   scripts/bench/ptq-table.sh OUT_DIR DATA_SPEC ORIGINAL ASTRA_RUN...   (release binaries in BIN)
-# Environment: BIN (target/release), DEVICES (4), GROUP_SIZE (128), DEVICE (cpu), EXTRA (flags
-# for every evaluation, e.g. "--max-test 2000").
+# Environment: BIN (target/release), DEVICES (4), GROUP_SIZE (128), DEVICE (cpu), METRIC
+# (accuracy, or perplexity for a language model), EXTRA (flags for every evaluation, e.g.
+# "--max-test 2000", or "--context 128" for text).
 set -euo pipefail
 out=${1:?usage: ptq-table.sh OUT_DIR DATA_SPEC ORIGINAL ASTRA_RUN...}
 data=${2:?data spec}
@@ -28,7 +29,7 @@ for model in "$@"; do
     [[ $bits == 8i ]] && flags=(--int8-compute)
     setting=(--devices "$n" --vq on)
     [[ -f $model/codebooks.safetensors ]] || setting=(--devices 1 --vq off)
-    "$bin/astra-eval" accuracy --model "$m" --data "$data" "${setting[@]}" --device "${DEVICE:-cpu}" \
+    "$bin/astra-eval" "${METRIC:-accuracy}" --model "$m" --data "$data" "${setting[@]}" --device "${DEVICE:-cpu}" \
       "${flags[@]}" ${EXTRA:-} --json "$out/$name-w$bits.json" --table "$out/$name-w$bits.md" >/dev/null
     echo "$name w$bits done"
   done
