@@ -38,8 +38,9 @@ extern "C" {
 static COMPUTE: AtomicBool = AtomicBool::new(false);
 
 /// Whether the models' linear layers compute in int8 when they run on the CPU without gradients
-/// (`profile --weights int8`, `predict --weights int8`); off by default. A process-wide switch,
-/// as libtorch's own backend switches are: every model of the process follows it.
+/// (`astra-eval profile --weights int8`, the sweeps' `--int8-compute`); off by default. A
+/// process-wide switch, as libtorch's own backend switches are: every model of the process
+/// follows it.
 pub fn set_compute(on: bool) {
     COMPUTE.store(on, Ordering::Relaxed);
 }

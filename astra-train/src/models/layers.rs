@@ -9,7 +9,8 @@ use tch::{nn, Tensor};
 use crate::int8_linear::{self, Int8Linear};
 
 /// nn.Linear (`weight` [out, in], optional `bias`) that computes in int8 on the CPU when
-/// [`int8_linear::set_compute`] is on: its weights are packed on first use.
+/// [`int8_linear::set_compute`] is on: its weights are packed on first use, once (the switch is
+/// for inference; weights changed afterwards would keep the old packing).
 #[derive(Debug)]
 pub struct Linear {
     pub ws: Tensor,
