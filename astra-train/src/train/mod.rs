@@ -507,8 +507,10 @@ fn train_epoch(
     let mut warmup = None;
     for (i, b) in batches.enumerate() {
         if Some(i) == warm {
-            // Reading a running sum waits for the device: the warm-up steps are done.
-            warmup = Some((Instant::now(), seen.double_value(&[])));
+            // Reading a running sum waits for the device: the warm-up steps are done when it
+            // returns (so it is read before the clock).
+            let n = seen.double_value(&[]);
+            warmup = Some((Instant::now(), n));
         }
         let (x, y) = b?;
         let partition = step_partition(cfg, model.content_tokens(&x) as usize, &mut rng)?;
