@@ -298,6 +298,7 @@ mod tests {
         let (csv, count) = run(
             Runs::Source(&p, ModelShape::default(), BlockSplit::default()),
             &g,
+            None,
         )
         .unwrap();
         // 4 runs × 2 bandwidths × (1 paper + 2·2·2 alpha-beta).
