@@ -179,7 +179,12 @@ impl LlamaBlock {
 
     /// Keys and values of `x` [B, T, D] before RoPE, [B, T, kv_dim] each: what ASTRA quantizes.
     pub fn keys_values(&self, x: &Tensor) -> (Tensor, Tensor) {
-        let h = x.apply(&self.input_layernorm);
+        self.keys_values_normed(&x.apply(&self.input_layernorm))
+    }
+
+    /// [`Self::keys_values`] of states already through `input_layernorm` (the block's own
+    /// tokens normalise once for their queries, keys and values).
+    fn keys_values_normed(&self, h: &Tensor) -> (Tensor, Tensor) {
         (h.apply(&self.k_proj), h.apply(&self.v_proj))
     }
 
@@ -200,9 +205,9 @@ impl LlamaBlock {
             .reshape([b, kvh * rep, s, hd])
     }
 
-    /// Rotated keys and values [B, kvh, n, hd] of states `x` at rotations `cos_sin`.
-    fn rotated_kv(&self, x: &Tensor, cos_sin: &(Tensor, Tensor)) -> (Tensor, Tensor) {
-        let (k, v) = self.keys_values(x);
+    /// Rotated keys and values [B, kvh, n, hd] of normalised states `h` at rotations `cos_sin`.
+    fn rotated_kv(&self, h: &Tensor, cos_sin: &(Tensor, Tensor)) -> (Tensor, Tensor) {
+        let (k, v) = self.keys_values_normed(h);
         self.rotate_kv(&k, &v, cos_sin)
     }
 
@@ -224,7 +229,8 @@ impl LlamaBlock {
         remote: Option<RemoteKeys<'_>>,
         mask: Option<&Tensor>,
     ) -> Tensor {
-        let (mut k, mut v) = self.rotated_kv(x, cos_sin);
+        let h = x.apply(&self.input_layernorm);
+        let (mut k, mut v) = self.rotated_kv(&h, cos_sin);
         if let Some(r) = remote {
             let (rk, rv) = self.rotate_kv(
                 &r.keys.to_kind(k.kind()),
@@ -234,21 +240,20 @@ impl LlamaBlock {
             k = Tensor::cat(&[k, rk], 2);
             v = Tensor::cat(&[v, rv], 2);
         }
-        self.attend_and_mlp(x, cos_sin, &k, &v, mask, mask.is_none())
+        self.attend_and_mlp(x, &h, cos_sin, (&k, &v), mask, mask.is_none())
     }
 
-    /// Queries of `x` against head-layout keys/values [B, kvh, Sk, hd], the output projection
-    /// and the MLP, both residual.
+    /// Queries of `x` (`h`: x through `input_layernorm`) against head-layout keys/values
+    /// [B, kvh, Sk, hd], the output projection and the MLP, both residual.
     fn attend_and_mlp(
         &self,
         x: &Tensor,
+        h: &Tensor,
         cos_sin: &(Tensor, Tensor),
-        k: &Tensor,
-        v: &Tensor,
+        (k, v): (&Tensor, &Tensor),
         mask: Option<&Tensor>,
         causal: bool,
     ) -> Tensor {
-        let h = x.apply(&self.input_layernorm);
         let q = rotate(&self.heads_of(&h.apply(&self.q_proj), self.heads), cos_sin);
         let out = Tensor::scaled_dot_product_attention(
             &q,
@@ -565,7 +570,9 @@ impl Decoder for Llama {
         self.embed(ids)
     }
     fn local_kv(&self, l: usize, x: &Tensor, positions: &Tensor) -> (Tensor, Tensor) {
-        let (k, v) = self.blocks[l].rotated_kv(x, &self.rotary.cos_sin(positions));
+        let blk = &self.blocks[l];
+        let h = x.apply(&blk.input_layernorm);
+        let (k, v) = blk.rotated_kv(&h, &self.rotary.cos_sin(positions));
         (flat(&k), flat(&v))
     }
     fn remote_kv(
@@ -596,12 +603,13 @@ impl Decoder for Llama {
     ) -> (Tensor, Tensor, Tensor) {
         let blk = &self.blocks[l];
         let cs = self.rotary.cos_sin(position);
-        let (k, v) = blk.rotated_kv(x, &cs);
+        let h = x.apply(&blk.input_layernorm);
+        let (k, v) = blk.rotated_kv(&h, &cs);
         let heads = |t: &Tensor| blk.heads_of(&t.to_kind(k.kind()), self.cfg.num_key_value_heads);
         let all_k = Tensor::cat(&[heads(keys), k.shallow_clone()], 2);
         let all_v = Tensor::cat(&[heads(values), v.shallow_clone()], 2);
         // One query that sees every key: no mask, not causal (SDPA aligns is_causal top-left).
-        let out = blk.attend_and_mlp(x, &cs, &all_k, &all_v, None, false);
+        let out = blk.attend_and_mlp(x, &h, &cs, (&all_k, &all_v), None, false);
         (out, flat(&k), flat(&v))
     }
     fn max_positions(&self) -> i64 {
