@@ -331,6 +331,8 @@ impl RunFolder {
                 .map(|(_, l)| l)
                 .collect();
             write_atomic(&cp, (keep.join("\n") + "\n").as_bytes())?;
+            // Resumed by a newer trainer: the epochs it adds have more columns.
+            migrate_summary(&cp)?;
         }
         Ok(())
     }
@@ -370,7 +372,6 @@ impl RunFolder {
             .map_err(io(&mp))?;
         writeln!(f, "{}", serde_json::to_string(rec).expect("serialisable")).map_err(io(&mp))?;
         let cp = self.dir.join("summary.csv");
-        migrate_summary(&cp)?;
         let new = !cp.exists();
         let mut f = std::fs::OpenOptions::new()
             .create(true)
