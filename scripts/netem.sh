@@ -51,6 +51,9 @@ up() {
   local sw="$prefix-sw"
   ip netns add "$sw"
   ip netns exec "$sw" ip link add br0 type bridge
+  # Multicast (the runtime's --transport multicast) floods to every port, as on a shared medium:
+  # no IGMP snooping, which without a querier may stop forwarding a group.
+  ip netns exec "$sw" ip link set br0 type bridge mcast_snooping 0 2>/dev/null || true
   ip netns exec "$sw" ip link set br0 up
   # A small bucket (two full frames): a larger one refills during compute and lets a message go out
   # at line rate, which no real link of this rate would do.

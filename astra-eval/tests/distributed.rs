@@ -722,6 +722,11 @@ fn shaped_links_give_the_same_logits_and_leave_no_namespaces() {
     assert!(out.contains("shaped 50 Mbit/s uplinks"), "{out}");
     assert_equals_per_device(&m, &x, 2, &d, &p, "shaped run");
     assert_eq!(ours(), before, "namespaces left behind");
+    // Multicast across the namespaces' bridge: nothing lost, the same logits.
+    let o = eval(&[&shaped[..], &["--transport", "multicast"]].concat(), None);
+    let out = ok(&o);
+    assert!(out.contains("multicast: 0.00%"), "{out}");
+    assert_equals_per_device(&m, &x, 2, &d, &p, "shaped multicast run");
     // A dead worker behind a shaped link: still one line naming the peer and the block.
     let o = eval(
         &[&shaped[..], &["--timeout-ms", "1000"]].concat(),
@@ -1005,4 +1010,130 @@ fn llama_prefill_over_tcp_equals_the_per_device_path() {
         .map(|b| Vec::<i64>::try_from(gen.get(b)).unwrap())
         .collect();
     assert_eq!(decoded, want);
+}
+
+/// The masked formulation's logits of the fixture at N devices with every remote token's indices
+/// lost (each device attends to its own tokens only).
+fn all_lost_reference(m: &str, x: &str, n: usize) -> Tensor {
+    use astra_train::models::{Astra, ClsMode, DevicePartition, LinkLoss, VqConfig};
+    let (model, _) = Model::load(m, Device::Cpu).unwrap();
+    let cfg = VqConfig {
+        noise_lambda: 0.0,
+        ..Default::default()
+    };
+    let cb = Path::new(m).join("codebooks.safetensors");
+    let mut vq = model.load_quantizers(&cb, &cfg, Device::Cpu).unwrap();
+    let input = Tensor::read_npy(x).unwrap();
+    let p = DevicePartition::contiguous(model.content_tokens(&input) as usize, n).unwrap();
+    let a = Astra {
+        partition: &p,
+        cls: ClsMode::Distributed,
+        vq: Some(&mut vq),
+        train: false,
+        link_loss: Some(LinkLoss { p: 1.0, seed: 0 }),
+    };
+    tch::no_grad(|| model.forward_astra(&input, a))
+        .unwrap()
+        .logits
+}
+
+#[test]
+fn multicast_puts_each_message_on_the_wire_once_and_masks_what_is_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, x) = fixture(tmp.path());
+    let (d, p, json) = (
+        tmp.path().join("d.npy"),
+        tmp.path().join("p.npy"),
+        tmp.path().join("s.json"),
+    );
+    let three = |extra: &[&str]| {
+        let mut args = vec![
+            "distributed",
+            "--model",
+            &m,
+            "--devices",
+            "3",
+            "--input",
+            &x,
+        ];
+        args.extend([
+            "--out",
+            d.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        args.extend(["--transport", "multicast"]);
+        args.extend(extra);
+        let out = ok(&eval(&args, None));
+        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        (out, s)
+    };
+    // Nothing lost on loopback: the per-device path's logits.
+    let (out, s) = three(&["--runs", "2"]);
+    assert!(
+        out.contains("multicast: 0.00% of the index messages lost"),
+        "{out}"
+    );
+    assert_eq!(s["transport"], "multicast");
+    assert_eq!(s["loss_rate"].as_f64(), Some(0.0), "{s}");
+    assert_eq!(s["expected_messages"], serde_json::json!([6, 6, 6]), "{s}");
+    assert_equals_per_device(&m, &x, 3, &d, &p, "multicast run");
+    // Each block's indices leave once (one datagram: the frame behind a 24-byte header), then a
+    // 25-byte announcement to each of the 2 peers; TCP sends the frame to each peer.
+    let cb =
+        astra_quant::CodebookFile::load(Path::new(&format!("{m}/codebooks.safetensors"))).unwrap();
+    let (g, k) = (cb.blocks[0].codebook.groups(), cb.blocks[0].codebook.k());
+    let bits = astra_quant::bitpack::bits_for(k);
+    let frame = |tokens: usize| 9 + 17 + 4 + astra_quant::bitpack::packed_len(3 * tokens * g, bits);
+    // 16 tokens over 3 devices: 6, 5, 5.
+    let sent: Vec<usize> = [6, 5, 5]
+        .iter()
+        .map(|&t| 3 * (frame(t) + 24 + 2 * 25))
+        .collect();
+    assert_eq!(s["sent_bytes"], serde_json::json!(sent), "{s}");
+    // Every message lost (user-space loss of whole messages): each device attends to its own
+    // tokens only, which is the masked formulation with every remote token's indices lost.
+    let (out, s) = three(&["--links", "1000,0,100", "--shaper", "user"]);
+    assert!(out.contains("100.00% of the index messages lost"), "{out}");
+    assert_eq!(s["lost_messages"], serde_json::json!([6, 6, 6]), "{s}");
+    let reference = all_lost_reference(&m, &x, 3);
+    let got = Tensor::read_npy(&d).unwrap();
+    let rel =
+        (&got - &reference).abs().max().double_value(&[]) / reference.abs().max().double_value(&[]);
+    assert!(
+        rel <= 1e-5,
+        "all lost vs masked with every message lost: {rel}"
+    );
+    // Some lost: the run goes on, counts them, and its logits differ from the lossless run's.
+    let (_, s) = three(&["--links", "1000,0,40", "--shaper", "user", "--runs", "3"]);
+    let rate = s["loss_rate"].as_f64().unwrap();
+    assert!(rate > 0.0 && rate < 1.0, "{s}");
+    // Decoding needs every message; a group needs the multicast transport; a bad group is named.
+    let dd = d.to_str().unwrap();
+    let base = ["distributed", "--model", &m, "--input", &x, "--out", dd];
+    one_line_error(
+        &eval(
+            &[&base[..], &["--transport", "multicast", "--decode", "2"]].concat(),
+            None,
+        ),
+        "--decode needs --transport tcp",
+    );
+    one_line_error(
+        &eval(
+            &[&base[..], &["--group", "239.255.1.1:47000"]].concat(),
+            None,
+        ),
+        "add --transport multicast",
+    );
+    one_line_error(
+        &eval(
+            &[
+                &base[..],
+                &["--transport", "multicast", "--group", "10.1.1.1:5"],
+            ]
+            .concat(),
+            None,
+        ),
+        "not an IPv4 multicast address",
+    );
 }

@@ -204,6 +204,13 @@ impl Clone for DeviceShare<'_> {
     }
 }
 
+/// Which keys [own | remote, at these positions] each own query may see under causal attention.
+fn causal_mask(mine: &Tensor, remote: &Tensor) -> Tensor {
+    Tensor::cat(&[mine, remote], 0)
+        .view([1, -1])
+        .le_tensor(&mine.view([-1, 1]))
+}
+
 /// Positions of device `d`'s tokens as an int64 tensor on `device`.
 fn positions(p: &DevicePartition, d: usize, device: Device) -> Tensor {
     let v: Vec<i64> = p.tokens_of(d).iter().map(|&i| i as i64).collect();
@@ -245,11 +252,9 @@ impl<'m> DeviceShare<'m> {
         } else {
             Tensor::cat(&remote, 0)
         };
-        let mask = model.is_causal().then(|| {
-            Tensor::cat(&[&mine, &remote_positions], 0)
-                .view([1, -1])
-                .le_tensor(&mine.view([-1, 1]))
-        });
+        let mask = model
+            .is_causal()
+            .then(|| causal_mask(&mine, &remote_positions));
         // Tables only where codewords need a projection to become keys/values.
         let tables = match remote_kv {
             RemoteKv::Tables if model.quantizers_per_block() == 1 => vq
@@ -348,14 +353,64 @@ impl<'m> DeviceShare<'m> {
 
     /// Block `l` on this device, given its sources' payloads in rank order.
     pub fn block(&self, l: usize, local: &Tensor, received: &[&Payload]) -> Tensor {
+        self.step(l, local, received, self.positions(), self.mask.as_ref())
+    }
+
+    /// Block `l` when some sources' payloads never arrived (None, in source order; a lossy
+    /// transport): their tokens are left out of the keys and values, which is exactly what
+    /// masking them does (the softmax runs over the keys that remain).
+    pub fn block_partial(&self, l: usize, local: &Tensor, received: &[Option<&Payload>]) -> Tensor {
+        if received.len() != self.sources.len() {
+            panic!(
+                "block {l}: {} payload slots for {} sources",
+                received.len(),
+                self.sources.len()
+            );
+        }
+        let present: Vec<&Payload> = received.iter().flatten().copied().collect();
+        if present.len() == received.len() {
+            return self.block(l, local, &present);
+        }
+        let device = self.mine.device();
+        let remote: Vec<Tensor> = self
+            .sources
+            .iter()
+            .zip(received)
+            .filter(|(_, p)| p.is_some())
+            .map(|(&s, _)| positions(&self.partition, s as usize, device))
+            .collect();
+        let remote = if remote.is_empty() {
+            Tensor::zeros([0], (Kind::Int64, device))
+        } else {
+            Tensor::cat(&remote, 0)
+        };
+        let mask = self
+            .model
+            .is_causal()
+            .then(|| causal_mask(&self.mine, &remote));
+        let at = Positions {
+            local: &self.mine,
+            remote: &remote,
+        };
+        self.step(l, local, &present, at, mask.as_ref())
+    }
+
+    /// Block `l` over the payloads of the sources at `at.remote` (the mask: causal models only).
+    fn step(
+        &self,
+        l: usize,
+        local: &Tensor,
+        received: &[&Payload],
+        at: Positions<'_>,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
         let expanded = self.expand(l, received, local.kind());
         let remote = expanded.as_remote();
         let mask = match remote {
             Remote::Nothing => None,
-            _ => self.mask.as_ref(),
+            _ => mask,
         };
-        self.model
-            .block_step(l, local, self.positions(), remote, mask)
+        self.model.block_step(l, local, at, remote, mask)
     }
 
     /// Where this device's own tokens and its remote tokens sit.

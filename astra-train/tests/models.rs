@@ -7,8 +7,9 @@ use common::{fixture, max_rel_diff};
 
 use astra_quant::{BlockQuantizer, CodebookFile, GroupedCodebook, KMeansConfig};
 use astra_train::config::{GPT2Config, ModelConfig, ViTConfig};
+use astra_train::engine::{combine, DeviceShare, Payload, RemoteKv};
 use astra_train::model::Model;
-use astra_train::models::{Astra, ClsMode, DevicePartition, GroupedVq, VqConfig};
+use astra_train::models::{Astra, ClsMode, DevicePartition, GroupedVq, LinkLoss, VqConfig};
 use tch::{Device, Kind, Tensor};
 
 #[test]
@@ -297,6 +298,156 @@ fn gpt2_equivalences() {
         assert!(max_rel_diff(&per, &masked.logits) < 1e-5, "{p:?}");
         assert!(max_rel_diff(&fast, &masked.logits) < 1e-5, "{p:?} fast");
     }
+}
+
+/// N devices exchanging in memory through `block_partial`, where `lost(block, receiver, source)`
+/// says which index messages never arrived; the combined logits.
+fn run_with_losses(
+    m: &Model,
+    input: &Tensor,
+    p: &DevicePartition,
+    cls: ClsMode,
+    vq: &[GroupedVq],
+    lost: &dyn Fn(usize, u32, u32) -> bool,
+) -> Tensor {
+    let shares: Vec<DeviceShare> = (0..p.devices())
+        .map(|d| {
+            let model = m.astra_model();
+            DeviceShare::new(model, p.clone(), d, cls, vq, RemoteKv::Tables, Device::Cpu).unwrap()
+        })
+        .collect();
+    let mut local: Vec<Tensor> = shares.iter().map(|s| s.start(input).unwrap()).collect();
+    for l in 0..m.layers() as usize {
+        let sent: Vec<Payload> = shares
+            .iter()
+            .zip(&local)
+            .map(|(s, x)| s.outgoing(l, x))
+            .collect();
+        local = shares
+            .iter()
+            .zip(&local)
+            .map(|(s, x)| {
+                let got: Vec<Option<&Payload>> = s
+                    .sources
+                    .iter()
+                    .map(|&e| (!lost(l, s.rank as u32, e)).then(|| &sent[e as usize]))
+                    .collect();
+                s.block_partial(l, x, &got)
+            })
+            .collect();
+    }
+    let parts: Vec<Tensor> = shares
+        .iter()
+        .zip(&local)
+        .filter_map(|(s, x)| s.finish(x, false))
+        .collect();
+    combine(m.astra_model(), p, &parts)
+}
+
+/// A lossy transport's receiver leaves a lost source's tokens out: with every message lost that
+/// equals the masked formulation with every remote token's indices lost (a different code path:
+/// one mask over all keys); with none lost, the ordinary per-device path; a GPT-2 device missing
+/// one source in one block equals its block under a mask that hides exactly that source.
+#[test]
+fn lost_index_messages_are_masked_out() {
+    for (m, input, cls, d) in [
+        (
+            tiny_vit(),
+            Tensor::randn([2, 3, 24, 24], (Kind::Float, Device::Cpu)),
+            ClsMode::Distributed,
+            32,
+        ),
+        (
+            tiny_gpt2(),
+            Tensor::randint(50, [2, 17], (Kind::Int64, Device::Cpu)),
+            ClsMode::Single,
+            32,
+        ),
+    ] {
+        let t = m.content_tokens(&input) as usize;
+        let p = DevicePartition::contiguous(t, 3).unwrap();
+        let mut vq = quantizers(3, d, 4);
+        let astra = |vq: &mut [GroupedVq], loss| {
+            let a = Astra {
+                partition: &p,
+                cls,
+                vq: Some(vq),
+                train: false,
+                link_loss: loss,
+            };
+            tch::no_grad(|| m.forward_astra(&input, a)).unwrap().logits
+        };
+        let all_lost = astra(&mut vq, Some(LinkLoss { p: 1.0, seed: 0 }));
+        let none_lost = astra(&mut vq, None);
+        let ours = tch::no_grad(|| run_with_losses(&m, &input, &p, cls, &vq, &|_, _, _| true));
+        assert!(max_rel_diff(&ours, &all_lost) < 1e-5, "all lost");
+        let ours = tch::no_grad(|| run_with_losses(&m, &input, &p, cls, &vq, &|_, _, _| false));
+        assert!(max_rel_diff(&ours, &none_lost) < 1e-5, "none lost");
+        // One message lost changes the result (the test would notice a path that ignores it).
+        let one = tch::no_grad(|| {
+            run_with_losses(&m, &input, &p, cls, &vq, &|l, r, s| (l, r, s) == (1, 2, 0))
+        });
+        assert!(
+            max_rel_diff(&one, &none_lost) > 1e-5,
+            "one lost message changed nothing"
+        );
+    }
+    // GPT-2, device 2 without source 0 in block 1: the block under an explicit mask that hides
+    // source 0's keys (the model's masked attention), against leaving them out.
+    let m = tiny_gpt2();
+    let ids = Tensor::randint(50, [2, 17], (Kind::Int64, Device::Cpu));
+    let p = DevicePartition::contiguous(17, 3).unwrap();
+    let vq = quantizers(3, 32, 4);
+    let model = m.astra_model();
+    let shares: Vec<DeviceShare> = (0..3)
+        .map(|d| {
+            DeviceShare::new(
+                model,
+                p.clone(),
+                d,
+                ClsMode::Single,
+                &vq,
+                RemoteKv::Decode,
+                Device::Cpu,
+            )
+            .unwrap()
+        })
+        .collect();
+    tch::no_grad(|| {
+        let x: Vec<Tensor> = shares.iter().map(|s| s.start(&ids).unwrap()).collect();
+        let sent: Vec<Payload> = shares
+            .iter()
+            .zip(&x)
+            .map(|(s, x)| s.outgoing(1, x))
+            .collect();
+        let dev = &shares[2];
+        assert_eq!(dev.sources, vec![0, 1]);
+        let partial = dev.block_partial(1, &x[2], &[None, Some(&sent[1])]);
+        let all: Vec<&Payload> = vec![&sent[0], &sent[1]];
+        let expanded = dev.expand(1, &all, Kind::Float);
+        let mine =
+            Tensor::from_slice(&p.tokens_of(2).iter().map(|&i| i as i64).collect::<Vec<_>>());
+        let remote: Vec<i64> = [0, 1]
+            .iter()
+            .flat_map(|&e| p.tokens_of(e))
+            .map(|i| i as i64)
+            .collect();
+        let remote = Tensor::from_slice(&remote);
+        let keys = Tensor::cat(&[&mine, &remote], 0);
+        let from_0 = p.tokens_of(0).len() as i64;
+        let visible = keys.view([1, -1]).le_tensor(&mine.view([-1, 1]));
+        let hide = Tensor::ones([1, keys.size()[0]], (Kind::Bool, Device::Cpu));
+        let _ = hide.narrow(1, mine.size()[0], from_0).fill_(0);
+        let mask = visible.logical_and(&hide);
+        let at = astra_train::engine::Positions {
+            local: &mine,
+            remote: &remote,
+        };
+        let reference = model.block_step(1, &x[2], at, expanded.as_remote(), Some(&mask));
+        assert!(max_rel_diff(&partial, &reference) < 1e-5);
+        let full = dev.block(1, &x[2], &all);
+        assert!(max_rel_diff(&partial, &full) > 1e-5);
+    });
 }
 
 #[test]

@@ -166,6 +166,19 @@ pub struct DistributedArgs {
     /// can, else user space; the run says which).
     #[arg(long, value_enum, default_value = "auto")]
     pub shaper: crate::runtime::Shaper,
+    /// How a block's message reaches its peers: tcp (one copy per peer, reliable) or multicast
+    /// (one UDP copy on the devices' segment for all peers, never retransmitted: a receiver
+    /// masks the tokens of a message that did not arrive whole). With multicast, --links LOSS
+    /// in user space drops whole messages.
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: crate::runtime::Transport,
+    /// Multicast group GROUP:PORT (default: a random 239.255.x.y group and port).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Multicast: a message still incomplete this long after its sender's announcement (which
+    /// follows the datagrams on the same uplink) counts as lost.
+    #[arg(long, default_value_t = 20)]
+    pub loss_grace_ms: u64,
     /// libtorch threads per worker (default: this machine's cores / devices).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,

@@ -19,7 +19,7 @@ use tch::{Device, Tensor};
 
 use super::frame::{Frame, FrameError};
 use super::net::{configure, connect_by, read_frames, session_key, Tagged};
-use super::{Plan, Shaper, COORDINATOR};
+use super::{Plan, Shaper, Transport, COORDINATOR};
 
 /// Link shaping for local workers: uplink rate (Mbit/s, 2^20 bit, as astra-sim counts), one-way
 /// delay and loss (netem, where the kernel has it).
@@ -95,9 +95,9 @@ fn user_shaping(args: &DistributedArgs) -> Result<bool> {
         Shaper::Kernel => false,
         Shaper::Auto => !kernel_can(),
     };
-    if user && l.loss_pct > 0.0 {
+    if user && l.loss_pct > 0.0 && args.transport == Transport::Tcp {
         fail!(
-            "--links with {}% loss needs kernel shaping (netem; root): user-space shaping cannot drop messages over TCP",
+            "--links with {}% loss over TCP needs kernel shaping (netem; root): TCP resends what is lost; --transport multicast drops whole index messages in user space",
             l.loss_pct
         );
     }
@@ -114,6 +114,8 @@ pub struct Summary {
     pub groups: Option<i64>,
     /// "loopback", "shaped RATE Mbit/s …" or "remote".
     pub network: String,
+    /// "tcp" or "multicast".
+    pub transport: String,
     pub threads_per_worker: usize,
     pub runs_ms: Vec<f64>,
     pub median_ms: f64,
@@ -124,6 +126,12 @@ pub struct Summary {
     /// (headers included; SP: fp32 embeddings, ASTRA: packed indices).
     pub sent_bytes: Vec<u64>,
     pub received_bytes: Vec<u64>,
+    /// Per worker (median run): its sources' block messages that never arrived (multicast; their
+    /// tokens were masked out of those blocks), and how many it expected.
+    pub lost_messages: Vec<u32>,
+    pub expected_messages: Vec<u32>,
+    /// Lost / expected messages over every timed run and worker.
+    pub loss_rate: f64,
     /// `--decode`: the tokens the last device generated after the median run's prefill
     /// ([batch][new]) and its decode rate (tokens/s per sequence, steps after the first token).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -321,6 +329,8 @@ struct RunResult {
     timings: Vec<Vec<f64>>,
     /// (sent, received) bytes per worker.
     bytes: Vec<(u64, u64)>,
+    /// Messages each worker never got.
+    lost: Vec<u32>,
     /// `--decode`: the generated tokens [batch][new] and each decode step's ms.
     decoded: Option<(Vec<Vec<i64>>, Vec<f64>)>,
 }
@@ -378,6 +388,7 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
     let logits = output_logits(a, &model, tokens as usize, run)?;
     crate::predict::write_npy_atomic(&logits, &a.args.out)?;
     let sum = |t: &[f64], i: usize| t.iter().skip(i).step_by(3).sum::<f64>();
+    let expected = expected_messages(&model, tokens as usize, a.devices)?;
     let summary = Summary {
         mode: match (a.devices, a.sp) {
             (1, _) => "single".into(),
@@ -395,6 +406,11 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
         wait_ms: run.timings.iter().map(|t| sum(t, 1)).collect(),
         sent_bytes: run.bytes.iter().map(|b| b.0).collect(),
         received_bytes: run.bytes.iter().map(|b| b.1).collect(),
+        lost_messages: run.lost.clone(),
+        expected_messages: expected.clone(),
+        loss_rate: results.iter().flat_map(|r| &r.lost).sum::<u32>() as f64
+            / (expected.iter().sum::<u32>() as f64 * results.len() as f64).max(1.0),
+        transport: a.args.transport.name().into(),
         runs_ms,
         decoded: run.decoded.as_ref().map(|d| d.0.clone()),
         decode_tokens_per_s: run.decoded.as_ref().and_then(|(_, ms)| {
@@ -426,6 +442,26 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
     Ok((summary, report))
 }
 
+/// Per worker: the messages it waits for in a run (one per source and block).
+fn expected_messages(model: &Model, tokens: usize, devices: usize) -> Result<Vec<u32>> {
+    let p = DevicePartition::contiguous(tokens, devices)?;
+    let causal = model.astra_model().is_causal();
+    let blocks = model.layers() as u32;
+    Ok((0..devices)
+        .map(|d| {
+            let sources = (0..devices)
+                .filter(|&e| e != d && (!causal || span(&p, e).0 < span(&p, d).1))
+                .count() as u32;
+            sources * blocks
+        })
+        .collect())
+}
+
+fn span(p: &DevicePartition, d: usize) -> (usize, usize) {
+    let t = p.tokens_of(d);
+    (t[0], t[t.len() - 1])
+}
+
 fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     astra_quant::atomic::write_bytes(path, bytes).map_err(|e| invalid!("{}: {e}", path.display()))
 }
@@ -450,6 +486,15 @@ fn check_flags(a: &DistributedRun<'_>) -> Result<()> {
     }
     if a.args.decode > 0 && a.args.all_logits {
         fail!("--decode continues from the next-token logits; drop --all-logits");
+    }
+    if a.args.decode > 0 && a.args.transport == Transport::Multicast {
+        fail!("--decode needs --transport tcp: a lost index message would leave a hole in the decoding cache");
+    }
+    if a.args.group.is_some() && a.args.transport == Transport::Tcp {
+        fail!("--group names a multicast group; add --transport multicast");
+    }
+    if let Some(g) = &a.args.group {
+        astra_sim::transport::multicast::parse_group(g).map_err(|e| invalid!("--group {e}"))?;
     }
     Ok(())
 }
@@ -551,6 +596,7 @@ fn send_plans(
 ) -> Result<()> {
     let n = a.devices;
     let addrs = links.addrs.clone();
+    let group = a.args.group.clone().unwrap_or_else(random_group);
     for (r, w) in links.tx.iter_mut().enumerate() {
         let plan = Plan {
             rank: r as u32,
@@ -568,6 +614,9 @@ fn send_plans(
             uplink: a.user_shaping.then(|| a.args.links.clone()).flatten(),
             decode_tokens: a.args.decode,
             sampling: a.args.sampling.clone(),
+            transport: a.args.transport,
+            group: (a.args.transport == Transport::Multicast).then(|| group.clone()),
+            loss_grace_ms: a.args.loss_grace_ms,
         };
         let hello = Frame::Hello {
             session: session.into(),
@@ -586,6 +635,19 @@ fn send_plans(
         |_, f| Ok(matches!(f, Frame::Ready { .. }).then_some(())),
     )?;
     Ok(())
+}
+
+/// A group in the organisation-local scope 239.255.0.0/16 and a port, at random (the datagrams'
+/// session tag separates runs that happen to share one).
+fn random_group() -> String {
+    use rand::Rng;
+    let mut r = rand::rng();
+    format!(
+        "239.255.{}.{}:{}",
+        r.random_range(0..=255u8),
+        r.random_range(1..=254u8),
+        r.random_range(40000..60000u16)
+    )
 }
 
 /// The warm-up and timed runs: latency (go to the last result) and what each worker returned.
@@ -620,15 +682,18 @@ fn timed_runs(
         if run >= a.args.warmup {
             runs_ms.push(ms);
             let (mut states, mut timings, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+            let mut lost = Vec::new();
             for r in got {
                 states.push(r.state);
                 timings.push(r.timings);
                 bytes.push(r.bytes);
+                lost.push(r.lost);
             }
             results.push(RunResult {
                 states,
                 timings,
                 bytes,
+                lost,
                 decoded,
             });
         }
@@ -682,6 +747,7 @@ struct WorkerResult {
     state: Option<Tensor>,
     timings: Vec<f64>,
     bytes: (u64, u64),
+    lost: u32,
 }
 
 /// A worker's result frame, checked.
@@ -692,6 +758,7 @@ fn result_of(r: usize, f: Frame, blocks: usize) -> Result<Option<WorkerResult>> 
         timings,
         sent_bytes,
         received_bytes,
+        lost,
         ..
     } = f
     else {
@@ -712,6 +779,7 @@ fn result_of(r: usize, f: Frame, blocks: usize) -> Result<Option<WorkerResult>> 
         state,
         timings,
         bytes: (sent_bytes, received_bytes),
+        lost,
     }))
 }
 
@@ -758,6 +826,12 @@ fn report_text(a: &DistributedRun<'_>, s: &Summary, logits: &Tensor, blocks: usi
         report += &format!(
             "worker {r}: compute {:.1} ms, waiting {:.1} ms over {blocks} blocks\n",
             s.compute_ms[r], s.wait_ms[r]
+        );
+    }
+    if a.args.transport == Transport::Multicast {
+        report += &format!(
+            "multicast: {:.2}% of the index messages lost over the timed runs (their tokens masked out)\n",
+            100.0 * s.loss_rate
         );
     }
     if let Some(d) = &s.decoded {

@@ -13,6 +13,7 @@
 pub mod coordinator;
 pub use astra_sim::transport::{frame, net};
 pub mod measured_trace;
+mod multicast;
 pub mod worker;
 
 pub use coordinator::{distributed, distributed_with_summary, DistributedRun, Links, Summary};
@@ -34,6 +35,28 @@ pub enum Shaper {
     Auto,
     Kernel,
     User,
+}
+
+/// How a block's message reaches the peers that attend to it (`--transport`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// One copy per peer over the full mesh of TCP connections (reliable; the reference).
+    #[default]
+    Tcp,
+    /// One copy for all peers as UDP multicast on the devices' segment, never retransmitted; a
+    /// small TCP announcement per peer follows it, so a receiver missing any of its datagrams
+    /// takes the message as lost and masks that sender's tokens in that block.
+    Multicast,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Multicast => "multicast",
+        }
+    }
 }
 
 /// What a worker is told to do.
@@ -72,4 +95,12 @@ pub struct Plan {
     /// How the decoding device picks tokens (None: greedy).
     #[serde(default)]
     pub sampling: Option<astra_train::generate::Sampling>,
+    #[serde(default)]
+    pub transport: Transport,
+    /// Multicast: the group's GROUP:PORT.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Multicast: how long after a peer's announcement its missing message counts as lost.
+    #[serde(default)]
+    pub loss_grace_ms: u64,
 }

@@ -4,7 +4,7 @@
 //! the peers that attend to them, waits for its sources with a deadline, checks every frame, and
 //! computes the block.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -17,8 +17,10 @@ use astra_train::model::Model;
 use tch::{Device, Kind, Tensor};
 
 use super::frame::{self, Frame};
-use super::net::{self, accept_by, configure, read_frames, same_key, Control, MeshMember, Tagged};
-use super::{Plan, COORDINATOR, REJECTED_KEY};
+use super::multicast::{self as group, Group, GroupSender, Inbound, Outlet};
+use super::net::{self, accept_by, configure, read_frames_as, same_key, Control, MeshMember};
+use super::{Plan, Transport, COORDINATOR, REJECTED_KEY};
+use astra_sim::transport::multicast::MessageId;
 use astra_train::engine::{wire_embeddings, DeviceShare, Payload, RemoteKv};
 use astra_train::generate::{copy_payload, Generator, Sampling};
 use astra_train::models::{ClsMode, DevicePartition, GroupedVq, VqConfig};
@@ -93,13 +95,19 @@ pub fn serve(
 }
 
 /// The full mesh: a stream per peer rank, and a channel fed by one reader thread per peer.
+type Mesh = (
+    HashMap<u32, TcpStream>,
+    mpsc::Sender<Inbound>,
+    mpsc::Receiver<Inbound>,
+);
+
 fn mesh(
     listener: &TcpListener,
     plan: &Plan,
     session: &str,
     timeout: Duration,
     startup: Duration,
-) -> Result<(HashMap<u32, TcpStream>, mpsc::Receiver<Tagged>)> {
+) -> Result<Mesh> {
     let me = MeshMember {
         rank: plan.rank,
         peers: &plan.peers,
@@ -112,9 +120,9 @@ fn mesh(
         let s = s.try_clone()?;
         // Reads block without a deadline here; the worker's recv_timeout bounds every wait.
         s.set_read_timeout(None)?;
-        read_frames(s, r as usize, tx.clone());
+        read_frames_as(s, r as usize, tx.clone(), Inbound::Peer);
     }
-    Ok((streams, rx))
+    Ok((streams, tx, rx))
 }
 
 /// Loads, connects, reports ready, then serves runs until `Done`.
@@ -141,33 +149,22 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         RemoteKv::Tables,
         Device::Cpu,
     )?;
-    let (streams, rx) = mesh(
+    let (streams, tx, rx) = mesh(
         listener,
         plan,
         session,
         timeout,
         Duration::from_millis(plan.startup_ms),
     )?;
-    // A sender thread for every peer that attends to this device's tokens, in rank order, all
-    // sharing this device's one uplink when it is shaped here.
-    let uplink = plan
-        .uplink
-        .as_ref()
-        .map(|l| Arc::new(Uplink::new(l.mbps, l.delay_ms)));
-    let mut sinks: Vec<Sender> = dev
-        .sinks
-        .iter()
-        .filter_map(|r| {
-            streams
-                .get(r)
-                .map(|s| s.try_clone().map(|s| Sender::new(*r, s, uplink.clone())))
-        })
-        .collect::<std::io::Result<_>>()?;
+    let mut sinks = outbound(plan, &dev, &streams, session, tx)?;
     control.send(&Frame::Ready { rank: plan.rank })?;
-    // The decoding device keeps what its cache needs from each prefill.
+    // The decoding device keeps what its cache needs from each prefill (refused with the lossy
+    // transport: a lost message would leave a hole in its cache).
     let holds_last = dev.partition.owner(dev.partition.tokens() - 1) == dev.rank;
-    let decodes =
-        plan.decode_tokens > 0 && holds_last && model.astra_model().as_decoder().is_some();
+    let decodes = plan.decode_tokens > 0
+        && holds_last
+        && plan.transport == Transport::Tcp
+        && model.astra_model().as_decoder().is_some();
     let mut ex = Exchange {
         plan,
         dev: &dev,
@@ -175,15 +172,19 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         rx,
         pending: HashMap::new(),
         taken: Default::default(),
+        announced: HashMap::new(),
+        masked: Default::default(),
+        run: 0,
         blocks: model.layers() as usize,
         batch: input.size()[0],
         sent: 0,
         received: 0,
+        lost: 0,
         last_states: None,
     };
     loop {
         match control.recv(None) {
-            Ok(Frame::Go { .. }) => {}
+            Ok(Frame::Go { run }) => ex.run = run,
             Ok(Frame::Done) => return Ok(()),
             Ok(other) => fail!("expected go or done, got {}", other.name()),
             // The coordinator is gone: nothing left to do.
@@ -191,7 +192,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         }
         let _g = tch::no_grad_guard();
         let (states, timings) = ex.forward(&input, &mut sinks)?;
-        let (sent_bytes, received_bytes) = (ex.sent, ex.received);
+        let (sent_bytes, received_bytes, lost) = (ex.sent, ex.received, ex.lost);
         let (shape, data) = match states {
             Some(s) => {
                 let s = s.to_kind(Kind::Float).contiguous();
@@ -206,11 +207,85 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
             timings,
             sent_bytes,
             received_bytes,
+            lost,
         })?;
         if let Some(per_block) = ex.captured.as_mut().map(std::mem::take) {
             let last = ex.last_states.take().expect("captured with the prefill");
             // The prefill's own share (its codeword tables built once, at load).
             control.send(&decode(&model, dev.clone(), per_block, &last, plan)?)?;
+        }
+    }
+}
+
+/// How this device's messages leave: a sender thread for every peer that attends to its tokens
+/// (TCP), or one for the group (multicast, after joining it to receive its sources'); all share
+/// the device's one uplink when it is shaped here.
+fn outbound(
+    plan: &Plan,
+    dev: &DeviceShare<'_>,
+    streams: &HashMap<u32, TcpStream>,
+    session: &str,
+    tx: mpsc::Sender<Inbound>,
+) -> Result<Outbound> {
+    let uplink = plan
+        .uplink
+        .as_ref()
+        .map(|l| Arc::new(Uplink::new(l.mbps, l.delay_ms)));
+    let sinks: Vec<(u32, TcpStream)> = dev
+        .sinks
+        .iter()
+        .filter_map(|r| streams.get(r).map(|s| s.try_clone().map(|s| (*r, s))))
+        .collect::<std::io::Result<_>>()?;
+    if plan.transport == Transport::Tcp {
+        return Ok(Outbound::Tcp(
+            sinks
+                .into_iter()
+                .map(|(r, s)| Sender::new(r, s, uplink.clone()))
+                .collect(),
+        ));
+    }
+    let g = plan
+        .group
+        .as_deref()
+        .ok_or_else(|| invalid!("the plan names no multicast group"))?;
+    let g = Group::new(g, &plan.peers[plan.rank as usize], session)?;
+    group::receive(&g, dev.sources.clone(), tx)?;
+    if sinks.is_empty() {
+        return Ok(Outbound::Tcp(Vec::new()));
+    }
+    let outlet = Outlet {
+        from: plan.rank,
+        sinks,
+        uplink,
+        loss: plan.uplink.as_ref().map_or(0.0, |l| l.loss_pct / 100.0),
+    };
+    Ok(Outbound::Group(GroupSender::new(&g, outlet)?))
+}
+
+/// Where a block's message goes: one copy per peer over TCP, or one on the multicast group.
+enum Outbound {
+    Tcp(Vec<Sender>),
+    Group(GroupSender),
+}
+
+impl Outbound {
+    fn is_empty(&self) -> bool {
+        matches!(self, Outbound::Tcp(s) if s.is_empty())
+    }
+
+    /// Queues block `l`'s message of run `run`; the bytes it puts on the wire.
+    fn send(&mut self, l: usize, run: u32, from: u32, msg: &Arc<Vec<u8>>) -> Result<u64> {
+        match self {
+            Outbound::Tcp(sinks) => {
+                for s in sinks.iter_mut() {
+                    s.send(l, msg.clone())?;
+                }
+                Ok((msg.len() * sinks.len()) as u64)
+            }
+            Outbound::Group(g) => {
+                let block = l as u32;
+                g.send(MessageId { run, block, from }, msg.clone())
+            }
         }
     }
 }
@@ -306,17 +381,25 @@ impl Sender {
 struct Exchange<'a> {
     plan: &'a Plan,
     dev: &'a DeviceShare<'a>,
-    /// Frames from the peers, tagged with the sender's rank.
-    rx: mpsc::Receiver<Tagged>,
+    /// Frames from the peers, tagged with the sender's rank, and whole group messages.
+    rx: mpsc::Receiver<Inbound>,
     /// Payloads that arrived ahead of the block waiting for them, by (sender, block).
     pending: HashMap<(u32, u32), Payload>,
     /// (sender, block) payloads already taken in this run: a second copy is a replay.
-    taken: std::collections::HashSet<(u32, u32)>,
+    taken: HashSet<(u32, u32)>,
+    /// Multicast: when each (sender, block) announcement of this run arrived.
+    announced: HashMap<(u32, u32), Instant>,
+    /// Multicast: (sender, block) messages taken as lost in this run (a late copy is ignored).
+    masked: HashSet<(u32, u32)>,
+    /// The run the coordinator's last `Go` named.
+    run: u32,
     blocks: usize,
     batch: i64,
-    /// Bytes of the frames this worker queued for its peers and took from them in this run.
+    /// Bytes of the frames this worker queued for its peers and took from them in this run,
+    /// and the sources' messages it never got.
     sent: u64,
     received: u64,
+    lost: u32,
     /// The decoding device: per block its states before the block and the payloads it
     /// received in the last run, and its final states (None on the other devices).
     captured: Option<Vec<(Tensor, Vec<Payload>)>>,
@@ -329,11 +412,13 @@ impl Exchange<'_> {
     fn forward(
         &mut self,
         input: &Tensor,
-        sinks: &mut [Sender],
+        sinks: &mut Outbound,
     ) -> Result<(Option<Tensor>, Vec<f64>)> {
         let t_start = Instant::now();
         self.taken.clear();
-        (self.sent, self.received) = (0, 0);
+        self.announced.clear();
+        self.masked.clear();
+        (self.sent, self.received, self.lost) = (0, 0, 0);
         let mut local = self.dev.start(input)?;
         let mut embed = t_start.elapsed();
         let mut timings = Vec::with_capacity(3 * self.blocks);
@@ -354,11 +439,8 @@ impl Exchange<'_> {
                 } else {
                     1
                 };
-                for s in sinks.iter_mut() {
-                    for _ in 0..copies {
-                        s.send(l, msg.clone())?;
-                        self.sent += msg.len() as u64;
-                    }
+                for _ in 0..copies {
+                    self.sent += sinks.send(l, self.run, self.plan.rank, &msg)?;
                 }
             }
             let pre = t0.elapsed() + std::mem::take(&mut embed);
@@ -369,11 +451,11 @@ impl Exchange<'_> {
             if let Some(c) = self.captured.as_mut() {
                 c.push((
                     local.shallow_clone(),
-                    received.iter().map(copy_payload).collect(),
+                    received.iter().flatten().map(copy_payload).collect(),
                 ));
             }
-            let received: Vec<&Payload> = received.iter().collect();
-            local = self.dev.block(l, &local, &received);
+            let received: Vec<Option<&Payload>> = received.iter().map(Option::as_ref).collect();
+            local = self.dev.block_partial(l, &local, &received);
             timings.extend([
                 pre.as_secs_f64() * 1e3,
                 wait.as_secs_f64() * 1e3,
@@ -416,19 +498,48 @@ impl Exchange<'_> {
         })
     }
 
-    /// The payloads of block `l` from every source, in rank order; each frame checked.
-    fn receive(&mut self, l: usize) -> Result<Vec<Payload>> {
-        let deadline = Instant::now() + Duration::from_millis(self.plan.timeout_ms);
-        let mut out = Vec::with_capacity(self.dev.sources.len());
-        for &r in &self.dev.sources {
-            while !self.pending.contains_key(&(r, l as u32)) {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let (from, f) = self.rx.recv_timeout(left).map_err(|_| {
-                    invalid!(
-                        "block {l}: peer {r} sent nothing within {} ms",
-                        self.plan.timeout_ms
-                    )
-                })?;
+    /// The payloads of block `l` from every source, in rank order, each frame checked; None for
+    /// a source whose multicast message was announced but is still incomplete a grace period
+    /// later (lost: its tokens are masked out of this block).
+    fn receive(&mut self, l: usize) -> Result<Vec<Option<Payload>>> {
+        let timeout_ms = self.plan.timeout_ms;
+        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+        let grace = Duration::from_millis(self.plan.loss_grace_ms);
+        let dev = self.dev;
+        let mut out = Vec::with_capacity(dev.sources.len());
+        for &r in &dev.sources {
+            let key = (r, l as u32);
+            loop {
+                if let Some(p) = self.pending.remove(&key) {
+                    self.taken.insert(key);
+                    out.push(Some(p));
+                    break;
+                }
+                let lost_at = self.announced.get(&key).map(|&t| t + grace);
+                let now = Instant::now();
+                if lost_at.is_some_and(|t| now >= t) {
+                    self.masked.insert(key);
+                    self.lost += 1;
+                    out.push(None);
+                    break;
+                }
+                let until = lost_at.map_or(deadline, |t| t.min(deadline));
+                match self.rx.recv_timeout(until.saturating_duration_since(now)) {
+                    Ok(inbound) => self.take(l, inbound)?,
+                    Err(_) if lost_at.is_some() => {}
+                    Err(_) => fail!("block {l}: peer {r} sent nothing within {timeout_ms} ms"),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One frame from a peer's connection or one message from the group, while waiting in
+    /// block `l`.
+    fn take(&mut self, l: usize, inbound: Inbound) -> Result<()> {
+        let multicast = self.plan.transport == Transport::Multicast;
+        let (from, f) = match inbound {
+            Inbound::Peer((from, f)) => {
                 let f = f.map_err(|e| match e {
                     frame::FrameError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
                         invalid!("block {l}: peer {from} closed its connection (did it die?)")
@@ -437,20 +548,54 @@ impl Exchange<'_> {
                 })?;
                 let from = from as u32;
                 self.received += f.wire_len() as u64;
-                let (block, payload) = self.check(l, from, f)?;
-                let replay = self.taken.contains(&(from, block));
-                if self.pending.insert((from, block), payload).is_some() || replay {
-                    fail!("block {l}: peer {from} sent block {block}'s data twice; refused");
+                match f {
+                    Frame::Announce {
+                        run,
+                        block,
+                        from: claimed,
+                        ..
+                    } if multicast && claimed == from => {
+                        // Announcements of an earlier run are stale.
+                        if run == self.run {
+                            self.announced.insert((from, block), Instant::now());
+                        }
+                        return Ok(());
+                    }
+                    Frame::Indices { .. } | Frame::Embeddings { .. } if multicast => {
+                        fail!(
+                            "block {l}: peer {from} sent its data over TCP; the run multicasts it"
+                        )
+                    }
+                    f => (from, f),
                 }
             }
-            out.push(
-                self.pending
-                    .remove(&(r, l as u32))
-                    .expect("waited for above"),
-            );
-            self.taken.insert((r, l as u32));
+            Inbound::Group(id, bytes) => {
+                let key = (id.from, id.block);
+                // A message of an earlier run, or one already taken as lost, came too late.
+                if id.run != self.run || self.masked.contains(&key) {
+                    return Ok(());
+                }
+                self.received += group::received_len(bytes.len());
+                let f = Frame::read_from(&mut bytes.as_slice()).map_err(|e| {
+                    invalid!("block {l}: peer {}'s multicast message: {e}", id.from)
+                })?;
+                if !matches!(&f, Frame::Indices { block, from, .. } | Frame::Embeddings { block, from, .. } if (*from, *block) == key)
+                {
+                    fail!(
+                        "block {l}: peer {}'s multicast message is not its block {} data",
+                        id.from,
+                        id.block
+                    );
+                }
+                (id.from, f)
+            }
+        };
+        let (block, payload) = self.check(l, from, f)?;
+        let replay = self.taken.contains(&(from, block));
+        if self.pending.insert((from, block), payload).is_some() || replay {
+            fail!("block {l}: peer {from} sent block {block}'s data twice; refused");
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Validates a peer's frame against what this run expects of that peer.

@@ -38,8 +38,9 @@ pub enum Frame {
         bits: u8,
         packed: Vec<u8>,
     },
-    /// Worker → coordinator: a float32 tensor (the CLS states), per-block timings (ms), and the
-    /// bytes of the frames this worker put on the wire and took off it in the run.
+    /// Worker → coordinator: a float32 tensor (the CLS states), per-block timings (ms), the
+    /// bytes of the frames this worker put on the wire and took off it in the run, and how many
+    /// of its sources' messages never arrived (a lossy transport; the tokens were masked out).
     Result {
         from: u32,
         shape: Vec<i64>,
@@ -47,6 +48,7 @@ pub enum Frame {
         timings: Vec<f64>,
         sent_bytes: u64,
         received_bytes: u64,
+        lost: u32,
     },
     /// Worker → coordinator: what went wrong.
     Error(String),
@@ -74,6 +76,15 @@ pub enum Frame {
         batch: u32,
         tokens: Vec<i64>,
         step_ms: Vec<f64>,
+    },
+    /// Worker → worker, multicast transport: block `block` of run `run`'s message from `from`
+    /// went out on the group as `datagrams` datagrams, before this frame on the same uplink; a
+    /// receiver still missing any of them after a grace period takes the message as lost.
+    Announce {
+        run: u32,
+        block: u32,
+        from: u32,
+        datagrams: u32,
     },
 }
 
@@ -146,6 +157,7 @@ impl Frame {
             Frame::Done => "done",
             Frame::Bytes { .. } => "bytes",
             Frame::Decoded { .. } => "decoded",
+            Frame::Announce { .. } => "announce",
         }
     }
 
@@ -162,6 +174,7 @@ impl Frame {
             Frame::Done => 9,
             Frame::Bytes { .. } => 10,
             Frame::Decoded { .. } => 11,
+            Frame::Announce { .. } => 12,
         }
     }
 
@@ -177,6 +190,16 @@ impl Frame {
                 p.extend_from_slice(&v.to_le_bytes())
             }
             Frame::Done => {}
+            Frame::Announce {
+                run,
+                block,
+                from,
+                datagrams,
+            } => {
+                for v in [run, block, from, datagrams] {
+                    p.extend_from_slice(&v.to_le_bytes());
+                }
+            }
             Frame::Bytes { tag, payload } => {
                 p.extend_from_slice(&tag.to_le_bytes());
                 put_bytes(&mut p, payload);
@@ -234,6 +257,7 @@ impl Frame {
                 timings,
                 sent_bytes,
                 received_bytes,
+                lost,
             } => {
                 p.extend_from_slice(&from.to_le_bytes());
                 p.extend_from_slice(&(shape.len() as u32).to_le_bytes());
@@ -250,6 +274,7 @@ impl Frame {
                 }
                 p.extend_from_slice(&sent_bytes.to_le_bytes());
                 p.extend_from_slice(&received_bytes.to_le_bytes());
+                p.extend_from_slice(&lost.to_le_bytes());
             }
         }
         p
@@ -357,6 +382,7 @@ impl Frame {
                     timings,
                     sent_bytes,
                     received_bytes,
+                    lost: c.u32()?,
                 }
             }
             5 => Frame::Error(text(&mut c)?),
@@ -378,6 +404,12 @@ impl Frame {
             7 => Frame::Ready { rank: c.u32()? },
             8 => Frame::Go { run: c.u32()? },
             9 => Frame::Done,
+            12 => Frame::Announce {
+                run: c.u32()?,
+                block: c.u32()?,
+                from: c.u32()?,
+                datagrams: c.u32()?,
+            },
             10 => Frame::Bytes {
                 tag: c.u32()?,
                 payload: c.bytes()?,
@@ -469,6 +501,7 @@ mod tests {
                 timings: vec![1.5, 2.5],
                 sent_bytes: 1 << 40,
                 received_bytes: 12_345,
+                lost: 3,
             },
             Frame::Error("boom".into()),
             Frame::Embeddings {
@@ -486,6 +519,12 @@ mod tests {
                 batch: 2,
                 tokens: vec![5, 50_000, 7, 1],
                 step_ms: vec![3.25],
+            },
+            Frame::Announce {
+                run: 4,
+                block: 11,
+                from: 6,
+                datagrams: 15,
             },
         ];
         for f in &frames {

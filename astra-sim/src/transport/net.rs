@@ -95,11 +95,21 @@ pub type Tagged = (usize, std::result::Result<Frame, FrameError>);
 
 /// Reads frames from `read` on a thread of its own and passes them, tagged, to `tx`; stops after
 /// the first error (passed on too), e.g. the end of the stream.
-pub fn read_frames(mut read: impl Read + Send + 'static, tag: usize, tx: mpsc::Sender<Tagged>) {
+pub fn read_frames(read: impl Read + Send + 'static, tag: usize, tx: mpsc::Sender<Tagged>) {
+    read_frames_as(read, tag, tx, |t| t);
+}
+
+/// [`read_frames`] into a channel of `T`, each tagged frame wrapped by `wrap`.
+pub fn read_frames_as<T: Send + 'static>(
+    mut read: impl Read + Send + 'static,
+    tag: usize,
+    tx: mpsc::Sender<T>,
+    wrap: fn(Tagged) -> T,
+) {
     std::thread::spawn(move || loop {
         let f = Frame::read_from(&mut read);
         let stop = f.is_err();
-        if tx.send((tag, f)).is_err() || stop {
+        if tx.send(wrap((tag, f))).is_err() || stop {
             return;
         }
     });

@@ -4,8 +4,8 @@
 //! generic cell rate algorithm (a token bucket): the link sends at `rate` with a burst of
 //! `burst` bytes — netem.sh's tbf burst — and each message then takes `delay` more to arrive.
 //!
-//! What it does not model: loss (dropping a TCP message would only stall its receiver; lost index
-//! messages need a transport without retransmission), and queueing of one peer's messages behind
+//! What it does not model: loss (dropping a TCP message would only stall its receiver; the
+//! multicast transport drops whole index messages itself), and queueing of one peer's messages behind
 //! its own delay (a sender thread sleeps until its message is due, so a second message to the
 //! same peer waits for the first's delay; ASTRA sends one message per peer per block).
 
@@ -62,7 +62,13 @@ impl Uplink {
     /// [`Uplink::reserve_at`] now for a message of `payload` bytes (with its headers, as the
     /// kernel's shaper would count them), then sleeps until the message is due at the peer.
     pub fn transmit(&self, payload: usize) {
-        let due = self.reserve_at(wire_bytes(payload), Instant::now());
+        self.transmit_wire(wire_bytes(payload));
+    }
+
+    /// [`Uplink::transmit`] for `bytes` counted as they go on the wire (headers included, e.g.
+    /// a message's datagrams).
+    pub fn transmit_wire(&self, bytes: usize) {
+        let due = self.reserve_at(bytes, Instant::now());
         let now = Instant::now();
         if due > now {
             std::thread::sleep(due - now);
