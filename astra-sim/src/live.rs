@@ -360,6 +360,11 @@ impl Exchange<'_> {
             Collective::Gather => (vec![root], vec![]),
             Collective::Send if rank == root => (vec![members[1] as usize], vec![]),
             Collective::Send => (vec![], vec![root]),
+            Collective::Multicast => {
+                return Err(err(
+                    "the live replay runs over TCP and has no multicast; run the trace's model with `astra-eval distributed --transport multicast`",
+                ))
+            }
         };
         let rounds = if kind == Collective::AllReduce { 2 } else { 1 };
         let (mut send_ms, mut wait_ms) = (0.0, 0.0);

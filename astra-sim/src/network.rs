@@ -358,7 +358,8 @@ impl CompiledRun {
         let max_over =
             |f: &dyn Fn(usize, f64) -> f64| m.iter().map(|&(p, b)| f(p, b)).fold(0.0, f64::max);
         match info.kind {
-            Collective::Send => a + tx(m[0].1, root),
+            // A multicast leaves the sender's uplink once, whatever the number of receivers.
+            Collective::Send | Collective::Multicast => a + tx(m[0].1, root),
             Collective::Gather => a + m.iter().skip(1).map(|&(p, b)| tx(b, p)).fold(0.0, f64::max),
             Collective::AllGather => match net.algorithm {
                 Algorithm::Direct => a + max_over(&|p, b| tx((k - 1.0) * b, p)),
@@ -467,7 +468,14 @@ impl<'a> Clocks<'a> {
         let i = self.pc[d];
         match self.run.ops[d][i].coll {
             None => self.compute(d, i),
-            Some(c) if self.run.collectives[c].kind == Collective::Send => self.send(d, i, c),
+            Some(c)
+                if matches!(
+                    self.run.collectives[c].kind,
+                    Collective::Send | Collective::Multicast
+                ) =>
+            {
+                self.send(d, i, c)
+            }
             Some(c) => self.collective(c),
         }
     }
@@ -484,8 +492,8 @@ impl<'a> Clocks<'a> {
         true
     }
 
-    /// A send is eager, as over TCP: the sender's op ends when its data has left; the
-    /// receiver's when it is ready and the data is in.
+    /// A send (or a multicast) is eager, as over TCP: the sender's op ends when its data has
+    /// left; each receiver's when it is ready and the data is in.
     fn send(&mut self, d: usize, i: usize, c: usize) -> bool {
         let info = &self.run.collectives[c];
         let ready = self.ready(d, i);
@@ -620,6 +628,74 @@ mod tests {
         early.programs[1][0] = compute(0, 5.0, None);
         let r = CompiledRun::new(&early).unwrap();
         assert!((r.simulate(&ov).unwrap().latency_ms - 1020.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_multicast_leaves_the_uplink_once_for_every_receiver() {
+        use crate::trace::OpKind;
+        // Device 0 sends 2^20 bits (one second at 1 Mbit/s) to devices 1..=3: one multicast, or
+        // three sends one after the other on its one uplink.
+        let comm = |peers: Vec<u32>, tag: &str| Comm {
+            bits: 1 << 20,
+            peers,
+            tag: tag.into(),
+        };
+        let op = |id, kind| Op {
+            id,
+            kind,
+            deps: None,
+        };
+        let multicast = |_| OpKind::Multicast(comm(vec![0, 1, 2, 3], "m"));
+        let unicast = |to: u32| OpKind::Send(comm(vec![0, to], &format!("s{to}")));
+        let latency = |kind: &dyn Fn(u32) -> OpKind, sends: &[u32]| {
+            let mut programs = vec![Vec::new(); 4];
+            for (i, &to) in sends.iter().enumerate() {
+                programs[0].push(op(i as u32, kind(to)));
+            }
+            for (d, p) in programs.iter_mut().enumerate().skip(1) {
+                let mine = sends.iter().position(|&t| t == d as u32).unwrap_or(0);
+                p.push(op(0, kind(sends[mine])));
+            }
+            let run = Run {
+                method: Method::Astra { groups: 1 },
+                devices: 4,
+                tokens: 4,
+                programs,
+            };
+            let net = Network::alpha_beta(1.0, 0.0, Algorithm::Direct, true);
+            CompiledRun::new(&run)
+                .unwrap()
+                .simulate(&net)
+                .unwrap()
+                .latency_ms
+        };
+        assert!((latency(&multicast, &[1]) - 1000.0).abs() < 1e-6);
+        assert!((latency(&unicast, &[1, 2, 3]) - 3000.0).abs() < 1e-6);
+        // A multicast needs a receiver.
+        let lone = Run {
+            method: Method::Sp,
+            devices: 1,
+            tokens: 1,
+            programs: vec![vec![op(0, OpKind::Multicast(comm(vec![0], "m")))]],
+        };
+        let t = crate::trace::Trace {
+            format: crate::trace::FORMAT.into(),
+            version: crate::trace::VERSION,
+            source: crate::trace::Source {
+                kind: "analytic".into(),
+                name: "t".into(),
+                provenance: String::new(),
+            },
+            model: crate::method::ModelShape {
+                blocks: 1,
+                hidden: 8,
+                element_bits: 32,
+                index_bits: 10,
+                codebooks_per_block: 1,
+            },
+            runs: vec![lone],
+        };
+        assert!(t.validate().unwrap_err().to_string().contains("multicast"));
     }
 
     #[test]

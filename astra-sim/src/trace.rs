@@ -21,7 +21,8 @@
 //!   listed in an order that respects `deps`. Communication ops with the same `tag` on the
 //!   devices in `peers` form one collective; every peer must list it.
 //! - `peers`: the devices taking part (including this one); for `send`, `[from, to]`; for
-//!   `gather`, root first.
+//!   `multicast` (one message on the sender's uplink once, for every receiver), `[from, to, …]`;
+//!   for `gather`, root first.
 
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +40,7 @@ pub enum Collective {
     AllGather,
     AllReduce,
     Gather,
+    Multicast,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,6 +55,9 @@ pub enum OpKind {
     AllGather(Comm),
     AllReduce(Comm),
     Gather(Comm),
+    /// One message from `peers[0]` to every other peer, on the sender's uplink once (UDP
+    /// multicast on a shared segment); eager, like a send.
+    Multicast(Comm),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -79,6 +84,7 @@ impl Op {
             OpKind::AllGather(c) => Some((Collective::AllGather, c)),
             OpKind::AllReduce(c) => Some((Collective::AllReduce, c)),
             OpKind::Gather(c) => Some((Collective::Gather, c)),
+            OpKind::Multicast(c) => Some((Collective::Multicast, c)),
         }
     }
 }
@@ -317,6 +323,12 @@ impl Run {
                             return Err(SimError::invalid(
                                 format!("{here}.peers"),
                                 "a send has exactly [from, to]",
+                            ));
+                        }
+                        if kind == Collective::Multicast && c.peers.len() < 2 {
+                            return Err(SimError::invalid(
+                                format!("{here}.peers"),
+                                "a multicast has [from, to, …] with at least one receiver",
                             ));
                         }
                         if c.tag.is_empty() {

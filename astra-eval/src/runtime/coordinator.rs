@@ -430,6 +430,7 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
                 tokens: tokens as u64,
                 batch: summary.batch as u64,
                 causal: model.astra_model().is_causal(),
+                multicast: a.args.transport == Transport::Multicast,
             },
             &run.timings,
         )?;

@@ -1,8 +1,9 @@
 //! A measured run as an astra-sim trace: per device and block, the compute before the exchange,
 //! the exchange of its packed indices (or fp32 embeddings for SP), and the compute after it. The
-//! exchange is an all-gather for an encoder (everyone attends to everyone); for a causal decoder
-//! (GPT-2 prefill) it is the point-to-point sends the runtime makes, from each device to every
-//! later one, in one global order (so the simulated schedule cannot deadlock).
+//! exchange is what the runtime puts on the wire: over TCP a send from each device to every
+//! device that attends to it (all others for an encoder, the later ones for a causal decoder),
+//! eager, from sender threads; with `--transport multicast` one multicast per device and block.
+//! Every device sends before it receives, so the simulated schedule cannot deadlock.
 //! `astra-sim sweep --trace FILE` then predicts the same run's latency at any bandwidth.
 
 use std::path::Path;
@@ -24,6 +25,7 @@ pub struct Measured<'a> {
     pub tokens: u64,
     pub batch: u64,
     pub causal: bool,
+    pub multicast: bool,
 }
 
 pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
@@ -58,6 +60,7 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
     let wire = Wire {
         devices: n,
         causal: m.causal,
+        multicast: m.multicast,
         bits_per_share: sizes.iter().map(|&s| batch * s * bits_per_token).collect(),
     };
     let programs = timings
@@ -72,7 +75,8 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
             kind: "measured".into(),
             name: "astra-eval distributed".into(),
             provenance: format!(
-                "{n} worker processes ({network}), batch {batch}, model {}{}; compute as measured in the median run",
+                "{n} worker processes ({network}, {}), batch {batch}, model {}{}; compute as measured in the median run",
+                if m.multicast { "multicast" } else { "TCP" },
                 m.model,
                 if m.causal { ", causal (sends to later devices only)" } else { "" }
             ),
@@ -93,84 +97,87 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
 struct Wire {
     devices: u32,
     causal: bool,
+    /// One copy per block on the group for every receiver (UDP multicast), not one per peer.
+    multicast: bool,
     /// Bits of one device's share of the batch (indices or embeddings), per device.
     bits_per_share: Vec<u64>,
 }
 
-/// Device `d`'s program from its measured per-block timings (encode, exchange, attend + MLP).
+impl Wire {
+    /// Devices `d` receives from: every other one, or (causal, contiguous shares) those before it.
+    fn sources(&self, d: usize) -> Vec<usize> {
+        (0..self.devices as usize)
+            .filter(|&e| e != d && (!self.causal || e < d))
+            .collect()
+    }
+
+    /// Devices `d` sends to, in the order its sends leave: the ranks after it, wrapping around
+    /// (so the encoder's devices do not all serve device 0 first).
+    fn sinks(&self, d: usize) -> Vec<usize> {
+        let n = self.devices as usize;
+        (1..n)
+            .map(|i| (d + i) % n)
+            .filter(|&e| !self.causal || e > d)
+            .collect()
+    }
+
+    /// The op of block `l`'s message from `from` to `to` (the sender's own op when `to` is
+    /// None), as both ends list it.
+    fn message(&self, l: usize, from: usize, to: Option<usize>) -> OpKind {
+        let bits = self.bits_per_share[from];
+        if self.multicast {
+            let peers = std::iter::once(from).chain(self.sinks(from));
+            return OpKind::Multicast(Comm {
+                bits,
+                peers: peers.map(|p| p as u32).collect(),
+                tag: format!("block {l} from {from}"),
+            });
+        }
+        let to = to.expect("a unicast send names its receiver");
+        OpKind::Send(Comm {
+            bits,
+            peers: vec![from as u32, to as u32],
+            tag: format!("block {l} {from}->{to}"),
+        })
+    }
+}
+
+/// Device `d`'s program from its measured per-block timings: encode, its sends (eager: they
+/// leave from sender threads while the device waits), what it receives, then attend + MLP once
+/// its sources' data are in.
 fn device_program(w: &Wire, d: usize, timings: &[f64]) -> Vec<Op> {
-    let n = w.devices;
-    let mut ops = Vec::new();
-    for (l, b) in timings.chunks_exact(3).enumerate() {
+    let mut ops: Vec<Op> = Vec::new();
+    let push = |ops: &mut Vec<Op>, kind: OpKind, deps: Vec<u32>| {
         let id = ops.len() as u32;
         ops.push(Op {
             id,
-            kind: OpKind::Compute {
-                ms: b[0],
-                label: format!("block {l} encode"),
-            },
-            deps: None,
-        });
-        if n > 1 && !w.causal {
-            ops.push(Op {
-                id: id + 1,
-                kind: OpKind::AllGather(Comm {
-                    bits: w.bits_per_share[d],
-                    peers: (0..n).collect(),
-                    tag: format!("block {l}"),
-                }),
-                deps: Some(vec![id]),
-            });
-        }
-        let received = if w.causal {
-            causal_sends(w, d, l, id, &mut ops)
-        } else {
-            Vec::new()
-        };
-        let last = ops.len() as u32;
-        // After the exchange: an encoder waits for its all-gather, a decoder for what it
-        // received (its own sends go out from a sender thread).
-        let deps = if w.causal {
-            std::iter::once(id).chain(received).collect()
-        } else {
-            vec![last - 1]
-        };
-        ops.push(Op {
-            id: last,
-            kind: OpKind::Compute {
-                ms: b[2],
-                label: format!("block {l} attend + MLP"),
-            },
+            kind,
             deps: Some(deps),
         });
-    }
-    ops
-}
-
-/// Causal: every (sender < receiver) pair device `d` is in, in one global order, after op
-/// `after`; returns the ops of what `d` receives.
-fn causal_sends(w: &Wire, d: usize, l: usize, after: u32, ops: &mut Vec<Op>) -> Vec<u32> {
-    let n = w.devices as usize;
-    let mut received = Vec::new();
-    for from in 0..n {
-        for to in from + 1..n {
-            if d != from && d != to {
-                continue;
-            }
-            let op = ops.len() as u32;
-            ops.push(Op {
-                id: op,
-                kind: OpKind::Send(Comm {
-                    bits: w.bits_per_share[from],
-                    peers: vec![from as u32, to as u32],
-                    tag: format!("block {l} {from}->{to}"),
-                }),
-                deps: Some(vec![after]),
-            });
-            if d == to {
-                received.push(op);
+        id
+    };
+    for (l, b) in timings.chunks_exact(3).enumerate() {
+        let label = format!("block {l} encode");
+        let deps = ops.len().checked_sub(1).map(|i| vec![i as u32]);
+        let encode = push(
+            &mut ops,
+            OpKind::Compute { ms: b[0], label },
+            deps.unwrap_or_default(),
+        );
+        let sinks = w.sinks(d);
+        if w.multicast && !sinks.is_empty() {
+            push(&mut ops, w.message(l, d, None), vec![encode]);
+        } else if !w.multicast {
+            for to in sinks {
+                push(&mut ops, w.message(l, d, Some(to)), vec![encode]);
             }
         }
+        let mut after = vec![encode];
+        for from in w.sources(d) {
+            after.push(push(&mut ops, w.message(l, from, Some(d)), vec![encode]));
+        }
+        let label = format!("block {l} attend + MLP");
+        push(&mut ops, OpKind::Compute { ms: b[2], label }, after);
     }
-    received
+    ops
 }
