@@ -243,6 +243,7 @@ fn over_runtime(
         transport: crate::runtime::Transport::Tcp,
         group: None,
         loss_grace_ms: 20,
+        device: "cpu".into(),
         threads: 0,
         input,
         out: tmp.path().join("logits.npy"),

@@ -765,6 +765,8 @@ fn nonsense_runtime_flags_are_named() {
             vec!["--devices", "99"],
             "--devices 99 exceeds the input's 16 tokens",
         ),
+        (vec!["--device", "tpu"], "'tpu' is not cpu, cuda or cuda:N"),
+        (vec!["--device", "cuda:7"], "no such CUDA device here"),
     ] {
         let mut args = vec!["distributed", "--model", &m, "--input", &x, "--out", d];
         args.extend(extra);

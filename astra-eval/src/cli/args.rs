@@ -182,6 +182,10 @@ pub struct DistributedArgs {
     /// libtorch threads per worker (default: this machine's cores / devices).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Where each worker computes: cpu, cuda or cuda:N (local workers all share that GPU;
+    /// indices and embeddings still travel through the workers' sockets).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// float32 [B, C, H, W] normalised images (ViT) or int64 [B, T] token ids (GPT-2), .npy.
     #[arg(long)]
     pub input: PathBuf,

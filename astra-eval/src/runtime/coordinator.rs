@@ -491,6 +491,7 @@ fn check_flags(a: &DistributedRun<'_>) -> Result<()> {
     if a.args.decode > 0 && a.args.transport == Transport::Multicast {
         fail!("--decode needs --transport tcp: a lost index message would leave a hole in the decoding cache");
     }
+    astra_train::libtorch::parse_device(&a.args.device).map_err(|e| invalid!("{e}"))?;
     if a.args.group.is_some() && a.args.transport == Transport::Tcp {
         fail!("--group names a multicast group; add --transport multicast");
     }
@@ -618,6 +619,7 @@ fn send_plans(
             transport: a.args.transport,
             group: (a.args.transport == Transport::Multicast).then(|| group.clone()),
             loss_grace_ms: a.args.loss_grace_ms,
+            device: a.args.device.clone(),
         };
         let hello = Frame::Hello {
             session: session.into(),

@@ -20,6 +20,7 @@ pub use coordinator::{distributed, distributed_with_summary, DistributedRun, Lin
 pub use worker::{serve, ControlVia};
 
 use serde::{Deserialize, Serialize};
+use tch::Device;
 
 /// The coordinator's rank in Hello frames.
 pub const COORDINATOR: u32 = u32::MAX;
@@ -103,4 +104,19 @@ pub struct Plan {
     /// Multicast: how long after a peer's announcement its missing message counts as lost.
     #[serde(default)]
     pub loss_grace_ms: u64,
+    /// Where the worker computes (`cpu`, `cuda`, `cuda:N`; empty: cpu).
+    #[serde(default)]
+    pub device: String,
+}
+
+impl Plan {
+    /// The worker's compute device, checked against what its process sees.
+    pub fn device(&self) -> crate::error::Result<Device> {
+        let spec = if self.device.is_empty() {
+            "cpu"
+        } else {
+            &self.device
+        };
+        astra_train::libtorch::parse_device(spec).map_err(crate::error::EvalError::Invalid)
+    }
 }

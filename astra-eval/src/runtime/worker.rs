@@ -131,10 +131,12 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         tch::set_num_threads(plan.threads as i32);
     }
     let timeout = Duration::from_millis(plan.timeout_ms);
-    let (model, _) = Model::load(&plan.model, Device::Cpu)?;
-    let input = crate::predict::read_input(std::path::Path::new(&plan.input), &model.config)?;
+    let device = plan.device()?;
+    let (model, _) = Model::load(&plan.model, device)?;
+    let input = crate::predict::read_input(std::path::Path::new(&plan.input), &model.config)?
+        .to_device(device);
     let tokens = model.content_tokens(&input) as usize;
-    let vq = quantizers(&model, plan)?;
+    let vq = quantizers(&model, plan, device)?;
     let cls = if plan.single_cls {
         ClsMode::Single
     } else {
@@ -147,7 +149,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         cls,
         &vq,
         RemoteKv::Tables,
-        Device::Cpu,
+        device,
     )?;
     let (streams, tx, rx) = mesh(
         listener,
@@ -175,6 +177,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         announced: HashMap::new(),
         masked: Default::default(),
         run: 0,
+        device,
         blocks: model.layers() as usize,
         batch: input.size()[0],
         sent: 0,
@@ -195,7 +198,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         let (sent_bytes, received_bytes, lost) = (ex.sent, ex.received, ex.lost);
         let (shape, data) = match states {
             Some(s) => {
-                let s = s.to_kind(Kind::Float).contiguous();
+                let s = s.to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
                 (s.size(), Vec::<f32>::try_from(s.reshape([-1]))?)
             }
             None => (vec![0], vec![]),
@@ -322,7 +325,7 @@ fn decode(
 }
 
 /// The run's quantizers (none for the SP baseline), without NAQ noise.
-fn quantizers(model: &Model, plan: &Plan) -> Result<Vec<GroupedVq>> {
+fn quantizers(model: &Model, plan: &Plan, device: Device) -> Result<Vec<GroupedVq>> {
     if plan.sp {
         return Ok(Vec::new());
     }
@@ -330,7 +333,7 @@ fn quantizers(model: &Model, plan: &Plan) -> Result<Vec<GroupedVq>> {
         noise_lambda: 0.0,
         ..Default::default()
     };
-    Ok(model.load_quantizers(std::path::Path::new(&plan.codebooks), &cfg, Device::Cpu)?)
+    Ok(model.load_quantizers(std::path::Path::new(&plan.codebooks), &cfg, device)?)
 }
 
 /// Sends to one peer from a thread of its own, so a message larger than the socket buffer (SP's
@@ -393,6 +396,7 @@ struct Exchange<'a> {
     masked: HashSet<(u32, u32)>,
     /// The run the coordinator's last `Go` named.
     run: u32,
+    device: Device,
     blocks: usize,
     batch: i64,
     /// Bytes of the frames this worker queued for its peers and took from them in this run,
@@ -456,6 +460,10 @@ impl Exchange<'_> {
             }
             let received: Vec<Option<&Payload>> = received.iter().map(Option::as_ref).collect();
             local = self.dev.block_partial(l, &local, &received);
+            // The block's kernels run asynchronously on a GPU: its time is when they are done.
+            if let Device::Cuda(i) = self.device {
+                tch::Cuda::synchronize(i as i64);
+            }
             timings.extend([
                 pre.as_secs_f64() * 1e3,
                 wait.as_secs_f64() * 1e3,
@@ -482,7 +490,7 @@ impl Exchange<'_> {
                 let columns = self.dev.index_columns(l);
                 let k = columns.iter().copied().max().unwrap_or(1);
                 let bits = bitpack::bits_for(k as usize);
-                let flat: Vec<u16> = Vec::<i64>::try_from(idx.reshape([-1]))?
+                let flat: Vec<u16> = Vec::<i64>::try_from(idx.reshape([-1]).to_device(Device::Cpu))?
                     .into_iter()
                     .map(|v| v as u16)
                     .collect();
@@ -622,7 +630,9 @@ impl Exchange<'_> {
                 {
                     fail!("block {l}: peer {from} sent a malformed embeddings frame (block {block}, rank {claimed}, {tokens} tokens × {dim}, {} values)", data.len());
                 }
-                let t = Tensor::from_slice(&data).view([self.batch, tokens as i64, dim as i64]);
+                let t = Tensor::from_slice(&data)
+                    .view([self.batch, tokens as i64, dim as i64])
+                    .to_device(self.device);
                 Ok((block, Payload::Embeddings(t)))
             }
             Frame::Indices {
@@ -672,7 +682,8 @@ impl Exchange<'_> {
                     fail!("block {block}: peer {from} sent a codeword index {v} ≥ K = {k}");
                 }
                 let t = Tensor::from_slice(&vals.iter().map(|&v| v as i64).collect::<Vec<_>>())
-                    .view([self.batch, tokens as i64, g]);
+                    .view([self.batch, tokens as i64, g])
+                    .to_device(self.device);
                 Ok((block, Payload::Indices(t)))
             }
             other => fail!(
