@@ -1,37 +1,57 @@
 #!/usr/bin/env bash
-# Real multi-device latency (issue 8): the 12×768 ViT encoder (random weights, patch 16) at
+# Real multi-device latency (issues 8 and 22): the 12×768 ViT encoder (random weights, patch 16) at
 # T = 256 (256² images) and T = 1024 (512²), one image per request, run by `astra-eval distributed`
-# as separate worker processes, each in its own network namespace behind a kernel-shaped uplink
-# (scripts/netem.sh), exchanging real bytes over TCP: single device, SP (fp32 all-gather) and
-# ASTRA G ∈ {1, 16, 32} (K = 1024) at 10, 50 and 100 Mbit/s. With GPT2_TOKENS (e.g. 1024) also
-# GPT-2 small prefill (random weights, causal: indices flow to later devices only; the last device
-# returns the next-token logits). With LLAMA_TOKENS (e.g. 1024) also a Llama-shaped decoder of the
-# same size (12×768, 12 query heads sharing 4 key/value heads, SwiGLU 2048, RoPE; random weights;
-# ASTRA sends key and value indices: two codebooks of width 256 per block). Every distributed run also writes its measured per-block compute
-# as an astra-sim trace, and astra-sim predicts that run's latency at the link rate (alpha-beta,
-# direct collectives, eager sends overlapping compute that does not need them — the runtime sends
-# from a thread per peer —, bandwidth = rate × TCP payload share 0.936 as in
-# results/sim-vs-live.md; and the paper's model). Needs root (namespaces, tc).
+# as separate worker processes exchanging real bytes: single device, SP (fp32 embeddings) and
+# ASTRA G ∈ {1, 16, 32} (K = 1024) over TCP, and ASTRA over UDP multicast (each block's indices on
+# the wire once for every peer; MULTICAST_GROUPS), at each link rate, for each N in DEVICES. Links:
+# each worker's uplink shaped by the kernel (tc in network namespaces, scripts/netem.sh; root) or
+# by the worker itself in user space (SHAPER=user: runs anywhere). With GPT2_TOKENS (e.g. 1024)
+# also GPT-2 small prefill (random weights, causal: indices flow to later devices only; the last
+# device returns the next-token logits). With LLAMA_TOKENS (e.g. 1024) also a Llama-shaped
+# decoder of the same size (12×768, 12 query heads sharing 4 key/value heads, SwiGLU 2048, RoPE;
+# random weights; ASTRA sends key and value indices: two codebooks of width 256 per block). Every
+# distributed run also writes its measured per-block compute as an astra-sim trace (eager sends
+# per peer over TCP, one multicast per device and block otherwise), and astra-sim predicts that
+# run's latency at the link rate (alpha-beta, α = 0.05 ms, eager sends overlapping compute that
+# does not need them, bandwidth = rate × the payload share of what the shaper counts: TCP behind
+# the kernel 1448/1547 (segments and the ACKs sharing the uplink, results/sim-vs-live.md), user
+# space 1448/1514 (segments), multicast 1448/1514 (datagrams); and the paper's model).
 #   scripts/bench/distributed-real.sh OUT_DIR
-# Environment: DEVICES (2), THREADS per worker (1; single device gets the same), RUNS (3, median),
-# TOKENS ("256 1024"), GPT2_TOKENS (none), LLAMA_TOKENS (none), MBPS ("10 50 100"), VQ_GROUPS ("1 16 32"; bash reserves
-# GROUPS). Writes OUT_DIR/table.md.
+# Environment: DEVICES ("2"; e.g. "2 4 8"), CORES (this machine's; each worker gets CORES/N
+# libtorch threads and the single device of that N the same) or THREADS (fixed per worker),
+# RUNS (3, median) and WARMUP (1), SP_RUNS/SP_WARMUP (RUNS/WARMUP), TOKENS ("256 1024"),
+# GPT2_TOKENS, LLAMA_TOKENS (none), MBPS ("10 50 100"), SP_MBPS (MBPS), VQ_GROUPS ("1 16 32"; bash
+# reserves GROUPS), MULTICAST_GROUPS ("16 32"; "" for none), SHAPER (kernel as root, else user),
+# WORKER_DEVICE (cpu; cuda puts every worker on the one GPU), BIN (target/release, built here),
+# PYTHON. Writes OUT_DIR/table.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 out=${1:?usage: distributed-real.sh OUT_DIR}
-n=${DEVICES:-2}
-threads=${THREADS:-1}
+read -r -a device_list <<<"${DEVICES:-2}"
+cores=${CORES:-$(nproc)}
 runs=${RUNS:-3}
+warmup=${WARMUP:-1}
 read -r -a token_list <<<"${TOKENS:-256 1024}"
 read -r -a mbps_list <<<"${MBPS:-10 50 100}"
+read -r -a sp_mbps_list <<<"${SP_MBPS:-${MBPS:-10 50 100}}"
 read -r -a group_list <<<"${VQ_GROUPS:-1 16 32}"
+read -r -a mc_list <<<"${MULTICAST_GROUPS-16 32}"
 read -r -a gpt2_tokens <<<"${GPT2_TOKENS:-}"
 read -r -a llama_tokens <<<"${LLAMA_TOKENS:-}"
-bin=target/release
-py=${PYTHON:-.venv/bin/python}
+shaper=${SHAPER:-$([[ $(id -u) == 0 ]] && echo kernel || echo user)}
+worker_device=${WORKER_DEVICE:-cpu}
+py=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 mkdir -p "$out"
-[[ $(id -u) == 0 ]] || { echo "distributed-real.sh: needs root for shaped links (network namespaces, tc)" >&2; exit 1; }
-cargo build --release -q -p astra-train -p astra-eval -p astra-sim
+case $shaper in
+  kernel) [[ $(id -u) == 0 ]] || { echo "distributed-real.sh: SHAPER=kernel needs root (network namespaces, tc); use SHAPER=user" >&2; exit 1; } ;;
+  user) ;;
+  *) echo "distributed-real.sh: SHAPER must be kernel or user, got '$shaper'" >&2; exit 1 ;;
+esac
+if [[ -z ${BIN:-} ]]; then
+  cargo build --release -q -p astra-train -p astra-eval -p astra-sim
+fi
+bin=${BIN:-target/release}
+threads_for() { echo "${THREADS:-$(((cores / $1) > 0 ? cores / $1 : 1))}"; }
 
 for t in "${token_list[@]}"; do
   side=$(python3 -c "import math; s=int(math.isqrt($t)); assert s*s==$t, 'T must be a square'; print(s*16)")
@@ -92,68 +112,82 @@ for t in "${llama_tokens[@]}"; do
  "num_key_value_heads": 4, "intermediate_size": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}'
 done
 
-common=(--threads "$threads" --runs "$runs" --warmup 1 --timeout-ms 60000)
-run() { # NAME ARGS...: one measured configuration, skipped when its summary exists
-  local name=$1; shift
+run() { # NAME N ARGS...: one measured configuration, skipped when its summary exists
+  local name=$1 n=$2 r=$runs w=$warmup; shift 2
   [[ -s $out/$name.json ]] && return 0
+  [[ $name == *-sp ]] && r=${SP_RUNS:-$runs} && w=${SP_WARMUP:-$warmup}
   echo "== $name: astra-eval distributed $*"
-  $bin/astra-eval distributed "$@" "${common[@]}" --json "$out/$name.json" --out "$out/$name.npy" | tee "$out/$name.log"
+  $bin/astra-eval distributed "$@" --threads "$(threads_for "$n")" --device "$worker_device" --runs "$r" --warmup "$w" \
+    --timeout-ms 120000 --json "$out/$name.json" --out "$out/$name.npy" | tee "$out/$name.log"
 }
-# measure PREFIX MODEL: every configuration of one model (run names PREFIX-single, PREFIX-rR-sp, …).
+# measure PREFIX MODEL N: every configuration of one model at N devices (runs PREFIX-nN-single,
+# PREFIX-nN-rR-sp, PREFIX-nN-rR-gG, PREFIX-nN-rR-gG-mc).
 measure() {
-  local p=$1 m=$2 r g
-  run "$p-single" --model "$m" --mode sp --devices 1 --input "$m/x.npy"
+  local p=$1-n$3 m=$2 n=$3 r g
+  local shaped=(--devices "$n" --shaper "$shaper" --input "$m/x.npy")
+  run "$p-single" "$n" --model "$m" --mode sp --devices 1 --input "$m/x.npy"
+  for r in "${sp_mbps_list[@]}"; do
+    run "$p-r$r-sp" "$n" --model "$m" --mode sp --links "$r" "${shaped[@]}" --trace "$out/$p-r$r-sp.trace.json"
+  done
   for r in "${mbps_list[@]}"; do
-    run "$p-r$r-sp" --model "$m" --mode sp --devices "$n" --links "$r" --input "$m/x.npy" --trace "$out/$p-r$r-sp.trace.json"
     for g in "${group_list[@]}"; do
-      run "$p-r$r-g$g" --model "$m" --codebooks "$m/cb-g$g.safetensors" --devices "$n" --links "$r" \
-        --input "$m/x.npy" --trace "$out/$p-r$r-g$g.trace.json"
+      run "$p-r$r-g$g" "$n" --model "$m" --codebooks "$m/cb-g$g.safetensors" --links "$r" "${shaped[@]}" \
+        --trace "$out/$p-r$r-g$g.trace.json"
+    done
+    for g in "${mc_list[@]}"; do
+      run "$p-r$r-g$g-mc" "$n" --model "$m" --codebooks "$m/cb-g$g.safetensors" --links "$r" "${shaped[@]}" \
+        --transport multicast --trace "$out/$p-r$r-g$g-mc.trace.json"
     done
   done
 }
-for t in "${token_list[@]}"; do measure "t$t" "$out/vit-t$t"; done
-for t in "${gpt2_tokens[@]}"; do measure "gpt2-t$t" "$out/gpt2-t$t"; done
-for t in "${llama_tokens[@]}"; do measure "llama-t$t" "$out/llama-t$t"; done
+for n in "${device_list[@]}"; do
+  for t in "${token_list[@]}"; do measure "t$t" "$out/vit-t$t" "$n"; done
+  for t in "${gpt2_tokens[@]}"; do measure "gpt2-t$t" "$out/gpt2-t$t" "$n"; done
+  for t in "${llama_tokens[@]}"; do measure "llama-t$t" "$out/llama-t$t" "$n"; done
+done
 
 # Predictions of each measured run by astra-sim, from its own trace.
-predict() { # PREFIX T
-  local p=$1 t=$2 r meth name sim_method eff
-  for r in "${mbps_list[@]}"; do
-    for meth in sp "${group_list[@]/#/g}"; do
-      name="$p-r$r-$meth"
-      sim_method=$([[ $meth == sp ]] && echo sp || echo "astra-$meth")
-      eff=$(python3 -c "print($r * 1448 / (1514 + 33))")
-      $bin/astra-sim sweep --trace "$out/$name.trace.json" --methods "$sim_method" --devices "$n" --tokens "$t" \
-        --network alpha-beta --alpha-ms 0.05 --algorithm direct --overlap true --mbps "$eff" --out "$out/$name.ab.csv" 2>/dev/null
-      $bin/astra-sim sweep --trace "$out/$name.trace.json" --methods "$sim_method" --devices "$n" --tokens "$t" \
-        --network paper --mbps "$r" --out "$out/$name.paper.csv" 2>/dev/null
-    done
+predict() { # PREFIX T N
+  local p=$1-n$3 t=$2 n=$3 name sim_method eff share
+  for name in $(cd "$out" && ls "$p"-r*.trace.json 2>/dev/null | sed 's/\.trace\.json$//'); do
+    [[ -s $out/$name.ab.csv ]] && continue
+    case $name in
+      *-sp) sim_method=sp ;;
+      *) g=${name##*-g}; g=${g%-mc}; sim_method=astra-g$g ;;
+    esac
+    share=1448/1514
+    [[ $shaper == kernel && $name != *-mc ]] && share=1448/1547
+    r=${name#"$p"-r}; r=${r%%-*}
+    eff=$(python3 -c "print($r * $share)")
+    $bin/astra-sim sweep --trace "$out/$name.trace.json" --methods "$sim_method" --devices "$n" --tokens "$t" \
+      --network alpha-beta --alpha-ms 0.05 --algorithm direct --overlap true --mbps "$eff" --out "$out/$name.ab.csv" 2>/dev/null
+    $bin/astra-sim sweep --trace "$out/$name.trace.json" --methods "$sim_method" --devices "$n" --tokens "$t" \
+      --network paper --mbps "$r" --out "$out/$name.paper.csv" 2>/dev/null
   done
 }
-for t in "${token_list[@]}"; do predict "t$t" "$t"; done
-for t in "${gpt2_tokens[@]}"; do predict "gpt2-t$t" "$t"; done
-for t in "${llama_tokens[@]}"; do predict "llama-t$t" "$t"; done
+for n in "${device_list[@]}"; do
+  for t in "${token_list[@]}"; do predict "t$t" "$t" "$n"; done
+  for t in "${gpt2_tokens[@]}"; do predict "gpt2-t$t" "$t" "$n"; done
+  for t in "${llama_tokens[@]}"; do predict "llama-t$t" "$t" "$n"; done
+done
 
+table() { # TITLE PREFIX TOKENS...
+  local title=$1 prefix=$2 n; shift 2
+  [[ $# -gt 0 ]] || return 0
+  echo "## $title"
+  for n in "${device_list[@]}"; do
+    echo
+    python3 scripts/bench/distributed_table.py "$out" "$prefix" "$n" "$(threads_for "$n")" "$*" \
+      "${mbps_list[*]}" "${sp_mbps_list[*]}" "${group_list[*]}" "${mc_list[*]}" "$shaper" "$worker_device"
+  done
+  echo
+}
 {
-  if [[ ${#token_list[@]} -gt 0 ]]; then
-    echo "## ViT encoder (12×768), classification"
-    echo
-    python3 scripts/bench/distributed_table.py "$out" t "$n" "$threads" "${token_list[*]}" "${mbps_list[*]}" "${group_list[*]}"
-  fi
-  if [[ ${#llama_tokens[@]} -gt 0 ]]; then
-    echo
-    echo "## Llama-shaped decoder (12×768, GQA 12/4 heads), prefill: key/value indices exchanged"
-    echo
-    python3 scripts/bench/distributed_table.py "$out" llama-t "$n" "$threads" "${llama_tokens[*]}" "${mbps_list[*]}" "${group_list[*]}"
-  fi
-  if [[ ${#gpt2_tokens[@]} -gt 0 ]]; then
-    echo
-    echo "## GPT-2 small (12×768), prefill: next-token logits from the last device"
-    echo
-    python3 scripts/bench/distributed_table.py "$out" gpt2-t "$n" "$threads" "${gpt2_tokens[*]}" "${mbps_list[*]}" "${group_list[*]}"
-  fi
+  table "ViT encoder (12×768), classification" t "${token_list[@]}"
+  table "Llama-shaped decoder (12×768, GQA 12/4 heads), prefill: key/value indices exchanged" llama-t "${llama_tokens[@]}"
+  table "GPT-2 small (12×768), prefill: next-token logits from the last device" gpt2-t "${gpt2_tokens[@]}"
 } >"$out/table.md"
 cat "$out/table.md"
 # Every run against its prediction (the figure results/distributed-real.md shows).
 $bin/astra-sim plot-measured --dir "$out" --out "$out/measured-vs-predicted.png" \
-  --title "Real runs at N = $n against astra-sim's prediction"
+  --title "Real runs at N = ${device_list[*]} against astra-sim's prediction"

@@ -1,9 +1,11 @@
-"""Markdown table of scripts/bench/distributed-real.sh's runs: measured latency of every
-configuration (median of its timed runs), the speedup over the single device, and astra-sim's
-prediction for the same run from its own measured trace.
+"""Markdown table of scripts/bench/distributed-real.sh's runs at one N: measured latency of every
+configuration (median of its timed runs), the speedup over the single device of that N, what the
+busiest worker put on the wire, the index messages lost (multicast), and astra-sim's prediction
+for the same run from its own measured trace.
 
-usage: distributed_table.py OUT_DIR PREFIX DEVICES THREADS "TOKENS" "MBPS" "GROUPS"
-(runs are named PREFIX{T}-single, PREFIX{T}-r{R}-sp, PREFIX{T}-r{R}-g{G})
+usage: distributed_table.py OUT_DIR PREFIX DEVICES THREADS "TOKENS" "MBPS" "SP_MBPS" "GROUPS"
+       "MULTICAST_GROUPS" SHAPER WORKER_DEVICE
+(runs are named PREFIX{T}-n{N}-single, -r{R}-sp, -r{R}-g{G}, -r{R}-g{G}-mc)
 """
 
 import csv
@@ -22,24 +24,43 @@ def latency(path: Path) -> float:
 
 def main() -> None:
     out, prefix, n, threads = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    tokens, rates, groups = (s.split() for s in sys.argv[5:8])
-    print(
-        f"Devices N = {n}, {threads} libtorch thread(s) per worker (the single device gets the same), "
-        "batch 1, median of the timed runs.\n"
+    tokens, rates, sp_rates, groups, mc_groups = (s.split() for s in sys.argv[5:10])
+    shaper, device = sys.argv[10], sys.argv[11]
+    shaped = "the kernel (tc in network namespaces)" if shaper == "kernel" else "each worker in user space"
+    where = (
+        f"{threads} libtorch thread(s) per worker (the single device gets the same)"
+        if device == "cpu"
+        else f"every worker on the one GPU ({device}), the single device too"
     )
+    print(f"### N = {n}\n")
+    print(f"{where}; uplinks shaped by {shaped}; batch 1, median of the timed runs.\n")
     print(
-        "| T | Mbit/s | method | measured (ms) | speedup vs single | compute, slowest worker (ms) "
-        "| waiting, slowest (ms) | astra-sim alpha-beta (ms) | error | paper model (ms) |"
+        "| T | Mbit/s | method | transport | measured (ms) | speedup vs single | compute, slowest worker (ms) "
+        "| waiting, slowest (ms) | sent, busiest worker (KB) | lost | astra-sim alpha-beta (ms) | error "
+        "| paper model (ms) |"
     )
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     errors = []
     for t in tokens:
-        single = json.loads((out / f"{prefix}{t}-single.json").read_text())
+        base = f"{prefix}{t}-n{n}"
+        single = json.loads((out / f"{base}-single.json").read_text())
         s_ms = single["median_ms"]
-        print(f"| {t} | – | single | {s_ms:.1f} | 1.00 | {max(single['compute_ms']):.1f} | – | – | – | – |")
-        for r in rates:
-            for meth in ["sp"] + [f"g{g}" for g in groups]:
-                name = f"{prefix}{t}-r{r}-{meth}"
+        print(
+            f"| {t} | – | single | – | {s_ms:.1f} | 1.00 | {max(single['compute_ms']):.1f} "
+            "| – | – | – | – | – | – |"
+        )
+        rows = sorted(
+            {int(r) for r in rates} | {int(r) for r in sp_rates}
+        )
+        for r in rows:
+            methods = [("sp", "sp", "TCP")] if str(r) in sp_rates else []
+            if str(r) in rates:
+                methods += [(f"g{g}", f"g{g}", "TCP") for g in groups]
+                methods += [(f"g{g}-mc", f"g{g}", "multicast") for g in mc_groups]
+            for suffix, meth, transport in methods:
+                name = f"{base}-r{r}-{suffix}"
+                if not (out / f"{name}.json").exists():
+                    continue
                 s = json.loads((out / f"{name}.json").read_text())
                 ab = latency(out / f"{name}.ab.csv")
                 paper = latency(out / f"{name}.paper.csv")
@@ -47,11 +68,18 @@ def main() -> None:
                 err = (ab - m) / m * 100
                 errors.append(abs(err))
                 label = "SP (fp32)" if meth == "sp" else f"ASTRA G={meth[1:]}"
+                lost = "–"
+                if transport == "multicast":
+                    lost = f"{100 * s.get('loss_rate', 0.0):.2f}%"
+                    if s.get("late_messages", 0):
+                        lost += f" ({s['late_messages']} late)"
                 print(
-                    f"| {t} | {r} | {label} | {m:.1f} | {s_ms / m:.2f} | {max(s['compute_ms']):.1f} "
-                    f"| {max(s['wait_ms']):.1f} | {ab:.1f} | {err:+.1f}% | {paper:.1f} |"
+                    f"| {t} | {r} | {label} | {transport} | {m:.1f} | {s_ms / m:.2f} "
+                    f"| {max(s['compute_ms']):.1f} | {max(s['wait_ms']):.1f} "
+                    f"| {max(s['sent_bytes']) / 1000:.1f} | {lost} | {ab:.1f} | {err:+.1f}% | {paper:.1f} |"
                 )
-    print(f"\nLargest |error| of astra-sim's alpha-beta prediction: {max(errors):.1f}%.")
+    if errors:
+        print(f"\nLargest |error| of astra-sim's alpha-beta prediction at N = {n}: {max(errors):.1f}%.")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,9 @@ pub struct Summary {
     pub expected_messages: Vec<u32>,
     /// Lost / expected messages over every timed run and worker.
     pub loss_rate: f64,
+    /// Of the messages taken as lost (every timed run), those that arrived whole after their
+    /// grace period: late, not lost on the wire (raise --loss-grace-ms if they matter).
+    pub late_messages: u32,
     /// `--decode`: the tokens the last device generated after the median run's prefill
     /// ([batch][new]) and its decode rate (tokens/s per sequence, steps after the first token).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -329,8 +332,9 @@ struct RunResult {
     timings: Vec<Vec<f64>>,
     /// (sent, received) bytes per worker.
     bytes: Vec<(u64, u64)>,
-    /// Messages each worker never got.
+    /// Messages each worker never got, and of those the ones that came too late.
     lost: Vec<u32>,
+    late: Vec<u32>,
     /// `--decode`: the generated tokens [batch][new] and each decode step's ms.
     decoded: Option<(Vec<Vec<i64>>, Vec<f64>)>,
 }
@@ -411,6 +415,7 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
         loss_rate: results.iter().flat_map(|r| &r.lost).sum::<u32>() as f64
             / (expected.iter().sum::<u32>() as f64 * results.len() as f64).max(1.0),
         transport: a.args.transport.name().into(),
+        late_messages: results.iter().flat_map(|r| &r.late).sum(),
         runs_ms,
         decoded: run.decoded.as_ref().map(|d| d.0.clone()),
         decode_tokens_per_s: run.decoded.as_ref().and_then(|(_, ms)| {
@@ -685,18 +690,20 @@ fn timed_runs(
         if run >= a.args.warmup {
             runs_ms.push(ms);
             let (mut states, mut timings, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
-            let mut lost = Vec::new();
+            let (mut lost, mut late) = (Vec::new(), Vec::new());
             for r in got {
                 states.push(r.state);
                 timings.push(r.timings);
                 bytes.push(r.bytes);
                 lost.push(r.lost);
+                late.push(r.late);
             }
             results.push(RunResult {
                 states,
                 timings,
                 bytes,
                 lost,
+                late,
                 decoded,
             });
         }
@@ -751,6 +758,7 @@ struct WorkerResult {
     timings: Vec<f64>,
     bytes: (u64, u64),
     lost: u32,
+    late: u32,
 }
 
 /// A worker's result frame, checked.
@@ -762,6 +770,7 @@ fn result_of(r: usize, f: Frame, blocks: usize) -> Result<Option<WorkerResult>> 
         sent_bytes,
         received_bytes,
         lost,
+        late,
         ..
     } = f
     else {
@@ -783,6 +792,7 @@ fn result_of(r: usize, f: Frame, blocks: usize) -> Result<Option<WorkerResult>> 
         timings,
         bytes: (sent_bytes, received_bytes),
         lost,
+        late,
     }))
 }
 
@@ -833,8 +843,9 @@ fn report_text(a: &DistributedRun<'_>, s: &Summary, logits: &Tensor, blocks: usi
     }
     if a.args.transport == Transport::Multicast {
         report += &format!(
-            "multicast: {:.2}% of the index messages lost over the timed runs (their tokens masked out)\n",
-            100.0 * s.loss_rate
+            "multicast: {:.2}% of the index messages lost over the timed runs (their tokens masked out; {} of them arrived after the grace period)\n",
+            100.0 * s.loss_rate,
+            s.late_messages
         );
     }
     if let Some(d) = &s.decoded {

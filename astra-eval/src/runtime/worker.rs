@@ -183,6 +183,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         sent: 0,
         received: 0,
         lost: 0,
+        late: 0,
         last_states: None,
     };
     loop {
@@ -195,7 +196,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         }
         let _g = tch::no_grad_guard();
         let (states, timings) = ex.forward(&input, &mut sinks)?;
-        let (sent_bytes, received_bytes, lost) = (ex.sent, ex.received, ex.lost);
+        let (sent_bytes, received_bytes, lost, late) = (ex.sent, ex.received, ex.lost, ex.late);
         let (shape, data) = match states {
             Some(s) => {
                 let s = s.to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
@@ -211,6 +212,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
             sent_bytes,
             received_bytes,
             lost,
+            late,
         })?;
         if let Some(per_block) = ex.captured.as_mut().map(std::mem::take) {
             let last = ex.last_states.take().expect("captured with the prefill");
@@ -404,6 +406,8 @@ struct Exchange<'a> {
     sent: u64,
     received: u64,
     lost: u32,
+    /// Messages taken as lost that arrived whole afterwards.
+    late: u32,
     /// The decoding device: per block its states before the block and the payloads it
     /// received in the last run, and its final states (None on the other devices).
     captured: Option<Vec<(Tensor, Vec<Payload>)>>,
@@ -422,7 +426,7 @@ impl Exchange<'_> {
         self.taken.clear();
         self.announced.clear();
         self.masked.clear();
-        (self.sent, self.received, self.lost) = (0, 0, 0);
+        (self.sent, self.received, self.lost, self.late) = (0, 0, 0, 0);
         let mut local = self.dev.start(input)?;
         let mut embed = t_start.elapsed();
         let mut timings = Vec::with_capacity(3 * self.blocks);
@@ -490,10 +494,11 @@ impl Exchange<'_> {
                 let columns = self.dev.index_columns(l);
                 let k = columns.iter().copied().max().unwrap_or(1);
                 let bits = bitpack::bits_for(k as usize);
-                let flat: Vec<u16> = Vec::<i64>::try_from(idx.reshape([-1]).to_device(Device::Cpu))?
-                    .into_iter()
-                    .map(|v| v as u16)
-                    .collect();
+                let flat: Vec<u16> =
+                    Vec::<i64>::try_from(idx.reshape([-1]).to_device(Device::Cpu))?
+                        .into_iter()
+                        .map(|v| v as u16)
+                        .collect();
                 Frame::Indices {
                     block,
                     from,
@@ -580,7 +585,11 @@ impl Exchange<'_> {
             Inbound::Group(id, bytes) => {
                 let key = (id.from, id.block);
                 // A message of an earlier run, or one already taken as lost, came too late.
-                if id.run != self.run || self.masked.contains(&key) {
+                if id.run != self.run {
+                    return Ok(());
+                }
+                if self.masked.contains(&key) {
+                    self.late += 1;
                     return Ok(());
                 }
                 self.received += group::received_len(bytes.len());

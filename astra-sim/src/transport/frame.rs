@@ -39,8 +39,9 @@ pub enum Frame {
         packed: Vec<u8>,
     },
     /// Worker → coordinator: a float32 tensor (the CLS states), per-block timings (ms), the
-    /// bytes of the frames this worker put on the wire and took off it in the run, and how many
-    /// of its sources' messages never arrived (a lossy transport; the tokens were masked out).
+    /// bytes of the frames this worker put on the wire and took off it in the run, how many of
+    /// its sources' messages it took as lost (a lossy transport; the tokens were masked out),
+    /// and how many of those arrived whole after all (too late: the grace period was short).
     Result {
         from: u32,
         shape: Vec<i64>,
@@ -49,6 +50,7 @@ pub enum Frame {
         sent_bytes: u64,
         received_bytes: u64,
         lost: u32,
+        late: u32,
     },
     /// Worker → coordinator: what went wrong.
     Error(String),
@@ -258,6 +260,7 @@ impl Frame {
                 sent_bytes,
                 received_bytes,
                 lost,
+                late,
             } => {
                 p.extend_from_slice(&from.to_le_bytes());
                 p.extend_from_slice(&(shape.len() as u32).to_le_bytes());
@@ -275,6 +278,7 @@ impl Frame {
                 p.extend_from_slice(&sent_bytes.to_le_bytes());
                 p.extend_from_slice(&received_bytes.to_le_bytes());
                 p.extend_from_slice(&lost.to_le_bytes());
+                p.extend_from_slice(&late.to_le_bytes());
             }
         }
         p
@@ -383,6 +387,7 @@ impl Frame {
                     sent_bytes,
                     received_bytes,
                     lost: c.u32()?,
+                    late: c.u32()?,
                 }
             }
             5 => Frame::Error(text(&mut c)?),
@@ -502,6 +507,7 @@ mod tests {
                 sent_bytes: 1 << 40,
                 received_bytes: 12_345,
                 lost: 3,
+                late: 1,
             },
             Frame::Error("boom".into()),
             Frame::Embeddings {
