@@ -55,6 +55,8 @@ pub struct Network {
     pub slowdown: Vec<f64>,
     /// Token-bucket credit (bits) of a shaped uplink that was idle before an exchange: the first
     /// `burst_bits` of each sender's round leave at line rate (a token-bucket shaper such as tc htb/tbf). 0 for a plain link.
+    /// An eager send (or multicast) gets the credit its bucket refilled while the uplink was idle
+    /// since its last message, at most `burst_bits`.
     #[serde(default)]
     pub burst_bits: f64,
 }
@@ -404,6 +406,8 @@ struct Clocks<'a> {
     pc: Vec<usize>,
     compute_free: Vec<f64>,
     nic_free: Vec<f64>,
+    /// When each device's uplink last finished sending (its token bucket refills from then).
+    sent_until: Vec<f64>,
     arrived: Vec<Option<f64>>,
 }
 
@@ -426,6 +430,7 @@ impl<'a> Clocks<'a> {
             pc: vec![0; n],
             compute_free: vec![0.0; n],
             nic_free: vec![0.0; n],
+            sent_until: vec![f64::NEG_INFINITY; n],
             arrived: vec![None; run.collectives.len()],
         }
     }
@@ -498,12 +503,21 @@ impl<'a> Clocks<'a> {
         let info = &self.run.collectives[c];
         let ready = self.ready(d, i);
         let end = if info.members[0].0 == d {
-            let end = ready.max(self.nic_engine(d))
+            let start = ready.max(self.nic_engine(d));
+            // The bucket refilled at the link rate while the uplink was idle; collective_ms
+            // already credits a full bucket, so take back what did not refill.
+            let burst = self.net.burst_bits;
+            let credit = ((start - self.sent_until[d]) * self.rate[d]).clamp(0.0, burst);
+            let bits = self.run.ops[d][i].bits as f64 * self.inflate;
+            let unpaid = bits.min(burst) - bits.min(credit);
+            let end = start
                 + self
                     .run
-                    .collective_ms(info, self.net, self.rate, self.inflate);
+                    .collective_ms(info, self.net, self.rate, self.inflate)
+                + unpaid / self.rate[d];
             self.arrived[c] = Some(end);
             self.nic_free[d] = end;
+            self.sent_until[d] = end;
             end
         } else {
             let Some(at) = self.arrived[c] else {
@@ -538,6 +552,7 @@ impl<'a> Clocks<'a> {
         for &(p, j) in &info.members {
             self.finish[p][j] = end;
             self.nic_free[p] = end;
+            self.sent_until[p] = end;
             if !self.net.overlap {
                 self.compute_free[p] = end;
             }
@@ -628,6 +643,59 @@ mod tests {
         early.programs[1][0] = compute(0, 5.0, None);
         let r = CompiledRun::new(&early).unwrap();
         assert!((r.simulate(&ov).unwrap().latency_ms - 1020.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_send_gets_the_bucket_it_refilled_while_idle() {
+        use crate::trace::OpKind;
+        // Device 0 sends 2^20 bits twice back to back, then once after 2 s of compute, over a
+        // 1 Mbit/s uplink with a 2^19-bit bucket: the first and the third start with a full
+        // bucket (0.5 s each), the second finds it empty (1 s).
+        let send = |id: u32, tag: &str, deps: Vec<u32>| Op {
+            id,
+            kind: OpKind::Send(Comm {
+                bits: 1 << 20,
+                peers: vec![0, 1],
+                tag: tag.into(),
+            }),
+            deps: Some(deps),
+        };
+        let compute = |id: u32, ms: f64, deps: Vec<u32>| Op {
+            id,
+            kind: OpKind::Compute {
+                ms,
+                label: String::new(),
+            },
+            deps: Some(deps),
+        };
+        let run = Run {
+            method: Method::Sp,
+            devices: 2,
+            tokens: 2,
+            programs: vec![
+                vec![
+                    send(0, "a", vec![]),
+                    send(1, "b", vec![]),
+                    compute(2, 3500.0, vec![]),
+                    send(3, "c", vec![2]),
+                ],
+                vec![
+                    send(0, "a", vec![]),
+                    send(1, "b", vec![]),
+                    send(2, "c", vec![]),
+                ],
+            ],
+        };
+        let mut net = Network::alpha_beta(1.0, 0.0, Algorithm::Direct, true);
+        net.burst_bits = (1 << 19) as f64;
+        let r = CompiledRun::new(&run).unwrap();
+        // a: 0–500 ms, b: 500–1500 ms; compute ends at 3500, c: 3500–4000 ms.
+        assert!((r.simulate(&net).unwrap().latency_ms - 4000.0).abs() < 1e-6);
+        let mut busy = run.clone();
+        busy.programs[0][2] = compute(2, 1750.0, vec![]);
+        // The uplink was idle 250 ms after b: half the bucket back (2^18 bits); c takes 750 ms.
+        let r = CompiledRun::new(&busy).unwrap();
+        assert!((r.simulate(&net).unwrap().latency_ms - 2500.0).abs() < 1e-6);
     }
 
     #[test]

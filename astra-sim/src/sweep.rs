@@ -26,6 +26,8 @@ pub struct Grid {
     pub loss: Vec<f64>,
     /// Per-device compute multipliers applied to every configuration (empty = all 1).
     pub slowdown: Vec<f64>,
+    /// Token-bucket credit of shaped uplinks (bits, alpha-beta; 0: plain links).
+    pub burst_bits: f64,
 }
 
 pub const HEADER: &str = "method,devices,tokens,mbps,network,alpha_ms,algorithm,overlap,loss,compute_ms,comm_ms,latency_ms,speedup,dropped_fraction";
@@ -54,6 +56,7 @@ fn networks(g: &Grid) -> Vec<Network> {
                                 for &ov in &g.overlap {
                                     let mut n = Network::alpha_beta(b, a, alg, ov);
                                     n.loss = loss;
+                                    n.burst_bits = g.burst_bits;
                                     n.slowdown = slowdown.clone();
                                     out.push(n);
                                 }
@@ -294,6 +297,7 @@ mod tests {
             overlap: vec![false, true],
             loss: vec![0.0],
             slowdown: vec![],
+            burst_bits: 0.0,
         };
         let (csv, count) = run(
             Runs::Source(&p, ModelShape::default(), BlockSplit::default()),

@@ -13,7 +13,7 @@
 # distributed run also writes its measured per-block compute as an astra-sim trace (eager sends
 # per peer over TCP, one multicast per device and block otherwise), and astra-sim predicts that
 # run's latency at the link rate (alpha-beta, α = 0.05 ms, eager sends overlapping compute that
-# does not need them, bandwidth = rate × the payload share of what the shaper counts: TCP behind
+# does not need them, the shaper's 3,028-byte token bucket, bandwidth = rate × the payload share of what the shaper counts: TCP behind
 # the kernel 1448/1547 (segments and the ACKs sharing the uplink, results/sim-vs-live.md), user
 # space 1448/1514 (segments), multicast 1448/1514 (datagrams); and the paper's model).
 #   scripts/bench/distributed-real.sh OUT_DIR
@@ -23,7 +23,8 @@
 # GPT2_TOKENS, LLAMA_TOKENS (none), MBPS ("10 50 100"), SP_MBPS (MBPS), VQ_GROUPS ("1 16 32"; bash
 # reserves GROUPS), MULTICAST_GROUPS ("16 32"; "" for none), SHAPER (kernel as root, else user),
 # WORKER_DEVICE (cpu; cuda puts every worker on the one GPU), BIN (target/release, built here),
-# PYTHON. Writes OUT_DIR/table.md.
+# PYTHON, MEASURE (1; 0 only predicts and tabulates the runs OUT_DIR holds, e.g. after a cut run).
+# Writes OUT_DIR/table.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 out=${1:?usage: distributed-real.sh OUT_DIR}
@@ -53,6 +54,7 @@ fi
 bin=${BIN:-target/release}
 threads_for() { echo "${THREADS:-$(((cores / $1) > 0 ? cores / $1 : 1))}"; }
 
+prepare_models() {
 for t in "${token_list[@]}"; do
   side=$(python3 -c "import math; s=int(math.isqrt($t)); assert s*s==$t, 'T must be a square'; print(s*16)")
   m="$out/vit-t$t"
@@ -112,9 +114,13 @@ for t in "${llama_tokens[@]}"; do
  "num_key_value_heads": 4, "intermediate_size": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}'
 done
 
+}
+# Models, codebooks and inputs (not needed to predict and tabulate runs already made).
+[[ ${MEASURE:-1} == 0 ]] || prepare_models
+
 run() { # NAME N ARGS...: one measured configuration, skipped when its summary exists
   local name=$1 n=$2 r=$runs w=$warmup; shift 2
-  [[ -s $out/$name.json ]] && return 0
+  [[ -s $out/$name.json || ${MEASURE:-1} == 0 ]] && return 0
   [[ $name == *-sp ]] && r=${SP_RUNS:-$runs} && w=${SP_WARMUP:-$warmup}
   echo "== $name: astra-eval distributed $*"
   $bin/astra-eval distributed "$@" --threads "$(threads_for "$n")" --device "$worker_device" --runs "$r" --warmup "$w" \
@@ -159,8 +165,12 @@ predict() { # PREFIX T N
     [[ $shaper == kernel && $name != *-mc ]] && share=1448/1547
     r=${name#"$p"-r}; r=${r%%-*}
     eff=$(python3 -c "print($r * $share)")
+    # Both shapers' token bucket: 3,028 bytes (netem.sh's tbf/htb burst, the user-space
+    # shaper's), counted in payload bits as the rate is.
+    burst=$(python3 -c "print(3028 * 8 * $share)")
     $bin/astra-sim sweep --trace "$out/$name.trace.json" --methods "$sim_method" --devices "$n" --tokens "$t" \
-      --network alpha-beta --alpha-ms 0.05 --algorithm direct --overlap true --mbps "$eff" --out "$out/$name.ab.csv" 2>/dev/null
+      --network alpha-beta --alpha-ms 0.05 --algorithm direct --overlap true --mbps "$eff" --burst-bits "$burst" \
+      --out "$out/$name.ab.csv" 2>/dev/null
     $bin/astra-sim sweep --trace "$out/$name.trace.json" --methods "$sim_method" --devices "$n" --tokens "$t" \
       --network paper --mbps "$r" --out "$out/$name.paper.csv" 2>/dev/null
   done

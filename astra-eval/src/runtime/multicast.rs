@@ -111,7 +111,8 @@ impl GroupSender {
         let (ftx, failed) = mpsc::channel();
         let (addr, tag, sinks) = (g.addr, g.tag, out.sinks.len());
         std::thread::spawn(move || {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0xa57a ^ u64::from(out.from));
+            // Each run draws its own losses (the session key is new per run), each worker its own.
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(tag ^ u64::from(out.from));
             let mut out = out;
             for (id, bytes) in rx {
                 if let Err(e) = put(&sock, (addr, tag), id, &bytes, &mut out, &mut rng) {

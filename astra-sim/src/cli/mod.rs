@@ -58,6 +58,7 @@ pub fn sweep_command(a: SweepArgs) -> Result<()> {
         overlap,
         loss,
         slowdown,
+        burst_bits,
         profile,
         trace,
         baseline,
@@ -95,6 +96,7 @@ pub fn sweep_command(a: SweepArgs) -> Result<()> {
             Some(s) => list("slowdown", &s)?,
             None => vec![],
         },
+        burst_bits,
     };
     let t0 = Instant::now();
     let loaded_trace;
