@@ -1041,6 +1041,7 @@ fn all_lost_reference(m: &str, x: &str, n: usize) -> Tensor {
 
 #[test]
 fn multicast_puts_each_message_on_the_wire_once_and_masks_what_is_lost() {
+    const MC: &str = "--transport=multicast";
     let tmp = tempfile::tempdir().unwrap();
     let (m, x) = fixture(tmp.path());
     let (d, p, json) = (
@@ -1064,7 +1065,6 @@ fn multicast_puts_each_message_on_the_wire_once_and_masks_what_is_lost() {
             "--json",
             json.to_str().unwrap(),
         ]);
-        args.extend(["--transport", "multicast"]);
         args.extend(extra);
         let out = ok(&eval(&args, None));
         let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
@@ -1072,7 +1072,7 @@ fn multicast_puts_each_message_on_the_wire_once_and_masks_what_is_lost() {
     };
     // Nothing lost on loopback: the per-device path's logits.
     let tm = tmp.path().join("tm.json");
-    let (out, s) = three(&["--runs", "2", "--trace", tm.to_str().unwrap()]);
+    let (out, s) = three(&[MC, "--runs", "2", "--trace", tm.to_str().unwrap()]);
     assert!(
         out.contains("multicast: 0.00% of the index messages lost"),
         "{out}"
@@ -1107,22 +1107,7 @@ fn multicast_puts_each_message_on_the_wire_once_and_masks_what_is_lost() {
     };
     assert_eq!((multicasts(0), multicasts(1), multicasts(2)), (9, 9, 9));
     let tt = tmp.path().join("tt.json");
-    let mut args = vec![
-        "distributed",
-        "--model",
-        &m,
-        "--devices",
-        "3",
-        "--input",
-        &x,
-    ];
-    args.extend([
-        "--out",
-        d.to_str().unwrap(),
-        "--trace",
-        tt.to_str().unwrap(),
-    ]);
-    ok(&eval(&args, None));
+    three(&["--transport", "tcp", "--trace", tt.to_str().unwrap()]);
     let comm = |path: &Path| {
         use astra_sim::network::{Algorithm, CompiledRun, Network};
         let run = &astra_sim::trace::Trace::load(path).unwrap().runs[0];
@@ -1140,7 +1125,7 @@ fn multicast_puts_each_message_on_the_wire_once_and_masks_what_is_lost() {
     );
     // Every message lost (user-space loss of whole messages): each device attends to its own
     // tokens only, which is the masked formulation with every remote token's indices lost.
-    let (out, s) = three(&["--links", "1000,0,100", "--shaper", "user"]);
+    let (out, s) = three(&[MC, "--links", "1000,0,100", "--shaper", "user"]);
     assert!(out.contains("100.00% of the index messages lost"), "{out}");
     assert_eq!(s["lost_messages"], serde_json::json!([6, 6, 6]), "{s}");
     assert_eq!(s["late_messages"], 0, "dropped messages never arrive: {s}");
@@ -1153,7 +1138,15 @@ fn multicast_puts_each_message_on_the_wire_once_and_masks_what_is_lost() {
         "all lost vs masked with every message lost: {rel}"
     );
     // Some lost: the run goes on, counts them, and its logits differ from the lossless run's.
-    let (_, s) = three(&["--links", "1000,0,40", "--shaper", "user", "--runs", "3"]);
+    let (_, s) = three(&[
+        MC,
+        "--links",
+        "1000,0,40",
+        "--shaper",
+        "user",
+        "--runs",
+        "3",
+    ]);
     let rate = s["loss_rate"].as_f64().unwrap();
     assert!(rate > 0.0 && rate < 1.0, "{s}");
     // Decoding needs every message; a group needs the multicast transport; a bad group is named.
