@@ -6,7 +6,8 @@
 //! Workers form a full mesh (rank r dials the ranks below it and accepts the ranks above), every
 //! connection opens with the run's session key, and per block each worker VQ-encodes its tokens,
 //! sends the bit-packed indices to the peers that attend to them (reader threads drain every
-//! socket, so sends never deadlock), and turns the indices it receives into keys/values with
+//! socket, so sends never deadlock; with `--transport multicast` one UDP copy for all of them,
+//! see [`Transport`]), and turns the indices it receives into keys/values with
 //! per-codeword tables (the fast path of `astra_train::engine`). Every wait has a deadline and every error
 //! names the peer and the block.
 

@@ -1,8 +1,9 @@
 //! `astra-eval worker`: one device. It gets its plan from the coordinator, loads the model and
 //! codebooks, joins the full mesh of peers, reports ready, and then runs the forward once per
 //! `Go`: per block it encodes its tokens, sends the packed indices (or fp32 embeddings for SP) to
-//! the peers that attend to them, waits for its sources with a deadline, checks every frame, and
-//! computes the block.
+//! the peers that attend to them (over TCP, or once on a multicast group), waits for its sources
+//! with a deadline, checks every frame, and computes the block (without the sources whose
+//! multicast message was lost).
 
 use std::collections::{HashMap, HashSet};
 use std::net::{TcpListener, TcpStream};
@@ -94,13 +95,14 @@ pub fn serve(
     Ok(())
 }
 
-/// The full mesh: a stream per peer rank, and a channel fed by one reader thread per peer.
+/// A stream per peer rank, and the channel its reader threads (and the group's) feed.
 type Mesh = (
     HashMap<u32, TcpStream>,
     mpsc::Sender<Inbound>,
     mpsc::Receiver<Inbound>,
 );
 
+/// The full mesh: a stream per peer rank, and a channel fed by one reader thread per peer.
 fn mesh(
     listener: &TcpListener,
     plan: &Plan,
@@ -158,7 +160,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         timeout,
         Duration::from_millis(plan.startup_ms),
     )?;
-    let mut sinks = outbound(plan, &dev, &streams, session, tx)?;
+    let mut out = outbound(plan, &dev, &streams, session, tx)?;
     control.send(&Frame::Ready { rank: plan.rank })?;
     // The decoding device keeps what its cache needs from each prefill (refused with the lossy
     // transport: a lost message would leave a hole in its cache).
@@ -195,7 +197,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
             Err(e) => fail!("the coordinator: {e}"),
         }
         let _g = tch::no_grad_guard();
-        let (states, timings) = ex.forward(&input, &mut sinks)?;
+        let (states, timings) = ex.forward(&input, &mut out)?;
         let (sent_bytes, received_bytes, lost, late) = (ex.sent, ex.received, ex.lost, ex.late);
         let (shape, data) = match states {
             Some(s) => {
@@ -420,7 +422,7 @@ impl Exchange<'_> {
     fn forward(
         &mut self,
         input: &Tensor,
-        sinks: &mut Outbound,
+        out: &mut Outbound,
     ) -> Result<(Option<Tensor>, Vec<f64>)> {
         let t_start = Instant::now();
         self.taken.clear();
@@ -440,7 +442,7 @@ impl Exchange<'_> {
                 _ => {}
             }
             let t0 = Instant::now();
-            if !sinks.is_empty() {
+            if !out.is_empty() {
                 let msg = std::sync::Arc::new(self.message(l, &local)?.to_bytes());
                 let copies = if matches!(fault, Some(Fault::Twice(at)) if at == l) {
                     2
@@ -448,7 +450,7 @@ impl Exchange<'_> {
                     1
                 };
                 for _ in 0..copies {
-                    self.sent += sinks.send(l, self.run, self.plan.rank, &msg)?;
+                    self.sent += out.send(l, self.run, self.plan.rank, &msg)?;
                 }
             }
             let pre = t0.elapsed() + std::mem::take(&mut embed);
