@@ -582,6 +582,37 @@ fn running_workers_are_used_with_their_session_key() {
     );
 }
 
+/// `distributed` on `devices` local workers of the fixture, writing `out` and the JSON summary
+/// `json`, with `extra` flags; its stdout and the summary.
+fn run_with_json(
+    m: &str,
+    x: &str,
+    devices: &str,
+    out: &Path,
+    json: &Path,
+    extra: &[&str],
+) -> (String, serde_json::Value) {
+    let mut args = vec![
+        "distributed",
+        "--model",
+        m,
+        "--devices",
+        devices,
+        "--input",
+        x,
+    ];
+    args.extend([
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    args.extend(extra);
+    let stdout = ok(&eval(&args, None));
+    let s = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+    (stdout, s)
+}
+
 #[test]
 fn user_space_shaping_paces_every_uplink_without_root() {
     // SP exchanges fp32 embeddings: 3 images × 8 tokens × 16 wide × 4 B = 1,536 B per block from
@@ -595,27 +626,7 @@ fn user_space_shaping_paces_every_uplink_without_root() {
         tmp.path().join("s.json"),
     );
     // Two local workers on the fixture, writing `out` and the JSON summary; stdout and summary.
-    let two_workers = |extra: &[&str], out: &Path| {
-        let mut args = vec![
-            "distributed",
-            "--model",
-            &m,
-            "--devices",
-            "2",
-            "--input",
-            &x,
-        ];
-        args.extend([
-            "--out",
-            out.to_str().unwrap(),
-            "--json",
-            json.to_str().unwrap(),
-        ]);
-        args.extend(extra);
-        let stdout = ok(&eval(&args, None));
-        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-        (stdout, s)
-    };
+    let two_workers = |extra: &[&str], out: &Path| run_with_json(&m, &x, "2", out, &json, extra);
     let shaped = ["--mode", "sp", "--links", "0.01,50", "--shaper", "user"];
     let (out, s) = two_workers(&shaped, &d);
     assert!(
@@ -1049,27 +1060,7 @@ fn multicast_puts_each_message_on_the_wire_once_and_masks_what_is_lost() {
         tmp.path().join("p.npy"),
         tmp.path().join("s.json"),
     );
-    let three = |extra: &[&str]| {
-        let mut args = vec![
-            "distributed",
-            "--model",
-            &m,
-            "--devices",
-            "3",
-            "--input",
-            &x,
-        ];
-        args.extend([
-            "--out",
-            d.to_str().unwrap(),
-            "--json",
-            json.to_str().unwrap(),
-        ]);
-        args.extend(extra);
-        let out = ok(&eval(&args, None));
-        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-        (out, s)
-    };
+    let three = |extra: &[&str]| run_with_json(&m, &x, "3", &d, &json, extra);
     // Nothing lost on loopback: the per-device path's logits.
     let tm = tmp.path().join("tm.json");
     let (out, s) = three(&[MC, "--runs", "2", "--trace", tm.to_str().unwrap()]);

@@ -456,7 +456,7 @@ fn decode_side_by_side(q: &[GroupedVq], idx: &Tensor) -> Tensor {
 /// Sources and sinks of device `d`: every other device for bidirectional attention; for causal
 /// attention the devices holding a token before d's last one (sources), and those whose last
 /// token comes after d's first one (sinks). Contiguous shares: lower and higher ranks.
-fn peers(p: &DevicePartition, d: usize, causal: bool) -> (Vec<u32>, Vec<u32>) {
+pub fn peers(p: &DevicePartition, d: usize, causal: bool) -> (Vec<u32>, Vec<u32>) {
     let span = |e: usize| {
         let t = p.tokens_of(e);
         (t[0], t[t.len() - 1])

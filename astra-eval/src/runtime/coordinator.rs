@@ -454,18 +454,8 @@ fn expected_messages(model: &Model, tokens: usize, devices: usize) -> Result<Vec
     let causal = model.astra_model().is_causal();
     let blocks = model.layers() as u32;
     Ok((0..devices)
-        .map(|d| {
-            let sources = (0..devices)
-                .filter(|&e| e != d && (!causal || span(&p, e).0 < span(&p, d).1))
-                .count() as u32;
-            sources * blocks
-        })
+        .map(|d| astra_train::engine::peers(&p, d, causal).0.len() as u32 * blocks)
         .collect())
-}
-
-fn span(p: &DevicePartition, d: usize) -> (usize, usize) {
-    let t = p.tokens_of(d);
-    (t[0], t[t.len() - 1])
 }
 
 fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
