@@ -360,8 +360,10 @@ impl CompiledRun {
         let max_over =
             |f: &dyn Fn(usize, f64) -> f64| m.iter().map(|&(p, b)| f(p, b)).fold(0.0, f64::max);
         match info.kind {
-            // A multicast leaves the sender's uplink once, whatever the number of receivers.
-            Collective::Send | Collective::Multicast => a + tx(m[0].1, root),
+            // Eager: priced by `Clocks::send` with the credit its uplink's bucket refilled.
+            Collective::Send | Collective::Multicast => {
+                unreachable!("sends and multicasts are scheduled by Clocks::send")
+            }
             Collective::Gather => a + m.iter().skip(1).map(|&(p, b)| tx(b, p)).fold(0.0, f64::max),
             Collective::AllGather => match net.algorithm {
                 Algorithm::Direct => a + max_over(&|p, b| tx((k - 1.0) * b, p)),
@@ -504,17 +506,11 @@ impl<'a> Clocks<'a> {
         let ready = self.ready(d, i);
         let end = if info.members[0].0 == d {
             let start = ready.max(self.nic_engine(d));
-            // The bucket refilled at the link rate while the uplink was idle; collective_ms
-            // already credits a full bucket, so take back what did not refill.
-            let burst = self.net.burst_bits;
-            let credit = ((start - self.sent_until[d]) * self.rate[d]).clamp(0.0, burst);
+            // The token bucket refilled at the link rate while the uplink was idle.
+            let credit =
+                ((start - self.sent_until[d]) * self.rate[d]).clamp(0.0, self.net.burst_bits);
             let bits = self.run.ops[d][i].bits as f64 * self.inflate;
-            let unpaid = bits.min(burst) - bits.min(credit);
-            let end = start
-                + self
-                    .run
-                    .collective_ms(info, self.net, self.rate, self.inflate)
-                + unpaid / self.rate[d];
+            let end = start + self.net.alpha_ms + (bits - credit).max(0.0) / self.rate[d];
             self.arrived[c] = Some(end);
             self.nic_free[d] = end;
             self.sent_until[d] = end;
