@@ -245,6 +245,7 @@ fn over_runtime(
         loss_grace_ms: 20,
         device: "cpu".into(),
         threads: 0,
+        pin_cores: false,
         input,
         out: tmp.path().join("logits.npy"),
         single_cls: false,

@@ -659,6 +659,25 @@ fn user_space_shaping_paces_every_uplink_without_root() {
         Tensor::read_npy(&sp).unwrap(),
     );
     assert!(a.equal(&b), "user-space shaping changed the logits");
+    // Pinned to a core each, the workers compute the same numbers.
+    let pinned = tmp.path().join("pinned.npy");
+    let pin = ["--mode", "sp", "--threads", "1", "--pin-cores"];
+    if std::thread::available_parallelism().unwrap().get() >= 2 {
+        let (_, s) = two_workers(&pin, &pinned);
+        let cores = &s["pinned_cores"];
+        assert!(
+            cores[0].as_array().unwrap().len() == 1 && cores[0] != cores[1],
+            "{s}"
+        );
+        assert!(Tensor::read_npy(&pinned).unwrap().equal(&b));
+    } else {
+        let args = [&["distributed", "--model", &m, "--devices", "2"], &pin[..]].concat();
+        let o = eval(
+            &[&args[..], &["--input", &x, "--out", d.to_str().unwrap()]].concat(),
+            None,
+        );
+        one_line_error(&o, "--pin-cores needs 2 × 1 cores");
+    }
     // ASTRA sends packed indices: G·log2(K) bits per token and block, plus the frame's fields.
     let cb =
         astra_quant::CodebookFile::load(Path::new(&format!("{m}/codebooks.safetensors"))).unwrap();
@@ -761,6 +780,9 @@ fn nonsense_runtime_flags_are_named() {
     let (m, x) = fixture(tmp.path());
     let d = tmp.path().join("d.npy");
     let d = d.to_str().unwrap();
+    // Threads the per-core rule allows, so only the pinning check can refuse them.
+    let most = (8 * std::thread::available_parallelism().unwrap().get()).to_string();
+    let pin_needle = format!("--pin-cores needs 4 × {most} cores");
     for (extra, needle) in [
         (
             vec!["--links", "fast"],
@@ -778,6 +800,17 @@ fn nonsense_runtime_flags_are_named() {
         ),
         (vec!["--device", "tpu"], "'tpu' is not cpu, cuda or cuda:N"),
         (vec!["--device", "cuda:7"], "no such CUDA device here"),
+        (vec!["--pin-cores", "--threads", &most], &pin_needle),
+        (
+            vec![
+                "--pin-cores",
+                "--devices",
+                "2",
+                "--workers",
+                "127.0.0.1:1,127.0.0.1:2",
+            ],
+            "--pin-cores pins local workers",
+        ),
     ] {
         let mut args = vec!["distributed", "--model", &m, "--input", &x, "--out", d];
         args.extend(extra);

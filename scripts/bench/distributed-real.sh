@@ -23,6 +23,7 @@
 # GPT2_TOKENS, LLAMA_TOKENS (none), MBPS ("10 50 100"), SP_MBPS (MBPS), VQ_GROUPS ("1 16 32"; bash
 # reserves GROUPS), MULTICAST_GROUPS ("16 32"; "" for none), SHAPER (kernel as root, else user),
 # WORKER_DEVICE (cpu; cuda puts every worker on the one GPU), BIN (target/release, built here),
+# PIN (0; 1 pins each worker, and the single device, to THREADS cores of its own: --pin-cores),
 # PYTHON, MEASURE (1; 0 only predicts and tabulates the runs OUT_DIR holds, e.g. after a cut run).
 # Writes OUT_DIR/table.md.
 set -euo pipefail
@@ -41,6 +42,8 @@ read -r -a gpt2_tokens <<<"${GPT2_TOKENS:-}"
 read -r -a llama_tokens <<<"${LLAMA_TOKENS:-}"
 shaper=${SHAPER:-$([[ $(id -u) == 0 ]] && echo kernel || echo user)}
 worker_device=${WORKER_DEVICE:-cpu}
+pin_args=()
+[[ ${PIN:-0} == 1 ]] && pin_args=(--pin-cores)
 py=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 mkdir -p "$out"
 case $shaper in
@@ -123,7 +126,7 @@ run() { # NAME N ARGS...: one measured configuration, skipped when its summary e
   [[ -s $out/$name.json || ${MEASURE:-1} == 0 ]] && return 0
   [[ $name == *-sp ]] && r=${SP_RUNS:-$runs} && w=${SP_WARMUP:-$warmup}
   echo "== $name: astra-eval distributed $*"
-  $bin/astra-eval distributed "$@" --threads "$(threads_for "$n")" --device "$worker_device" --runs "$r" --warmup "$w" \
+  $bin/astra-eval distributed "$@" --threads "$(threads_for "$n")" "${pin_args[@]}" --device "$worker_device" --runs "$r" --warmup "$w" \
     --timeout-ms 120000 --json "$out/$name.json" --out "$out/$name.npy" | tee "$out/$name.log"
 }
 # measure PREFIX MODEL N: every configuration of one model at N devices (runs PREFIX-nN-single,

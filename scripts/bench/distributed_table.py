@@ -32,6 +32,9 @@ def main() -> None:
         if device == "cpu"
         else f"every worker on the one GPU ({device}), the single device too"
     )
+    single_json = out / f"{prefix}{tokens[0]}-n{n}-single.json"
+    if device == "cpu" and single_json.exists() and json.loads(single_json.read_text()).get("pinned_cores"):
+        where += ", each pinned to cores of its own (`--pin-cores`)"
     print(f"### N = {n}\n")
     print(f"{where}; uplinks shaped by {shaped}; batch 1, median of the timed runs.\n")
     print(

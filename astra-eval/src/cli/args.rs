@@ -182,6 +182,10 @@ pub struct DistributedArgs {
     /// libtorch threads per worker (default: this machine's cores / devices).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Pin local worker r to its own --threads cores (the r-th run of this process's allowed
+    /// cores), as N separate devices would each have theirs; the single device likewise.
+    #[arg(long)]
+    pub pin_cores: bool,
     /// Where each worker computes: cpu, cuda or cuda:N (local workers all share that GPU;
     /// indices and embeddings still travel through the workers' sockets).
     #[arg(long, default_value = "cpu")]

@@ -117,6 +117,9 @@ pub struct Summary {
     /// "tcp" or "multicast".
     pub transport: String,
     pub threads_per_worker: usize,
+    /// `--pin-cores`: the cores each worker was pinned to, by rank (absent: not pinned).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pinned_cores: Vec<Vec<usize>>,
     pub runs_ms: Vec<f64>,
     pub median_ms: f64,
     /// Per worker (median run): ms computing and ms waiting for peers.
@@ -373,10 +376,11 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
         a.args.threads,
         (astra_quant::threads::cores() / a.devices).max(1),
     )?;
+    let pinned = pinned_cores(a, threads)?;
     let session = session(a)?;
     let mut workers = Workers(Vec::new());
     let (mut links, _namespaces, network) = bring_up(a, &session, &mut workers)?;
-    send_plans(a, &mut links, &session, threads)?;
+    send_plans(a, &mut links, &session, threads, &pinned)?;
     let blocks = model.layers() as usize;
     let (runs_ms, results) = timed_runs(a, &mut links, blocks)?;
     for w in links.tx.iter_mut() {
@@ -405,6 +409,7 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
         groups,
         network,
         threads_per_worker: threads,
+        pinned_cores: pinned,
         median_ms: m,
         compute_ms: run.timings.iter().map(|t| sum(t, 0) + sum(t, 2)).collect(),
         wait_ms: run.timings.iter().map(|t| sum(t, 1)).collect(),
@@ -473,6 +478,9 @@ fn check_flags(a: &DistributedRun<'_>) -> Result<()> {
             a.args.workers.len(),
             a.devices
         );
+    }
+    if !a.args.workers.is_empty() && a.args.pin_cores {
+        fail!("--pin-cores pins local workers; pin remote workers on their hosts (taskset)");
     }
     if !a.args.workers.is_empty() && a.args.links.is_some() {
         fail!("--links shapes local workers; remote workers run over the hosts' own network");
@@ -584,12 +592,24 @@ fn link_description(l: &Links, netem: bool) -> String {
     desc
 }
 
+/// `--pin-cores`: each local worker's own run of cores, by rank (empty: not pinned).
+fn pinned_cores(a: &DistributedRun<'_>, threads: usize) -> Result<Vec<Vec<usize>>> {
+    if !a.args.pin_cores {
+        return Ok(Vec::new());
+    }
+    let allowed = super::cores::allowed();
+    (0..a.devices)
+        .map(|r| super::cores::share(&allowed, a.devices, threads, r))
+        .collect()
+}
+
 /// Every worker's hello and plan, then their ready.
 fn send_plans(
     a: &DistributedRun<'_>,
     links: &mut WorkerLinks,
     session: &str,
     threads: usize,
+    pinned: &[Vec<usize>],
 ) -> Result<()> {
     let n = a.devices;
     let addrs = links.addrs.clone();
@@ -615,6 +635,7 @@ fn send_plans(
             group: (a.args.transport == Transport::Multicast).then(|| group.clone()),
             loss_grace_ms: a.args.loss_grace_ms,
             device: a.args.device.clone(),
+            cores: pinned.get(r).cloned().unwrap_or_default(),
         };
         let hello = Frame::Hello {
             session: session.into(),

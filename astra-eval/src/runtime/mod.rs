@@ -12,6 +12,7 @@
 //! names the peer and the block.
 
 pub mod coordinator;
+mod cores;
 pub use astra_sim::transport::{frame, net};
 pub mod measured_trace;
 mod multicast;
@@ -108,6 +109,9 @@ pub struct Plan {
     /// Where the worker computes (`cpu`, `cuda`, `cuda:N`; empty: cpu).
     #[serde(default)]
     pub device: String,
+    /// Cores to pin the worker to before it starts any thread (empty: not pinned).
+    #[serde(default)]
+    pub cores: Vec<usize>,
 }
 
 impl Plan {

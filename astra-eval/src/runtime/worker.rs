@@ -129,6 +129,9 @@ fn mesh(
 
 /// Loads, connects, reports ready, then serves runs until `Done`.
 fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Control) -> Result<()> {
+    if !plan.cores.is_empty() {
+        super::cores::pin(&plan.cores)?;
+    }
     if plan.threads > 0 {
         tch::set_num_threads(plan.threads as i32);
     }
