@@ -722,3 +722,159 @@ fn start_error(cfg: &TrainConfig, run: &Path) -> String {
     .unwrap_err()
     .to_string()
 }
+
+/// Trains `cfg` as `world` data-parallel ranks, threads of this process meeting through a
+/// `LocalGroup`; rank 0 writes `dir`. Rank 0's result.
+fn train_as_ranks(cfg: &TrainConfig, dir: &Path, world: usize) -> Option<RunResult> {
+    use astra_train::train::parallel::{Collective, LocalGroup};
+    let mut run = Some(RunFolder::open(dir, cfg, false).unwrap());
+    let results: Vec<Option<RunResult>> = std::thread::scope(|s| {
+        let ranks: Vec<_> = LocalGroup::group(world)
+            .into_iter()
+            .map(|g| {
+                let run = run.take();
+                s.spawn(move || {
+                    let g: std::sync::Arc<dyn Collective> = std::sync::Arc::new(g);
+                    astra_train::train::train_ranked(cfg, run.as_ref(), Device::Cpu, false, None, g)
+                        .unwrap()
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        results[1..].iter().all(Option::is_none),
+        "only rank 0 reports"
+    );
+    results.into_iter().next().unwrap()
+}
+
+/// The largest difference between two checkpoints' tensors, relative to each tensor's largest
+/// value.
+fn max_rel_diff(a: &Path, b: &Path) -> f64 {
+    let tb: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(b).unwrap().into_iter().collect();
+    let mut worst = 0.0f64;
+    for (n, t) in Tensor::read_safetensors(a).unwrap() {
+        let d = (&t - &tb[&n]).abs().max().double_value(&[]);
+        // Softmax ignores the key bias: its gradient is rounding noise, which Adam turns into
+        // steps of ±lr whatever the noise, so it alone differs between sums in another order.
+        if n.ends_with("key.bias") {
+            continue;
+        }
+        worst = worst.max(d / t.abs().max().double_value(&[]).max(1e-6));
+    }
+    worst
+}
+
+#[test]
+fn data_parallel_ranks_train_as_one_process_does() {
+    let _serial = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // 272 training images: the last batch of the 224 not held out has 0 left over; batches
+    // of 16 split 8 + 8 over two ranks.
+    write_idx(&data, "train", 272, 1);
+    write_idx(&data, "t10k", 16, 2);
+    let cfg = config(&data, 2);
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    let one = train(
+        &cfg,
+        &RunFolder::open(&a, &cfg, false).unwrap(),
+        Device::Cpu,
+        false,
+        None,
+    )
+    .unwrap();
+    // A group of one rank runs every collective and equals the single process bit for bit.
+    assert_eq!(train_as_ranks(&cfg, &b, 1), one);
+    assert_eq!(summary_without_time(&a), summary_without_time(&b));
+    let last = "checkpoints/epoch-1.safetensors";
+    same_tensors(&a.join(last), &b.join(last));
+    // Two ranks train on halves of each batch and sum their gradients: the same run up to the
+    // order of floating-point sums.
+    let two = train_as_ranks(&cfg, &c, 2).unwrap();
+    let d = max_rel_diff(&a.join(last), &c.join(last));
+    assert!(d < 1e-4, "2 ranks vs 1: weights differ by {d}");
+    let (v1, v2) = (one.unwrap().valid.unwrap(), two.valid.unwrap());
+    assert_eq!(v1.count, v2.count);
+    assert!(
+        (v1.loss - v2.loss).abs() < 1e-3 * v1.loss.abs().max(1.0),
+        "{v1:?} vs {v2:?}"
+    );
+
+    // ASTRA: the codebooks' EMA statistics are summed over the ranks too.
+    let (model, _) = astra_train::model::Model::load(a.to_str().unwrap(), Device::Cpu).unwrap();
+    let settings = calibrate::CalibrationSettings {
+        data: cfg.data.clone(),
+        samples: 64,
+        groups: 2,
+        k: 8,
+        iters: 5,
+        seed: 1,
+        noise: None,
+        context: None,
+        valid: cfg.valid,
+    };
+    let cb = tmp.path().join("cb.safetensors");
+    calibrate::calibrate(&model, &settings, Device::Cpu, false)
+        .unwrap()
+        .save(&cb)
+        .unwrap();
+    let mut acfg = astra_config(&data, cb);
+    acfg.init = Some(a.to_string_lossy().into_owned());
+    if let Some(s) = acfg.astra.as_mut() {
+        s.vq.noise_lambda = 0.0;
+    }
+    let (d1, d2, d3) = (
+        tmp.path().join("d1"),
+        tmp.path().join("d2"),
+        tmp.path().join("d3"),
+    );
+    let plain = train(
+        &acfg,
+        &RunFolder::open(&d1, &acfg, false).unwrap(),
+        Device::Cpu,
+        false,
+        None,
+    )
+    .unwrap();
+    assert_eq!(train_as_ranks(&acfg, &d2, 1), plain);
+    let last = "checkpoints/epoch-0.safetensors";
+    same_tensors(&d1.join(last), &d2.join(last));
+    train_as_ranks(&acfg, &d3, 2).unwrap();
+    let d = max_rel_diff(&d1.join(last), &d3.join(last));
+    assert!(
+        d < 1e-3,
+        "ASTRA, 2 ranks vs 1: weights and codebooks differ by {d}"
+    );
+}
+
+#[test]
+fn data_parallel_flags_are_checked_and_cpu_ranks_run_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixtures(tmp.path());
+    let out = tmp.path().join("run");
+    if !tch::Cuda::is_available() {
+        let o = finetune_cmd(&data, &out, &["--gpus", "2"])
+            .output()
+            .unwrap();
+        one_line_failure(&o, "--gpus 2: this machine has 0 CUDA device(s)");
+    }
+    let o = finetune_cmd(&data, &out, &["--cpu-ranks", "32"])
+        .output()
+        .unwrap();
+    one_line_failure(&o, "--batch 16 is smaller than the 32 ranks");
+    assert!(!out.exists(), "a refused run left a folder");
+    let o = finetune_cmd(&data, &out, &["--cpu-ranks", "2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("selected epoch 1"));
+    assert!(RunResult::read(&out).unwrap().is_some());
+}

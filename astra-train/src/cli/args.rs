@@ -58,6 +58,15 @@ pub struct TrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Data parallel on N GPUs (0: off): one process per GPU, started here, with NCCL summing
+    /// the gradients and the codebooks' EMA statistics; rank 0 writes the run folder. --batch
+    /// stays the global batch (each GPU trains on its 1/N of it); --device is not used.
+    #[arg(long, default_value_t = 0, conflicts_with = "cpu_ranks")]
+    pub gpus: usize,
+    /// Data parallel as N threads of this process on the CPU (0: off): the arithmetic of
+    /// --gpus N without GPUs, for tests and small runs.
+    #[arg(long, default_value_t = 0)]
+    pub cpu_ranks: usize,
     /// bf16 autocast of the forward pass (CUDA only).
     #[arg(long)]
     pub bf16: bool,

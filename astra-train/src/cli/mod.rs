@@ -4,6 +4,7 @@
 
 pub mod args;
 mod config_file;
+mod launch;
 
 use anyhow::{bail, Result};
 use tch::Device;
@@ -124,14 +125,28 @@ fn train_config(
 }
 
 fn run_training(cfg: TrainConfig, t: &TrainArgs) -> Result<()> {
-    let device = device(&t.device)?;
     cfg.validate()?;
-    let run = RunFolder::open(&t.out, &cfg, t.resume)?;
     // Test hook: stop after this many epochs in total, as a kill would (resume tests of scripts).
     let stop_after = std::env::var("ASTRA_STOP_AFTER_EPOCHS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok());
-    let Some(result) = crate::train::train(&cfg, &run, device, true, stop_after)? else {
+    let result = if let Some(me) = launch::rank_from_env()? {
+        let rank = me.rank;
+        let r = launch::run_gpu_rank(&cfg, t, me, stop_after)?;
+        if rank > 0 {
+            return Ok(());
+        }
+        r
+    } else if t.gpus > 0 {
+        return launch::spawn_gpu_ranks(t);
+    } else if t.cpu_ranks > 0 {
+        launch::run_cpu_ranks(&cfg, t, stop_after)?
+    } else {
+        let device = device(&t.device)?;
+        let run = RunFolder::open(&t.out, &cfg, t.resume)?;
+        crate::train::train(&cfg, &run, device, true, stop_after)?
+    };
+    let Some(result) = result else {
         bail!(
             "stopped before epoch {} of {} (ASTRA_STOP_AFTER_EPOCHS); continue with --resume",
             stop_after.unwrap_or(0) + 1,

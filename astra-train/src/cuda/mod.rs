@@ -18,6 +18,7 @@
 
 pub mod adamw;
 pub mod ema;
+pub mod nccl;
 pub mod nearest;
 
 use std::collections::HashMap;

@@ -46,6 +46,9 @@ pub struct GroupedVq {
     /// NAQ noise: mean [D] and a factor [D, D] (Cholesky) or std [D] (diagonal).
     noise: Option<(Tensor, Tensor, bool)>,
     pub cfg: VqConfig,
+    /// Data parallel: the ranks whose batches the EMA statistics sum over (None: this process
+    /// alone).
+    ranks: Option<std::sync::Arc<dyn crate::train::parallel::Collective>>,
 }
 
 /// What one quantisation pass produced.
@@ -91,6 +94,7 @@ impl GroupedVq {
             ema_started: false,
             noise,
             cfg,
+            ranks: None,
         }
     }
 
@@ -203,16 +207,57 @@ impl GroupedVq {
         Some(xi.reshape(shape))
     }
 
+    /// Data parallel: sum the EMA statistics over these ranks (and take rank 0's restarts).
+    pub fn set_ranks(&mut self, ranks: std::sync::Arc<dyn crate::train::parallel::Collective>) {
+        self.ranks = ranks.is_group().then_some(ranks);
+    }
+
+    /// Everything that must be equal on every rank, including whether the EMA has started (as
+    /// a 0/1 tensor), for rank 0 to send at the start of a data-parallel run.
+    pub fn replicated_state(&mut self) -> Vec<Tensor> {
+        let mut v = vec![
+            self.codebook.shallow_clone(),
+            self.ema_count.shallow_clone(),
+            self.ema_sum.shallow_clone(),
+        ];
+        if let Some((a, b, _)) = &self.noise {
+            v.extend([a.shallow_clone(), b.shallow_clone()]);
+        }
+        v
+    }
+
+    pub fn ema_started(&self) -> bool {
+        self.ema_started
+    }
+
+    pub fn set_ema_started(&mut self, started: bool) {
+        self.ema_started = started;
+    }
+
+    /// The rank group's sum of `t` in place (a no-op without ranks). A failed collective leaves
+    /// the ranks unable to agree: nothing can continue, so it panics with NCCL's message.
+    fn sum_over_ranks(&self, t: &Tensor) {
+        if let Some(r) = &self.ranks {
+            r.all_reduce_sum(t).expect("codebook statistics all-reduce");
+        }
+    }
+
     pub(crate) fn ema_update(&mut self, x: &Tensor, indices: &Tensor) {
         let (g, k, w) = (self.groups(), self.k(), self.codebook.size()[2]);
         let rows = x.detach().to_kind(Kind::Float).reshape([-1, g, w]); // [M, G, w]
         let (counts, sums) = code_stats(&rows, &indices.reshape([-1, g]), k);
+        let (counts, sums) = (counts.contiguous(), sums.contiguous());
+        self.sum_over_ranks(&counts);
+        self.sum_over_ranks(&sums);
         let flat = rows.transpose(0, 1); // [G, M, w]
         if !self.ema_started {
             // Start the statistics as if the calibration codebook had been averaged over batches
             // of this size with the calibration's code shares: the first update then moves it by
-            // (1 − decay), not by a jump towards this one batch.
-            let m = rows.size()[0] as f64;
+            // (1 − decay), not by a jump towards this one batch (of every rank).
+            let m = match self.ranks {
+                Some(_) => counts.get(0).sum(Kind::Double).double_value(&[]),
+                None => rows.size()[0] as f64,
+            };
             self.ema_count = &self.ema_count * m;
             self.ema_sum = self.codebook.to_kind(Kind::Float) * self.ema_count.unsqueeze(-1);
             self.ema_started = true;
@@ -232,7 +277,13 @@ impl GroupedVq {
             .lt_tensor(&(&mean_count * self.cfg.dead_threshold)); // [G, K]
         let m = flat.size()[1];
         let pick = Tensor::randint(m, [g, k], (Kind::Int64, x.device()));
-        let fresh = flat.gather(1, &pick.unsqueeze(-1).expand([g, k, w], false), false);
+        let fresh = flat
+            .gather(1, &pick.unsqueeze(-1).expand([g, k, w], false), false)
+            .contiguous();
+        if let Some(r) = &self.ranks {
+            // Restarts from rank 0's rows, so every rank keeps the same codebook.
+            r.broadcast(&fresh).expect("codebook restart broadcast");
+        }
         let dead3 = dead.unsqueeze(-1).expand([g, k, w], false);
         let updated = new_cb.where_self(&dead3.logical_not(), &fresh);
         let restart = mean_count.expand([g, k], false);

@@ -4,10 +4,12 @@
 
 pub mod calibrate;
 pub mod optim;
+pub mod parallel;
 pub mod run;
 pub mod task;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -24,6 +26,7 @@ use crate::models::vq::ResidualMoments;
 use crate::models::{Astra, ClsMode, DevicePartition, GroupedVq, VqConfig};
 use crate::precision::bf16_autocast;
 use optim::{AdamW, AdamWConfig};
+use parallel::Collective;
 use run::{EpochRecord, RunFolder, RunResult};
 pub use task::{AstraEval, EvalMetrics, Split, Task};
 
@@ -181,6 +184,21 @@ pub fn train(
     progress: bool,
     stop_after: Option<usize>,
 ) -> Result<Option<RunResult>> {
+    let solo: Arc<dyn Collective> = Arc::new(parallel::Solo);
+    train_ranked(cfg, Some(run), device, progress, stop_after, solo)
+}
+
+/// [`train`] as one rank of a data-parallel group (parallel.rs): rank 0 holds the run folder
+/// (`run`; None on the others) and alone reads, evaluates and writes it; every rank trains on
+/// its slice of each batch. Returns the result on rank 0.
+pub fn train_ranked(
+    cfg: &TrainConfig,
+    run: Option<&RunFolder>,
+    device: Device,
+    progress: bool,
+    stop_after: Option<usize>,
+    ranks: Arc<dyn Collective>,
+) -> Result<Option<RunResult>> {
     cfg.validate()?;
     if cfg.bf16 && !device.is_cuda() {
         return Err(TrainError::invalid(
@@ -190,7 +208,9 @@ pub fn train(
     }
     let mut setup = set_up(cfg, device)?;
     // The inputs are checked (data, model, codebooks): only now does a new run write anything.
-    run.start()?;
+    if let Some(run) = run {
+        run.start()?;
+    }
     let n_train = cfg
         .max_train
         .map_or(setup.task.train_len(), |m| m.min(setup.task.train_len()));
@@ -198,13 +218,24 @@ pub fn train(
     let mut opt_cfg = cfg.optim.clone();
     opt_cfg.total_steps = steps_per_epoch * cfg.epochs;
     let mut opt = AdamW::new(&setup.model.vs, opt_cfg);
-    let mut p = restore(run, &setup.model, &mut opt, setup.vq.as_deref_mut())?;
+    let mut p = match run {
+        Some(run) => restore(run, &setup.model, &mut opt, setup.vq.as_deref_mut())?,
+        None => Progress::fresh(),
+    };
+    replicate_from_rank0(&ranks, &mut setup, &mut opt, &mut p, device)?;
     for epoch in p.start_epoch..cfg.epochs {
         if stop_after.is_some_and(|s| epoch >= s) {
             return Ok(None);
         }
         let t0 = Instant::now();
-        let totals = train_epoch(cfg, &mut setup, &mut opt, epoch, steps_per_epoch, progress)?;
+        let totals = train_epoch(
+            cfg,
+            &mut setup,
+            &mut opt,
+            (epoch, steps_per_epoch),
+            progress,
+            &*ranks,
+        )?;
         let train_seconds = t0.elapsed().as_secs_f64();
         let (warmup_seconds, warmup_samples) = totals
             .warmup
@@ -215,8 +246,17 @@ pub fn train(
             if a.vq.noise_lambda > 0.0 {
                 let seed = cfg.seed ^ ((epoch as u64 + 1) << 40);
                 refresh_naq(&setup.task, &setup.model, q, seed, device)?;
+                // Each rank estimates the same statistics; rank 0's are kept bit for bit.
+                for b in q.iter_mut() {
+                    parallel::broadcast_all(&*ranks, &b.replicated_state())?;
+                }
             }
         }
+        // Validation, selection and the checkpoint are rank 0's: the other ranks go on to the
+        // next epoch, whose first all-reduce waits for rank 0.
+        let Some(run) = run else {
+            continue;
+        };
         let m = evaluate(
             cfg,
             &setup.task,
@@ -253,6 +293,9 @@ pub fn train(
         }
         checkpoint(run, &setup, &opt, &rec, &p, is_best)?;
     }
+    let Some(run) = run else {
+        return Ok(None);
+    };
     let test = test_selected(cfg, run, &setup.task, device)?;
     let result = RunResult {
         epochs: cfg.epochs,
@@ -358,6 +401,10 @@ fn set_up(cfg: &TrainConfig, device: Device) -> Result<Setup> {
             m
         }
         None => {
+            // libtorch's generator is process-wide: ranks that are threads of one process
+            // (`--cpu-ranks`) take turns, so each draws the weights a single process draws.
+            static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _turn = INIT.lock().unwrap_or_else(|p| p.into_inner());
             tch::manual_seed(cfg.seed as i64);
             Model::new(model_cfg, device)?
         }
@@ -389,6 +436,49 @@ fn set_up(cfg: &TrainConfig, device: Device) -> Result<Setup> {
     })
 }
 
+impl Progress {
+    fn fresh() -> Self {
+        Progress {
+            start_epoch: 0,
+            best: f64::NEG_INFINITY,
+            best_epoch: None,
+            best_metrics: None,
+        }
+    }
+}
+
+/// Data parallel: every rank starts from what rank 0 initialised or restored (weights, moments,
+/// step, epoch, codebooks), and its quantizers sum their EMA statistics over the ranks.
+fn replicate_from_rank0(
+    ranks: &Arc<dyn Collective>,
+    setup: &mut Setup,
+    opt: &mut AdamW,
+    p: &mut Progress,
+    device: Device,
+) -> Result<()> {
+    if !ranks.is_group() {
+        return Ok(());
+    }
+    // By name: every rank must send and receive the tensors in the same order.
+    let mut named: Vec<(String, Tensor)> = setup.model.vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut state: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
+    state.extend(opt.moment_buffers());
+    for b in setup.vq.iter_mut().flatten() {
+        state.extend(b.replicated_state());
+    }
+    let r = ranks.as_ref();
+    parallel::broadcast_all(r, &state)?;
+    opt.step = parallel::agree_u64(r, opt.step as u64, device)? as usize;
+    p.start_epoch = parallel::agree_u64(r, p.start_epoch as u64, device)? as usize;
+    for b in setup.vq.iter_mut().flatten() {
+        let started = parallel::agree_u64(r, b.ema_started() as u64, device)?;
+        b.set_ema_started(started == 1);
+        b.set_ranks(ranks.clone());
+    }
+    Ok(())
+}
+
 /// Model, optimizer and quantizer state from the run's last completed epoch, if any.
 fn restore(
     run: &RunFolder,
@@ -397,12 +487,7 @@ fn restore(
     vq: Option<&mut [GroupedVq]>,
 ) -> Result<Progress> {
     let Some((state, tensors)) = run.last_checkpoint()? else {
-        return Ok(Progress {
-            start_epoch: 0,
-            best: f64::NEG_INFINITY,
-            best_epoch: None,
-            best_metrics: None,
-        });
+        return Ok(Progress::fresh());
     };
     for (n, v) in model.vs.variables() {
         let src = tensors
@@ -471,9 +556,9 @@ fn train_epoch(
     cfg: &TrainConfig,
     setup: &mut Setup,
     opt: &mut AdamW,
-    epoch: usize,
-    steps: usize,
+    (epoch, steps): (usize, usize),
     progress: bool,
+    ranks: &dyn Collective,
 ) -> Result<EpochTotals> {
     let Setup {
         task,
@@ -483,10 +568,12 @@ fn train_epoch(
     } = setup;
     let device = model.vs.device();
     let epoch_seed = cfg.seed ^ ((epoch as u64 + 1) << 32);
+    // Rank 0 draws what a single process draws; the others their own dropout and noise.
     tch::manual_seed(
         (cfg.seed as i64)
             .wrapping_mul(1000)
-            .wrapping_add(epoch as i64),
+            .wrapping_add(epoch as i64)
+            .wrapping_add((ranks.rank() as i64) << 24),
     );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(epoch_seed);
     let bar = epoch_bar(progress, steps, epoch, cfg.epochs);
@@ -513,6 +600,9 @@ fn train_epoch(
             warmup = Some((Instant::now(), n));
         }
         let (x, y) = b?;
+        let Some((x, y)) = rank_slice(x, y, ranks) else {
+            continue;
+        };
         let partition = step_partition(cfg, model.content_tokens(&x) as usize, &mut rng)?;
         let (logits, loss) = bf16_autocast(cfg.bf16, || -> Result<(Tensor, Tensor)> {
             let (logits, commit) = match (vq.as_mut(), &partition) {
@@ -538,7 +628,13 @@ fn train_epoch(
             Ok((logits, loss))
         })??;
         opt.zero_grad();
-        loss.backward();
+        match ranks.is_group() {
+            false => loss.backward(),
+            true => {
+                (&loss * target_share(&y, ranks)?).backward();
+                opt.reduce_grads(|g| ranks.all_reduce_sum(g))?;
+            }
+        }
         opt.step();
         add_step(&[&loss_sum, &correct, &seen], &logits, &y, &loss);
         bar.inc(1);
@@ -548,6 +644,9 @@ fn train_epoch(
         }
     }
     bar.finish_and_clear();
+    for s in [&loss_sum, &correct, &seen] {
+        ranks.all_reduce_sum(s)?;
+    }
     let totals = EpochTotals {
         loss_sum: loss_sum.double_value(&[]),
         correct: correct.double_value(&[]),
@@ -674,6 +773,33 @@ fn step_partition(
 
 /// Adds a step's loss × scored targets, correct predictions and scored targets to the epoch's
 /// running sums `[loss_sum, correct, seen]` (on the device: reading them would sync every step).
+/// This rank's slice of a batch; None when the batch has fewer examples than there are ranks
+/// (the last, partial one: every rank skips it alike).
+fn rank_slice(x: Tensor, y: Tensor, ranks: &dyn Collective) -> Option<(Tensor, Tensor)> {
+    if !ranks.is_group() {
+        return Some((x, y));
+    }
+    let n = x.size()[0];
+    if n < ranks.world() as i64 {
+        return None;
+    }
+    let (lo, len) = parallel::shard(n, ranks.rank(), ranks.world());
+    Some((x.narrow(0, lo, len), y.narrow(0, lo, len)))
+}
+
+/// This rank's share of the batch's targets (tokens a language model scores, or images), a
+/// device scalar: its mean loss times this is its part of the batch's mean loss.
+fn target_share(y: &Tensor, ranks: &dyn Collective) -> Result<Tensor> {
+    let mine = y
+        .reshape([-1])
+        .ne(crate::data::text::IGNORE)
+        .sum(Kind::Float)
+        .reshape([1]);
+    let all = mine.copy();
+    ranks.all_reduce_sum(&all)?;
+    Ok((mine / all.clamp_min(1.0)).reshape([]))
+}
+
 fn add_step(sums: &[&Tensor; 3], logits: &Tensor, y: &Tensor, loss: &Tensor) {
     tch::no_grad(|| {
         let keep = y.reshape([-1]).ne(crate::data::text::IGNORE);

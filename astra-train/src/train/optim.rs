@@ -111,6 +111,33 @@ impl AdamW {
         }
     }
 
+    /// The moments' flat buffers (data parallel: rank 0's restored state goes to every rank).
+    pub fn moment_buffers(&self) -> [Tensor; 2] {
+        [self.m.shallow_clone(), self.v.shallow_clone()]
+    }
+
+    /// Applies `reduce` to all gradients as one flat fp32 buffer (data parallel: the all-reduce
+    /// across ranks), so the step that follows reads the result.
+    pub fn reduce_grads(
+        &mut self,
+        reduce: impl FnOnce(&Tensor) -> crate::error::Result<()>,
+    ) -> crate::error::Result<()> {
+        tch::no_grad(|| {
+            let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
+            let buffer = self.flat_grads(&grads);
+            reduce(&buffer)?;
+            if self.grads.is_none() {
+                // A concatenation, not the gradients' storage: write the result back.
+                for (g, v) in grads.iter().zip(self.views(&buffer)) {
+                    if g.defined() {
+                        g.shallow_clone().copy_(&v);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// One update from the current gradients (global-norm clipped). Nothing here waits for the
     /// device: the norm stays a device scalar.
     pub fn step(&mut self) {
