@@ -726,8 +726,19 @@ fn start_error(cfg: &TrainConfig, run: &Path) -> String {
 /// Trains `cfg` as `world` data-parallel ranks, threads of this process meeting through a
 /// `LocalGroup`; rank 0 writes `dir`. Rank 0's result.
 fn train_as_ranks(cfg: &TrainConfig, dir: &Path, world: usize) -> Option<RunResult> {
+    ranks_until(cfg, dir, world, None, false)
+}
+
+/// [`train_as_ranks`], stopping after `stop_after` epochs, or resuming the run in `dir`.
+fn ranks_until(
+    cfg: &TrainConfig,
+    dir: &Path,
+    world: usize,
+    stop_after: Option<usize>,
+    resume: bool,
+) -> Option<RunResult> {
     use astra_train::train::parallel::{Collective, LocalGroup};
-    let mut run = Some(RunFolder::open(dir, cfg, false).unwrap());
+    let mut run = Some(RunFolder::open(dir, cfg, resume).unwrap());
     let results: Vec<Option<RunResult>> = std::thread::scope(|s| {
         let ranks: Vec<_> = LocalGroup::group(world)
             .into_iter()
@@ -735,7 +746,8 @@ fn train_as_ranks(cfg: &TrainConfig, dir: &Path, world: usize) -> Option<RunResu
                 let run = run.take();
                 s.spawn(move || {
                     let g: std::sync::Arc<dyn Collective> = std::sync::Arc::new(g);
-                    astra_train::train::train_ranked(cfg, run.as_ref(), Device::Cpu, false, None, g)
+                    let r = run.as_ref();
+                    astra_train::train::train_ranked(cfg, r, Device::Cpu, false, stop_after, g)
                         .unwrap()
                 })
             })
@@ -806,6 +818,32 @@ fn data_parallel_ranks_train_as_one_process_does() {
     assert!(
         (v1.loss - v2.loss).abs() < 1e-3 * v1.loss.abs().max(1.0),
         "{v1:?} vs {v2:?}"
+    );
+    // A run resumes with any number of ranks: 2 for the first epoch, then 1 process.
+    let e = tmp.path().join("e");
+    assert_eq!(ranks_until(&cfg, &e, 2, Some(1), false), None);
+    let resumed = RunFolder::open(&e, &cfg, true).unwrap();
+    train(&cfg, &resumed, Device::Cpu, false, None)
+        .unwrap()
+        .unwrap();
+    let d = max_rel_diff(&a.join(last), &e.join(last));
+    assert!(
+        d < 1e-4,
+        "2 ranks, then resumed alone: weights differ by {d}"
+    );
+    // And the other way: 1 process for the first epoch, then 3 ranks.
+    let f = tmp.path().join("f");
+    let opened = RunFolder::open(&f, &cfg, false).unwrap();
+    assert_eq!(
+        train(&cfg, &opened, Device::Cpu, false, Some(1)).unwrap(),
+        None
+    );
+    drop(opened); // its lock
+    ranks_until(&cfg, &f, 3, None, true).unwrap();
+    let d = max_rel_diff(&a.join(last), &f.join(last));
+    assert!(
+        d < 1e-4,
+        "1 process, then resumed on 3 ranks: weights differ by {d}"
     );
 
     // ASTRA: the codebooks' EMA statistics are summed over the ranks too.

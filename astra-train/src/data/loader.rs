@@ -90,7 +90,9 @@ pub fn read_batch(
 }
 
 /// Iterates the batches of one epoch (`order` cut into `batch`-sized chunks), `ahead` batches
-/// prepared in advance on a background thread.
+/// prepared in advance on a background thread. Data parallel: each rank reads only its slice of
+/// every batch ([`crate::train::parallel::shard`]), with the augmentation each example gets in
+/// the whole batch; a batch smaller than the ranks is left out on all of them.
 pub struct BatchLoader {
     rx: Option<Receiver<Result<RawBatch>>>,
     handle: Option<JoinHandle<()>>,
@@ -103,12 +105,18 @@ impl BatchLoader {
         batch: usize,
         augment: Option<(Augment, u64)>,
         ahead: usize,
+        (rank, world): (usize, usize),
     ) -> Self {
         let (tx, rx) = sync_channel(ahead.max(1));
         let handle = std::thread::spawn(move || {
             for (b, chunk) in order.chunks(batch.max(1)).enumerate() {
-                let aug = augment.as_ref().map(|(a, s)| (a, *s, b * batch));
-                let r = read_batch(&*set, chunk, aug);
+                if chunk.len() < world {
+                    continue;
+                }
+                let (lo, len) = crate::train::parallel::shard(chunk.len() as i64, rank, world);
+                let (lo, len) = (lo as usize, len as usize);
+                let aug = augment.as_ref().map(|(a, s)| (a, *s, b * batch + lo));
+                let r = read_batch(&*set, &chunk[lo..lo + len], aug);
                 let failed = r.is_err();
                 // A closed channel means the consumer stopped early: nothing left to do.
                 if tx.send(r).is_err() || failed {
@@ -162,9 +170,16 @@ mod tests {
         let order = vec![3, 1, 4, 0, 5, 9, 2];
         let aug = Augment { pad: 1, flip: true };
         let run = || -> Vec<RawBatch> {
-            BatchLoader::start(s.clone(), order.clone(), 3, Some((aug.clone(), 7)), 2)
-                .map(|b| b.unwrap())
-                .collect()
+            BatchLoader::start(
+                s.clone(),
+                order.clone(),
+                3,
+                Some((aug.clone(), 7)),
+                2,
+                (0, 1),
+            )
+            .map(|b| b.unwrap())
+            .collect()
         };
         let a = run();
         assert_eq!(
@@ -175,12 +190,12 @@ mod tests {
         let b = run();
         assert!(a.iter().zip(&b).all(|(x, y)| x.pixels == y.pixels));
         // Without augmentation the pixels are the stored ones.
-        let plain: Vec<RawBatch> = BatchLoader::start(s.clone(), order.clone(), 3, None, 1)
+        let plain: Vec<RawBatch> = BatchLoader::start(s.clone(), order.clone(), 3, None, 1, (0, 1))
             .map(|b| b.unwrap())
             .collect();
         assert_eq!(&plain[0].pixels[..32], &set(10).images[3 * 32..4 * 32]);
         // Stopping early does not hang.
-        let mut l = BatchLoader::start(s, order, 1, None, 1);
+        let mut l = BatchLoader::start(s, order, 1, None, 1, (0, 1));
         l.next();
         drop(l);
     }

@@ -589,6 +589,7 @@ fn train_epoch(
         epoch_seed.rotate_left(17),
         &mut rng,
         device,
+        (ranks.rank(), ranks.world()),
     );
     let warm = warmup_steps(steps);
     let mut warmup = None;
@@ -600,9 +601,6 @@ fn train_epoch(
             warmup = Some((Instant::now(), n));
         }
         let (x, y) = b?;
-        let Some((x, y)) = rank_slice(x, y, ranks) else {
-            continue;
-        };
         let partition = step_partition(cfg, model.content_tokens(&x) as usize, &mut rng)?;
         let (logits, loss) = bf16_autocast(cfg.bf16, || -> Result<(Tensor, Tensor)> {
             let (logits, commit) = match (vq.as_mut(), &partition) {
@@ -773,20 +771,6 @@ fn step_partition(
 
 /// Adds a step's loss × scored targets, correct predictions and scored targets to the epoch's
 /// running sums `[loss_sum, correct, seen]` (on the device: reading them would sync every step).
-/// This rank's slice of a batch; None when the batch has fewer examples than there are ranks
-/// (the last, partial one: every rank skips it alike).
-fn rank_slice(x: Tensor, y: Tensor, ranks: &dyn Collective) -> Option<(Tensor, Tensor)> {
-    if !ranks.is_group() {
-        return Some((x, y));
-    }
-    let n = x.size()[0];
-    if n < ranks.world() as i64 {
-        return None;
-    }
-    let (lo, len) = parallel::shard(n, ranks.rank(), ranks.world());
-    Some((x.narrow(0, lo, len), y.narrow(0, lo, len)))
-}
-
 /// This rank's share of the batch's targets (tokens a language model scores, or images), a
 /// device scalar: its mean loss times this is its part of the batch's mean loss.
 fn target_share(y: &Tensor, ranks: &dyn Collective) -> Result<Tensor> {

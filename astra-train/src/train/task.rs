@@ -280,6 +280,7 @@ impl Task {
         aug_seed: u64,
         rng: &mut impl Rng,
         device: Device,
+        shard: (usize, usize),
     ) -> Box<dyn Iterator<Item = Result<(Tensor, Tensor)>> + 'a> {
         match self {
             Task::Images { data, size } => {
@@ -287,7 +288,8 @@ impl Task {
                 let mut order: Vec<usize> = (0..n).collect();
                 order.shuffle(rng);
                 let aug = (!augment.is_identity()).then(|| (augment.clone(), aug_seed));
-                let loader = BatchLoader::start(Arc::clone(&data.train), order, batch, aug, 3);
+                let loader =
+                    BatchLoader::start(Arc::clone(&data.train), order, batch, aug, 3, shard);
                 let (mean, std, size) = (data.mean.clone(), data.std.clone(), *size);
                 Box::new(loader.map(move |b| b.map(|b| b.to_tensors(&mean, &std, size, device))))
             }
@@ -299,10 +301,14 @@ impl Task {
                 starts.shuffle(rng);
                 starts.truncate(limit.unwrap_or(usize::MAX));
                 let ctx = *context;
+                let (rank, world) = shard;
                 let windows: Vec<Vec<Window>> = starts
                     .chunks(batch.max(1))
+                    .filter(|c| c.len() >= world)
                     .map(|c| {
-                        c.iter()
+                        let (lo, len) = crate::train::parallel::shard(c.len() as i64, rank, world);
+                        c[lo as usize..(lo + len) as usize]
+                            .iter()
                             .map(|&s| Window {
                                 start: s,
                                 len: ctx,
