@@ -1,5 +1,6 @@
 """Tabulates scripts/bench/multi-gpu.sh: each --gpus run against its single-process reference
-(the largest weight difference, relative to each tensor's largest value, of the last checkpoint;
+(NAME-gpusN against NAME, NAME-resumed-gpusN against NAME: the largest weight difference,
+relative to each tensor's largest value, of the last checkpoint;
 validation loss per epoch; training throughput)."""
 import csv
 import sys
@@ -35,7 +36,8 @@ def main() -> None:
     for run in sorted(out.glob("*-gpus*")):
         if not (run / "complete.json").exists():
             continue
-        ref = out / run.name.split("-gpus")[0]
+        # plain-gpus4 → plain; plain-resumed-gpus1 (stopped, then resumed) → plain
+        ref = out / run.name.split("-gpus")[0].removesuffix("-resumed")
         rows, ref_rows = summary(run), summary(ref)
         d = max_rel_diff(last_checkpoint(ref), last_checkpoint(run))
         loss = ", ".join(f"{float(r['valid_loss']):.6f}" for r in rows)
