@@ -2,9 +2,9 @@
 //! and watches them; each rank joins the NCCL group and trains its slice (train/parallel.rs).
 //! A rank that fails stops all the others (they would wait in a collective forever).
 
-use std::io::Read;
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -96,29 +96,50 @@ pub fn spawn_gpu_ranks(t: &TrainArgs) -> Result<()> {
             // Rank 0 speaks for the run; the others' output is shown only when they fail.
             c.stdout(Stdio::null()).stderr(Stdio::piped());
         }
-        ranks
-            .0
-            .push(c.spawn().with_context(|| format!("starting rank {r}"))?);
+        let mut child = c.spawn().with_context(|| format!("starting rank {r}"))?;
+        let said = Arc::new(Mutex::new(String::new()));
+        if let Some(e) = child.stderr.take() {
+            drain(e, said.clone());
+        }
+        ranks.0.push((child, said));
     }
     ranks.wait()
 }
 
-/// The launcher's children; killed and reaped if the launcher leaves early.
-struct Ranks(Vec<Child>);
+/// Reads a rank's stderr as it comes (a full pipe would stop the rank), keeping its last line.
+fn drain(e: std::process::ChildStderr, last: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(e).lines().map_while(|l| l.ok()) {
+            if !line.trim().is_empty() {
+                *last.lock().unwrap_or_else(|p| p.into_inner()) = line;
+            }
+        }
+    });
+}
+
+/// The launcher's children, each with the last line it said on stderr (ranks > 0); killed and
+/// reaped if the launcher leaves early.
+struct Ranks(Vec<(Child, Arc<Mutex<String>>)>);
 
 impl Ranks {
     /// Until all exit 0, or the first failure (then the others are stopped).
     fn wait(&mut self) -> Result<()> {
         let mut done = vec![false; self.0.len()];
         while done.iter().any(|d| !d) {
-            for (r, c) in self.0.iter_mut().enumerate() {
+            for (r, (c, last)) in self.0.iter_mut().enumerate() {
                 if done[r] {
                     continue;
                 }
                 if let Some(status) = c.try_wait()? {
                     done[r] = true;
                     if !status.success() {
-                        let said = last_line(c);
+                        // Let the reader take the rank's last words.
+                        std::thread::sleep(Duration::from_millis(100));
+                        let last = last.lock().unwrap_or_else(|p| p.into_inner());
+                        let said = match last.is_empty() {
+                            true => String::new(),
+                            false => format!(": {last}"),
+                        };
                         bail!(
                             "rank {r} of {} failed ({status}){said}; the other ranks were stopped",
                             done.len()
@@ -132,21 +153,9 @@ impl Ranks {
     }
 }
 
-fn last_line(c: &mut Child) -> String {
-    let mut text = String::new();
-    if let Some(mut e) = c.stderr.take() {
-        let _ = e.read_to_string(&mut text);
-    }
-    text.lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .map(|l| format!(": {l}"))
-        .unwrap_or_default()
-}
-
 impl Drop for Ranks {
     fn drop(&mut self) {
-        for c in &mut self.0 {
+        for (c, _) in &mut self.0 {
             let _ = c.kill();
             let _ = c.wait();
         }
