@@ -26,29 +26,23 @@ pub struct UniqueId {
 
 type Comm = *mut c_void;
 type NcclResult = c_int;
+/// ncclAllReduce and ncclBroadcast: (send, recv, count, datatype, op or root, comm, stream).
+type InPlace = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    c_int,
+    Comm,
+    *mut c_void,
+) -> NcclResult;
 
 struct Api {
     get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> NcclResult,
     comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> NcclResult,
     comm_destroy: unsafe extern "C" fn(Comm) -> NcclResult,
-    all_reduce: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        c_int,
-        c_int,
-        Comm,
-        *mut c_void,
-    ) -> NcclResult,
-    broadcast: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        c_int,
-        c_int,
-        Comm,
-        *mut c_void,
-    ) -> NcclResult,
+    all_reduce: InPlace,
+    broadcast: InPlace,
     error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
     version: unsafe extern "C" fn(*mut c_int) -> NcclResult,
     _lib: libloading::Library,
@@ -206,21 +200,24 @@ impl Collective for NcclGroup {
         self.world
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<()> {
-        let api = api()?;
-        let (p, dtype) = (Self::buffer(t)?, Self::dtype(t)?);
-        // SAFETY: in place over t's numel elements of its kind; 0 = ncclSum; null stream = the
-        // legacy default stream.
-        let r =
-            unsafe { (api.all_reduce)(p, p, t.numel(), dtype, 0, self.comm, std::ptr::null_mut()) };
-        check(api, "all-reduce", r)
+        // 0 = ncclSum.
+        self.in_place("all-reduce", |a| a.all_reduce, t)
     }
     fn broadcast(&self, t: &Tensor) -> Result<()> {
+        // 0 = root rank 0.
+        self.in_place("broadcast", |a| a.broadcast, t)
+    }
+}
+
+impl NcclGroup {
+    /// Runs the collective `pick` in place over `t` with 0 as its op (sum) or root.
+    fn in_place(&self, what: &str, pick: impl Fn(&Api) -> InPlace, t: &Tensor) -> Result<()> {
         let api = api()?;
         let (p, dtype) = (Self::buffer(t)?, Self::dtype(t)?);
-        // SAFETY: as in all_reduce; root 0.
-        let r =
-            unsafe { (api.broadcast)(p, p, t.numel(), dtype, 0, self.comm, std::ptr::null_mut()) };
-        check(api, "broadcast", r)
+        // SAFETY: in place over t's numel elements of its kind; the null stream is the legacy
+        // default stream.
+        let r = unsafe { pick(api)(p, p, t.numel(), dtype, 0, self.comm, std::ptr::null_mut()) };
+        check(api, what, r)
     }
 }
 
