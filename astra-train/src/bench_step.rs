@@ -10,6 +10,8 @@ use tch::{Device, Kind, Tensor};
 use crate::config::{GPT2Config, ModelConfig, ViTConfig};
 use crate::error::Result;
 use crate::model::Model;
+use crate::models::device_groups::{DeviceGroups, Layout, MpaKeys};
+use crate::models::layers::{attend, Sight};
 use crate::models::{Astra, ClsMode, DevicePartition, GroupedVq, VqConfig};
 
 pub struct StepBench {
@@ -152,6 +154,50 @@ pub fn run(b: &StepBench) -> Result<StepResult> {
     })
 }
 
+/// GPT-2's causal MPA attention at its training shape (batch 8, T = 1024 at N devices, the
+/// sent tokens' quantized keys), with the mask and device by device.
+fn causal_attention_parts(
+    b: &StepBench,
+    heads: i64,
+    d: i64,
+    n: usize,
+) -> Result<Vec<(String, f64)>> {
+    let (batch, t, dev) = (8, 1024, b.device);
+    let partition = DevicePartition::contiguous(t, n)?;
+    let sent = partition.sent_tokens(true);
+    let layout = Layout {
+        partition: &partition,
+        cls: 0,
+        causal: true,
+        sent: Some(&sent),
+        loss: None,
+    };
+    let (mask, groups) = (layout.mask(dev), DeviceGroups::new(&layout, dev));
+    let keys = (t + sent.len()) as i64;
+    let rand =
+        |len: i64| Tensor::randn([batch, len, d], (Kind::Float, dev)).set_requires_grad(true);
+    let (q, k, v) = (rand(t as i64), rand(keys), rand(keys));
+    let amp = |f: &mut dyn FnMut()| {
+        let _ = crate::precision::bf16_autocast(b.bf16, &mut *f);
+    };
+    let (w_, st) = (b.warmup.max(2), b.steps.max(5));
+    let time = |name: &str, k: &Tensor, v: &Tensor, sight: Sight<'_>| {
+        let ms = time_ms(dev, w_, st, || {
+            amp(&mut || attend(&q, k, v, heads, sight).sum(Kind::Float).backward())
+        });
+        (
+            format!("GPT-2 causal attention fwd+bwd ({batch}×{t}), {name}"),
+            ms,
+        )
+    };
+    let (kp, vp) = (rand(t as i64), rand(t as i64));
+    Ok(vec![
+        time("plain (flash, causal)", &kp, &vp, Sight::Causal),
+        time("MPA mask", &k, &v, Sight::Mask(&mask)),
+        time("MPA per device", &k, &v, Sight::Devices(&groups)),
+    ])
+}
+
 /// Median milliseconds of `f` over `steps` calls after `warmup`, the device synchronised around
 /// each call.
 fn time_ms(device: Device, warmup: usize, steps: usize, mut f: impl FnMut()) -> f64 {
@@ -202,7 +248,16 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
     };
     let mut vq = GroupedVq::from_quantizer(&q, VqConfig::default(), dev);
     let partition = DevicePartition::contiguous(t as usize, n)?;
-    let mask = crate::models::mpa::mixed_precision_mask(&partition, n, false, dev);
+    let layout = Layout {
+        partition: &partition,
+        cls: n,
+        causal: false,
+        sent: None,
+        loss: None,
+    };
+    let (mask, groups) = (layout.mask(dev), DeviceGroups::new(&layout, dev));
+    // As the training step attends (per device unless ASTRA_MPA_MASK=1).
+    let keys = MpaKeys::new(&layout, dev);
     let s = n as i64 + t;
     let x = Tensor::randn([b.batch, s, d], (Kind::Float, dev)).set_requires_grad(true);
     let content = x.narrow(1, n as i64, t);
@@ -217,45 +272,55 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
     row(
         "block fwd+bwd, plain (flash SDPA)",
         time_ms(dev, w_, st, || {
-            amp(&mut || blk.forward(&x, None, None).sum(Kind::Float).backward())
-        }),
-    );
-    let xq = content.detach();
-    row(
-        "block fwd+bwd, MPA (mask, S+T keys; quantized keys given)",
-        time_ms(dev, w_, st, || {
             amp(&mut || {
-                blk.forward(&x, Some(&xq), Some(&mask))
+                blk.forward(&x, None, Sight::All)
                     .sum(Kind::Float)
                     .backward()
             })
         }),
     );
+    let xq = content.detach();
+    for (name, sight) in [
+        ("mask, S+T keys", Sight::Mask(&mask)),
+        ("per device, no mask", Sight::Devices(&groups)),
+    ] {
+        row(
+            &format!("block fwd+bwd, MPA ({name}; quantized keys given)"),
+            time_ms(dev, w_, st, || {
+                amp(&mut || {
+                    blk.forward(&x, Some(&xq), sight)
+                        .sum(Kind::Float)
+                        .backward()
+                })
+            }),
+        );
+    }
     let hd = d;
     let qkv =
         |len: i64| Tensor::randn([b.batch, len, hd], (Kind::Float, dev)).set_requires_grad(true);
     let (qq, kk, vv) = (qkv(s), qkv(s), qkv(s));
     let (k2, v2) = (qkv(s + t), qkv(s + t));
-    row(
-        "attention fwd+bwd, plain (S keys)",
-        time_ms(dev, w_, st, || {
-            amp(&mut || {
-                crate::models::layers::attend(&qq, &kk, &vv, heads, None, false)
-                    .sum(Kind::Float)
-                    .backward()
-            })
-        }),
-    );
-    row(
-        "attention fwd+bwd, MPA mask (S+T keys)",
-        time_ms(dev, w_, st, || {
-            amp(&mut || {
-                crate::models::layers::attend(&qq, &k2, &v2, heads, Some(&mask), false)
-                    .sum(Kind::Float)
-                    .backward()
-            })
-        }),
-    );
+    let attention = |name: &str, k: &Tensor, v: &Tensor, sight: Sight<'_>| {
+        let ms = time_ms(dev, w_, st, || {
+            amp(&mut || attend(&qq, k, v, heads, sight).sum(Kind::Float).backward())
+        });
+        (format!("attention fwd+bwd, {name}"), ms)
+    };
+    for (name, ms) in [
+        attention("plain (S keys)", &kk, &vv, Sight::All),
+        attention("MPA mask (S+T keys)", &k2, &v2, Sight::Mask(&mask)),
+        attention(
+            "MPA per device (~S keys each, no mask)",
+            &k2,
+            &v2,
+            Sight::Devices(&groups),
+        ),
+    ] {
+        row(&name, ms);
+    }
+    for (name, ms) in causal_attention_parts(b, heads, d, n)? {
+        row(&name, ms);
+    }
     let xc = content.detach();
     row(
         "  NAQ draw (residual noise)",
@@ -268,7 +333,7 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
         time_ms(dev, w_, st, || {
             amp(&mut || {
                 let q = vq.quantize(&content, true);
-                (blk.forward(&x, Some(&q.value), Some(&mask))
+                (blk.forward(&x, Some(&q.value), keys.sight())
                     .sum(Kind::Float)
                     + q.commitment)
                     .backward()

@@ -381,3 +381,83 @@ fn calibration_kmeans_on_the_gpu_matches_the_cpu() {
     );
     drop(cb_c);
 }
+
+/// MPA device by device (flash attention, no mask) against the [S, S + T] mask (the masked
+/// kernel) on the GPU at ViT-B's and GPT-2's training shapes: fp32 to 1e-4 and bf16 autocast to
+/// bf16 rounding, values and the gradients of q, k, v.
+#[test]
+fn per_device_attention_equals_the_mask_on_the_gpu() {
+    use astra_train::models::device_groups::{DeviceGroups, Layout};
+    use astra_train::models::layers::{attend, Sight};
+    use astra_train::models::DevicePartition;
+    let Some(Gpu { dev, .. }) = gpu() else {
+        return;
+    };
+    tch::manual_seed(9);
+    let vit = DevicePartition::contiguous(196, 4).unwrap();
+    let gpt = DevicePartition::contiguous(1024, 4).unwrap();
+    let sent = gpt.sent_tokens(true);
+    let cases = [
+        (
+            Layout {
+                partition: &vit,
+                cls: 4,
+                causal: false,
+                sent: None,
+                loss: None,
+            },
+            16,
+            "ViT-B",
+        ),
+        (
+            Layout {
+                partition: &gpt,
+                cls: 0,
+                causal: true,
+                sent: Some(&sent),
+                loss: None,
+            },
+            2,
+            "GPT-2",
+        ),
+    ];
+    for (layout, batch, what) in &cases {
+        let mask = layout.mask(dev);
+        let groups = DeviceGroups::new(layout, dev);
+        let (s, keys) = (mask.size()[0], mask.size()[1]);
+        let rand =
+            |len| Tensor::randn([*batch, len, 768], (Kind::Float, dev)).set_requires_grad(true);
+        let (q, k, v) = (rand(s), rand(keys), rand(keys));
+        let w = Tensor::randn([*batch, s, 768], (Kind::Float, dev));
+        for bf16 in [false, true] {
+            let run = |sight: Sight<'_>| {
+                astra_train::precision::bf16_autocast(bf16, || {
+                    let o = attend(&q, &k, &v, 12, sight).to_kind(Kind::Float);
+                    let loss = (&o * &w).sum(Kind::Float);
+                    (
+                        o.detach(),
+                        Tensor::run_backward(&[loss], &[&q, &k, &v], false, false),
+                    )
+                })
+                .unwrap()
+            };
+            let (want, want_g) = run(Sight::Mask(&mask));
+            let (got, got_g) = run(Sight::Devices(&groups));
+            let tol = if bf16 { 2e-2 } else { 1e-4 };
+            let rel =
+                |a: &Tensor, b: &Tensor| ((a - b).abs().max() / b.abs().max()).double_value(&[]);
+            assert!(
+                rel(&got, &want) < tol,
+                "{what} bf16={bf16}: values {}",
+                rel(&got, &want)
+            );
+            for (i, (a, b)) in got_g.iter().zip(&want_g).enumerate() {
+                assert!(
+                    rel(a, b) < tol,
+                    "{what} bf16={bf16}: gradient {i} {}",
+                    rel(a, b)
+                );
+            }
+        }
+    }
+}

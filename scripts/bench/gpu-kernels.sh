@@ -2,13 +2,13 @@
 # The CUDA kernels on the GPU machine: their tests against the ATen path (the release test binary
 # of astra-train/tests/cuda_kernels.rs), the parts of an ASTRA ViT-B block with and without them,
 # and a short Fashion-MNIST training (2 epochs plain, calibration, 1 epoch ASTRA) with and without
-# them, whose accuracies must agree.
-#   scripts/bench/gpu-kernels.sh OUT_DIR [tests] [parts] [train]   (after `source .gpu/env.sh`;
+# them, whose accuracies must agree; `mpa` then repeats that ASTRA fine-tune with MPA under the mask.
+#   scripts/bench/gpu-kernels.sh OUT_DIR [tests] [parts] [train] [mpa]   (after `source .gpu/env.sh`;
 #       the test binary at .gpu/bin/cuda_kernels, data at .gpu/data/fashion-mnist)
 set -euo pipefail
-out=${1:?usage: gpu-kernels.sh OUT_DIR [tests] [parts] [train]}
+out=${1:?usage: gpu-kernels.sh OUT_DIR [tests] [parts] [train] [mpa]}
 shift
-steps=${*:-tests parts train}
+steps=${*:-tests parts train mpa}
 mkdir -p "$out"
 has() { [[ " $steps " == *" $1 "* ]]; }
 
@@ -41,4 +41,15 @@ if has train; then
     done | tee -a "$out/train.txt"
   done
   unset ASTRA_CUDA_KERNELS
+fi
+if has mpa; then
+  # The ASTRA fine-tune of `train`'s kernels-on run again with MPA under the [S, S+T] mask instead
+  # of device by device: the accuracies must agree (after `train`, in the same OUT_DIR).
+  data=fashion-mnist:.gpu/data/fashion-mnist
+  run=$out/train-kernels-1
+  ASTRA_MPA_MASK=1 astra-train astra --data $data --batch 256 --device cuda --pad 2 --flip --bf16 \
+    --epochs 1 --lr 2e-4 --warmup-steps 100 --init "$run/base" --codebooks "$run/cb.safetensors" \
+    --devices 4 --seed 1 --out "$run/astra-mask" >>"$run.log" 2>&1
+  echo "kernels=1 astra, MPA under the mask: $(tr -d '\n ' <"$run/astra-mask/complete.json")" |
+    tee -a "$out/train.txt"
 fi

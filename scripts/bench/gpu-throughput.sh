@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Training throughput on the GPU, ours against PyTorch (HF transformers) in the same call:
 # ViT-B/16 224² batch 128 and GPT-2 small 1024 tokens batch 8, bf16 autocast, AdamW, random data.
-# Ours twice: with the CUDA kernels (the default) and with ASTRA_CUDA_KERNELS=0 (the ATen path);
+# Ours with the CUDA kernels (the default), with ASTRA_CUDA_KERNELS=0 (the ATen path), and ASTRA
+# with ASTRA_MPA_MASK=1 (attention under the [S, S+T] mask, not device by device);
 # the peer three ways: sdpa with torch.optim.AdamW's foreach update, with its fused update, and
 # under torch.compile.
 #   scripts/bench/gpu-throughput.sh OUT.md      (needs astra-train on PATH and python3 with
@@ -11,10 +12,13 @@ set -euo pipefail
 out=${1:?usage: gpu-throughput.sh OUT.md}
 here=$(cd "$(dirname "$0")" && pwd)
 steps=${STEPS:-20}
-ours() { # model args...: our rows with the kernels, then without (marked)
+ours() { # model args...: our rows with the kernels, then without (marked), then ASTRA's
+  # attention under the [S, S+T] mask instead of device by device (marked)
   astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda | tail -n +3
   ASTRA_CUDA_KERNELS=0 astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda | tail -n +5 |
     sed 's/^| \([^|]*\) |/| \1 — ATen path (kernels off) |/'
+  ASTRA_MPA_MASK=1 astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda | grep '^| ASTRA' |
+    sed 's/^| \([^|]*\) |/| \1 — MPA under the mask |/'
 }
 peers() {
   [[ ${PEERS:-1} == 0 ]] && return

@@ -5,8 +5,9 @@
 
 use tch::{nn, Tensor};
 
+use super::device_groups::{Layout, MpaKeys};
 use super::fast_kv::CodewordKv;
-use super::mpa::mixed_precision_mask;
+use super::layers::Sight;
 use super::vit::VitBlock;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::ViTConfig;
@@ -87,11 +88,20 @@ impl AstraModel for Encoder {
         Ok(self
             .blocks
             .iter()
-            .fold(x.shallow_clone(), |x, b| b.forward(&x, None, None)))
+            .fold(x.shallow_clone(), |x, b| b.forward(&x, None, Sight::All)))
     }
     fn forward_astra(&self, x: &Tensor, astra: Astra) -> Result<AstraOutput> {
         self.check(x)?;
-        let mask = mixed_precision_mask(astra.partition, 0, false, x.device());
+        let keys = MpaKeys::new(
+            &Layout {
+                partition: astra.partition,
+                cls: 0,
+                causal: false,
+                sent: None,
+                loss: astra.link_loss,
+            },
+            x.device(),
+        );
         let (x, commitment) = super::masked_blocks(
             self.blocks.len(),
             x.shallow_clone(),
@@ -99,7 +109,7 @@ impl AstraModel for Encoder {
             None,
             astra.vq,
             astra.train,
-            |l, x, xq| self.blocks[l].forward(x, Some(xq), Some(&mask)),
+            |l, x, xq| self.blocks[l].forward(x, Some(xq), keys.sight()),
         )?;
         Ok(AstraOutput {
             logits: x,
@@ -112,7 +122,7 @@ impl AstraModel for Encoder {
         let mut x = x.shallow_clone();
         for blk in &self.blocks {
             out.push(x.shallow_clone());
-            x = blk.forward(&x, None, None);
+            x = blk.forward(&x, None, Sight::All);
         }
         Ok(out)
     }

@@ -5,9 +5,9 @@
 use tch::nn;
 use tch::{Kind, Tensor};
 
+use super::device_groups::{Layout, MpaKeys};
 use super::fast_kv::CodewordKv;
-use super::layers::{activate, attend, Conv1D};
-use super::mpa::mixed_precision_mask_with_loss;
+use super::layers::{activate, attend, Conv1D, Sight};
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::GPT2Config;
 use crate::engine::{AstraModel, Decoder, Positions, Remote};
@@ -44,16 +44,16 @@ impl GptBlock {
         }
     }
 
-    /// One block; keys are [x | quantized] when `quantized` is given, `mask` [S, Sk] boolean;
-    /// without a mask the attention is plain causal.
-    pub fn forward(&self, x: &Tensor, quantized: Option<&Tensor>, mask: Option<&Tensor>) -> Tensor {
+    /// One block; keys are [x | quantized] when `quantized` is given, seen as `sight` says
+    /// (`Sight::Causal`: plain causal attention).
+    pub fn forward(&self, x: &Tensor, quantized: Option<&Tensor>, sight: Sight<'_>) -> Tensor {
         let (q, mut k, mut v) = self.qkv(x);
         if let Some(xq) = quantized {
             let (kq, vq) = self.kv(xq);
             k = Tensor::cat(&[k, kq], 1);
             v = Tensor::cat(&[v, vq], 1);
         }
-        self.finish(x, &q, &k, &v, mask)
+        self.finish(x, &q, &k, &v, sight)
     }
 
     /// Keys and values only (the quantized copies are never queries): the last two thirds of
@@ -77,30 +77,11 @@ impl GptBlock {
         )
     }
 
-    /// Attention (causal without a mask), its output projection and the MLP, both residual.
-    fn finish(
-        &self,
-        x: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> Tensor {
-        self.finish_with(x, q, k, v, mask, true)
-    }
-
-    /// [`Self::finish`] with the causal flag given: a decoding step's one query sees every key
-    /// (SDPA's causal mask is aligned top-left, which would hide all but the first).
-    fn finish_with(
-        &self,
-        x: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-        causal: bool,
-    ) -> Tensor {
-        let x = x + attend(q, k, v, self.heads, mask, causal).apply(&self.c_proj);
+    /// Attention as `sight` says, its output projection and the MLP, both residual. (A decoding
+    /// step's one query sees every key: SDPA's causal mask is aligned top-left, which would hide
+    /// all but the first.)
+    fn finish(&self, x: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, sight: Sight<'_>) -> Tensor {
+        let x = x + attend(q, k, v, self.heads, sight).apply(&self.c_proj);
         let h = x.apply(&self.ln_2);
         &x + activate(&h.apply(&self.c_fc), &self.act).apply(&self.mlp_proj)
     }
@@ -140,7 +121,7 @@ impl GptBlock {
             k = Tensor::cat(&[k, kv.narrow(2, 0, d).to_kind(q.kind())], 1);
             v = Tensor::cat(&[v, kv.narrow(2, d, d).to_kind(q.kind())], 1);
         }
-        self.finish(x, &q, &k, &v, mask)
+        self.finish(x, &q, &k, &v, mask.map_or(Sight::Causal, Sight::Mask))
     }
 }
 
@@ -226,7 +207,7 @@ impl Gpt2 {
         let mut out = Vec::with_capacity(self.blocks.len());
         for blk in &self.blocks {
             out.push(x.shallow_clone());
-            x = blk.forward(&x, None, None);
+            x = blk.forward(&x, None, Sight::Causal);
         }
         Ok(out)
     }
@@ -236,12 +217,12 @@ impl Gpt2 {
         let pos = Tensor::arange(t, (Kind::Int64, ids.device()));
         let mut x = self.embed(ids, &pos)?;
         for blk in &self.blocks {
-            x = blk.forward(&x, None, None);
+            x = blk.forward(&x, None, Sight::Causal);
         }
         Ok(self.head(&x))
     }
 
-    /// All devices in one process: causal mixed-precision mask (no CLS).
+    /// All devices in one process under causal Mixed-Precision Attention (no CLS).
     pub fn forward_astra(&self, ids: &Tensor, astra: Astra) -> Result<AstraOutput> {
         let t = ids.size()[1];
         if astra.partition.tokens() as i64 != t {
@@ -255,25 +236,24 @@ impl Gpt2 {
         }
         let pos = Tensor::arange(t, (Kind::Int64, ids.device()));
         let x = self.embed(ids, &pos)?;
-        let mask =
-            mixed_precision_mask_with_loss(astra.partition, 0, true, astra.link_loss, ids.device());
         // Under the causal mask the last tokens are attended by no other device: only the sent
         // ones are quantized (and EMA-updated) and get key columns.
         let sent = astra.partition.sent_tokens(true);
-        let (mask, sent) = if !sent.is_empty() && sent.len() < t as usize {
+        let restrict = !sent.is_empty() && sent.len() < t as usize;
+        let keys = MpaKeys::new(
+            &Layout {
+                partition: astra.partition,
+                cls: 0,
+                causal: true,
+                sent: restrict.then_some(&sent[..]),
+                loss: astra.link_loss,
+            },
+            ids.device(),
+        );
+        let sent = restrict.then(|| {
             let idx: Vec<i64> = sent.iter().map(|&i| i as i64).collect();
-            let idx = Tensor::from_slice(&idx).to_device(ids.device());
-            let cols = Tensor::cat(
-                &[
-                    mask.narrow(1, 0, t),
-                    mask.narrow(1, t, t).index_select(1, &idx),
-                ],
-                1,
-            );
-            (cols, Some(idx))
-        } else {
-            (mask, None)
-        };
+            Tensor::from_slice(&idx).to_device(ids.device())
+        });
         let (x, commitment) = super::masked_blocks(
             self.blocks.len(),
             x,
@@ -281,7 +261,7 @@ impl Gpt2 {
             sent.as_ref(),
             astra.vq,
             astra.train,
-            |l, x, xq| self.blocks[l].forward(x, Some(xq), Some(&mask)),
+            |l, x, xq| self.blocks[l].forward(x, Some(xq), keys.sight()),
         )?;
         Ok(AstraOutput {
             logits: self.head(&x),
@@ -319,8 +299,8 @@ impl AstraModel for Gpt2 {
     ) -> Tensor {
         let blk = &self.blocks[l];
         match remote {
-            Remote::Nothing => blk.forward(x, None, None),
-            Remote::Tokens(e) => blk.forward(x, Some(e), mask),
+            Remote::Nothing => blk.forward(x, None, Sight::Causal),
+            Remote::Tokens(e) => blk.forward(x, Some(e), mask.map_or(Sight::Causal, Sight::Mask)),
             Remote::KeysValues(kv) => blk.forward_kv(x, Some(kv), mask),
         }
     }
@@ -378,7 +358,7 @@ impl Decoder for Gpt2 {
         let (q, k, v) = blk.qkv(x);
         let keys = Tensor::cat(&[keys, &k.to_kind(keys.kind())], 1);
         let values = Tensor::cat(&[values, &v.to_kind(values.kind())], 1);
-        (blk.finish_with(x, &q, &keys, &values, None, false), k, v)
+        (blk.finish(x, &q, &keys, &values, Sight::All), k, v)
     }
     fn max_positions(&self) -> i64 {
         self.cfg.n_positions

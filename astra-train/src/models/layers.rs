@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use tch::{nn, Tensor};
 
+use super::device_groups::DeviceGroups;
 use crate::int8_linear::{self, Int8Linear};
 
 /// nn.Linear (`weight` [out, in], optional `bias`) that computes in int8 on the CPU when
@@ -95,29 +96,38 @@ pub fn activate(x: &Tensor, name: &str) -> Tensor {
     }
 }
 
-/// Multi-head attention of queries q [B, S, D] over keys/values [B, Sk, D]; `mask` [S, Sk] is
-/// boolean (true = may attend); `causal` applies when there is no mask.
-pub fn attend(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: i64,
-    mask: Option<&Tensor>,
-    causal: bool,
-) -> Tensor {
+/// Which keys each query of an attention sees.
+#[derive(Clone, Copy, Debug)]
+pub enum Sight<'a> {
+    /// Every key.
+    All,
+    /// Query i sees keys 0..=i (aligned top-left, as SDPA's causal flag).
+    Causal,
+    /// Boolean [S, Sk], true = may attend.
+    Mask(&'a Tensor),
+    /// Mixed-Precision Attention device by device (keys: S full, then the quantized ones).
+    Devices(&'a DeviceGroups),
+}
+
+impl Sight<'_> {
+    /// Attention in head layout: q [B, H, S, hd], k/v [B, H, Sk, hd] → [B, H, S, hd].
+    pub fn attend_heads(self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let (mask, causal) = match self {
+            Sight::Devices(g) => return g.attend(q, k, v),
+            Sight::All => (None, false),
+            Sight::Causal => (None, true),
+            Sight::Mask(m) => (Some(m), false),
+        };
+        Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None::<f64>, false)
+    }
+}
+
+/// Multi-head attention of queries q [B, S, D] over keys/values [B, Sk, D], as `sight` says.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, sight: Sight<'_>) -> Tensor {
     let (b, s, d) = q.size3().expect("q is [B, S, D]");
     let sk = k.size()[1];
     let hd = d / heads;
     let split = |t: &Tensor, len: i64| t.view([b, len, heads, hd]).transpose(1, 2);
-    let out = Tensor::scaled_dot_product_attention(
-        &split(q, s),
-        &split(k, sk),
-        &split(v, sk),
-        mask,
-        0.0,
-        causal && mask.is_none(),
-        None::<f64>,
-        false,
-    );
+    let out = sight.attend_heads(&split(q, s), &split(k, sk), &split(v, sk));
     out.transpose(1, 2).contiguous().view([b, s, d])
 }

@@ -16,9 +16,10 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
+use super::device_groups::{Layout, MpaKeys};
 use super::fast_kv::CodewordKv;
+use super::layers::Sight;
 use super::layers::{self, Linear};
-use super::mpa::mixed_precision_mask_with_loss;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::{LlamaConfig, LlamaFamily, RopeScaling};
 use crate::engine::{AstraModel, Decoder, Remote};
@@ -220,14 +221,14 @@ impl LlamaBlock {
     }
 
     /// One block on `x` [B, S, D] at rotations `cos_sin` (of its tokens' positions), with
-    /// `remote` keys/values appended after the local ones; `mask` [S, S + T_r] (true: may
-    /// attend), plain causal attention without one.
+    /// `remote` keys/values appended after the local ones, seen as `sight` says
+    /// (`Sight::Causal`: plain causal attention).
     pub fn forward(
         &self,
         x: &Tensor,
         cos_sin: &(Tensor, Tensor),
         remote: Option<RemoteKeys<'_>>,
-        mask: Option<&Tensor>,
+        sight: Sight<'_>,
     ) -> Tensor {
         let h = x.apply(&self.input_layernorm);
         let (mut k, mut v) = self.rotated_kv(&h, cos_sin);
@@ -240,7 +241,7 @@ impl LlamaBlock {
             k = Tensor::cat(&[k, rk], 2);
             v = Tensor::cat(&[v, rv], 2);
         }
-        self.attend_and_mlp(x, &h, cos_sin, (&k, &v), mask, mask.is_none())
+        self.attend_and_mlp(x, &h, cos_sin, (&k, &v), sight)
     }
 
     /// Queries of `x` (`h`: x through `input_layernorm`) against head-layout keys/values
@@ -251,20 +252,10 @@ impl LlamaBlock {
         h: &Tensor,
         cos_sin: &(Tensor, Tensor),
         (k, v): (&Tensor, &Tensor),
-        mask: Option<&Tensor>,
-        causal: bool,
+        sight: Sight<'_>,
     ) -> Tensor {
         let q = rotate(&self.heads_of(&h.apply(&self.q_proj), self.heads), cos_sin);
-        let out = Tensor::scaled_dot_product_attention(
-            &q,
-            &self.repeat_kv(k),
-            &self.repeat_kv(v),
-            mask,
-            0.0,
-            causal,
-            None::<f64>,
-            false,
-        );
+        let out = sight.attend_heads(&q, &self.repeat_kv(k), &self.repeat_kv(v));
         let (b, s, _) = x.size3().expect("[B, S, D]");
         let attn = out
             .transpose(1, 2)
@@ -377,7 +368,7 @@ impl Llama {
         let cs = self.positions(t, ids);
         let mut x = self.embed(ids)?;
         for blk in &self.blocks {
-            x = blk.forward(&x, &cs, None, None);
+            x = blk.forward(&x, &cs, None, Sight::Causal);
         }
         Ok(self.head(&x))
     }
@@ -394,7 +385,7 @@ impl Llama {
             let (k, v) = blk.keys_values(&x);
             out.push(k);
             out.push(v);
-            x = blk.forward(&x, &cs, None, None);
+            x = blk.forward(&x, &cs, None, Sight::Causal);
         }
         Ok(out)
     }
@@ -416,21 +407,19 @@ impl Llama {
         self.check_length(t)?;
         let dev = ids.device();
         let cs = self.positions(t, ids);
-        let mask = mixed_precision_mask_with_loss(astra.partition, 0, true, astra.link_loss, dev);
-        let sent: Vec<i64> = astra
-            .partition
-            .sent_tokens(true)
-            .iter()
-            .map(|&i| i as i64)
-            .collect();
-        let sent = Tensor::from_slice(&sent).to_device(dev);
-        let mask = Tensor::cat(
-            &[
-                mask.narrow(1, 0, t),
-                mask.narrow(1, t, t).index_select(1, &sent),
-            ],
-            1,
+        let sent_tokens = astra.partition.sent_tokens(true);
+        let keys = MpaKeys::new(
+            &Layout {
+                partition: astra.partition,
+                cls: 0,
+                causal: true,
+                sent: Some(&sent_tokens),
+                loss: astra.link_loss,
+            },
+            dev,
         );
+        let sent: Vec<i64> = sent_tokens.iter().map(|&i| i as i64).collect();
+        let sent = Tensor::from_slice(&sent).to_device(dev);
         let sent_cs = (cs.0.index_select(0, &sent), cs.1.index_select(0, &sent));
         let mut vq = astra.vq;
         if let Some(v) = &vq {
@@ -455,7 +444,7 @@ impl Llama {
                 values: &vq_,
                 cos_sin: &sent_cs,
             };
-            x = blk.forward(&x, &cs, Some(remote), Some(&mask));
+            x = blk.forward(&x, &cs, Some(remote), keys.sight());
         }
         Ok(AstraOutput {
             logits: self.head(&x),
@@ -527,7 +516,7 @@ impl AstraModel for Llama {
             Remote::KeysValues(kv) => Some((kv.narrow(2, 0, kv_dim), kv.narrow(2, kv_dim, kv_dim))),
         };
         match remote_kv {
-            None => blk.forward(x, &cs, None, None),
+            None => blk.forward(x, &cs, None, Sight::Causal),
             Some((k, v)) => {
                 let rcs = self.rotary.cos_sin(at.remote);
                 let r = RemoteKeys {
@@ -535,7 +524,7 @@ impl AstraModel for Llama {
                     values: &v,
                     cos_sin: &rcs,
                 };
-                blk.forward(x, &cs, Some(r), mask)
+                blk.forward(x, &cs, Some(r), mask.map_or(Sight::Causal, Sight::Mask))
             }
         }
     }
@@ -609,7 +598,7 @@ impl Decoder for Llama {
         let all_k = Tensor::cat(&[heads(keys), k.shallow_clone()], 2);
         let all_v = Tensor::cat(&[heads(values), v.shallow_clone()], 2);
         // One query that sees every key: no mask, not causal (SDPA aligns is_causal top-left).
-        let out = blk.attend_and_mlp(x, &h, &cs, (&all_k, &all_v), None, false);
+        let out = blk.attend_and_mlp(x, &h, &cs, (&all_k, &all_v), Sight::All);
         (out, flat(&k), flat(&v))
     }
     fn max_positions(&self) -> i64 {

@@ -195,6 +195,24 @@ impl ClsMode {
     }
 }
 
+/// Which index messages arrived under `loss`: entry d·T + j is true when content token j's
+/// indices reached device d (always, for its own device). None when nothing is lost. One draw per
+/// forward pass; the mask and the per-device groups ([`super::device_groups`]) read the same draws.
+pub(crate) fn received_messages(
+    partition: &DevicePartition,
+    loss: Option<super::LinkLoss>,
+) -> Option<Vec<bool>> {
+    use rand::Rng;
+    let l = loss.filter(|l| l.p > 0.0)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(l.seed);
+    let (n, t) = (partition.devices(), partition.tokens());
+    Some(
+        (0..n * t)
+            .map(|i| partition.owner[i % t] == i / t || !rng.random_bool(l.p.min(1.0)))
+            .collect(),
+    )
+}
+
 /// Boolean mask [S, S + T] (true = may attend) for a sequence of `cls` CLS slots (slot c on device
 /// c, or all on device 0 with one slot) followed by the T content tokens of `partition`. Keys are
 /// the S full-precision keys, then the T quantized content keys. With `causal` (GPT-2, no CLS),
@@ -230,14 +248,8 @@ pub fn mixed_precision_mask_with_loss(
         .view([s as i64, 1])
         .ne_tensor(&content.view([1, t as i64]));
     let mut other = other;
-    if let Some(l) = loss.filter(|l| l.p > 0.0) {
-        // received[d][j]: token j's indices reached device d (always, for its own device).
-        use rand::Rng;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(l.seed);
+    if let Some(received) = received_messages(partition, loss) {
         let n = partition.devices();
-        let received: Vec<bool> = (0..n * t)
-            .map(|i| partition.owner[i % t] == i / t || !rng.random_bool(l.p.min(1.0)))
-            .collect();
         let received = crate::libtorch::upload(
             &Tensor::from_slice(&received).view([n as i64, t as i64]),
             device,

@@ -4,9 +4,9 @@
 use tch::nn;
 use tch::{Kind, Tensor};
 
+use super::device_groups::{Layout, MpaKeys};
 use super::fast_kv::CodewordKv;
-use super::layers::{activate, attend, linear, Linear};
-use super::mpa::mixed_precision_mask_with_loss;
+use super::layers::{activate, attend, linear, Linear, Sight};
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::ViTConfig;
 use crate::engine::{AstraModel, Positions, Remote};
@@ -56,10 +56,10 @@ impl VitBlock {
         }
     }
 
-    /// One block. `quantized`: (X̃ of the content tokens [B, T, D], mask [S, S + T]); the keys are
-    /// then [full keys of x | keys of X̃]. With X̃ but no mask, every query sees all keys (the view
-    /// of one device: x = its local tokens, X̃ = the other devices' tokens).
-    pub fn forward(&self, x: &Tensor, quantized: Option<&Tensor>, mask: Option<&Tensor>) -> Tensor {
+    /// One block. `quantized`: X̃ of the content tokens [B, T, D]; the keys are then [full keys
+    /// of x | keys of X̃], seen as `sight` says (MPA's mask or device groups; `Sight::All` is the
+    /// view of one device: x = its local tokens, X̃ = the other devices' tokens).
+    pub fn forward(&self, x: &Tensor, quantized: Option<&Tensor>, sight: Sight<'_>) -> Tensor {
         let h = x.apply(&self.ln_before);
         let q = h.apply(&self.query);
         let (mut k, mut v) = (h.apply(&self.key), h.apply(&self.value));
@@ -68,7 +68,7 @@ impl VitBlock {
             k = Tensor::cat(&[k, hq.apply(&self.key)], 1);
             v = Tensor::cat(&[v, hq.apply(&self.value)], 1);
         }
-        let x = x + attend(&q, &k, &v, self.heads, mask, false).apply(&self.out);
+        let x = x + attend(&q, &k, &v, self.heads, sight).apply(&self.out);
         let h = x.apply(&self.ln_after);
         &x + activate(&h.apply(&self.fc1), &self.act).apply(&self.fc2)
     }
@@ -76,8 +76,8 @@ impl VitBlock {
     /// The device engine's block step (bidirectional: no mask).
     pub(crate) fn step(&self, x: &Tensor, remote: Remote<'_>) -> Tensor {
         match remote {
-            Remote::Nothing => self.forward(x, None, None),
-            Remote::Tokens(e) => self.forward(x, Some(e), None),
+            Remote::Nothing => self.forward(x, None, Sight::All),
+            Remote::Tokens(e) => self.forward(x, Some(e), Sight::All),
             Remote::KeysValues(kv) => self.forward_kv(x, Some(kv)),
         }
     }
@@ -111,7 +111,7 @@ impl VitBlock {
             k = Tensor::cat(&[k, kv.narrow(2, 0, d).to_kind(q.kind())], 1);
             v = Tensor::cat(&[v, kv.narrow(2, d, d).to_kind(q.kind())], 1);
         }
-        let x = x + attend(&q, &k, &v, self.heads, None, false).apply(&self.out);
+        let x = x + attend(&q, &k, &v, self.heads, Sight::All).apply(&self.out);
         let h = x.apply(&self.ln_after);
         &x + activate(&h.apply(&self.fc1), &self.act).apply(&self.fc2)
     }
@@ -219,7 +219,7 @@ impl ViT {
         let mut out = Vec::with_capacity(self.blocks.len());
         for blk in &self.blocks {
             out.push(x.narrow(1, 1, t));
-            x = blk.forward(&x, None, None);
+            x = blk.forward(&x, None, Sight::All);
         }
         Ok(out)
     }
@@ -230,12 +230,12 @@ impl ViT {
         let b = tokens.size()[0];
         let mut x = Tensor::cat(&[cls.expand([b, 1, -1], false), tokens], 1);
         for blk in &self.blocks {
-            x = blk.forward(&x, None, None);
+            x = blk.forward(&x, None, Sight::All);
         }
         Ok(self.head(&x.narrow(1, 0, 1)))
     }
 
-    /// All devices simulated in one process with the mixed-precision mask (training and the
+    /// All devices simulated in one process under Mixed-Precision Attention (training and the
     /// reference for the per-device path).
     pub fn forward_astra(&self, images: &Tensor, astra: Astra) -> Result<AstraOutput> {
         let (cls, tokens) = self.embed(images)?;
@@ -250,11 +250,14 @@ impl ViT {
             ));
         }
         let n_cls = astra.cls.copies(astra.partition.devices()) as i64;
-        let mask = mixed_precision_mask_with_loss(
-            astra.partition,
-            n_cls as usize,
-            false,
-            astra.link_loss,
+        let keys = MpaKeys::new(
+            &Layout {
+                partition: astra.partition,
+                cls: n_cls as usize,
+                causal: false,
+                sent: None,
+                loss: astra.link_loss,
+            },
             tokens.device(),
         );
         let x = Tensor::cat(&[cls.expand([b, n_cls, -1], false), tokens], 1);
@@ -265,7 +268,7 @@ impl ViT {
             None,
             astra.vq,
             astra.train,
-            |l, x, xq| self.blocks[l].forward(x, Some(xq), Some(&mask)),
+            |l, x, xq| self.blocks[l].forward(x, Some(xq), keys.sight()),
         )?;
         Ok(AstraOutput {
             logits: self.head(&x.narrow(1, 0, n_cls)),
