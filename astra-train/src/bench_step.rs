@@ -117,22 +117,18 @@ pub fn run(b: &StepBench) -> Result<StepResult> {
         sync(b.device);
         let t = Instant::now();
         let loss = crate::precision::bf16_autocast(b.bf16, || -> Result<Tensor> {
-            Ok(match quantizers.as_mut() {
-                None => crate::train::task::loss(&model.forward(&images)?, &labels),
-                Some((p, vq)) => {
-                    let out = model.forward_astra(
-                        &images,
-                        Astra {
-                            partition: p,
-                            cls: ClsMode::Distributed,
-                            vq: Some(vq),
-                            train: true,
-                            link_loss: None,
-                        },
-                    )?;
-                    crate::train::task::loss(&out.logits, &labels)
-                        + out.commitment.to_kind(Kind::Float) * 5e-4
-                }
+            let astra = quantizers.as_mut().map(|(p, vq)| Astra {
+                partition: p,
+                cls: ClsMode::Distributed,
+                vq: Some(vq),
+                train: true,
+                link_loss: None,
+            });
+            // As the training step takes it (the fused head for language models).
+            let out = crate::train::task::step_loss(&model, &images, &labels, astra)?;
+            Ok(match out.commitment {
+                Some(c) => out.loss + c.to_kind(Kind::Float) * 5e-4,
+                None => out.loss,
             })
         })??;
         opt.zero_grad();

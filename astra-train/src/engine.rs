@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TrainError};
 use crate::models::fast_kv::CodewordKv;
+use crate::models::lm_head::LmHead;
 use crate::models::{Astra, AstraOutput, ClsMode, DevicePartition, GroupedVq};
 
 /// The remote tokens one block step attends to, besides the device's own.
@@ -88,6 +89,25 @@ pub trait AstraModel {
     /// All devices in one process with the mixed-precision mask: the training formulation and the
     /// reference the per-device paths are tested against.
     fn forward_astra(&self, input: &Tensor, astra: Astra) -> Result<AstraOutput>;
+
+    /// Language models: the head as its parts (logits = norm(states) · Wᵀ), so that training can
+    /// take the loss without forming the logits ([`crate::models::lm_head`]).
+    fn lm_head(&self) -> Option<LmHead<'_>> {
+        None
+    }
+
+    /// The states after the last block, before [`Self::lm_head`] (plain, or under ASTRA with the
+    /// summed commitment); language models only.
+    fn final_states(
+        &self,
+        _input: &Tensor,
+        _astra: Option<Astra>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        Err(TrainError::invalid(
+            "model",
+            "has no language-model head: take its logits with forward",
+        ))
+    }
     /// The input of every block for the content tokens, [B, T, D] each (calibration).
     fn block_inputs(&self, input: &Tensor) -> Result<Vec<Tensor>>;
     /// The model as a decoder that continues a sequence with a key/value cache (language

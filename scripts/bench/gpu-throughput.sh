@@ -2,7 +2,8 @@
 # Training throughput on the GPU, ours against PyTorch (HF transformers) in the same call:
 # ViT-B/16 224² batch 128 and GPT-2 small 1024 tokens batch 8, bf16 autocast, AdamW, random data.
 # Ours with the CUDA kernels (the default), with ASTRA_CUDA_KERNELS=0 (the ATen path), and ASTRA
-# with ASTRA_MPA_MASK=1 (attention under the [S, S+T] mask, not device by device);
+# with ASTRA_MPA_MASK=1 (attention under the [S, S+T] mask, not device by device), and GPT-2 with
+# ASTRA_LM_LOSS=unfused (the logits formed and kept for autograd's cross-entropy);
 # the peer three ways: sdpa with torch.optim.AdamW's foreach update, with its fused update, and
 # under torch.compile.
 #   scripts/bench/gpu-throughput.sh OUT.md      (needs astra-train on PATH and python3 with
@@ -19,6 +20,9 @@ ours() { # model args...: our rows with the kernels, then without (marked), then
     sed 's/^| \([^|]*\) |/| \1 — ATen path (kernels off) |/'
   ASTRA_MPA_MASK=1 astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda | grep '^| ASTRA' |
     sed 's/^| \([^|]*\) |/| \1 — MPA under the mask |/'
+  [[ " $* " == *" gpt2 "* ]] || return 0
+  ASTRA_LM_LOSS=unfused astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda |
+    tail -n +5 | sed 's/^| \([^|]*\) |/| \1 — LM head and loss unfused |/'
 }
 peers() {
   [[ ${PEERS:-1} == 0 ]] && return

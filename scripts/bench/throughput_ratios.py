@@ -29,11 +29,12 @@ for section in groups.values():
     peer = step(section, lambda r: r.startswith("HF") and "fused" in r and "compile" not in r)
     bars = [
         ("ours plain", lambda r: r == "plain"),
+        ("ours plain: LM loss unfused", lambda r: r.startswith("plain") and "unfused" in r),
         ("ours ASTRA (N=4 G=32)", lambda r: r.startswith("ASTRA") and "—" not in r),
         ("ours ASTRA: ATen path", lambda r: r.startswith("ASTRA") and "ATen" in r),
         ("ours ASTRA: MPA under the mask", lambda r: r.startswith("ASTRA") and "mask" in r),
     ]
     for bar, pick in bars:
-        if bar.endswith("mask") and not any(s == section and pick(r) for s, r in ms):
-            continue  # tables from before the per-device attention have no such row
+        if ":" in bar and not any(s == section and pick(r) for s, r in ms):
+            continue  # rows only some tables have (per model, or since a given commit)
         print(f"{section},{bar},{peer / step(section, pick):.2f}")

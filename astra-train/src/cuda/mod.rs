@@ -4,7 +4,8 @@
 //! - [`nearest`]: the nearest codeword of every row and group, distances and argmin fused so the
 //!   [G, M, K] distance tile is never written;
 //! - [`ema`]: the per-code counts and sums of the EMA codebook update in one scatter;
-//! - [`adamw`]: an AdamW step over the flat parameter buffer in one pass.
+//! - [`adamw`]: an AdamW step over the flat parameter buffer in one pass;
+//! - [`xent`]: a language model's softmax cross-entropy and its gradient, in place, one pass.
 //!
 //! They run in libtorch's context (the device's primary context, which cudarc retains as well) and
 //! on the legacy default stream: tch never makes another stream current, so that is where libtorch
@@ -20,6 +21,7 @@ pub mod adamw;
 pub mod ema;
 pub mod nccl;
 pub mod nearest;
+pub mod xent;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

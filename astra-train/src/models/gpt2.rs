@@ -8,6 +8,7 @@ use tch::{Kind, Tensor};
 use super::device_groups::{Layout, MpaKeys};
 use super::fast_kv::CodewordKv;
 use super::layers::{activate, attend, Conv1D, Sight};
+use super::lm_head::LmHead;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::GPT2Config;
 use crate::engine::{AstraModel, Decoder, Positions, Remote};
@@ -213,17 +214,31 @@ impl Gpt2 {
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.head(&self.final_states(ids)?))
+    }
+
+    /// The states after the last block (before `ln_f` and the head).
+    pub fn final_states(&self, ids: &Tensor) -> Result<Tensor> {
         let t = ids.size()[1];
         let pos = Tensor::arange(t, (Kind::Int64, ids.device()));
         let mut x = self.embed(ids, &pos)?;
         for blk in &self.blocks {
             x = blk.forward(&x, None, Sight::Causal);
         }
-        Ok(self.head(&x))
+        Ok(x)
     }
 
     /// All devices in one process under causal Mixed-Precision Attention (no CLS).
     pub fn forward_astra(&self, ids: &Tensor, astra: Astra) -> Result<AstraOutput> {
+        let (x, commitment) = self.astra_final_states(ids, astra)?;
+        Ok(AstraOutput {
+            logits: self.head(&x),
+            commitment,
+        })
+    }
+
+    /// [`Self::forward_astra`]'s states after the last block, and the summed commitment.
+    pub fn astra_final_states(&self, ids: &Tensor, astra: Astra) -> Result<(Tensor, Tensor)> {
         let t = ids.size()[1];
         if astra.partition.tokens() as i64 != t {
             return Err(TrainError::invalid(
@@ -254,7 +269,7 @@ impl Gpt2 {
             let idx: Vec<i64> = sent.iter().map(|&i| i as i64).collect();
             Tensor::from_slice(&idx).to_device(ids.device())
         });
-        let (x, commitment) = super::masked_blocks(
+        super::masked_blocks(
             self.blocks.len(),
             x,
             0,
@@ -262,11 +277,7 @@ impl Gpt2 {
             astra.vq,
             astra.train,
             |l, x, xq| self.blocks[l].forward(x, Some(xq), keys.sight()),
-        )?;
-        Ok(AstraOutput {
-            logits: self.head(&x),
-            commitment,
-        })
+        )
     }
 }
 
@@ -315,6 +326,25 @@ impl AstraModel for Gpt2 {
     }
     fn forward_astra(&self, input: &Tensor, astra: Astra) -> Result<AstraOutput> {
         Gpt2::forward_astra(self, input, astra)
+    }
+    fn lm_head(&self) -> Option<LmHead<'_>> {
+        Some(LmHead {
+            norm: &self.ln_f,
+            weight: &self.wte.ws,
+        })
+    }
+    fn final_states(
+        &self,
+        input: &Tensor,
+        astra: Option<Astra>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        Ok(match astra {
+            None => (Gpt2::final_states(self, input)?, None),
+            Some(a) => {
+                let (x, c) = self.astra_final_states(input, a)?;
+                (x, Some(c))
+            }
+        })
     }
     fn block_inputs(&self, input: &Tensor) -> Result<Vec<Tensor>> {
         Gpt2::block_inputs(self, input)

@@ -20,6 +20,7 @@ use super::device_groups::{Layout, MpaKeys};
 use super::fast_kv::CodewordKv;
 use super::layers::Sight;
 use super::layers::{self, Linear};
+use super::lm_head::LmHead;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::{LlamaConfig, LlamaFamily, RopeScaling};
 use crate::engine::{AstraModel, Decoder, Remote};
@@ -363,6 +364,11 @@ impl Llama {
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.head(&self.final_states(ids)?))
+    }
+
+    /// The states after the last block (before the final norm and the head).
+    pub fn final_states(&self, ids: &Tensor) -> Result<Tensor> {
         let t = ids.size().get(1).copied().unwrap_or(0);
         self.check_length(t)?;
         let cs = self.positions(t, ids);
@@ -370,7 +376,7 @@ impl Llama {
         for blk in &self.blocks {
             x = blk.forward(&x, &cs, None, Sight::Causal);
         }
-        Ok(self.head(&x))
+        Ok(x)
     }
 
     /// What ASTRA's quantizers see on the plain model: per block its keys, then its values
@@ -394,6 +400,15 @@ impl Llama {
     /// values of the tokens other devices attend to are quantized (before RoPE, then rotated at
     /// their positions) and appended as extra key columns.
     pub fn forward_astra(&self, ids: &Tensor, astra: Astra) -> Result<AstraOutput> {
+        let (x, commitment) = self.astra_final_states(ids, astra)?;
+        Ok(AstraOutput {
+            logits: self.head(&x),
+            commitment,
+        })
+    }
+
+    /// [`Self::forward_astra`]'s states after the last block, and the summed commitment.
+    pub fn astra_final_states(&self, ids: &Tensor, astra: Astra) -> Result<(Tensor, Tensor)> {
         let t = ids.size().get(1).copied().unwrap_or(0);
         if astra.partition.tokens() as i64 != t {
             return Err(TrainError::invalid(
@@ -446,10 +461,7 @@ impl Llama {
             };
             x = blk.forward(&x, &cs, Some(remote), keys.sight());
         }
-        Ok(AstraOutput {
-            logits: self.head(&x),
-            commitment,
-        })
+        Ok((x, commitment))
     }
 }
 
@@ -539,6 +551,25 @@ impl AstraModel for Llama {
     }
     fn forward_astra(&self, input: &Tensor, astra: Astra) -> Result<AstraOutput> {
         Llama::forward_astra(self, input, astra)
+    }
+    fn lm_head(&self) -> Option<LmHead<'_>> {
+        Some(LmHead {
+            norm: &self.norm,
+            weight: &self.lm_head,
+        })
+    }
+    fn final_states(
+        &self,
+        input: &Tensor,
+        astra: Option<Astra>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        Ok(match astra {
+            None => (Llama::final_states(self, input)?, None),
+            Some(a) => {
+                let (x, c) = self.astra_final_states(input, a)?;
+                (x, Some(c))
+            }
+        })
     }
     fn block_inputs(&self, input: &Tensor) -> Result<Vec<Tensor>> {
         Llama::block_inputs(self, input)

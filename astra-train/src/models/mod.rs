@@ -5,6 +5,7 @@ pub mod fast_kv;
 pub mod gpt2;
 pub mod layers;
 pub mod llama;
+pub mod lm_head;
 pub mod mpa;
 pub mod vit;
 pub mod vq;

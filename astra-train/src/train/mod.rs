@@ -602,28 +602,23 @@ fn train_epoch(
         }
         let (x, y) = b?;
         let partition = step_partition(cfg, model.content_tokens(&x) as usize, &mut rng)?;
-        let (logits, loss) = bf16_autocast(cfg.bf16, || -> Result<(Tensor, Tensor)> {
-            let (logits, commit) = match (vq.as_mut(), &partition) {
-                (Some(q), Some(p)) => {
-                    let out = model.forward_astra(
-                        &x,
-                        Astra {
-                            partition: p,
-                            cls: *cls,
-                            vq: Some(q),
-                            train: true,
-                            link_loss: None,
-                        },
-                    )?;
-                    (out.logits, Some(out.commitment))
-                }
-                _ => (model.forward(&x)?, None),
+        let (hits, loss) = bf16_autocast(cfg.bf16, || -> Result<(Tensor, Tensor)> {
+            let astra = match (vq.as_mut(), &partition) {
+                (Some(q), Some(p)) => Some(Astra {
+                    partition: p,
+                    cls: *cls,
+                    vq: Some(q),
+                    train: true,
+                    link_loss: None,
+                }),
+                _ => None,
             };
-            let mut loss = task::loss(&logits, &y);
-            if let Some(c) = commit {
+            let out = task::step_loss(model, &x, &y, astra)?;
+            let mut loss = out.loss;
+            if let Some(c) = out.commitment {
                 loss += c.to_kind(Kind::Float) * beta;
             }
-            Ok((logits, loss))
+            Ok((out.hits, loss))
         })??;
         opt.zero_grad();
         match ranks.is_group() {
@@ -634,7 +629,7 @@ fn train_epoch(
             }
         }
         opt.step();
-        add_step(&[&loss_sum, &correct, &seen], &logits, &y, &loss);
+        add_step(&[&loss_sum, &correct, &seen], &hits, &y, &loss);
         bar.inc(1);
         if bar.position().is_multiple_of(50) && !bar.is_hidden() {
             let l = loss_sum.double_value(&[]) / seen.double_value(&[]).max(1.0);
@@ -784,19 +779,14 @@ fn target_share(y: &Tensor, ranks: &dyn Collective) -> Result<Tensor> {
     Ok((mine / all.clamp_min(1.0)).reshape([]))
 }
 
-fn add_step(sums: &[&Tensor; 3], logits: &Tensor, y: &Tensor, loss: &Tensor) {
+fn add_step(sums: &[&Tensor; 3], hits: &Tensor, y: &Tensor, loss: &Tensor) {
     tch::no_grad(|| {
-        let keep = y.reshape([-1]).ne(crate::data::text::IGNORE);
-        let n = keep.sum(Kind::Float);
-        let v = *logits.size().last().expect("class axis");
-        let hits = logits
-            .reshape([-1, v])
-            .argmax(-1, false)
-            .eq_tensor(&y.reshape([-1]))
-            .logical_and(&keep)
+        let n = y
+            .reshape([-1])
+            .ne(crate::data::text::IGNORE)
             .sum(Kind::Float);
         let _ = sums[0].shallow_clone().g_add_(&(loss.detach() * &n));
-        let _ = sums[1].shallow_clone().g_add_(&hits);
+        let _ = sums[1].shallow_clone().g_add_(hits);
         let _ = sums[2].shallow_clone().g_add_(&n);
     });
 }

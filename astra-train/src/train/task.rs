@@ -138,6 +138,53 @@ pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
         )
 }
 
+/// A training step's forward pass: the task loss (the mean over kept targets), how many kept
+/// targets the argmax hits (no grad), and ASTRA's summed commitment.
+pub struct StepLoss {
+    pub loss: Tensor,
+    pub hits: Tensor,
+    pub commitment: Option<Tensor>,
+}
+
+/// The forward pass and loss of a training step, plain or under `astra`. A language model takes
+/// its loss through the fused head ([`crate::models::lm_head`]), which never forms the logits,
+/// unless `ASTRA_LM_LOSS=unfused` (the logits and [`loss`], kept to measure the difference).
+pub fn step_loss(model: &Model, x: &Tensor, y: &Tensor, astra: Option<Astra>) -> Result<StepLoss> {
+    let m = model.astra_model();
+    let unfused = std::env::var("ASTRA_LM_LOSS").is_ok_and(|v| v == "unfused");
+    if let Some(head) = m.lm_head().filter(|_| !unfused) {
+        let (states, commitment) = m.final_states(x, astra)?;
+        let l = head.loss(&states, y, text::IGNORE);
+        return Ok(StepLoss {
+            loss: l.loss,
+            hits: l.hits,
+            commitment,
+        });
+    }
+    let (logits, commitment) = match astra {
+        Some(a) => {
+            let out = m.forward_astra(x, a)?;
+            (out.logits, Some(out.commitment))
+        }
+        None => (m.forward(x)?, None),
+    };
+    let hits = tch::no_grad(|| {
+        let v = *logits.size().last().expect("class axis");
+        let y = y.reshape([-1]);
+        logits
+            .reshape([-1, v])
+            .argmax(-1, false)
+            .eq_tensor(&y)
+            .logical_and(&y.ne(text::IGNORE))
+            .sum(Kind::Float)
+    });
+    Ok(StepLoss {
+        loss: loss(&logits, y),
+        hits,
+        commitment,
+    })
+}
+
 /// (sum of losses, correct, counted) over non-ignored targets.
 fn score(logits: &Tensor, targets: &Tensor) -> (f64, i64, i64) {
     let v = *logits.size().last().expect("class axis");
