@@ -252,7 +252,7 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
         loss: None,
     };
     let (mask, groups) = (layout.mask(dev), DeviceGroups::new(&layout, dev));
-    // As the training step attends (per device unless ASTRA_MPA_MASK=1).
+    // As the training step attends (the mask unless ASTRA_MPA=devices).
     let keys = MpaKeys::new(&layout, dev);
     let s = n as i64 + t;
     let x = Tensor::randn([b.batch, s, d], (Kind::Float, dev)).set_requires_grad(true);

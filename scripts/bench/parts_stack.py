@@ -28,7 +28,7 @@ def part(prefix):
 
 
 plain = part("block fwd+bwd, plain")
-mpa = part("block fwd+bwd, MPA") - plain
+mpa = part("block fwd+bwd, MPA (mask") - plain
 print("group,bar,value")
 print(f"plain ViT-B block,plain block,{plain:.3f}")
 for path in ("kernels", "ATen"):

@@ -49,7 +49,9 @@ pub struct Kernels {
     arch: String,
     /// Streaming multiprocessors: a kernel with fewer blocks than this leaves the device idle.
     sms: i64,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Compiled sources, or why one did not compile (said once; never retried: a failed NVRTC
+    /// run costs tens of milliseconds, every call).
+    modules: Mutex<HashMap<&'static str, Result<Arc<CudaModule>, String>>>,
 }
 
 /// A kernel source: a name for the cache and error messages, and its CUDA C text.
@@ -143,14 +145,10 @@ impl Kernels {
                 .modules
                 .lock()
                 .map_err(|_| KernelError("module cache poisoned".into()))?;
-            match modules.get(src.name) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = self.compile(src)?;
-                    modules.insert(src.name, m.clone());
-                    m
-                }
-            }
+            let m = modules
+                .entry(src.name)
+                .or_insert_with(|| self.compile(src).map_err(|e| e.0));
+            m.clone().map_err(KernelError)?
         };
         module
             .load_function(name)

@@ -13,7 +13,9 @@ use super::{int, ptr, KernelError, Kernels, Source};
 const SOURCE: Source = Source {
     name: "softmax_xent",
     text: r#"
-// bf16 as its bits: no header is needed under NVRTC.
+// bf16 as its bits, infinity and NaN from theirs: NVRTC compiles without any header.
+#define NEG_INF __int_as_float(0xff800000)
+#define QNAN __int_as_float(0x7fc00000)
 __device__ __forceinline__ float load(const unsigned short* p, long long i) {
   return __uint_as_float(((unsigned)p[i]) << 16);
 }
@@ -39,7 +41,7 @@ __device__ void xent(T* logits, const long long* targets, float* loss, float* hi
   __shared__ Part parts[32];
   const long long row = blockIdx.x;
   T* x = logits + row * (long long)V;
-  Part p = {-INFINITY, 0.f, V};
+  Part p = {NEG_INF, 0.f, V};
   for (int j = threadIdx.x; j < V; j += blockDim.x) {
     float v = load(x, j);
     if (v > p.m) { p.s = p.s * __expf(p.m - v) + 1.f; p.m = v; p.a = j; }
@@ -55,7 +57,7 @@ __device__ void xent(T* logits, const long long* targets, float* loss, float* hi
   __syncthreads();
   if (warp == 0) {
     const int warps = (blockDim.x + 31) >> 5;
-    p = lane < warps ? parts[lane] : Part{-INFINITY, 0.f, V};
+    p = lane < warps ? parts[lane] : Part{NEG_INF, 0.f, V};
     for (int o = 16; o > 0; o >>= 1) {
       Part q = {__shfl_down_sync(0xffffffffu, p.m, o), __shfl_down_sync(0xffffffffu, p.s, o),
                 __shfl_down_sync(0xffffffffu, p.a, o)};
@@ -67,9 +69,9 @@ __device__ void xent(T* logits, const long long* targets, float* loss, float* hi
       const float lse = p.m + __logf(p.s);
       // A target outside the vocabulary makes the row NaN (the trainer then stops and says so)
       // instead of reading outside it. Read before any thread writes the row.
-      loss[row] = !keep ? 0.f : valid ? lse - load(x, t) : NAN;
+      loss[row] = !keep ? 0.f : valid ? lse - load(x, t) : QNAN;
       hit[row] = keep && p.a == t ? 1.f : 0.f;
-      parts[0] = Part{lse, !keep ? 0.f : valid ? 1.f : NAN, keep && valid ? (int)t : -1};
+      parts[0] = Part{lse, !keep ? 0.f : valid ? 1.f : QNAN, keep && valid ? (int)t : -1};
     }
   }
   __syncthreads();

@@ -146,13 +146,16 @@ pub struct StepLoss {
     pub commitment: Option<Tensor>,
 }
 
-/// The forward pass and loss of a training step, plain or under `astra`. A language model takes
-/// its loss through the fused head ([`crate::models::lm_head`]), which never forms the logits,
-/// unless `ASTRA_LM_LOSS=unfused` (the logits and [`loss`], kept to measure the difference).
+/// The forward pass and loss of a training step, plain or under `astra`. A language model on a
+/// device with the CUDA kernels takes its loss through the fused head
+/// ([`crate::models::lm_head`]), which never forms the logits, unless `ASTRA_LM_LOSS=unfused`
+/// (the logits and [`loss`], kept to measure the difference). Elsewhere the logits are formed:
+/// the fused head's ATen form measured slower than autograd's cross-entropy.
 pub fn step_loss(model: &Model, x: &Tensor, y: &Tensor, astra: Option<Astra>) -> Result<StepLoss> {
     let m = model.astra_model();
-    let unfused = std::env::var("ASTRA_LM_LOSS").is_ok_and(|v| v == "unfused");
-    if let Some(head) = m.lm_head().filter(|_| !unfused) {
+    let fused = std::env::var("ASTRA_LM_LOSS").map_or(true, |v| v != "unfused")
+        && crate::cuda::kernels(x.device()).is_some();
+    if let Some(head) = m.lm_head().filter(|_| fused) {
         let (states, commitment) = m.final_states(x, astra)?;
         let l = head.loss(&states, y, text::IGNORE);
         return Ok(StepLoss {
