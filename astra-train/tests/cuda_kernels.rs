@@ -463,7 +463,8 @@ fn per_device_attention_equals_the_mask_on_the_gpu() {
 }
 
 /// The fused softmax cross-entropy kernel against its ATen form at GPT-2's vocabulary: summed
-/// loss to 1e-5, the same hits, gradients to the logits' rounding; a target outside the
+/// loss to 1e-5, the same hits, gradients to 1e-5 in fp32 (the kernel's fast exponential) and to bf16
+/// rounding in bf16; a target outside the
 /// vocabulary gives NaN, not a read outside the row.
 #[test]
 fn softmax_cross_entropy_kernel_equals_aten() {
@@ -475,7 +476,7 @@ fn softmax_cross_entropy_kernel_equals_aten() {
     let (c, v) = (300, 50257);
     let y = Tensor::randint(v, [c], (Kind::Int64, dev));
     let _ = y.narrow(0, 7, 20).fill_(-100);
-    for (kind, tol) in [(Kind::Float, 1e-6), (Kind::BFloat16, 1e-2)] {
+    for (kind, tol) in [(Kind::Float, 1e-5), (Kind::BFloat16, 1e-2)] {
         let logits = (Tensor::randn([c, v], (Kind::Float, dev)) * 4.0).to_kind(kind);
         let (mine, theirs) = (logits.copy(), logits.copy());
         let (l1, h1) = cuda::xent::softmax_xent_grad(&k, &mine, &y, -100).unwrap();
