@@ -463,9 +463,8 @@ fn per_device_attention_equals_the_mask_on_the_gpu() {
 }
 
 /// The fused softmax cross-entropy kernel against its ATen form at GPT-2's vocabulary: summed
-/// loss to 1e-5, the same hits, gradients to 1e-5 in fp32 (the kernel's fast exponential) and to bf16
-/// rounding in bf16; a target outside the
-/// vocabulary gives NaN, not a read outside the row.
+/// loss to 1e-5, the same hits, gradients to 1e-5 in fp32 (the kernel's fast exponential) and to
+/// bf16 rounding in bf16; a target outside the vocabulary gives NaN, not a read outside the row.
 #[test]
 fn softmax_cross_entropy_kernel_equals_aten() {
     use astra_train::models::lm_head::softmax_cross_entropy_grad_aten;
