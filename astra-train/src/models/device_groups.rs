@@ -28,18 +28,17 @@ enum Seen {
     Mask(Tensor),
 }
 
-/// The rows and keys of each device for one sequence layout ([`DeviceGroups::new`]).
+/// The rows and keys of each device for one sequence layout ([`DeviceGroups::new`]), as runs
+/// of consecutive positions: every gather is a split into runs and a concatenation, whose
+/// backward passes are copies (index_select's would be index_adds with atomics, which measured
+/// slower on the GPU than the masked attention itself).
 #[derive(Debug)]
 pub struct DeviceGroups {
-    /// Sequence positions device by device (each device's in sequence order); None when that
-    /// is the sequence order itself (contiguous shares, no CLS copies), so no gather is needed.
-    rows: Option<Tensor>,
-    /// Where each sequence position sits in `rows` (the inverse permutation).
-    back: Option<Tensor>,
-    row_counts: Vec<i64>,
-    /// Columns of [S full keys | T' quantized keys], device by device.
-    keys: Tensor,
-    key_counts: Vec<i64>,
+    devices: usize,
+    /// The query axis [0, S) in runs of one owner: (length, device), in position order.
+    rows: Vec<(i64, usize)>,
+    /// The key axis [0, S + T') in runs seen by the same devices: (length, seen by device d).
+    keys: Vec<(i64, Vec<bool>)>,
     seen: Vec<Seen>,
 }
 
@@ -74,8 +73,11 @@ impl DeviceGroups {
         let all: Vec<usize> = (0..t).collect();
         let sent = layout.sent.unwrap_or(&all);
         let received = received_messages(p, layout.loss);
-        let (mut rows, mut keys) = (Vec::with_capacity(s), Vec::new());
-        let (mut row_counts, mut key_counts, mut seen) = (vec![], vec![], vec![]);
+        // seen_by[c][d]: device d attends to key column c of [S full | T' quantized].
+        let mut seen_by: Vec<Vec<bool>> = (0..s + sent.len())
+            .map(|c| (0..n).map(|d| c < s && owner_at(c) == d).collect())
+            .collect();
+        let mut seen = Vec::with_capacity(n);
         for d in 0..n {
             let mine: Vec<usize> = (0..s).filter(|&i| owner_at(i) == d).collect();
             let last = mine.last().copied().unwrap_or(0);
@@ -88,31 +90,35 @@ impl DeviceGroups {
                 .map(|(j, &tok)| (cls + tok, s + j))
                 .filter(|&(pos, _)| !layout.causal || pos < last)
                 .collect();
-            seen.push(Self::seen(layout.causal, &mine, &remote, device));
-            row_counts.push(mine.len() as i64);
-            key_counts.push((mine.len() + remote.len()) as i64);
-            keys.extend(mine.iter().map(|&i| i as i64));
-            keys.extend(remote.iter().map(|&(_, c)| c as i64));
-            rows.extend(mine.into_iter().map(|i| i as i64));
-        }
-        let in_order = rows.iter().enumerate().all(|(i, &r)| i as i64 == r);
-        let (rows, back) = if in_order {
-            (None, None)
-        } else {
-            let mut back = vec![0i64; s];
-            for (i, &r) in rows.iter().enumerate() {
-                back[r as usize] = i as i64;
+            for &(_, c) in &remote {
+                seen_by[c][d] = true;
             }
-            (Some(upload(&rows, device)), Some(upload(&back, device)))
-        };
+            seen.push(Self::seen(layout.causal, &mine, &remote, device));
+        }
+        let owners: Vec<usize> = (0..s).map(owner_at).collect();
         DeviceGroups {
-            rows,
-            back,
-            row_counts,
-            keys: upload(&keys, device),
-            key_counts,
+            devices: n,
+            rows: runs(&owners)
+                .into_iter()
+                .map(|(len, d)| (len, *d))
+                .collect(),
+            keys: runs(&seen_by)
+                .into_iter()
+                .map(|(len, m)| (len, m.clone()))
+                .collect(),
             seen,
         }
+    }
+
+    /// How many runs the axes are cut into: the gathers' cost grows with them (contiguous shares
+    /// cut a few per device; tokens dealt at random, about one per token).
+    pub fn runs(&self) -> usize {
+        self.rows.len() + self.keys.len()
+    }
+
+    /// Keys device d attends to.
+    pub fn keys_of(&self, d: usize) -> i64 {
+        self.keys.iter().filter(|(_, m)| m[d]).map(|(l, _)| l).sum()
     }
 
     fn seen(causal: bool, mine: &[usize], remote: &[(usize, usize)], device: Device) -> Seen {
@@ -135,44 +141,69 @@ impl DeviceGroups {
     /// Attention of queries `q` [B, H, S, hd] over keys/values [B, H, S + T', hd] (the S full
     /// keys, then the T' quantized ones), device by device; [B, H, S, hd] in sequence order.
     pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
-        let q = match &self.rows {
-            Some(r) => q.index_select(2, r),
-            None => q.shallow_clone(),
-        };
-        let qs = q.split_with_sizes(&self.row_counts, 2);
-        let ks = k
-            .index_select(2, &self.keys)
-            .split_with_sizes(&self.key_counts, 2);
-        let vs = v
-            .index_select(2, &self.keys)
-            .split_with_sizes(&self.key_counts, 2);
-        let outs: Vec<Tensor> = (0..qs.len())
-            .map(|d| {
-                if self.row_counts[d] == 0 {
-                    return qs[d].shallow_clone();
-                }
-                let (mask, causal) = match &self.seen[d] {
-                    Seen::All => (None, false),
-                    Seen::Causal => (None, true),
-                    Seen::Mask(m) => (Some(m), false),
-                };
-                Tensor::scaled_dot_product_attention(
-                    &qs[d],
-                    &ks[d],
-                    &vs[d],
-                    mask,
-                    0.0,
-                    causal,
-                    None::<f64>,
-                    false,
-                )
-            })
-            .collect();
-        let out = Tensor::cat(&outs, 2);
-        match &self.back {
-            Some(b) => out.index_select(2, b),
-            None => out,
+        let row_lens: Vec<i64> = self.rows.iter().map(|r| r.0).collect();
+        let key_lens: Vec<i64> = self.keys.iter().map(|r| r.0).collect();
+        let qs = q.split_with_sizes(&row_lens, 2);
+        let (ks, vs) = (
+            k.split_with_sizes(&key_lens, 2),
+            v.split_with_sizes(&key_lens, 2),
+        );
+        let mut out: Vec<Option<Tensor>> = (0..self.rows.len()).map(|_| None).collect();
+        for d in 0..self.devices {
+            let mine: Vec<usize> = (0..self.rows.len())
+                .filter(|&i| self.rows[i].1 == d)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let theirs: Vec<usize> = (0..self.keys.len())
+                .filter(|&i| self.keys[i].1[d])
+                .collect();
+            let (mask, causal) = match &self.seen[d] {
+                Seen::All => (None, false),
+                Seen::Causal => (None, true),
+                Seen::Mask(m) => (Some(m), false),
+            };
+            let o = Tensor::scaled_dot_product_attention(
+                &joined(&qs, &mine),
+                &joined(&ks, &theirs),
+                &joined(&vs, &theirs),
+                mask,
+                0.0,
+                causal,
+                None::<f64>,
+                false,
+            );
+            let lens: Vec<i64> = mine.iter().map(|&i| self.rows[i].0).collect();
+            for (i, piece) in mine.into_iter().zip(o.split_with_sizes(&lens, 2)) {
+                out[i] = Some(piece);
+            }
         }
+        let out: Vec<Tensor> = out
+            .into_iter()
+            .map(|o| o.expect("every run has an owner"))
+            .collect();
+        joined(&out, &(0..out.len()).collect::<Vec<_>>())
+    }
+}
+
+/// Maximal runs of equal items: (length, item).
+fn runs<T: PartialEq>(items: &[T]) -> Vec<(i64, &T)> {
+    let mut out: Vec<(i64, &T)> = Vec::new();
+    for x in items {
+        match out.last_mut() {
+            Some((len, y)) if *y == x => *len += 1,
+            _ => out.push((1, x)),
+        }
+    }
+    out
+}
+
+/// The parts `which` of `parts` joined along the sequence axis (no copy for one part).
+fn joined(parts: &[Tensor], which: &[usize]) -> Tensor {
+    match which {
+        [one] => parts[*one].shallow_clone(),
+        _ => Tensor::cat(&which.iter().map(|&i| &parts[i]).collect::<Vec<_>>(), 2),
     }
 }
 
@@ -325,7 +356,7 @@ mod tests {
     }
 
     #[test]
-    fn contiguous_causal_shares_need_no_gather_and_the_first_no_mask() {
+    fn contiguous_shares_cut_few_runs_and_only_causal_devices_with_remote_keys_mask() {
         let p = DevicePartition::contiguous(12, 3).unwrap();
         let sent = p.sent_tokens(true);
         let g = DeviceGroups::new(
@@ -338,11 +369,16 @@ mod tests {
             },
             Device::Cpu,
         );
-        assert!(g.rows.is_none() && g.back.is_none());
-        assert_eq!(g.key_counts, vec![4, 8, 12]);
+        assert_eq!(
+            (0..3).map(|d| g.keys_of(d)).collect::<Vec<_>>(),
+            vec![4, 8, 12]
+        );
+        // Rows: one run per device; keys: 3 full runs, quantized tokens [0, 4) (seen by devices
+        // 1 and 2) and [4, 8) (by device 2).
+        assert_eq!(g.runs(), 3 + 3 + 2);
         assert!(matches!(g.seen[0], Seen::Causal));
         assert!(matches!(g.seen[1], Seen::Mask(_)));
-        // Bidirectional with CLS copies: rows are regrouped, no device needs a mask.
+        // Bidirectional with CLS copies: no device needs a mask.
         let g = DeviceGroups::new(
             &Layout {
                 partition: &p,
@@ -353,8 +389,11 @@ mod tests {
             },
             Device::Cpu,
         );
-        assert!(g.rows.is_some());
-        assert_eq!(g.key_counts, vec![13, 13, 13]);
+        assert_eq!(
+            (0..3).map(|d| g.keys_of(d)).collect::<Vec<_>>(),
+            vec![13, 13, 13]
+        );
+        assert_eq!(g.runs(), 6 + 6 + 3);
         assert!(g.seen.iter().all(|s| matches!(s, Seen::All)));
     }
 }
