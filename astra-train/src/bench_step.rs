@@ -10,8 +10,8 @@ use tch::{Device, Kind, Tensor};
 use crate::config::{GPT2Config, ModelConfig, ViTConfig};
 use crate::error::Result;
 use crate::model::Model;
-use crate::models::device_groups::{DeviceGroups, Layout, MpaKeys};
 use crate::models::layers::{attend, Sight};
+use crate::models::mpa::Layout;
 use crate::models::{Astra, ClsMode, DevicePartition, GroupedVq, VqConfig};
 
 pub struct StepBench {
@@ -151,7 +151,7 @@ pub fn run(b: &StepBench) -> Result<StepResult> {
 }
 
 /// GPT-2's causal MPA attention at its training shape (batch 8, T = 1024 at N devices, the
-/// sent tokens' quantized keys), with the mask and device by device.
+/// sent tokens' quantized keys) against plain causal attention.
 fn causal_attention_parts(
     b: &StepBench,
     heads: i64,
@@ -168,7 +168,7 @@ fn causal_attention_parts(
         sent: Some(&sent),
         loss: None,
     };
-    let (mask, groups) = (layout.mask(dev), DeviceGroups::new(&layout, dev));
+    let mask = layout.mask(dev);
     let keys = (t + sent.len()) as i64;
     let rand =
         |len: i64| Tensor::randn([batch, len, d], (Kind::Float, dev)).set_requires_grad(true);
@@ -190,7 +190,6 @@ fn causal_attention_parts(
     Ok(vec![
         time("plain (flash, causal)", &kp, &vp, Sight::Causal),
         time("MPA mask", &k, &v, Sight::Mask(&mask)),
-        time("MPA per device", &k, &v, Sight::Devices(&groups)),
     ])
 }
 
@@ -251,9 +250,7 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
         sent: None,
         loss: None,
     };
-    let (mask, groups) = (layout.mask(dev), DeviceGroups::new(&layout, dev));
-    // As the training step attends (the mask unless ASTRA_MPA=devices).
-    let keys = MpaKeys::new(&layout, dev);
+    let mask = layout.mask(dev);
     let s = n as i64 + t;
     let x = Tensor::randn([b.batch, s, d], (Kind::Float, dev)).set_requires_grad(true);
     let content = x.narrow(1, n as i64, t);
@@ -276,21 +273,16 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
         }),
     );
     let xq = content.detach();
-    for (name, sight) in [
-        ("mask, S+T keys", Sight::Mask(&mask)),
-        ("per device, no mask", Sight::Devices(&groups)),
-    ] {
-        row(
-            &format!("block fwd+bwd, MPA ({name}; quantized keys given)"),
-            time_ms(dev, w_, st, || {
-                amp(&mut || {
-                    blk.forward(&x, Some(&xq), sight)
-                        .sum(Kind::Float)
-                        .backward()
-                })
-            }),
-        );
-    }
+    row(
+        "block fwd+bwd, MPA (mask, S+T keys; quantized keys given)",
+        time_ms(dev, w_, st, || {
+            amp(&mut || {
+                blk.forward(&x, Some(&xq), Sight::Mask(&mask))
+                    .sum(Kind::Float)
+                    .backward()
+            })
+        }),
+    );
     let hd = d;
     let qkv =
         |len: i64| Tensor::randn([b.batch, len, hd], (Kind::Float, dev)).set_requires_grad(true);
@@ -305,12 +297,6 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
     for (name, ms) in [
         attention("plain (S keys)", &kk, &vv, Sight::All),
         attention("MPA mask (S+T keys)", &k2, &v2, Sight::Mask(&mask)),
-        attention(
-            "MPA per device (~S keys each, no mask)",
-            &k2,
-            &v2,
-            Sight::Devices(&groups),
-        ),
     ] {
         row(&name, ms);
     }
@@ -329,7 +315,7 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
         time_ms(dev, w_, st, || {
             amp(&mut || {
                 let q = vq.quantize(&content, true);
-                (blk.forward(&x, Some(&q.value), keys.sight())
+                (blk.forward(&x, Some(&q.value), Sight::Mask(&mask))
                     .sum(Kind::Float)
                     + q.commitment)
                     .backward()

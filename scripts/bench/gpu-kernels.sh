@@ -2,13 +2,13 @@
 # The CUDA kernels on the GPU machine: their tests against the ATen path (the release test binary
 # of astra-train/tests/cuda_kernels.rs), the parts of an ASTRA ViT-B block with and without them,
 # and a short Fashion-MNIST training (2 epochs plain, calibration, 1 epoch ASTRA) with and without
-# them, whose accuracies must agree; `mpa` then repeats that ASTRA fine-tune with MPA device by device.
-#   scripts/bench/gpu-kernels.sh OUT_DIR [tests] [parts] [train] [mpa]   (after `source .gpu/env.sh`;
+# them, whose accuracies must agree.
+#   scripts/bench/gpu-kernels.sh OUT_DIR [tests] [parts] [train]   (after `source .gpu/env.sh`;
 #       the test binary at .gpu/bin/cuda_kernels, data at .gpu/data/fashion-mnist)
 set -euo pipefail
-out=${1:?usage: gpu-kernels.sh OUT_DIR [tests] [parts] [train] [mpa]}
+out=${1:?usage: gpu-kernels.sh OUT_DIR [tests] [parts] [train]}
 shift
-steps=${*:-tests parts train mpa}
+steps=${*:-tests parts train}
 mkdir -p "$out"
 has() { [[ " $steps " == *" $1 "* ]]; }
 
@@ -41,15 +41,4 @@ if has train; then
     done | tee -a "$out/train.txt"
   done
   unset ASTRA_CUDA_KERNELS
-fi
-if has mpa; then
-  # The ASTRA fine-tune of `train`'s kernels-on run again with MPA device by device instead of
-  # under the [S, S+T] mask: the accuracies must agree (after `train`, in the same OUT_DIR).
-  data=fashion-mnist:.gpu/data/fashion-mnist
-  run=$out/train-kernels-1
-  ASTRA_MPA=devices astra-train astra --data $data --batch 256 --device cuda --pad 2 --flip --bf16 \
-    --epochs 1 --lr 2e-4 --warmup-steps 100 --init "$run/base" --codebooks "$run/cb.safetensors" \
-    --devices 4 --seed 1 --out "$run/astra-devices" >>"$run.log" 2>&1
-  echo "kernels=1 astra, MPA device by device: $(tr -d '\n ' <"$run/astra-devices/complete.json")" |
-    tee -a "$out/train.txt"
 fi

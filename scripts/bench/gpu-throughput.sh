@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Training throughput on the GPU, ours against PyTorch (HF transformers) in the same call:
 # ViT-B/16 224² batch 128 and GPT-2 small 1024 tokens batch 8, bf16 autocast, AdamW, random data.
-# Ours with the CUDA kernels (the default), with ASTRA_CUDA_KERNELS=0 (the ATen path), and ASTRA
-# with ASTRA_MPA=devices (attention device by device, not under the [S, S+T] mask), and GPT-2 with
-# ASTRA_LM_LOSS=unfused (the logits formed and kept for autograd's cross-entropy);
+# Ours with the CUDA kernels (the default), with ASTRA_CUDA_KERNELS=0 (the ATen path), and GPT-2
+# also with ASTRA_LM_LOSS=unfused (the logits formed and kept for autograd's cross-entropy);
 # the peer three ways: sdpa with torch.optim.AdamW's foreach update, with its fused update, and
 # under torch.compile.
 #   scripts/bench/gpu-throughput.sh OUT.md      (needs astra-train on PATH and python3 with
@@ -13,13 +12,11 @@ set -euo pipefail
 out=${1:?usage: gpu-throughput.sh OUT.md}
 here=$(cd "$(dirname "$0")" && pwd)
 steps=${STEPS:-20}
-ours() { # model args...: our rows with the kernels, then without (marked), then ASTRA's
-  # attention device by device instead of under the [S, S+T] mask (marked)
+ours() { # model args...: our rows with the kernels, then without (marked), then GPT-2's with
+  # autograd's LM head and cross-entropy (marked)
   astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda | tail -n +3
   ASTRA_CUDA_KERNELS=0 astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda | tail -n +5 |
     sed 's/^| \([^|]*\) |/| \1 — ATen path (kernels off) |/'
-  ASTRA_MPA=devices astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda | grep '^| ASTRA' |
-    sed 's/^| \([^|]*\) |/| \1 — MPA device by device |/'
   [[ " $* " == *" gpt2 "* ]] || return 0
   ASTRA_LM_LOSS=unfused astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda |
     tail -n +5 | sed 's/^| \([^|]*\) |/| \1 — LM head and loss unfused |/'

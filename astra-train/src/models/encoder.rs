@@ -5,9 +5,9 @@
 
 use tch::{nn, Tensor};
 
-use super::device_groups::{Layout, MpaKeys};
 use super::fast_kv::CodewordKv;
 use super::layers::Sight;
+use super::mpa::Layout;
 use super::vit::VitBlock;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::ViTConfig;
@@ -92,16 +92,14 @@ impl AstraModel for Encoder {
     }
     fn forward_astra(&self, x: &Tensor, astra: Astra) -> Result<AstraOutput> {
         self.check(x)?;
-        let keys = MpaKeys::new(
-            &Layout {
-                partition: astra.partition,
-                cls: 0,
-                causal: false,
-                sent: None,
-                loss: astra.link_loss,
-            },
-            x.device(),
-        );
+        let mask = Layout {
+            partition: astra.partition,
+            cls: 0,
+            causal: false,
+            sent: None,
+            loss: astra.link_loss,
+        }
+        .mask(x.device());
         let (x, commitment) = super::masked_blocks(
             self.blocks.len(),
             x.shallow_clone(),
@@ -109,7 +107,7 @@ impl AstraModel for Encoder {
             None,
             astra.vq,
             astra.train,
-            |l, x, xq| self.blocks[l].forward(x, Some(xq), keys.sight()),
+            |l, x, xq| self.blocks[l].forward(x, Some(xq), Sight::Mask(&mask)),
         )?;
         Ok(AstraOutput {
             logits: x,

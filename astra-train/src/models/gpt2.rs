@@ -5,10 +5,10 @@
 use tch::nn;
 use tch::{Kind, Tensor};
 
-use super::device_groups::{Layout, MpaKeys};
 use super::fast_kv::CodewordKv;
 use super::layers::{activate, attend, Conv1D, Sight};
 use super::lm_head::LmHead;
+use super::mpa::Layout;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::GPT2Config;
 use crate::engine::{AstraModel, Decoder, Positions, Remote};
@@ -255,16 +255,14 @@ impl Gpt2 {
         // ones are quantized (and EMA-updated) and get key columns.
         let sent = astra.partition.sent_tokens(true);
         let restrict = !sent.is_empty() && sent.len() < t as usize;
-        let keys = MpaKeys::new(
-            &Layout {
-                partition: astra.partition,
-                cls: 0,
-                causal: true,
-                sent: restrict.then_some(&sent[..]),
-                loss: astra.link_loss,
-            },
-            ids.device(),
-        );
+        let mask = Layout {
+            partition: astra.partition,
+            cls: 0,
+            causal: true,
+            sent: restrict.then_some(&sent[..]),
+            loss: astra.link_loss,
+        }
+        .mask(ids.device());
         let sent = restrict.then(|| {
             let idx: Vec<i64> = sent.iter().map(|&i| i as i64).collect();
             Tensor::from_slice(&idx).to_device(ids.device())
@@ -276,7 +274,7 @@ impl Gpt2 {
             sent.as_ref(),
             astra.vq,
             astra.train,
-            |l, x, xq| self.blocks[l].forward(x, Some(xq), keys.sight()),
+            |l, x, xq| self.blocks[l].forward(x, Some(xq), Sight::Mask(&mask)),
         )
     }
 }

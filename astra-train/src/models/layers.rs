@@ -6,7 +6,6 @@ use std::sync::OnceLock;
 
 use tch::{nn, Tensor};
 
-use super::device_groups::DeviceGroups;
 use crate::int8_linear::{self, Int8Linear};
 
 /// nn.Linear (`weight` [out, in], optional `bias`) that computes in int8 on the CPU when
@@ -105,15 +104,12 @@ pub enum Sight<'a> {
     Causal,
     /// Boolean [S, Sk], true = may attend.
     Mask(&'a Tensor),
-    /// Mixed-Precision Attention device by device (keys: S full, then the quantized ones).
-    Devices(&'a DeviceGroups),
 }
 
 impl Sight<'_> {
     /// Attention in head layout: q [B, H, S, hd], k/v [B, H, Sk, hd] → [B, H, S, hd].
     pub fn attend_heads(self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
         let (mask, causal) = match self {
-            Sight::Devices(g) => return g.attend(q, k, v),
             Sight::All => (None, false),
             Sight::Causal => (None, true),
             Sight::Mask(m) => (Some(m), false),

@@ -16,11 +16,11 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use super::device_groups::{Layout, MpaKeys};
 use super::fast_kv::CodewordKv;
 use super::layers::Sight;
 use super::layers::{self, Linear};
 use super::lm_head::LmHead;
+use super::mpa::Layout;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::{LlamaConfig, LlamaFamily, RopeScaling};
 use crate::engine::{AstraModel, Decoder, Remote};
@@ -423,16 +423,14 @@ impl Llama {
         let dev = ids.device();
         let cs = self.positions(t, ids);
         let sent_tokens = astra.partition.sent_tokens(true);
-        let keys = MpaKeys::new(
-            &Layout {
-                partition: astra.partition,
-                cls: 0,
-                causal: true,
-                sent: Some(&sent_tokens),
-                loss: astra.link_loss,
-            },
-            dev,
-        );
+        let mask = Layout {
+            partition: astra.partition,
+            cls: 0,
+            causal: true,
+            sent: Some(&sent_tokens),
+            loss: astra.link_loss,
+        }
+        .mask(dev);
         let sent: Vec<i64> = sent_tokens.iter().map(|&i| i as i64).collect();
         let sent = Tensor::from_slice(&sent).to_device(dev);
         let sent_cs = (cs.0.index_select(0, &sent), cs.1.index_select(0, &sent));
@@ -459,7 +457,7 @@ impl Llama {
                 values: &vq_,
                 cos_sin: &sent_cs,
             };
-            x = blk.forward(&x, &cs, Some(remote), keys.sight());
+            x = blk.forward(&x, &cs, Some(remote), Sight::Mask(&mask));
         }
         Ok((x, commitment))
     }

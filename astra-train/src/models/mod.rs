@@ -1,5 +1,4 @@
 //! The models (ViT, GPT-2, Llama/Mistral/Qwen2) with Mixed-Precision Attention, grouped VQ, NAQ and DCT.
-pub mod device_groups;
 pub mod encoder;
 pub mod fast_kv;
 pub mod gpt2;

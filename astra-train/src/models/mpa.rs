@@ -195,9 +195,38 @@ impl ClsMode {
     }
 }
 
+/// A sequence under Mixed-Precision Attention: `cls` CLS slots (slot c on device min(c, N − 1)) followed by
+/// the partition's content tokens; quantized key column j belongs to content token `sent[j]`.
+pub struct Layout<'a> {
+    pub partition: &'a DevicePartition,
+    pub cls: usize,
+    pub causal: bool,
+    /// Content tokens with a quantized key column, in column order (all of them when None).
+    pub sent: Option<&'a [usize]>,
+    pub loss: Option<super::LinkLoss>,
+}
+
+impl Layout<'_> {
+    /// The boolean mask [S, S + T'] of this layout (key columns restricted to `sent`).
+    pub fn mask(&self, device: Device) -> Tensor {
+        let p = self.partition;
+        let mask = mixed_precision_mask_with_loss(p, self.cls, self.causal, self.loss, device);
+        let Some(sent) = self.sent else {
+            return mask;
+        };
+        let s = (self.cls + p.tokens()) as i64;
+        let idx: Vec<i64> = sent.iter().map(|&i| i as i64).collect();
+        let cols = mask.narrow(1, s, p.tokens() as i64).index_select(
+            1,
+            &crate::libtorch::upload(&Tensor::from_slice(&idx), device),
+        );
+        Tensor::cat(&[mask.narrow(1, 0, s), cols], 1)
+    }
+}
+
 /// Which index messages arrived under `loss`: entry d·T + j is true when content token j's
 /// indices reached device d (always, for its own device). None when nothing is lost. One draw per
-/// forward pass; the mask and the per-device groups ([`super::device_groups`]) read the same draws.
+/// forward pass; every mask of one pass reads the same draws.
 pub(crate) fn received_messages(
     partition: &DevicePartition,
     loss: Option<super::LinkLoss>,

@@ -4,9 +4,9 @@
 use tch::nn;
 use tch::{Kind, Tensor};
 
-use super::device_groups::{Layout, MpaKeys};
 use super::fast_kv::CodewordKv;
 use super::layers::{activate, attend, linear, Linear, Sight};
+use super::mpa::Layout;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::ViTConfig;
 use crate::engine::{AstraModel, Positions, Remote};
@@ -250,16 +250,14 @@ impl ViT {
             ));
         }
         let n_cls = astra.cls.copies(astra.partition.devices()) as i64;
-        let keys = MpaKeys::new(
-            &Layout {
-                partition: astra.partition,
-                cls: n_cls as usize,
-                causal: false,
-                sent: None,
-                loss: astra.link_loss,
-            },
-            tokens.device(),
-        );
+        let mask = Layout {
+            partition: astra.partition,
+            cls: n_cls as usize,
+            causal: false,
+            sent: None,
+            loss: astra.link_loss,
+        }
+        .mask(tokens.device());
         let x = Tensor::cat(&[cls.expand([b, n_cls, -1], false), tokens], 1);
         let (x, commitment) = super::masked_blocks(
             self.blocks.len(),
@@ -268,7 +266,7 @@ impl ViT {
             None,
             astra.vq,
             astra.train,
-            |l, x, xq| self.blocks[l].forward(x, Some(xq), keys.sight()),
+            |l, x, xq| self.blocks[l].forward(x, Some(xq), Sight::Mask(&mask)),
         )?;
         Ok(AstraOutput {
             logits: self.head(&x.narrow(1, 0, n_cls)),
