@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 
 use super::{ptr, KernelError, Kernels, Source};
 
-const SOURCE: Source = Source {
+pub(super) const SOURCE: Source = Source {
     name: "adamw_step",
     text: r#"
 // p, g, m, v: [n] fp32; scale: one fp32 (the clip factor applied to g).

@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 
 use super::{int, ptr, KernelError, Kernels, Source};
 
-const SOURCE: Source = Source {
+pub(super) const SOURCE: Source = Source {
     name: "code_stats",
     text: r#"
 // x [M, G, W] fp32, idx [M, G] int64 -> counts [G, K] += 1, sums [G, K, W] += x (both zeroed).

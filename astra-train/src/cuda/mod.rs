@@ -156,27 +156,7 @@ impl Kernels {
     }
 
     fn compile(&self, src: &Source) -> Result<Arc<CudaModule>, KernelError> {
-        let opts = cudarc::nvrtc::CompileOptions {
-            options: vec![
-                format!("--gpu-architecture={}", self.arch),
-                "-std=c++17".into(),
-            ],
-            name: Some(format!("{}.cu", src.name)),
-            ..Default::default()
-        };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(src.text, opts).map_err(|e| {
-            // The compiler's log names the line; the error's Debug form is a struct dump.
-            let why = match &e {
-                cudarc::nvrtc::CompileError::CompileError { log, .. } => log
-                    .to_string_lossy()
-                    .lines()
-                    .find(|l| l.contains("error"))
-                    .unwrap_or_default()
-                    .to_string(),
-                other => format!("{other:?}"),
-            };
-            KernelError(format!("NVRTC on {}: {why}", src.name))
-        })?;
+        let ptx = ptx_of(src, &self.arch)?;
         self.stream
             .context()
             .load_module(ptx)
@@ -212,6 +192,44 @@ impl Kernels {
     }
 }
 
+/// Every kernel source, for the check that they compile ([`ptx_of`]; no GPU needed).
+pub(crate) const SOURCES: [&Source; 4] = [
+    &adamw::SOURCE,
+    &ema::SOURCE,
+    &nearest::SOURCE,
+    &xent::SOURCE,
+];
+
+/// `src` compiled by NVRTC for `arch` (`compute_XY`); the error names the source and the
+/// compiler's first error line.
+pub(crate) fn ptx_of(src: &Source, arch: &str) -> Result<cudarc::nvrtc::Ptx, KernelError> {
+    let opts = cudarc::nvrtc::CompileOptions {
+        options: vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()],
+        name: Some(format!("{}.cu", src.name)),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(src.text, opts).map_err(|e| {
+        // The compiler's log names the line; the error's Debug form is a struct dump.
+        let why = match &e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => log
+                .to_string_lossy()
+                .lines()
+                .find(|l| l.contains("error"))
+                .unwrap_or_default()
+                .to_string(),
+            other => format!("{other:?}"),
+        };
+        KernelError(format!("NVRTC on {}: {why}", src.name))
+    })
+}
+
+/// Whether NVRTC can be loaded (by name, or from beside libtorch): kernels compile without a GPU.
+pub(crate) fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library by name.
+    let by_name = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+    by_name || preload_nvrtc_beside_libtorch()
+}
+
 /// Loads NVRTC from the CUDA libraries that came with libtorch (PyTorch's wheels keep them in
 /// `site-packages/nvidia/*/lib`, beside `torch/lib`, where the loader does not look by itself).
 /// Once loaded, cudarc's dlopen by soname finds it. True when it was found.
@@ -241,6 +259,9 @@ fn preload_nvrtc_beside_libtorch() -> bool {
                 .to_string_lossy()
                 .into_owned();
             if name.starts_with("libnvrtc.so.") {
+                // NVRTC opens its builtins by soname, which the loader does not find in this
+                // folder either: loaded first, the later dlopen finds them already mapped.
+                preload_nvrtc_builtins(&lib);
                 // SAFETY: loading NVRTC runs no code of ours; kept loaded for the process.
                 if let Ok(l) = unsafe { libloading::Library::new(&f) } {
                     std::mem::forget(l);
@@ -250,6 +271,26 @@ fn preload_nvrtc_beside_libtorch() -> bool {
         }
     }
     false
+}
+
+/// Loads `libnvrtc-builtins.so.*` of `dir` (not the `.alt` variant) for the process.
+fn preload_nvrtc_builtins(dir: &std::path::Path) {
+    let Ok(files) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for f in files.flatten().map(|f| f.path()) {
+        let name = f
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if name.starts_with("libnvrtc-builtins.so.") {
+            // SAFETY: as for NVRTC itself: no code of ours runs; kept loaded for the process.
+            if let Ok(l) = unsafe { libloading::Library::new(&f) } {
+                std::mem::forget(l);
+            }
+        }
+    }
 }
 
 /// The kernel's result, or None after saying (once per process) why the ATen path takes over.
@@ -272,4 +313,27 @@ pub fn ptr(t: &Tensor) -> u64 {
 /// A size as a kernel's `int` argument.
 pub fn int(what: &str, n: i64) -> Result<i32, KernelError> {
     i32::try_from(n).map_err(|_| KernelError(format!("{what} = {n} does not fit a kernel's int")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel compiles for the GPUs we run on (A100, H100/H200), here, without a GPU: an
+    /// error in a kernel's C would otherwise only show on the GPU machine, as the ATen fallback.
+    /// Skipped where NVRTC cannot be loaded (set-up without PyTorch's CUDA wheels).
+    #[test]
+    fn every_kernel_source_compiles_with_nvrtc() {
+        if !nvrtc_available() {
+            eprintln!("NVRTC not found: the kernel compile check is skipped here");
+            return;
+        }
+        for arch in ["compute_80", "compute_90"] {
+            for src in SOURCES {
+                if let Err(e) = ptx_of(src, arch) {
+                    panic!("{arch}: {e}");
+                }
+            }
+        }
+    }
 }

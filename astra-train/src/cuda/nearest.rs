@@ -16,7 +16,7 @@ use tch::{Kind, Tensor};
 
 use super::{int, ptr, KernelError, Kernels, Source};
 
-const SOURCE: Source = Source {
+pub(super) const SOURCE: Source = Source {
     name: "nearest_codeword",
     text: r#"
 #define BM 128

@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 
 use super::{int, ptr, KernelError, Kernels, Source};
 
-const SOURCE: Source = Source {
+pub(super) const SOURCE: Source = Source {
     name: "softmax_xent",
     text: r#"
 // bf16 as its bits, infinity and NaN from theirs: NVRTC compiles without any header.
