@@ -103,17 +103,11 @@ pub fn kernels(device: Device) -> Option<Arc<Kernels>> {
 
 impl Kernels {
     fn open(ordinal: usize) -> Result<Self, KernelError> {
-        // SAFETY: both only try to dlopen the libraries by name.
-        let (driver, nvrtc) = unsafe {
-            (
-                cudarc::driver::sys::is_culib_present(),
-                cudarc::nvrtc::sys::is_culib_present(),
-            )
-        };
-        if !driver {
+        // SAFETY: only tries to dlopen the library by name.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(KernelError("no CUDA driver library (libcuda.so)".into()));
         }
-        if !nvrtc && !preload_nvrtc_beside_libtorch() {
+        if !nvrtc_available() {
             return Err(KernelError(
                 "NVRTC not found (libnvrtc.so.13): put the lib folder of PyTorch's nvidia/cu13 \
                  wheel on LD_LIBRARY_PATH"
@@ -193,7 +187,8 @@ impl Kernels {
 }
 
 /// Every kernel source, for the check that they compile ([`ptx_of`]; no GPU needed).
-pub(crate) const SOURCES: [&Source; 4] = [
+#[cfg(test)]
+const SOURCES: [&Source; 4] = [
     &adamw::SOURCE,
     &ema::SOURCE,
     &nearest::SOURCE,
