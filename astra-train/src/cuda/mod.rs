@@ -243,35 +243,19 @@ fn preload_nvrtc_beside_libtorch() -> bool {
     let Ok(dirs) = std::fs::read_dir(torch_lib.join("../../nvidia")) else {
         return false;
     };
-    for lib in dirs.flatten().map(|d| d.path().join("lib")) {
-        let Ok(files) = std::fs::read_dir(&lib) else {
-            continue;
-        };
-        for f in files.flatten().map(|f| f.path()) {
-            let name = f
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            if name.starts_with("libnvrtc.so.") {
-                // NVRTC opens its builtins by soname, which the loader does not find in this
-                // folder either: loaded first, the later dlopen finds them already mapped.
-                preload_nvrtc_builtins(&lib);
-                // SAFETY: loading NVRTC runs no code of ours; kept loaded for the process.
-                if let Ok(l) = unsafe { libloading::Library::new(&f) } {
-                    std::mem::forget(l);
-                    return true;
-                }
-            }
-        }
-    }
-    false
+    // NVRTC opens its builtins by soname, which the loader does not find in that folder either:
+    // loaded first, the later dlopen finds them already mapped.
+    dirs.flatten().map(|d| d.path().join("lib")).any(|lib| {
+        load_first(&lib, "libnvrtc-builtins.so.");
+        load_first(&lib, "libnvrtc.so.")
+    })
 }
 
-/// Loads `libnvrtc-builtins.so.*` of `dir` (not the `.alt` variant) for the process.
-fn preload_nvrtc_builtins(dir: &std::path::Path) {
+/// Loads, for the rest of the process, the first file of `dir` whose name starts with `prefix`
+/// (NVRTC's libraries: `.alt` variants do not match); true when one loaded.
+fn load_first(dir: &std::path::Path, prefix: &str) -> bool {
     let Ok(files) = std::fs::read_dir(dir) else {
-        return;
+        return false;
     };
     for f in files.flatten().map(|f| f.path()) {
         let name = f
@@ -279,13 +263,15 @@ fn preload_nvrtc_builtins(dir: &std::path::Path) {
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned();
-        if name.starts_with("libnvrtc-builtins.so.") {
-            // SAFETY: as for NVRTC itself: no code of ours runs; kept loaded for the process.
+        if name.starts_with(prefix) {
+            // SAFETY: loading NVRTC's libraries runs no code of ours; kept loaded for the process.
             if let Ok(l) = unsafe { libloading::Library::new(&f) } {
                 std::mem::forget(l);
+                return true;
             }
         }
     }
+    false
 }
 
 /// The kernel's result, or None after saying (once per process) why the ATen path takes over.
