@@ -195,8 +195,9 @@ impl ClsMode {
     }
 }
 
-/// A sequence under Mixed-Precision Attention: `cls` CLS slots (slot c on device min(c, N − 1)) followed by
-/// the partition's content tokens; quantized key column j belongs to content token `sent[j]`.
+/// A sequence under Mixed-Precision Attention: `cls` CLS slots (slot c on device min(c, N − 1))
+/// followed by the partition's content tokens; quantized key column j belongs to content token
+/// `sent[j]`.
 pub struct Layout<'a> {
     pub partition: &'a DevicePartition,
     pub cls: usize,
@@ -227,7 +228,7 @@ impl Layout<'_> {
 /// Which index messages arrived under `loss`: entry d·T + j is true when content token j's
 /// indices reached device d (always, for its own device). None when nothing is lost. One draw per
 /// forward pass; every mask of one pass reads the same draws.
-pub(crate) fn received_messages(
+fn received_messages(
     partition: &DevicePartition,
     loss: Option<super::LinkLoss>,
 ) -> Option<Vec<bool>> {
