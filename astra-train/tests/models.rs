@@ -548,3 +548,45 @@ fn bad_input_is_named() {
         "{e}"
     );
 }
+
+/// The fused loss's inputs: `final_states` through `lm_head`'s norm and matrix give the logits of
+/// `forward` (plain) and `forward_astra` (with quantizers, the same commitment); a ViT has no
+/// language-model head and says so.
+#[test]
+fn lm_head_parts_and_final_states_give_the_forward_logits() {
+    let m = tiny_gpt2();
+    let lm = m.astra_model();
+    let head = lm.lm_head().expect("GPT-2 has a language-model head");
+    let logits = |states: &Tensor| head.norm.forward(states).matmul(&head.weight.tr());
+    let ids = Tensor::randint(50, [2, 17], (Kind::Int64, Device::Cpu));
+    let p = DevicePartition::contiguous(17, 4).unwrap();
+    tch::no_grad(|| {
+        let (x, c) = lm.final_states(&ids, None).unwrap();
+        assert!(c.is_none());
+        assert!(max_rel_diff(&logits(&x), &m.forward(&ids).unwrap()) < 1e-6);
+        fn astra<'a>(p: &'a DevicePartition, vq: &'a mut [GroupedVq]) -> Astra<'a> {
+            Astra {
+                partition: p,
+                cls: ClsMode::Single,
+                vq: Some(vq),
+                train: false,
+                link_loss: None,
+            }
+        }
+        let (mut q1, mut q2) = (quantizers(3, 32, 8), quantizers(3, 32, 8));
+        let (x, c) = lm.final_states(&ids, Some(astra(&p, &mut q1))).unwrap();
+        let want = m.forward_astra(&ids, astra(&p, &mut q2)).unwrap();
+        assert!(max_rel_diff(&logits(&x), &want.logits) < 1e-6);
+        assert!(c.unwrap().equal(&want.commitment));
+    });
+    let vit = tiny_vit();
+    assert!(vit.astra_model().lm_head().is_none());
+    let err = vit
+        .astra_model()
+        .final_states(
+            &Tensor::zeros([1, 3, 8, 8], (Kind::Float, Device::Cpu)),
+            None,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("no language-model head"), "{err}");
+}

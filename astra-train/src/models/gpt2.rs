@@ -336,13 +336,11 @@ impl AstraModel for Gpt2 {
         input: &Tensor,
         astra: Option<Astra>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        Ok(match astra {
-            None => (Gpt2::final_states(self, input)?, None),
-            Some(a) => {
-                let (x, c) = self.astra_final_states(input, a)?;
-                (x, Some(c))
-            }
-        })
+        super::lm_head::plain_or_astra(
+            astra,
+            || Gpt2::final_states(self, input),
+            |a| self.astra_final_states(input, a),
+        )
     }
     fn block_inputs(&self, input: &Tensor) -> Result<Vec<Tensor>> {
         Gpt2::block_inputs(self, input)

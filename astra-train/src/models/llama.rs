@@ -561,13 +561,11 @@ impl AstraModel for Llama {
         input: &Tensor,
         astra: Option<Astra>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        Ok(match astra {
-            None => (Llama::final_states(self, input)?, None),
-            Some(a) => {
-                let (x, c) = self.astra_final_states(input, a)?;
-                (x, Some(c))
-            }
-        })
+        super::lm_head::plain_or_astra(
+            astra,
+            || Llama::final_states(self, input),
+            |a| self.astra_final_states(input, a),
+        )
     }
     fn block_inputs(&self, input: &Tensor) -> Result<Vec<Tensor>> {
         Llama::block_inputs(self, input)

@@ -20,6 +20,19 @@ pub struct LmHead<'a> {
     pub weight: &'a Tensor,
 }
 
+/// [`crate::engine::AstraModel::final_states`] from a model's plain form and its ASTRA form
+/// (states and summed commitment).
+pub(crate) fn plain_or_astra(
+    astra: Option<super::Astra>,
+    plain: impl FnOnce() -> crate::error::Result<Tensor>,
+    under: impl FnOnce(super::Astra) -> crate::error::Result<(Tensor, Tensor)>,
+) -> crate::error::Result<(Tensor, Option<Tensor>)> {
+    match astra {
+        None => Ok((plain()?, None)),
+        Some(a) => under(a).map(|(x, c)| (x, Some(c))),
+    }
+}
+
 /// The mean cross-entropy over the targets that are not `ignore`, and how many of those the
 /// logits' argmax hits (a no-grad count).
 pub struct LmLoss {

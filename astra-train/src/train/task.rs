@@ -152,9 +152,11 @@ pub struct StepLoss {
 /// (the logits and [`loss`], kept to measure the difference). Elsewhere the logits are formed:
 /// the fused head's ATen form measured slower than autograd's cross-entropy.
 pub fn step_loss(model: &Model, x: &Tensor, y: &Tensor, astra: Option<Astra>) -> Result<StepLoss> {
+    static UNFUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let unfused =
+        *UNFUSED.get_or_init(|| std::env::var("ASTRA_LM_LOSS").is_ok_and(|v| v == "unfused"));
     let m = model.astra_model();
-    let fused = std::env::var("ASTRA_LM_LOSS").map_or(true, |v| v != "unfused")
-        && crate::cuda::kernels(x.device()).is_some();
+    let fused = !unfused && crate::cuda::kernels(x.device()).is_some();
     if let Some(head) = m.lm_head().filter(|_| fused) {
         let (states, commitment) = m.final_states(x, astra)?;
         let l = head.loss(&states, y, text::IGNORE);
@@ -171,21 +173,24 @@ pub fn step_loss(model: &Model, x: &Tensor, y: &Tensor, astra: Option<Astra>) ->
         }
         None => (m.forward(x)?, None),
     };
-    let hits = tch::no_grad(|| {
-        let v = *logits.size().last().expect("class axis");
-        let y = y.reshape([-1]);
-        logits
-            .reshape([-1, v])
-            .argmax(-1, false)
-            .eq_tensor(&y)
-            .logical_and(&y.ne(text::IGNORE))
-            .sum(Kind::Float)
-    });
+    let hits = tch::no_grad(|| hits(&logits, y));
     Ok(StepLoss {
         loss: loss(&logits, y),
         hits,
         commitment,
     })
+}
+
+/// How many non-ignored targets the logits' argmax hits (fp32 scalar, on the logits' device).
+fn hits(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let v = *logits.size().last().expect("class axis");
+    let y = targets.reshape([-1]);
+    logits
+        .reshape([-1, v])
+        .argmax(-1, false)
+        .eq_tensor(&y)
+        .logical_and(&y.ne(text::IGNORE))
+        .sum(Kind::Float)
 }
 
 /// (sum of losses, correct, counted) over non-ignored targets.
@@ -199,12 +204,7 @@ fn score(logits: &Tensor, targets: &Tensor) -> (f64, i64, i64) {
         .cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, text::IGNORE, 0.0)
         .double_value(&[]);
     let keep = y.ne(text::IGNORE);
-    let correct = l
-        .argmax(-1, false)
-        .eq_tensor(&y)
-        .logical_and(&keep)
-        .sum(Kind::Int64)
-        .int64_value(&[]);
+    let correct = hits(&l, &y).double_value(&[]) as i64;
     (sum, correct, keep.sum(Kind::Int64).int64_value(&[]))
 }
 
