@@ -368,5 +368,60 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
         );
     }
     crate::cuda::set_enabled(kernels_were_on);
+    if let Some(kern) = crate::cuda::kernels(dev) {
+        for (name, ms) in search_parts(&kern, &xc, (g as i64, k as i64), b.batch, w_, st)? {
+            row(&name, ms);
+        }
+    }
+    Ok(rows)
+}
+
+/// The nearest-codeword search alone, each kernel that takes the groups (FMAs on CUDA cores;
+/// 3×TF32 on tensor cores), at the ViT block's rows and at GPT-2's training batch (8 × 1024 rows,
+/// the same groups).
+fn search_parts(
+    kern: &crate::cuda::Kernels,
+    content: &Tensor,
+    (g, k): (i64, i64),
+    batch: i64,
+    warmup: usize,
+    steps: usize,
+) -> Result<Vec<(String, f64)>> {
+    use crate::cuda::nearest::{nearest_codeword_with, Search};
+    let d = content.size()[2];
+    let w = d / g;
+    let vit_rows = content
+        .reshape([-1, g, w])
+        .to_kind(Kind::Float)
+        .contiguous();
+    let gpt2_rows = Tensor::randn([8 * 1024, g, w], (Kind::Float, content.device()));
+    let codebook = Tensor::randn([g, k, w], (Kind::Float, content.device()));
+    let mut searches = vec![(Search::Fma, "CUDA cores, fp32 FMA")];
+    if w <= 32 && kern.has_tf32_mma() {
+        searches.push((Search::TensorCores, "tensor cores, 3×TF32"));
+    }
+    let mut rows = Vec::new();
+    let vit = format!("ViT-B at batch {batch}, {} rows", vit_rows.size()[0]);
+    for (what, x) in [
+        (vit, &vit_rows),
+        ("GPT-2 at batch 8, 8192 rows".into(), &gpt2_rows),
+    ] {
+        for &(search, name) in &searches {
+            // Checked once outside the timing (a kernel that cannot run is not timed).
+            let _ = nearest_codeword_with(kern, x, &codebook, search).map_err(|e| {
+                crate::error::TrainError::Invalid {
+                    what: format!("{name} search"),
+                    reason: e.to_string(),
+                }
+            })?;
+            let ms = time_ms(content.device(), warmup, steps, || {
+                let _ = nearest_codeword_with(kern, x, &codebook, search);
+            });
+            rows.push((
+                format!("  nearest codeword alone ({what}, G={g}, K={k}): {name}"),
+                ms,
+            ));
+        }
+    }
     Ok(rows)
 }

@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use astra_train::config::{ModelConfig, ViTConfig};
+use astra_train::cuda::nearest::Search;
 use astra_train::cuda::{self, Kernels};
 use astra_train::model::{Backbone, Model};
 use astra_train::models::vq::{code_stats_aten, nearest_aten};
@@ -52,9 +53,27 @@ fn dist64(x: &Tensor, cb: &Tensor, idx: &Tensor) -> Tensor {
 /// How the kernel's indices compare with ATen's and with the fp64 optimum; panics where a
 /// disagreement is more than fp32 rounding.
 fn check_nearest(k: &Kernels, x: &Tensor, cb: &Tensor, what: &str) -> f64 {
-    let ours = cuda::nearest::nearest_codeword(k, x, cb).unwrap();
+    let mut agree = 1.0f64;
+    for search in searches(k, x.size()[2]) {
+        let ours = cuda::nearest::nearest_codeword_with(k, x, cb, search).unwrap();
+        agree = agree.min(check_indices(x, cb, &ours, &format!("{what}, {search:?}")));
+    }
+    agree
+}
+
+/// The searches that take groups of `width` on this GPU: the FMA kernels always, the tensor-core
+/// one for groups of at most 32 on compute capability 8.0 and later.
+fn searches(k: &Kernels, width: i64) -> Vec<Search> {
+    let mut s = vec![Search::Fma];
+    if width <= 32 && k.has_tf32_mma() {
+        s.push(Search::TensorCores);
+    }
+    s
+}
+
+fn check_indices(x: &Tensor, cb: &Tensor, ours: &Tensor, what: &str) -> f64 {
     let aten = nearest_aten(x, cb);
-    let (d_ours, d_aten) = (dist64(x, cb, &ours), dist64(x, cb, &aten));
+    let (d_ours, d_aten) = (dist64(x, cb, ours), dist64(x, cb, &aten));
     // fp32 rounding of ‖c‖² − 2·x·c is relative to ‖x‖² + ‖c‖², not to the distance.
     let scale = x
         .to_kind(Kind::Double)
@@ -106,11 +125,16 @@ fn nearest_codeword_equals_aten_up_to_fp32_rounding() {
         return;
     };
     tch::manual_seed(1);
+    if k.has_tf32_mma() && std::env::var("ASTRA_NEAREST").is_err() {
+        // The training and inference paths take the tensor cores for groups of ≤ 32.
+        assert_eq!(cuda::nearest::search_for(&k, 24), Search::TensorCores);
+    }
     // ViT-B at G = 32 and G = 1, ragged sizes (no dimension a multiple of a tile), a single row.
     for (m, g, n, w) in [
         (20_000, 32, 1024, 24),
         (6_000, 1, 1024, 768),
         (777, 3, 100, 7),
+        (2_500, 5, 257, 12),
         // The widest group of the narrow kernel, and the narrowest of the general one.
         (4_099, 4, 300, 32),
         (513, 2, 129, 33),
@@ -169,15 +193,24 @@ fn exact_ties_go_to_the_lowest_index_and_nan_rows_to_zero() {
         .transpose(0, 1)
         .repeat([5, 1, 1])
         .contiguous(); // [5, 2, 16]
-    let ours = cuda::nearest::nearest_codeword(&k, &x, &cb).unwrap();
-    assert_eq!(
-        Vec::<i64>::try_from(ours.reshape([-1])).unwrap(),
-        vec![7; 10]
-    );
+    for search in searches(&k, 16) {
+        let ours = cuda::nearest::nearest_codeword_with(&k, &x, &cb, search).unwrap();
+        assert_eq!(
+            Vec::<i64>::try_from(ours.reshape([-1])).unwrap(),
+            vec![7; 10],
+            "{search:?}"
+        );
+    }
     let _ = x.get(0).fill_(f64::NAN);
-    let ours = cuda::nearest::nearest_codeword(&k, &x, &cb).unwrap();
+    for search in searches(&k, 16) {
+        let ours = cuda::nearest::nearest_codeword_with(&k, &x, &cb, search).unwrap();
+        assert_eq!(
+            Vec::<i64>::try_from(ours.get(0)).unwrap(),
+            vec![0, 0],
+            "{search:?}"
+        );
+    }
     let aten = nearest_aten(&x, &cb);
-    assert_eq!(Vec::<i64>::try_from(ours.get(0)).unwrap(), vec![0, 0]);
     eprintln!(
         "ATen's argmin on an all-NaN row: {:?}",
         Vec::<i64>::try_from(aten.get(0)).unwrap()

@@ -161,6 +161,15 @@ impl Kernels {
         self.sms
     }
 
+    /// Whether the device has TF32 tensor cores (`mma … .tf32`: compute capability 8.0 on).
+    pub fn has_tf32_mma(&self) -> bool {
+        let major = self.arch.trim_start_matches("compute_");
+        major.len() >= 2
+            && major[..major.len() - 1]
+                .parse::<u32>()
+                .is_ok_and(|m| m >= 8)
+    }
+
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -188,10 +197,11 @@ impl Kernels {
 
 /// Every kernel source, for the check that they compile ([`ptx_of`]; no GPU needed).
 #[cfg(test)]
-const SOURCES: [&Source; 4] = [
+const SOURCES: [&Source; 5] = [
     &adamw::SOURCE,
     &ema::SOURCE,
     &nearest::SOURCE,
+    &nearest::TENSOR_CORE_SOURCE,
     &xent::SOURCE,
 ];
 

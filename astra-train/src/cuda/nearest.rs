@@ -192,10 +192,146 @@ extern "C" __global__ void gather_codewords(const float* __restrict__ cb,
 "#,
 };
 
+/// The same search on tensor cores, for groups of at most 32 (ViT-B and GPT-2 at G = 32: 24), on
+/// GPUs of compute capability 8.0 and later. A separate source, so that a GPU or NVRTC without TF32
+/// `mma` keeps the CUDA-core kernels above.
+///
+/// TF32 keeps 10 of fp32's 23 mantissa bits, so one TF32 product would pick a different codeword
+/// for about one row in a thousand (the issue's Triton probe: 99.88%). Split in the way of CUTLASS's
+/// 3×TF32: every value v = hi + lo with hi = tf32(v) and lo = tf32(v − hi), and
+/// x·c ≈ hi·hi + hi·lo + lo·hi (the lo·lo term, 2⁻²² of the product, dropped), accumulated in fp32
+/// by the tensor cores. The accumulator starts at ‖c‖² and the rows enter as −2x (exact), so the
+/// mma gives the distance ‖c‖² − 2·x·c itself. The distances then differ from the fp32 FMA sum by
+/// a few fp32 roundings of ‖x‖·‖c‖: the same near-tie bound as the FMA kernel (tests/cuda_kernels.rs).
+pub(super) const TENSOR_CORE_SOURCE: Source = Source {
+    name: "nearest_codeword_tf32x3",
+    text: r#"
+#define INF __int_as_float(0x7f800000)
+// v rounded to TF32 (round half away from zero, as CUTLASS does), as the bits of an fp32 value.
+__device__ __forceinline__ unsigned tf32_bits(float v) {
+  return (__float_as_uint(v) + 0x1000u) & 0xffffe000u;
+}
+__device__ __forceinline__ void split(float v, unsigned& hi, unsigned& lo) {
+  hi = tf32_bits(v);
+  lo = tf32_bits(v - __uint_as_float(hi));
+}
+// d += a·b for one 16 x 8 tile: a 16 x 8 (rows), b 8 x 8 (columns), TF32 in, fp32 accumulate.
+__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// x [M, G, W], codebook [G, K, W] (fp32, contiguous; W <= 8 S) -> out [M, G] int64.
+// A block of 4 warps takes 4 * MT * 16 rows of one group; each warp keeps its rows' A fragments
+// (hi and lo) in registers and scans the codewords, staged BN at a time in shared memory, 8 per mma.
+// Fragment layouts are PTX's for m16n8k8 (.tf32): lane = 4 * gid + tig; A holds rows gid and
+// gid + 8, columns tig and tig + 4; B column gid, rows tig and tig + 4; C rows gid and gid + 8,
+// columns 2 tig and 2 tig + 1.
+template <int S, int MT>
+__device__ __forceinline__ void nearest_tc(const float* __restrict__ x,
+                                           const float* __restrict__ cb,
+                                           long long* __restrict__ out, int M, int G, int K,
+                                           int W) {
+  constexpr int BN = 128, KW = 8 * S, STRIDE = KW + 4;  // + 4: B fragment loads hit 32 banks
+  __shared__ float cs[BN * STRIDE];
+  __shared__ float cn[BN];
+  const int g = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int row0 = blockIdx.x * (4 * MT * 16) + warp * MT * 16;
+  unsigned ah[MT][S][4], al[MT][S][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int s = 0; s < S; ++s)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int row = row0 + m * 16 + gid + (q & 1) * 8, col = s * 8 + tig + (q >> 1) * 4;
+        const float v = (row < M && col < W) ? -2.f * x[((long long)row * G + g) * W + col] : 0.f;
+        split(v, ah[m][s][q], al[m][s][q]);
+      }
+  float best[MT][2];
+  int bi[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) { best[m][0] = best[m][1] = INF; bi[m][0] = bi[m][1] = 0; }
+  for (int n0 = 0; n0 < K; n0 += BN) {
+    __syncthreads();  // the previous tile's readers are done
+    for (int e = threadIdx.x; e < BN * KW; e += blockDim.x) {
+      const int c = e / KW, k = e - c * KW, code = n0 + c;
+      cs[c * STRIDE + k] = (code < K && k < W) ? cb[((long long)g * K + code) * W + k] : 0.f;
+    }
+    __syncthreads();
+    // ‖c‖² in the FMA kernel's order; +inf past the last codeword, so it is never chosen.
+    for (int c = threadIdx.x; c < BN; c += blockDim.x) {
+      float s2 = 0.f;
+      for (int k = 0; k < W; ++k) s2 = fmaf(cs[c * STRIDE + k], cs[c * STRIDE + k], s2);
+      cn[c] = n0 + c < K ? s2 : INF;
+    }
+    __syncthreads();
+#pragma unroll 2
+    for (int j = 0; j < BN / 8; ++j) {
+      unsigned bh[S][2], bl[S][2];
+      const float* col = cs + (j * 8 + gid) * STRIDE + tig;
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        split(col[s * 8], bh[s][0], bl[s][0]);
+        split(col[s * 8 + 4], bh[s][1], bl[s][1]);
+      }
+      const float c0 = cn[j * 8 + 2 * tig], c1 = cn[j * 8 + 2 * tig + 1];
+      const int code = n0 + j * 8 + 2 * tig;
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        float d[4] = {c0, c1, c0, c1};
+        // The small terms first, then the large one.
+#pragma unroll
+        for (int s = 0; s < S; ++s) { mma(d, al[m][s], bh[s]); mma(d, ah[m][s], bl[s]); }
+#pragma unroll
+        for (int s = 0; s < S; ++s) mma(d, ah[m][s], bh[s]);
+        // Codes in increasing order and a strict '<': the lowest index wins a tie.
+        if (d[0] < best[m][0]) { best[m][0] = d[0]; bi[m][0] = code; }
+        if (d[1] < best[m][0]) { best[m][0] = d[1]; bi[m][0] = code + 1; }
+        if (d[2] < best[m][1]) { best[m][1] = d[2]; bi[m][1] = code; }
+        if (d[3] < best[m][1]) { best[m][1] = d[3]; bi[m][1] = code + 1; }
+      }
+    }
+  }
+  // A row's candidates are in the 4 lanes of its gid.
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float d = best[m][h];
+      int c = bi[m][h];
+#pragma unroll
+      for (int off = 1; off < 4; off <<= 1) {
+        const float d2 = __shfl_xor_sync(0xffffffffu, d, off);
+        const int c2 = __shfl_xor_sync(0xffffffffu, c, off);
+        if (d2 < d || (d2 == d && c2 < c)) { d = d2; c = c2; }
+      }
+      const int row = row0 + m * 16 + h * 8 + gid;
+      if (tig == 0 && row < M) out[(long long)row * G + g] = c;
+    }
+}
+
+#define NEAREST_TC(S)                                                                        \
+  extern "C" __global__ void __launch_bounds__(128)                                         \
+      nearest_codeword_tf32x3_##S(const float* __restrict__ x, const float* __restrict__ cb, \
+                                  long long* __restrict__ out, int M, int G, int K, int W) { \
+    nearest_tc<S, 2>(x, cb, out, M, G, K, W);                                                \
+  }
+NEAREST_TC(1)
+NEAREST_TC(2)
+NEAREST_TC(3)
+NEAREST_TC(4)
+"#,
+};
+
 /// Widest group the narrow kernel takes (WN in the source).
 const NARROW_WIDTH: i64 = 32;
 
-/// Rows per block (BM in the source).
+/// Rows per block (BM in the FMA kernels, 4 warps × 2 × 16 in the tensor-core one).
 const ROWS_PER_BLOCK: i64 = 128;
 
 /// Whether the fused search fills the device for M rows in G groups: it runs one block per 128
@@ -207,9 +343,53 @@ pub fn fills_device(k: &Kernels, rows: i64, groups: i64) -> bool {
     (rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK * groups >= k.multiprocessors()
 }
 
+/// Which kernel searches: FMAs on CUDA cores (any width, any GPU) or 3×TF32 on tensor cores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Search {
+    Fma,
+    TensorCores,
+}
+
+/// The search [`nearest_codeword`] runs for groups of `width`: tensor cores where the group fits
+/// their kernel and the GPU has them, unless `ASTRA_NEAREST=fma` (read once) asks for the FMAs.
+pub fn search_for(k: &Kernels, width: i64) -> Search {
+    static FMA_ASKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let fma_asked =
+        *FMA_ASKED.get_or_init(|| std::env::var("ASTRA_NEAREST").is_ok_and(|v| v == "fma"));
+    if width <= NARROW_WIDTH && k.has_tf32_mma() && !fma_asked {
+        Search::TensorCores
+    } else {
+        Search::Fma
+    }
+}
+
 /// Indices [M, G] (int64) of the nearest codeword of each row of `x` [M, G, W] in its group's
-/// codebook `codebook` [G, K, W]; both fp32, contiguous, on the device of `k`.
+/// codebook `codebook` [G, K, W]; both fp32, contiguous, on the device of `k`. Tensor cores where
+/// [`search_for`] says so and their source compiled, else the FMA kernels.
 pub fn nearest_codeword(k: &Kernels, x: &Tensor, codebook: &Tensor) -> Result<Tensor, KernelError> {
+    if search_for(k, x.size().last().copied().unwrap_or(0)) == Search::TensorCores {
+        // A failed compile (an old NVRTC) is said once; the FMA kernel then does the search.
+        if let Some(idx) = or_fma(nearest_codeword_with(k, x, codebook, Search::TensorCores)) {
+            return Ok(idx);
+        }
+    }
+    nearest_codeword_with(k, x, codebook, Search::Fma)
+}
+
+/// The tensor-core search's result, or None after saying (once per process) why not.
+fn or_fma(r: Result<Tensor, KernelError>) -> Option<Tensor> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    r.map_err(|e| SAID.call_once(|| eprintln!("astra: {e}; searching on CUDA cores")))
+        .ok()
+}
+
+/// [`nearest_codeword`] with the kernel chosen by the caller (tests and benchmarks compare them).
+pub fn nearest_codeword_with(
+    k: &Kernels,
+    x: &Tensor,
+    codebook: &Tensor,
+    search: Search,
+) -> Result<Tensor, KernelError> {
     k.check("rows", x, Kind::Float)?;
     k.check("codebook", codebook, Kind::Float)?;
     let (xs, cs) = (x.size(), codebook.size());
@@ -223,12 +403,20 @@ pub fn nearest_codeword(k: &Kernels, x: &Tensor, codebook: &Tensor) -> Result<Te
     if m == 0 {
         return Ok(out);
     }
-    let name = if w <= NARROW_WIDTH {
-        "nearest_codeword_narrow"
-    } else {
-        "nearest_codeword"
+    let (f, threads) = match search {
+        Search::TensorCores if w <= NARROW_WIDTH => {
+            let steps = (w + 7) / 8;
+            let name = format!("nearest_codeword_tf32x3_{steps}");
+            (k.function(&TENSOR_CORE_SOURCE, &name)?, 128)
+        }
+        Search::TensorCores => {
+            return Err(KernelError(format!(
+                "the tensor-core search takes groups of at most {NARROW_WIDTH}, not {w}"
+            )))
+        }
+        Search::Fma if w <= NARROW_WIDTH => (k.function(&SOURCE, "nearest_codeword_narrow")?, 256),
+        Search::Fma => (k.function(&SOURCE, "nearest_codeword")?, 256),
     };
-    let f = k.function(&SOURCE, name)?;
     let (m32, g32, k32, w32) = (int("M", m)?, int("G", g)?, int("K", n)?, int("W", w)?);
     let (px, pc, po) = (ptr(x), ptr(codebook), ptr(&out));
     let cfg = cudarc::driver::LaunchConfig {
@@ -237,7 +425,7 @@ pub fn nearest_codeword(k: &Kernels, x: &Tensor, codebook: &Tensor) -> Result<Te
             g32 as u32,
             1,
         ),
-        block_dim: (256, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
     let mut launch = k.stream().launch_builder(&f);
