@@ -226,7 +226,8 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const
 
 // x [M, G, W], codebook [G, K, W] (fp32, contiguous; W <= 8 S) -> out [M, G] int64.
 // A block of 4 warps takes 4 * MT * 16 rows of one group; each warp keeps its rows' A fragments
-// (hi and lo) in registers and scans the codewords, staged BN at a time in shared memory, 8 per mma.
+// (hi and lo) in registers and scans the codewords, staged BN at a time in shared memory, already
+// split (hi, lo) so the 4 warps do not split them again, 8 per mma.
 // Fragment layouts are PTX's for m16n8k8 (.tf32): lane = 4 * gid + tig; A holds rows gid and
 // gid + 8, columns tig and tig + 4; B column gid, rows tig and tig + 4; C rows gid and gid + 8,
 // columns 2 tig and 2 tig + 1.
@@ -235,23 +236,29 @@ __device__ __forceinline__ void nearest_tc(const float* __restrict__ x,
                                            const float* __restrict__ cb,
                                            long long* __restrict__ out, int M, int G, int K,
                                            int W) {
-  constexpr int BN = 128, KW = 8 * S, STRIDE = KW + 4;  // + 4: B fragment loads hit 32 banks
-  __shared__ float cs[BN * STRIDE];
+  constexpr int BN = 128, KW = 8 * S, STRIDE = KW + 4;  // + 4: B fragment loads spread on banks
+  __shared__ uint2 cs[BN * STRIDE];  // (hi, lo) of each codeword value
   __shared__ float cn[BN];
   const int g = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gid = lane >> 2, tig = lane & 3;
   const int row0 = blockIdx.x * (4 * MT * 16) + warp * MT * 16;
   unsigned ah[MT][S][4], al[MT][S][4];
+  // A row with a NaN has NaN distances to every codeword: index 0, as the FMA kernel and
+  // ATen's argmin give (tensor cores do not carry NaN through as CUDA cores do).
+  bool nan_row[MT][2];
 #pragma unroll
-  for (int m = 0; m < MT; ++m)
+  for (int m = 0; m < MT; ++m) {
+    nan_row[m][0] = nan_row[m][1] = false;
 #pragma unroll
     for (int s = 0; s < S; ++s)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int row = row0 + m * 16 + gid + (q & 1) * 8, col = s * 8 + tig + (q >> 1) * 4;
         const float v = (row < M && col < W) ? -2.f * x[((long long)row * G + g) * W + col] : 0.f;
+        nan_row[m][q & 1] |= v != v;
         split(v, ah[m][s][q], al[m][s][q]);
       }
+  }
   float best[MT][2];
   int bi[MT][2];
 #pragma unroll
@@ -260,25 +267,35 @@ __device__ __forceinline__ void nearest_tc(const float* __restrict__ x,
     __syncthreads();  // the previous tile's readers are done
     for (int e = threadIdx.x; e < BN * KW; e += blockDim.x) {
       const int c = e / KW, k = e - c * KW, code = n0 + c;
-      cs[c * STRIDE + k] = (code < K && k < W) ? cb[((long long)g * K + code) * W + k] : 0.f;
+      const float v = (code < K && k < W) ? cb[((long long)g * K + code) * W + k] : 0.f;
+      uint2 hl;
+      split(v, hl.x, hl.y);
+      cs[c * STRIDE + k] = hl;
     }
-    __syncthreads();
     // ‖c‖² in the FMA kernel's order; +inf past the last codeword, so it is never chosen.
     for (int c = threadIdx.x; c < BN; c += blockDim.x) {
+      const int code = n0 + c;
       float s2 = 0.f;
-      for (int k = 0; k < W; ++k) s2 = fmaf(cs[c * STRIDE + k], cs[c * STRIDE + k], s2);
-      cn[c] = n0 + c < K ? s2 : INF;
+      if (code < K)
+        for (int k = 0; k < W; ++k) {
+          const float v = cb[((long long)g * K + code) * W + k];
+          s2 = fmaf(v, v, s2);
+        }
+      cn[c] = code < K ? s2 : INF;
     }
     __syncthreads();
 #pragma unroll 2
     for (int j = 0; j < BN / 8; ++j) {
       unsigned bh[S][2], bl[S][2];
-      const float* col = cs + (j * 8 + gid) * STRIDE + tig;
+      const uint2* col = cs + (j * 8 + gid) * STRIDE + tig;
 #pragma unroll
-      for (int s = 0; s < S; ++s) {
-        split(col[s * 8], bh[s][0], bl[s][0]);
-        split(col[s * 8 + 4], bh[s][1], bl[s][1]);
-      }
+      for (int s = 0; s < S; ++s)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint2 hl = col[s * 8 + h * 4];
+          bh[s][h] = hl.x;
+          bl[s][h] = hl.y;
+        }
       const float c0 = cn[j * 8 + 2 * tig], c1 = cn[j * 8 + 2 * tig + 1];
       const int code = n0 + j * 8 + 2 * tig;
 #pragma unroll
@@ -303,35 +320,38 @@ __device__ __forceinline__ void nearest_tc(const float* __restrict__ x,
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float d = best[m][h];
-      int c = bi[m][h];
+      int c = bi[m][h], has_nan = nan_row[m][h];
 #pragma unroll
       for (int off = 1; off < 4; off <<= 1) {
         const float d2 = __shfl_xor_sync(0xffffffffu, d, off);
         const int c2 = __shfl_xor_sync(0xffffffffu, c, off);
+        has_nan |= __shfl_xor_sync(0xffffffffu, has_nan, off);
         if (d2 < d || (d2 == d && c2 < c)) { d = d2; c = c2; }
       }
       const int row = row0 + m * 16 + h * 8 + gid;
-      if (tig == 0 && row < M) out[(long long)row * G + g] = c;
+      if (tig == 0 && row < M) out[(long long)row * G + g] = has_nan ? 0 : c;
     }
 }
 
-#define NEAREST_TC(S)                                                                        \
+// One kernel per number of 8-wide k-steps S; four 16-row tiles per warp where the A fragments
+// leave registers to spare (S <= 3: 96 of them), two at S = 4.
+#define NEAREST_TC(S, MT)                                                                    \
   extern "C" __global__ void __launch_bounds__(128)                                         \
       nearest_codeword_tf32x3_##S(const float* __restrict__ x, const float* __restrict__ cb, \
                                   long long* __restrict__ out, int M, int G, int K, int W) { \
-    nearest_tc<S, 2>(x, cb, out, M, G, K, W);                                                \
+    nearest_tc<S, MT>(x, cb, out, M, G, K, W);                                               \
   }
-NEAREST_TC(1)
-NEAREST_TC(2)
-NEAREST_TC(3)
-NEAREST_TC(4)
+NEAREST_TC(1, 4)
+NEAREST_TC(2, 4)
+NEAREST_TC(3, 4)
+NEAREST_TC(4, 2)
 "#,
 };
 
 /// Widest group the narrow kernel takes (WN in the source).
 const NARROW_WIDTH: i64 = 32;
 
-/// Rows per block (BM in the FMA kernels, 4 warps × 2 × 16 in the tensor-core one).
+/// Rows per block of the FMA kernels (BM in the source).
 const ROWS_PER_BLOCK: i64 = 128;
 
 /// Whether the fused search fills the device for M rows in G groups: it runs one block per 128
@@ -403,25 +423,35 @@ pub fn nearest_codeword_with(
     if m == 0 {
         return Ok(out);
     }
-    let (f, threads) = match search {
+    let (f, threads, rows_per_block) = match search {
         Search::TensorCores if w <= NARROW_WIDTH => {
             let steps = (w + 7) / 8;
             let name = format!("nearest_codeword_tf32x3_{steps}");
-            (k.function(&TENSOR_CORE_SOURCE, &name)?, 128)
+            // 4 warps of 4 (or, at 4 steps, 2) tiles of 16 rows: NEAREST_TC in the source.
+            let rows = if steps <= 3 { 256 } else { 128 };
+            (k.function(&TENSOR_CORE_SOURCE, &name)?, 128, rows)
         }
         Search::TensorCores => {
             return Err(KernelError(format!(
                 "the tensor-core search takes groups of at most {NARROW_WIDTH}, not {w}"
             )))
         }
-        Search::Fma if w <= NARROW_WIDTH => (k.function(&SOURCE, "nearest_codeword_narrow")?, 256),
-        Search::Fma => (k.function(&SOURCE, "nearest_codeword")?, 256),
+        Search::Fma if w <= NARROW_WIDTH => (
+            k.function(&SOURCE, "nearest_codeword_narrow")?,
+            256,
+            ROWS_PER_BLOCK,
+        ),
+        Search::Fma => (
+            k.function(&SOURCE, "nearest_codeword")?,
+            256,
+            ROWS_PER_BLOCK,
+        ),
     };
     let (m32, g32, k32, w32) = (int("M", m)?, int("G", g)?, int("K", n)?, int("W", w)?);
     let (px, pc, po) = (ptr(x), ptr(codebook), ptr(&out));
     let cfg = cudarc::driver::LaunchConfig {
         grid_dim: (
-            ((m + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK) as u32,
+            ((m + rows_per_block - 1) / rows_per_block) as u32,
             g32 as u32,
             1,
         ),
