@@ -32,6 +32,7 @@ for section in groups.values():
         ("ours plain: LM loss unfused", lambda r: r.startswith("plain") and "unfused" in r),
         ("ours ASTRA (N=4 G=32)", lambda r: r.startswith("ASTRA") and "—" not in r),
         ("ours ASTRA: ATen path", lambda r: r.startswith("ASTRA") and "ATen" in r),
+        ("ours ASTRA: search on CUDA cores", lambda r: r.startswith("ASTRA") and "CUDA cores" in r),
         ("ours ASTRA: LM loss unfused", lambda r: r.startswith("ASTRA") and "unfused" in r),
     ]
     for bar, pick in bars:

@@ -1,16 +1,18 @@
 //! Nearest codeword of every row and group, distances and argmin fused in one kernel.
 //!
 //! The ATen path computes the [G, M, K] tile ‖c‖² − 2·x·c with baddbmm and reads it back for the
-//! argmin: 3.3 GB per ViT-B/16 block at batch 128. Here a block of 256 threads takes 128 rows of
-//! one group and scans all K codewords in tiles of 128, each thread keeping an 8 × 8 tile of dot
-//! products in registers and the running best of its 8 rows; only the indices are written.
+//! argmin: 3.3 GB per ViT-B/16 block at batch 128. Here only the indices are written. Two kernels:
+//! - on tensor cores ([`TENSOR_CORE_SOURCE`], groups of ≤ 32 values on compute capability ≥ 8.0:
+//!   ViT-B and GPT-2 at G = 32), in 3×TF32, which keeps fp32's accuracy (see there);
+//! - on CUDA cores ([`SOURCE`]: any width, any GPU): a block of 256 threads takes 128 rows of one
+//!   group and scans all K codewords in tiles of 128, each thread keeping an 8 × 8 tile of dot
+//!   products in registers and the running best of its 8 rows; fused multiply-adds in fp32.
 //!
-//! The distance is the same fp32 expression as the ATen path's, ‖c‖² − 2·x·c (‖x‖² is the same
-//! for every codeword of a row), accumulated with fused multiply-adds on CUDA cores, not TF32.
-//! Ties go to the lowest index, as `argmin` does; an all-NaN row gives index 0, as `argmin` does.
-//! The two paths sum in different orders, so where two codewords' distances are within fp32
-//! rounding of each other they may pick differently (tests/cuda_kernels.rs bounds how often and
-//! by how much).
+//! The distance is the ATen path's expression, ‖c‖² − 2·x·c (‖x‖² is the same for every codeword
+//! of a row). Ties go to the lowest index, as `argmin` does; a row with a NaN gives index 0, as
+//! `argmin` does. The paths sum in different orders, so where two codewords' distances are within
+//! fp32 rounding of each other they may pick differently (tests/cuda_kernels.rs bounds how often
+//! and by how much, for each kernel).
 
 use tch::{Kind, Tensor};
 
@@ -226,18 +228,20 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const
 
 // x [M, G, W], codebook [G, K, W] (fp32, contiguous; W <= 8 S) -> out [M, G] int64.
 // A block of 4 warps takes 4 * MT * 16 rows of one group; each warp keeps its rows' A fragments
-// (hi and lo) in registers and scans the codewords, staged BN at a time in shared memory, already
-// split (hi, lo) so the 4 warps do not split them again, 8 per mma.
+// (hi and lo) in registers and scans the codewords, staged BN at a time in shared memory, 8 per mma.
 // Fragment layouts are PTX's for m16n8k8 (.tf32): lane = 4 * gid + tig; A holds rows gid and
 // gid + 8, columns tig and tig + 4; B column gid, rows tig and tig + 4; C rows gid and gid + 8,
 // columns 2 tig and 2 tig + 1.
+// Measured on an H200 (ViT-B's 25,088 rows, G = 32, K = 1,024): MT = 4 1.10 ms, MT = 2 1.22 ms;
+// codewords split once per tile into (hi, lo) pairs in shared memory 1.37-1.40 ms (the 64-bit
+// loads collide on banks); separate accumulators for the small and large terms 1.17 ms.
 template <int S, int MT>
 __device__ __forceinline__ void nearest_tc(const float* __restrict__ x,
                                            const float* __restrict__ cb,
                                            long long* __restrict__ out, int M, int G, int K,
                                            int W) {
-  constexpr int BN = 128, KW = 8 * S, STRIDE = KW + 4;  // + 4: B fragment loads spread on banks
-  __shared__ uint2 cs[BN * STRIDE];  // (hi, lo) of each codeword value
+  constexpr int BN = 128, KW = 8 * S, STRIDE = KW + 4;  // + 4: B fragment loads hit 32 banks
+  __shared__ float cs[BN * STRIDE];
   __shared__ float cn[BN];
   const int g = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gid = lane >> 2, tig = lane & 3;
@@ -267,35 +271,25 @@ __device__ __forceinline__ void nearest_tc(const float* __restrict__ x,
     __syncthreads();  // the previous tile's readers are done
     for (int e = threadIdx.x; e < BN * KW; e += blockDim.x) {
       const int c = e / KW, k = e - c * KW, code = n0 + c;
-      const float v = (code < K && k < W) ? cb[((long long)g * K + code) * W + k] : 0.f;
-      uint2 hl;
-      split(v, hl.x, hl.y);
-      cs[c * STRIDE + k] = hl;
+      cs[c * STRIDE + k] = (code < K && k < W) ? cb[((long long)g * K + code) * W + k] : 0.f;
     }
+    __syncthreads();
     // ‖c‖² in the FMA kernel's order; +inf past the last codeword, so it is never chosen.
     for (int c = threadIdx.x; c < BN; c += blockDim.x) {
-      const int code = n0 + c;
       float s2 = 0.f;
-      if (code < K)
-        for (int k = 0; k < W; ++k) {
-          const float v = cb[((long long)g * K + code) * W + k];
-          s2 = fmaf(v, v, s2);
-        }
-      cn[c] = code < K ? s2 : INF;
+      for (int k = 0; k < W; ++k) s2 = fmaf(cs[c * STRIDE + k], cs[c * STRIDE + k], s2);
+      cn[c] = n0 + c < K ? s2 : INF;
     }
     __syncthreads();
 #pragma unroll 2
     for (int j = 0; j < BN / 8; ++j) {
       unsigned bh[S][2], bl[S][2];
-      const uint2* col = cs + (j * 8 + gid) * STRIDE + tig;
+      const float* col = cs + (j * 8 + gid) * STRIDE + tig;
 #pragma unroll
-      for (int s = 0; s < S; ++s)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint2 hl = col[s * 8 + h * 4];
-          bh[s][h] = hl.x;
-          bl[s][h] = hl.y;
-        }
+      for (int s = 0; s < S; ++s) {
+        split(col[s * 8], bh[s][0], bl[s][0]);
+        split(col[s * 8 + 4], bh[s][1], bl[s][1]);
+      }
       const float c0 = cn[j * 8 + 2 * tig], c1 = cn[j * 8 + 2 * tig + 1];
       const int code = n0 + j * 8 + 2 * tig;
 #pragma unroll
@@ -427,7 +421,7 @@ pub fn nearest_codeword_with(
         Search::TensorCores if w <= NARROW_WIDTH => {
             let steps = (w + 7) / 8;
             let name = format!("nearest_codeword_tf32x3_{steps}");
-            // 4 warps of 4 (or, at 4 steps, 2) tiles of 16 rows: NEAREST_TC in the source.
+            // 4 warps of 4 (at 4 steps, 2) tiles of 16 rows: NEAREST_TC in the source.
             let rows = if steps <= 3 { 256 } else { 128 };
             (k.function(&TENSOR_CORE_SOURCE, &name)?, 128, rows)
         }
