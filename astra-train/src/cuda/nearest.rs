@@ -2,9 +2,9 @@
 //!
 //! The ATen path computes the [G, M, K] tile ‖c‖² − 2·x·c with baddbmm and reads it back for the
 //! argmin: 3.3 GB per ViT-B/16 block at batch 128. Here only the indices are written. Two kernels:
-//! - on tensor cores ([`TENSOR_CORE_SOURCE`], groups of ≤ 32 values on compute capability ≥ 8.0:
+//! - on tensor cores (`TENSOR_CORE_SOURCE`, groups of ≤ 32 values on compute capability ≥ 8.0:
 //!   ViT-B and GPT-2 at G = 32), in 3×TF32, which keeps fp32's accuracy (see there);
-//! - on CUDA cores ([`SOURCE`]: any width, any GPU): a block of 256 threads takes 128 rows of one
+//! - on CUDA cores (`SOURCE`: any width, any GPU): a block of 256 threads takes 128 rows of one
 //!   group and scans all K codewords in tiles of 128, each thread keeping an 8 × 8 tile of dot
 //!   products in registers and the running best of its 8 rows; fused multiply-adds in fp32.
 //!
