@@ -18,13 +18,22 @@ pub struct Group {
     pub bars: Vec<(String, f64)>,
 }
 
-const COLOURS: [RGBColor; 5] = [
+const COLOURS: [RGBColor; 7] = [
     plot_style::BLUE,
     plot_style::VERMILLION,
     plot_style::GREY,
     plot_style::BLUISH_GREEN,
     plot_style::ORANGE,
+    plot_style::REDDISH_PURPLE,
+    plot_style::SKY_BLUE,
 ];
+
+/// The legend strip's width in pixels: wide enough for the longest bar name (the legend's font
+/// is about 9 pixels a character), between 300 and half the figure.
+fn legend_width(names: &[String]) -> u32 {
+    let longest = names.iter().map(|n| n.chars().count()).max().unwrap_or(0) as u32;
+    (70 + 9 * longest).clamp(300, 700)
+}
 
 /// The groups of a `group,bar,value` CSV (values finite and ≥ 0).
 pub fn read(path: &Path) -> Result<Vec<Group>> {
@@ -90,8 +99,9 @@ pub fn plot_as(
     }
     let colour =
         |bar: &str| COLOURS[names.iter().position(|n| n == bar).unwrap_or(0) % COLOURS.len()];
+    let legend_w = legend_width(&names);
     crate::plots::render_to(out, (1400, 800), |root, _| {
-        let (plot, side) = root.split_horizontally(1400 - 300);
+        let (plot, side) = root.split_horizontally(1400 - legend_w);
         let entries: Vec<Entry> = names
             .iter()
             .map(|n| Entry {
@@ -227,5 +237,18 @@ mod tests {
             let e = read(&p).unwrap_err().to_string();
             assert!(e.contains(needle), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_legend_fits_the_longest_name_and_colours_stay_distinct() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(legend_width(&names(&["a"])), 300);
+        let long = "ours ASTRA: search on CUDA cores";
+        assert!(legend_width(&names(&[long])) >= 60 + 9 * long.len() as u32);
+        assert_eq!(legend_width(&names(&[&"x".repeat(500)])), 700);
+        // Six bars per group (gpu-throughput's GPT-2 rows) take six different colours.
+        let six: std::collections::HashSet<_> =
+            COLOURS[..6].iter().map(|c| (c.0, c.1, c.2)).collect();
+        assert_eq!(six.len(), 6);
     }
 }
