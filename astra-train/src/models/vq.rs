@@ -468,6 +468,22 @@ impl ResidualMoments {
         self.sum += r.sum_dim_intlist(0, false, Kind::Double);
         self.outer += r.transpose(0, 1).matmul(&r);
     }
+
+    /// Data parallel: every rank's sums ← the sums over all ranks (each pushed its share of the
+    /// sample), so each rank's refresh sees the whole sample.
+    pub fn all_reduce(&mut self, comm: &dyn crate::train::parallel::Collective) -> Result<()> {
+        if !comm.is_group() {
+            return Ok(());
+        }
+        let rows = Tensor::from_slice(&[self.rows]).to_device(self.sum.device());
+        tch::no_grad(|| -> Result<()> {
+            comm.all_reduce_sum(&rows)?;
+            comm.all_reduce_sum(&self.sum)?;
+            comm.all_reduce_sum(&self.outer)
+        })?;
+        self.rows = rows.double_value(&[0]);
+        Ok(())
+    }
 }
 
 /// One quantizer per block of a codebook file, on `device`.
@@ -809,6 +825,57 @@ mod refresh_tests {
             assert!(f64::try_from((&got - &want_mean).abs().max()).unwrap() < 1e-4);
             // The calibration's σ = 9 is gone; the residual's own spread is well below 1.
             assert!(spread > 0.0 && spread < 1.0, "{spread}");
+        }
+    }
+
+    #[test]
+    fn moments_pushed_by_shares_and_all_reduced_equal_one_rank_s() {
+        use crate::train::parallel::{shard, Collective, LocalGroup};
+        tch::manual_seed(22);
+        let flat = Vec::<f32>::try_from(Tensor::randn([8 * 4], tch::kind::FLOAT_CPU)).unwrap();
+        let q = BlockQuantizer {
+            usage: None,
+            codebook: GroupedCodebook::from_flat(2, 8, 2, flat).unwrap(),
+            noise: None,
+        };
+        let rows = Vec::<f32>::try_from(Tensor::randn([1001 * 4], tch::kind::FLOAT_CPU)).unwrap();
+        // Tensors are not shared between threads: each rank builds its own from the same data.
+        let moments_of = |rank: usize, world: usize, comm: Option<&dyn Collective>| {
+            let vq = GroupedVq::from_quantizer(&q, VqConfig::default(), Device::Cpu);
+            let x = Tensor::from_slice(&rows).view([1001, 4]);
+            let (lo, len) = shard(1001, rank, world);
+            let mut m = ResidualMoments::new(4, Device::Cpu);
+            m.push(&vq, &x.narrow(0, lo, len));
+            if let Some(c) = comm {
+                m.all_reduce(c).unwrap();
+            }
+            (
+                m.rows,
+                Vec::<f64>::try_from(m.sum).unwrap(),
+                Vec::<f64>::try_from(m.outer.reshape([-1])).unwrap(),
+            )
+        };
+        let whole = moments_of(0, 1, None);
+        let shares: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = LocalGroup::group(3)
+                .into_iter()
+                .map(|g| {
+                    let f = &moments_of;
+                    s.spawn(move || f(g.rank(), 3, Some(&g)))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let gap = |a: &[f64], b: &[f64]| {
+            a.iter()
+                .zip(b)
+                .map(|(u, v)| (u - v).abs())
+                .fold(0.0, f64::max)
+        };
+        for (rows, sum, outer) in &shares {
+            assert_eq!(*rows, 1001.0);
+            assert!(gap(sum, &whole.1) < 1e-9);
+            assert!(gap(outer, &whole.2) < 1e-9);
         }
     }
 }

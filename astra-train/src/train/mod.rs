@@ -245,8 +245,9 @@ pub fn train_ranked(
         if let (Some(a), Some(q)) = (&cfg.astra, setup.vq.as_mut()) {
             if a.vq.noise_lambda > 0.0 {
                 let seed = cfg.seed ^ ((epoch as u64 + 1) << 40);
-                refresh_naq(&setup.task, &setup.model, q, seed, device)?;
-                // Each rank estimates the same statistics; rank 0's are kept bit for bit.
+                refresh_naq(&setup.task, &setup.model, q, (seed, &*ranks), device)?;
+                // Every rank now holds the same statistics; rank 0's are sent all the same, so
+                // they are equal bit for bit whatever the collective's rounding.
                 for b in q.iter_mut() {
                     parallel::broadcast_all(&*ranks, &b.replicated_state())?;
                 }
@@ -519,12 +520,13 @@ pub const NAQ_REFRESH_IMAGES: usize = 256;
 pub const NAQ_REFRESH_WINDOWS: usize = 16;
 
 /// Re-estimates every block's NAQ statistics under its current codebook, from the plain
-/// model's block inputs over a seeded sample of the training data.
+/// model's block inputs over a seeded sample of the training data. Data parallel, each rank
+/// pushes its share of every batch and the sums are all-reduced.
 fn refresh_naq(
     task: &Task,
     model: &Model,
     vq: &mut [GroupedVq],
-    seed: u64,
+    (seed, ranks): (u64, &dyn parallel::Collective),
     device: Device,
 ) -> Result<()> {
     let n = if task.is_text() {
@@ -538,13 +540,22 @@ fn refresh_naq(
         .collect();
     tch::no_grad(|| -> Result<()> {
         for x in task.calibration_batches(n, seed, device)? {
-            for (l, t) in model.block_inputs(&x)?.iter().enumerate() {
+            let (lo, len) = parallel::shard(x.size()[0], ranks.rank(), ranks.world());
+            if len == 0 {
+                continue;
+            }
+            for (l, t) in model
+                .block_inputs(&x.narrow(0, lo, len))?
+                .iter()
+                .enumerate()
+            {
                 moments[l].push(&vq[l], t);
             }
         }
         Ok(())
     })?;
-    for (q, m) in vq.iter_mut().zip(&moments) {
+    for (q, m) in vq.iter_mut().zip(&mut moments) {
+        m.all_reduce(ranks)?;
         q.refresh_noise(m)?;
     }
     Ok(())
