@@ -353,8 +353,19 @@ const ROWS_PER_BLOCK: i64 = 128;
 /// inference: a few hundred rows, G = 1) would occupy a handful of the device's multiprocessors
 /// while a matmul + argmin spreads over all of them. Below one block per multiprocessor the ATen
 /// search is the faster of the two (and is exact as well).
-pub fn fills_device(k: &Kernels, rows: i64, groups: i64) -> bool {
-    (rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK * groups >= k.multiprocessors()
+pub fn fills_device(k: &Kernels, rows: i64, groups: i64, width: i64) -> bool {
+    let per_block = rows_per_block(search_for(k, width), width);
+    (rows + per_block - 1) / per_block * groups >= k.multiprocessors()
+}
+
+/// Rows of one group a block of `search`'s kernel takes: 4 warps of 4 (at 25–32 values, 2) tiles
+/// of 16 rows on tensor cores (NEAREST_TC in the source), BM on CUDA cores.
+fn rows_per_block(search: Search, width: i64) -> i64 {
+    match search {
+        Search::TensorCores if (width + 7) / 8 <= 3 => 256,
+        Search::TensorCores => 128,
+        Search::Fma => ROWS_PER_BLOCK,
+    }
 }
 
 /// Which kernel searches: FMAs on CUDA cores (any width, any GPU) or 3×TF32 on tensor cores.
@@ -417,38 +428,24 @@ pub fn nearest_codeword_with(
     if m == 0 {
         return Ok(out);
     }
-    let (f, threads, rows_per_block) = match search {
+    let (f, threads) = match search {
         Search::TensorCores if w <= NARROW_WIDTH => {
-            let steps = (w + 7) / 8;
-            let name = format!("nearest_codeword_tf32x3_{steps}");
-            // 4 warps of 4 (at 4 steps, 2) tiles of 16 rows: NEAREST_TC in the source.
-            let rows = if steps <= 3 { 256 } else { 128 };
-            (k.function(&TENSOR_CORE_SOURCE, &name)?, 128, rows)
+            let name = format!("nearest_codeword_tf32x3_{}", (w + 7) / 8);
+            (k.function(&TENSOR_CORE_SOURCE, &name)?, 128)
         }
         Search::TensorCores => {
             return Err(KernelError(format!(
                 "the tensor-core search takes groups of at most {NARROW_WIDTH}, not {w}"
             )))
         }
-        Search::Fma if w <= NARROW_WIDTH => (
-            k.function(&SOURCE, "nearest_codeword_narrow")?,
-            256,
-            ROWS_PER_BLOCK,
-        ),
-        Search::Fma => (
-            k.function(&SOURCE, "nearest_codeword")?,
-            256,
-            ROWS_PER_BLOCK,
-        ),
+        Search::Fma if w <= NARROW_WIDTH => (k.function(&SOURCE, "nearest_codeword_narrow")?, 256),
+        Search::Fma => (k.function(&SOURCE, "nearest_codeword")?, 256),
     };
     let (m32, g32, k32, w32) = (int("M", m)?, int("G", g)?, int("K", n)?, int("W", w)?);
     let (px, pc, po) = (ptr(x), ptr(codebook), ptr(&out));
+    let per_block = rows_per_block(search, w);
     let cfg = cudarc::driver::LaunchConfig {
-        grid_dim: (
-            ((m + rows_per_block - 1) / rows_per_block) as u32,
-            g32 as u32,
-            1,
-        ),
+        grid_dim: (((m + per_block - 1) / per_block) as u32, g32 as u32, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };

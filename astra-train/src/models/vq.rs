@@ -525,14 +525,13 @@ pub fn check_codebooks(
     Ok(())
 }
 
-/// The ATen nearest-codeword search: rows [M, G, w] and codebook [G, K, w] (fp32) → [M, G].
 /// Rows [M, G, w] and codebook [G, K, w] (fp32) → [M, G] nearest-codeword indices: the fused
 /// kernel on CUDA where the batch fills the device, [`nearest_aten`] elsewhere (or where the
 /// kernels are off). Every exact search of the trainer goes through here.
 pub fn nearest_codewords(rows: &Tensor, codebook: &Tensor) -> Tensor {
-    let (m, g) = (rows.size()[0], rows.size()[1]);
-    if let Some(k) =
-        crate::cuda::kernels(rows.device()).filter(|k| crate::cuda::nearest::fills_device(k, m, g))
+    let (m, g, w) = (rows.size()[0], rows.size()[1], rows.size()[2]);
+    if let Some(k) = crate::cuda::kernels(rows.device())
+        .filter(|k| crate::cuda::nearest::fills_device(k, m, g, w))
     {
         let idx =
             crate::cuda::nearest::nearest_codeword(&k, &rows.contiguous(), &codebook.contiguous());
@@ -543,6 +542,7 @@ pub fn nearest_codewords(rows: &Tensor, codebook: &Tensor) -> Tensor {
     nearest_aten(rows, codebook)
 }
 
+/// The ATen nearest-codeword search: rows [M, G, w] and codebook [G, K, w] (fp32) → [M, G].
 pub fn nearest_aten(rows: &Tensor, codebook: &Tensor) -> Tensor {
     let (g, k) = (codebook.size()[0], codebook.size()[1]);
     let c_norm = codebook
