@@ -349,7 +349,7 @@ const NARROW_WIDTH: i64 = 32;
 const ROWS_PER_BLOCK: i64 = 128;
 
 /// Whether the fused search fills the device for M rows in G groups: it runs one block per 128
-/// rows and group and scans all K codewords in each, so a small batch (one device's share at
+/// (tensor cores: 256) rows and group and scans all K codewords in each, so a small batch (one device's share at
 /// inference: a few hundred rows, G = 1) would occupy a handful of the device's multiprocessors
 /// while a matmul + argmin spreads over all of them. Below one block per multiprocessor the ATen
 /// search is the faster of the two (and is exact as well).
@@ -392,13 +392,29 @@ pub fn search_for(k: &Kernels, width: i64) -> Search {
 /// codebook `codebook` [G, K, W]; both fp32, contiguous, on the device of `k`. Tensor cores where
 /// [`search_for`] says so and their source compiled, else the FMA kernels.
 pub fn nearest_codeword(k: &Kernels, x: &Tensor, codebook: &Tensor) -> Result<Tensor, KernelError> {
-    if search_for(k, x.size().last().copied().unwrap_or(0)) == Search::TensorCores {
+    // Bad inputs are the caller's error whichever kernel runs: said as such, not as a fallback.
+    let [_, _, w, _] = checked_shape(k, x, codebook)?;
+    if search_for(k, w) == Search::TensorCores {
         // A failed compile (an old NVRTC) is said once; the FMA kernel then does the search.
         if let Some(idx) = or_fma(nearest_codeword_with(k, x, codebook, Search::TensorCores)) {
             return Ok(idx);
         }
     }
     nearest_codeword_with(k, x, codebook, Search::Fma)
+}
+
+/// [M, G, W, K] of rows `x` [M, G, W] and `codebook` [G, K, W], both contiguous fp32 on `k`'s
+/// device, or why not.
+fn checked_shape(k: &Kernels, x: &Tensor, codebook: &Tensor) -> Result<[i64; 4], KernelError> {
+    k.check("rows", x, Kind::Float)?;
+    k.check("codebook", codebook, Kind::Float)?;
+    let (xs, cs) = (x.size(), codebook.size());
+    if xs.len() != 3 || cs.len() != 3 || xs[1] != cs[0] || xs[2] != cs[2] {
+        return Err(KernelError(format!(
+            "rows {xs:?} and codebook {cs:?} are not [M, G, W] and [G, K, W]"
+        )));
+    }
+    Ok([xs[0], xs[1], xs[2], cs[1]])
 }
 
 /// The tensor-core search's result, or None after saying (once per process) why not.
@@ -415,15 +431,7 @@ pub fn nearest_codeword_with(
     codebook: &Tensor,
     search: Search,
 ) -> Result<Tensor, KernelError> {
-    k.check("rows", x, Kind::Float)?;
-    k.check("codebook", codebook, Kind::Float)?;
-    let (xs, cs) = (x.size(), codebook.size());
-    if xs.len() != 3 || cs.len() != 3 || xs[1] != cs[0] || xs[2] != cs[2] {
-        return Err(KernelError(format!(
-            "rows {xs:?} and codebook {cs:?} are not [M, G, W] and [G, K, W]"
-        )));
-    }
-    let (m, g, w, n) = (xs[0], xs[1], xs[2], cs[1]);
+    let [m, g, w, n] = checked_shape(k, x, codebook)?;
     let out = Tensor::empty([m, g], (Kind::Int64, x.device()));
     if m == 0 {
         return Ok(out);
