@@ -12,6 +12,17 @@ use astra_train::model::Model;
 use astra_train::models::{Astra, ClsMode, DevicePartition, GroupedVq, LinkLoss, VqConfig};
 use tch::{Device, Kind, Tensor};
 
+/// ASTRA at inference for the decoder tests: one CLS mode, no training, no lost messages.
+fn inference<'a>(p: &'a DevicePartition, vq: Option<&'a mut [GroupedVq]>) -> Astra<'a> {
+    Astra {
+        partition: p,
+        cls: ClsMode::Single,
+        vq,
+        train: false,
+        link_loss: None,
+    }
+}
+
 #[test]
 fn parity_with_transformers_and_hf_cache() {
     let dir = fixture("make_hf_models.py");
@@ -222,50 +233,15 @@ fn gpt2_equivalences() {
     let plain = tch::no_grad(|| m.forward(&ids)).unwrap();
     for n in [1usize, 2, 4] {
         let p = DevicePartition::contiguous(17, n).unwrap();
-        let astra = tch::no_grad(|| {
-            m.forward_astra(
-                &ids,
-                Astra {
-                    partition: &p,
-                    cls: ClsMode::Single,
-                    vq: None,
-                    train: false,
-                    link_loss: None,
-                },
-            )
-        })
-        .unwrap();
+        let astra = tch::no_grad(|| m.forward_astra(&ids, inference(&p, None))).unwrap();
         assert!(
             max_rel_diff(&astra.logits, &plain) < 1e-5,
             "identity quantizer, n={n}"
         );
         let mut vq = quantizers(3, 32, 8);
-        let masked = tch::no_grad(|| {
-            m.forward_astra(
-                &ids,
-                Astra {
-                    partition: &p,
-                    cls: ClsMode::Single,
-                    vq: Some(&mut vq),
-                    train: false,
-                    link_loss: None,
-                },
-            )
-        })
-        .unwrap();
-        let per = tch::no_grad(|| {
-            m.forward_per_device(
-                &ids,
-                Astra {
-                    partition: &p,
-                    cls: ClsMode::Single,
-                    vq: Some(&mut vq),
-                    train: false,
-                    link_loss: None,
-                },
-            )
-        })
-        .unwrap();
+        let masked = tch::no_grad(|| m.forward_astra(&ids, inference(&p, Some(&mut vq)))).unwrap();
+        let per =
+            tch::no_grad(|| m.forward_per_device(&ids, inference(&p, Some(&mut vq)))).unwrap();
         assert!(max_rel_diff(&per, &masked.logits) < 1e-5, "n={n}");
         // The first device's tokens see no remote token: their logits are the plain model's.
         let first = p.tokens_of(0).len() as i64;
@@ -283,18 +259,11 @@ fn gpt2_equivalences() {
         DevicePartition::sizes(&[9, 1, 7]).unwrap(),
         DevicePartition::random(17, 3, 5).unwrap(),
     ] {
-        fn astra<'a>(p: &'a DevicePartition, vq: &'a mut [GroupedVq]) -> Astra<'a> {
-            Astra {
-                partition: p,
-                cls: ClsMode::Single,
-                vq: Some(vq),
-                train: false,
-                link_loss: None,
-            }
-        }
-        let masked = tch::no_grad(|| m.forward_astra(&ids, astra(&p, &mut vq))).unwrap();
-        let per = tch::no_grad(|| m.forward_per_device(&ids, astra(&p, &mut vq))).unwrap();
-        let fast = tch::no_grad(|| m.forward_per_device_fast(&ids, astra(&p, &mut vq))).unwrap();
+        let masked = tch::no_grad(|| m.forward_astra(&ids, inference(&p, Some(&mut vq)))).unwrap();
+        let per =
+            tch::no_grad(|| m.forward_per_device(&ids, inference(&p, Some(&mut vq)))).unwrap();
+        let fast =
+            tch::no_grad(|| m.forward_per_device_fast(&ids, inference(&p, Some(&mut vq)))).unwrap();
         assert!(max_rel_diff(&per, &masked.logits) < 1e-5, "{p:?}");
         assert!(max_rel_diff(&fast, &masked.logits) < 1e-5, "{p:?} fast");
     }
@@ -564,18 +533,11 @@ fn lm_head_parts_and_final_states_give_the_forward_logits() {
         let (x, c) = lm.final_states(&ids, None).unwrap();
         assert!(c.is_none());
         assert!(max_rel_diff(&logits(&x), &m.forward(&ids).unwrap()) < 1e-6);
-        fn astra<'a>(p: &'a DevicePartition, vq: &'a mut [GroupedVq]) -> Astra<'a> {
-            Astra {
-                partition: p,
-                cls: ClsMode::Single,
-                vq: Some(vq),
-                train: false,
-                link_loss: None,
-            }
-        }
         let (mut q1, mut q2) = (quantizers(3, 32, 8), quantizers(3, 32, 8));
-        let (x, c) = lm.final_states(&ids, Some(astra(&p, &mut q1))).unwrap();
-        let want = m.forward_astra(&ids, astra(&p, &mut q2)).unwrap();
+        let (x, c) = lm
+            .final_states(&ids, Some(inference(&p, Some(&mut q1))))
+            .unwrap();
+        let want = m.forward_astra(&ids, inference(&p, Some(&mut q2))).unwrap();
         assert!(max_rel_diff(&logits(&x), &want.logits) < 1e-6);
         assert!(c.unwrap().equal(&want.commitment));
     });
