@@ -47,6 +47,8 @@ pub struct Kernels {
     stream: Arc<CudaStream>,
     /// `compute_XY` of the device, the architecture NVRTC compiles for.
     arch: String,
+    /// The X of compute capability X.Y.
+    major: i32,
     /// Streaming multiprocessors: a kernel with fewer blocks than this leaves the device idle.
     sms: i64,
     /// Compiled sources, or why one did not compile (said once; never retried: a failed NVRTC
@@ -127,6 +129,7 @@ impl Kernels {
             ordinal,
             stream: ctx.default_stream(),
             arch: format!("compute_{major}{minor}"),
+            major,
             sms: sms as i64,
             modules: Mutex::new(HashMap::new()),
         })
@@ -163,11 +166,7 @@ impl Kernels {
 
     /// Whether the device has TF32 tensor cores (`mma … .tf32`: compute capability 8.0 on).
     pub fn has_tf32_mma(&self) -> bool {
-        let major = self.arch.trim_start_matches("compute_");
-        major.len() >= 2
-            && major[..major.len() - 1]
-                .parse::<u32>()
-                .is_ok_and(|m| m >= 8)
+        self.major >= 8
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -287,13 +286,17 @@ fn load_first(dir: &std::path::Path, prefix: &str) -> bool {
 /// The kernel's result, or None after saying (once per process) why the ATen path takes over.
 pub fn or_aten<T>(r: Result<T, KernelError>) -> Option<T> {
     static SAID: std::sync::Once = std::sync::Once::new();
-    match r {
-        Ok(v) => Some(v),
-        Err(e) => {
-            SAID.call_once(|| eprintln!("astra: {e}; using the ATen path"));
-            None
-        }
-    }
+    said_once(r, &SAID, "using the ATen path")
+}
+
+/// `r`'s value, or None after saying (once per `said`) why, and what takes over (`then`).
+pub(crate) fn said_once<T>(
+    r: Result<T, KernelError>,
+    said: &'static std::sync::Once,
+    then: &str,
+) -> Option<T> {
+    r.map_err(|e| said.call_once(|| eprintln!("astra: {e}; {then}")))
+        .ok()
 }
 
 /// The device address of a tensor's first element, as a kernel argument.

@@ -420,8 +420,7 @@ fn checked_shape(k: &Kernels, x: &Tensor, codebook: &Tensor) -> Result<[i64; 4],
 /// The tensor-core search's result, or None after saying (once per process) why not.
 fn or_fma(r: Result<Tensor, KernelError>) -> Option<Tensor> {
     static SAID: std::sync::Once = std::sync::Once::new();
-    r.map_err(|e| SAID.call_once(|| eprintln!("astra: {e}; searching on CUDA cores")))
-        .ok()
+    super::said_once(r, &SAID, "searching on CUDA cores")
 }
 
 /// [`nearest_codeword`] with the kernel chosen by the caller (tests and benchmarks compare them).
