@@ -398,7 +398,14 @@ fn search_parts(
     let codebook = Tensor::randn([g, k, w], (Kind::Float, content.device()));
     let mut searches = vec![(Search::Fma, "CUDA cores, fp32 FMA")];
     if w <= 32 && kern.has_tf32_mma() {
-        searches.push((Search::TensorCores, "tensor cores, 3×TF32"));
+        searches.push((
+            Search::TensorCores,
+            "tensor cores, 3×TF32, codewords streamed",
+        ));
+        searches.push((
+            Search::TensorCoresResident,
+            "tensor cores, 3×TF32, codebook resident",
+        ));
     }
     let mut rows = Vec::new();
     let vit = format!("ViT-B at batch {batch}, {} rows", vit_rows.size()[0]);

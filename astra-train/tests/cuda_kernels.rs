@@ -54,19 +54,23 @@ fn dist64(x: &Tensor, cb: &Tensor, idx: &Tensor) -> Tensor {
 /// disagreement is more than fp32 rounding.
 fn check_nearest(k: &Kernels, x: &Tensor, cb: &Tensor, what: &str) -> f64 {
     let mut agree = 1.0f64;
-    for search in searches(k, x.size()[2]) {
+    for search in searches(k, x.size()[2], cb.size()[1]) {
         let ours = cuda::nearest::nearest_codeword_with(k, x, cb, search).unwrap();
         agree = agree.min(check_indices(x, cb, &ours, &format!("{what}, {search:?}")));
     }
     agree
 }
 
-/// The searches that take groups of `width` on this GPU: the FMA kernels always, the tensor-core
-/// one for groups of at most 32 on compute capability 8.0 and later.
-fn searches(k: &Kernels, width: i64) -> Vec<Search> {
+/// The searches that take groups of `width` and `codes` codewords on this GPU: the FMA kernels
+/// always, the tensor-core ones for groups of at most 32 on compute capability 8.0 and later (the
+/// resident one where the codebook fits a block's shared memory).
+fn searches(k: &Kernels, width: i64, codes: i64) -> Vec<Search> {
     let mut s = vec![Search::Fma];
     if width <= 32 && k.has_tf32_mma() {
         s.push(Search::TensorCores);
+        if cuda::nearest::resident_fits(k, width, codes) {
+            s.push(Search::TensorCoresResident);
+        }
     }
     s
 }
@@ -126,8 +130,18 @@ fn nearest_codeword_equals_aten_up_to_fp32_rounding() {
     };
     tch::manual_seed(1);
     if k.has_tf32_mma() && std::env::var("ASTRA_NEAREST").is_err() {
-        // The training and inference paths take the tensor cores for groups of ≤ 32.
-        assert_eq!(cuda::nearest::search_for(&k, 24), Search::TensorCores);
+        // The training and inference paths take the tensor cores for groups of ≤ 32, with the
+        // codebook resident where it fits a block (ViT-B's K = 1,024 of 24 values: 196 KiB on
+        // an H100/H200, 227 KiB a block) and streamed where it does not.
+        use cuda::nearest::search_for;
+        let expected = if k.shared_memory_optin() >= 200_704 {
+            Search::TensorCoresResident
+        } else {
+            Search::TensorCores
+        };
+        assert_eq!(search_for(&k, 24, 1024), expected);
+        assert_eq!(search_for(&k, 24, 8192), Search::TensorCores);
+        assert_eq!(search_for(&k, 33, 16), Search::Fma);
     }
     // ViT-B at G = 32 and G = 1, ragged sizes (no dimension a multiple of a tile), a single row.
     for (m, g, n, w) in [
@@ -139,6 +153,11 @@ fn nearest_codeword_equals_aten_up_to_fp32_rounding() {
         (4_099, 4, 300, 32),
         (513, 2, 129, 33),
         (1, 2, 1, 1),
+        // One group over many rows: the resident kernel's warps take several row tiles each.
+        (150_001, 1, 1000, 24),
+        // Codebooks too large to be resident (streamed), and the largest resident one at W = 32.
+        (3_001, 2, 4099, 20),
+        (5_000, 3, 880, 32),
     ] {
         let (x, cb) = random_case(dev, m, g, n, w);
         check_nearest(&k, &x, &cb, &format!("random M={m} G={g} K={n} W={w}"));
@@ -193,7 +212,7 @@ fn exact_ties_go_to_the_lowest_index_and_nan_rows_to_zero() {
         .transpose(0, 1)
         .repeat([5, 1, 1])
         .contiguous(); // [5, 2, 16]
-    for search in searches(&k, 16) {
+    for search in searches(&k, 16, 300) {
         let ours = cuda::nearest::nearest_codeword_with(&k, &x, &cb, search).unwrap();
         assert_eq!(
             Vec::<i64>::try_from(ours.reshape([-1])).unwrap(),
@@ -202,7 +221,7 @@ fn exact_ties_go_to_the_lowest_index_and_nan_rows_to_zero() {
         );
     }
     let _ = x.get(0).fill_(f64::NAN);
-    for search in searches(&k, 16) {
+    for search in searches(&k, 16, 300) {
         let ours = cuda::nearest::nearest_codeword_with(&k, &x, &cb, search).unwrap();
         assert_eq!(
             Vec::<i64>::try_from(ours.get(0)).unwrap(),

@@ -24,7 +24,11 @@
 # reserves GROUPS), MULTICAST_GROUPS ("16 32"; "" for none), SHAPER (kernel as root, else user),
 # WORKER_DEVICE (cpu; cuda puts every worker on the one GPU), BIN (target/release, built here),
 # PIN (0; 1 pins each worker, and the single device, to THREADS cores of its own: --pin-cores),
-# PYTHON, MEASURE (1; 0 only predicts and tabulates the runs OUT_DIR holds, e.g. after a cut run).
+# PYTHON, MEASURE (1; 0 only predicts and tabulates the runs OUT_DIR holds, e.g. after a cut run),
+# IDLE_SPINNERS (0; 1 keeps every core of the box busy at the lowest priority, SCHED_IDLE, while
+# the runs are measured: a worker's cores then never halt while it waits, which on a VM guest
+# separates the cost of waking a halted vCPU from everything else; the runs themselves preempt the
+# spinners at once).
 # Writes OUT_DIR/table.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -121,6 +125,16 @@ done
 # Models, codebooks and inputs (not needed to predict and tabulate runs already made).
 [[ ${MEASURE:-1} == 0 ]] || prepare_models
 
+if [[ ${IDLE_SPINNERS:-0} == 1 && ${MEASURE:-1} != 0 ]]; then
+  command -v chrt >/dev/null || { echo "distributed-real.sh: IDLE_SPINNERS=1 needs chrt (util-linux)" >&2; exit 1; }
+  spinners=()
+  for c in $(python3 -c "import os; print(*sorted(os.sched_getaffinity(0)))"); do
+    taskset -c "$c" chrt -i 0 bash -c 'while :; do :; done' &
+    spinners+=($!)
+  done
+  trap 'kill "${spinners[@]}" 2>/dev/null' EXIT
+  echo "idle spinners on ${#spinners[@]} cores (SCHED_IDLE)"
+fi
 run() { # NAME N ARGS...: one measured configuration, skipped when its summary exists
   local name=$1 n=$2 r=$runs w=$warmup; shift 2
   [[ -s $out/$name.json || ${MEASURE:-1} == 0 ]] && return 0

@@ -51,6 +51,8 @@ pub struct Kernels {
     major: i32,
     /// Streaming multiprocessors: a kernel with fewer blocks than this leaves the device idle.
     sms: i64,
+    /// Shared memory one block may have when it asks for it (dynamic, past the default 48 KiB).
+    smem_optin: i64,
     /// Compiled sources, or why one did not compile (said once; never retried: a failed NVRTC
     /// run costs tens of milliseconds, every call).
     modules: Mutex<HashMap<&'static str, Result<Arc<CudaModule>, String>>>,
@@ -125,12 +127,18 @@ impl Kernels {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(KernelError::from("multiprocessor count"))?;
+        let smem_optin = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(KernelError::from("shared memory per block"))?;
         Ok(Kernels {
             ordinal,
             stream: ctx.default_stream(),
             arch: format!("compute_{major}{minor}"),
             major,
             sms: sms as i64,
+            smem_optin: smem_optin as i64,
             modules: Mutex::new(HashMap::new()),
         })
     }
@@ -162,6 +170,11 @@ impl Kernels {
 
     pub fn multiprocessors(&self) -> i64 {
         self.sms
+    }
+
+    /// Bytes of shared memory a block can have (opting in past the default 48 KiB).
+    pub fn shared_memory_optin(&self) -> i64 {
+        self.smem_optin
     }
 
     /// Whether the device has TF32 tensor cores (`mma … .tf32`: compute capability 8.0 on).

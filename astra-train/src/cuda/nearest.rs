@@ -16,6 +16,9 @@
 
 use tch::{Kind, Tensor};
 
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, LaunchConfig};
+
 use super::{int, ptr, KernelError, Kernels, Source};
 
 pub(super) const SOURCE: Source = Source {
@@ -235,21 +238,15 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const
 // Measured on an H200 (ViT-B's 25,088 rows, G = 32, K = 1,024): MT = 4 1.10 ms, MT = 2 1.22 ms;
 // codewords split once per tile into (hi, lo) pairs in shared memory 1.37-1.40 ms (the 64-bit
 // loads collide on banks); separate accumulators for the small and large terms 1.17 ms.
+// A warp's 16 MT rows of group g, as A fragments: -2x split into hi and lo (zeros past the last
+// row and column), and which of the rows hold a NaN. A row with a NaN has NaN distances to every
+// codeword: it gives index 0, as the FMA kernel and ATen's argmin do (tensor cores do not carry
+// NaN through as CUDA cores do).
 template <int S, int MT>
-__device__ __forceinline__ void nearest_tc(const float* __restrict__ x,
-                                           const float* __restrict__ cb,
-                                           long long* __restrict__ out, int M, int G, int K,
-                                           int W) {
-  constexpr int BN = 128, KW = 8 * S, STRIDE = KW + 4;  // + 4: B fragment loads hit 32 banks
-  __shared__ float cs[BN * STRIDE];
-  __shared__ float cn[BN];
-  const int g = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int gid = lane >> 2, tig = lane & 3;
-  const int row0 = blockIdx.x * (4 * MT * 16) + warp * MT * 16;
-  unsigned ah[MT][S][4], al[MT][S][4];
-  // A row with a NaN has NaN distances to every codeword: index 0, as the FMA kernel and
-  // ATen's argmin give (tensor cores do not carry NaN through as CUDA cores do).
-  bool nan_row[MT][2];
+__device__ __forceinline__ void load_rows(const float* __restrict__ x, int row0, int M, int G,
+                                          int g, int W, int gid, int tig,
+                                          unsigned (&ah)[MT][S][4], unsigned (&al)[MT][S][4],
+                                          bool (&nan_row)[MT][2]) {
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     nan_row[m][0] = nan_row[m][1] = false;
@@ -263,52 +260,37 @@ __device__ __forceinline__ void nearest_tc(const float* __restrict__ x,
         split(v, ah[m][s][q], al[m][s][q]);
       }
   }
-  float best[MT][2];
-  int bi[MT][2];
+}
+
+// Distances of the warp's rows to 8 codewords (B fragments bh/bl, norms c0/c1 of this lane's two
+// columns, the first of them `code`), folded into the running best.
+template <int S, int MT>
+__device__ __forceinline__ void scan8(const unsigned (&ah)[MT][S][4], const unsigned (&al)[MT][S][4],
+                                      const unsigned (&bh)[S][2], const unsigned (&bl)[S][2],
+                                      float c0, float c1, int code, float (&best)[MT][2],
+                                      int (&bi)[MT][2]) {
 #pragma unroll
-  for (int m = 0; m < MT; ++m) { best[m][0] = best[m][1] = INF; bi[m][0] = bi[m][1] = 0; }
-  for (int n0 = 0; n0 < K; n0 += BN) {
-    __syncthreads();  // the previous tile's readers are done
-    for (int e = threadIdx.x; e < BN * KW; e += blockDim.x) {
-      const int c = e / KW, k = e - c * KW, code = n0 + c;
-      cs[c * STRIDE + k] = (code < K && k < W) ? cb[((long long)g * K + code) * W + k] : 0.f;
-    }
-    __syncthreads();
-    // ‖c‖² in the FMA kernel's order; +inf past the last codeword, so it is never chosen.
-    for (int c = threadIdx.x; c < BN; c += blockDim.x) {
-      float s2 = 0.f;
-      for (int k = 0; k < W; ++k) s2 = fmaf(cs[c * STRIDE + k], cs[c * STRIDE + k], s2);
-      cn[c] = n0 + c < K ? s2 : INF;
-    }
-    __syncthreads();
-#pragma unroll 2
-    for (int j = 0; j < BN / 8; ++j) {
-      unsigned bh[S][2], bl[S][2];
-      const float* col = cs + (j * 8 + gid) * STRIDE + tig;
+  for (int m = 0; m < MT; ++m) {
+    float d[4] = {c0, c1, c0, c1};
+    // The small terms first, then the large one.
 #pragma unroll
-      for (int s = 0; s < S; ++s) {
-        split(col[s * 8], bh[s][0], bl[s][0]);
-        split(col[s * 8 + 4], bh[s][1], bl[s][1]);
-      }
-      const float c0 = cn[j * 8 + 2 * tig], c1 = cn[j * 8 + 2 * tig + 1];
-      const int code = n0 + j * 8 + 2 * tig;
+    for (int s = 0; s < S; ++s) { mma(d, al[m][s], bh[s]); mma(d, ah[m][s], bl[s]); }
 #pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        float d[4] = {c0, c1, c0, c1};
-        // The small terms first, then the large one.
-#pragma unroll
-        for (int s = 0; s < S; ++s) { mma(d, al[m][s], bh[s]); mma(d, ah[m][s], bl[s]); }
-#pragma unroll
-        for (int s = 0; s < S; ++s) mma(d, ah[m][s], bh[s]);
-        // Codes in increasing order and a strict '<': the lowest index wins a tie.
-        if (d[0] < best[m][0]) { best[m][0] = d[0]; bi[m][0] = code; }
-        if (d[1] < best[m][0]) { best[m][0] = d[1]; bi[m][0] = code + 1; }
-        if (d[2] < best[m][1]) { best[m][1] = d[2]; bi[m][1] = code; }
-        if (d[3] < best[m][1]) { best[m][1] = d[3]; bi[m][1] = code + 1; }
-      }
-    }
+    for (int s = 0; s < S; ++s) mma(d, ah[m][s], bh[s]);
+    // Codes in increasing order and a strict '<': the lowest index wins a tie.
+    if (d[0] < best[m][0]) { best[m][0] = d[0]; bi[m][0] = code; }
+    if (d[1] < best[m][0]) { best[m][0] = d[1]; bi[m][0] = code + 1; }
+    if (d[2] < best[m][1]) { best[m][1] = d[2]; bi[m][1] = code; }
+    if (d[3] < best[m][1]) { best[m][1] = d[3]; bi[m][1] = code + 1; }
   }
-  // A row's candidates are in the 4 lanes of its gid.
+}
+
+// A row's candidates are in the 4 lanes of its gid: the lowest distance (lowest index on a tie)
+// is its index, 0 for a row with a NaN.
+template <int MT>
+__device__ __forceinline__ void write_best(long long* __restrict__ out, int row0, int M, int G,
+                                           int g, int gid, int tig, const float (&best)[MT][2],
+                                           const int (&bi)[MT][2], const bool (&nan_row)[MT][2]) {
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
@@ -327,13 +309,149 @@ __device__ __forceinline__ void nearest_tc(const float* __restrict__ x,
     }
 }
 
+// ‖c‖² of codeword `code` of group g in the FMA kernel's order (its W values loaded at once);
+// +inf past the last codeword, so that one is never chosen.
+template <int KW>
+__device__ __forceinline__ float norm2(const float* __restrict__ cbg, int code, int K, int W) {
+  if (code >= K) return INF;
+  float v[KW], s2 = 0.f;
+#pragma unroll
+  for (int k = 0; k < KW; ++k) v[k] = k < W ? cbg[(long long)code * W + k] : 0.f;
+#pragma unroll
+  for (int k = 0; k < KW; ++k)
+    if (k < W) s2 = fmaf(v[k], v[k], s2);
+  return s2;
+}
+
+// x [M, G, W], codebook [G, K, W] (fp32, contiguous; W <= 8 S) -> out [M, G] int64.
+// Codewords streamed: a block of 4 warps takes 4 * MT * 16 rows of one group; each warp keeps its
+// rows' A fragments (hi and lo) in registers and scans the codewords, staged BN at a time in
+// shared memory, 8 per mma. For codebooks too large for `nearest_tc_resident` below.
+// Fragment layouts are PTX's for m16n8k8 (.tf32): lane = 4 * gid + tig; A holds rows gid and
+// gid + 8, columns tig and tig + 4; B column gid, rows tig and tig + 4; C rows gid and gid + 8,
+// columns 2 tig and 2 tig + 1.
+// Measured on an H200 (ViT-B's 25,088 rows, G = 32, K = 1,024): MT = 4 1.10 ms, MT = 2 1.22 ms;
+// codewords split once per tile into (hi, lo) pairs in shared memory 1.37-1.40 ms (the 64-bit
+// loads collide on banks); separate accumulators for the small and large terms 1.17 ms.
+template <int S, int MT>
+__device__ __forceinline__ void nearest_tc(const float* __restrict__ x,
+                                           const float* __restrict__ cb,
+                                           long long* __restrict__ out, int M, int G, int K,
+                                           int W) {
+  constexpr int BN = 128, KW = 8 * S, STRIDE = KW + 4;  // + 4: B fragment loads hit 32 banks
+  __shared__ float cs[BN * STRIDE];
+  __shared__ float cn[BN];
+  const int g = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int row0 = blockIdx.x * (4 * MT * 16) + warp * MT * 16;
+  unsigned ah[MT][S][4], al[MT][S][4];
+  bool nan_row[MT][2];
+  load_rows<S, MT>(x, row0, M, G, g, W, gid, tig, ah, al, nan_row);
+  float best[MT][2];
+  int bi[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) { best[m][0] = best[m][1] = INF; bi[m][0] = bi[m][1] = 0; }
+  const float* cbg = cb + (long long)g * K * W;
+  for (int n0 = 0; n0 < K; n0 += BN) {
+    __syncthreads();  // the previous tile's readers are done
+    for (int e = threadIdx.x; e < BN * KW; e += blockDim.x) {
+      const int c = e / KW, k = e - c * KW, code = n0 + c;
+      cs[c * STRIDE + k] = (code < K && k < W) ? cbg[(long long)code * W + k] : 0.f;
+    }
+    __syncthreads();
+    // ‖c‖² in the FMA kernel's order; +inf past the last codeword, so it is never chosen.
+    for (int c = threadIdx.x; c < BN; c += blockDim.x) {
+      float s2 = 0.f;
+      for (int k = 0; k < W; ++k) s2 = fmaf(cs[c * STRIDE + k], cs[c * STRIDE + k], s2);
+      cn[c] = n0 + c < K ? s2 : INF;
+    }
+    __syncthreads();
+#pragma unroll 2
+    for (int j = 0; j < BN / 8; ++j) {
+      unsigned bh[S][2], bl[S][2];
+      const float* col = cs + (j * 8 + gid) * STRIDE + tig;
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        split(col[s * 8], bh[s][0], bl[s][0]);
+        split(col[s * 8 + 4], bh[s][1], bl[s][1]);
+      }
+      scan8<S, MT>(ah, al, bh, bl, cn[j * 8 + 2 * tig], cn[j * 8 + 2 * tig + 1],
+                   n0 + j * 8 + 2 * tig, best, bi);
+    }
+  }
+  write_best<MT>(out, row0, M, G, g, gid, tig, best, bi, nan_row);
+}
+
+// The same search with the group's whole codebook resident in shared memory (dynamic: 8 KW K
+// bytes + 4 K, 196 KiB at K = 1,024 and W = 24): each block fills it once, already split into hi
+// and lo and laid out as the B fragments a lane loads (one 64-bit load per k-step and half, the
+// warp's 32 lanes on consecutive words: no bank conflict), with the norms beside it; then its
+// warps take 16 MT rows at a time, block after block of the same group, with no barrier and no
+// split of codewords in the scan. Blocks per group: grid x; groups: grid y.
+template <int S, int MT>
+__device__ __forceinline__ void nearest_tc_resident(const float* __restrict__ x,
+                                                    const float* __restrict__ cb,
+                                                    long long* __restrict__ out, int M, int G,
+                                                    int K, int W) {
+  constexpr int KW = 8 * S;
+  extern __shared__ uint2 resident[];
+  const int Kp = (K + 7) & ~7;
+  uint2* bhs = resident;                      // [Kp / 8][S][32 lanes] (hi of rows tig, tig + 4)
+  uint2* bls = resident + Kp / 8 * S * 32;    // the same for lo
+  float* cn = (float*)(bls + Kp / 8 * S * 32);  // [Kp]
+  const int g = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3, warps = blockDim.x >> 5;
+  const float* cbg = cb + (long long)g * K * W;
+  for (int e = threadIdx.x; e < Kp / 8 * S * 32; e += blockDim.x) {
+    const int l = e & 31, s = (e >> 5) % S, j = (e >> 5) / S;
+    const int code = j * 8 + (l >> 2), k0 = s * 8 + (l & 3);
+    const float v0 = (code < K && k0 < W) ? cbg[(long long)code * W + k0] : 0.f;
+    const float v1 = (code < K && k0 + 4 < W) ? cbg[(long long)code * W + k0 + 4] : 0.f;
+    split(v0, bhs[e].x, bls[e].x);
+    split(v1, bhs[e].y, bls[e].y);
+  }
+  for (int c = threadIdx.x; c < Kp; c += blockDim.x) cn[c] = norm2<KW>(cbg, c, K, W);
+  __syncthreads();
+  const int tasks = (M + 16 * MT - 1) / (16 * MT);
+  for (int t = blockIdx.x * warps + warp; t < tasks; t += gridDim.x * warps) {
+    const int row0 = t * 16 * MT;
+    unsigned ah[MT][S][4], al[MT][S][4];
+    bool nan_row[MT][2];
+    load_rows<S, MT>(x, row0, M, G, g, W, gid, tig, ah, al, nan_row);
+    float best[MT][2];
+    int bi[MT][2];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) { best[m][0] = best[m][1] = INF; bi[m][0] = bi[m][1] = 0; }
+#pragma unroll 2
+    for (int j = 0; j < Kp / 8; ++j) {
+      unsigned bh[S][2], bl[S][2];
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        const uint2 h = bhs[(j * S + s) * 32 + lane], l = bls[(j * S + s) * 32 + lane];
+        bh[s][0] = h.x; bh[s][1] = h.y; bl[s][0] = l.x; bl[s][1] = l.y;
+      }
+      const float2 c = *(const float2*)(cn + j * 8 + 2 * tig);
+      scan8<S, MT>(ah, al, bh, bl, c.x, c.y, j * 8 + 2 * tig, best, bi);
+    }
+    write_best<MT>(out, row0, M, G, g, gid, tig, best, bi, nan_row);
+  }
+}
+
 // One kernel per number of 8-wide k-steps S; four 16-row tiles per warp where the A fragments
-// leave registers to spare (S <= 3: 96 of them), two at S = 4.
-#define NEAREST_TC(S, MT)                                                                    \
-  extern "C" __global__ void __launch_bounds__(128)                                         \
-      nearest_codeword_tf32x3_##S(const float* __restrict__ x, const float* __restrict__ cb, \
-                                  long long* __restrict__ out, int M, int G, int K, int W) { \
-    nearest_tc<S, MT>(x, cb, out, M, G, K, W);                                               \
+// leave registers to spare (S <= 3: 96 of them), two at S = 4. Resident: 8 warps, one block per
+// multiprocessor at most (its shared memory).
+#define NEAREST_TC(S, MT)                                                                      \
+  extern "C" __global__ void __launch_bounds__(128)                                           \
+      nearest_codeword_tf32x3_##S(const float* __restrict__ x, const float* __restrict__ cb,   \
+                                  long long* __restrict__ out, int M, int G, int K, int W) {   \
+    nearest_tc<S, MT>(x, cb, out, M, G, K, W);                                                 \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256)                                           \
+      nearest_codeword_tf32x3_resident_##S(const float* __restrict__ x,                        \
+                                           const float* __restrict__ cb,                       \
+                                           long long* __restrict__ out, int M, int G, int K,   \
+                                           int W) {                                            \
+    nearest_tc_resident<S, MT>(x, cb, out, M, G, K, W);                                        \
   }
 NEAREST_TC(1, 4)
 NEAREST_TC(2, 4)
@@ -348,44 +466,69 @@ const NARROW_WIDTH: i64 = 32;
 /// Rows per block of the FMA kernels (BM in the source).
 const ROWS_PER_BLOCK: i64 = 128;
 
-/// Whether the fused search fills the device for M rows in G groups: it runs one block per 128
-/// (tensor cores: 256) rows and group and scans all K codewords in each, so a small batch (one device's share at
-/// inference: a few hundred rows, G = 1) would occupy a handful of the device's multiprocessors
-/// while a matmul + argmin spreads over all of them. Below one block per multiprocessor the ATen
-/// search is the faster of the two (and is exact as well).
-pub fn fills_device(k: &Kernels, rows: i64, groups: i64, width: i64) -> bool {
-    let per_block = rows_per_block(search_for(k, width), width);
+/// Threads of a block of the resident tensor-core kernel (`nearest_tc_resident`: 8 warps).
+const RESIDENT_THREADS: u32 = 256;
+
+/// Whether the fused search fills the device for M rows in G groups of `width` values and
+/// `codes` codewords: the streamed kernels run one block per 128 (tensor cores: 256) rows and
+/// group and scan all K codewords in each, the resident one a block per multiprocessor with at
+/// least one 16-row tile per warp; so a small batch (one device's share at inference: a few
+/// hundred rows, G = 1) would occupy a handful of the device's multiprocessors while a matmul +
+/// argmin spreads over all of them. Below one block per multiprocessor the ATen search is the
+/// faster of the two (and is exact as well).
+pub fn fills_device(k: &Kernels, rows: i64, groups: i64, width: i64, codes: i64) -> bool {
+    let per_block = rows_per_block(search_for(k, width, codes), width);
     (rows + per_block - 1) / per_block * groups >= k.multiprocessors()
 }
 
-/// Rows of one group a block of `search`'s kernel takes: 4 warps of 4 (at 25–32 values, 2) tiles
-/// of 16 rows on tensor cores (NEAREST_TC in the source), BM on CUDA cores.
+/// Rows of one group a block of `search`'s kernel takes (the resident kernel: at least): warps of
+/// 4 (at 25–32 values, 2) tiles of 16 rows on tensor cores (NEAREST_TC in the source), BM on CUDA
+/// cores.
 fn rows_per_block(search: Search, width: i64) -> i64 {
+    let tiles = if (width + 7) / 8 <= 3 { 4 } else { 2 };
     match search {
-        Search::TensorCores if (width + 7) / 8 <= 3 => 256,
-        Search::TensorCores => 128,
+        Search::TensorCores => 4 * tiles * 16,
+        Search::TensorCoresResident => (RESIDENT_THREADS / 32) as i64 * tiles * 16,
         Search::Fma => ROWS_PER_BLOCK,
     }
 }
 
-/// Which kernel searches: FMAs on CUDA cores (any width, any GPU) or 3×TF32 on tensor cores.
+/// Which kernel searches: FMAs on CUDA cores (any width, any GPU), or 3×TF32 on tensor cores with
+/// the codewords streamed through shared memory tile by tile (any K) or resident there (a group's
+/// codebook within one block's shared memory: 196 KiB at K = 1,024 and W = 24).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Search {
     Fma,
     TensorCores,
+    TensorCoresResident,
 }
 
-/// The search [`nearest_codeword`] runs for groups of `width`: tensor cores where the group fits
-/// their kernel and the GPU has them, unless `ASTRA_NEAREST=fma` (read once) asks for the FMAs.
-pub fn search_for(k: &Kernels, width: i64) -> Search {
-    static FMA_ASKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let fma_asked =
-        *FMA_ASKED.get_or_init(|| std::env::var("ASTRA_NEAREST").is_ok_and(|v| v == "fma"));
-    if width <= NARROW_WIDTH && k.has_tf32_mma() && !fma_asked {
-        Search::TensorCores
-    } else {
+/// The search [`nearest_codeword`] runs for groups of `width` and `codes` codewords: tensor cores
+/// where the group fits their kernels and the GPU has them (the codebook resident where it fits),
+/// unless `ASTRA_NEAREST` (read once) asks for `fma` or for the `streamed` tensor-core kernel.
+pub fn search_for(k: &Kernels, width: i64, codes: i64) -> Search {
+    static ASKED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let asked = ASKED.get_or_init(|| std::env::var("ASTRA_NEAREST").unwrap_or_default());
+    if width > NARROW_WIDTH || !k.has_tf32_mma() || asked == "fma" {
         Search::Fma
+    } else if resident_fits(k, width, codes) && asked != "streamed" {
+        Search::TensorCoresResident
+    } else {
+        Search::TensorCores
     }
+}
+
+/// Whether a group's codebook of `codes` codewords of `width` values fits one block's shared memory
+/// on `k`'s device (the resident kernel's condition; its groups are at most 32 wide).
+pub fn resident_fits(k: &Kernels, width: i64, codes: i64) -> bool {
+    width <= NARROW_WIDTH && resident_bytes(width, codes) <= k.shared_memory_optin()
+}
+
+/// Dynamic shared memory of the resident kernel for `codes` codewords of `width` values: hi and
+/// lo of every value (padded to 8-wide k-steps and to tiles of 8 codewords) and a norm per codeword.
+fn resident_bytes(width: i64, codes: i64) -> i64 {
+    let (kw, padded) = ((width + 7) / 8 * 8, (codes + 7) / 8 * 8);
+    padded * kw * 8 + padded * 4
 }
 
 /// Indices [M, G] (int64) of the nearest codeword of each row of `x` [M, G, W] in its group's
@@ -393,10 +536,11 @@ pub fn search_for(k: &Kernels, width: i64) -> Search {
 /// [`search_for`] says so and their source compiled, else the FMA kernels.
 pub fn nearest_codeword(k: &Kernels, x: &Tensor, codebook: &Tensor) -> Result<Tensor, KernelError> {
     // Bad inputs are the caller's error whichever kernel runs: said as such, not as a fallback.
-    let [_, _, w, _] = checked_shape(k, x, codebook)?;
-    if search_for(k, w) == Search::TensorCores {
+    let [_, _, w, n] = checked_shape(k, x, codebook)?;
+    let search = search_for(k, w, n);
+    if search != Search::Fma {
         // A failed compile (an old NVRTC) is said once; the FMA kernel then does the search.
-        if let Some(idx) = or_fma(nearest_codeword_with(k, x, codebook, Search::TensorCores)) {
+        if let Some(idx) = or_fma(nearest_codeword_with(k, x, codebook, search)) {
             return Ok(idx);
         }
     }
@@ -435,26 +579,40 @@ pub fn nearest_codeword_with(
     if m == 0 {
         return Ok(out);
     }
-    let (f, threads) = match search {
-        Search::TensorCores if w <= NARROW_WIDTH => {
-            let name = format!("nearest_codeword_tf32x3_{}", (w + 7) / 8);
-            (k.function(&TENSOR_CORE_SOURCE, &name)?, 128)
-        }
-        Search::TensorCores => {
-            return Err(KernelError(format!(
-                "the tensor-core search takes groups of at most {NARROW_WIDTH}, not {w}"
-            )))
-        }
-        Search::Fma if w <= NARROW_WIDTH => (k.function(&SOURCE, "nearest_codeword_narrow")?, 256),
-        Search::Fma => (k.function(&SOURCE, "nearest_codeword")?, 256),
-    };
+    if search != Search::Fma && w > NARROW_WIDTH {
+        return Err(KernelError(format!(
+            "the tensor-core search takes groups of at most {NARROW_WIDTH}, not {w}"
+        )));
+    }
+    let steps = (w + 7) / 8;
     let (m32, g32, k32, w32) = (int("M", m)?, int("G", g)?, int("K", n)?, int("W", w)?);
     let (px, pc, po) = (ptr(x), ptr(codebook), ptr(&out));
-    let per_block = rows_per_block(search, w);
-    let cfg = cudarc::driver::LaunchConfig {
-        grid_dim: (((m + per_block - 1) / per_block) as u32, g32 as u32, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
+    let blocks = |per_block: i64| ((m + per_block - 1) / per_block) as u32;
+    let (f, cfg) = match search {
+        Search::TensorCoresResident => {
+            let name = format!("nearest_codeword_tf32x3_resident_{steps}");
+            let f = k.function(&TENSOR_CORE_SOURCE, &name)?;
+            let cfg = resident_launch(k, &f, [m, g, w, n])?;
+            (f, cfg)
+        }
+        Search::TensorCores => (
+            k.function(
+                &TENSOR_CORE_SOURCE,
+                &format!("nearest_codeword_tf32x3_{steps}"),
+            )?,
+            launch_config(blocks(rows_per_block(search, w)), g32, 128, 0),
+        ),
+        Search::Fma => (
+            k.function(
+                &SOURCE,
+                if w <= NARROW_WIDTH {
+                    "nearest_codeword_narrow"
+                } else {
+                    "nearest_codeword"
+                },
+            )?,
+            launch_config(blocks(ROWS_PER_BLOCK), g32, 256, 0),
+        ),
     };
     let mut launch = k.stream().launch_builder(&f);
     use cudarc::driver::PushKernelArg;
@@ -470,6 +628,48 @@ pub fn nearest_codeword_with(
     // (x and codebook borrowed, out owned) until the launch is enqueued on libtorch's stream.
     unsafe { launch.launch(cfg) }.map_err(KernelError::from("launching nearest_codeword"))?;
     Ok(out)
+}
+
+fn launch_config(blocks: u32, groups: i32, threads: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks, groups as u32, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+/// The resident kernel's launch for [M, G, W, K]: as many blocks per group as fill the device
+/// once (resident blocks per multiprocessor × multiprocessors / G, at least one, at most one per
+/// 16-row tile), each with the group's codebook in its shared memory.
+fn resident_launch(
+    k: &Kernels,
+    f: &CudaFunction,
+    [m, g, w, n]: [i64; 4],
+) -> Result<LaunchConfig, KernelError> {
+    let bytes = resident_bytes(w, n);
+    if !resident_fits(k, w, n) {
+        return Err(KernelError(format!(
+            "a codebook of {n} × {w} needs {bytes} bytes of shared memory, a block has {}",
+            k.shared_memory_optin()
+        )));
+    }
+    let smem = bytes as u32;
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(KernelError::from("resident search: shared memory"))?;
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(RESIDENT_THREADS, smem as usize, None)
+        .map_err(KernelError::from("resident search: occupancy"))?
+        .max(1) as i64;
+    let per_group = (per_sm * k.multiprocessors() / g).clamp(1, (m + 15) / 16);
+    Ok(launch_config(
+        per_group as u32,
+        int("G", g)?,
+        RESIDENT_THREADS,
+        smem,
+    ))
 }
 
 /// Codewords [M, G, W] of indices `idx` [M, G] (int64) in `codebook` [G, K, W] (fp32): the
@@ -498,11 +698,7 @@ pub fn gather_codewords(
     let (g32, k32, w32) = (int("G", g)?, int("K", n)?, int("W", w)?);
     int("M·G·W / 256 blocks", total / 256)?;
     let (pc, pi, po) = (ptr(codebook), ptr(idx), ptr(&out));
-    let cfg = cudarc::driver::LaunchConfig {
-        grid_dim: (((total + 255) / 256) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = launch_config(((total + 255) / 256) as u32, 1, 256, 0);
     let mut launch = k.stream().launch_builder(&f);
     use cudarc::driver::PushKernelArg;
     launch

@@ -530,8 +530,9 @@ pub fn check_codebooks(
 /// kernels are off). Every exact search of the trainer goes through here.
 pub fn nearest_codewords(rows: &Tensor, codebook: &Tensor) -> Tensor {
     let (m, g, w) = (rows.size()[0], rows.size()[1], rows.size()[2]);
+    let codes = codebook.size()[1];
     if let Some(k) = crate::cuda::kernels(rows.device())
-        .filter(|k| crate::cuda::nearest::fills_device(k, m, g, w))
+        .filter(|k| crate::cuda::nearest::fills_device(k, m, g, w, codes))
     {
         let idx =
             crate::cuda::nearest::nearest_codeword(&k, &rows.contiguous(), &codebook.contiguous());
