@@ -54,9 +54,20 @@ fn dist64(x: &Tensor, cb: &Tensor, idx: &Tensor) -> Tensor {
 /// disagreement is more than fp32 rounding.
 fn check_nearest(k: &Kernels, x: &Tensor, cb: &Tensor, what: &str) -> f64 {
     let mut agree = 1.0f64;
+    let mut tensor_cores = Vec::new();
     for search in searches(k, x.size()[2], cb.size()[1]) {
         let ours = cuda::nearest::nearest_codeword_with(k, x, cb, search).unwrap();
         agree = agree.min(check_indices(x, cb, &ours, &format!("{what}, {search:?}")));
+        if search != Search::Fma {
+            tensor_cores.push(ours);
+        }
+    }
+    // The resident and streamed tensor-core kernels do the same arithmetic in the same order.
+    if let [streamed, resident] = &tensor_cores[..] {
+        assert!(
+            streamed.equal(resident),
+            "{what}: resident ≠ streamed indices"
+        );
     }
     agree
 }
@@ -507,5 +518,51 @@ fn fused_lm_loss_equals_the_unfused_one_on_the_gpu() {
     assert!(rel(&l1, &l2) < 1e-3, "loss {l1:?} vs {l2:?}");
     for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
         assert!(rel(a, b) < 2e-2, "gradient {i}: {}", rel(a, b));
+    }
+}
+
+#[test]
+fn fused_query_key_value_equal_three_gemms_on_the_gpu() {
+    let Some(Gpu { dev, .. }) = gpu() else {
+        return;
+    };
+    use astra_train::models::layers::{fused_linears, linear};
+    tch::manual_seed(6);
+    let vs = tch::nn::VarStore::new(dev);
+    let cfg = tch::nn::LinearConfig::default();
+    let p = vs.root();
+    let (q, k, v) = (
+        linear(&p / "q", 768, 768, cfg),
+        linear(&p / "k", 768, 768, cfg),
+        linear(&p / "v", 768, 768, cfg),
+    );
+    let x = Tensor::randn([8, 197, 768], (Kind::Float, dev)).set_requires_grad(true);
+    // Under bf16 autocast, as training runs them; gradients of x through a loss weighing each.
+    let grad_x = |outs: [Tensor; 3]| {
+        let loss: Tensor = outs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                (o.to_kind(Kind::Float) * (i as f64 + 1.0))
+                    .sin()
+                    .sum(Kind::Float)
+            })
+            .sum();
+        let g = Tensor::run_backward(&[loss], &[&x], false, false);
+        (
+            outs.map(|o| o.detach().to_kind(Kind::Float)),
+            g[0].shallow_clone(),
+        )
+    };
+    let (fused, gf) = tch::autocast(true, || grad_x(fused_linears(&x, [&q, &k, &v]).unwrap()));
+    let (one_by_one, g1) = tch::autocast(true, || grad_x([x.apply(&q), x.apply(&k), x.apply(&v)]));
+    for (f, o) in fused.iter().zip(&one_by_one).chain([(&gf, &g1)]) {
+        let scale = o.abs().max().double_value(&[]);
+        let gap = (f - o).abs().max().double_value(&[]) / scale;
+        // bf16 GEMMs of another shape may sum in another order: bf16 rounding, no more.
+        assert!(
+            gap < 2e-2,
+            "fused q, k, v differ by {gap:e} of their largest value"
+        );
     }
 }

@@ -2,8 +2,9 @@
 # Training throughput on the GPU, ours against PyTorch (HF transformers) in the same call:
 # ViT-B/16 224² batch 128 and GPT-2 small 1024 tokens batch 8, bf16 autocast, AdamW, random data.
 # Ours with the CUDA kernels (the default), with ASTRA_CUDA_KERNELS=0 (the ATen path), ASTRA with
-# ASTRA_NEAREST=fma (the nearest-codeword search on CUDA cores, not tensor cores), and GPT-2
-# also with ASTRA_LM_LOSS=unfused (the logits formed and kept for autograd's cross-entropy);
+# ASTRA_NEAREST=fma (the nearest-codeword search on CUDA cores, not tensor cores) and =streamed
+# (tensor cores, codewords streamed), ViT plain with ASTRA_LINEARS=separate (q, k, v as three
+# GEMMs), and GPT-2 also with ASTRA_LM_LOSS=unfused (the logits formed and kept for autograd's cross-entropy);
 # the peer three ways: sdpa with torch.optim.AdamW's foreach update, with its fused update, and
 # under torch.compile.
 #   scripts/bench/gpu-throughput.sh OUT.md      (needs astra-train on PATH and python3 with
@@ -18,9 +19,17 @@ ours() { # model args...: our rows with the kernels, then without (marked), then
   astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda | tail -n +3
   ASTRA_CUDA_KERNELS=0 astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda | tail -n +5 |
     sed 's/^| \([^|]*\) |/| \1 — ATen path (kernels off) |/'
-  # ASTRA with the nearest-codeword search on CUDA cores (fp32 FMAs) instead of tensor cores.
+  # ASTRA with the nearest-codeword search on CUDA cores (fp32 FMAs) instead of tensor cores, and
+  # on tensor cores with the codewords streamed through shared memory (not resident there).
   ASTRA_NEAREST=fma astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda |
     grep '^| ASTRA' | sed 's/^| \([^|]*\) |/| \1 — search on CUDA cores |/'
+  ASTRA_NEAREST=streamed astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda |
+    grep '^| ASTRA' | sed 's/^| \([^|]*\) |/| \1 — codewords streamed |/'
+  if [[ " $* " == *" vit "* ]]; then
+    # ViT's query, key and value as three GEMMs (one, over their weights concatenated, by default).
+    ASTRA_LINEARS=separate astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda |
+      grep '^| plain' | sed 's/^| \([^|]*\) |/| \1 — q, k, v as three GEMMs |/'
+  fi
   [[ " $* " == *" gpt2 "* ]] || return 0
   ASTRA_LM_LOSS=unfused astra-train bench-step "$@" --bf16 --steps "$steps" --device cuda |
     tail -n +5 | sed 's/^| \([^|]*\) |/| \1 — LM head and loss unfused |/'

@@ -39,6 +39,40 @@ impl nn::Module for Linear {
     }
 }
 
+/// `x` through each of `layers` (of one input width): on CUDA [`fused_linears`], elsewhere layer
+/// by layer, so the CPU's int8 weights still apply. `ASTRA_LINEARS=separate` (read once) keeps
+/// them separate on CUDA too (benchmarks compare the two).
+pub fn linears<const N: usize>(x: &Tensor, layers: [&Linear; N]) -> [Tensor; N] {
+    static SEPARATE: OnceLock<bool> = OnceLock::new();
+    let separate =
+        *SEPARATE.get_or_init(|| std::env::var("ASTRA_LINEARS").is_ok_and(|v| v == "separate"));
+    if x.device().is_cuda() && !separate {
+        if let Some(parts) = fused_linears(x, layers) {
+            return parts;
+        }
+    }
+    layers.map(|l| x.apply(l))
+}
+
+/// `x` through each of `layers` as one GEMM over their weights concatenated, its output split:
+/// one launch instead of N, x read once, and in the backward one GEMM for x's gradient instead of
+/// N and their sum (ViT's query/key/value; the parameters stay separate, as HF names them). None
+/// where some layers have a bias and some not.
+pub fn fused_linears<const N: usize>(x: &Tensor, layers: [&Linear; N]) -> Option<[Tensor; N]> {
+    let biases: Vec<&Tensor> = layers.iter().filter_map(|l| l.bs.as_ref()).collect();
+    if !biases.is_empty() && biases.len() != N {
+        return None;
+    }
+    let w = Tensor::cat(&layers.map(|l| &l.ws), 0);
+    let b = (!biases.is_empty()).then(|| Tensor::cat(&biases, 0));
+    let widths = layers.map(|l| l.ws.size()[0]);
+    let mut parts = x
+        .linear(&w, b.as_ref())
+        .split_with_sizes(widths, -1)
+        .into_iter();
+    Some(layers.map(|_| parts.next().expect("one part per layer")))
+}
+
 /// x through the int8 weights in `packed`, packing them from `weights` (W [out, in], bias) first.
 fn int8<'a>(
     packed: &OnceLock<Int8Linear>,
@@ -126,4 +160,69 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, sight: Sight<'_>) 
     let split = |t: &Tensor, len: i64| t.view([b, len, heads, hd]).transpose(1, 2);
     let out = sight.attend_heads(&split(q, s), &split(k, sk), &split(v, sk));
     out.transpose(1, 2).contiguous().view([b, s, d])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn::VarStore, Device, Kind};
+
+    /// Outputs and the gradients of x and of every weight and bias of the layers, given a loss
+    /// that weighs each output differently (so a swapped split would show).
+    fn run(x: &Tensor, vs: &VarStore, outs: &[Tensor]) -> Vec<Tensor> {
+        let loss: Tensor = outs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o * (i as f64 + 1.0)).sin().sum(Kind::Double))
+            .sum();
+        let mut vars: Vec<Tensor> = vec![x.shallow_clone()];
+        let mut named = vs.variables().into_iter().collect::<Vec<_>>();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        vars.extend(named.into_iter().map(|(_, t)| t));
+        let grads = Tensor::run_backward(&[loss], &vars, false, false);
+        outs.iter().map(|o| o.detach()).chain(grads).collect()
+    }
+
+    #[test]
+    fn fused_linears_equal_the_layers_one_by_one_in_values_and_gradients() {
+        tch::manual_seed(5);
+        for bias in [true, false] {
+            let vs = VarStore::new(Device::Cpu);
+            let cfg = nn::LinearConfig {
+                bias,
+                ..Default::default()
+            };
+            let p = vs.root();
+            let (a, b, c) = (
+                linear(&p / "a", 12, 12, cfg),
+                linear(&p / "b", 12, 5, cfg),
+                linear(&p / "c", 12, 7, cfg),
+            );
+            let x = Tensor::randn([3, 4, 12], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let [fa, fb, fc] = fused_linears(&x, [&a, &b, &c]).expect("biases alike");
+            assert_eq!(fb.size(), [3, 4, 5]);
+            let fused = run(&x, &vs, &[fa, fb, fc]);
+            let one_by_one = run(&x, &vs, &[x.apply(&a), x.apply(&b), x.apply(&c)]);
+            for (f, o) in fused.iter().zip(&one_by_one) {
+                let gap = (f - o).abs().max().double_value(&[]);
+                assert!(gap < 1e-5, "bias {bias}: {gap}");
+            }
+        }
+        let vs = VarStore::new(Device::Cpu);
+        let with = nn::LinearConfig::default();
+        let without = nn::LinearConfig {
+            bias: false,
+            ..Default::default()
+        };
+        let (a, b) = (
+            linear(vs.root() / "a", 4, 4, with),
+            linear(vs.root() / "b", 4, 4, without),
+        );
+        let x = Tensor::randn([2, 4], (Kind::Float, Device::Cpu));
+        assert!(fused_linears(&x, [&a, &b]).is_none());
+        // The CPU takes the layers one by one.
+        let [la, lb] = linears(&x, [&a, &b]);
+        assert!(la.allclose(&x.apply(&a), 0.0, 0.0, false));
+        assert!(lb.allclose(&x.apply(&b), 0.0, 0.0, false));
+    }
 }

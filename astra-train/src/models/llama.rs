@@ -18,7 +18,7 @@ use tch::{Kind, Tensor};
 
 use super::fast_kv::CodewordKv;
 use super::layers::Sight;
-use super::layers::{self, Linear};
+use super::layers::{self, linears, Linear};
 use super::lm_head::LmHead;
 use super::mpa::Layout;
 use super::{Astra, AstraOutput, ClsMode};
@@ -187,7 +187,8 @@ impl LlamaBlock {
     /// [`Self::keys_values`] of states already through `input_layernorm` (the block's own
     /// tokens normalise once for their queries, keys and values).
     fn keys_values_normed(&self, h: &Tensor) -> (Tensor, Tensor) {
-        (h.apply(&self.k_proj), h.apply(&self.v_proj))
+        let [k, v] = linears(h, [&self.k_proj, &self.v_proj]);
+        (k, v)
     }
 
     fn heads_of(&self, t: &Tensor, heads: i64) -> Tensor {
@@ -264,7 +265,8 @@ impl LlamaBlock {
             .view([b, s, self.heads * self.head_dim]);
         let x = x + attn.apply(&self.o_proj);
         let h = x.apply(&self.post_attention_layernorm);
-        let mlp = (h.apply(&self.gate_proj).silu() * h.apply(&self.up_proj)).apply(&self.down_proj);
+        let [gate, up] = linears(&h, [&self.gate_proj, &self.up_proj]);
+        let mlp = (gate.silu() * up).apply(&self.down_proj);
         &x + mlp
     }
 }

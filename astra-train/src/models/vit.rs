@@ -5,7 +5,7 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::fast_kv::CodewordKv;
-use super::layers::{activate, attend, linear, Linear, Sight};
+use super::layers::{activate, attend, linear, linears, Linear, Sight};
 use super::mpa::Layout;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::ViTConfig;
@@ -61,12 +61,12 @@ impl VitBlock {
     /// view of one device: x = its local tokens, X̃ = the other devices' tokens).
     pub fn forward(&self, x: &Tensor, quantized: Option<&Tensor>, sight: Sight<'_>) -> Tensor {
         let h = x.apply(&self.ln_before);
-        let q = h.apply(&self.query);
-        let (mut k, mut v) = (h.apply(&self.key), h.apply(&self.value));
+        let [q, mut k, mut v] = linears(&h, [&self.query, &self.key, &self.value]);
         if let Some(xq) = quantized {
             let hq = xq.apply(&self.ln_before);
-            k = Tensor::cat(&[k, hq.apply(&self.key)], 1);
-            v = Tensor::cat(&[v, hq.apply(&self.value)], 1);
+            let [kq, vq] = linears(&hq, [&self.key, &self.value]);
+            k = Tensor::cat(&[k, kq], 1);
+            v = Tensor::cat(&[v, vq], 1);
         }
         let x = x + attend(&q, &k, &v, self.heads, sight).apply(&self.out);
         let h = x.apply(&self.ln_after);
