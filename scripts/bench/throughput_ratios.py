@@ -30,7 +30,7 @@ for section in groups.values():
     bars = [
         ("ours plain", lambda r: r == "plain"),
         ("ours plain: LM loss unfused", lambda r: r.startswith("plain") and "unfused" in r),
-        ("ours plain: q, k, v as three GEMMs", lambda r: r.startswith("plain") and "three" in r),
+        ("ours plain: q/k/v as three GEMMs", lambda r: r.startswith("plain") and "three" in r),
         ("ours ASTRA (N=4 G=32)", lambda r: r.startswith("ASTRA") and "—" not in r),
         ("ours ASTRA: ATen path", lambda r: r.startswith("ASTRA") and "ATen" in r),
         ("ours ASTRA: search on CUDA cores", lambda r: r.startswith("ASTRA") and "CUDA cores" in r),
