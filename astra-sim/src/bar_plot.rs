@@ -248,8 +248,7 @@ mod tests {
         assert!(legend_width(&names(&[long])) >= 60 + 9 * long.len() as u32);
         assert_eq!(legend_width(&names(&[&"x".repeat(500)])), 700);
         // Eight bar names over the groups (gpu-throughput's figure) take eight different colours.
-        let all: std::collections::HashSet<_> =
-            COLOURS.iter().map(|c| (c.0, c.1, c.2)).collect();
+        let all: std::collections::HashSet<_> = COLOURS.iter().map(|c| (c.0, c.1, c.2)).collect();
         assert_eq!(all.len(), 8);
     }
 }

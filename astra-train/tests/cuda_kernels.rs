@@ -566,3 +566,76 @@ fn fused_query_key_value_equal_three_gemms_on_the_gpu() {
         );
     }
 }
+
+#[test]
+fn ema_step_kernel_equals_the_aten_expressions_restarts_included() {
+    let Some(Gpu { dev, k, .. }) = gpu() else {
+        return;
+    };
+    use astra_train::cuda::ema::{ema_step, EmaSettings};
+    tch::manual_seed(7);
+    let (m, g, n, w) = (3_000, 5, 1_000, 24);
+    let f = (Kind::Float, dev);
+    let rows = Tensor::randn([m, g, w], f);
+    let counts = Tensor::randint(20, [g, n], f);
+    let sums = Tensor::randn([g, n, w], f);
+    let ema_count = Tensor::rand([g, n], f) * 10.0 + 1.0;
+    // Codes 0, 7 and 999 of every group have (almost) no count: they must restart.
+    for c in [0, 7, 999] {
+        let _ = ema_count.narrow(1, c, 1).fill_(0.0);
+        let _ = counts.narrow(1, c, 1).fill_(0.0);
+    }
+    let ema_sum = Tensor::randn([g, n, w], f);
+    let pick = Tensor::randint(m, [g, n], (Kind::Int64, dev));
+    let cfg = EmaSettings {
+        decay: 0.99,
+        epsilon: 1e-5,
+        dead_threshold: 1e-3,
+    };
+    let (count_k, sum_k, cb_k) = ema_step(
+        &k,
+        (&counts, &sums),
+        (&ema_count, &ema_sum),
+        &rows,
+        &pick,
+        &cfg,
+    )
+    .unwrap();
+    // The ATen path's expressions (models::vq::GroupedVq::ema_update).
+    let c = &ema_count * cfg.decay + &counts * (1.0 - cfg.decay);
+    let s = &ema_sum * cfg.decay + &sums * (1.0 - cfg.decay);
+    let total = c.sum_dim_intlist(-1, true, Kind::Float);
+    let smoothed = (&c + cfg.epsilon) / (&total + cfg.epsilon * n as f64) * &total;
+    let new_cb = &s / smoothed.unsqueeze(-1);
+    let mean = &total / n as f64;
+    let dead = c.lt_tensor(&(&mean * cfg.dead_threshold));
+    let fresh = rows
+        .transpose(0, 1)
+        .gather(1, &pick.unsqueeze(-1).expand([g, n, w], false), false);
+    let dead3 = dead.unsqueeze(-1).expand([g, n, w], false).logical_not();
+    let restart = mean.expand([g, n], false);
+    let cb_a = new_cb.where_self(&dead3, &fresh);
+    let sum_a = s.where_self(&dead3, &(&fresh * restart.unsqueeze(-1)));
+    let count_a = c.where_self(&dead.logical_not(), &restart);
+    assert_eq!(
+        dead.sum(Kind::Int64).int64_value(&[]),
+        3 * g,
+        "the zeroed codes, and only they, are dead"
+    );
+    for (what, ours, aten) in [
+        ("counts", &count_k, &count_a),
+        ("sums", &sum_k, &sum_a),
+        ("codebook", &cb_k, &cb_a),
+    ] {
+        let gap = ((ours - aten).abs() / (aten.abs() + 1e-6))
+            .max()
+            .double_value(&[]);
+        // Only the per-group total is summed in another order: fp32 rounding of it, no more.
+        assert!(gap < 1e-5, "{what}: relative gap {gap:e}");
+    }
+    let restarted = cb_k.narrow(1, 7, 1);
+    assert!(
+        restarted.equal(&fresh.narrow(1, 7, 1)),
+        "a dead code takes its picked row exactly"
+    );
+}

@@ -262,6 +262,17 @@ impl GroupedVq {
             self.ema_sum = self.codebook.to_kind(Kind::Float) * self.ema_count.unsqueeze(-1);
             self.ema_started = true;
         }
+        // Drawn before either path, so both consume the generator alike.
+        let pick = Tensor::randint(flat.size()[1], [g, k], (Kind::Int64, x.device()));
+        if self.ranks.is_none() {
+            if let Some((count, sum, codebook)) = self.ema_step_kernel(&counts, &sums, &rows, &pick)
+            {
+                self.ema_count = count;
+                self.ema_sum = sum;
+                self.codebook = codebook.to_kind(self.codebook.kind());
+                return;
+            }
+        }
         let decay = self.cfg.decay;
         self.ema_count = &self.ema_count * decay + counts * (1.0 - decay);
         self.ema_sum = &self.ema_sum * decay + sums * (1.0 - decay);
@@ -275,8 +286,6 @@ impl GroupedVq {
         let dead = self
             .ema_count
             .lt_tensor(&(&mean_count * self.cfg.dead_threshold)); // [G, K]
-        let m = flat.size()[1];
-        let pick = Tensor::randint(m, [g, k], (Kind::Int64, x.device()));
         let fresh = flat
             .gather(1, &pick.unsqueeze(-1).expand([g, k, w], false), false)
             .contiguous();
@@ -292,6 +301,32 @@ impl GroupedVq {
             .where_self(&dead3.logical_not(), &(&fresh * restart.unsqueeze(-1)));
         self.ema_count = self.ema_count.where_self(&dead.logical_not(), &restart);
         self.codebook = updated.to_kind(self.codebook.kind());
+    }
+
+    /// The EMA step below as one CUDA kernel (one rank; the data-parallel path broadcasts rank 0's
+    /// restart rows first and keeps ATen's ops): (ema_count, ema_sum, codebook), or None where the
+    /// kernels do not run.
+    fn ema_step_kernel(
+        &self,
+        counts: &Tensor,
+        sums: &Tensor,
+        rows: &Tensor,
+        pick: &Tensor,
+    ) -> Option<(Tensor, Tensor, Tensor)> {
+        let kern = crate::cuda::kernels(rows.device())?;
+        let cfg = crate::cuda::ema::EmaSettings {
+            decay: self.cfg.decay,
+            epsilon: self.cfg.epsilon,
+            dead_threshold: self.cfg.dead_threshold,
+        };
+        crate::cuda::or_aten(crate::cuda::ema::ema_step(
+            &kern,
+            (counts, sums),
+            (&self.ema_count.contiguous(), &self.ema_sum.contiguous()),
+            &rows.contiguous(),
+            pick,
+            &cfg,
+        ))
     }
 
     /// Code usage of indices [.., G]: (mean perplexity over groups, dead codes in total).
