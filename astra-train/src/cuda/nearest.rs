@@ -229,85 +229,79 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// x [M, G, W], codebook [G, K, W] (fp32, contiguous; W <= 8 S) -> out [M, G] int64.
-// A block of 4 warps takes 4 * MT * 16 rows of one group; each warp keeps its rows' A fragments
-// (hi and lo) in registers and scans the codewords, staged BN at a time in shared memory, 8 per mma.
-// Fragment layouts are PTX's for m16n8k8 (.tf32): lane = 4 * gid + tig; A holds rows gid and
-// gid + 8, columns tig and tig + 4; B column gid, rows tig and tig + 4; C rows gid and gid + 8,
-// columns 2 tig and 2 tig + 1.
-// Measured on an H200 (ViT-B's 25,088 rows, G = 32, K = 1,024): MT = 4 1.10 ms, MT = 2 1.22 ms;
-// codewords split once per tile into (hi, lo) pairs in shared memory 1.37-1.40 ms (the 64-bit
-// loads collide on banks); separate accumulators for the small and large terms 1.17 ms.
-// A warp's 16 MT rows of group g, as A fragments: -2x split into hi and lo (zeros past the last
-// row and column), and which of the rows hold a NaN. A row with a NaN has NaN distances to every
-// codeword: it gives index 0, as the FMA kernel and ATen's argmin do (tensor cores do not carry
-// NaN through as CUDA cores do).
+// A warp's 16 MT rows of group g as A fragments (-2x split into hi and lo; zeros past the last
+// row and column), which of the rows hold a NaN, and each row's best codeword so far. A row with a
+// NaN has NaN distances to every codeword: it gives index 0, as the FMA kernel and ATen's argmin
+// do (tensor cores do not carry NaN through as CUDA cores do).
 template <int S, int MT>
-__device__ __forceinline__ void load_rows(const float* __restrict__ x, int row0, int M, int G,
-                                          int g, int W, int gid, int tig,
-                                          unsigned (&ah)[MT][S][4], unsigned (&al)[MT][S][4],
-                                          bool (&nan_row)[MT][2]) {
-#pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    nan_row[m][0] = nan_row[m][1] = false;
-#pragma unroll
-    for (int s = 0; s < S; ++s)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int row = row0 + m * 16 + gid + (q & 1) * 8, col = s * 8 + tig + (q >> 1) * 4;
-        const float v = (row < M && col < W) ? -2.f * x[((long long)row * G + g) * W + col] : 0.f;
-        nan_row[m][q & 1] |= v != v;
-        split(v, ah[m][s][q], al[m][s][q]);
-      }
-  }
-}
+struct RowTiles {
+  unsigned ah[MT][S][4], al[MT][S][4];
+  bool nan_row[MT][2];
+  float best[MT][2];
+  int bi[MT][2];
 
-// Distances of the warp's rows to 8 codewords (B fragments bh/bl, norms c0/c1 of this lane's two
-// columns, the first of them `code`), folded into the running best.
-template <int S, int MT>
-__device__ __forceinline__ void scan8(const unsigned (&ah)[MT][S][4], const unsigned (&al)[MT][S][4],
-                                      const unsigned (&bh)[S][2], const unsigned (&bl)[S][2],
-                                      float c0, float c1, int code, float (&best)[MT][2],
-                                      int (&bi)[MT][2]) {
+  __device__ __forceinline__ void load(const float* __restrict__ x, int row0, int M, int G, int g,
+                                       int W, int gid, int tig) {
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    float d[4] = {c0, c1, c0, c1};
-    // The small terms first, then the large one.
+    for (int m = 0; m < MT; ++m) {
+      nan_row[m][0] = nan_row[m][1] = false;
+      best[m][0] = best[m][1] = INF;
+      bi[m][0] = bi[m][1] = 0;
 #pragma unroll
-    for (int s = 0; s < S; ++s) { mma(d, al[m][s], bh[s]); mma(d, ah[m][s], bl[s]); }
+      for (int s = 0; s < S; ++s)
 #pragma unroll
-    for (int s = 0; s < S; ++s) mma(d, ah[m][s], bh[s]);
-    // Codes in increasing order and a strict '<': the lowest index wins a tie.
-    if (d[0] < best[m][0]) { best[m][0] = d[0]; bi[m][0] = code; }
-    if (d[1] < best[m][0]) { best[m][0] = d[1]; bi[m][0] = code + 1; }
-    if (d[2] < best[m][1]) { best[m][1] = d[2]; bi[m][1] = code; }
-    if (d[3] < best[m][1]) { best[m][1] = d[3]; bi[m][1] = code + 1; }
-  }
-}
-
-// A row's candidates are in the 4 lanes of its gid: the lowest distance (lowest index on a tie)
-// is its index, 0 for a row with a NaN.
-template <int MT>
-__device__ __forceinline__ void write_best(long long* __restrict__ out, int row0, int M, int G,
-                                           int g, int gid, int tig, const float (&best)[MT][2],
-                                           const int (&bi)[MT][2], const bool (&nan_row)[MT][2]) {
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float d = best[m][h];
-      int c = bi[m][h], has_nan = nan_row[m][h];
-#pragma unroll
-      for (int off = 1; off < 4; off <<= 1) {
-        const float d2 = __shfl_xor_sync(0xffffffffu, d, off);
-        const int c2 = __shfl_xor_sync(0xffffffffu, c, off);
-        has_nan |= __shfl_xor_sync(0xffffffffu, has_nan, off);
-        if (d2 < d || (d2 == d && c2 < c)) { d = d2; c = c2; }
-      }
-      const int row = row0 + m * 16 + h * 8 + gid;
-      if (tig == 0 && row < M) out[(long long)row * G + g] = has_nan ? 0 : c;
+        for (int q = 0; q < 4; ++q) {
+          const int row = row0 + m * 16 + gid + (q & 1) * 8, col = s * 8 + tig + (q >> 1) * 4;
+          const float v =
+              (row < M && col < W) ? -2.f * x[((long long)row * G + g) * W + col] : 0.f;
+          nan_row[m][q & 1] |= v != v;
+          split(v, ah[m][s][q], al[m][s][q]);
+        }
     }
-}
+  }
+
+  // Distances to 8 codewords (B fragments bh/bl, norms c0/c1 of this lane's two columns, the
+  // first of them `code`), folded into the running best.
+  __device__ __forceinline__ void scan8(const unsigned (&bh)[S][2], const unsigned (&bl)[S][2],
+                                        float c0, float c1, int code) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      float d[4] = {c0, c1, c0, c1};
+      // The small terms first, then the large one.
+#pragma unroll
+      for (int s = 0; s < S; ++s) { mma(d, al[m][s], bh[s]); mma(d, ah[m][s], bl[s]); }
+#pragma unroll
+      for (int s = 0; s < S; ++s) mma(d, ah[m][s], bh[s]);
+      // Codes in increasing order and a strict '<': the lowest index wins a tie.
+      if (d[0] < best[m][0]) { best[m][0] = d[0]; bi[m][0] = code; }
+      if (d[1] < best[m][0]) { best[m][0] = d[1]; bi[m][0] = code + 1; }
+      if (d[2] < best[m][1]) { best[m][1] = d[2]; bi[m][1] = code; }
+      if (d[3] < best[m][1]) { best[m][1] = d[3]; bi[m][1] = code + 1; }
+    }
+  }
+
+  // A row's candidates are in the 4 lanes of its gid: the lowest distance (lowest index on a
+  // tie) is its index, 0 for a row with a NaN.
+  __device__ __forceinline__ void write(long long* __restrict__ out, int row0, int M, int G, int g,
+                                        int gid, int tig) const {
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float d = best[m][h];
+        int c = bi[m][h], has_nan = nan_row[m][h];
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+          const float d2 = __shfl_xor_sync(0xffffffffu, d, off);
+          const int c2 = __shfl_xor_sync(0xffffffffu, c, off);
+          has_nan |= __shfl_xor_sync(0xffffffffu, has_nan, off);
+          if (d2 < d || (d2 == d && c2 < c)) { d = d2; c = c2; }
+        }
+        const int row = row0 + m * 16 + h * 8 + gid;
+        if (tig == 0 && row < M) out[(long long)row * G + g] = has_nan ? 0 : c;
+      }
+  }
+};
 
 // ‖c‖² of codeword `code` of group g in the FMA kernel's order (its W values loaded at once);
 // +inf past the last codeword, so that one is never chosen.
@@ -344,13 +338,8 @@ __device__ __forceinline__ void nearest_tc(const float* __restrict__ x,
   const int g = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gid = lane >> 2, tig = lane & 3;
   const int row0 = blockIdx.x * (4 * MT * 16) + warp * MT * 16;
-  unsigned ah[MT][S][4], al[MT][S][4];
-  bool nan_row[MT][2];
-  load_rows<S, MT>(x, row0, M, G, g, W, gid, tig, ah, al, nan_row);
-  float best[MT][2];
-  int bi[MT][2];
-#pragma unroll
-  for (int m = 0; m < MT; ++m) { best[m][0] = best[m][1] = INF; bi[m][0] = bi[m][1] = 0; }
+  RowTiles<S, MT> rows;
+  rows.load(x, row0, M, G, g, W, gid, tig);
   const float* cbg = cb + (long long)g * K * W;
   for (int n0 = 0; n0 < K; n0 += BN) {
     __syncthreads();  // the previous tile's readers are done
@@ -375,11 +364,10 @@ __device__ __forceinline__ void nearest_tc(const float* __restrict__ x,
         split(col[s * 8], bh[s][0], bl[s][0]);
         split(col[s * 8 + 4], bh[s][1], bl[s][1]);
       }
-      scan8<S, MT>(ah, al, bh, bl, cn[j * 8 + 2 * tig], cn[j * 8 + 2 * tig + 1],
-                   n0 + j * 8 + 2 * tig, best, bi);
+      rows.scan8(bh, bl, cn[j * 8 + 2 * tig], cn[j * 8 + 2 * tig + 1], n0 + j * 8 + 2 * tig);
     }
   }
-  write_best<MT>(out, row0, M, G, g, gid, tig, best, bi, nan_row);
+  rows.write(out, row0, M, G, g, gid, tig);
 }
 
 // The same search with the group's whole codebook resident in shared memory (dynamic: 8 KW K
@@ -415,13 +403,8 @@ __device__ __forceinline__ void nearest_tc_resident(const float* __restrict__ x,
   const int tasks = (M + 16 * MT - 1) / (16 * MT);
   for (int t = blockIdx.x * warps + warp; t < tasks; t += gridDim.x * warps) {
     const int row0 = t * 16 * MT;
-    unsigned ah[MT][S][4], al[MT][S][4];
-    bool nan_row[MT][2];
-    load_rows<S, MT>(x, row0, M, G, g, W, gid, tig, ah, al, nan_row);
-    float best[MT][2];
-    int bi[MT][2];
-#pragma unroll
-    for (int m = 0; m < MT; ++m) { best[m][0] = best[m][1] = INF; bi[m][0] = bi[m][1] = 0; }
+    RowTiles<S, MT> rows;
+    rows.load(x, row0, M, G, g, W, gid, tig);
 #pragma unroll 2
     for (int j = 0; j < Kp / 8; ++j) {
       unsigned bh[S][2], bl[S][2];
@@ -431,9 +414,9 @@ __device__ __forceinline__ void nearest_tc_resident(const float* __restrict__ x,
         bh[s][0] = h.x; bh[s][1] = h.y; bl[s][0] = l.x; bl[s][1] = l.y;
       }
       const float2 c = *(const float2*)(cn + j * 8 + 2 * tig);
-      scan8<S, MT>(ah, al, bh, bl, c.x, c.y, j * 8 + 2 * tig, best, bi);
+      rows.scan8(bh, bl, c.x, c.y, j * 8 + 2 * tig);
     }
-    write_best<MT>(out, row0, M, G, g, gid, tig, best, bi, nan_row);
+    rows.write(out, row0, M, G, g, gid, tig);
   }
 }
 
