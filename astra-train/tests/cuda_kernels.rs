@@ -321,6 +321,58 @@ fn kernels_reject_wrong_layouts_in_one_line() {
 }
 
 #[test]
+fn codeword_target_equals_the_aten_ops_bit_for_bit() {
+    use astra_train::cuda::target::{codeword_target, DiagonalNoise};
+    let Some(Gpu { dev, k, .. }) = gpu() else {
+        return;
+    };
+    tch::manual_seed(9);
+    let (b, s, t, g, n, w) = (6, 40, 37, 32, 1024, 24);
+    let (d, f) = (g * w, (Kind::Float, dev));
+    let cb = Tensor::randn([g, n, w], f);
+    // The content rows of a [B, S, D] stream, as the models pass them: a narrow (strided rows).
+    let x = Tensor::randn([b, s, d], f).narrow(1, 3, t);
+    let idx = Tensor::randint(n, [b * t, g], (Kind::Int64, dev));
+    let z = Tensor::randn([b * t, d], f);
+    let (std, mean) = (Tensor::rand([d], f) * 0.1, Tensor::randn([d], f) * 0.01);
+    let lambda = 0.7;
+    // The ATen path's expressions (models::vq::GroupedVq::target_offset).
+    let offsets = Tensor::arange(g, (Kind::Int64, dev)) * n;
+    let flat = (&idx + offsets.view([1, g])).reshape([-1]);
+    let x_hat = cb
+        .reshape([g * n, w])
+        .index_select(0, &flat)
+        .reshape([b, t, d]);
+    let noise = (&z * &std + &mean).reshape([b, t, d]);
+    let offset = (&x_hat + noise * lambda) - &x;
+    let nz = DiagonalNoise {
+        z: &z,
+        scale: &std,
+        shift: &mean,
+        lambda,
+    };
+    let (x_hat_k, offset_k) = codeword_target(&k, &x, &idx, &cb, Some(&nz)).unwrap();
+    assert!(x_hat_k.reshape([b, t, d]).equal(&x_hat), "codewords");
+    let gap = (offset_k.reshape([b, t, d]) - &offset).abs().max();
+    assert!(
+        gap.double_value(&[]) == 0.0,
+        "offsets differ by {gap:?}: not rounded as ATen"
+    );
+    // No noise, rows given as [M, D].
+    let rows = x.reshape([b * t, d]);
+    let (_, plain) = codeword_target(&k, &rows, &idx, &cb, None).unwrap();
+    assert!(plain.equal(&(x_hat.reshape([b * t, d]) - &rows)));
+    // An index outside 0..K gives NaN codewords, not a read past the codebook.
+    let _ = idx.get(0).get(1).fill_(n);
+    let (bad, _) = codeword_target(&k, &rows, &idx, &cb, None).unwrap();
+    let nan = bad.get(0).isnan().sum(Kind::Int64).int64_value(&[]);
+    assert_eq!(nan, w, "one group's codeword of row 0 is NaN");
+    // Rows that do not fit the codebook are refused in one line.
+    let e = codeword_target(&k, &rows.narrow(1, 0, d - 1), &idx, &cb, None).unwrap_err();
+    assert!(e.to_string().contains("do not fit"), "{e}");
+}
+
+#[test]
 fn a_training_quantize_step_is_the_same_with_and_without_kernels() {
     use astra_quant::{BlockQuantizer, GroupedCodebook};
     use astra_train::models::vq::{GroupedVq, VqConfig};
@@ -332,19 +384,39 @@ fn a_training_quantize_step_is_the_same_with_and_without_kernels() {
     let q = BlockQuantizer {
         usage: None,
         codebook: GroupedCodebook::from_flat(g as usize, n as usize, w as usize, flat).unwrap(),
-        noise: None,
+        noise: Some(astra_quant::NoiseModel::Diagonal {
+            mean: vec![0.01; (g * w) as usize],
+            std: vec![0.05; (g * w) as usize],
+        }),
     };
-    let x = Tensor::randn([16, m / 16, g * w], (Kind::Float, dev));
+    // Content rows of a stream with one CLS slot in front: strided, as the models pass them.
+    let x = Tensor::randn([16, m / 16 + 1, g * w], (Kind::Float, dev)).narrow(1, 1, m / 16);
     let step = |kernels: bool| {
         cuda::set_enabled(kernels);
         let mut vq = GroupedVq::from_quantizer(&q, VqConfig::default(), dev);
         tch::manual_seed(6);
         let out = vq.quantize(&x, true);
         cuda::set_enabled(true);
-        (out.indices, vq.codebook.shallow_clone(), out.commitment)
+        let value = out.value.reshape([m, g, w]);
+        (
+            out.indices,
+            vq.codebook.shallow_clone(),
+            out.commitment,
+            value,
+        )
     };
-    let (i_k, cb_k, c_k) = step(true);
-    let (i_a, cb_a, c_a) = step(false);
+    let (i_k, cb_k, c_k, v_k) = step(true);
+    let (i_a, cb_a, c_a, v_a) = step(false);
+    // Same noise draw on both paths: where the searches agree, the values agree bit for bit.
+    let same = i_k
+        .reshape([m, g])
+        .eq_tensor(&i_a.reshape([m, g]))
+        .unsqueeze(-1);
+    let gap = (&v_k - &v_a)
+        .abs()
+        .where_self(&same, &v_k.zeros_like())
+        .max();
+    assert!(gap.double_value(&[]) == 0.0, "values differ by {gap:?}");
     let agree = i_k
         .eq_tensor(&i_a)
         .to_kind(Kind::Double)

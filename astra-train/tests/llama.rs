@@ -4,7 +4,7 @@
 //! masked ≡ per-device ≡ per-device with direct lookup, and with the identity quantizer ≡ plain.
 
 mod common;
-use common::{fixture, max_rel_diff, python};
+use common::{fixture, inference, max_rel_diff, python};
 
 use std::process::Command;
 
@@ -177,16 +177,6 @@ fn kv_quantizers(m: &Model, ids: &Tensor, groups: usize) -> Vec<GroupedVq> {
         .collect()
 }
 
-fn astra<'a>(p: &'a DevicePartition, vq: Option<&'a mut [GroupedVq]>) -> Astra<'a> {
-    Astra {
-        partition: p,
-        cls: ClsMode::Single,
-        vq,
-        train: false,
-        link_loss: None,
-    }
-}
-
 #[test]
 fn llama_astra_equivalences() {
     for (family, kv_heads) in [(LlamaFamily::Llama, 2), (LlamaFamily::Qwen2, 4)] {
@@ -201,19 +191,21 @@ fn llama_astra_equivalences() {
         ] {
             let n = p.devices();
             // The identity quantizer: every query sees each earlier token once, exactly.
-            let id = tch::no_grad(|| m.forward_astra(&ids, astra(&p, None))).unwrap();
+            let id = tch::no_grad(|| m.forward_astra(&ids, inference(&p, None))).unwrap();
             assert!(max_rel_diff(&id.logits, &plain) < 1e-5, "identity, n={n}");
-            let unq = tch::no_grad(|| m.forward_per_device(&ids, astra(&p, None))).unwrap();
+            let unq = tch::no_grad(|| m.forward_per_device(&ids, inference(&p, None))).unwrap();
             assert!(
                 max_rel_diff(&unq, &plain) < 1e-5,
                 "per-device unquantized, n={n}"
             );
 
-            let masked = tch::no_grad(|| m.forward_astra(&ids, astra(&p, Some(&mut vq)))).unwrap();
+            let masked =
+                tch::no_grad(|| m.forward_astra(&ids, inference(&p, Some(&mut vq)))).unwrap();
             let per =
-                tch::no_grad(|| m.forward_per_device(&ids, astra(&p, Some(&mut vq)))).unwrap();
+                tch::no_grad(|| m.forward_per_device(&ids, inference(&p, Some(&mut vq)))).unwrap();
             let fast =
-                tch::no_grad(|| m.forward_per_device_fast(&ids, astra(&p, Some(&mut vq)))).unwrap();
+                tch::no_grad(|| m.forward_per_device_fast(&ids, inference(&p, Some(&mut vq))))
+                    .unwrap();
             // Keys rotated at the receiver (per-device) ≡ rotated where computed (masked).
             let rel = max_rel_diff(&per, &masked.logits);
             assert!(rel < 1e-5, "{family:?} n={n}: per-device vs masked {rel}");

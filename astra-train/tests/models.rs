@@ -3,7 +3,7 @@
 //! equals the plain model.
 
 mod common;
-use common::{fixture, max_rel_diff};
+use common::{fixture, inference, max_rel_diff};
 
 use astra_quant::{BlockQuantizer, CodebookFile, GroupedCodebook, KMeansConfig};
 use astra_train::config::{GPT2Config, ModelConfig, ViTConfig};
@@ -11,17 +11,6 @@ use astra_train::engine::{combine, DeviceShare, Payload, RemoteKv};
 use astra_train::model::Model;
 use astra_train::models::{Astra, ClsMode, DevicePartition, GroupedVq, LinkLoss, VqConfig};
 use tch::{Device, Kind, Tensor};
-
-/// ASTRA at inference for the decoder tests: one CLS mode, no training, no lost messages.
-fn inference<'a>(p: &'a DevicePartition, vq: Option<&'a mut [GroupedVq]>) -> Astra<'a> {
-    Astra {
-        partition: p,
-        cls: ClsMode::Single,
-        vq,
-        train: false,
-        link_loss: None,
-    }
-}
 
 #[test]
 fn parity_with_transformers_and_hf_cache() {

@@ -4,6 +4,8 @@
 //! - [`nearest`]: the nearest codeword of every row and group, distances and argmin fused so the
 //!   [G, M, K] distance tile is never written;
 //! - [`ema`]: the per-code counts and sums of the EMA codebook update in one scatter;
+//! - [`target`]: the training quantizer's codewords and straight-through offset (NAQ noise
+//!   included) in one pass;
 //! - [`adamw`]: an AdamW step over the flat parameter buffer in one pass;
 //! - [`xent`]: a language model's softmax cross-entropy and its gradient, in place, one pass.
 //!
@@ -21,6 +23,7 @@ pub mod adamw;
 pub mod ema;
 pub mod nccl;
 pub mod nearest;
+pub mod target;
 pub mod xent;
 
 use std::collections::HashMap;
@@ -209,11 +212,12 @@ impl Kernels {
 
 /// Every kernel source, for the check that they compile ([`ptx_of`]; no GPU needed).
 #[cfg(test)]
-const SOURCES: [&Source; 5] = [
+const SOURCES: [&Source; 6] = [
     &adamw::SOURCE,
     &ema::SOURCE,
     &nearest::SOURCE,
     &nearest::TENSOR_CORE_SOURCE,
+    &target::SOURCE,
     &xent::SOURCE,
 ];
 

@@ -172,39 +172,104 @@ impl GroupedVq {
 
     fn quantize_fp32(&mut self, x: &Tensor, train: bool) -> Quantized {
         let indices = self.encode(x);
-        let x_hat = self.decode(&indices).to_kind(x.kind());
+        let z = if train {
+            self.draw_noise(&x.size())
+        } else {
+            None
+        };
+        let (x_hat, offset) = self.target_offset(x, &indices, z.as_ref());
         let commitment = (x - x_hat.detach()).square().mean(Kind::Float);
-        let mut target = x_hat.shallow_clone();
         if train {
-            if let Some(noise) = self.sample_noise(&x.size()) {
-                target += noise.to_kind(x.kind()) * self.cfg.noise_lambda;
-            }
             tch::no_grad(|| self.ema_update(x, &indices));
         }
-        let value = x + (target - x).detach();
         Quantized {
-            value,
+            value: x + offset.detach(),
             commitment,
             indices,
         }
     }
 
+    /// The codewords X̂ of `indices` and the straight-through offset (X̂ + λ·ξ) − X, ξ the NAQ
+    /// noise formed from the standard normal draw `z` (none without it): one kernel on CUDA
+    /// ([`crate::cuda::target`], equal bit for bit), else ATen ops.
+    fn target_offset(&self, x: &Tensor, indices: &Tensor, z: Option<&Tensor>) -> (Tensor, Tensor) {
+        if let Some(out) = self.target_offset_kernel(x, indices, z) {
+            return out;
+        }
+        let x_hat = self.decode(indices).to_kind(x.kind());
+        let target = match z {
+            Some(z) => {
+                let noise = self.noise_from(z).reshape(x.size()).to_kind(x.kind());
+                &x_hat + noise * self.cfg.noise_lambda
+            }
+            None => x_hat.shallow_clone(),
+        };
+        let offset = target - x;
+        (x_hat, offset)
+    }
+
+    /// [`Self::target_offset`] as one kernel, where it applies: fp32 X, the EMA codebook (fp32,
+    /// no gradient) and no noise or diagonal noise (a full covariance keeps the ATen matmul).
+    fn target_offset_kernel(
+        &self,
+        x: &Tensor,
+        indices: &Tensor,
+        z: Option<&Tensor>,
+    ) -> Option<(Tensor, Tensor)> {
+        let cb = &self.codebook;
+        if cb.kind() != Kind::Float || cb.requires_grad() || x.kind() != Kind::Float {
+            return None;
+        }
+        let k = crate::cuda::kernels(x.device())?;
+        let noise = match (z, &self.noise) {
+            (None, _) => None,
+            (Some(z), Some((mean, std, true))) => Some(crate::cuda::target::DiagonalNoise {
+                z,
+                scale: std,
+                shift: mean,
+                lambda: self.cfg.noise_lambda,
+            }),
+            (Some(_), _) => return None,
+        };
+        let idx = indices.reshape([-1, self.groups()]).contiguous();
+        let (x_hat, offset) = crate::cuda::or_aten(crate::cuda::target::codeword_target(
+            &k,
+            x,
+            &idx,
+            &cb.contiguous(),
+            noise.as_ref(),
+        ))?;
+        Some((x_hat.reshape(x.size()), offset.reshape(x.size())))
+    }
+
+    /// NAQ noise of rows shaped `shape` (last dim D): None without a noise model or with λ = 0.
     pub(crate) fn sample_noise(&self, shape: &[i64]) -> Option<Tensor> {
+        self.draw_noise(shape)
+            .map(|z| self.noise_from(&z).reshape(shape))
+    }
+
+    /// The standard normal draw [M, D] behind NAQ noise for rows shaped `shape`.
+    fn draw_noise(&self, shape: &[i64]) -> Option<Tensor> {
         if self.cfg.noise_lambda == 0.0 {
             return None;
         }
-        let (mean, factor, diagonal) = self.noise.as_ref()?;
+        let mean = &self.noise.as_ref()?.0;
         let d = mean.size()[0];
-        let z = Tensor::randn(
+        Some(Tensor::randn(
             [shape.iter().product::<i64>() / d, d],
             (Kind::Float, mean.device()),
-        );
-        let xi = if *diagonal {
-            z * factor
+        ))
+    }
+
+    /// The noise ξ = µ + L·z of a standard normal draw z [M, D] (L the Cholesky factor, or σ
+    /// elementwise for a diagonal model).
+    fn noise_from(&self, z: &Tensor) -> Tensor {
+        let (mean, factor, diagonal) = self.noise.as_ref().expect("drawn from a noise model");
+        if *diagonal {
+            z * factor + mean
         } else {
-            z.matmul(&factor.transpose(0, 1))
-        } + mean;
-        Some(xi.reshape(shape))
+            z.matmul(&factor.transpose(0, 1)) + mean
+        }
     }
 
     /// Data parallel: sum the EMA statistics over these ranks (and take rank 0's restarts).

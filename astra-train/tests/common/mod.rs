@@ -42,3 +42,17 @@ pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
     let scale = b.abs().max().double_value(&[]).max(1e-6);
     (a - b).abs().max().double_value(&[]) / scale
 }
+
+/// ASTRA at inference for the decoder tests: one CLS mode, no training, no lost messages.
+pub fn inference<'a>(
+    p: &'a astra_train::models::DevicePartition,
+    vq: Option<&'a mut [astra_train::models::GroupedVq]>,
+) -> astra_train::models::Astra<'a> {
+    astra_train::models::Astra {
+        partition: p,
+        cls: astra_train::models::ClsMode::Single,
+        vq,
+        train: false,
+        link_loss: None,
+    }
+}
