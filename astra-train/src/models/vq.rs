@@ -171,16 +171,19 @@ impl GroupedVq {
     }
 
     fn quantize_fp32(&mut self, x: &Tensor, train: bool) -> Quantized {
-        let indices = self.encode(x);
+        // The content rows are usually a strided view of the block's input: copied once here
+        // for the search and the EMA statistics, which would each copy them otherwise.
+        let rows = x.detach().to_kind(Kind::Float).contiguous();
+        let indices = self.encode(&rows);
         let z = if train {
             self.draw_noise(&x.size())
         } else {
             None
         };
         let (x_hat, offset) = self.target_offset(x, &indices, z.as_ref());
-        let commitment = (x - x_hat.detach()).square().mean(Kind::Float);
+        let commitment = commitment_loss(x, &x_hat.detach());
         if train {
-            tch::no_grad(|| self.ema_update(x, &indices));
+            tch::no_grad(|| self.ema_update(&rows, &indices));
         }
         Quantized {
             value: x + offset.detach(),
@@ -625,6 +628,17 @@ pub fn check_codebooks(
     Ok(())
 }
 
+/// The commitment loss mean((X − X̂)²) (fp32), X̂ given without gradient. For fp32 X as ATen's
+/// mse_loss: one pass forward and one backward (the difference, its square and their gradients
+/// as separate ops take five); other kinds accumulate in fp32 as before.
+fn commitment_loss(x: &Tensor, x_hat: &Tensor) -> Tensor {
+    if x.kind() == Kind::Float && x_hat.kind() == Kind::Float {
+        x.mse_loss(x_hat, tch::Reduction::Mean)
+    } else {
+        (x - x_hat).square().mean(Kind::Float)
+    }
+}
+
 /// Rows [M, G, w] and codebook [G, K, w] (fp32) → [M, G] nearest-codeword indices: the fused
 /// kernel on CUDA where the batch fills the device, [`nearest_aten`] elsewhere (or where the
 /// kernels are off). Every exact search of the trainer goes through here.
@@ -696,6 +710,24 @@ mod tests {
     use astra_quant::{GroupedCodebook, NoiseModel};
     use ndarray::Array2;
     use tch::Device;
+
+    #[test]
+    fn commitment_loss_is_the_mean_squared_gap_with_its_gradient() {
+        tch::manual_seed(4);
+        for kind in [Kind::Float, Kind::Double] {
+            let x = Tensor::randn([3, 5, 8], (kind, Device::Cpu)).set_requires_grad(true);
+            let x_hat = Tensor::randn([3, 5, 8], (kind, Device::Cpu));
+            let loss = commitment_loss(&x, &x_hat);
+            assert_eq!(loss.kind(), Kind::Float, "{kind:?}");
+            let expected = (&x - &x_hat).square().mean(Kind::Float);
+            let gap = (&loss - &expected).abs().double_value(&[]);
+            assert!(gap < 1e-6, "{kind:?}: {gap}");
+            let g = Tensor::run_backward(&[loss], &[&x], false, false);
+            let want = (&x - &x_hat) * (2.0 / x.numel() as f64);
+            let gap = (&g[0] - want.to_kind(g[0].kind())).abs().max().double_value(&[]);
+            assert!(gap < 1e-7, "{kind:?} gradient: {gap}");
+        }
+    }
 
     /// A G-group codebook of K random codewords for D-wide rows, optionally with a noise model.
     fn quantizer(g: usize, k: usize, d: usize, noise: Option<NoiseModel>) -> BlockQuantizer {
