@@ -724,7 +724,10 @@ mod tests {
             assert!(gap < 1e-6, "{kind:?}: {gap}");
             let g = Tensor::run_backward(&[loss], &[&x], false, false);
             let want = (&x - &x_hat) * (2.0 / x.numel() as f64);
-            let gap = (&g[0] - want.to_kind(g[0].kind())).abs().max().double_value(&[]);
+            let gap = (&g[0] - want.to_kind(g[0].kind()))
+                .abs()
+                .max()
+                .double_value(&[]);
             assert!(gap < 1e-7, "{kind:?} gradient: {gap}");
         }
     }
