@@ -6,7 +6,7 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::fast_kv::CodewordKv;
-use super::layers::{activate, attend, Conv1D, Sight};
+use super::layers::{activate, attend, conv1d, Conv1D, Sight};
 use super::lm_head::LmHead;
 use super::mpa::Layout;
 use super::{Astra, AstraOutput, ClsMode};
@@ -63,7 +63,7 @@ impl GptBlock {
         let d = self.c_proj.weight.size()[0];
         let w = self.c_attn.weight.narrow(1, d, 2 * d);
         let b = self.c_attn.bias.narrow(0, d, 2 * d);
-        let kv = x.apply(&self.ln_1).matmul(&w) + b;
+        let kv = conv1d(&x.apply(&self.ln_1), &w, &b);
         (kv.narrow(2, 0, d), kv.narrow(2, d, d))
     }
 

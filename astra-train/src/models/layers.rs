@@ -116,8 +116,18 @@ impl nn::Module for Conv1D {
         if int8_linear::applies_to(x) {
             return int8(&self.packed, x, || (self.weight.tr(), Some(&self.bias)));
         }
-        x.matmul(&self.weight) + &self.bias
+        conv1d(x, &self.weight, &self.bias)
     }
+}
+
+/// `x` [.., in] · `w` [in, out] + `b` as HF's Conv1D computes it, one addmm: the bias is added in
+/// the GEMM, so under bf16 autocast the output stays bf16 (a matmul and a separate add of the
+/// fp32 bias would promote it to fp32 and cost a pass over it).
+pub fn conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+    let mut shape = x.size();
+    let width = shape.pop().expect("x has a last dimension");
+    shape.push(w.size()[1]);
+    b.addmm(&x.reshape([-1, width]), w).view(shape.as_slice())
 }
 
 /// HF activation names: "gelu" (exact), "gelu_new" (tanh approximation), "relu".
