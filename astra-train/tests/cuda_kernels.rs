@@ -253,14 +253,31 @@ fn code_stats_equal_the_two_index_adds() {
         return;
     };
     tch::manual_seed(4);
-    let (m, g, n, w) = (30_000, 32, 1024, 24);
-    let x = Tensor::randn([m, g, w], (Kind::Float, dev));
-    let idx = Tensor::randint(n, [m, g], (Kind::Int64, dev));
-    let (counts, sums) = cuda::ema::code_stats(&k, &x, &idx, n).unwrap();
-    let (c_ref, s_ref) = code_stats_aten(&x, &idx, n);
-    assert!(counts.equal(&c_ref), "counts differ");
-    let err = (&sums - &s_ref).abs().max().double_value(&[]);
-    assert!(err < 1e-4, "sums differ by {err}");
+    // ViT-B's groups (statistics in shared memory), a codebook too large for it (global
+    // atomics), ragged sizes, fewer rows than blocks, and rows that all pick one code.
+    for (m, g, n, w, one_code) in [
+        (30_000, 32, 1024, 24, false),
+        (5_000, 2, 8192, 24, false),
+        (1_001, 3, 100, 7, false),
+        (5, 4, 64, 3, false),
+        (4_000, 2, 256, 16, true),
+    ] {
+        let x = Tensor::randn([m, g, w], (Kind::Float, dev));
+        let idx = match one_code {
+            true => Tensor::full([m, g], n - 1, (Kind::Int64, dev)),
+            false => Tensor::randint(n, [m, g], (Kind::Int64, dev)),
+        };
+        let (counts, sums) = cuda::ema::code_stats(&k, &x, &idx, n).unwrap();
+        let (c_ref, s_ref) = code_stats_aten(&x, &idx, n);
+        let what = format!("M={m} G={g} K={n} W={w}");
+        assert!(counts.equal(&c_ref), "{what}: counts differ");
+        let err = (&sums - &s_ref).abs().max().double_value(&[]);
+        // fp32 sums of up to M values of N(0, 1), added in another order.
+        assert!(
+            err < 1e-5 * (m as f64).sqrt().max(10.0),
+            "{what}: sums differ by {err}"
+        );
+    }
 }
 
 #[test]
@@ -358,6 +375,20 @@ fn codeword_target_equals_the_aten_ops_bit_for_bit() {
         gap.double_value(&[]) == 0.0,
         "offsets differ by {gap:?}: not rounded as ATen"
     );
+    // The value X + offset written in place over a copy of the rows, as the training quantizer
+    // takes it: rounded as ATen's add of the offset.
+    let copy = x.contiguous().reshape([b * t, d]);
+    let x_hat_v = cuda::target::codeword_value_in_place(&k, &copy, &idx, &cb, Some(&nz)).unwrap();
+    assert!(
+        x_hat_v.reshape([b, t, d]).equal(&x_hat),
+        "codewords (value)"
+    );
+    let value = &x + &offset;
+    let gap = (copy.reshape([b, t, d]) - &value).abs().max();
+    assert!(
+        gap.double_value(&[]) == 0.0,
+        "values differ by {gap:?}: not rounded as ATen"
+    );
     // No noise, rows given as [M, D].
     let rows = x.reshape([b * t, d]);
     let (_, plain) = codeword_target(&k, &rows, &idx, &cb, None).unwrap();
@@ -390,7 +421,11 @@ fn a_training_quantize_step_is_the_same_with_and_without_kernels() {
         }),
     };
     // Content rows of a stream with one CLS slot in front: strided, as the models pass them.
-    let x = Tensor::randn([16, m / 16 + 1, g * w], (Kind::Float, dev)).narrow(1, 1, m / 16);
+    let stream = Tensor::randn([16, m / 16 + 1, g * w], (Kind::Float, dev)).set_requires_grad(true);
+    let x = stream.narrow(1, 1, m / 16);
+    let before = x.detach().copy();
+    let weights = Tensor::randn([m, g, w], (Kind::Float, dev));
+    // The step, and the gradient of the stream under a loss of the value and the commitment.
     let step = |kernels: bool| {
         cuda::set_enabled(kernels);
         let mut vq = GroupedVq::from_quantizer(&q, VqConfig::default(), dev);
@@ -398,25 +433,35 @@ fn a_training_quantize_step_is_the_same_with_and_without_kernels() {
         let out = vq.quantize(&x, true);
         cuda::set_enabled(true);
         let value = out.value.reshape([m, g, w]);
+        let loss = (&value * &weights).sum(Kind::Float) + &out.commitment * 1e3;
+        let grad = Tensor::run_backward(&[loss], &[&stream], false, false)
+            .remove(0)
+            .narrow(1, 1, m / 16)
+            .reshape([m, g, w]);
         (
             out.indices,
             vq.codebook.shallow_clone(),
-            out.commitment,
-            value,
+            out.commitment.detach(),
+            value.detach(),
+            grad,
         )
     };
-    let (i_k, cb_k, c_k, v_k) = step(true);
-    let (i_a, cb_a, c_a, v_a) = step(false);
-    // Same noise draw on both paths: where the searches agree, the values agree bit for bit.
+    let (i_k, cb_k, c_k, v_k, g_k) = step(true);
+    assert!(x.equal(&before), "the kernels wrote into x");
+    let (i_a, cb_a, c_a, v_a, g_a) = step(false);
+    // Same noise draw on both paths: where the searches agree, the values and the gradients
+    // (identity through the value, the commitment's through X̂) agree bit for bit.
     let same = i_k
         .reshape([m, g])
         .eq_tensor(&i_a.reshape([m, g]))
         .unsqueeze(-1);
-    let gap = (&v_k - &v_a)
-        .abs()
-        .where_self(&same, &v_k.zeros_like())
-        .max();
-    assert!(gap.double_value(&[]) == 0.0, "values differ by {gap:?}");
+    for (what, ours, aten) in [("values", &v_k, &v_a), ("gradients", &g_k, &g_a)] {
+        let gap = (ours - aten)
+            .abs()
+            .where_self(&same, &ours.zeros_like())
+            .max();
+        assert!(gap.double_value(&[]) == 0.0, "{what} differ by {gap:?}");
+    }
     let agree = i_k
         .eq_tensor(&i_a)
         .to_kind(Kind::Double)
@@ -427,6 +472,26 @@ fn a_training_quantize_step_is_the_same_with_and_without_kernels() {
     assert!(cb_err < 1e-3, "updated codebooks differ by {cb_err}");
     let c_err = (c_k - c_a).abs().double_value(&[]);
     assert!(c_err < 1e-4, "commitment losses differ by {c_err}");
+    // A contiguous X in evaluation: the kernel writes into a copy of it, never into X.
+    let xc = x.detach().contiguous();
+    let kept = xc.copy();
+    let eval = |kernels: bool| {
+        cuda::set_enabled(kernels);
+        let out = GroupedVq::from_quantizer(&q, VqConfig::default(), dev).quantize(&xc, false);
+        cuda::set_enabled(true);
+        (out.indices.reshape([m, g]), out.value.reshape([m, g, w]))
+    };
+    let ((i_k, v_k), (i_a, v_a)) = (eval(true), eval(false));
+    assert!(xc.equal(&kept), "the kernels wrote into a contiguous x");
+    let same = i_k.eq_tensor(&i_a).unsqueeze(-1);
+    let gap = (&v_k - &v_a)
+        .abs()
+        .where_self(&same, &v_k.zeros_like())
+        .max();
+    assert!(
+        gap.double_value(&[]) == 0.0,
+        "evaluation values differ by {gap:?}"
+    );
 }
 
 #[test]

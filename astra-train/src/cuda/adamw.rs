@@ -82,11 +82,7 @@ pub fn adamw_step(
     let (pp, pg, pm, pv, ps) = (ptr(params), ptr(grads), ptr(m), ptr(v), ptr(scale));
     // A grid-stride loop over enough blocks to fill the device several times over.
     let blocks = ((n + 255) / 256).min(16_384) as u32;
-    let cfg = cudarc::driver::LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = super::launch_config(blocks, 1, 256, 0);
     let mut launch = k.stream().launch_builder(&f);
     use cudarc::driver::PushKernelArg;
     launch

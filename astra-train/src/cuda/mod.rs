@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig};
 use tch::{Device, Kind, Tensor};
 
 /// Why a kernel could not be built or launched (one line).
@@ -208,6 +208,23 @@ impl Kernels {
         }
         Ok(())
     }
+}
+
+/// A launch of `blocks` × `groups` blocks (grid x, y) of `threads` threads with `smem` bytes of
+/// dynamic shared memory.
+pub(crate) fn launch_config(blocks: u32, groups: u32, threads: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks, groups, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+/// One thread per element of `total`, `threads` to a block (the caller has checked that the
+/// block count fits a grid).
+pub(crate) fn grid_1d(total: i64, threads: u32) -> LaunchConfig {
+    let t = threads as i64;
+    launch_config(((total + t - 1) / t) as u32, 1, threads, 0)
 }
 
 /// Every kernel source, for the check that they compile ([`ptx_of`]; no GPU needed).

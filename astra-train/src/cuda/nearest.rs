@@ -19,7 +19,7 @@ use tch::{Kind, Tensor};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, LaunchConfig};
 
-use super::{int, ptr, KernelError, Kernels, Source};
+use super::{int, launch_config, ptr, KernelError, Kernels, Source};
 
 pub(super) const SOURCE: Source = Source {
     name: "nearest_codeword",
@@ -587,7 +587,7 @@ pub fn nearest_codeword_with(
                 &TENSOR_CORE_SOURCE,
                 &format!("nearest_codeword_tf32x3_{steps}"),
             )?,
-            launch_config(blocks(rows_per_block(search, w)), g32, 128, 0),
+            launch_config(blocks(rows_per_block(search, w)), g32 as u32, 128, 0),
         ),
         Search::Fma => (
             k.function(
@@ -598,7 +598,7 @@ pub fn nearest_codeword_with(
                     "nearest_codeword"
                 },
             )?,
-            launch_config(blocks(ROWS_PER_BLOCK), g32, 256, 0),
+            launch_config(blocks(ROWS_PER_BLOCK), g32 as u32, 256, 0),
         ),
     };
     let mut launch = k.stream().launch_builder(&f);
@@ -615,14 +615,6 @@ pub fn nearest_codeword_with(
     // (x and codebook borrowed, out owned) until the launch is enqueued on libtorch's stream.
     unsafe { launch.launch(cfg) }.map_err(KernelError::from("launching nearest_codeword"))?;
     Ok(out)
-}
-
-fn launch_config(blocks: u32, groups: i32, threads: u32, smem: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks, groups as u32, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem,
-    }
 }
 
 /// The resident kernel's launch for [M, G, W, K]: as many blocks per group as fill the device
@@ -653,7 +645,7 @@ fn resident_launch(
     let per_group = (per_sm * k.multiprocessors() / g).clamp(1, (m + 15) / 16);
     Ok(launch_config(
         per_group as u32,
-        int("G", g)?,
+        int("G", g)? as u32,
         RESIDENT_THREADS,
         smem,
     ))
@@ -685,7 +677,7 @@ pub fn gather_codewords(
     let (g32, k32, w32) = (int("G", g)?, int("K", n)?, int("W", w)?);
     int("M·G·W / 256 blocks", total / 256)?;
     let (pc, pi, po) = (ptr(codebook), ptr(idx), ptr(&out));
-    let cfg = launch_config(((total + 255) / 256) as u32, 1, 256, 0);
+    let cfg = super::grid_1d(total, 256);
     let mut launch = k.stream().launch_builder(&f);
     use cudarc::driver::PushKernelArg;
     launch

@@ -130,11 +130,7 @@ pub fn softmax_xent_grad(
         let v32 = int("V", v)?;
         u32::try_from(c).map_err(|_| KernelError(format!("{c} rows do not fit a grid")))?;
         let (pl, pt, po, ph) = (ptr(logits), ptr(targets), ptr(&loss), ptr(&hit));
-        let cfg = cudarc::driver::LaunchConfig {
-            grid_dim: (c as u32, 1, 1),
-            block_dim: (512, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = super::launch_config(c as u32, 1, 512, 0);
         let mut launch = k.stream().launch_builder(&f);
         use cudarc::driver::PushKernelArg;
         launch

@@ -135,33 +135,7 @@ impl GroupedVq {
     }
     /// [.., G] indices → [.., D] codewords.
     pub fn decode(&self, idx: &Tensor) -> Tensor {
-        let shape = idx.size();
-        let (g, k, w) = (self.groups(), self.k(), self.codebook.size()[2]);
-        let mut out_shape = shape[..shape.len() - 1].to_vec();
-        out_shape.push(g * w);
-        if let Some(rows) = self.decode_kernel(idx) {
-            return rows.reshape(out_shape);
-        }
-        let offsets = Tensor::arange(g, (Kind::Int64, idx.device())) * k;
-        let flat_idx = (idx.reshape([-1, g]) + offsets.view([1, g])).reshape([-1]);
-        let rows = self.codebook.reshape([g * k, w]).index_select(0, &flat_idx);
-        rows.reshape(out_shape)
-    }
-
-    /// The decode as one CUDA kernel, where it applies: an fp32 codebook that needs no gradient
-    /// (the EMA codebook; a learned one keeps ATen's differentiable index_select).
-    fn decode_kernel(&self, idx: &Tensor) -> Option<Tensor> {
-        let cb = &self.codebook;
-        if cb.kind() != Kind::Float || cb.requires_grad() || idx.kind() != Kind::Int64 {
-            return None;
-        }
-        let k = crate::cuda::kernels(idx.device())?;
-        let idx = idx.reshape([-1, self.groups()]).contiguous();
-        crate::cuda::or_aten(crate::cuda::nearest::gather_codewords(
-            &k,
-            &cb.contiguous(),
-            &idx,
-        ))
+        decode_from(&self.codebook, idx)
     }
 
     /// Quantizes X. In training: NAQ noise on the codewords, the EMA codebook update, and the
@@ -171,6 +145,9 @@ impl GroupedVq {
     }
 
     fn quantize_fp32(&mut self, x: &Tensor, train: bool) -> Quantized {
+        if let Some(q) = self.quantize_in_place(x, train) {
+            return q;
+        }
         // The content rows are usually a strided view of the block's input: copied once here
         // for the search and the EMA statistics, which would each copy them otherwise.
         let rows = x.detach().to_kind(Kind::Float).contiguous();
@@ -180,7 +157,7 @@ impl GroupedVq {
         } else {
             None
         };
-        let (x_hat, offset) = self.target_offset(x, &indices, z.as_ref());
+        let (x_hat, offset) = self.target_offset(&self.codebook, x, &indices, z.as_ref());
         let commitment = commitment_loss(x, &x_hat.detach());
         if train {
             tch::no_grad(|| self.ema_update(&rows, &indices));
@@ -192,14 +169,71 @@ impl GroupedVq {
         }
     }
 
-    /// The codewords X̂ of `indices` and the straight-through offset (X̂ + λ·ξ) − X, ξ the NAQ
-    /// noise formed from the standard normal draw `z` (none without it): one kernel on CUDA
-    /// ([`crate::cuda::target`], equal bit for bit), else ATen ops.
-    fn target_offset(&self, x: &Tensor, indices: &Tensor, z: Option<&Tensor>) -> (Tensor, Tensor) {
-        if let Some(out) = self.target_offset_kernel(x, indices, z) {
+    /// The quantization on CUDA, where [`crate::cuda::target`]'s kernel applies (fp32 X, the EMA
+    /// codebook, no noise or diagonal noise): one copy of X, whose backward is the identity, is
+    /// what the search and the EMA statistics read; then the kernel overwrites it with the value
+    /// X + sg((X̂ + λ·ξ) − X), rounded as the ATen path's `x + offset`, so the copy carries the
+    /// straight-through gradient to X. The ATen path's offset tensor and its add (four passes
+    /// over [M, D] fp32) are gone. The same random draws in the same order as the ATen path
+    /// (z, then the EMA's restart picks), and the codewords of the search's codebook (the one
+    /// before the EMA update).
+    fn quantize_in_place(&mut self, x: &Tensor, train: bool) -> Option<Quantized> {
+        let cb = &self.codebook;
+        let full_noise = train && matches!(self.noise, Some((_, _, false)));
+        if cb.kind() != Kind::Float || cb.requires_grad() || x.kind() != Kind::Float || full_noise {
+            return None;
+        }
+        let kern = crate::cuda::kernels(x.device())?;
+        let value = fresh_copy(x);
+        let rows = value.detach();
+        let indices = self.encode(&rows);
+        let z = if train {
+            self.draw_noise(&x.size())
+        } else {
+            None
+        };
+        let codebook = self.codebook.shallow_clone();
+        if train {
+            tch::no_grad(|| self.ema_update(&rows, &indices));
+        }
+        let idx = indices.reshape([-1, self.groups()]).contiguous();
+        let written = crate::cuda::target::codeword_value_in_place(
+            &kern,
+            &rows,
+            &idx,
+            &codebook.contiguous(),
+            self.diagonal_noise(z.as_ref()).as_ref(),
+        );
+        let x_hat = match crate::cuda::or_aten(written) {
+            Some(x_hat) => x_hat.reshape(x.size()),
+            None => {
+                // The kernel did not launch: the ATen expressions, written into the copy.
+                let (x_hat, offset) = self.target_offset(&codebook, &rows, &indices, z.as_ref());
+                let _ = rows.shallow_clone().g_add_(&offset);
+                x_hat
+            }
+        };
+        Some(Quantized {
+            value,
+            commitment: commitment_loss(x, &x_hat),
+            indices,
+        })
+    }
+
+    /// The codewords X̂ of `indices` in `codebook` and the straight-through offset
+    /// (X̂ + λ·ξ) − X, ξ the NAQ noise formed from the standard normal draw `z` (none without
+    /// it): one kernel on CUDA ([`crate::cuda::target`], equal bit for bit), else ATen ops.
+    fn target_offset(
+        &self,
+        codebook: &Tensor,
+        x: &Tensor,
+        indices: &Tensor,
+        z: Option<&Tensor>,
+    ) -> (Tensor, Tensor) {
+        if let Some(out) = self.target_offset_kernel(codebook, x, indices, z) {
             return out;
         }
-        let x_hat = self.decode(indices).to_kind(x.kind());
+        let x_hat = decode_from(codebook, indices).to_kind(x.kind());
         let target = match z {
             Some(z) => {
                 let noise = self.noise_from(z).reshape(x.size()).to_kind(x.kind());
@@ -215,34 +249,45 @@ impl GroupedVq {
     /// no gradient) and no noise or diagonal noise (a full covariance keeps the ATen matmul).
     fn target_offset_kernel(
         &self,
+        codebook: &Tensor,
         x: &Tensor,
         indices: &Tensor,
         z: Option<&Tensor>,
     ) -> Option<(Tensor, Tensor)> {
-        let cb = &self.codebook;
-        if cb.kind() != Kind::Float || cb.requires_grad() || x.kind() != Kind::Float {
+        if codebook.kind() != Kind::Float || codebook.requires_grad() || x.kind() != Kind::Float {
             return None;
         }
         let k = crate::cuda::kernels(x.device())?;
-        let noise = match (z, &self.noise) {
-            (None, _) => None,
-            (Some(z), Some((mean, std, true))) => Some(crate::cuda::target::DiagonalNoise {
-                z,
-                scale: std,
-                shift: mean,
-                lambda: self.cfg.noise_lambda,
-            }),
-            (Some(_), _) => return None,
+        let noise = match z {
+            None => None,
+            Some(_) => Some(self.diagonal_noise(z)?),
         };
         let idx = indices.reshape([-1, self.groups()]).contiguous();
         let (x_hat, offset) = crate::cuda::or_aten(crate::cuda::target::codeword_target(
             &k,
             x,
             &idx,
-            &cb.contiguous(),
+            &codebook.contiguous(),
             noise.as_ref(),
         ))?;
         Some((x_hat.reshape(x.size()), offset.reshape(x.size())))
+    }
+
+    /// The kernels' form of the noise from draw `z`: None without a draw or with a full
+    /// covariance (which the kernels do not take).
+    fn diagonal_noise<'a>(
+        &'a self,
+        z: Option<&'a Tensor>,
+    ) -> Option<crate::cuda::target::DiagonalNoise<'a>> {
+        match (z, &self.noise) {
+            (Some(z), Some((mean, std, true))) => Some(crate::cuda::target::DiagonalNoise {
+                z,
+                scale: std,
+                shift: mean,
+                lambda: self.cfg.noise_lambda,
+            }),
+            _ => None,
+        }
     }
 
     /// NAQ noise of rows shaped `shape` (last dim D): None without a noise model or with λ = 0.
@@ -637,6 +682,46 @@ fn commitment_loss(x: &Tensor, x_hat: &Tensor) -> Tensor {
     } else {
         (x - x_hat).square().mean(Kind::Float)
     }
+}
+
+/// A copy of `x` in fresh contiguous memory whose backward is the identity (never `x` itself,
+/// which a kernel writing into the copy must not touch).
+fn fresh_copy(x: &Tensor) -> Tensor {
+    if x.is_contiguous() {
+        x.internal_to_copy((x.kind(), x.device()), false)
+    } else {
+        x.contiguous()
+    }
+}
+
+/// [.., G] indices → [.., D] codewords of `codebook` [G, K, w].
+fn decode_from(codebook: &Tensor, idx: &Tensor) -> Tensor {
+    let shape = idx.size();
+    let (g, k, w) = (codebook.size()[0], codebook.size()[1], codebook.size()[2]);
+    let mut out_shape = shape[..shape.len() - 1].to_vec();
+    out_shape.push(g * w);
+    if let Some(rows) = decode_kernel(codebook, idx) {
+        return rows.reshape(out_shape);
+    }
+    let offsets = Tensor::arange(g, (Kind::Int64, idx.device())) * k;
+    let flat_idx = (idx.reshape([-1, g]) + offsets.view([1, g])).reshape([-1]);
+    let rows = codebook.reshape([g * k, w]).index_select(0, &flat_idx);
+    rows.reshape(out_shape)
+}
+
+/// The decode as one CUDA kernel, where it applies: an fp32 codebook that needs no gradient (the
+/// EMA codebook; a learned one keeps ATen's differentiable index_select).
+fn decode_kernel(cb: &Tensor, idx: &Tensor) -> Option<Tensor> {
+    if cb.kind() != Kind::Float || cb.requires_grad() || idx.kind() != Kind::Int64 {
+        return None;
+    }
+    let k = crate::cuda::kernels(idx.device())?;
+    let idx = idx.reshape([-1, cb.size()[0]]).contiguous();
+    crate::cuda::or_aten(crate::cuda::nearest::gather_codewords(
+        &k,
+        &cb.contiguous(),
+        &idx,
+    ))
 }
 
 /// Rows [M, G, w] and codebook [G, K, w] (fp32) → [M, G] nearest-codeword indices: the fused
