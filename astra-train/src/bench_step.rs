@@ -402,6 +402,43 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
     Ok(rows)
 }
 
+/// The EMA statistics alone (per-code counts and sums of the ViT block's rows [M, G, W] under
+/// random indices), each scatter; ten launches per timing, so the launch and the synchronisation
+/// around them weigh a tenth.
+fn stats_parts(
+    kern: &crate::cuda::Kernels,
+    rows: &Tensor,
+    k: i64,
+    warmup: usize,
+    steps: usize,
+) -> Result<Vec<(String, f64)>> {
+    use crate::cuda::ema::{code_stats_with, Scatter};
+    let (m, g) = (rows.size()[0], rows.size()[1]);
+    let idx = Tensor::randint(k, [m, g], (Kind::Int64, rows.device()));
+    let mut out = Vec::new();
+    for (scatter, name) in [
+        (Scatter::Global, "global atomics"),
+        (Scatter::Shared, "shared memory first"),
+    ] {
+        let _ = code_stats_with(kern, rows, &idx, k, scatter).map_err(|e| {
+            crate::error::TrainError::Invalid {
+                what: format!("code statistics, {name}"),
+                reason: e.to_string(),
+            }
+        })?;
+        let ms = time_ms(rows.device(), warmup, steps, || {
+            for _ in 0..10 {
+                let _ = code_stats_with(kern, rows, &idx, k, scatter);
+            }
+        }) / 10.0;
+        out.push((
+            format!("  EMA statistics alone ({m} rows, G={g}, K={k}): {name}"),
+            ms,
+        ));
+    }
+    Ok(out)
+}
+
 /// The nearest-codeword search alone, each kernel that takes the groups (FMAs on CUDA cores;
 /// 3×TF32 on tensor cores), at the ViT block's rows and at GPT-2's training batch (8 × 1024 rows,
 /// the same groups).
@@ -433,7 +470,7 @@ fn search_parts(
             "tensor cores, 3×TF32, codebook resident",
         ));
     }
-    let mut rows = Vec::new();
+    let mut rows = stats_parts(kern, &vit_rows, k, warmup, steps)?;
     let vit = format!("ViT-B at batch {batch}, {} rows", vit_rows.size()[0]);
     for (what, x) in [
         (vit, &vit_rows),

@@ -249,6 +249,7 @@ fn exact_ties_go_to_the_lowest_index_and_nan_rows_to_zero() {
 
 #[test]
 fn code_stats_equal_the_two_index_adds() {
+    use cuda::ema::{code_stats_with, Scatter};
     let Some(Gpu { dev, k, .. }) = gpu() else {
         return;
     };
@@ -267,16 +268,16 @@ fn code_stats_equal_the_two_index_adds() {
             true => Tensor::full([m, g], n - 1, (Kind::Int64, dev)),
             false => Tensor::randint(n, [m, g], (Kind::Int64, dev)),
         };
-        let (counts, sums) = cuda::ema::code_stats(&k, &x, &idx, n).unwrap();
         let (c_ref, s_ref) = code_stats_aten(&x, &idx, n);
-        let what = format!("M={m} G={g} K={n} W={w}");
-        assert!(counts.equal(&c_ref), "{what}: counts differ");
-        let err = (&sums - &s_ref).abs().max().double_value(&[]);
-        // fp32 sums of up to M values of N(0, 1), added in another order.
-        assert!(
-            err < 1e-5 * (m as f64).sqrt().max(10.0),
-            "{what}: sums differ by {err}"
-        );
+        for scatter in [Scatter::Shared, Scatter::Global] {
+            let (counts, sums) = code_stats_with(&k, &x, &idx, n, scatter).unwrap();
+            let what = format!("M={m} G={g} K={n} W={w}, {scatter:?}");
+            assert!(counts.equal(&c_ref), "{what}: counts differ");
+            let err = (&sums - &s_ref).abs().max().double_value(&[]);
+            // fp32 sums of up to M values of N(0, 1), added in another order.
+            let bound = 1e-5 * (m as f64).sqrt().max(10.0);
+            assert!(err < bound, "{what}: sums differ by {err}");
+        }
     }
 }
 

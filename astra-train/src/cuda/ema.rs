@@ -223,6 +223,25 @@ pub fn code_stats(
     idx: &Tensor,
     codes: i64,
 ) -> Result<(Tensor, Tensor), KernelError> {
+    code_stats_with(k, x, idx, codes, Scatter::Shared)
+}
+
+/// Where [`code_stats_with`] adds: straight into global memory, or into a copy of each group's
+/// statistics in shared memory first (where they fit a block; global otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scatter {
+    Global,
+    Shared,
+}
+
+/// [`code_stats`] with the scatter chosen by the caller (tests and benchmarks compare them).
+pub fn code_stats_with(
+    k: &Kernels,
+    x: &Tensor,
+    idx: &Tensor,
+    codes: i64,
+    scatter: Scatter,
+) -> Result<(Tensor, Tensor), KernelError> {
     k.check("rows", x, Kind::Float)?;
     k.check("indices", idx, Kind::Int64)?;
     let xs = x.size();
@@ -240,7 +259,11 @@ pub fn code_stats(
         return Ok((counts, sums));
     }
     let (m32, g32, k32, w32) = (int("M", m)?, int("G", g)?, int("K", codes)?, int("W", w)?);
-    let (f, cfg) = match shared_launch(k, [m, g, w, codes])? {
+    let shared = match scatter {
+        Scatter::Shared => shared_launch(k, [m, g, w, codes])?,
+        Scatter::Global => None,
+    };
+    let (f, cfg) = match shared {
         Some(launch) => launch,
         None => {
             int("M·G·W / 256 blocks", total / 256)?;
