@@ -403,40 +403,31 @@ pub fn parts(b: &StepBench) -> Result<Vec<(String, f64)>> {
 }
 
 /// The EMA statistics alone (per-code counts and sums of the ViT block's rows [M, G, W] under
-/// random indices), each scatter; ten launches per timing, so the launch and the synchronisation
-/// around them weigh a tenth.
-fn stats_parts(
+/// random indices); ten launches per timing, so the launch and the synchronisation around them
+/// weigh a tenth.
+fn stats_part(
     kern: &crate::cuda::Kernels,
     rows: &Tensor,
     k: i64,
     warmup: usize,
     steps: usize,
-) -> Result<Vec<(String, f64)>> {
-    use crate::cuda::ema::{code_stats_with, Scatter};
+) -> Result<(String, f64)> {
+    use crate::cuda::ema::code_stats;
     let (m, g) = (rows.size()[0], rows.size()[1]);
     let idx = Tensor::randint(k, [m, g], (Kind::Int64, rows.device()));
-    let mut out = Vec::new();
-    for (scatter, name) in [
-        (Scatter::Global, "global atomics"),
-        (Scatter::Shared, "shared memory first"),
-    ] {
-        let _ = code_stats_with(kern, rows, &idx, k, scatter).map_err(|e| {
-            crate::error::TrainError::Invalid {
-                what: format!("code statistics, {name}"),
-                reason: e.to_string(),
-            }
-        })?;
-        let ms = time_ms(rows.device(), warmup, steps, || {
-            for _ in 0..10 {
-                let _ = code_stats_with(kern, rows, &idx, k, scatter);
-            }
-        }) / 10.0;
-        out.push((
-            format!("  EMA statistics alone ({m} rows, G={g}, K={k}): {name}"),
-            ms,
-        ));
-    }
-    Ok(out)
+    let _ = code_stats(kern, rows, &idx, k).map_err(|e| crate::error::TrainError::Invalid {
+        what: "code statistics".into(),
+        reason: e.to_string(),
+    })?;
+    let ms = time_ms(rows.device(), warmup, steps, || {
+        for _ in 0..10 {
+            let _ = code_stats(kern, rows, &idx, k);
+        }
+    }) / 10.0;
+    Ok((
+        format!("  EMA statistics alone ({m} rows, G={g}, K={k}; kernels)"),
+        ms,
+    ))
 }
 
 /// The nearest-codeword search alone, each kernel that takes the groups (FMAs on CUDA cores;
@@ -470,7 +461,7 @@ fn search_parts(
             "tensor cores, 3×TF32, codebook resident",
         ));
     }
-    let mut rows = stats_parts(kern, &vit_rows, k, warmup, steps)?;
+    let mut rows = vec![stats_part(kern, &vit_rows, k, warmup, steps)?];
     let vit = format!("ViT-B at batch {batch}, {} rows", vit_rows.size()[0]);
     for (what, x) in [
         (vit, &vit_rows),
