@@ -15,16 +15,15 @@ pub(super) const SOURCE: Source = Source {
     name: "code_stats",
     text: r#"
 // x [M, G, W] fp32, idx [M, G] int64 -> counts [G, K] += 1, sums [G, K, W] += x (both zeroed).
-// Row m is grid x; grid y and the block's threads cover its G W values (no 64-bit division).
 extern "C" __global__ void code_stats(const float* __restrict__ x, const long long* __restrict__ idx,
                                       float* __restrict__ counts, float* __restrict__ sums,
-                                      int G, int K, int W) {
-  const int j = blockIdx.y * blockDim.x + threadIdx.x;
-  if (j >= G * W) return;
-  const long long m = blockIdx.x;
-  const int g = j / W, w = j - g * W;
-  const long long slot = (long long)g * K + idx[m * G + g];
-  atomicAdd(&sums[slot * W + w], x[m * G * W + j]);
+                                      int M, int G, int K, int W) {
+  const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= (long long)M * G * W) return;
+  const long long mg = t / W;
+  const int w = (int)(t - mg * W), g = (int)(mg % G);
+  const long long slot = (long long)g * K + idx[mg];
+  atomicAdd(&sums[slot * W + w], x[t]);
   if (w == 0) atomicAdd(&counts[slot], 1.f);
 }
 
@@ -59,8 +58,8 @@ ema_step(const float* __restrict__ counts, const float* __restrict__ sums,
   __syncthreads();
   const float n = total, mean = __fmul_rn(n, inv_k), floor_ = __fmul_rn(mean, threshold);
   const float denominator = __fadd_rn(n, eps_k);
-  for (int e = threadIdx.x; e < K * W; e += blockDim.x) {  // K W < 2^31: checked by the caller
-    const int k = e / W, w = e - k * W;
+  for (long long e = threadIdx.x; e < (long long)K * W; e += blockDim.x) {
+    const int k = (int)(e / W), w = (int)(e - (long long)k * W);
     const float c = out_count[gk + k];  // this thread's own write or another's: after the barrier
     const long long at = (gk + k) * W + w;
     if (c < floor_) {
@@ -135,7 +134,6 @@ pub fn ema_step(
     }
     let f = k.function(&SOURCE, "ema_step")?;
     let (g32, k32, w32) = (int("G", g)?, int("K", n)?, int("W", w)?);
-    int("K·W", n * w)?;
     let floats = [
         cfg.decay as f32,
         (1.0 - cfg.decay) as f32,
@@ -189,13 +187,21 @@ pub fn code_stats(
         return Ok((counts, sums));
     }
     let f = k.function(&SOURCE, "code_stats")?;
-    let (g32, k32, w32) = (int("G", g)?, int("K", codes)?, int("W", w)?);
+    let (m32, g32, k32, w32) = (int("M", m)?, int("G", g)?, int("K", codes)?, int("W", w)?);
+    int("M·G·W / 256 blocks", total / 256)?;
     let (px, pi, pc, ps) = (ptr(x), ptr(idx), ptr(&counts), ptr(&sums));
-    let cfg = super::rows_grid(m, g * w, 256)?;
+    let cfg = super::grid_1d(total, 256);
     let mut launch = k.stream().launch_builder(&f);
     use cudarc::driver::PushKernelArg;
-    launch.arg(&px).arg(&pi).arg(&pc).arg(&ps);
-    launch.arg(&g32).arg(&k32).arg(&w32);
+    launch
+        .arg(&px)
+        .arg(&pi)
+        .arg(&pc)
+        .arg(&ps)
+        .arg(&m32)
+        .arg(&g32)
+        .arg(&k32)
+        .arg(&w32);
     // SAFETY: checked contiguous tensors on this device; indices are in 0..K (they come from the
     // nearest-codeword search over K codewords), so every slot is inside counts and sums.
     unsafe { launch.launch(cfg) }.map_err(KernelError::from("launching code_stats"))?;

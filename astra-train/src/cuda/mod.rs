@@ -220,17 +220,11 @@ pub(crate) fn launch_config(blocks: u32, groups: u32, threads: u32, smem: u32) -
     }
 }
 
-/// One thread per value of `rows` rows of `width` values: row r is grid x, grid y and `threads`
-/// threads a block cover its values (kernels then index without a 64-bit division).
-pub(crate) fn rows_grid(rows: i64, width: i64, threads: u32) -> Result<LaunchConfig, KernelError> {
+/// One thread per element of `total`, `threads` to a block (the caller has checked that the
+/// block count fits a grid).
+pub(crate) fn grid_1d(total: i64, threads: u32) -> LaunchConfig {
     let t = threads as i64;
-    let y = (width + t - 1) / t;
-    if rows > i32::MAX as i64 || y > 65_535 {
-        return Err(KernelError(format!(
-            "{rows} rows of {width} values do not fit a grid"
-        )));
-    }
-    Ok(launch_config(rows as u32, y as u32, threads, 0))
+    launch_config(((total + t - 1) / t) as u32, 1, threads, 0)
 }
 
 /// Every kernel source, for the check that they compile ([`ptx_of`]; no GPU needed).

@@ -183,18 +183,16 @@ nearest_codeword_narrow(const float* __restrict__ x, const float* __restrict__ c
 
 // Codewords of indices: out [M, G, W] = codebook[g, idx[m, g], :]. An index outside 0..K (which
 // the search never gives, but a caller's indices might) gives NaN rather than a stray read.
-// Row m is grid x; grid y and the block's threads cover its G W values: no 64-bit division (tens
-// of instructions a thread, which at ViT-B's 19 million values cost more than the memory traffic).
 extern "C" __global__ void gather_codewords(const float* __restrict__ cb,
                                             const long long* __restrict__ idx,
-                                            float* __restrict__ out, int G, int K, int W) {
-  const int j = blockIdx.y * blockDim.x + threadIdx.x;
-  if (j >= G * W) return;
-  const long long m = blockIdx.x;
-  const int g = j / W, w = j - g * W;
-  const long long c = idx[m * G + g];
-  out[m * G * W + j] =
-      (c >= 0 && c < K) ? cb[((long long)g * K + c) * W + w] : __int_as_float(0x7fc00000);
+                                            float* __restrict__ out, long long total, int G, int K,
+                                            int W) {
+  const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= total) return;
+  const long long mg = t / W;
+  const int w = (int)(t - mg * W), g = (int)(mg % G);
+  const long long c = idx[mg];
+  out[t] = (c >= 0 && c < K) ? cb[((long long)g * K + c) * W + w] : __int_as_float(0x7fc00000);
 }
 "#,
 };
@@ -677,14 +675,16 @@ pub fn gather_codewords(
     }
     let f = k.function(&SOURCE, "gather_codewords")?;
     let (g32, k32, w32) = (int("G", g)?, int("K", n)?, int("W", w)?);
+    int("M·G·W / 256 blocks", total / 256)?;
     let (pc, pi, po) = (ptr(codebook), ptr(idx), ptr(&out));
-    let cfg = super::rows_grid(m, g * w, 256)?;
+    let cfg = super::grid_1d(total, 256);
     let mut launch = k.stream().launch_builder(&f);
     use cudarc::driver::PushKernelArg;
     launch
         .arg(&pc)
         .arg(&pi)
         .arg(&po)
+        .arg(&total)
         .arg(&g32)
         .arg(&k32)
         .arg(&w32);

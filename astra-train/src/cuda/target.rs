@@ -28,16 +28,16 @@ extern "C" __global__ void codeword_target(const float* x,
                                            const float* __restrict__ scale,
                                            const float* __restrict__ shift, float lambda,
                                            float* __restrict__ x_hat, float* out, int value,
-                                           int T, long long sb, long long st, int G, int K,
-                                           int W) {
-  // Row m is grid x; grid y and the block's threads cover its D values: 32-bit divisions only
-  // (a 64-bit one costs tens of instructions a thread, more than this kernel's memory traffic).
-  const int D = G * W, c = blockIdx.y * blockDim.x + threadIdx.x;
-  if (c >= D) return;
-  const int m = blockIdx.x, g = c / W, w = c - g * W, b = m / T;
-  const long long t = (long long)m * D + c;
-  const float xv = x[b * sb + (long long)(m - b * T) * st + c];
-  const long long code = idx[(long long)m * G + g];
+                                           long long total, long long T, long long sb,
+                                           long long st, int G, int K, int W) {
+  const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= total) return;
+  const int D = G * W;
+  const long long m = t / D;
+  const int c = (int)(t - m * D), g = c / W, w = c - g * W;
+  const long long b = m / T;
+  const float xv = x[b * sb + (m - b * T) * st + c];
+  const long long code = idx[m * G + g];
   const float h = (code >= 0 && code < K) ? cb[((long long)g * K + code) * W + w]
                                           : __int_as_float(0x7fc00000);
   float target = h;
@@ -173,21 +173,26 @@ fn launch(
     let (xs, st) = rows_view(x);
     let f = k.function(&SOURCE, "codeword_target")?;
     let (g32, k32, w32) = (int("G", g)?, int("K", n)?, int("W", w)?);
-    let t32 = int("T", xs[1])?;
+    int("M·D / 256 blocks", total / 256)?;
     let (z, scale, shift, lambda) = match noise {
         Some(nz) => (ptr(nz.z), ptr(nz.scale), ptr(nz.shift), nz.lambda as f32),
         None => (0u64, 0u64, 0u64, 0f32),
     };
     let ptrs = [ptr(x), ptr(indices), ptr(codebook), z, scale, shift];
-    let cfg = super::rows_grid(xs[0] * xs[1], g * w, 256)?;
+    let cfg = super::grid_1d(total, 256);
     let mut launch = k.stream().launch_builder(&f);
     use cudarc::driver::PushKernelArg;
     for p in &ptrs {
         launch.arg(p);
     }
     let (po, pf, as_value) = (ptr(x_hat), ptr(out), value as i32);
-    launch.arg(&lambda).arg(&po).arg(&pf).arg(&as_value);
-    launch.arg(&t32).arg(&st[0]).arg(&st[1]);
+    launch
+        .arg(&lambda)
+        .arg(&po)
+        .arg(&pf)
+        .arg(&as_value)
+        .arg(&total);
+    launch.arg(&xs[1]).arg(&st[0]).arg(&st[1]);
     launch.arg(&g32).arg(&k32).arg(&w32);
     // SAFETY: x is fp32 on this device with unit stride along D and [B, T] rows addressed through
     // its own strides; indices, codebook and the noise tensors are checked contiguous and sized
