@@ -80,6 +80,12 @@ pub fn bf16_autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> Result<T> {
     Ok(out)
 }
 
+/// Whether CUDA autocast is on here (in bf16: the only type [`bf16_autocast`] sets).
+pub fn cuda_autocast_on() -> bool {
+    // SAFETY: see `hooks`.
+    hooks().is_ok_and(|h| unsafe { (h.is_enabled)(DEVICE_CUDA) })
+}
+
 /// Runs `f` with CUDA autocast off (restoring the previous state after). Nearest-codeword search
 /// needs fp32: under bf16 autocast ‖c‖² − 2·x·c keeps ~3 significant digits, so the argmin picks
 /// among near-ties at random and the EMA codebook drifts to the mean.

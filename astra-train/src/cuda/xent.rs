@@ -37,10 +37,10 @@ __device__ __forceinline__ Part merge(Part x, Part y) {
 
 template <typename T>
 __device__ void xent(T* logits, const long long* targets, float* loss, float* hit, int V,
-                     long long ignore) {
+                     long long stride, long long ignore) {
   __shared__ Part parts[32];
   const long long row = blockIdx.x;
-  T* x = logits + row * (long long)V;
+  T* x = logits + row * stride;
   Part p = {NEG_INF, 0.f, V};
   for (int j = threadIdx.x; j < V; j += blockDim.x) {
     float v = load(x, j);
@@ -84,20 +84,20 @@ __device__ void xent(T* logits, const long long* targets, float* loss, float* hi
 }
 
 extern "C" __global__ void xent_bf16(unsigned short* logits, const long long* targets, float* loss,
-                                     float* hit, int V, long long ignore) {
-  xent(logits, targets, loss, hit, V, ignore);
+                                     float* hit, int V, long long stride, long long ignore) {
+  xent(logits, targets, loss, hit, V, stride, ignore);
 }
 extern "C" __global__ void xent_f32(float* logits, const long long* targets, float* loss,
-                                    float* hit, int V, long long ignore) {
-  xent(logits, targets, loss, hit, V, ignore);
+                                    float* hit, int V, long long stride, long long ignore) {
+  xent(logits, targets, loss, hit, V, stride, ignore);
 }
 "#,
 };
 
 /// The kernel form of [`crate::models::lm_head::softmax_cross_entropy_grad`]: `logits` [C, V]
-/// (bf16 or fp32, contiguous) become softmax − one-hot (0 on ignored rows); returns (summed loss,
-/// hits) of the kept rows. A target neither in 0..V nor `ignore` makes its row's loss and
-/// gradient NaN.
+/// (bf16 or fp32; rows contiguous, any row stride ≥ V: a narrow of logits padded for aligned
+/// GEMMs) become softmax − one-hot (0 on ignored rows); returns (summed loss, hits) of the kept
+/// rows. A target neither in 0..V nor `ignore` makes its row's loss and gradient NaN.
 pub fn softmax_xent_grad(
     k: &Kernels,
     logits: &Tensor,
@@ -113,9 +113,8 @@ pub fn softmax_xent_grad(
             )))
         }
     };
-    k.check("logits", logits, logits.kind())?;
     k.check("targets", targets, Kind::Int64)?;
-    let s = logits.size();
+    let (s, st) = (logits.size(), logits.stride());
     if s.len() != 2 || targets.size() != s[..1] {
         return Err(KernelError(format!(
             "logits {s:?} and targets {:?} are not [C, V] and [C]",
@@ -123,6 +122,14 @@ pub fn softmax_xent_grad(
         )));
     }
     let (c, v) = (s[0], s[1]);
+    if logits.device() != targets.device() || st[1] != 1 || (c > 1 && st[0] < v) {
+        return Err(KernelError(format!(
+            "logits {s:?} with strides {st:?} on {:?}: rows must be contiguous, apart and beside \
+             the targets",
+            logits.device()
+        )));
+    }
+    let stride = st[0];
     let loss = Tensor::zeros([c], (Kind::Float, logits.device()));
     let hit = Tensor::zeros([c], (Kind::Float, logits.device()));
     if c > 0 {
@@ -139,9 +146,12 @@ pub fn softmax_xent_grad(
             .arg(&po)
             .arg(&ph)
             .arg(&v32)
+            .arg(&stride)
             .arg(&ignore);
-        // SAFETY: checked contiguous [C, V] logits and [C] targets on this device, one block per
-        // row; the kernel reads a row's target entry only when it lies in 0..V.
+        // SAFETY: checked [C, V] logits with contiguous rows `stride` apart (the first C − 1
+        // strides inside the tensor's storage, as a view of it) and [C] targets on the device
+        // of the targets, which `check` put on this one; one block per row, reading and writing
+        // its V entries only; a row's target entry is read only when it lies in 0..V.
         unsafe { launch.launch(cfg) }.map_err(KernelError::from("launching softmax_xent"))?;
     }
     Ok((loss.sum(Kind::Float), hit.sum(Kind::Float)))

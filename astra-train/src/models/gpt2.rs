@@ -6,7 +6,7 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::fast_kv::CodewordKv;
-use super::layers::{activate, attend, conv1d, Conv1D, Sight};
+use super::layers::{activate, attend, conv1d, stacked_rows, Conv1D, Sight};
 use super::lm_head::LmHead;
 use super::mpa::Layout;
 use super::{Astra, AstraOutput, ClsMode};
@@ -48,13 +48,23 @@ impl GptBlock {
     /// One block; keys are [x | quantized] when `quantized` is given, seen as `sight` says
     /// (`Sight::Causal`: plain causal attention).
     pub fn forward(&self, x: &Tensor, quantized: Option<&Tensor>, sight: Sight<'_>) -> Tensor {
-        let (q, mut k, mut v) = self.qkv(x);
-        if let Some(xq) = quantized {
-            let (kq, vq) = self.kv(xq);
-            k = Tensor::cat(&[k, kq], 1);
-            v = Tensor::cat(&[v, vq], 1);
-        }
+        let (q, k, v) = match quantized {
+            None => self.qkv(x),
+            Some(xq) => self.qkv_with(x, xq),
+        };
         self.finish(x, &q, &k, &v, sight)
+    }
+
+    /// Queries of `x` and keys and values of [x | xq]: the queries from the first third of
+    /// c_attn, the keys and values from its last two thirds in one GEMM over both rows (the
+    /// quantized copies are never queries; see stacked_rows).
+    fn qkv_with(&self, x: &Tensor, xq: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let d = self.c_proj.weight.size()[0];
+        let (w, b) = (&self.c_attn.weight, &self.c_attn.bias);
+        let (h, rows) = stacked_rows(&x.apply(&self.ln_1), &xq.apply(&self.ln_1));
+        let q = conv1d(&h, &w.narrow(1, 0, d), &b.narrow(0, 0, d));
+        let kv = conv1d(&rows, &w.narrow(1, d, 2 * d), &b.narrow(0, d, 2 * d));
+        (q, kv.narrow(2, 0, d), kv.narrow(2, d, d))
     }
 
     /// Keys and values only (the quantized copies are never queries): the last two thirds of

@@ -5,7 +5,7 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::fast_kv::CodewordKv;
-use super::layers::{activate, attend, linear, linears, Linear, Sight};
+use super::layers::{activate, attend, linear, linears, stacked_rows, Linear, Sight};
 use super::mpa::Layout;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::ViTConfig;
@@ -61,13 +61,15 @@ impl VitBlock {
     /// view of one device: x = its local tokens, X̃ = the other devices' tokens).
     pub fn forward(&self, x: &Tensor, quantized: Option<&Tensor>, sight: Sight<'_>) -> Tensor {
         let h = x.apply(&self.ln_before);
-        let [q, mut k, mut v] = linears(&h, [&self.query, &self.key, &self.value]);
-        if let Some(xq) = quantized {
-            let hq = xq.apply(&self.ln_before);
-            let [kq, vq] = linears(&hq, [&self.key, &self.value]);
-            k = Tensor::cat(&[k, kq], 1);
-            v = Tensor::cat(&[v, vq], 1);
-        }
+        let [q, k, v] = match quantized {
+            None => linears(&h, [&self.query, &self.key, &self.value]),
+            Some(xq) => {
+                // Keys and values of [x | X̃] from one GEMM over both rows (see stacked_rows).
+                let (h, rows) = stacked_rows(&h, &xq.apply(&self.ln_before));
+                let [k, v] = linears(&rows, [&self.key, &self.value]);
+                [h.apply(&self.query), k, v]
+            }
+        };
         let x = x + attend(&q, &k, &v, self.heads, sight).apply(&self.out);
         let h = x.apply(&self.ln_after);
         &x + activate(&h.apply(&self.fc1), &self.act).apply(&self.fc2)
