@@ -616,10 +616,19 @@ fn softmax_cross_entropy_kernel_equals_aten() {
     padded.narrow(1, 0, v).copy_(&logits);
     let (l1, h1) = cuda::xent::softmax_xent_grad(&k, &padded.narrow(1, 0, v), &y, -100).unwrap();
     let (l2, h2) = cuda::xent::softmax_xent_grad(&k, &logits, &y, -100).unwrap();
-    assert!(l1.equal(&l2) && h1.equal(&h2), "padded rows: {l1:?} vs {l2:?}");
-    assert!(padded.narrow(1, 0, v).equal(&logits), "padded rows' gradients");
+    assert!(
+        l1.equal(&l2) && h1.equal(&h2),
+        "padded rows: {l1:?} vs {l2:?}"
+    );
+    assert!(
+        padded.narrow(1, 0, v).equal(&logits),
+        "padded rows' gradients"
+    );
     let pad = padded.narrow(1, v, 47);
-    assert!(pad.eq(7.0).all().int64_value(&[]) == 1, "the padding was written");
+    assert!(
+        pad.eq(7.0).all().int64_value(&[]) == 1,
+        "the padding was written"
+    );
     let bad = Tensor::from_slice(&[3i64, v + 5]).to_device(dev);
     let logits = Tensor::randn([2, v], (Kind::Float, dev));
     let (l, _) = cuda::xent::softmax_xent_grad(&k, &logits, &bad, -100).unwrap();
