@@ -86,6 +86,16 @@ pub fn cuda_autocast_on() -> bool {
     hooks().is_ok_and(|h| unsafe { (h.is_enabled)(DEVICE_CUDA) })
 }
 
+/// The type a GEMM would cast `t` to here: bf16 for an fp32 CUDA tensor under autocast, its own
+/// type otherwise (for operands made once instead of cast at every GEMM).
+pub fn gemm_kind(t: &tch::Tensor) -> tch::Kind {
+    if t.device().is_cuda() && t.kind() == tch::Kind::Float && cuda_autocast_on() {
+        tch::Kind::BFloat16
+    } else {
+        t.kind()
+    }
+}
+
 /// Runs `f` with CUDA autocast off (restoring the previous state after). Nearest-codeword search
 /// needs fp32: under bf16 autocast ‖c‖² − 2·x·c keeps ~3 significant digits, so the argmin picks
 /// among near-ties at random and the EMA codebook drifts to the mean.

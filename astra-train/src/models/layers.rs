@@ -79,16 +79,7 @@ pub fn fused_linears<const N: usize>(x: &Tensor, layers: [&Linear; N]) -> Option
 /// them after two GEMMs copied strided views of the GEMMs' outputs with ATen's unvectorized cat
 /// (four a block with the backward's: 0.54 of a ViT-B block's 6.9 ms on an H200).
 pub fn stacked_rows(a: &Tensor, b: &Tensor) -> (Tensor, Tensor) {
-    let for_gemm = |t: &Tensor| {
-        if t.device().is_cuda()
-            && t.kind() == tch::Kind::Float
-            && crate::precision::cuda_autocast_on()
-        {
-            t.to_kind(tch::Kind::BFloat16)
-        } else {
-            t.shallow_clone()
-        }
-    };
+    let for_gemm = |t: &Tensor| t.to_kind(crate::precision::gemm_kind(t));
     let a = for_gemm(a);
     let rows = Tensor::cat(&[&a, &for_gemm(b)], 1);
     (a, rows)

@@ -111,12 +111,7 @@ fn padded_weight(w: &Tensor) -> Tensor {
     if crate::cuda::kernels(w.device()).is_none() || padded == v {
         return w.shallow_clone();
     }
-    let kind = if crate::precision::cuda_autocast_on() {
-        Kind::BFloat16
-    } else {
-        w.kind()
-    };
-    let wp = Tensor::zeros([padded, d], (kind, w.device()));
+    let wp = Tensor::zeros([padded, d], (crate::precision::gemm_kind(w), w.device()));
     wp.narrow(0, 0, v).copy_(w);
     wp
 }
