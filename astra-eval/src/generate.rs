@@ -246,6 +246,7 @@ fn over_runtime(
         device: "cpu".into(),
         threads: 0,
         pin_cores: false,
+        bind_threads: false,
         input,
         out: tmp.path().join("logits.npy"),
         single_cls: false,
