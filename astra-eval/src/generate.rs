@@ -246,7 +246,6 @@ fn over_runtime(
         device: "cpu".into(),
         threads: 0,
         pin_cores: false,
-        bind_threads: false,
         input,
         out: tmp.path().join("logits.npy"),
         single_cls: false,

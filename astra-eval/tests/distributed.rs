@@ -670,10 +670,6 @@ fn user_space_shaping_paces_every_uplink_without_root() {
             "{s}"
         );
         assert!(Tensor::read_npy(&pinned).unwrap().equal(&b));
-        // Their libtorch threads bound one per core too: the same numbers, and said so.
-        let (_, s) = two_workers(&[&pin[..], &["--bind-threads"]].concat(), &pinned);
-        assert_eq!(s["threads_bound"], serde_json::json!(true), "{s}");
-        assert!(Tensor::read_npy(&pinned).unwrap().equal(&b));
     } else {
         let args = [&["distributed", "--model", &m, "--devices", "2"], &pin[..]].concat();
         let o = eval(

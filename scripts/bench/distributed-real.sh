@@ -23,8 +23,7 @@
 # GPT2_TOKENS, LLAMA_TOKENS (none), MBPS ("10 50 100"), SP_MBPS (MBPS), VQ_GROUPS ("1 16 32"; bash
 # reserves GROUPS), MULTICAST_GROUPS ("16 32"; "" for none), SHAPER (kernel as root, else user),
 # WORKER_DEVICE (cpu; cuda puts every worker on the one GPU), BIN (target/release, built here),
-# PIN (0; 1 pins each worker, and the single device, to THREADS cores of its own: --pin-cores;
-# 2 also binds each of their libtorch threads to one of those cores: --bind-threads),
+# PIN (0; 1 pins each worker, and the single device, to THREADS cores of its own: --pin-cores),
 # PYTHON, MEASURE (1; 0 only predicts and tabulates the runs OUT_DIR holds, e.g. after a cut run),
 # IDLE_SPINNERS (0; 1 keeps every core of the box busy at the lowest priority, SCHED_IDLE, while
 # the runs are measured: a worker's cores then never halt while it waits, which on a VM guest
@@ -48,12 +47,7 @@ read -r -a llama_tokens <<<"${LLAMA_TOKENS:-}"
 shaper=${SHAPER:-$([[ $(id -u) == 0 ]] && echo kernel || echo user)}
 worker_device=${WORKER_DEVICE:-cpu}
 pin_args=()
-case ${PIN:-0} in
-  0) ;;
-  1) pin_args=(--pin-cores) ;;
-  2) pin_args=(--pin-cores --bind-threads) ;;
-  *) echo "distributed-real.sh: PIN must be 0, 1 or 2, got '$PIN'" >&2; exit 1 ;;
-esac
+[[ ${PIN:-0} == 1 ]] && pin_args=(--pin-cores)
 py=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 mkdir -p "$out"
 case $shaper in

@@ -33,11 +33,8 @@ def main() -> None:
         else f"every worker on the one GPU ({device}), the single device too"
     )
     single_json = out / f"{prefix}{tokens[0]}-n{n}-single.json"
-    single_summary = json.loads(single_json.read_text()) if single_json.exists() else {}
-    if device == "cpu" and single_summary.get("pinned_cores"):
+    if device == "cpu" and single_json.exists() and json.loads(single_json.read_text()).get("pinned_cores"):
         where += ", each pinned to cores of its own (`--pin-cores`)"
-        if single_summary.get("threads_bound"):
-            where += ", its libtorch threads bound one per core (`--bind-threads`)"
     print(f"### N = {n}\n")
     print(f"{where}; uplinks shaped by {shaped}; batch 1, median of the timed runs.\n")
     print(

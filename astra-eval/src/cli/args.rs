@@ -186,11 +186,6 @@ pub struct DistributedArgs {
     /// cores), as N separate devices would each have theirs; the single device likewise.
     #[arg(long)]
     pub pin_cores: bool,
-    /// With --pin-cores: also bind each of a worker's libtorch (OpenMP) threads to one core of
-    /// its share (OMP_PLACES/OMP_PROC_BIND), so two of them never share a core while the
-    /// runtime's reader and sender threads come and go; those float over the share.
-    #[arg(long, requires = "pin_cores")]
-    pub bind_threads: bool,
     /// Where each worker computes: cpu, cuda or cuda:N (local workers all share that GPU;
     /// indices and embeddings still travel through the workers' sockets).
     #[arg(long, default_value = "cpu")]

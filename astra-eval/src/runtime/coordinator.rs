@@ -120,9 +120,6 @@ pub struct Summary {
     /// `--pin-cores`: the cores each worker was pinned to, by rank (absent: not pinned).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pinned_cores: Vec<Vec<usize>>,
-    /// Each worker's libtorch threads were bound one per core of its share (`--bind-threads`).
-    #[serde(default)]
-    pub threads_bound: bool,
     pub runs_ms: Vec<f64>,
     pub median_ms: f64,
     /// Per worker (median run): ms computing and ms waiting for peers.
@@ -180,7 +177,6 @@ fn start_local(
     a: &DistributedRun<'_>,
     session: &str,
     namespaces: Option<&[(String, String)]>,
-    pinned: &[Vec<usize>],
     workers: &mut Workers,
 ) -> Result<WorkerLinks> {
     let exe = std::env::current_exe()?;
@@ -196,11 +192,6 @@ fn start_local(
             None => (None, "127.0.0.1:0".to_string()),
         };
         let mut cmd = astra_sim::live::command_in(ns, &exe);
-        if let (true, Some(cores)) = (a.args.bind_threads, pinned.get(r)) {
-            // OpenMP reads these when libtorch loads, before the worker's first line runs.
-            cmd.env("OMP_PLACES", super::cores::omp_places(cores))
-                .env("OMP_PROC_BIND", "close");
-        }
         let mut c = cmd
             .args(["worker", "--stdio", "--listen", &listen])
             .env(super::SESSION_ENV, session)
@@ -388,7 +379,7 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
     let pinned = pinned_cores(a, threads)?;
     let session = session(a)?;
     let mut workers = Workers(Vec::new());
-    let (mut links, _namespaces, network) = bring_up(a, &session, &pinned, &mut workers)?;
+    let (mut links, _namespaces, network) = bring_up(a, &session, &mut workers)?;
     send_plans(a, &mut links, &session, threads, &pinned)?;
     let blocks = model.layers() as usize;
     let (runs_ms, results) = timed_runs(a, &mut links, blocks)?;
@@ -419,7 +410,6 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
         network,
         threads_per_worker: threads,
         pinned_cores: pinned,
-        threads_bound: a.args.bind_threads,
         median_ms: m,
         compute_ms: run.timings.iter().map(|t| sum(t, 0) + sum(t, 2)).collect(),
         wait_ms: run.timings.iter().map(|t| sum(t, 1)).collect(),
@@ -554,18 +544,17 @@ fn session(a: &DistributedRun<'_>) -> Result<String> {
 fn bring_up(
     a: &DistributedRun<'_>,
     session: &str,
-    pinned: &[Vec<usize>],
     workers: &mut Workers,
 ) -> Result<(WorkerLinks, Option<astra_sim::live::Namespaces>, String)> {
     if !a.args.workers.is_empty() {
         return Ok((connect_remote(a)?, None, "remote workers".to_string()));
     }
     let Some(l) = &a.args.links else {
-        let links = start_local(a, session, None, pinned, workers)?;
+        let links = start_local(a, session, None, workers)?;
         return Ok((links, None, "loopback".to_string()));
     };
     if a.user_shaping {
-        let links = start_local(a, session, None, pinned, workers)?;
+        let links = start_local(a, session, None, workers)?;
         let desc = format!("{} (shaped in user space)", link_description(l, true));
         return Ok((links, None, desc));
     }
@@ -585,7 +574,7 @@ fn bring_up(
         l,
     )?;
     let desc = link_description(l, up.netem);
-    let started = start_local(a, session, Some(&up.devices), pinned, workers)?;
+    let started = start_local(a, session, Some(&up.devices), workers)?;
     Ok((started, Some(up.namespaces), desc))
 }
 
@@ -647,7 +636,6 @@ fn send_plans(
             loss_grace_ms: a.args.loss_grace_ms,
             device: a.args.device.clone(),
             cores: pinned.get(r).cloned().unwrap_or_default(),
-            bind_threads: a.args.bind_threads,
         };
         let hello = Frame::Hello {
             session: session.into(),

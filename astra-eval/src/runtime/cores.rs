@@ -32,14 +32,6 @@ pub fn share(allowed: &[usize], devices: usize, threads: usize, rank: usize) -> 
     Ok(allowed[rank * threads..(rank + 1) * threads].to_vec())
 }
 
-/// OMP_PLACES for `cores`: one place per core, in order ("{4},{5},{6},{7}"). With
-/// OMP_PROC_BIND=close, OpenMP binds the initial thread to the first place when it loads and each
-/// thread of its team to the next places.
-pub fn omp_places(cores: &[usize]) -> String {
-    let places: Vec<String> = cores.iter().map(|c| format!("{{{c}}}")).collect();
-    places.join(",")
-}
-
 /// Pins the calling thread, and so every thread it starts afterwards (libtorch's pool, the
 /// readers), to `cores`.
 pub fn pin(cores: &[usize]) -> Result<()> {
@@ -84,12 +76,6 @@ mod tests {
             "{e}"
         );
         assert!(share(&allowed, 1, 0, 0).is_err());
-    }
-
-    #[test]
-    fn omp_places_list_one_core_per_place() {
-        assert_eq!(omp_places(&[4, 5, 6, 7]), "{4},{5},{6},{7}");
-        assert_eq!(omp_places(&[0]), "{0}");
     }
 
     #[test]

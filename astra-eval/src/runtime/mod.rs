@@ -112,10 +112,6 @@ pub struct Plan {
     /// Cores to pin the worker to before it starts any thread (empty: not pinned).
     #[serde(default)]
     pub cores: Vec<usize>,
-    /// libtorch's threads are bound one per core (the coordinator set OMP_PLACES for this
-    /// process): the worker's own thread goes back to the first core once its helpers started.
-    #[serde(default)]
-    pub bind_threads: bool,
 }
 
 impl Plan {

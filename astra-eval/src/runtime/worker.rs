@@ -164,11 +164,6 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         Duration::from_millis(plan.startup_ms),
     )?;
     let mut out = outbound(plan, &dev, &streams, session, tx)?;
-    if plan.bind_threads && !plan.cores.is_empty() {
-        // OpenMP bound this thread to the first core (and its team to the others) when libtorch
-        // loaded; the pinning above widened it so the readers and senders could float.
-        super::cores::pin(&plan.cores[..1])?;
-    }
     control.send(&Frame::Ready { rank: plan.rank })?;
     // The decoding device keeps what its cache needs from each prefill (refused with the lossy
     // transport: a lost message would leave a hole in its cache).
