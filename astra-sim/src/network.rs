@@ -53,10 +53,12 @@ pub struct Network {
     pub loss: f64,
     /// Compute-time multiplier per device (1 = the profiled device); one value applies to all.
     pub slowdown: Vec<f64>,
-    /// Token-bucket credit (bits) of a shaped uplink that was idle before an exchange: the first
-    /// `burst_bits` of each sender's round leave at line rate (a token-bucket shaper such as tc htb/tbf). 0 for a plain link.
-    /// An eager send (or multicast) gets the credit its bucket refilled while the uplink was idle
-    /// since its last message, at most `burst_bits`.
+    /// Token-bucket depth (bits) of a shaped uplink (tc htb/tbf, astra-eval's user-space shaper);
+    /// 0 for a plain link. A collective's round gets a full bucket: its first `burst_bits` leave
+    /// at once. Eager sends (and multicasts) go through the bucket as the shapers run it (the
+    /// generic cell rate algorithm): it refills at the link rate up to `burst_bits`, and what a
+    /// message does not find in it leaves at the rate; messages smaller than what is left leave
+    /// at once, however many follow each other.
     #[serde(default)]
     pub burst_bits: f64,
 }
@@ -408,8 +410,10 @@ struct Clocks<'a> {
     pc: Vec<usize>,
     compute_free: Vec<f64>,
     nic_free: Vec<f64>,
-    /// When each device's uplink last finished sending (its token bucket refills from then).
-    sent_until: Vec<f64>,
+    /// Per device, its uplink's theoretical arrival time (GCRA, as the shapers keep it): when
+    /// everything given to the uplink would have left at the rate. At time t its bucket holds
+    /// `burst - (tat - t)·rate` bits (full once t ≥ tat).
+    tat: Vec<f64>,
     arrived: Vec<Option<f64>>,
 }
 
@@ -432,7 +436,7 @@ impl<'a> Clocks<'a> {
             pc: vec![0; n],
             compute_free: vec![0.0; n],
             nic_free: vec![0.0; n],
-            sent_until: vec![f64::NEG_INFINITY; n],
+            tat: vec![f64::NEG_INFINITY; n],
             arrived: vec![None; run.collectives.len()],
         }
     }
@@ -506,14 +510,16 @@ impl<'a> Clocks<'a> {
         let ready = self.ready(d, i);
         let end = if info.members[0].0 == d {
             let start = ready.max(self.nic_engine(d));
-            // The token bucket refilled at the link rate while the uplink was idle.
-            let credit =
-                ((start - self.sent_until[d]) * self.rate[d]).clamp(0.0, self.net.burst_bits);
             let bits = self.run.ops[d][i].bits as f64 * self.inflate;
-            let end = start + self.net.alpha_ms + (bits - credit).max(0.0) / self.rate[d];
+            // The token bucket (GCRA): the message's last bit leaves once the bucket had room.
+            let rate = self.rate[d];
+            self.tat[d] = self.tat[d].max(start) + bits / rate;
+            let leaves = start.max(self.tat[d] - self.net.burst_bits / rate);
+            // α is latency (the sender's and receiver's per-message handling, the wire's delay),
+            // not uplink time: the next message may leave meanwhile.
+            let end = leaves + self.net.alpha_ms;
             self.arrived[c] = Some(end);
-            self.nic_free[d] = end;
-            self.sent_until[d] = end;
+            self.nic_free[d] = leaves;
             end
         } else {
             let Some(at) = self.arrived[c] else {
@@ -548,7 +554,8 @@ impl<'a> Clocks<'a> {
         for &(p, j) in &info.members {
             self.finish[p][j] = end;
             self.nic_free[p] = end;
-            self.sent_until[p] = end;
+            // The round emptied the bucket.
+            self.tat[p] = end + self.net.burst_bits / self.rate[p];
             if !self.net.overlap {
                 self.compute_free[p] = end;
             }
@@ -692,6 +699,44 @@ mod tests {
         // The uplink was idle 250 ms after b: half the bucket back (2^18 bits); c takes 750 ms.
         let r = CompiledRun::new(&busy).unwrap();
         assert!((r.simulate(&net).unwrap().latency_ms - 2500.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn small_messages_back_to_back_share_what_is_left_in_the_bucket() {
+        use crate::trace::OpKind;
+        // Over a 1 Mbit/s uplink with a 2^19-bit bucket (500 ms of the link), device 0 sends
+        // three messages of 2^17 bits, one per peer, back to back (as a worker sends a block's
+        // indices): together they fit in the full bucket and all arrive at once. A fourth of 2^19
+        // bits then finds 2^17 bits left: it arrives 375 ms later.
+        let send = |id: u32, to: u32, bits: u64| Op {
+            id,
+            kind: OpKind::Send(Comm {
+                bits,
+                peers: vec![0, to],
+                tag: format!("m{id}"),
+            }),
+            deps: Some(vec![]),
+        };
+        let small = 1u64 << 17;
+        let mut programs = vec![
+            vec![send(0, 1, small), send(1, 2, small), send(2, 3, small)],
+            vec![send(0, 1, small)],
+            vec![send(1, 2, small)],
+            vec![send(2, 3, small)],
+        ];
+        let run = |programs: &Vec<Vec<Op>>| Run {
+            method: Method::Sp,
+            devices: 4,
+            tokens: 4,
+            programs: programs.clone(),
+        };
+        let mut net = Network::alpha_beta(1.0, 0.0, Algorithm::Direct, true);
+        net.burst_bits = (1 << 19) as f64;
+        let latency = |r: &Run| CompiledRun::new(r).unwrap().simulate(&net).unwrap().latency_ms;
+        assert!(latency(&run(&programs)).abs() < 1e-6);
+        programs[0].push(send(3, 1, 1 << 19));
+        programs[1].push(send(3, 1, 1 << 19));
+        assert!((latency(&run(&programs)) - 375.0).abs() < 1e-6);
     }
 
     #[test]
