@@ -362,7 +362,7 @@ impl CompiledRun {
         let max_over =
             |f: &dyn Fn(usize, f64) -> f64| m.iter().map(|&(p, b)| f(p, b)).fold(0.0, f64::max);
         match info.kind {
-            // Eager: priced by `Clocks::send` with the credit its uplink's bucket refilled.
+            // Eager: priced by `Clocks::send`, through its uplink's token bucket.
             Collective::Send | Collective::Multicast => {
                 unreachable!("sends and multicasts are scheduled by Clocks::send")
             }

@@ -26,7 +26,7 @@ pub struct Grid {
     pub loss: Vec<f64>,
     /// Per-device compute multipliers applied to every configuration (empty = all 1).
     pub slowdown: Vec<f64>,
-    /// Token-bucket credit of shaped uplinks (bits, alpha-beta; 0: plain links).
+    /// Token-bucket depth of shaped uplinks (bits, alpha-beta; 0: plain links).
     pub burst_bits: f64,
 }
 

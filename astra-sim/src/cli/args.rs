@@ -208,9 +208,9 @@ pub struct SweepArgs {
     /// Per-device compute slowdowns, e.g. 1,1,1.5,2 (heterogeneous devices); one value or one per device.
     #[arg(long)]
     pub slowdown: Option<String>,
-    /// Token-bucket depth of shaped uplinks in bits (alpha-beta): a send that finds its uplink
-    /// idle leaves up to this much at line rate, refilled at the link rate while idle (tc's
-    /// burst; astra-eval's user-space shaper: 3,028 bytes = 24224). 0: plain links.
+    /// Token-bucket depth of shaped uplinks in bits (alpha-beta): sends leave at once while the
+    /// bucket holds them, the rest at the link rate; it refills at the link rate (tc's burst;
+    /// astra-eval's user-space shaper: 3,028 bytes = 24224). 0: plain links.
     #[arg(long, default_value_t = 0.0)]
     pub burst_bits: f64,
     /// Compute source: paper-1660ti, a profile CSV, or analytic:TFLOPS:GBPS[:EFFICIENCY].
