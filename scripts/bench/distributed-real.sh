@@ -22,7 +22,10 @@
 # RUNS (3, median) and WARMUP (1), SP_RUNS/SP_WARMUP (RUNS/WARMUP), TOKENS ("256 1024"),
 # GPT2_TOKENS, LLAMA_TOKENS (none), MBPS ("10 50 100"), SP_MBPS (MBPS), VQ_GROUPS ("1 16 32"; bash
 # reserves GROUPS), MULTICAST_GROUPS ("16 32"; "" for none), SHAPER (kernel as root, else user),
-# WORKER_DEVICE (cpu; cuda puts every worker on the one GPU), BIN (target/release, built here),
+# WORKER_DEVICE (cpu; cuda puts every worker on the one GPU), MPS (0; 1 with WORKER_DEVICE=cuda
+# runs the workers under a private CUDA MPS control daemon started for the runs and quit after, so
+# their kernels share the GPU at once instead of time-slicing it; needs nvidia-cuda-mps-control),
+# BIN (target/release, built here),
 # PIN (0; 1 pins each worker, and the single device, to THREADS cores of its own: --pin-cores),
 # PYTHON, MEASURE (1; 0 only predicts and tabulates the runs OUT_DIR holds, e.g. after a cut run),
 # IDLE_SPINNERS (0; 1 keeps every core of the box busy at the lowest priority, SCHED_IDLE, while
@@ -55,6 +58,11 @@ case $shaper in
   user) ;;
   *) echo "distributed-real.sh: SHAPER must be kernel or user, got '$shaper'" >&2; exit 1 ;;
 esac
+if [[ ${MPS:-0} == 1 ]]; then
+  [[ $worker_device == cuda* ]] || { echo "distributed-real.sh: MPS=1 needs WORKER_DEVICE=cuda" >&2; exit 1; }
+  [[ ${MEASURE:-1} == 0 ]] || command -v nvidia-cuda-mps-control >/dev/null ||
+    { echo "distributed-real.sh: MPS=1 needs nvidia-cuda-mps-control (the driver's utilities)" >&2; exit 1; }
+fi
 if [[ -z ${BIN:-} ]]; then
   cargo build --release -q -p astra-train -p astra-eval -p astra-sim
 fi
@@ -125,6 +133,17 @@ done
 # Models, codebooks and inputs (not needed to predict and tabulate runs already made).
 [[ ${MEASURE:-1} == 0 ]] || prepare_models
 
+cleanup=()
+trap 'for c in "${cleanup[@]}"; do eval "$c"; done' EXIT
+if [[ ${MPS:-0} == 1 && ${MEASURE:-1} != 0 ]]; then
+  # A daemon of our own (its pipe and log folders), which the workers find through the environment.
+  CUDA_MPS_PIPE_DIRECTORY=$(mktemp -d /tmp/astra-mps-pipe.XXXXXX)
+  CUDA_MPS_LOG_DIRECTORY=$(mktemp -d /tmp/astra-mps-log.XXXXXX)
+  export CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  nvidia-cuda-mps-control -d || { echo "distributed-real.sh: the MPS control daemon did not start" >&2; exit 1; }
+  cleanup+=('echo quit | nvidia-cuda-mps-control')
+  echo "CUDA MPS control daemon for these runs (pipes in $CUDA_MPS_PIPE_DIRECTORY)" >"$out/mps.txt"
+fi
 if [[ ${IDLE_SPINNERS:-0} == 1 && ${MEASURE:-1} != 0 ]]; then
   command -v chrt >/dev/null || { echo "distributed-real.sh: IDLE_SPINNERS=1 needs chrt (util-linux)" >&2; exit 1; }
   spinners=()
@@ -132,7 +151,7 @@ if [[ ${IDLE_SPINNERS:-0} == 1 && ${MEASURE:-1} != 0 ]]; then
     taskset -c "$c" chrt -i 0 bash -c 'while :; do :; done' &
     spinners+=($!)
   done
-  trap 'kill "${spinners[@]}" 2>/dev/null' EXIT
+  cleanup+=('kill "${spinners[@]}" 2>/dev/null')
   echo "idle spinners on ${#spinners[@]} cores (SCHED_IDLE)"
 fi
 run() { # NAME N ARGS...: one measured configuration, skipped when its summary exists

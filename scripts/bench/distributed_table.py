@@ -32,6 +32,8 @@ def main() -> None:
         if device == "cpu"
         else f"every worker on the one GPU ({device}), the single device too"
     )
+    if device != "cpu" and (out / "mps.txt").exists():
+        where += ", under CUDA MPS (the workers' kernels share the GPU at once)"
     single_json = out / f"{prefix}{tokens[0]}-n{n}-single.json"
     if device == "cpu" and single_json.exists() and json.loads(single_json.read_text()).get("pinned_cores"):
         where += ", each pinned to cores of its own (`--pin-cores`)"

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""astra-sim's error on every run a distributed-real.sh folder holds, re-predicted now.
+
+    python3 scripts/bench/sim_errors.py [--sim BIN[,BIN...]] [--alpha-ms A] [-v] DIR...
+
+Each run's own trace (DIR/NAME.trace.json, or inside DIR/traces.tar.gz) is predicted as
+distributed-real.sh's predict() does it (alpha-beta, direct sends overlapping compute, the shaper's
+3,028-byte bucket, bandwidth = rate × the payload share of what the shaper counts) by each astra-sim
+binary given (default target/release/astra-sim), and set against the run's measured median
+(DIR/NAME.json). Prints per folder the number of runs, the largest |error| and how many are over 5%
+for each binary; -v also every run. Use it to see what a change to the simulator does to every
+stored measurement.
+"""
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+RUN = re.compile(r"(?:(?:gpt2|llama)-)?t(\d+)(?:-n\d+)?-r(\d+)-(sp|g(\d+))(-mc)?$")
+
+
+def predict(sim, trace, name, summary, alpha):
+    m = RUN.match(name)
+    tokens, rate, n = int(m.group(1)), float(m.group(2)), summary["devices"]
+    method = "sp" if m.group(3) == "sp" else f"astra-g{m.group(4)}"
+    # What the shaper counts besides the payload: segments (user space, multicast datagrams) or
+    # segments and the ACKs sharing the uplink (the kernel's shaper over TCP).
+    kernel_tcp = "user space" not in summary["network"] and not m.group(5)
+    share = 1448 / 1547 if kernel_tcp else 1448 / 1514
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ab.csv"
+        subprocess.run(
+            [sim, "sweep", "--trace", str(trace), "--methods", method, "--devices", str(n),
+             "--tokens", str(tokens), "--network", "alpha-beta", "--alpha-ms", str(alpha),
+             "--algorithm", "direct", "--overlap", "true", "--mbps", str(rate * share),
+             "--burst-bits", str(3028 * 8 * share), "--out", str(out)],
+            check=True, capture_output=True)
+        header, row = (line.split(",") for line in out.read_text().splitlines()[:2])
+        return float(row[header.index("latency_ms")])
+
+
+def traces_of(folder, tmp):
+    packed = folder / "traces.tar.gz"
+    if packed.exists():
+        with tarfile.open(packed) as t:
+            t.extractall(tmp, filter="data")
+    found = list(folder.glob("*.trace.json")) + list(Path(tmp).glob("*.trace.json"))
+    return {p.name[: -len(".trace.json")]: p for p in found}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sim", default="target/release/astra-sim")
+    ap.add_argument("--alpha-ms", type=float, default=0.05)
+    ap.add_argument("-v", action="store_true")
+    ap.add_argument("dirs", nargs="+", type=Path)
+    a = ap.parse_args()
+    sims = a.sim.split(",")
+    for s in sims:
+        if not Path(s).is_file():
+            sys.exit(f"sim_errors.py: no astra-sim binary at {s}")
+    print("| folder | runs | " + " | ".join(f"largest error, {s} | over 5%" for s in sims) + " |")
+    print("|---|---:|" + "---:|---:|" * len(sims))
+    for d in a.dirs:
+        if not d.is_dir():
+            sys.exit(f"sim_errors.py: {d} is not a folder")
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, trace in sorted(traces_of(d, tmp).items()):
+                summary_file = d / f"{name}.json"
+                if not RUN.match(name) or not summary_file.exists():
+                    continue
+                summary = json.loads(summary_file.read_text())
+                measured = summary["median_ms"]
+                errors = [100 * (predict(s, trace, name, summary, a.alpha_ms) - measured) / measured
+                          for s in sims]
+                rows.append((name, measured, errors))
+        cols = []
+        for i in range(len(sims)):
+            e = [abs(r[2][i]) for r in rows]
+            cols.append(f"{max(e):.1f}% | {sum(x > 5 for x in e)}" if e else "– | –")
+        print(f"| {d} | {len(rows)} | " + " | ".join(cols) + " |")
+        if a.v:
+            for name, measured, errors in rows:
+                print(f"|   {name} | {measured:.1f} ms | " + " | ".join(f"{e:+.1f}% | " for e in errors))
+
+
+if __name__ == "__main__":
+    main()
