@@ -732,7 +732,13 @@ mod tests {
         };
         let mut net = Network::alpha_beta(1.0, 0.0, Algorithm::Direct, true);
         net.burst_bits = (1 << 19) as f64;
-        let latency = |r: &Run| CompiledRun::new(r).unwrap().simulate(&net).unwrap().latency_ms;
+        let latency = |r: &Run| {
+            CompiledRun::new(r)
+                .unwrap()
+                .simulate(&net)
+                .unwrap()
+                .latency_ms
+        };
         assert!(latency(&run(&programs)).abs() < 1e-6);
         programs[0].push(send(3, 1, 1 << 19));
         programs[1].push(send(3, 1, 1 << 19));
