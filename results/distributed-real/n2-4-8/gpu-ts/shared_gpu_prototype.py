@@ -1,7 +1,7 @@
 # Prototype (an analysis beside the data, not astra-sim): one exclusive GPU shared by every worker, FIFO by readiness, a switch
-# Usage: mkdir T && tar xzf traces.tar.gz -C T && python3 shared_gpu_prototype.py T
 # cost when the GPU passes to another worker; uncontended op durations = the worker's trace ops
 # scaled so that its total is the profile's share alone.
+# Usage: mkdir T && tar xzf traces.tar.gz -C T && python3 shared_gpu_prototype.py T
 import json, sys, heapq
 def simulate(trace, share_ms, switch, alpha=0.05, mbps=100*1448/1514):
     progs = json.load(open(trace))['runs'][0]['programs']
