@@ -461,6 +461,7 @@ impl Exchange<'_> {
             let received = self.receive(l)?;
             let wait = t1.elapsed();
             let t2 = Instant::now();
+            let received = upload(received, self.device);
             if let Some(c) = self.captured.as_mut() {
                 c.push((
                     local.shallow_clone(),
@@ -516,7 +517,8 @@ impl Exchange<'_> {
         })
     }
 
-    /// The payloads of block `l` from every source, in rank order, each frame checked; None for
+    /// The payloads of block `l` from every source, in rank order, each frame checked and held
+    /// on the host (see [`upload`]); None for
     /// a source whose multicast message was announced but is still incomplete a grace period
     /// later (lost: its tokens are masked out of this block).
     fn receive(&mut self, l: usize) -> Result<Vec<Option<Payload>>> {
@@ -644,9 +646,7 @@ impl Exchange<'_> {
                 {
                     fail!("block {l}: peer {from} sent a malformed embeddings frame (block {block}, rank {claimed}, {tokens} tokens × {dim}, {} values)", data.len());
                 }
-                let t = Tensor::from_slice(&data)
-                    .view([self.batch, tokens as i64, dim as i64])
-                    .to_device(self.device);
+                let t = Tensor::from_slice(&data).view([self.batch, tokens as i64, dim as i64]);
                 Ok((block, Payload::Embeddings(t)))
             }
             Frame::Indices {
@@ -696,8 +696,7 @@ impl Exchange<'_> {
                     fail!("block {block}: peer {from} sent a codeword index {v} ≥ K = {k}");
                 }
                 let t = Tensor::from_slice(&vals.iter().map(|&v| v as i64).collect::<Vec<_>>())
-                    .view([self.batch, tokens as i64, g])
-                    .to_device(self.device);
+                    .view([self.batch, tokens as i64, g]);
                 Ok((block, Payload::Indices(t)))
             }
             other => fail!(
@@ -705,6 +704,40 @@ impl Exchange<'_> {
                 other.name()
             ),
         }
+    }
+}
+
+/// Block payloads as they arrived (host tensors, None for a lost source) on the compute `device`,
+/// with one copy for all sources: each copy of its own is a synchronisation, and workers sharing
+/// one GPU wait for each other there (the runs' waiting grew with the number of sources). Done
+/// the same way on the CPU, where the copy is the concatenation, so the tests cover it.
+fn upload(received: Vec<Option<Payload>>, device: Device) -> Vec<Option<Payload>> {
+    let tensors: Vec<&Tensor> = received.iter().flatten().map(payload_tensor).collect();
+    if tensors.is_empty() {
+        return received;
+    }
+    let sizes: Vec<i64> = tensors.iter().map(|t| t.size()[1]).collect();
+    let mut parts = Tensor::cat(&tensors, 1)
+        .to_device(device)
+        .split_with_sizes(&sizes, 1)
+        .into_iter();
+    received
+        .into_iter()
+        .map(|p| {
+            p.map(|p| {
+                let t = parts.next().expect("a part per payload");
+                match p {
+                    Payload::Indices(_) => Payload::Indices(t),
+                    Payload::Embeddings(_) => Payload::Embeddings(t),
+                }
+            })
+        })
+        .collect()
+}
+
+fn payload_tensor(p: &Payload) -> &Tensor {
+    match p {
+        Payload::Indices(t) | Payload::Embeddings(t) => t,
     }
 }
 
@@ -734,5 +767,38 @@ fn injected_fault(rank: u32) -> Option<Fault> {
         "silent" => Some(Fault::Silent(b)),
         "twice" => Some(Fault::Twice(b)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn indices(p: &Option<Payload>) -> Option<Vec<i64>> {
+        p.as_ref()
+            .map(|p| Vec::<i64>::try_from(payload_tensor(p).reshape([-1])).unwrap())
+    }
+
+    #[test]
+    fn upload_keeps_each_source_in_its_slot() {
+        let a = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6]).view([2, 3, 1]);
+        let b = Tensor::from_slice(&[7i64, 8, 9, 10]).view([2, 2, 1]);
+        let before = vec![
+            Some(Payload::Indices(a.copy())),
+            None,
+            Some(Payload::Indices(b.copy())),
+        ];
+        let want: Vec<_> = before.iter().map(indices).collect();
+        let after = upload(before, Device::Cpu);
+        assert_eq!(after.iter().map(indices).collect::<Vec<_>>(), want);
+        assert!(matches!(after[2], Some(Payload::Indices(ref t)) if t.size() == [2, 2, 1]));
+    }
+
+    #[test]
+    fn upload_keeps_embeddings_embeddings() {
+        let e = Tensor::ones([1, 4, 3], (Kind::Float, Device::Cpu));
+        let after = upload(vec![None, Some(Payload::Embeddings(e))], Device::Cpu);
+        assert!(after[0].is_none());
+        assert!(matches!(after[1], Some(Payload::Embeddings(ref t)) if t.size() == [1, 4, 3]));
     }
 }
