@@ -25,6 +25,8 @@
 # WORKER_DEVICE (cpu; cuda puts every worker on the one GPU), MPS (0; 1 with WORKER_DEVICE=cuda
 # runs the workers under a private CUDA MPS control daemon started for the runs and quit after, so
 # their kernels share the GPU at once instead of time-slicing it; needs nvidia-cuda-mps-control),
+# ASTRA_CUDA_HOST_WAIT (unset; spin, yield or block: how GPU workers' host threads wait for the
+# GPU, passed on to every worker and written to OUT_DIR/host-wait.txt for the tables),
 # BIN (target/release, built here),
 # PIN (0; 1 pins each worker, and the single device, to THREADS cores of its own: --pin-cores),
 # PYTHON, MEASURE (1; 0 only predicts and tabulates the runs OUT_DIR holds, e.g. after a cut run),
@@ -143,6 +145,9 @@ if [[ ${MPS:-0} == 1 && ${MEASURE:-1} != 0 ]]; then
   nvidia-cuda-mps-control -d || { echo "distributed-real.sh: the MPS control daemon did not start" >&2; exit 1; }
   cleanup+=('echo quit | nvidia-cuda-mps-control')
   echo "CUDA MPS control daemon for these runs (pipes in $CUDA_MPS_PIPE_DIRECTORY)" >"$out/mps.txt"
+fi
+if [[ -n ${ASTRA_CUDA_HOST_WAIT:-} && $worker_device == cuda* && ${MEASURE:-1} != 0 ]]; then
+  echo "$ASTRA_CUDA_HOST_WAIT" >"$out/host-wait.txt"
 fi
 if [[ ${IDLE_SPINNERS:-0} == 1 && ${MEASURE:-1} != 0 ]]; then
   command -v chrt >/dev/null || { echo "distributed-real.sh: IDLE_SPINNERS=1 needs chrt (util-linux)" >&2; exit 1; }

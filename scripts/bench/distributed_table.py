@@ -34,6 +34,9 @@ def main() -> None:
     )
     if device != "cpu" and (out / "mps.txt").exists():
         where += ", under CUDA MPS (the workers' kernels share the GPU at once)"
+    if device != "cpu" and (out / "host-wait.txt").exists():
+        wait = (out / "host-wait.txt").read_text().strip()
+        where += f", host threads waiting for the GPU by `{wait}` (ASTRA_CUDA_HOST_WAIT)"
     single_json = out / f"{prefix}{tokens[0]}-n{n}-single.json"
     if device == "cpu" and single_json.exists() and json.loads(single_json.read_text()).get("pinned_cores"):
         where += ", each pinned to cores of its own (`--pin-cores`)"

@@ -137,6 +137,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
     }
     let timeout = Duration::from_millis(plan.timeout_ms);
     let device = plan.device()?;
+    astra_train::cuda::host_wait::apply_from_env(device).map_err(|e| invalid!("{e}"))?;
     let (model, _) = Model::load(&plan.model, device)?;
     let input = crate::predict::read_input(std::path::Path::new(&plan.input), &model.config)?
         .to_device(device);

@@ -21,6 +21,7 @@
 
 pub mod adamw;
 pub mod ema;
+pub mod host_wait;
 pub mod nccl;
 pub mod nearest;
 pub mod target;
