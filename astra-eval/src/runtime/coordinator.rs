@@ -395,7 +395,10 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
     let run = &results[runs_ms.iter().position(|&v| v == m).expect("a member")];
     let logits = output_logits(a, &model, tokens as usize, run)?;
     crate::predict::write_npy_atomic(&logits, &a.args.out)?;
-    let sum = |t: &[f64], i: usize| t.iter().skip(i).step_by(3).sum::<f64>();
+    // Per block: before the exchange, waiting, after it; the head last (compute).
+    let in_blocks = |t: &[f64]| t.len() / 3 * 3;
+    let sum = |t: &[f64], i: usize| t[..in_blocks(t)].iter().skip(i).step_by(3).sum::<f64>();
+    let head = |t: &[f64]| t[in_blocks(t)..].iter().sum::<f64>();
     let expected = expected_messages(&model, tokens as usize, a.devices)?;
     let summary = Summary {
         mode: match (a.devices, a.sp) {
@@ -411,7 +414,11 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
         threads_per_worker: threads,
         pinned_cores: pinned,
         median_ms: m,
-        compute_ms: run.timings.iter().map(|t| sum(t, 0) + sum(t, 2)).collect(),
+        compute_ms: run
+            .timings
+            .iter()
+            .map(|t| sum(t, 0) + sum(t, 2) + head(t))
+            .collect(),
         wait_ms: run.timings.iter().map(|t| sum(t, 1)).collect(),
         sent_bytes: run.bytes.iter().map(|b| b.0).collect(),
         received_bytes: run.bytes.iter().map(|b| b.1).collect(),
@@ -787,10 +794,12 @@ fn result_of(r: usize, f: Frame, blocks: usize) -> Result<Option<WorkerResult>> 
     else {
         return Ok(None);
     };
-    if timings.len() != 3 * blocks {
+    // Three per block (before the exchange, waiting, after it), then the head.
+    if timings.len() != 3 * blocks + 1 {
         fail!(
-            "worker {r} sent {} timings for {blocks} blocks",
-            timings.len()
+            "worker {r} sent {} timings for {blocks} blocks (expected {})",
+            timings.len(),
+            3 * blocks + 1
         );
     }
     let numel: i64 = shape.iter().product();

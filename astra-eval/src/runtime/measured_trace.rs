@@ -62,6 +62,7 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
         causal: m.causal,
         multicast: m.multicast,
         bits_per_share: sizes.iter().map(|&s| batch * s * bits_per_token).collect(),
+        announce_bits: announce_bits(),
     };
     let programs = timings
         .iter()
@@ -101,6 +102,18 @@ struct Wire {
     multicast: bool,
     /// Bits of one device's share of the batch (indices or embeddings), per device.
     bits_per_share: Vec<u64>,
+    /// Multicast: the TCP announcement that follows a message to each peer, in payload bits.
+    announce_bits: u64,
+}
+
+/// An announcement's wire time in the payload bits the predictions count: it is a TCP segment of
+/// its own, so its headers weigh far more than a full segment's, which is what the predictions'
+/// payload share (1448 of 1514 bytes) assumes. At N = 8 and 10 Mbit/s the seven announcements
+/// of a block add a quarter to a G = 16 message's time on the uplink.
+fn announce_bits() -> u64 {
+    use astra_sim::transport::shaper::{wire_bytes, SEGMENT_OVERHEAD, SEGMENT_PAYLOAD};
+    let wire = wire_bytes(super::multicast::announcement_len()) as u64;
+    (8 * wire * SEGMENT_PAYLOAD as u64).div_ceil((SEGMENT_PAYLOAD + SEGMENT_OVERHEAD) as u64)
 }
 
 impl Wire {
@@ -119,6 +132,16 @@ impl Wire {
             .map(|i| (d + i) % n)
             .filter(|&e| !self.causal || e > d)
             .collect()
+    }
+
+    /// The announcement of block `l`'s multicast message from `from` to `to` (TCP, after the
+    /// datagrams: a receiver uses it only to tell a lost message, so nothing waits for it).
+    fn announcement(&self, l: usize, from: usize, to: usize) -> OpKind {
+        OpKind::Send(Comm {
+            bits: self.announce_bits,
+            peers: vec![from as u32, to as u32],
+            tag: format!("block {l} {from}->{to} announcement"),
+        })
     }
 
     /// The op of block `l`'s message from `from` to `to` (the sender's own op when `to` is
@@ -142,9 +165,9 @@ impl Wire {
     }
 }
 
-/// Device `d`'s program from its measured per-block timings: encode, its sends (eager: they
-/// leave from sender threads while the device waits), what it receives, then attend + MLP once
-/// its sources' data are in.
+/// Device `d`'s program from its measured timings (three per block, then the head): per block
+/// encode, its sends (eager: they leave from sender threads while the device waits), what it
+/// receives, then attend + MLP once its sources' data are in; the head last.
 fn device_program(w: &Wire, d: usize, timings: &[f64]) -> Vec<Op> {
     let mut ops: Vec<Op> = Vec::new();
     let push = |ops: &mut Vec<Op>, kind: OpKind, deps: Vec<u32>| {
@@ -166,7 +189,10 @@ fn device_program(w: &Wire, d: usize, timings: &[f64]) -> Vec<Op> {
         );
         let sinks = w.sinks(d);
         if w.multicast && !sinks.is_empty() {
-            push(&mut ops, w.message(l, d, None), vec![encode]);
+            let sent = push(&mut ops, w.message(l, d, None), vec![encode]);
+            for to in sinks {
+                push(&mut ops, w.announcement(l, d, to), vec![sent]);
+            }
         } else if !w.multicast {
             for to in sinks {
                 push(&mut ops, w.message(l, d, Some(to)), vec![encode]);
@@ -175,9 +201,88 @@ fn device_program(w: &Wire, d: usize, timings: &[f64]) -> Vec<Op> {
         let mut after = vec![encode];
         for from in w.sources(d) {
             after.push(push(&mut ops, w.message(l, from, Some(d)), vec![encode]));
+            if w.multicast {
+                push(&mut ops, w.announcement(l, from, d), vec![encode]);
+            }
         }
         let label = format!("block {l} attend + MLP");
         push(&mut ops, OpKind::Compute { ms: b[2], label }, after);
     }
+    // The head after the last block, and its output's copy to the host.
+    if let [.., head] = timings[timings.len() / 3 * 3..] {
+        let deps = ops.len().checked_sub(1).map(|i| vec![i as u32]);
+        let label = "head".to_string();
+        push(
+            &mut ops,
+            OpKind::Compute { ms: head, label },
+            deps.unwrap_or_default(),
+        );
+    }
     ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(multicast: bool) -> Wire {
+        Wire {
+            devices: 3,
+            causal: false,
+            multicast,
+            bits_per_share: vec![800, 800, 800],
+            announce_bits: announce_bits(),
+        }
+    }
+
+    fn label(o: &Op) -> Option<(&str, f64)> {
+        match &o.kind {
+            OpKind::Compute { ms, label } => Some((label.as_str(), *ms)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_head_follows_the_last_block() {
+        let ops = device_program(&wire(false), 0, &[1.0, 0.5, 2.0, 1.0, 0.5, 2.0, 0.75]);
+        let last = ops.last().unwrap();
+        assert_eq!(label(last), Some(("head", 0.75)));
+        assert_eq!(last.deps, Some(vec![ops.len() as u32 - 2]));
+        // Without the trailing value (an older worker): blocks only.
+        let ops = device_program(&wire(false), 0, &[1.0, 0.5, 2.0]);
+        assert_eq!(
+            label(ops.last().unwrap()).unwrap().0,
+            "block 0 attend + MLP"
+        );
+    }
+
+    #[test]
+    fn announcements_follow_each_multicast_and_nothing_waits_for_them() {
+        let ops = device_program(&wire(true), 1, &[1.0, 0.5, 2.0, 0.1]);
+        let tags: Vec<&str> = ops
+            .iter()
+            .filter_map(|o| match &o.kind {
+                OpKind::Send(c) => Some(c.tag.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            tags,
+            [
+                "block 0 1->2 announcement",
+                "block 0 1->0 announcement",
+                "block 0 0->1 announcement",
+                "block 0 2->1 announcement"
+            ]
+        );
+        let attend = ops
+            .iter()
+            .find(|o| label(o).is_some_and(|(l, _)| l.ends_with("attend + MLP")))
+            .unwrap();
+        for d in attend.deps.as_ref().unwrap() {
+            assert!(!matches!(ops[*d as usize].kind, OpKind::Send(_)));
+        }
+        // 25 bytes behind 66 of headers, in the payload bits of a full segment's share.
+        assert_eq!(announce_bits(), (8 * 91 * 1448u64).div_ceil(1514));
+    }
 }

@@ -145,6 +145,16 @@ impl GroupSender {
     }
 }
 
+/// Bytes of one announcement frame (its fields are fixed-width).
+pub(crate) fn announcement_len() -> usize {
+    let id = MessageId {
+        run: 0,
+        block: 0,
+        from: 0,
+    };
+    announcement(id, 1).len()
+}
+
 fn announcement(id: MessageId, datagrams: usize) -> Vec<u8> {
     Frame::Announce {
         run: id.run,

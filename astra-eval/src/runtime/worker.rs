@@ -201,7 +201,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
             Err(e) => fail!("the coordinator: {e}"),
         }
         let _g = tch::no_grad_guard();
-        let (states, timings) = ex.forward(&input, &mut out)?;
+        let (states, mut timings, finish) = ex.forward(&input, &mut out)?;
         let (sent_bytes, received_bytes, lost, late) = (ex.sent, ex.received, ex.lost, ex.late);
         let (shape, data) = match states {
             Some(s) => {
@@ -210,6 +210,9 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
             }
             None => (vec![0], vec![]),
         };
+        // The head and the copy of its output to the host: device work after the last block
+        // (GPT-2's next-token logits are 50,257 values), which the trace replays too.
+        timings.push(finish.elapsed().as_secs_f64() * 1e3);
         control.send(&Frame::Result {
             from: plan.rank,
             shape,
@@ -421,13 +424,14 @@ struct Exchange<'a> {
 }
 
 impl Exchange<'_> {
-    /// One forward: returns what goes back to the coordinator and, per block, the ms spent before
-    /// the exchange (block 0 also embeds), waiting for the sources, and after it.
+    /// One forward: returns what goes back to the coordinator; per block, the ms spent before
+    /// the exchange (block 0 also embeds), waiting for the sources, and after it; and when the
+    /// head started (the caller adds the ms until its output is on the host).
     fn forward(
         &mut self,
         input: &Tensor,
         out: &mut Outbound,
-    ) -> Result<(Option<Tensor>, Vec<f64>)> {
+    ) -> Result<(Option<Tensor>, Vec<f64>, Instant)> {
         let t_start = Instant::now();
         self.taken.clear();
         self.announced.clear();
@@ -484,7 +488,12 @@ impl Exchange<'_> {
         if self.captured.is_some() {
             self.last_states = Some(local.shallow_clone());
         }
-        Ok((self.dev.finish(&local, !self.plan.all_logits), timings))
+        let finish = Instant::now();
+        Ok((
+            self.dev.finish(&local, !self.plan.all_logits),
+            timings,
+            finish,
+        ))
     }
 
     fn message(&self, l: usize, local: &Tensor) -> Result<Frame> {
