@@ -1139,6 +1139,25 @@ fn multicast_puts_each_message_on_the_wire_once_and_masks_what_is_lost() {
             .count()
     };
     assert_eq!((count(0, true), count(1, true), count(2, true)), (9, 9, 9));
+    // Each device ends with its head, then what the run took outside the workers (the go and the
+    // results' way back), which the summary reports.
+    let outside = s["outside_ms"].as_f64().unwrap();
+    assert!(outside >= 0.0, "{s}");
+    for p in &run.programs {
+        let labels: Vec<&str> = p
+            .iter()
+            .filter_map(|o| match &o.kind {
+                astra_sim::trace::OpKind::Compute { label, .. } => Some(label.as_str()),
+                _ => None,
+            })
+            .collect();
+        let tail = if outside > 0.0 {
+            vec!["head", "outside the workers (go, results back)"]
+        } else {
+            vec!["head"]
+        };
+        assert_eq!(labels[labels.len() - tail.len()..], tail[..], "{labels:?}");
+    }
     assert_eq!(
         (count(0, false), count(1, false), count(2, false)),
         (12, 12, 12)

@@ -125,6 +125,9 @@ pub struct Summary {
     /// Per worker (median run): ms computing and ms waiting for peers.
     pub compute_ms: Vec<f64>,
     pub wait_ms: Vec<f64>,
+    /// The median run's ms outside every worker's forward (the coordinator's go, the results'
+    /// way back): its latency less the longest compute + waiting of a worker.
+    pub outside_ms: f64,
     /// Per worker (median run): bytes of the frames it sent to its peers and received from them
     /// (headers included; SP: fp32 embeddings, ASTRA: packed indices).
     pub sent_bytes: Vec<u64>,
@@ -420,6 +423,12 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
             .map(|t| sum(t, 0) + sum(t, 2) + head(t))
             .collect(),
         wait_ms: run.timings.iter().map(|t| sum(t, 1)).collect(),
+        outside_ms: (m - run
+            .timings
+            .iter()
+            .map(|t| t.iter().sum::<f64>())
+            .fold(0.0, f64::max))
+        .max(0.0),
         sent_bytes: run.bytes.iter().map(|b| b.0).collect(),
         received_bytes: run.bytes.iter().map(|b| b.1).collect(),
         lost_messages: run.lost.clone(),
@@ -448,6 +457,7 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
                 batch: summary.batch as u64,
                 causal: model.astra_model().is_causal(),
                 multicast: a.args.transport == Transport::Multicast,
+                outside_ms: summary.outside_ms,
             },
             &run.timings,
         )?;

@@ -26,6 +26,9 @@ pub struct Measured<'a> {
     pub batch: u64,
     pub causal: bool,
     pub multicast: bool,
+    /// What the run took beyond its workers' forwards (the go and the results' way back),
+    /// replayed after every device's head so the simulator's latency is the run's end to end.
+    pub outside_ms: f64,
 }
 
 pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
@@ -67,7 +70,21 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
     let programs = timings
         .iter()
         .enumerate()
-        .map(|(d, t)| device_program(&wire, d, t))
+        .map(|(d, t)| {
+            let mut ops = device_program(&wire, d, t);
+            if m.outside_ms > 0.0 {
+                let deps = ops.len().checked_sub(1).map(|i| vec![i as u32]);
+                ops.push(Op {
+                    id: ops.len() as u32,
+                    kind: OpKind::Compute {
+                        ms: m.outside_ms,
+                        label: "outside the workers (go, results back)".into(),
+                    },
+                    deps,
+                });
+            }
+            ops
+        })
         .collect();
     let trace = Trace {
         format: FORMAT.into(),
@@ -76,10 +93,11 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
             kind: "measured".into(),
             name: "astra-eval distributed".into(),
             provenance: format!(
-                "{n} worker processes ({network}, {}), batch {batch}, model {}{}; compute as measured in the median run",
+                "{n} worker processes ({network}, {}), batch {batch}, model {}{}; compute as measured in the median run, then {:.3} ms outside the workers",
                 if m.multicast { "multicast" } else { "TCP" },
                 m.model,
-                if m.causal { ", causal (sends to later devices only)" } else { "" }
+                if m.causal { ", causal (sends to later devices only)" } else { "" },
+                m.outside_ms
             ),
         },
         model: shape,
