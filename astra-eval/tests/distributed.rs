@@ -539,6 +539,8 @@ fn running_workers_are_used_with_their_session_key() {
     );
     let out = ok(&o);
     assert!(out.contains("2 devices over TCP (remote workers"), "{out}");
+    // Workers on other hosts read other clocks: no message latency is measured.
+    assert!(!out.contains("in hand"), "{out}");
     assert!(w0.wait().unwrap().success() && w1.wait().unwrap().success());
     let p = tmp.path().join("p.npy");
     assert_equals_per_device(&m, &x, 2, &d, &p, "remote workers");
@@ -639,6 +641,12 @@ fn user_space_shaping_paces_every_uplink_without_root() {
     assert!(latency >= floor_ms, "{latency} ms < {floor_ms} ms");
     // Three blocks, each waiting for the other's embeddings: three one-way delays at least.
     assert!(latency >= 150.0, "{latency}");
+    // The delay is latency, not uplink time: every message was in its receiver's hands at
+    // least 50 ms after it left the shaped uplink, as each worker measured it.
+    for w in s["message_latency_ms"].as_array().unwrap() {
+        let ms = w.as_f64().unwrap();
+        assert!((50.0..latency).contains(&ms), "{ms} ms: {s}");
+    }
     // What went over the wire, exactly: per block one Embeddings frame of 9 header bytes, 20 of
     // fields and 384 fp32 values to the one peer.
     let per_run = 3 * (9 + 20 + 384 * 4);
@@ -1139,6 +1147,24 @@ fn multicast_puts_each_message_on_the_wire_once_and_masks_what_is_lost() {
             .count()
     };
     assert_eq!((count(0, true), count(1, true), count(2, true)), (9, 9, 9));
+    // Each receiver's copy of a message carries the latency it measured (local workers share
+    // the host's clock), the sender's own copy none; the summary has each worker's median.
+    for (d, p) in run.programs.iter().enumerate() {
+        for o in p {
+            if let astra_sim::trace::OpKind::Multicast(c) = &o.kind {
+                let own = c.peers[0] as usize == d;
+                match c.latency_ms {
+                    Some(ms) => assert!(!own && ms >= 0.0, "{}: {ms}", c.tag),
+                    None => assert!(own, "{} on device {d}: no latency", c.tag),
+                }
+            }
+        }
+    }
+    let medians = s["message_latency_ms"].as_array().unwrap();
+    assert!(
+        medians.len() == 3 && medians.iter().all(|m| m.as_f64().is_some()),
+        "{s}"
+    );
     // Each device ends with its head, then what the run took outside the workers (the go and the
     // results' way back), which the summary reports.
     let outside = s["outside_ms"].as_f64().unwrap();

@@ -61,6 +61,14 @@ pub struct Network {
     /// at once, however many follow each other.
     #[serde(default)]
     pub burst_bits: f64,
+    /// Alpha-beta: a receiver gets a message after the latency a measured trace recorded for it
+    /// (`Comm::latency_ms`) where there is one, after α elsewhere; false: α everywhere.
+    #[serde(default = "yes")]
+    pub trace_latency: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Network {
@@ -74,6 +82,7 @@ impl Network {
             loss: 0.0,
             slowdown: vec![1.0],
             burst_bits: 0.0,
+            trace_latency: true,
         }
     }
 
@@ -87,6 +96,7 @@ impl Network {
             loss: 0.0,
             slowdown: vec![1.0],
             burst_bits: 0.0,
+            trace_latency: true,
         }
     }
 
@@ -178,6 +188,8 @@ struct COp {
     /// Index into `collectives` for a communication op.
     coll: Option<usize>,
     bits: u64,
+    /// A receiver's measured latency of the message (see `Comm::latency_ms`).
+    latency_ms: Option<f64>,
     deps: Vec<usize>,
 }
 
@@ -203,8 +215,8 @@ impl CompiledRun {
                     None if i > 0 => vec![i - 1],
                     None => vec![],
                 };
-                let (compute_ms, coll, bits) = match (&op.kind, op.comm()) {
-                    (OpKind::Compute { ms, .. }, _) => (*ms, None, 0),
+                let (compute_ms, coll, bits, latency_ms) = match (&op.kind, op.comm()) {
+                    (OpKind::Compute { ms, .. }, _) => (*ms, None, 0, None),
                     (_, Some((kind, c))) => {
                         let id = *by_tag.entry(c.tag.as_str()).or_insert_with(|| {
                             collectives.push(CollInfo {
@@ -229,7 +241,7 @@ impl CompiledRun {
                                 ))
                             }
                         }
-                        (0.0, Some(id), c.bits)
+                        (0.0, Some(id), c.bits, c.latency_ms)
                     }
                     _ => unreachable!("an op is compute or communication"),
                 };
@@ -237,6 +249,7 @@ impl CompiledRun {
                     compute_ms,
                     coll,
                     bits,
+                    latency_ms,
                     deps,
                 });
             }
@@ -517,15 +530,17 @@ impl<'a> Clocks<'a> {
             let leaves = start.max(self.tat[d] - self.net.burst_bits / rate);
             // α is latency (the sender's and receiver's per-message handling, the wire's delay),
             // not uplink time: the next message may leave meanwhile.
-            let end = leaves + self.net.alpha_ms;
-            self.arrived[c] = Some(end);
+            self.arrived[c] = Some(leaves);
             self.nic_free[d] = leaves;
-            end
+            leaves + self.net.alpha_ms
         } else {
-            let Some(at) = self.arrived[c] else {
+            let Some(leaves) = self.arrived[c] else {
                 return false;
             };
-            ready.max(at)
+            let measured = self.run.ops[d][i]
+                .latency_ms
+                .filter(|_| self.net.trace_latency);
+            ready.max(leaves + measured.unwrap_or(self.net.alpha_ms))
         };
         self.finish[d][i] = end;
         if !self.net.overlap {
@@ -584,7 +599,7 @@ impl<'a> Clocks<'a> {
 mod tests {
     use super::*;
     use crate::method::{Method, ModelShape};
-    use crate::trace::{BlockSplit, Comm, Op};
+    use crate::trace::{BlockSplit, Comm, Op, Trace};
 
     fn run(method: Method, n: u32, compute: f64) -> Run {
         Run::from_compute(
@@ -615,6 +630,7 @@ mod tests {
                 bits: 1 << 20,
                 peers: vec![0, 1],
                 tag: "x".into(),
+                latency_ms: None,
             }),
             deps: Some(vec![0]),
         };
@@ -649,6 +665,74 @@ mod tests {
     }
 
     #[test]
+    fn a_receiver_gets_a_message_after_its_measured_latency_not_alpha() {
+        use crate::trace::OpKind;
+        let compute = |id: u32, ms: f64, deps: Vec<u32>| Op {
+            id,
+            kind: OpKind::Compute {
+                ms,
+                label: String::new(),
+            },
+            deps: Some(deps),
+        };
+        // 2^20 bits at 1 Mbit/s: one second on the uplink; α = 5 ms.
+        let send = |latency_ms: Option<f64>| Op {
+            id: 1,
+            kind: OpKind::Multicast(Comm {
+                bits: 1 << 20,
+                peers: vec![0, 1, 2],
+                tag: "m".into(),
+                latency_ms,
+            }),
+            deps: Some(vec![0]),
+        };
+        let receiver = |latency_ms| {
+            vec![
+                compute(0, 1.0, vec![]),
+                send(latency_ms),
+                compute(2, 10.0, vec![1]),
+            ]
+        };
+        let run = Run {
+            method: Method::Astra { groups: 1 },
+            devices: 3,
+            tokens: 3,
+            programs: vec![
+                vec![compute(0, 10.0, vec![]), send(None)],
+                // Device 1 measured 40 ms from the uplink to its hands; device 2 has no measure.
+                receiver(Some(40.0)),
+                receiver(None),
+            ],
+        };
+        let r = CompiledRun::new(&run).unwrap();
+        let mut net = Network::alpha_beta(1.0, 5.0, Algorithm::Direct, true);
+        // Left at 10 + 1000 ms; device 1 has it 40 ms later, device 2 after α.
+        let out = r.simulate(&net).unwrap();
+        assert!((out.latency_ms - 1060.0).abs() < 1e-6, "{}", out.latency_ms);
+        // Without the measured latencies every receiver gets α.
+        net.trace_latency = false;
+        let out = r.simulate(&net).unwrap();
+        assert!((out.latency_ms - 1025.0).abs() < 1e-6, "{}", out.latency_ms);
+        // A negative measured latency is refused.
+        let mut bad = run.clone();
+        bad.programs[1][1] = send(Some(-1.0));
+        let t = |run: Run| Trace {
+            format: crate::trace::FORMAT.into(),
+            version: crate::trace::VERSION,
+            source: crate::trace::Source {
+                kind: "measured".into(),
+                name: "test".into(),
+                provenance: String::new(),
+            },
+            model: ModelShape::default(),
+            runs: vec![run],
+        };
+        let e = t(bad).validate().unwrap_err().to_string();
+        assert!(e.contains("latency_ms"), "{e}");
+        assert!(t(run).validate().is_ok());
+    }
+
+    #[test]
     fn a_send_gets_the_bucket_it_refilled_while_idle() {
         use crate::trace::OpKind;
         // Device 0 sends 2^20 bits twice back to back, then once after 2 s of compute, over a
@@ -660,6 +744,7 @@ mod tests {
                 bits: 1 << 20,
                 peers: vec![0, 1],
                 tag: tag.into(),
+                latency_ms: None,
             }),
             deps: Some(deps),
         };
@@ -714,6 +799,7 @@ mod tests {
                 bits,
                 peers: vec![0, to],
                 tag: format!("m{id}"),
+                latency_ms: None,
             }),
             deps: Some(vec![]),
         };
@@ -754,6 +840,7 @@ mod tests {
             bits: 1 << 20,
             peers,
             tag: tag.into(),
+            latency_ms: None,
         };
         let op = |id, kind| Op {
             id,
@@ -894,6 +981,7 @@ mod tests {
                 bits: 8,
                 peers,
                 tag: tag.into(),
+                latency_ms: None,
             }),
             deps: None,
         };

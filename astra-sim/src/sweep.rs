@@ -28,6 +28,8 @@ pub struct Grid {
     pub slowdown: Vec<f64>,
     /// Token-bucket depth of shaped uplinks (bits, alpha-beta; 0: plain links).
     pub burst_bits: f64,
+    /// Alpha-beta: use a measured trace's per-message latencies where it has them (else α).
+    pub trace_latency: bool,
 }
 
 pub const HEADER: &str = "method,devices,tokens,mbps,network,alpha_ms,algorithm,overlap,loss,compute_ms,comm_ms,latency_ms,speedup,dropped_fraction";
@@ -57,6 +59,7 @@ fn networks(g: &Grid) -> Vec<Network> {
                                     let mut n = Network::alpha_beta(b, a, alg, ov);
                                     n.loss = loss;
                                     n.burst_bits = g.burst_bits;
+                                    n.trace_latency = g.trace_latency;
                                     n.slowdown = slowdown.clone();
                                     out.push(n);
                                 }
@@ -298,6 +301,7 @@ mod tests {
             loss: vec![0.0],
             slowdown: vec![],
             burst_bits: 0.0,
+            trace_latency: true,
         };
         let (csv, count) = run(
             Runs::Source(&p, ModelShape::default(), BlockSplit::default()),

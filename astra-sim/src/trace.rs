@@ -65,6 +65,12 @@ pub struct Comm {
     pub bits: u64,
     pub peers: Vec<u32>,
     pub tag: String,
+    /// Sends and multicasts, on a receiver's op: how long after leaving the sender's uplink the
+    /// message was in this receiver's hands, as a run measured it (the hand-over to the sender's
+    /// thread, the hosts' network stacks, the receiver's thread waking). The simulator uses it
+    /// instead of the network's α for this receiver (`Network::trace_latency`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -177,6 +183,7 @@ impl Run {
                     bits,
                     peers: peers.clone(),
                     tag,
+                    latency_ms: None,
                 };
                 match method {
                     Method::Single => {
@@ -304,6 +311,12 @@ impl Run {
                     }
                     _ => {
                         let (kind, c) = op.comm().expect("communication op");
+                        if let Some(l) = c.latency_ms.filter(|l| !(l.is_finite() && *l >= 0.0)) {
+                            return Err(SimError::invalid(
+                                format!("{here}.latency_ms"),
+                                format!("{l} is not a non-negative number"),
+                            ));
+                        }
                         if c.peers.is_empty() || c.peers.iter().any(|&p| p >= self.devices) {
                             return Err(SimError::invalid(
                                 format!("{here}.peers"),
@@ -329,6 +342,13 @@ impl Run {
                             return Err(SimError::invalid(
                                 format!("{here}.peers"),
                                 "a multicast has [from, to, …] with at least one receiver",
+                            ));
+                        }
+                        let eager = matches!(kind, Collective::Send | Collective::Multicast);
+                        if c.latency_ms.is_some() && !eager {
+                            return Err(SimError::invalid(
+                                format!("{here}.latency_ms"),
+                                "only a send's or a multicast's receiver has a measured latency",
                             ));
                         }
                         if c.tag.is_empty() {

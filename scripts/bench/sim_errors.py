@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """astra-sim's error on every run a distributed-real.sh folder holds, re-predicted now.
 
-    python3 scripts/bench/sim_errors.py [--sim BIN[,BIN...]] [--alpha-ms A] [-v] DIR...
+    python3 scripts/bench/sim_errors.py [--sim BIN[,BIN...]] [--alpha-ms A]
+        [--message-latency trace|alpha] [-v] DIR...
 
 Each run's own trace (DIR/NAME.trace.json, or inside DIR/traces.tar.gz) is predicted as
 distributed-real.sh's predict() does it (alpha-beta, direct sends overlapping compute, the shaper's
 3,028-byte bucket, bandwidth = rate × the payload share of what the shaper counts) by each astra-sim
 binary given (default target/release/astra-sim), and set against the run's measured median
-(DIR/NAME.json). Prints per folder the number of runs, the largest |error| and how many are over 5%
+(DIR/NAME.json). A trace the runtime recorded message latencies in gives each receiver its own
+(astra-sim's default); `--message-latency alpha` gives every message α instead (binaries before
+the flag existed take α anyway). Prints per folder the number of runs, the largest |error| and how many are over 5%
 for each binary; -v also every run. Use it to see what a change to the simulator does to every
 stored measurement.
 """
@@ -23,7 +26,7 @@ from pathlib import Path
 RUN = re.compile(r"(?:(?:gpt2|llama)-)?t(\d+)(?:-n\d+)?-r(\d+)-(sp|g(\d+))(-mc)?$")
 
 
-def predict(sim, trace, name, summary, alpha):
+def predict(sim, trace, name, summary, alpha, latency):
     m = RUN.match(name)
     tokens, rate, n = int(m.group(1)), float(m.group(2)), summary["devices"]
     method = "sp" if m.group(3) == "sp" else f"astra-g{m.group(4)}"
@@ -37,7 +40,8 @@ def predict(sim, trace, name, summary, alpha):
             [sim, "sweep", "--trace", str(trace), "--methods", method, "--devices", str(n),
              "--tokens", str(tokens), "--network", "alpha-beta", "--alpha-ms", str(alpha),
              "--algorithm", "direct", "--overlap", "true", "--mbps", str(rate * share),
-             "--burst-bits", str(3028 * 8 * share), "--out", str(out)],
+             "--burst-bits", str(3028 * 8 * share), "--out", str(out)]
+            + (["--message-latency", latency] if latency != "trace" else []),
             check=True, capture_output=True)
         header, row = (line.split(",") for line in out.read_text().splitlines()[:2])
         return float(row[header.index("latency_ms")])
@@ -56,6 +60,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sim", default="target/release/astra-sim")
     ap.add_argument("--alpha-ms", type=float, default=0.05)
+    ap.add_argument("--message-latency", choices=["trace", "alpha"], default="trace")
     ap.add_argument("-v", action="store_true")
     ap.add_argument("dirs", nargs="+", type=Path)
     a = ap.parse_args()
@@ -76,7 +81,7 @@ def main():
                     continue
                 summary = json.loads(summary_file.read_text())
                 measured = summary["median_ms"]
-                errors = [100 * (predict(s, trace, name, summary, a.alpha_ms) - measured) / measured
+                errors = [100 * (predict(s, trace, name, summary, a.alpha_ms, a.message_latency) - measured) / measured
                           for s in sims]
                 rows.append((name, measured, errors))
         cols = []

@@ -19,7 +19,7 @@ use tch::{Device, Tensor};
 
 use super::frame::{Frame, FrameError};
 use super::net::{configure, connect_by, read_frames, session_key, Tagged};
-use super::{Plan, Shaper, Transport, COORDINATOR};
+use super::{message_clock, Plan, Shaper, Transport, COORDINATOR};
 
 /// Link shaping for local workers: uplink rate (Mbit/s, 2^20 bit, as astra-sim counts), one-way
 /// delay and loss (netem, where the kernel has it).
@@ -128,6 +128,12 @@ pub struct Summary {
     /// The median run's ms outside every worker's forward (the coordinator's go, the results'
     /// way back): its latency less the longest compute + waiting of a worker.
     pub outside_ms: f64,
+    /// Per worker (median run): the median time its sources' messages took from leaving their
+    /// uplink to being in its hands (null: it has no sources). Measured only where every
+    /// worker reads one clock and no kernel shaper holds messages (local workers, user-space
+    /// shaping or none); absent otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub message_latency_ms: Vec<Option<f64>>,
     /// Per worker (median run): bytes of the frames it sent to its peers and received from them
     /// (headers included; SP: fp32 embeddings, ASTRA: packed indices).
     pub sent_bytes: Vec<u64>,
@@ -336,6 +342,9 @@ fn gather<T>(
 struct RunResult {
     states: Vec<Option<Tensor>>,
     timings: Vec<Vec<f64>>,
+    /// Per worker, [block × devices]: when its messages left, when its sources' arrived.
+    sent_at: Vec<Vec<f64>>,
+    received_at: Vec<Vec<f64>>,
     /// (sent, received) bytes per worker.
     bytes: Vec<(u64, u64)>,
     /// Messages each worker never got, and of those the ones that came too late.
@@ -403,6 +412,9 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
     let sum = |t: &[f64], i: usize| t[..in_blocks(t)].iter().skip(i).step_by(3).sum::<f64>();
     let head = |t: &[f64]| t[in_blocks(t)..].iter().sum::<f64>();
     let expected = expected_messages(&model, tokens as usize, a.devices)?;
+    // One clock for every worker, and no hold the workers cannot see (a kernel shaper's).
+    let one_clock = a.args.workers.is_empty() && (a.args.links.is_none() || a.user_shaping);
+    let latency = one_clock.then(|| message_clock::latencies(&run.sent_at, &run.received_at));
     let summary = Summary {
         mode: match (a.devices, a.sp) {
             (1, _) => "single".into(),
@@ -429,6 +441,11 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
             .map(|t| t.iter().sum::<f64>())
             .fold(0.0, f64::max))
         .max(0.0),
+        message_latency_ms: latency
+            .iter()
+            .flatten()
+            .map(|l| message_clock::median(l))
+            .collect(),
         sent_bytes: run.bytes.iter().map(|b| b.0).collect(),
         received_bytes: run.bytes.iter().map(|b| b.1).collect(),
         lost_messages: run.lost.clone(),
@@ -458,6 +475,7 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
                 causal: model.astra_model().is_causal(),
                 multicast: a.args.transport == Transport::Multicast,
                 outside_ms: summary.outside_ms,
+                latency_ms: latency.as_deref(),
             },
             &run.timings,
         )?;
@@ -709,7 +727,7 @@ fn timed_runs(
             t0 + a.startup() + a.timeout() * 3,
             a.timeout() + Duration::from_secs(1),
             "a result",
-            |r, f| result_of(r, f, blocks),
+            |r, f| result_of(r, f, blocks, a.devices),
         )?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let decoded = (a.args.decode > 0)
@@ -719,9 +737,12 @@ fn timed_runs(
             runs_ms.push(ms);
             let (mut states, mut timings, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
             let (mut lost, mut late) = (Vec::new(), Vec::new());
+            let (mut sent_at, mut received_at) = (Vec::new(), Vec::new());
             for r in got {
                 states.push(r.state);
                 timings.push(r.timings);
+                sent_at.push(r.sent_at);
+                received_at.push(r.received_at);
                 bytes.push(r.bytes);
                 lost.push(r.lost);
                 late.push(r.late);
@@ -729,6 +750,8 @@ fn timed_runs(
             results.push(RunResult {
                 states,
                 timings,
+                sent_at,
+                received_at,
                 bytes,
                 lost,
                 late,
@@ -784,13 +807,15 @@ fn decoded_of(
 struct WorkerResult {
     state: Option<Tensor>,
     timings: Vec<f64>,
+    sent_at: Vec<f64>,
+    received_at: Vec<f64>,
     bytes: (u64, u64),
     lost: u32,
     late: u32,
 }
 
 /// A worker's result frame, checked.
-fn result_of(r: usize, f: Frame, blocks: usize) -> Result<Option<WorkerResult>> {
+fn result_of(r: usize, f: Frame, blocks: usize, devices: usize) -> Result<Option<WorkerResult>> {
     let Frame::Result {
         shape,
         data,
@@ -799,6 +824,8 @@ fn result_of(r: usize, f: Frame, blocks: usize) -> Result<Option<WorkerResult>> 
         received_bytes,
         lost,
         late,
+        sent_at,
+        received_at,
         ..
     } = f
     else {
@@ -812,6 +839,14 @@ fn result_of(r: usize, f: Frame, blocks: usize) -> Result<Option<WorkerResult>> 
             3 * blocks + 1
         );
     }
+    // When each message left and arrived: one per block and rank.
+    if sent_at.len() != blocks * devices || received_at.len() != blocks * devices {
+        fail!(
+            "worker {r} sent {} and {} message times for {blocks} blocks × {devices} devices",
+            sent_at.len(),
+            received_at.len()
+        );
+    }
     let numel: i64 = shape.iter().product();
     if numel != data.len() as i64 {
         fail!("worker {r} sent {} values for shape {shape:?}", data.len());
@@ -820,6 +855,8 @@ fn result_of(r: usize, f: Frame, blocks: usize) -> Result<Option<WorkerResult>> 
     Ok(Some(WorkerResult {
         state,
         timings,
+        sent_at,
+        received_at,
         bytes: (sent_bytes, received_bytes),
         lost,
         late,
@@ -866,8 +903,14 @@ fn report_text(a: &DistributedRun<'_>, s: &Summary, logits: &Tensor, blocks: usi
         a.args.warmup,
     );
     for r in 0..s.devices {
+        let latency = match s.message_latency_ms.get(r) {
+            Some(Some(ms)) => format!(
+                "; its sources' messages in hand {ms:.3} ms after leaving their uplink (median)"
+            ),
+            _ => String::new(),
+        };
         report += &format!(
-            "worker {r}: compute {:.1} ms, waiting {:.1} ms over {blocks} blocks\n",
+            "worker {r}: compute {:.1} ms, waiting {:.1} ms over {blocks} blocks{latency}\n",
             s.compute_ms[r], s.wait_ms[r]
         );
     }

@@ -29,6 +29,9 @@ pub struct Measured<'a> {
     /// What the run took beyond its workers' forwards (the go and the results' way back),
     /// replayed after every device's head so the simulator's latency is the run's end to end.
     pub outside_ms: f64,
+    /// Per receiver, [block × devices]: each message's measured time from leaving its sender's
+    /// uplink to being in the receiver's hands (NaN: not measured); None: none measured.
+    pub latency_ms: Option<&'a [Vec<f64>]>,
 }
 
 pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
@@ -71,7 +74,8 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
         .iter()
         .enumerate()
         .map(|(d, t)| {
-            let mut ops = device_program(&wire, d, t);
+            let latency = m.latency_ms.and_then(|l| l.get(d)).map(Vec::as_slice);
+            let mut ops = device_program(&wire, d, t, latency);
             if m.outside_ms > 0.0 {
                 let deps = ops.len().checked_sub(1).map(|i| vec![i as u32]);
                 ops.push(Op {
@@ -93,11 +97,16 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
             kind: "measured".into(),
             name: "astra-eval distributed".into(),
             provenance: format!(
-                "{n} worker processes ({network}, {}), batch {batch}, model {}{}; compute as measured in the median run, then {:.3} ms outside the workers",
+                "{n} worker processes ({network}, {}), batch {batch}, model {}{}; compute as measured in the median run, then {:.3} ms outside the workers; {}",
                 if m.multicast { "multicast" } else { "TCP" },
                 m.model,
                 if m.causal { ", causal (sends to later devices only)" } else { "" },
-                m.outside_ms
+                m.outside_ms,
+                if m.latency_ms.is_some() {
+                    "each message's latency beyond the uplink as measured (its receivers' ops)"
+                } else {
+                    "message latencies not measured (α)"
+                }
             ),
         },
         model: shape,
@@ -159,12 +168,13 @@ impl Wire {
             bits: self.announce_bits,
             peers: vec![from as u32, to as u32],
             tag: format!("block {l} {from}->{to} announcement"),
+            latency_ms: None,
         })
     }
 
     /// The op of block `l`'s message from `from` to `to` (the sender's own op when `to` is
-    /// None), as both ends list it.
-    fn message(&self, l: usize, from: usize, to: Option<usize>) -> OpKind {
+    /// None), as both ends list it; a receiver's copy carries the latency it measured.
+    fn message(&self, l: usize, from: usize, to: Option<usize>, latency_ms: Option<f64>) -> OpKind {
         let bits = self.bits_per_share[from];
         if self.multicast {
             let peers = std::iter::once(from).chain(self.sinks(from));
@@ -172,6 +182,7 @@ impl Wire {
                 bits,
                 peers: peers.map(|p| p as u32).collect(),
                 tag: format!("block {l} from {from}"),
+                latency_ms,
             });
         }
         let to = to.expect("a unicast send names its receiver");
@@ -179,14 +190,16 @@ impl Wire {
             bits,
             peers: vec![from as u32, to as u32],
             tag: format!("block {l} {from}->{to}"),
+            latency_ms,
         })
     }
 }
 
 /// Device `d`'s program from its measured timings (three per block, then the head): per block
 /// encode, its sends (eager: they leave from sender threads while the device waits), what it
-/// receives, then attend + MLP once its sources' data are in; the head last.
-fn device_program(w: &Wire, d: usize, timings: &[f64]) -> Vec<Op> {
+/// receives (each message with its measured `latency`, [block × devices], where there is one),
+/// then attend + MLP once its sources' data are in; the head last.
+fn device_program(w: &Wire, d: usize, timings: &[f64], latency: Option<&[f64]>) -> Vec<Op> {
     let mut ops: Vec<Op> = Vec::new();
     let push = |ops: &mut Vec<Op>, kind: OpKind, deps: Vec<u32>| {
         let id = ops.len() as u32;
@@ -207,18 +220,23 @@ fn device_program(w: &Wire, d: usize, timings: &[f64]) -> Vec<Op> {
         );
         let sinks = w.sinks(d);
         if w.multicast && !sinks.is_empty() {
-            let sent = push(&mut ops, w.message(l, d, None), vec![encode]);
+            let sent = push(&mut ops, w.message(l, d, None, None), vec![encode]);
             for to in sinks {
                 push(&mut ops, w.announcement(l, d, to), vec![sent]);
             }
         } else if !w.multicast {
             for to in sinks {
-                push(&mut ops, w.message(l, d, Some(to)), vec![encode]);
+                push(&mut ops, w.message(l, d, Some(to), None), vec![encode]);
             }
         }
         let mut after = vec![encode];
         for from in w.sources(d) {
-            after.push(push(&mut ops, w.message(l, from, Some(d)), vec![encode]));
+            let measured = latency
+                .and_then(|t| t.get(l * w.devices as usize + from))
+                .copied()
+                .filter(|ms| ms.is_finite());
+            let got = w.message(l, from, Some(d), measured);
+            after.push(push(&mut ops, got, vec![encode]));
             if w.multicast {
                 push(&mut ops, w.announcement(l, from, d), vec![encode]);
             }
@@ -262,12 +280,12 @@ mod tests {
 
     #[test]
     fn the_head_follows_the_last_block() {
-        let ops = device_program(&wire(false), 0, &[1.0, 0.5, 2.0, 1.0, 0.5, 2.0, 0.75]);
+        let ops = device_program(&wire(false), 0, &[1.0, 0.5, 2.0, 1.0, 0.5, 2.0, 0.75], None);
         let last = ops.last().unwrap();
         assert_eq!(label(last), Some(("head", 0.75)));
         assert_eq!(last.deps, Some(vec![ops.len() as u32 - 2]));
         // Without the trailing value (an older worker): blocks only.
-        let ops = device_program(&wire(false), 0, &[1.0, 0.5, 2.0]);
+        let ops = device_program(&wire(false), 0, &[1.0, 0.5, 2.0], None);
         assert_eq!(
             label(ops.last().unwrap()).unwrap().0,
             "block 0 attend + MLP"
@@ -276,7 +294,7 @@ mod tests {
 
     #[test]
     fn announcements_follow_each_multicast_and_nothing_waits_for_them() {
-        let ops = device_program(&wire(true), 1, &[1.0, 0.5, 2.0, 0.1]);
+        let ops = device_program(&wire(true), 1, &[1.0, 0.5, 2.0, 0.1], None);
         let tags: Vec<&str> = ops
             .iter()
             .filter_map(|o| match &o.kind {
@@ -302,5 +320,32 @@ mod tests {
         }
         // 25 bytes behind 66 of headers, in the payload bits of a full segment's share.
         assert_eq!(announce_bits(), (8 * 91 * 1448u64).div_ceil(1514));
+    }
+
+    #[test]
+    fn each_received_message_carries_the_latency_its_receiver_measured() {
+        // Device 1 of 3, one block: it measured 0.25 ms for device 0's message, nothing for 2's.
+        let measured = [0.25, f64::NAN, f64::NAN];
+        for multicast in [false, true] {
+            let ops = device_program(&wire(multicast), 1, &[1.0, 0.5, 2.0, 0.1], Some(&measured));
+            let latency = |tag: &str| {
+                ops.iter()
+                    .find_map(|o| match &o.kind {
+                        OpKind::Send(c) | OpKind::Multicast(c) if c.tag == tag => {
+                            Some(c.latency_ms)
+                        }
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| panic!("no op {tag}"))
+            };
+            let (from0, from2, own) = if multicast {
+                ("block 0 from 0", "block 0 from 2", "block 0 from 1")
+            } else {
+                ("block 0 0->1", "block 0 2->1", "block 0 1->2")
+            };
+            assert_eq!(latency(from0), Some(0.25), "multicast {multicast}");
+            assert_eq!(latency(from2), None, "multicast {multicast}");
+            assert_eq!(latency(own), None, "multicast {multicast}");
+        }
     }
 }

@@ -15,6 +15,7 @@ pub mod coordinator;
 mod cores;
 pub use astra_sim::transport::{frame, net};
 pub mod measured_trace;
+mod message_clock;
 mod multicast;
 pub mod worker;
 

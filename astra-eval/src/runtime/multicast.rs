@@ -15,14 +15,15 @@ use astra_sim::transport::shaper::Uplink;
 use astra_sim::transport::Frame;
 use rand::{Rng, SeedableRng};
 
+use super::message_clock::{now_ms, Sent};
 use crate::error::Result;
 use crate::{fail, invalid};
 
 /// What reaches a worker from its peers: a frame on a TCP connection, or a whole message from
-/// the group.
+/// the group; each with when its reader thread had it (host clock, ms).
 pub enum Inbound {
-    Peer(Tagged),
-    Group(MessageId, Vec<u8>),
+    Peer(Tagged, f64),
+    Group(MessageId, Vec<u8>, f64),
 }
 
 /// The group and this worker's address on the devices' segment (the interface it sends and
@@ -70,7 +71,8 @@ pub fn receive(g: &Group, sources: Vec<u32>, tx: mpsc::Sender<Inbound>) -> Resul
                     newest = id.run;
                     r.forget_before(newest);
                 }
-                if sources.contains(&id.from) && tx.send(Inbound::Group(id, bytes)).is_err() {
+                let at = now_ms();
+                if sources.contains(&id.from) && tx.send(Inbound::Group(id, bytes, at)).is_err() {
                     return;
                 }
             }
@@ -84,9 +86,12 @@ pub fn received_len(message: usize) -> u64 {
     (message + message.div_ceil(multicast::CHUNK_DATA).max(1) * multicast::HEADER) as u64
 }
 
+/// A message for the group: its id, when the device queued it (host clock, ms), its bytes.
+type Queued = (MessageId, f64, Arc<Vec<u8>>);
+
 /// One thread putting this worker's messages on the group, in order.
 pub struct GroupSender {
-    queue: mpsc::Sender<(MessageId, Arc<Vec<u8>>)>,
+    queue: mpsc::Sender<Queued>,
     failed: mpsc::Receiver<String>,
     sinks: usize,
 }
@@ -101,23 +106,32 @@ pub struct Outlet {
     /// User-space loss: each message is dropped whole with this probability (after it took its
     /// time on the uplink, as a message lost on the air would).
     pub loss: f64,
+    /// When each message left the uplink (see `message_clock`).
+    pub stamps: mpsc::Sender<Sent>,
 }
 
 impl GroupSender {
     pub fn new(g: &Group, out: Outlet) -> Result<Self> {
         let sock = multicast::sender(g.iface)
             .map_err(|e| invalid!("multicast sender on {}: {e}", g.iface))?;
-        let (tx, rx) = mpsc::channel::<(MessageId, Arc<Vec<u8>>)>();
+        let (tx, rx) = mpsc::channel::<Queued>();
         let (ftx, failed) = mpsc::channel();
         let (addr, tag, sinks) = (g.addr, g.tag, out.sinks.len());
         std::thread::spawn(move || {
             // Each run draws its own losses (the session key is new per run), each worker its own.
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(tag ^ u64::from(out.from));
             let mut out = out;
-            for (id, bytes) in rx {
-                if let Err(e) = put(&sock, (addr, tag), id, &bytes, &mut out, &mut rng) {
-                    let _ = ftx.send(e);
-                    return;
+            for (id, ready_ms, bytes) in rx {
+                match put(&sock, (addr, tag), id, &bytes, &mut out, &mut rng) {
+                    Ok(held) => {
+                        let _ = out
+                            .stamps
+                            .send(Sent::new(id.run, id.block, None, ready_ms, held));
+                    }
+                    Err(e) => {
+                        let _ = ftx.send(e);
+                        return;
+                    }
                 }
             }
         });
@@ -128,9 +142,10 @@ impl GroupSender {
         })
     }
 
-    /// Queues block `id.block`'s message; returns the bytes it puts on the wire (datagrams,
-    /// then one announcement per peer). Reports an earlier send that failed.
-    pub fn send(&mut self, id: MessageId, bytes: Arc<Vec<u8>>) -> Result<u64> {
+    /// Queues block `id.block`'s message (ready at `ready_ms`, host clock); returns the bytes it
+    /// puts on the wire (datagrams, then one announcement per peer). Reports an earlier send
+    /// that failed.
+    pub fn send(&mut self, id: MessageId, ready_ms: f64, bytes: Arc<Vec<u8>>) -> Result<u64> {
         let l = id.block;
         if let Ok(e) = self.failed.try_recv() {
             fail!("block {l}: multicast: {e}");
@@ -139,7 +154,7 @@ impl GroupSender {
         let announce = announcement(id, chunks).len() * self.sinks;
         let n = received_len(bytes.len()) + announce as u64;
         self.queue
-            .send((id, bytes))
+            .send((id, ready_ms, bytes))
             .map_err(|_| invalid!("block {l}: multicast: the sender stopped"))?;
         Ok(n)
     }
@@ -165,7 +180,8 @@ fn announcement(id: MessageId, datagrams: usize) -> Vec<u8> {
     .to_bytes()
 }
 
-/// One message on the group (unless the user-space loss drops it), then its announcements.
+/// One message on the group (unless the user-space loss drops it), then its announcements;
+/// returns how long the uplink's bucket held the message.
 fn put(
     sock: &std::net::UdpSocket,
     (addr, tag): (SocketAddrV4, u64),
@@ -173,11 +189,11 @@ fn put(
     bytes: &[u8],
     out: &mut Outlet,
     rng: &mut impl Rng,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<std::time::Duration, String> {
     let datagrams = multicast::datagrams(tag, id, bytes).map_err(|e| e.to_string())?;
-    if let Some(u) = &out.uplink {
-        u.transmit_wire(multicast::wire_bytes(bytes.len()));
-    }
+    let held = out.uplink.as_ref().map_or(std::time::Duration::ZERO, |u| {
+        u.transmit_wire(multicast::wire_bytes(bytes.len()))
+    });
     if !(out.loss > 0.0 && rng.random_bool(out.loss.min(1.0))) {
         for d in &datagrams {
             sock.send_to(d, addr)
@@ -192,5 +208,5 @@ fn put(
         s.write_all(&a)
             .map_err(|e| format!("announcing to peer {r}: {e}"))?;
     }
-    Ok(())
+    Ok(held)
 }

@@ -18,6 +18,7 @@ use astra_train::model::Model;
 use tch::{Device, Kind, Tensor};
 
 use super::frame::{self, Frame};
+use super::message_clock::{now_ms, MessageClock, Sent};
 use super::multicast::{self as group, Group, GroupSender, Inbound, Outlet};
 use super::net::{self, accept_by, configure, read_frames_as, same_key, Control, MeshMember};
 use super::{Plan, Transport, COORDINATOR, REJECTED_KEY};
@@ -122,7 +123,7 @@ fn mesh(
         let s = s.try_clone()?;
         // Reads block without a deadline here; the worker's recv_timeout bounds every wait.
         s.set_read_timeout(None)?;
-        read_frames_as(s, r as usize, tx.clone(), Inbound::Peer);
+        read_frames_as(s, r as usize, tx.clone(), |t| Inbound::Peer(t, now_ms()));
     }
     Ok((streams, tx, rx))
 }
@@ -164,7 +165,8 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         timeout,
         Duration::from_millis(plan.startup_ms),
     )?;
-    let mut out = outbound(plan, &dev, &streams, session, tx)?;
+    let (stamps, stamped) = mpsc::channel();
+    let mut out = outbound(plan, &dev, &streams, session, tx, stamps)?;
     control.send(&Frame::Ready { rank: plan.rank })?;
     // The decoding device keeps what its cache needs from each prefill (refused with the lossy
     // transport: a lost message would leave a hole in its cache).
@@ -191,6 +193,12 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         lost: 0,
         late: 0,
         last_states: None,
+        clock: MessageClock::new(
+            model.layers() as usize,
+            plan.devices as usize,
+            dev.sinks.clone(),
+            stamped,
+        ),
     };
     loop {
         match control.recv(None) {
@@ -203,6 +211,8 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         let _g = tch::no_grad_guard();
         let (states, mut timings, finish) = ex.forward(&input, &mut out)?;
         let (sent_bytes, received_bytes, lost, late) = (ex.sent, ex.received, ex.lost, ex.late);
+        let head_ms = finish.elapsed().as_secs_f64() * 1e3;
+        ex.clock.collect_sends(Instant::now() + timeout);
         let (shape, data) = match states {
             Some(s) => {
                 let s = s.to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
@@ -212,7 +222,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         };
         // The head and the copy of its output to the host: device work after the last block
         // (GPT-2's next-token logits are 50,257 values), which the trace replays too.
-        timings.push(finish.elapsed().as_secs_f64() * 1e3);
+        timings.push(head_ms);
         control.send(&Frame::Result {
             from: plan.rank,
             shape,
@@ -222,6 +232,8 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
             received_bytes,
             lost,
             late,
+            sent_at: ex.clock.sent_at.clone(),
+            received_at: ex.clock.received_at.clone(),
         })?;
         if let Some(per_block) = ex.captured.as_mut().map(std::mem::take) {
             let last = ex.last_states.take().expect("captured with the prefill");
@@ -240,6 +252,7 @@ fn outbound(
     streams: &HashMap<u32, TcpStream>,
     session: &str,
     tx: mpsc::Sender<Inbound>,
+    stamps: mpsc::Sender<Sent>,
 ) -> Result<Outbound> {
     let uplink = plan
         .uplink
@@ -254,7 +267,7 @@ fn outbound(
         return Ok(Outbound::Tcp(
             sinks
                 .into_iter()
-                .map(|(r, s)| Sender::new(r, s, uplink.clone()))
+                .map(|(r, s)| Sender::new(r, s, uplink.clone(), stamps.clone()))
                 .collect(),
         ));
     }
@@ -272,6 +285,7 @@ fn outbound(
         sinks,
         uplink,
         loss: plan.uplink.as_ref().map_or(0.0, |l| l.loss_pct / 100.0),
+        stamps,
     };
     Ok(Outbound::Group(GroupSender::new(&g, outlet)?))
 }
@@ -289,17 +303,20 @@ impl Outbound {
 
     /// Queues block `l`'s message of run `run`; the bytes it puts on the wire.
     fn send(&mut self, l: usize, run: u32, from: u32, msg: &Arc<Vec<u8>>) -> Result<u64> {
+        let id = MessageId {
+            run,
+            block: l as u32,
+            from,
+        };
+        let ready_ms = now_ms();
         match self {
             Outbound::Tcp(sinks) => {
                 for s in sinks.iter_mut() {
-                    s.send(l, msg.clone())?;
+                    s.send(id, ready_ms, msg.clone())?;
                 }
                 Ok((msg.len() * sinks.len()) as u64)
             }
-            Outbound::Group(g) => {
-                let block = l as u32;
-                g.send(MessageId { run, block, from }, msg.clone())
-            }
+            Outbound::Group(g) => g.send(id, ready_ms, msg.clone()),
         }
     }
 }
@@ -353,20 +370,27 @@ fn quantizers(model: &Model, plan: &Plan, device: Device) -> Result<Vec<GroupedV
 /// the shaped link would have delivered it.
 struct Sender {
     rank: u32,
-    queue: mpsc::Sender<std::sync::Arc<Vec<u8>>>,
+    /// A message, when the device queued it (host clock, ms), its bytes.
+    queue: mpsc::Sender<(MessageId, f64, Arc<Vec<u8>>)>,
     failed: mpsc::Receiver<String>,
 }
 
 impl Sender {
-    fn new(rank: u32, mut stream: TcpStream, uplink: Option<Arc<Uplink>>) -> Self {
-        let (tx, rx) = mpsc::channel::<std::sync::Arc<Vec<u8>>>();
+    fn new(
+        rank: u32,
+        mut stream: TcpStream,
+        uplink: Option<Arc<Uplink>>,
+        stamps: mpsc::Sender<Sent>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel::<(MessageId, f64, Arc<Vec<u8>>)>();
         let (ftx, failed) = mpsc::channel();
         std::thread::spawn(move || {
             use std::io::Write;
-            for bytes in rx {
-                if let Some(u) = &uplink {
-                    u.transmit(bytes.len());
-                }
+            for (id, ready_ms, bytes) in rx {
+                let held = uplink
+                    .as_ref()
+                    .map_or(Duration::ZERO, |u| u.transmit(bytes.len()));
+                let _ = stamps.send(Sent::new(id.run, id.block, Some(rank), ready_ms, held));
                 if let Err(e) = stream.write_all(&bytes) {
                     let _ = ftx.send(e.to_string());
                     return;
@@ -380,14 +404,15 @@ impl Sender {
         }
     }
 
-    /// Queues `bytes` for the peer; reports an earlier send that failed.
-    fn send(&mut self, l: usize, bytes: std::sync::Arc<Vec<u8>>) -> Result<()> {
-        let r = self.rank;
+    /// Queues message `id` (ready at `ready_ms`) for the peer; reports an earlier send that
+    /// failed.
+    fn send(&mut self, id: MessageId, ready_ms: f64, bytes: Arc<Vec<u8>>) -> Result<()> {
+        let (r, l) = (self.rank, id.block);
         if let Ok(e) = self.failed.try_recv() {
             fail!("block {l}: sending to peer {r}: {e}");
         }
         self.queue
-            .send(bytes)
+            .send((id, ready_ms, bytes))
             .map_err(|_| invalid!("block {l}: sending to peer {r}: the sender stopped"))
     }
 }
@@ -421,6 +446,8 @@ struct Exchange<'a> {
     /// received in the last run, and its final states (None on the other devices).
     captured: Option<Vec<(Tensor, Vec<Payload>)>>,
     last_states: Option<Tensor>,
+    /// When this run's messages left and arrived.
+    clock: MessageClock,
 }
 
 impl Exchange<'_> {
@@ -436,6 +463,7 @@ impl Exchange<'_> {
         self.taken.clear();
         self.announced.clear();
         self.masked.clear();
+        self.clock.start(self.run);
         (self.sent, self.received, self.lost, self.late) = (0, 0, 0, 0);
         let mut local = self.dev.start(input)?;
         let mut embed = t_start.elapsed();
@@ -536,6 +564,7 @@ impl Exchange<'_> {
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
         let grace = Duration::from_millis(self.plan.loss_grace_ms);
         let dev = self.dev;
+        self.clock.waiting();
         let mut out = Vec::with_capacity(dev.sources.len());
         for &r in &dev.sources {
             let key = (r, l as u32);
@@ -568,8 +597,8 @@ impl Exchange<'_> {
     /// block `l`.
     fn take(&mut self, l: usize, inbound: Inbound) -> Result<()> {
         let multicast = self.plan.transport == Transport::Multicast;
-        let (from, f) = match inbound {
-            Inbound::Peer((from, f)) => {
+        let (from, f, at) = match inbound {
+            Inbound::Peer((from, f), at) => {
                 let f = f.map_err(|e| match e {
                     frame::FrameError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
                         invalid!("block {l}: peer {from} closed its connection (did it die?)")
@@ -596,10 +625,10 @@ impl Exchange<'_> {
                             "block {l}: peer {from} sent its data over TCP; the run multicasts it"
                         )
                     }
-                    f => (from, f),
+                    f => (from, f, at),
                 }
             }
-            Inbound::Group(id, bytes) => {
+            Inbound::Group(id, bytes, at) => {
                 let key = (id.from, id.block);
                 // A message of an earlier run, or one already taken as lost, came too late.
                 if id.run != self.run {
@@ -621,10 +650,11 @@ impl Exchange<'_> {
                         id.block
                     );
                 }
-                (id.from, f)
+                (id.from, f, at)
             }
         };
         let (block, payload) = self.check(l, from, f)?;
+        self.clock.received(block, from, at);
         let replay = self.taken.contains(&(from, block));
         if self.pending.insert((from, block), payload).is_some() || replay {
             fail!("block {l}: peer {from} sent block {block}'s data twice; refused");

@@ -213,6 +213,11 @@ pub struct SweepArgs {
     /// astra-eval's user-space shaper: 3,028 bytes = 24224). 0: plain links.
     #[arg(long, default_value_t = 0.0)]
     pub burst_bits: f64,
+    /// Per-message latency (alpha-beta): `trace` uses what a measured trace recorded for each
+    /// message's receiver (astra-eval's runtime measures it), α where it has none; `alpha`
+    /// gives every message α.
+    #[arg(long, value_enum, default_value_t = MessageLatency::Trace)]
+    pub message_latency: MessageLatency,
     /// Compute source: paper-1660ti, a profile CSV, or analytic:TFLOPS:GBPS[:EFFICIENCY].
     #[arg(long, default_value = "paper-1660ti", conflicts_with = "trace")]
     pub profile: String,
@@ -322,4 +327,11 @@ pub struct ReplayArgs {
     /// Markdown table of measured vs predicted latency.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// Where a message's latency comes from (`sweep --message-latency`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MessageLatency {
+    Trace,
+    Alpha,
 }

@@ -59,6 +59,7 @@ pub fn sweep_command(a: SweepArgs) -> Result<()> {
         loss,
         slowdown,
         burst_bits,
+        message_latency,
         profile,
         trace,
         baseline,
@@ -97,6 +98,7 @@ pub fn sweep_command(a: SweepArgs) -> Result<()> {
             None => vec![],
         },
         burst_bits,
+        trace_latency: message_latency == args::MessageLatency::Trace,
     };
     let t0 = Instant::now();
     let loaded_trace;

@@ -51,6 +51,10 @@ pub enum Frame {
         received_bytes: u64,
         lost: u32,
         late: u32,
+        /// [block × devices] on the host's monotonic clock (ms, NaN: none): when the worker's
+        /// message to each rank left its uplink, and when each rank's message was in its hands.
+        sent_at: Vec<f64>,
+        received_at: Vec<f64>,
     },
     /// Worker → coordinator: what went wrong.
     Error(String),
@@ -127,6 +131,15 @@ impl Cursor<'_> {
     fn i64(&mut self) -> Result<i64, FrameError> {
         Ok(i64::from_le_bytes(self.take(8)?.try_into().expect("8")))
     }
+    /// A u32 count, then that many f64s.
+    fn f64s(&mut self) -> Result<Vec<f64>, FrameError> {
+        let n = self.u32()? as usize;
+        let raw = self.take(n.checked_mul(8).ok_or_else(|| bad("size overflow"))?)?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8")))
+            .collect())
+    }
     fn bytes(&mut self) -> Result<Vec<u8>, FrameError> {
         let n = self.u32()? as usize;
         Ok(self.take(n)?.to_vec())
@@ -142,6 +155,13 @@ impl Cursor<'_> {
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
     out.extend_from_slice(b);
+}
+
+fn put_f64s(out: &mut Vec<u8>, v: &[f64]) {
+    out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
 }
 
 impl Frame {
@@ -218,10 +238,7 @@ impl Frame {
                 for t in tokens {
                     p.extend_from_slice(&t.to_le_bytes());
                 }
-                p.extend_from_slice(&(step_ms.len() as u32).to_le_bytes());
-                for v in step_ms {
-                    p.extend_from_slice(&v.to_le_bytes());
-                }
+                put_f64s(&mut p, step_ms);
             }
             Frame::Embeddings {
                 block,
@@ -261,6 +278,8 @@ impl Frame {
                 received_bytes,
                 lost,
                 late,
+                sent_at,
+                received_at,
             } => {
                 p.extend_from_slice(&from.to_le_bytes());
                 p.extend_from_slice(&(shape.len() as u32).to_le_bytes());
@@ -271,14 +290,13 @@ impl Frame {
                 for v in data {
                     p.extend_from_slice(&v.to_le_bytes());
                 }
-                p.extend_from_slice(&(timings.len() as u32).to_le_bytes());
-                for v in timings {
-                    p.extend_from_slice(&v.to_le_bytes());
-                }
+                put_f64s(&mut p, timings);
                 p.extend_from_slice(&sent_bytes.to_le_bytes());
                 p.extend_from_slice(&received_bytes.to_le_bytes());
                 p.extend_from_slice(&lost.to_le_bytes());
                 p.extend_from_slice(&late.to_le_bytes());
+                put_f64s(&mut p, sent_at);
+                put_f64s(&mut p, received_at);
             }
         }
         p
@@ -372,12 +390,7 @@ impl Frame {
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes(b.try_into().expect("4")))
                     .collect();
-                let m = c.u32()? as usize;
-                let raw = c.take(m.checked_mul(8).ok_or_else(|| bad("size overflow"))?)?;
-                let timings = raw
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().expect("8")))
-                    .collect();
+                let timings = c.f64s()?;
                 let (sent_bytes, received_bytes) = (c.i64()? as u64, c.i64()? as u64);
                 Frame::Result {
                     from,
@@ -388,6 +401,8 @@ impl Frame {
                     received_bytes,
                     lost: c.u32()?,
                     late: c.u32()?,
+                    sent_at: c.f64s()?,
+                    received_at: c.f64s()?,
                 }
             }
             5 => Frame::Error(text(&mut c)?),
@@ -427,12 +442,7 @@ impl Frame {
                     .chunks_exact(8)
                     .map(|b| i64::from_le_bytes(b.try_into().expect("8")))
                     .collect();
-                let m = c.u32()? as usize;
-                let raw = c.take(m.checked_mul(8).ok_or_else(|| bad("size overflow"))?)?;
-                let step_ms = raw
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().expect("8")))
-                    .collect();
+                let step_ms = c.f64s()?;
                 Frame::Decoded {
                     from,
                     batch,
@@ -508,6 +518,8 @@ mod tests {
                 received_bytes: 12_345,
                 lost: 3,
                 late: 1,
+                sent_at: vec![0.0, 1.25e9],
+                received_at: vec![7.5],
             },
             Frame::Error("boom".into()),
             Frame::Embeddings {

@@ -61,18 +61,21 @@ impl Uplink {
 
     /// [`Uplink::reserve_at`] now for a message of `payload` bytes (with its headers, as the
     /// kernel's shaper would count them), then sleeps until the message is due at the peer.
-    pub fn transmit(&self, payload: usize) {
-        self.transmit_wire(wire_bytes(payload));
+    /// Returns how long the bucket held it (the link's time, not its delay).
+    pub fn transmit(&self, payload: usize) -> Duration {
+        self.transmit_wire(wire_bytes(payload))
     }
 
     /// [`Uplink::transmit`] for `bytes` counted as they go on the wire (headers included, e.g.
     /// a message's datagrams).
-    pub fn transmit_wire(&self, bytes: usize) {
-        let due = self.reserve_at(bytes, Instant::now());
+    pub fn transmit_wire(&self, bytes: usize) -> Duration {
+        let asked = Instant::now();
+        let due = self.reserve_at(bytes, asked);
         let now = Instant::now();
         if due > now {
             std::thread::sleep(due - now);
         }
+        due.saturating_duration_since(asked + self.delay)
     }
 }
 
@@ -99,6 +102,19 @@ mod tests {
         // An idle link refills: much later, a small message leaves at once again.
         let later = t0 + Duration::from_secs(5);
         assert_eq!(up.reserve_at(500, later), later + Duration::from_millis(20));
+    }
+
+    #[test]
+    fn transmit_returns_the_buckets_hold_not_the_delay() {
+        // 1 Mbit/s: a message within the burst is held for nothing (with a 5 ms delay it only
+        // sleeps that); 13,107 bytes right after wait for what the burst does not cover.
+        let up = Uplink::new(1.0, 5.0);
+        assert!(up.transmit_wire(1000) < Duration::from_millis(1));
+        let up = Uplink::new(1.0, 0.0);
+        let _ = up.transmit_wire(1000);
+        let held = up.transmit_wire(13_107).as_secs_f64();
+        let want = (1000.0 + 13_107.0 - DEFAULT_BURST_BYTES) / 131_072.0;
+        assert!((held - want).abs() < 2e-3, "{held} vs {want}");
     }
 
     #[test]
