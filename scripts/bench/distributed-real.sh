@@ -30,6 +30,10 @@
 # BIN (target/release, built here),
 # PIN (0; 1 pins each worker, and the single device, to THREADS cores of its own: --pin-cores),
 # PYTHON, MEASURE (1; 0 only predicts and tabulates the runs OUT_DIR holds, e.g. after a cut run),
+# SINGLE_BESIDE (0; 1, CPU workers: also the single device as the workers run, N copies of it at
+# once, each on THREADS cores of its own, PREFIX-nN-single-beside.json: one box standing in for N
+# devices shares its clock and memory among them, so a device computes slower while the others
+# work; the tables then give the speedup over this single device too),
 # IDLE_SPINNERS (0; 1 keeps every core of the box busy at the lowest priority, SCHED_IDLE, while
 # the runs are measured: a worker's cores then never halt while it waits, which on a VM guest
 # separates the cost of waking a halted vCPU from everything else; the runs themselves preempt the
@@ -167,12 +171,53 @@ run() { # NAME N ARGS...: one measured configuration, skipped when its summary e
   $bin/astra-eval distributed "$@" --threads "$(threads_for "$n")" "${pin_args[@]}" --device "$worker_device" --runs "$r" --warmup "$w" \
     --timeout-ms 120000 --json "$out/$name.json" --out "$out/$name.npy" | tee "$out/$name.log"
 }
+# single_beside PREFIX N MODEL: N copies of the single device started at once, copy c on cores
+# [c·THREADS, (c+1)·THREADS) of the allowed ones, each with two more timed runs than the others so
+# that their timed runs overlap; PREFIX-nN-single-beside.json holds the median of their medians.
+single_beside() {
+  local p=$1 n=$2 m=$3 th c cpus pids=() allowed
+  [[ -s $out/$p-single-beside.json || ${MEASURE:-1} == 0 ]] && return 0
+  th=$(threads_for "$n")
+  read -r -a allowed < <(python3 -c "import os; print(*sorted(os.sched_getaffinity(0)))")
+  ((${#allowed[@]} >= n * th)) || { echo "distributed-real.sh: SINGLE_BESIDE=1 needs $n × $th cores, this process may use ${#allowed[@]}" >&2; exit 1; }
+  echo "== $p-single-beside: $n copies of the single device at once, $th thread(s) each"
+  for ((c = 0; c < n; c++)); do
+    cpus=$(IFS=,; echo "${allowed[*]:c*th:th}")
+    taskset -c "$cpus" "$bin/astra-eval" distributed --model "$m" --mode sp --devices 1 --input "$m/x.npy" \
+      --threads "$th" "${pin_args[@]}" --device "$worker_device" --runs "$((runs + 2))" --warmup "$warmup" \
+      --timeout-ms 120000 --json "$out/$p-single-beside-$c.json" --out "$out/$p-single-beside-$c.npy" \
+      >"$out/$p-single-beside-$c.log" 2>&1 &
+    pids+=($!)
+  done
+  for c in "${!pids[@]}"; do
+    wait "${pids[c]}" || { echo "distributed-real.sh: copy $c failed: $out/$p-single-beside-$c.log" >&2; tail -3 "$out/$p-single-beside-$c.log" >&2; exit 1; }
+  done
+  python3 - "$out" "$p" "$n" <<'PY' | tee "$out/$p-single-beside.log"
+import json, statistics, sys
+from pathlib import Path
+out, p, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+copies = [json.loads((out / f"{p}-single-beside-{c}.json").read_text()) for c in range(n)]
+medians = [c["median_ms"] for c in copies]
+summary = {"mode": "single-beside", "copies": n, "copies_median_ms": medians,
+           "median_ms": statistics.median(medians),
+           "compute_ms": [max(c["compute_ms"]) for c in copies],
+           "pinned_cores": [c.get("pinned_cores") for c in copies]}
+tmp = out / f"{p}-single-beside.json.part"
+tmp.write_text(json.dumps(summary, indent=1))
+tmp.rename(out / f"{p}-single-beside.json")
+print(f"{n} copies of the single device at once: medians {', '.join(f'{m:.1f}' for m in medians)} ms")
+PY
+}
 # measure PREFIX MODEL N: every configuration of one model at N devices (runs PREFIX-nN-single,
 # PREFIX-nN-rR-sp, PREFIX-nN-rR-gG, PREFIX-nN-rR-gG-mc).
 measure() {
   local p=$1-n$3 m=$2 n=$3 r g
   local shaped=(--devices "$n" --shaper "$shaper" --input "$m/x.npy")
   run "$p-single" "$n" --model "$m" --mode sp --devices 1 --input "$m/x.npy"
+  if [[ ${SINGLE_BESIDE:-0} == 1 && $n -gt 1 ]]; then
+    [[ $worker_device == cpu ]] || { echo "distributed-real.sh: SINGLE_BESIDE=1 is for CPU workers" >&2; exit 1; }
+    single_beside "$p" "$n" "$m"
+  fi
   for r in "${sp_mbps_list[@]}"; do
     run "$p-r$r-sp" "$n" --model "$m" --mode sp --links "$r" "${shaped[@]}" --trace "$out/$p-r$r-sp.trace.json"
   done

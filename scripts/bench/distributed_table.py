@@ -1,7 +1,8 @@
 """Markdown table of scripts/bench/distributed-real.sh's runs at one N: measured latency of every
-configuration (median of its timed runs), the speedup over the single device of that N, what the
-busiest worker put on the wire, the index messages lost (multicast), and astra-sim's prediction
-for the same run from its own measured trace.
+configuration (median of its timed runs), the speedup over the single device of that N (and, where
+SINGLE_BESIDE=1 measured it, over the single device running beside N − 1 copies of itself, as each
+worker runs beside the others), what the busiest worker put on the wire, the index messages lost
+(multicast), and astra-sim's prediction for the same run from its own measured trace.
 
 usage: distributed_table.py OUT_DIR PREFIX DEVICES THREADS "TOKENS" "MBPS" "SP_MBPS" "GROUPS"
        "MULTICAST_GROUPS" SHAPER WORKER_DEVICE
@@ -40,23 +41,35 @@ def main() -> None:
     single_json = out / f"{prefix}{tokens[0]}-n{n}-single.json"
     if device == "cpu" and single_json.exists() and json.loads(single_json.read_text()).get("pinned_cores"):
         where += ", each pinned to cores of its own (`--pin-cores`)"
+    beside_of = {t: out / f"{prefix}{t}-n{n}-single-beside.json" for t in tokens}
+    beside = any(p.exists() for p in beside_of.values())
     print(f"### N = {n}\n")
     print(f"{where}; uplinks shaped by {shaped}; batch 1, median of the timed runs.\n")
     print(
         "| T | Mbit/s | method | transport | measured (ms) | speedup vs single | compute, slowest worker (ms) "
         "| waiting, slowest (ms) | sent, busiest worker (KB) | lost | astra-sim alpha-beta (ms) | error "
-        "| paper model (ms) |"
+        "| paper model (ms) |" + (f" speedup vs single beside {n - 1} {'copy' if n == 2 else 'copies'} |" if beside else "")
     )
-    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if beside else ""))
     errors = []
     for t in tokens:
         base = f"{prefix}{t}-n{n}"
         single = json.loads((out / f"{base}-single.json").read_text())
         s_ms = single["median_ms"]
+        b_ms = None
+        if beside_of[t].exists():
+            b = json.loads(beside_of[t].read_text())
+            b_ms = b["median_ms"]
+        extra = lambda ms: (f" {b_ms / ms:.2f} |" if b_ms else " – |") if beside else ""
         print(
             f"| {t} | – | single | – | {s_ms:.1f} | 1.00 | {max(single['compute_ms']):.1f} "
-            "| – | – | – | – | – | – |"
+            "| – | – | – | – | – | – |" + extra(s_ms)
         )
+        if b_ms:
+            print(
+                f"| {t} | – | single, {n} copies at once | – | {b_ms:.1f} | {s_ms / b_ms:.2f} "
+                f"| {max(b['compute_ms']):.1f} | – | – | – | – | – | – |" + extra(b_ms)
+            )
         rows = sorted(
             {int(r) for r in rates} | {int(r) for r in sp_rates}
         )
@@ -85,6 +98,7 @@ def main() -> None:
                     f"| {t} | {r} | {label} | {transport} | {m:.1f} | {s_ms / m:.2f} "
                     f"| {max(s['compute_ms']):.1f} | {max(s['wait_ms']):.1f} "
                     f"| {max(s['sent_bytes']) / 1000:.1f} | {lost} | {ab:.1f} | {err:+.1f}% | {paper:.1f} |"
+                    + extra(m)
                 )
     if errors:
         print(f"\nLargest |error| of astra-sim's alpha-beta prediction at N = {n}: {max(errors):.1f}%.")

@@ -23,8 +23,8 @@ pub fn now_ms() -> f64 {
     t.tv_sec as f64 * 1e3 + t.tv_nsec as f64 / 1e6
 }
 
-/// A sender thread's record of one message: when it left the shaped uplink, counted from when
-/// the device queued it (so the hand-over to the thread is latency, the bucket's hold is not).
+/// A sender thread's record of one message: when it left the shaped uplink (see
+/// [`SenderClock::left`]).
 pub struct Sent {
     pub run: u32,
     pub block: u32,
@@ -33,15 +33,38 @@ pub struct Sent {
     pub left_ms: f64,
 }
 
-impl Sent {
-    /// A message queued at `ready_ms` that the uplink's bucket held for `hold`.
-    pub fn new(run: u32, block: u32, to: Option<u32>, ready_ms: f64, hold: Duration) -> Self {
-        Sent {
-            run,
-            block,
-            to,
-            left_ms: ready_ms + hold.as_secs_f64() * 1e3,
+/// A sender thread's account of its own queue.
+pub struct SenderClock {
+    /// When the thread finished putting its previous message on the wire.
+    free_at: f64,
+}
+
+impl Default for SenderClock {
+    fn default() -> Self {
+        SenderClock {
+            free_at: f64::NEG_INFINITY,
         }
+    }
+}
+
+impl SenderClock {
+    /// When a message the device queued at `ready_ms`, which the thread took at `taken_ms` and
+    /// the uplink's bucket then held for `held`, left the uplink. The bucket's hold is the
+    /// link's time, which the simulator models, and so is a wait behind the thread's previous
+    /// message (the link was busy); a thread that was idle took the message at once, so the
+    /// hand-over to it counts from when the device queued it (it is latency).
+    pub fn left(&self, ready_ms: f64, taken_ms: f64, held: Duration) -> f64 {
+        let from = if self.free_at > ready_ms {
+            taken_ms
+        } else {
+            ready_ms
+        };
+        from + held.as_secs_f64() * 1e3
+    }
+
+    /// The message is on the wire; the thread is free.
+    pub fn finished(&mut self) {
+        self.free_at = now_ms();
     }
 }
 
@@ -193,18 +216,41 @@ mod tests {
     }
 
     #[test]
+    fn a_wait_behind_the_previous_message_is_link_time_a_hand_over_is_latency() {
+        let ms = Duration::from_millis;
+        let mut c = SenderClock::default();
+        // Idle: queued at 10, taken at 10.2, held 2 ms by the bucket: left at 12.
+        assert_eq!(c.left(10.0, 10.2, ms(2)), 12.0);
+        // Queued while the thread still sent its previous message: from when it took it.
+        c.finished();
+        let busy_since = now_ms();
+        assert_eq!(
+            c.left(busy_since - 1.0, busy_since + 3.0, ms(2)),
+            busy_since + 5.0
+        );
+        // Queued after the thread was done: idle again.
+        assert_eq!(
+            c.left(busy_since + 1.0, busy_since + 1.5, ms(0)),
+            busy_since + 1.0
+        );
+    }
+
+    #[test]
     fn a_multicast_record_fills_every_sink_and_other_runs_are_ignored() {
         let (tx, rx) = mpsc::channel();
         // 2 blocks, 3 devices; device 0 sends to 1 and 2.
         let mut c = MessageClock::new(2, 3, vec![1, 2], rx);
         c.start(5);
-        tx.send(Sent::new(4, 0, None, 1.0, Duration::ZERO)).unwrap();
-        tx.send(Sent::new(5, 0, None, 10.0, Duration::from_millis(2)))
-            .unwrap();
-        tx.send(Sent::new(5, 1, Some(2), 20.0, Duration::ZERO))
-            .unwrap();
-        tx.send(Sent::new(5, 1, Some(1), 21.0, Duration::ZERO))
-            .unwrap();
+        let sent = |run, block, to, left_ms| Sent {
+            run,
+            block,
+            to,
+            left_ms,
+        };
+        tx.send(sent(4, 0, None, 1.0)).unwrap();
+        tx.send(sent(5, 0, None, 12.0)).unwrap();
+        tx.send(sent(5, 1, Some(2), 20.0)).unwrap();
+        tx.send(sent(5, 1, Some(1), 21.0)).unwrap();
         c.collect_sends(Instant::now() + Duration::from_secs(5));
         let nan = |x: f64| x.is_nan();
         assert!(nan(c.sent_at[0]));

@@ -15,7 +15,7 @@ use astra_sim::transport::shaper::Uplink;
 use astra_sim::transport::Frame;
 use rand::{Rng, SeedableRng};
 
-use super::message_clock::{now_ms, Sent};
+use super::message_clock::{now_ms, SenderClock, Sent};
 use crate::error::Result;
 use crate::{fail, invalid};
 
@@ -121,18 +121,24 @@ impl GroupSender {
             // Each run draws its own losses (the session key is new per run), each worker its own.
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(tag ^ u64::from(out.from));
             let mut out = out;
+            let mut clock = SenderClock::default();
             for (id, ready_ms, bytes) in rx {
+                let taken_ms = now_ms();
                 match put(&sock, (addr, tag), id, &bytes, &mut out, &mut rng) {
                     Ok(held) => {
-                        let _ = out
-                            .stamps
-                            .send(Sent::new(id.run, id.block, None, ready_ms, held));
+                        let _ = out.stamps.send(Sent {
+                            run: id.run,
+                            block: id.block,
+                            to: None,
+                            left_ms: clock.left(ready_ms, taken_ms, held),
+                        });
                     }
                     Err(e) => {
                         let _ = ftx.send(e);
                         return;
                     }
                 }
+                clock.finished();
             }
         });
         Ok(GroupSender {

@@ -18,7 +18,7 @@ use astra_train::model::Model;
 use tch::{Device, Kind, Tensor};
 
 use super::frame::{self, Frame};
-use super::message_clock::{now_ms, MessageClock, Sent};
+use super::message_clock::{now_ms, MessageClock, SenderClock, Sent};
 use super::multicast::{self as group, Group, GroupSender, Inbound, Outlet};
 use super::net::{self, accept_by, configure, read_frames_as, same_key, Control, MeshMember};
 use super::{Plan, Transport, COORDINATOR, REJECTED_KEY};
@@ -386,15 +386,23 @@ impl Sender {
         let (ftx, failed) = mpsc::channel();
         std::thread::spawn(move || {
             use std::io::Write;
+            let mut clock = SenderClock::default();
             for (id, ready_ms, bytes) in rx {
+                let taken_ms = now_ms();
                 let held = uplink
                     .as_ref()
                     .map_or(Duration::ZERO, |u| u.transmit(bytes.len()));
-                let _ = stamps.send(Sent::new(id.run, id.block, Some(rank), ready_ms, held));
+                let _ = stamps.send(Sent {
+                    run: id.run,
+                    block: id.block,
+                    to: Some(rank),
+                    left_ms: clock.left(ready_ms, taken_ms, held),
+                });
                 if let Err(e) = stream.write_all(&bytes) {
                     let _ = ftx.send(e.to_string());
                     return;
                 }
+                clock.finished();
             }
         });
         Sender {
