@@ -1160,6 +1160,19 @@ fn multicast_puts_each_message_on_the_wire_once_and_masks_what_is_lost() {
             }
         }
     }
+    // … and after each message it received, the work of handling it (6 per device: 2 sources
+    // × 3 blocks), which the summary sums.
+    for p in &run.programs {
+        let handled = p
+            .iter()
+            .filter(|o| {
+                matches!(&o.kind, astra_sim::trace::OpKind::Compute { label, .. } if label.contains("handle"))
+            })
+            .count();
+        assert_eq!(handled, 6);
+    }
+    let handling = s["handling_ms"].as_array().unwrap();
+    assert!(handling.iter().all(|h| h.as_f64().unwrap() > 0.0), "{s}");
     let medians = s["message_latency_ms"].as_array().unwrap();
     assert!(
         medians.len() == 3 && medians.iter().all(|m| m.as_f64().is_some()),

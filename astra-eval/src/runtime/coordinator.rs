@@ -134,6 +134,9 @@ pub struct Summary {
     /// shaping or none); absent otherwise.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub message_latency_ms: Vec<Option<f64>>,
+    /// Per worker (median run): ms it spent handling its sources' messages (checking frames,
+    /// unpacking indices), part of its waiting.
+    pub handling_ms: Vec<f64>,
     /// Per worker (median run): bytes of the frames it sent to its peers and received from them
     /// (headers included; SP: fp32 embeddings, ASTRA: packed indices).
     pub sent_bytes: Vec<u64>,
@@ -342,9 +345,11 @@ fn gather<T>(
 struct RunResult {
     states: Vec<Option<Tensor>>,
     timings: Vec<Vec<f64>>,
-    /// Per worker, [block × devices]: when its messages left, when its sources' arrived.
+    /// Per worker, [block × devices]: when its messages left, when its sources' arrived, and
+    /// the ms it spent handling each.
     sent_at: Vec<Vec<f64>>,
     received_at: Vec<Vec<f64>>,
+    handled_ms: Vec<Vec<f64>>,
     /// (sent, received) bytes per worker.
     bytes: Vec<(u64, u64)>,
     /// Messages each worker never got, and of those the ones that came too late.
@@ -446,6 +451,11 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
             .flatten()
             .map(|l| message_clock::median(l))
             .collect(),
+        handling_ms: run
+            .handled_ms
+            .iter()
+            .map(|h| h.iter().filter(|x| x.is_finite()).sum())
+            .collect(),
         sent_bytes: run.bytes.iter().map(|b| b.0).collect(),
         received_bytes: run.bytes.iter().map(|b| b.1).collect(),
         lost_messages: run.lost.clone(),
@@ -476,6 +486,8 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
                 multicast: a.args.transport == Transport::Multicast,
                 outside_ms: summary.outside_ms,
                 latency_ms: latency.as_deref(),
+                received_at: &run.received_at,
+                handled_ms: &run.handled_ms,
             },
             &run.timings,
         )?;
@@ -737,12 +749,14 @@ fn timed_runs(
             runs_ms.push(ms);
             let (mut states, mut timings, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
             let (mut lost, mut late) = (Vec::new(), Vec::new());
-            let (mut sent_at, mut received_at) = (Vec::new(), Vec::new());
+            let (mut sent_at, mut received_at, mut handled_ms) =
+                (Vec::new(), Vec::new(), Vec::new());
             for r in got {
                 states.push(r.state);
                 timings.push(r.timings);
                 sent_at.push(r.sent_at);
                 received_at.push(r.received_at);
+                handled_ms.push(r.handled_ms);
                 bytes.push(r.bytes);
                 lost.push(r.lost);
                 late.push(r.late);
@@ -752,6 +766,7 @@ fn timed_runs(
                 timings,
                 sent_at,
                 received_at,
+                handled_ms,
                 bytes,
                 lost,
                 late,
@@ -809,6 +824,7 @@ struct WorkerResult {
     timings: Vec<f64>,
     sent_at: Vec<f64>,
     received_at: Vec<f64>,
+    handled_ms: Vec<f64>,
     bytes: (u64, u64),
     lost: u32,
     late: u32,
@@ -826,6 +842,7 @@ fn result_of(r: usize, f: Frame, blocks: usize, devices: usize) -> Result<Option
         late,
         sent_at,
         received_at,
+        handled_ms,
         ..
     } = f
     else {
@@ -840,11 +857,11 @@ fn result_of(r: usize, f: Frame, blocks: usize, devices: usize) -> Result<Option
         );
     }
     // When each message left and arrived: one per block and rank.
-    if sent_at.len() != blocks * devices || received_at.len() != blocks * devices {
+    let tables = [&sent_at, &received_at, &handled_ms];
+    if tables.iter().any(|t| t.len() != blocks * devices) {
         fail!(
-            "worker {r} sent {} and {} message times for {blocks} blocks × {devices} devices",
-            sent_at.len(),
-            received_at.len()
+            "worker {r} sent message tables of {:?} values for {blocks} blocks × {devices} devices",
+            tables.map(|t| t.len())
         );
     }
     let numel: i64 = shape.iter().product();
@@ -857,6 +874,7 @@ fn result_of(r: usize, f: Frame, blocks: usize, devices: usize) -> Result<Option
         timings,
         sent_at,
         received_at,
+        handled_ms,
         bytes: (sent_bytes, received_bytes),
         lost,
         late,

@@ -32,6 +32,10 @@ pub struct Measured<'a> {
     /// Per receiver, [block × devices]: each message's measured time from leaving its sender's
     /// uplink to being in the receiver's hands (NaN: not measured); None: none measured.
     pub latency_ms: Option<&'a [Vec<f64>]>,
+    /// Per receiver, [block × devices] on its own clock: when each source's message was in its
+    /// hands (its programs receive them in that order), and the ms it spent handling each.
+    pub received_at: &'a [Vec<f64>],
+    pub handled_ms: &'a [Vec<f64>],
 }
 
 pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
@@ -74,8 +78,12 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
         .iter()
         .enumerate()
         .map(|(d, t)| {
-            let latency = m.latency_ms.and_then(|l| l.get(d)).map(Vec::as_slice);
-            let mut ops = device_program(&wire, d, t, latency);
+            let inbox = Inbox {
+                latency: m.latency_ms.and_then(|l| l.get(d)).map(Vec::as_slice),
+                received_at: m.received_at.get(d).map(Vec::as_slice),
+                handled_ms: m.handled_ms.get(d).map(Vec::as_slice),
+            };
+            let mut ops = device_program(&wire, d, t, inbox);
             if m.outside_ms > 0.0 {
                 let deps = ops.len().checked_sub(1).map(|i| vec![i as u32]);
                 ops.push(Op {
@@ -119,6 +127,27 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
     };
     trace.validate()?;
     Ok(trace)
+}
+
+/// What a device measured of the messages it received, [block × devices] each (NaN: none).
+#[derive(Clone, Copy, Default)]
+struct Inbox<'a> {
+    latency: Option<&'a [f64]>,
+    received_at: Option<&'a [f64]>,
+    handled_ms: Option<&'a [f64]>,
+}
+
+impl Inbox<'_> {
+    fn get(t: Option<&[f64]>, i: usize) -> Option<f64> {
+        t.and_then(|t| t.get(i)).copied().filter(|x| x.is_finite())
+    }
+
+    /// Block `l`'s sources in the order their messages were in hand (unmeasured ones last).
+    fn order(&self, l: usize, n: usize, mut sources: Vec<usize>) -> Vec<usize> {
+        let at = |from: usize| Self::get(self.received_at, l * n + from).unwrap_or(f64::INFINITY);
+        sources.sort_by(|&a, &b| at(a).total_cmp(&at(b)));
+        sources
+    }
 }
 
 /// What each device puts on the wire per block.
@@ -197,9 +226,10 @@ impl Wire {
 
 /// Device `d`'s program from its measured timings (three per block, then the head): per block
 /// encode, its sends (eager: they leave from sender threads while the device waits), what it
-/// receives (each message with its measured `latency`, [block × devices], where there is one),
-/// then attend + MLP once its sources' data are in; the head last.
-fn device_program(w: &Wire, d: usize, timings: &[f64], latency: Option<&[f64]>) -> Vec<Op> {
+/// receives in the order it had it (each message with its measured latency, then the work of
+/// handling it, where the inbox has them), then attend + MLP once its sources' data are in; the
+/// head last.
+fn device_program(w: &Wire, d: usize, timings: &[f64], inbox: Inbox) -> Vec<Op> {
     let mut ops: Vec<Op> = Vec::new();
     let push = |ops: &mut Vec<Op>, kind: OpKind, deps: Vec<u32>| {
         let id = ops.len() as u32;
@@ -230,16 +260,21 @@ fn device_program(w: &Wire, d: usize, timings: &[f64], latency: Option<&[f64]>) 
             }
         }
         let mut after = vec![encode];
-        for from in w.sources(d) {
-            let measured = latency
-                .and_then(|t| t.get(l * w.devices as usize + from))
-                .copied()
-                .filter(|ms| ms.is_finite());
-            let got = w.message(l, from, Some(d), measured);
-            after.push(push(&mut ops, got, vec![encode]));
+        let n = w.devices as usize;
+        for from in inbox.order(l, n, w.sources(d)) {
+            let at = l * n + from;
+            let got = w.message(l, from, Some(d), Inbox::get(inbox.latency, at));
+            let got = push(&mut ops, got, vec![encode]);
             if w.multicast {
                 push(&mut ops, w.announcement(l, from, d), vec![encode]);
             }
+            after.push(match Inbox::get(inbox.handled_ms, at) {
+                Some(ms) => {
+                    let label = format!("block {l} handle {from}'s message");
+                    push(&mut ops, OpKind::Compute { ms, label }, vec![got])
+                }
+                None => got,
+            });
         }
         let label = format!("block {l} attend + MLP");
         push(&mut ops, OpKind::Compute { ms: b[2], label }, after);
@@ -280,12 +315,17 @@ mod tests {
 
     #[test]
     fn the_head_follows_the_last_block() {
-        let ops = device_program(&wire(false), 0, &[1.0, 0.5, 2.0, 1.0, 0.5, 2.0, 0.75], None);
+        let ops = device_program(
+            &wire(false),
+            0,
+            &[1.0, 0.5, 2.0, 1.0, 0.5, 2.0, 0.75],
+            Inbox::default(),
+        );
         let last = ops.last().unwrap();
         assert_eq!(label(last), Some(("head", 0.75)));
         assert_eq!(last.deps, Some(vec![ops.len() as u32 - 2]));
         // Without the trailing value (an older worker): blocks only.
-        let ops = device_program(&wire(false), 0, &[1.0, 0.5, 2.0], None);
+        let ops = device_program(&wire(false), 0, &[1.0, 0.5, 2.0], Inbox::default());
         assert_eq!(
             label(ops.last().unwrap()).unwrap().0,
             "block 0 attend + MLP"
@@ -294,7 +334,7 @@ mod tests {
 
     #[test]
     fn announcements_follow_each_multicast_and_nothing_waits_for_them() {
-        let ops = device_program(&wire(true), 1, &[1.0, 0.5, 2.0, 0.1], None);
+        let ops = device_program(&wire(true), 1, &[1.0, 0.5, 2.0, 0.1], Inbox::default());
         let tags: Vec<&str> = ops
             .iter()
             .filter_map(|o| match &o.kind {
@@ -326,8 +366,12 @@ mod tests {
     fn each_received_message_carries_the_latency_its_receiver_measured() {
         // Device 1 of 3, one block: it measured 0.25 ms for device 0's message, nothing for 2's.
         let measured = [0.25, f64::NAN, f64::NAN];
+        let inbox = Inbox {
+            latency: Some(&measured),
+            ..Default::default()
+        };
         for multicast in [false, true] {
-            let ops = device_program(&wire(multicast), 1, &[1.0, 0.5, 2.0, 0.1], Some(&measured));
+            let ops = device_program(&wire(multicast), 1, &[1.0, 0.5, 2.0, 0.1], inbox);
             let latency = |tag: &str| {
                 ops.iter()
                     .find_map(|o| match &o.kind {
@@ -347,5 +391,51 @@ mod tests {
             assert_eq!(latency(from2), None, "multicast {multicast}");
             assert_eq!(latency(own), None, "multicast {multicast}");
         }
+    }
+
+    #[test]
+    fn messages_are_received_in_the_order_they_came_and_then_handled() {
+        // Device 2 of 3 had device 1's message first (at 5 ms), then device 0's (at 7 ms), and
+        // spent 0.5 and 0.25 ms handling them.
+        let (at, handled) = ([7.0, 5.0, f64::NAN], [0.25, 0.5, f64::NAN]);
+        let inbox = Inbox {
+            received_at: Some(&at),
+            handled_ms: Some(&handled),
+            ..Default::default()
+        };
+        let ops = device_program(&wire(false), 2, &[1.0, 0.5, 2.0, 0.1], inbox);
+        let tags: Vec<String> = ops
+            .iter()
+            .filter_map(|o| match &o.kind {
+                OpKind::Send(c) if c.peers[1] == 2 => Some(c.tag.clone()),
+                OpKind::Compute { label, .. } if label.contains("handle") => Some(label.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            tags,
+            [
+                "block 0 1->2",
+                "block 0 handle 1's message",
+                "block 0 0->2",
+                "block 0 handle 0's message"
+            ]
+        );
+        // Each handling follows its own message; attend + MLP waits for both.
+        let id = |t: &str| {
+            ops.iter()
+                .position(|o| label(o).is_some_and(|(l, _)| l == t))
+                .unwrap()
+        };
+        let h1 = id("block 0 handle 1's message");
+        assert_eq!(label(&ops[h1]), Some(("block 0 handle 1's message", 0.5)));
+        assert!(matches!(&ops[h1 - 1].kind, OpKind::Send(c) if c.tag == "block 0 1->2"));
+        assert_eq!(ops[h1].deps, Some(vec![h1 as u32 - 1]));
+        let attend = &ops[id("block 0 attend + MLP")];
+        let deps = attend.deps.as_ref().unwrap();
+        assert!(
+            deps.contains(&(h1 as u32))
+                && deps.contains(&(id("block 0 handle 0's message") as u32))
+        );
     }
 }

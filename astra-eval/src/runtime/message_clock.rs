@@ -7,7 +7,10 @@
 //! measure no latency.
 //!
 //! Both ends record into a flat `blocks × devices` table per run (NaN where nothing was
-//! recorded): the sender by receiver rank, the receiver by sender rank.
+//! recorded): the sender by receiver rank, the receiver by sender rank. The receiver also
+//! records how long it took to handle each message (check the frame, unpack the indices): work
+//! of its own, which starts once the message is in and the device waits for it, and which the
+//! trace replays as a compute op after that message.
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -79,6 +82,8 @@ pub struct MessageClock {
     pub sent_at: Vec<f64>,
     /// [block × devices]: when the message from that rank was in this worker's hands.
     pub received_at: Vec<f64>,
+    /// [block × devices]: ms this worker spent handling the message from that rank.
+    pub handled_ms: Vec<f64>,
     waiting_since: f64,
 }
 
@@ -96,6 +101,7 @@ impl MessageClock {
             run: 0,
             sent_at: vec![f64::NAN; blocks * devices],
             received_at: vec![f64::NAN; blocks * devices],
+            handled_ms: vec![f64::NAN; blocks * devices],
             waiting_since: f64::INFINITY,
         }
     }
@@ -105,6 +111,7 @@ impl MessageClock {
         self.run = run;
         self.sent_at.fill(f64::NAN);
         self.received_at.fill(f64::NAN);
+        self.handled_ms.fill(f64::NAN);
     }
 
     /// The device starts waiting for a block's sources.
@@ -112,17 +119,25 @@ impl MessageClock {
         self.waiting_since = now_ms();
     }
 
-    /// Block `block`'s message from `from`, which a reader thread had at `arrived_ms`, is taken
-    /// now. If it came while the device waited, the device had it when it woke for it (now);
-    /// if it came before, when it arrived.
-    pub fn received(&mut self, block: u32, from: u32, arrived_ms: f64) {
+    /// Block `block`'s message from `from`, which a reader thread had at `arrived_ms`, was
+    /// taken at `taken_ms` and handled in `handled`. If it came while the device waited, the
+    /// device had it when it woke for it (`taken_ms`); if it came before, when it arrived.
+    pub fn received(
+        &mut self,
+        block: u32,
+        from: u32,
+        arrived_ms: f64,
+        taken_ms: f64,
+        handled: Duration,
+    ) {
         let at = if arrived_ms >= self.waiting_since {
-            now_ms()
+            taken_ms
         } else {
             arrived_ms
         };
         if let Some(slot) = self.slot(block, from) {
             self.received_at[slot] = at;
+            self.handled_ms[slot] = handled.as_secs_f64() * 1e3;
         }
     }
 
@@ -270,15 +285,18 @@ mod tests {
         let mut c = MessageClock::new(1, 2, vec![1], rx);
         c.start(0);
         let before = now_ms() - 5.0;
+        let handled = Duration::from_micros(250);
         c.waiting();
-        c.received(0, 1, before);
-        assert_eq!(c.received_at[1], before);
-        // One that came while it waited: when it was taken (now, not earlier than it came).
+        c.received(0, 1, before, before + 9.0, handled);
+        assert_eq!((c.received_at[1], c.handled_ms[1]), (before, 0.25));
+        // One that came while it waited: when it was taken.
         let during = now_ms();
-        c.received(0, 1, during);
-        assert!(c.received_at[1] >= during);
+        c.received(0, 1, during, during + 0.5, handled);
+        assert_eq!(c.received_at[1], during + 0.5);
         // Out-of-range ranks are not recorded.
-        c.received(0, 7, during);
+        c.received(0, 7, during, during, handled);
+        c.start(1);
+        assert!(c.handled_ms.iter().all(|x| x.is_nan()));
     }
 
     #[test]

@@ -234,6 +234,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
             late,
             sent_at: ex.clock.sent_at.clone(),
             received_at: ex.clock.received_at.clone(),
+            handled_ms: ex.clock.handled_ms.clone(),
         })?;
         if let Some(per_block) = ex.captured.as_mut().map(std::mem::take) {
             let last = ex.last_states.take().expect("captured with the prefill");
@@ -604,6 +605,7 @@ impl Exchange<'_> {
     /// One frame from a peer's connection or one message from the group, while waiting in
     /// block `l`.
     fn take(&mut self, l: usize, inbound: Inbound) -> Result<()> {
+        let (taken_ms, taking) = (now_ms(), Instant::now());
         let multicast = self.plan.transport == Transport::Multicast;
         let (from, f, at) = match inbound {
             Inbound::Peer((from, f), at) => {
@@ -662,11 +664,12 @@ impl Exchange<'_> {
             }
         };
         let (block, payload) = self.check(l, from, f)?;
-        self.clock.received(block, from, at);
         let replay = self.taken.contains(&(from, block));
         if self.pending.insert((from, block), payload).is_some() || replay {
             fail!("block {l}: peer {from} sent block {block}'s data twice; refused");
         }
+        self.clock
+            .received(block, from, at, taken_ms, taking.elapsed());
         Ok(())
     }
 

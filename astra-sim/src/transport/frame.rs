@@ -55,6 +55,8 @@ pub enum Frame {
         /// message to each rank left its uplink, and when each rank's message was in its hands.
         sent_at: Vec<f64>,
         received_at: Vec<f64>,
+        /// [block × devices]: ms the worker spent handling each rank's message (NaN: none).
+        handled_ms: Vec<f64>,
     },
     /// Worker → coordinator: what went wrong.
     Error(String),
@@ -280,6 +282,7 @@ impl Frame {
                 late,
                 sent_at,
                 received_at,
+                handled_ms,
             } => {
                 p.extend_from_slice(&from.to_le_bytes());
                 p.extend_from_slice(&(shape.len() as u32).to_le_bytes());
@@ -297,6 +300,7 @@ impl Frame {
                 p.extend_from_slice(&late.to_le_bytes());
                 put_f64s(&mut p, sent_at);
                 put_f64s(&mut p, received_at);
+                put_f64s(&mut p, handled_ms);
             }
         }
         p
@@ -403,6 +407,7 @@ impl Frame {
                     late: c.u32()?,
                     sent_at: c.f64s()?,
                     received_at: c.f64s()?,
+                    handled_ms: c.f64s()?,
                 }
             }
             5 => Frame::Error(text(&mut c)?),
@@ -520,6 +525,7 @@ mod tests {
                 late: 1,
                 sent_at: vec![0.0, 1.25e9],
                 received_at: vec![7.5],
+                handled_ms: vec![0.125, 3.0],
             },
             Frame::Error("boom".into()),
             Frame::Embeddings {
