@@ -454,7 +454,7 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
         handling_ms: run
             .handled_ms
             .iter()
-            .map(|h| h.iter().filter(|x| x.is_finite()).sum())
+            .map(|h| h.iter().filter(|x| x.is_finite()).fold(0.0, |a, x| a + x))
             .collect(),
         sent_bytes: run.bytes.iter().map(|b| b.0).collect(),
         received_bytes: run.bytes.iter().map(|b| b.1).collect(),
