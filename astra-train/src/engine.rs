@@ -155,6 +155,23 @@ pub enum Payload {
     Embeddings(Tensor),
 }
 
+impl Payload {
+    /// The tensor, whichever the payload: indices [B, n, G] or tokens [B, n, D].
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            Payload::Indices(t) | Payload::Embeddings(t) => t,
+        }
+    }
+
+    /// A payload of the same kind holding `t` (e.g. this one's tensor copied to a device).
+    pub fn with(&self, t: Tensor) -> Payload {
+        match self {
+            Payload::Indices(_) => Payload::Indices(t),
+            Payload::Embeddings(_) => Payload::Embeddings(t),
+        }
+    }
+}
+
 /// Remote tokens as a receiver holds them for one block (see [`DeviceShare::expand`]).
 pub enum Expanded {
     Nothing,
@@ -349,12 +366,7 @@ impl<'m> DeviceShare<'m> {
     /// What block `l`'s sources sent (in rank order) as this device attends to it: remote
     /// embeddings (unquantized, or decoded codewords), or keys/values looked up from codewords.
     pub fn expand(&self, l: usize, received: &[&Payload], kind: Kind) -> Expanded {
-        let parts: Vec<&Tensor> = received
-            .iter()
-            .map(|p| match p {
-                Payload::Indices(t) | Payload::Embeddings(t) => t,
-            })
-            .collect();
+        let parts: Vec<&Tensor> = received.iter().map(|p| p.tensor()).collect();
         if parts.is_empty() {
             return Expanded::Nothing;
         }

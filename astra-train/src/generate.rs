@@ -174,12 +174,7 @@ impl<'m> Generator<'m> {
         let remote = match received.first() {
             None => RemoteCache::None,
             Some(Payload::Indices(_)) => {
-                let parts: Vec<&Tensor> = received
-                    .iter()
-                    .map(|p| match p {
-                        Payload::Indices(t) | Payload::Embeddings(t) => t,
-                    })
-                    .collect();
+                let parts: Vec<&Tensor> = received.iter().map(|p| p.tensor()).collect();
                 let idx = Tensor::cat(&parts, 1);
                 let k = self.share.index_columns(l).into_iter().max().unwrap_or(1);
                 let bits = bitpack::bits_for(k as usize);

@@ -83,19 +83,7 @@ pub fn measured(m: &Measured, timings: &[Vec<f64>]) -> Result<Trace> {
                 received_at: m.received_at.get(d).map(Vec::as_slice),
                 handled_ms: m.handled_ms.get(d).map(Vec::as_slice),
             };
-            let mut ops = device_program(&wire, d, t, inbox);
-            if m.outside_ms > 0.0 {
-                let deps = ops.len().checked_sub(1).map(|i| vec![i as u32]);
-                ops.push(Op {
-                    id: ops.len() as u32,
-                    kind: OpKind::Compute {
-                        ms: m.outside_ms,
-                        label: "outside the workers (go, results back)".into(),
-                    },
-                    deps,
-                });
-            }
-            ops
+            device_program(&wire, d, t, inbox, m.outside_ms)
         })
         .collect();
     let trace = Trace {
@@ -228,8 +216,8 @@ impl Wire {
 /// encode, its sends (eager: they leave from sender threads while the device waits), what it
 /// receives in the order it had it (each message with its measured latency, then the work of
 /// handling it, where the inbox has them), then attend + MLP once its sources' data are in; the
-/// head last.
-fn device_program(w: &Wire, d: usize, timings: &[f64], inbox: Inbox) -> Vec<Op> {
+/// head, then what the run took outside the workers (`outside_ms`, if any).
+fn device_program(w: &Wire, d: usize, timings: &[f64], inbox: Inbox, outside_ms: f64) -> Vec<Op> {
     let mut ops: Vec<Op> = Vec::new();
     let push = |ops: &mut Vec<Op>, kind: OpKind, deps: Vec<u32>| {
         let id = ops.len() as u32;
@@ -280,12 +268,17 @@ fn device_program(w: &Wire, d: usize, timings: &[f64], inbox: Inbox) -> Vec<Op> 
         push(&mut ops, OpKind::Compute { ms: b[2], label }, after);
     }
     // The head after the last block, and its output's copy to the host.
-    if let [.., head] = timings[timings.len() / 3 * 3..] {
+    let tail = timings[timings.len() / 3 * 3..]
+        .last()
+        .map(|&ms| (ms, "head"));
+    let outside =
+        (outside_ms > 0.0).then_some((outside_ms, "outside the workers (go, results back)"));
+    for (ms, label) in tail.into_iter().chain(outside) {
         let deps = ops.len().checked_sub(1).map(|i| vec![i as u32]);
-        let label = "head".to_string();
+        let label = label.to_string();
         push(
             &mut ops,
-            OpKind::Compute { ms: head, label },
+            OpKind::Compute { ms, label },
             deps.unwrap_or_default(),
         );
     }
@@ -314,18 +307,22 @@ mod tests {
     }
 
     #[test]
-    fn the_head_follows_the_last_block() {
-        let ops = device_program(
-            &wire(false),
-            0,
-            &[1.0, 0.5, 2.0, 1.0, 0.5, 2.0, 0.75],
-            Inbox::default(),
-        );
+    fn the_head_follows_the_last_block_and_the_time_outside_the_head() {
+        let timings = [1.0, 0.5, 2.0, 1.0, 0.5, 2.0, 0.75];
+        let ops = device_program(&wire(false), 0, &timings, Inbox::default(), 0.0);
         let last = ops.last().unwrap();
         assert_eq!(label(last), Some(("head", 0.75)));
         assert_eq!(last.deps, Some(vec![ops.len() as u32 - 2]));
+        let with = device_program(&wire(false), 0, &timings, Inbox::default(), 0.25);
+        assert_eq!(with.len(), ops.len() + 1);
+        let outside = with.last().unwrap();
+        assert_eq!(
+            label(outside),
+            Some(("outside the workers (go, results back)", 0.25))
+        );
+        assert_eq!(outside.deps, Some(vec![ops.len() as u32 - 1]));
         // Without the trailing value (an older worker): blocks only.
-        let ops = device_program(&wire(false), 0, &[1.0, 0.5, 2.0], Inbox::default());
+        let ops = device_program(&wire(false), 0, &[1.0, 0.5, 2.0], Inbox::default(), 0.0);
         assert_eq!(
             label(ops.last().unwrap()).unwrap().0,
             "block 0 attend + MLP"
@@ -334,7 +331,7 @@ mod tests {
 
     #[test]
     fn announcements_follow_each_multicast_and_nothing_waits_for_them() {
-        let ops = device_program(&wire(true), 1, &[1.0, 0.5, 2.0, 0.1], Inbox::default());
+        let ops = device_program(&wire(true), 1, &[1.0, 0.5, 2.0, 0.1], Inbox::default(), 0.0);
         let tags: Vec<&str> = ops
             .iter()
             .filter_map(|o| match &o.kind {
@@ -371,7 +368,7 @@ mod tests {
             ..Default::default()
         };
         for multicast in [false, true] {
-            let ops = device_program(&wire(multicast), 1, &[1.0, 0.5, 2.0, 0.1], inbox);
+            let ops = device_program(&wire(multicast), 1, &[1.0, 0.5, 2.0, 0.1], inbox, 0.0);
             let latency = |tag: &str| {
                 ops.iter()
                     .find_map(|o| match &o.kind {
@@ -403,7 +400,7 @@ mod tests {
             handled_ms: Some(&handled),
             ..Default::default()
         };
-        let ops = device_program(&wire(false), 2, &[1.0, 0.5, 2.0, 0.1], inbox);
+        let ops = device_program(&wire(false), 2, &[1.0, 0.5, 2.0, 0.1], inbox, 0.0);
         let tags: Vec<String> = ops
             .iter()
             .filter_map(|o| match &o.kind {

@@ -763,7 +763,7 @@ impl Exchange<'_> {
 /// one GPU wait for each other there (the runs' waiting grew with the number of sources). Done
 /// the same way on the CPU, where the copy is the concatenation, so the tests cover it.
 fn upload(received: Vec<Option<Payload>>, device: Device) -> Vec<Option<Payload>> {
-    let tensors: Vec<&Tensor> = received.iter().flatten().map(payload_tensor).collect();
+    let tensors: Vec<&Tensor> = received.iter().flatten().map(Payload::tensor).collect();
     if tensors.is_empty() {
         return received;
     }
@@ -774,22 +774,8 @@ fn upload(received: Vec<Option<Payload>>, device: Device) -> Vec<Option<Payload>
         .into_iter();
     received
         .into_iter()
-        .map(|p| {
-            p.map(|p| {
-                let t = parts.next().expect("a part per payload");
-                match p {
-                    Payload::Indices(_) => Payload::Indices(t),
-                    Payload::Embeddings(_) => Payload::Embeddings(t),
-                }
-            })
-        })
+        .map(|p| p.map(|p| p.with(parts.next().expect("a part per payload"))))
         .collect()
-}
-
-fn payload_tensor(p: &Payload) -> &Tensor {
-    match p {
-        Payload::Indices(t) | Payload::Embeddings(t) => t,
-    }
 }
 
 /// Faults the tests inject through `ASTRA_FAULT=die:RANK:BLOCK` (the process exits),
@@ -827,7 +813,7 @@ mod tests {
 
     fn indices(p: &Option<Payload>) -> Option<Vec<i64>> {
         p.as_ref()
-            .map(|p| Vec::<i64>::try_from(payload_tensor(p).reshape([-1])).unwrap())
+            .map(|p| Vec::<i64>::try_from(p.tensor().reshape([-1])).unwrap())
     }
 
     #[test]
