@@ -612,6 +612,18 @@ mod tests {
         )
     }
 
+    /// A compute op of `ms` after `deps`.
+    fn compute(id: u32, ms: f64, deps: Vec<u32>) -> Op {
+        Op {
+            id,
+            kind: crate::trace::OpKind::Compute {
+                ms,
+                label: String::new(),
+            },
+            deps: Some(deps),
+        }
+    }
+
     #[test]
     fn sends_are_eager_the_receiver_waits_for_the_data_not_the_sender() {
         use crate::trace::OpKind;
@@ -667,14 +679,6 @@ mod tests {
     #[test]
     fn a_receiver_gets_a_message_after_its_measured_latency_not_alpha() {
         use crate::trace::OpKind;
-        let compute = |id: u32, ms: f64, deps: Vec<u32>| Op {
-            id,
-            kind: OpKind::Compute {
-                ms,
-                label: String::new(),
-            },
-            deps: Some(deps),
-        };
         // 2^20 bits at 1 Mbit/s: one second on the uplink; α = 5 ms.
         let send = |latency_ms: Option<f64>| Op {
             id: 1,
@@ -746,14 +750,6 @@ mod tests {
                 tag: tag.into(),
                 latency_ms: None,
             }),
-            deps: Some(deps),
-        };
-        let compute = |id: u32, ms: f64, deps: Vec<u32>| Op {
-            id,
-            kind: OpKind::Compute {
-                ms,
-                label: String::new(),
-            },
             deps: Some(deps),
         };
         let run = Run {

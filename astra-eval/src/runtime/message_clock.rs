@@ -236,11 +236,12 @@ mod tests {
         let mut c = SenderClock::default();
         // Idle: queued at 10, taken at 10.2, held 2 ms by the bucket: left at 12.
         assert_eq!(c.left(10.0, 10.2, ms(2)), 12.0);
-        // Queued while the thread still sent its previous message: from when it took it.
+        // Queued while the thread still sent its previous message (a second before it was
+        // done): from when it took it.
         c.finished();
         let busy_since = now_ms();
         assert_eq!(
-            c.left(busy_since - 1.0, busy_since + 3.0, ms(2)),
+            c.left(busy_since - 1000.0, busy_since + 3.0, ms(2)),
             busy_since + 5.0
         );
         // Queued after the thread was done: idle again.

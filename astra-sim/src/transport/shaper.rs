@@ -114,7 +114,11 @@ mod tests {
         let _ = up.transmit_wire(1000);
         let held = up.transmit_wire(13_107).as_secs_f64();
         let want = (1000.0 + 13_107.0 - DEFAULT_BURST_BYTES) / 131_072.0;
-        assert!((held - want).abs() < 2e-3, "{held} vs {want}");
+        // Less by however long this thread was descheduled between the two sends.
+        assert!(
+            held <= want + 1e-4 && held > want - 0.04,
+            "{held} vs {want}"
+        );
     }
 
     #[test]
