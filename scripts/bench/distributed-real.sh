@@ -12,10 +12,12 @@
 # random weights; ASTRA sends key and value indices: two codebooks of width 256 per block). Every
 # distributed run also writes its measured per-block compute as an astra-sim trace (eager sends
 # per peer over TCP, one multicast per device and block otherwise), and astra-sim predicts that
-# run's latency at the link rate (alpha-beta, α = 0.05 ms, eager sends overlapping compute that
-# does not need them, the shaper's 3,028-byte token bucket, bandwidth = rate × the payload share of what the shaper counts: TCP behind
-# the kernel 1448/1547 (segments and the ACKs sharing the uplink, results/sim-vs-live.md), user
-# space 1448/1514 (segments), multicast 1448/1514 (datagrams); and the paper's model).
+# run's latency at the link rate (scripts/bench/sim_predict.py: alpha-beta with each message's
+# latency as the run measured it, α = 0.05 ms where it did not, eager sends overlapping compute
+# that does not need them, the shaper's 3,028-byte token bucket, bandwidth = rate × the payload
+# share of what the shaper counts: TCP behind the kernel 1448/1547 (segments and the ACKs sharing
+# the uplink, results/sim-vs-live.md), user space 1448/1514 (segments), multicast 1448/1514
+# (datagrams); and the paper's model).
 #   scripts/bench/distributed-real.sh OUT_DIR
 # Environment: DEVICES ("2"; e.g. "2 4 8"), CORES (this machine's; each worker gets CORES/N
 # libtorch threads and the single device of that N the same) or THREADS (fixed per worker),
@@ -238,33 +240,19 @@ for n in "${device_list[@]}"; do
   for t in "${llama_tokens[@]}"; do measure "llama-t$t" "$out/llama-t$t" "$n"; done
 done
 
-# Predictions of each measured run by astra-sim, from its own trace.
-predict() { # PREFIX T N
-  local p=$1-n$3 t=$2 n=$3 name sim_method eff share
+# Predictions of each measured run by astra-sim, from its own trace (scripts/bench/sim_predict.py
+# says how: the settings above).
+predict() { # PREFIX N
+  local p=$1-n$2 name
   for name in $(cd "$out" && ls "$p"-r*.trace.json 2>/dev/null | sed 's/\.trace\.json$//'); do
     [[ -s $out/$name.ab.csv ]] && continue
-    case $name in
-      *-sp) sim_method=sp ;;
-      *) g=${name##*-g}; g=${g%-mc}; sim_method=astra-g$g ;;
-    esac
-    share=1448/1514
-    [[ $shaper == kernel && $name != *-mc ]] && share=1448/1547
-    r=${name#"$p"-r}; r=${r%%-*}
-    eff=$(python3 -c "print($r * $share)")
-    # Both shapers' token bucket: 3,028 bytes (netem.sh's tbf/htb burst, the user-space
-    # shaper's), counted in payload bits as the rate is.
-    burst=$(python3 -c "print(3028 * 8 * $share)")
-    $bin/astra-sim sweep --trace "$out/$name.trace.json" --methods "$sim_method" --devices "$n" --tokens "$t" \
-      --network alpha-beta --alpha-ms 0.05 --algorithm direct --overlap true --mbps "$eff" --burst-bits "$burst" \
-      --out "$out/$name.ab.csv" 2>/dev/null
-    $bin/astra-sim sweep --trace "$out/$name.trace.json" --methods "$sim_method" --devices "$n" --tokens "$t" \
-      --network paper --mbps "$r" --out "$out/$name.paper.csv" 2>/dev/null
+    python3 scripts/bench/sim_predict.py "$bin/astra-sim" "$out" "$name"
   done
 }
 for n in "${device_list[@]}"; do
-  for t in "${token_list[@]}"; do predict "t$t" "$t" "$n"; done
-  for t in "${gpt2_tokens[@]}"; do predict "gpt2-t$t" "$t" "$n"; done
-  for t in "${llama_tokens[@]}"; do predict "llama-t$t" "$t" "$n"; done
+  for t in "${token_list[@]}"; do predict "t$t" "$n"; done
+  for t in "${gpt2_tokens[@]}"; do predict "gpt2-t$t" "$n"; done
+  for t in "${llama_tokens[@]}"; do predict "llama-t$t" "$n"; done
 done
 
 table() { # TITLE PREFIX TOKENS...

@@ -5,9 +5,9 @@
         [--message-latency trace|alpha] [-v] DIR...
 
 Each run's own trace (DIR/NAME.trace.json, or inside DIR/traces.tar.gz) is predicted as
-distributed-real.sh's predict() does it (alpha-beta, direct sends overlapping compute, the shaper's
-3,028-byte bucket, bandwidth = rate × the payload share of what the shaper counts) by each astra-sim
-binary given (default target/release/astra-sim), and set against the run's measured median
+distributed-real.sh predicts it (sim_predict.py: alpha-beta, direct sends overlapping compute, the
+shaper's 3,028-byte bucket, bandwidth = rate × the payload share of what the shaper counts) by each
+astra-sim binary given (default target/release/astra-sim), and set against the run's measured median
 (DIR/NAME.json). A trace the runtime recorded message latencies in gives each receiver its own
 (astra-sim's default); `--message-latency alpha` gives every message α instead (binaries before
 the flag existed take α anyway). Prints per folder the number of runs, the largest |error| and how many are over 5%
@@ -16,35 +16,13 @@ stored measurement.
 """
 import argparse
 import json
-import re
-import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-RUN = re.compile(r"(?:(?:gpt2|llama)-)?t(\d+)(?:-n\d+)?-r(\d+)-(sp|g(\d+))(-mc)?$")
-
-
-def predict(sim, trace, name, summary, alpha, latency):
-    m = RUN.match(name)
-    tokens, rate, n = int(m.group(1)), float(m.group(2)), summary["devices"]
-    method = "sp" if m.group(3) == "sp" else f"astra-g{m.group(4)}"
-    # What the shaper counts besides the payload: segments (user space, multicast datagrams) or
-    # segments and the ACKs sharing the uplink (the kernel's shaper over TCP).
-    kernel_tcp = "user space" not in summary["network"] and not m.group(5)
-    share = 1448 / 1547 if kernel_tcp else 1448 / 1514
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "ab.csv"
-        subprocess.run(
-            [sim, "sweep", "--trace", str(trace), "--methods", method, "--devices", str(n),
-             "--tokens", str(tokens), "--network", "alpha-beta", "--alpha-ms", str(alpha),
-             "--algorithm", "direct", "--overlap", "true", "--mbps", str(rate * share),
-             "--burst-bits", str(3028 * 8 * share), "--out", str(out)]
-            + (["--message-latency", latency] if latency != "trace" else []),
-            check=True, capture_output=True)
-        header, row = (line.split(",") for line in out.read_text().splitlines()[:2])
-        return float(row[header.index("latency_ms")])
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sim_predict import ALPHA_MS, RUN, predict  # noqa: E402  (the one place that says how)
 
 
 def traces_of(folder, tmp):
@@ -59,7 +37,7 @@ def traces_of(folder, tmp):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sim", default="target/release/astra-sim")
-    ap.add_argument("--alpha-ms", type=float, default=0.05)
+    ap.add_argument("--alpha-ms", type=float, default=ALPHA_MS)
     ap.add_argument("--message-latency", choices=["trace", "alpha"], default="trace")
     ap.add_argument("-v", action="store_true")
     ap.add_argument("dirs", nargs="+", type=Path)
