@@ -86,8 +86,9 @@ pub fn received_len(message: usize) -> u64 {
     (message + message.div_ceil(multicast::CHUNK_DATA).max(1) * multicast::HEADER) as u64
 }
 
-/// A message for the group: its id, when the device queued it (host clock, ms), its bytes.
-type Queued = (MessageId, f64, Arc<Vec<u8>>);
+/// A message for a sender thread (the group's, or a TCP peer's): its id, when the device queued
+/// it (host clock, ms), its bytes.
+pub type Queued = (MessageId, f64, Arc<Vec<u8>>);
 
 /// One thread putting this worker's messages on the group, in order.
 pub struct GroupSender {

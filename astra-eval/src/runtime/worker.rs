@@ -19,7 +19,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::frame::{self, Frame};
 use super::message_clock::{now_ms, MessageClock, SenderClock, Sent};
-use super::multicast::{self as group, Group, GroupSender, Inbound, Outlet};
+use super::multicast::{self as group, Group, GroupSender, Inbound, Outlet, Queued};
 use super::net::{self, accept_by, configure, read_frames_as, same_key, Control, MeshMember};
 use super::{Plan, Transport, COORDINATOR, REJECTED_KEY};
 use astra_sim::transport::multicast::MessageId;
@@ -371,8 +371,7 @@ fn quantizers(model: &Model, plan: &Plan, device: Device) -> Result<Vec<GroupedV
 /// the shaped link would have delivered it.
 struct Sender {
     rank: u32,
-    /// A message, when the device queued it (host clock, ms), its bytes.
-    queue: mpsc::Sender<(MessageId, f64, Arc<Vec<u8>>)>,
+    queue: mpsc::Sender<Queued>,
     failed: mpsc::Receiver<String>,
 }
 
@@ -383,7 +382,7 @@ impl Sender {
         uplink: Option<Arc<Uplink>>,
         stamps: mpsc::Sender<Sent>,
     ) -> Self {
-        let (tx, rx) = mpsc::channel::<(MessageId, f64, Arc<Vec<u8>>)>();
+        let (tx, rx) = mpsc::channel::<Queued>();
         let (ftx, failed) = mpsc::channel();
         std::thread::spawn(move || {
             use std::io::Write;
