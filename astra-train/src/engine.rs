@@ -23,6 +23,16 @@ pub enum Remote<'a> {
     Tokens(&'a Tensor),
     /// Remote keys and values [B, T_r, 2·D_kv] (keys first), e.g. from per-codeword tables.
     KeysValues(&'a Tensor),
+    /// The distinct codewords among the remote tokens as keys and values `kv` [B, U, 2·D_kv],
+    /// each standing for as many remote tokens as `log_count` [B, U] says (log of the count, −∞
+    /// for none): attention adds the log-count to a codeword's score, which weighs it exactly as
+    /// its tokens together ([`crate::models::layers::codeword_bias`]). Only for models whose
+    /// codeword keys do not depend on the token's position (those with per-codeword tables), and
+    /// only where every own query may see every remote token.
+    Codewords {
+        kv: &'a Tensor,
+        log_count: &'a Tensor,
+    },
 }
 
 /// Where a device's tokens sit in the sequence: its own content tokens, and the remote tokens of
@@ -177,6 +187,7 @@ pub enum Expanded {
     Nothing,
     Tokens(Tensor),
     KeysValues(Tensor),
+    Codewords { kv: Tensor, log_count: Tensor },
 }
 
 impl Expanded {
@@ -185,8 +196,16 @@ impl Expanded {
             Expanded::Nothing => Remote::Nothing,
             Expanded::Tokens(t) => Remote::Tokens(t),
             Expanded::KeysValues(kv) => Remote::KeysValues(kv),
+            Expanded::Codewords { kv, log_count } => Remote::Codewords { kv, log_count },
         }
     }
+}
+
+/// Whether block steps attend to each distinct remote codeword once ([`Remote::Codewords`]):
+/// on unless `ASTRA_DISTINCT_CODEWORDS=off` (read once; benchmarks compare the two).
+fn distinct_codewords_default() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ASTRA_DISTINCT_CODEWORDS").map_or(true, |v| v != "off"))
 }
 
 /// How a receiver turns remote indices into keys and values.
@@ -219,6 +238,9 @@ pub struct DeviceShare<'m> {
     pub sinks: Vec<u32>,
     /// Causal models: which keys [own | sources' tokens, in rank order] each own query may see.
     mask: Option<Tensor>,
+    /// Block steps attend to each distinct remote codeword once, weighted by its count, where
+    /// that is exact (per-codeword tables, every remote token visible to every own query).
+    pub distinct_codewords: bool,
 }
 
 /// A second handle on the same device's share (its tensors shared, not copied: none is written
@@ -237,6 +259,7 @@ impl Clone for DeviceShare<'_> {
             sources: self.sources.clone(),
             sinks: self.sinks.clone(),
             mask: self.mask.as_ref().map(Tensor::shallow_clone),
+            distinct_codewords: self.distinct_codewords,
         }
     }
 }
@@ -313,6 +336,7 @@ impl<'m> DeviceShare<'m> {
             sources,
             sinks,
             mask,
+            distinct_codewords: distinct_codewords_default(),
         })
     }
 
@@ -436,13 +460,72 @@ impl<'m> DeviceShare<'m> {
         at: Positions<'_>,
         mask: Option<&Tensor>,
     ) -> Tensor {
-        let expanded = self.expand(l, received, local.kind());
+        let expanded = match self.distinct(l, received, mask) {
+            Some(codewords) => codewords,
+            None => self.expand(l, received, local.kind()),
+        };
         let remote = expanded.as_remote();
         let mask = match remote {
             Remote::Nothing => None,
             _ => mask,
         };
         self.model.block_step(l, local, at, remote, mask)
+    }
+
+    /// Block `l`'s sources' tokens (all of them, in rank order) as the distinct codewords a block
+    /// step attends to, or None where it attends to every remote token (see `distinct`).
+    pub fn distinct_codewords_of(&self, l: usize, received: &[&Payload]) -> Option<Expanded> {
+        self.distinct(l, received, self.mask.as_ref())
+    }
+
+    /// The sources' tokens of block `l` as their distinct codewords with counts, where that is
+    /// exact and saves keys: one index per token (G = 1, so equal indices are equal tokens)
+    /// looked up in per-codeword tables, every remote token visible to every own query under
+    /// `mask`, and fewer distinct codewords than remote tokens. None otherwise (the block then
+    /// attends to every remote token). Counting is one bincount over the K codewords, O(T_r + K).
+    fn distinct(&self, l: usize, received: &[&Payload], mask: Option<&Tensor>) -> Option<Expanded> {
+        let table = self.tables.get(l).filter(|_| self.distinct_codewords)?;
+        let q = match self.block_quantizers(l) {
+            [q] if q.groups() == 1 => q,
+            _ => return None,
+        };
+        let parts: Vec<&Tensor> = received
+            .iter()
+            .map(|p| match p {
+                Payload::Indices(t) => Some(t),
+                Payload::Embeddings(_) => None,
+            })
+            .collect::<Option<_>>()?;
+        if parts.is_empty() {
+            return None;
+        }
+        let idx = Tensor::cat(&parts, 1); // [B, T_r, 1]
+        let (b, t_r) = (idx.size()[0], idx.size()[1]);
+        if let Some(m) = mask {
+            let cols = m.size()[1];
+            if !bool::try_from(m.narrow(1, cols - t_r, t_r).all()).ok()? {
+                return None;
+            }
+        }
+        // Per batch item, how many of its remote tokens chose each codeword.
+        let k = q.k();
+        let item = Tensor::arange(b, (Kind::Int64, idx.device())).view([b, 1]) * k;
+        let counts = (idx.view([b, t_r]) + item)
+            .view([-1])
+            .bincount(None::<Tensor>, b * k)
+            .view([b, k]);
+        let used = counts
+            .sum_dim_intlist(0, false, Kind::Int64)
+            .nonzero()
+            .view([-1]);
+        let u = used.size()[0];
+        if u >= t_r {
+            return None;
+        }
+        Some(Expanded::Codewords {
+            kv: table.kv(&used.view([1, u, 1])).expand([b, u, -1], false),
+            log_count: counts.index_select(1, &used).to_kind(Kind::Float).log(),
+        })
     }
 
     /// Where this device's own tokens and its remote tokens sit.

@@ -302,6 +302,108 @@ fn run_with_losses(
     combine(m.astra_model(), p, &parts)
 }
 
+/// N engines in memory, attending to distinct remote codewords or to every remote token; the
+/// combined logits and how many (device, block) steps attended to fewer remote keys than tokens.
+fn run_engines(
+    m: &Model,
+    input: &Tensor,
+    p: &DevicePartition,
+    cls: ClsMode,
+    vq: &[GroupedVq],
+    distinct: bool,
+) -> (Tensor, usize) {
+    let mut shares: Vec<DeviceShare> = (0..p.devices())
+        .map(|d| {
+            let model = m.astra_model();
+            DeviceShare::new(model, p.clone(), d, cls, vq, RemoteKv::Tables, Device::Cpu).unwrap()
+        })
+        .collect();
+    shares
+        .iter_mut()
+        .for_each(|s| s.distinct_codewords = distinct);
+    let mut local: Vec<Tensor> = shares.iter().map(|s| s.start(input).unwrap()).collect();
+    let mut fewer = 0;
+    for l in 0..m.layers() as usize {
+        let sent: Vec<Payload> = shares
+            .iter()
+            .zip(&local)
+            .map(|(s, x)| s.outgoing(l, x))
+            .collect();
+        local = shares
+            .iter()
+            .zip(&local)
+            .map(|(s, x)| {
+                let got: Vec<&Payload> = s.sources.iter().map(|&e| &sent[e as usize]).collect();
+                fewer += usize::from(s.distinct_codewords_of(l, &got).is_some());
+                s.block(l, x, &got)
+            })
+            .collect();
+    }
+    let parts: Vec<Tensor> = shares
+        .iter()
+        .zip(&local)
+        .filter_map(|(s, x)| s.finish(x, false))
+        .collect();
+    (combine(m.astra_model(), p, &parts), fewer)
+}
+
+/// Attending to each distinct remote codeword once, its score raised by the log of how many
+/// remote tokens chose it, equals attending to every remote token: G = 1 and 16 codewords, so
+/// many remote tokens share one; the ViT (bidirectional, DCT), GPT-2 on contiguous shares (every
+/// remote token precedes every own one) and on a random partition (where some do not: the
+/// engine attends to every token there). All equal the masked formulation.
+#[test]
+fn distinct_codewords_equal_every_remote_token() {
+    let (vit, gpt2) = (tiny_vit(), tiny_gpt2());
+    let images = Tensor::randn([2, 3, 24, 24], (Kind::Float, Device::Cpu));
+    let ids = Tensor::randint(50, [2, 17], (Kind::Int64, Device::Cpu));
+    let cases = [
+        (
+            &vit,
+            &images,
+            DevicePartition::contiguous(36, 3).unwrap(),
+            ClsMode::Distributed,
+            true,
+        ),
+        (
+            &gpt2,
+            &ids,
+            DevicePartition::contiguous(17, 3).unwrap(),
+            ClsMode::Single,
+            true,
+        ),
+        (
+            &gpt2,
+            &ids,
+            DevicePartition::random(17, 3, 5).unwrap(),
+            ClsMode::Single,
+            false,
+        ),
+    ];
+    for (m, input, p, cls, applies) in cases {
+        let mut vq = quantizers(3, 32, 1);
+        let a = Astra {
+            partition: &p,
+            cls,
+            vq: Some(&mut vq),
+            train: false,
+            link_loss: None,
+        };
+        let masked = tch::no_grad(|| m.forward_astra(input, a)).unwrap().logits;
+        let (distinct, fewer) = tch::no_grad(|| run_engines(m, input, &p, cls, &vq, true));
+        let (every, none) = tch::no_grad(|| run_engines(m, input, &p, cls, &vq, false));
+        assert_eq!(none, 0, "switched off");
+        assert_eq!(
+            fewer > 0,
+            applies,
+            "{p:?}: {fewer} steps on distinct codewords"
+        );
+        assert!(max_rel_diff(&every, &masked) < 1e-5, "{p:?}");
+        let rel = max_rel_diff(&distinct, &masked);
+        assert!(rel < 1e-5, "{p:?}: distinct codewords vs the mask {rel}");
+    }
+}
+
 /// A lossy transport's receiver leaves a lost source's tokens out: with every message lost that
 /// equals the masked formulation with every remote token's indices lost (a different code path:
 /// one mask over all keys); with none lost, the ordinary per-device path; a GPT-2 device missing

@@ -6,7 +6,7 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::fast_kv::CodewordKv;
-use super::layers::{activate, attend, conv1d, stacked_rows, Conv1D, Sight};
+use super::layers::{activate, attend, codeword_bias, conv1d, stacked_rows, Conv1D, Sight};
 use super::lm_head::LmHead;
 use super::mpa::Layout;
 use super::{Astra, AstraOutput, ClsMode};
@@ -133,6 +133,29 @@ impl GptBlock {
             v = Tensor::cat(&[v, kv.narrow(2, d, d).to_kind(q.kind())], 1);
         }
         self.finish(x, &q, &k, &v, mask.map_or(Sight::Causal, Sight::Mask))
+    }
+
+    /// [`Self::forward_kv`] with the remote keys/values `kv` [B, U, 2D] distinct codewords
+    /// standing for that many tokens each (`log_count` [B, U]), every one visible to every own
+    /// token; the own tokens see each other as `mask`'s first S columns say (causally without).
+    pub fn forward_codewords(
+        &self,
+        x: &Tensor,
+        kv: &Tensor,
+        log_count: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
+        let (q, k, v) = self.qkv(x);
+        let s = k.size()[1];
+        let own = match mask {
+            Some(m) => m.narrow(1, 0, s),
+            None => Tensor::ones([s, s], (Kind::Bool, x.device())).tril(0),
+        };
+        let bias = codeword_bias(s, log_count, Some(&own)).to_kind(q.kind());
+        let d = k.size()[2];
+        let k = Tensor::cat(&[k, kv.narrow(2, 0, d).to_kind(q.kind())], 1);
+        let v = Tensor::cat(&[v, kv.narrow(2, d, d).to_kind(q.kind())], 1);
+        self.finish(x, &q, &k, &v, Sight::Bias(&bias))
     }
 }
 
@@ -321,6 +344,7 @@ impl AstraModel for Gpt2 {
             Remote::Nothing => blk.forward(x, None, Sight::Causal),
             Remote::Tokens(e) => blk.forward(x, Some(e), mask.map_or(Sight::Causal, Sight::Mask)),
             Remote::KeysValues(kv) => blk.forward_kv(x, Some(kv), mask),
+            Remote::Codewords { kv, log_count } => blk.forward_codewords(x, kv, log_count, mask),
         }
     }
     fn codeword_kv(&self, l: usize, codebook: &Tensor) -> Option<CodewordKv> {
@@ -380,6 +404,9 @@ impl Decoder for Gpt2 {
                 Some((kv.narrow(2, 0, d), kv.narrow(2, d, d)))
             }
             Remote::Nothing => None,
+            Remote::Codewords { .. } => {
+                unreachable!("a key/value cache holds every token: it is built by expand")
+            }
         }
     }
     fn decode_step(

@@ -160,6 +160,9 @@ pub enum Sight<'a> {
     Causal,
     /// Boolean [S, Sk], true = may attend.
     Mask(&'a Tensor),
+    /// Added to each query's scores before the softmax (float, broadcast to [B, H, S, Sk]):
+    /// log-counts of distinct remote codewords ([`codeword_bias`]), −∞ where one may not attend.
+    Bias(&'a Tensor),
 }
 
 impl Sight<'_> {
@@ -168,9 +171,31 @@ impl Sight<'_> {
         let (mask, causal) = match self {
             Sight::All => (None, false),
             Sight::Causal => (None, true),
-            Sight::Mask(m) => (Some(m), false),
+            Sight::Mask(m) | Sight::Bias(m) => (Some(m), false),
         };
         Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None::<f64>, false)
+    }
+}
+
+/// The score bias of attention over [own keys | distinct remote codewords]: 0 for own keys that
+/// `sees` allows (all of them without a mask; `sees` [S, S] boolean otherwise, −∞ where false),
+/// then each codeword's log-count [B, U] (−∞ where a batch item holds none). A codeword that
+/// stands for c identical remote keys weighs e^{s + log c} = c·e^s in the softmax, exactly as the
+/// c keys would: [B, 1, 1, S + U] without a mask, [B, 1, S, S + U] with one.
+pub fn codeword_bias(own: i64, log_count: &Tensor, sees: Option<&Tensor>) -> Tensor {
+    let b = log_count.size()[0];
+    let zeros = || Tensor::zeros([b, 1, 1, own], (log_count.kind(), log_count.device()));
+    let counts = log_count.view([b, 1, 1, -1]);
+    match sees {
+        None => Tensor::cat(&[zeros(), counts], -1),
+        Some(m) => {
+            let s = m.size()[0];
+            let local = zeros()
+                .expand([b, 1, s, own], false)
+                .masked_fill(&m.logical_not().view([1, 1, s, own]), f64::NEG_INFINITY);
+            let u = counts.size()[3];
+            Tensor::cat(&[local, counts.expand([b, 1, s, u], false)], -1)
+        }
     }
 }
 

@@ -26,6 +26,11 @@ use crate::config::{LlamaConfig, LlamaFamily, RopeScaling};
 use crate::engine::{AstraModel, Decoder, Remote};
 use crate::error::{Result, TrainError};
 
+/// Llama never gets distinct codewords: its codewords are keys before rotation, so one codeword
+/// is a different key at every position, and it has no per-codeword tables (the engine's
+/// condition for them).
+const NO_CODEWORDS: &str = "distinct codewords for a model with rotary positions";
+
 /// HF's LlamaRMSNorm: normalised in fp32, scaled by the weight in the input's precision.
 #[derive(Debug)]
 pub struct RmsNorm {
@@ -526,6 +531,7 @@ impl AstraModel for Llama {
             // keys and values computed here, as their own device would.
             Remote::Tokens(e) => Some(blk.keys_values(e)),
             Remote::KeysValues(kv) => Some((kv.narrow(2, 0, kv_dim), kv.narrow(2, kv_dim, kv_dim))),
+            Remote::Codewords { .. } => unreachable!("{NO_CODEWORDS}"),
         };
         match remote_kv {
             None => blk.forward(x, &cs, None, Sight::Causal),
@@ -607,6 +613,7 @@ impl Decoder for Llama {
                 let w = self.cfg.kv_dim();
                 (kv.narrow(2, 0, w), kv.narrow(2, w, w))
             }
+            Remote::Codewords { .. } => unreachable!("{NO_CODEWORDS}"),
         };
         let (k, v) = blk.rotate_kv(&k, &v, &self.rotary.cos_sin(positions));
         Some((flat(&k), flat(&v)))

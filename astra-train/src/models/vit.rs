@@ -5,7 +5,9 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::fast_kv::CodewordKv;
-use super::layers::{activate, attend, linear, linears, stacked_rows, Linear, Sight};
+use super::layers::{
+    activate, attend, codeword_bias, linear, linears, stacked_rows, Linear, Sight,
+};
 use super::mpa::Layout;
 use super::{Astra, AstraOutput, ClsMode};
 use crate::config::ViTConfig;
@@ -80,7 +82,8 @@ impl VitBlock {
         match remote {
             Remote::Nothing => self.forward(x, None, Sight::All),
             Remote::Tokens(e) => self.forward(x, Some(e), Sight::All),
-            Remote::KeysValues(kv) => self.forward_kv(x, Some(kv)),
+            Remote::KeysValues(kv) => self.forward_kv(x, Some(kv), None),
+            Remote::Codewords { kv, log_count } => self.forward_kv(x, Some(kv), Some(log_count)),
         }
     }
 
@@ -103,17 +106,25 @@ impl VitBlock {
     }
 
     /// One block on a device's local tokens `x`, with the remote tokens' keys and values given
-    /// directly (`remote_kv` [B, T_r, 2D], keys first); no mask (one device's view).
-    pub fn forward_kv(&self, x: &Tensor, remote_kv: Option<&Tensor>) -> Tensor {
+    /// directly (`remote_kv` [B, T_r, 2D], keys first; with `log_count` [B, T_r] they are
+    /// distinct codewords standing for that many tokens each); no mask (one device's view).
+    pub fn forward_kv(
+        &self,
+        x: &Tensor,
+        remote_kv: Option<&Tensor>,
+        log_count: Option<&Tensor>,
+    ) -> Tensor {
         let h = x.apply(&self.ln_before);
         let q = h.apply(&self.query);
         let (mut k, mut v) = (h.apply(&self.key), h.apply(&self.value));
+        let bias = log_count.map(|c| codeword_bias(k.size()[1], c, None).to_kind(q.kind()));
         if let Some(kv) = remote_kv {
             let d = k.size()[2];
             k = Tensor::cat(&[k, kv.narrow(2, 0, d).to_kind(q.kind())], 1);
             v = Tensor::cat(&[v, kv.narrow(2, d, d).to_kind(q.kind())], 1);
         }
-        let x = x + attend(&q, &k, &v, self.heads, Sight::All).apply(&self.out);
+        let sight = bias.as_ref().map_or(Sight::All, Sight::Bias);
+        let x = x + attend(&q, &k, &v, self.heads, sight).apply(&self.out);
         let h = x.apply(&self.ln_after);
         &x + activate(&h.apply(&self.fc1), &self.act).apply(&self.fc2)
     }
