@@ -268,13 +268,34 @@ fn run_with_losses(
     vq: &[GroupedVq],
     lost: &dyn Fn(usize, u32, u32) -> bool,
 ) -> Tensor {
+    run_engines(m, input, p, cls, vq, true, lost).0
+}
+
+/// N engines in memory (per-codeword tables), attending to distinct remote codewords where they
+/// can or (`distinct` false) to every remote token, with the messages `lost` says never
+/// arrived; the combined logits and how many (device, block) steps with every message attended
+/// to fewer remote keys than tokens.
+fn run_engines(
+    m: &Model,
+    input: &Tensor,
+    p: &DevicePartition,
+    cls: ClsMode,
+    vq: &[GroupedVq],
+    distinct: bool,
+    lost: &dyn Fn(usize, u32, u32) -> bool,
+) -> (Tensor, usize) {
     let shares: Vec<DeviceShare> = (0..p.devices())
         .map(|d| {
             let model = m.astra_model();
-            DeviceShare::new(model, p.clone(), d, cls, vq, RemoteKv::Tables, Device::Cpu).unwrap()
+            let mut s =
+                DeviceShare::new(model, p.clone(), d, cls, vq, RemoteKv::Tables, Device::Cpu)
+                    .unwrap();
+            s.distinct_codewords = distinct;
+            s
         })
         .collect();
     let mut local: Vec<Tensor> = shares.iter().map(|s| s.start(input).unwrap()).collect();
+    let mut fewer = 0;
     for l in 0..m.layers() as usize {
         let sent: Vec<Payload> = shares
             .iter()
@@ -290,52 +311,10 @@ fn run_with_losses(
                     .iter()
                     .map(|&e| (!lost(l, s.rank as u32, e)).then(|| &sent[e as usize]))
                     .collect();
+                if let Some(all) = got.iter().copied().collect::<Option<Vec<_>>>() {
+                    fewer += usize::from(s.distinct_codewords_of(l, &all).is_some());
+                }
                 s.block_partial(l, x, &got)
-            })
-            .collect();
-    }
-    let parts: Vec<Tensor> = shares
-        .iter()
-        .zip(&local)
-        .filter_map(|(s, x)| s.finish(x, false))
-        .collect();
-    combine(m.astra_model(), p, &parts)
-}
-
-/// N engines in memory, attending to distinct remote codewords or to every remote token; the
-/// combined logits and how many (device, block) steps attended to fewer remote keys than tokens.
-fn run_engines(
-    m: &Model,
-    input: &Tensor,
-    p: &DevicePartition,
-    cls: ClsMode,
-    vq: &[GroupedVq],
-    distinct: bool,
-) -> (Tensor, usize) {
-    let mut shares: Vec<DeviceShare> = (0..p.devices())
-        .map(|d| {
-            let model = m.astra_model();
-            DeviceShare::new(model, p.clone(), d, cls, vq, RemoteKv::Tables, Device::Cpu).unwrap()
-        })
-        .collect();
-    shares
-        .iter_mut()
-        .for_each(|s| s.distinct_codewords = distinct);
-    let mut local: Vec<Tensor> = shares.iter().map(|s| s.start(input).unwrap()).collect();
-    let mut fewer = 0;
-    for l in 0..m.layers() as usize {
-        let sent: Vec<Payload> = shares
-            .iter()
-            .zip(&local)
-            .map(|(s, x)| s.outgoing(l, x))
-            .collect();
-        local = shares
-            .iter()
-            .zip(&local)
-            .map(|(s, x)| {
-                let got: Vec<&Payload> = s.sources.iter().map(|&e| &sent[e as usize]).collect();
-                fewer += usize::from(s.distinct_codewords_of(l, &got).is_some());
-                s.block(l, x, &got)
             })
             .collect();
     }
@@ -390,8 +369,10 @@ fn distinct_codewords_equal_every_remote_token() {
             link_loss: None,
         };
         let masked = tch::no_grad(|| m.forward_astra(input, a)).unwrap().logits;
-        let (distinct, fewer) = tch::no_grad(|| run_engines(m, input, &p, cls, &vq, true));
-        let (every, none) = tch::no_grad(|| run_engines(m, input, &p, cls, &vq, false));
+        let (distinct, fewer) =
+            tch::no_grad(|| run_engines(m, input, &p, cls, &vq, true, &|_, _, _| false));
+        let (every, none) =
+            tch::no_grad(|| run_engines(m, input, &p, cls, &vq, false, &|_, _, _| false));
         assert_eq!(none, 0, "switched off");
         assert_eq!(
             fewer > 0,
