@@ -241,6 +241,9 @@ pub struct DeviceShare<'m> {
     /// Block steps attend to each distinct remote codeword once, weighted by its count, where
     /// that is exact (per-codeword tables, every remote token visible to every own query).
     pub distinct_codewords: bool,
+    /// Every own query may see every remote token (no causal mask, or one whose remote columns
+    /// are all true): checked once here rather than in every block.
+    remote_visible: bool,
 }
 
 /// A second handle on the same device's share (its tensors shared, not copied: none is written
@@ -260,6 +263,7 @@ impl Clone for DeviceShare<'_> {
             sinks: self.sinks.clone(),
             mask: self.mask.as_ref().map(Tensor::shallow_clone),
             distinct_codewords: self.distinct_codewords,
+            remote_visible: self.remote_visible,
         }
     }
 }
@@ -269,6 +273,15 @@ fn causal_mask(mine: &Tensor, remote: &Tensor) -> Tensor {
     Tensor::cat(&[mine, remote], 0)
         .view([1, -1])
         .le_tensor(&mine.view([-1, 1]))
+}
+
+/// Whether every own query may see every remote token under `mask` ([own | remote] columns;
+/// None: no mask, all visible).
+fn remote_visible(mask: Option<&Tensor>) -> bool {
+    mask.is_none_or(|m| {
+        let own = m.size()[0];
+        bool::try_from(m.narrow(1, own, m.size()[1] - own).all()).unwrap_or(false)
+    })
 }
 
 /// Positions of device `d`'s tokens as an int64 tensor on `device`.
@@ -335,8 +348,9 @@ impl<'m> DeviceShare<'m> {
             tables,
             sources,
             sinks,
-            mask,
             distinct_codewords: distinct_codewords_default(),
+            remote_visible: remote_visible(mask.as_ref()),
+            mask,
         })
     }
 
@@ -409,7 +423,14 @@ impl<'m> DeviceShare<'m> {
 
     /// Block `l` on this device, given its sources' payloads in rank order.
     pub fn block(&self, l: usize, local: &Tensor, received: &[&Payload]) -> Tensor {
-        self.step(l, local, received, self.positions(), self.mask.as_ref())
+        self.step(
+            l,
+            local,
+            received,
+            self.positions(),
+            self.mask.as_ref(),
+            self.remote_visible,
+        )
     }
 
     /// Block `l` when some sources' payloads never arrived (None, in source order; a lossy
@@ -448,10 +469,12 @@ impl<'m> DeviceShare<'m> {
             local: &self.mine,
             remote: &remote,
         };
-        self.step(l, local, &present, at, mask.as_ref())
+        let visible = remote_visible(mask.as_ref());
+        self.step(l, local, &present, at, mask.as_ref(), visible)
     }
 
-    /// Block `l` over the payloads of the sources at `at.remote` (the mask: causal models only).
+    /// Block `l` over the payloads of the sources at `at.remote` (the mask: causal models only;
+    /// `visible`: every own query sees every one of those remote tokens).
     fn step(
         &self,
         l: usize,
@@ -459,8 +482,9 @@ impl<'m> DeviceShare<'m> {
         received: &[&Payload],
         at: Positions<'_>,
         mask: Option<&Tensor>,
+        visible: bool,
     ) -> Tensor {
-        let expanded = match self.distinct(l, received, mask) {
+        let expanded = match self.distinct(l, received, visible) {
             Some(codewords) => codewords,
             None => self.expand(l, received, local.kind()),
         };
@@ -475,16 +499,19 @@ impl<'m> DeviceShare<'m> {
     /// Block `l`'s sources' tokens (all of them, in rank order) as the distinct codewords a block
     /// step attends to, or None where it attends to every remote token (see `distinct`).
     pub fn distinct_codewords_of(&self, l: usize, received: &[&Payload]) -> Option<Expanded> {
-        self.distinct(l, received, self.mask.as_ref())
+        self.distinct(l, received, self.remote_visible)
     }
 
     /// The sources' tokens of block `l` as their distinct codewords with counts, where that is
     /// exact and saves keys: one index per token (G = 1, so equal indices are equal tokens)
-    /// looked up in per-codeword tables, every remote token visible to every own query under
-    /// `mask`, and fewer distinct codewords than remote tokens. None otherwise (the block then
+    /// looked up in per-codeword tables, every remote token `visible` to every own query, and
+    /// fewer distinct codewords than remote tokens. None otherwise (the block then
     /// attends to every remote token). Counting is one bincount over the K codewords, O(T_r + K).
-    fn distinct(&self, l: usize, received: &[&Payload], mask: Option<&Tensor>) -> Option<Expanded> {
-        let table = self.tables.get(l).filter(|_| self.distinct_codewords)?;
+    fn distinct(&self, l: usize, received: &[&Payload], visible: bool) -> Option<Expanded> {
+        let table = self
+            .tables
+            .get(l)
+            .filter(|_| self.distinct_codewords && visible)?;
         let q = match self.block_quantizers(l) {
             [q] if q.groups() == 1 => q,
             _ => return None,
@@ -501,12 +528,6 @@ impl<'m> DeviceShare<'m> {
         }
         let idx = Tensor::cat(&parts, 1); // [B, T_r, 1]
         let (b, t_r) = (idx.size()[0], idx.size()[1]);
-        if let Some(m) = mask {
-            let cols = m.size()[1];
-            if !bool::try_from(m.narrow(1, cols - t_r, t_r).all()).ok()? {
-                return None;
-            }
-        }
         // Per batch item, how many of its remote tokens chose each codeword.
         let k = q.k();
         let item = Tensor::arange(b, (Kind::Int64, idx.device())).view([b, 1]) * k;

@@ -6,7 +6,9 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::fast_kv::CodewordKv;
-use super::layers::{activate, attend, codeword_bias, conv1d, stacked_rows, Conv1D, Sight};
+use super::layers::{
+    activate, append_remote, attend, codeword_bias, conv1d, stacked_rows, Conv1D, Sight,
+};
 use super::lm_head::LmHead;
 use super::mpa::Layout;
 use super::{Astra, AstraOutput, ClsMode};
@@ -117,45 +119,36 @@ impl GptBlock {
         )
     }
 
-    /// One block on a device's tokens `x` with remote keys/values given directly (`remote_kv`
-    /// [B, T_r, 2D], keys first); `mask` [S, S + T_r] (true = may attend) is needed with remote
-    /// keys, plain causal attention applies without them.
+    /// One block on a device's own tokens `x` with the remote tokens' keys and values given
+    /// directly (`remote_kv` [B, T_r, 2D], keys first), seen as `mask` says (causally without).
+    /// With `log_count` [B, T_r] the remote rows are distinct codewords standing for that many
+    /// tokens each, every one visible to every own token; the own tokens then see each other as
+    /// `mask`'s first S columns say.
     pub fn forward_kv(
         &self,
         x: &Tensor,
         remote_kv: Option<&Tensor>,
         mask: Option<&Tensor>,
+        log_count: Option<&Tensor>,
     ) -> Tensor {
         let (q, mut k, mut v) = self.qkv(x);
+        let bias = log_count.map(|c| {
+            let s = k.size()[1];
+            let own = match mask {
+                Some(m) => m.narrow(1, 0, s),
+                None => Tensor::ones([s, s], (Kind::Bool, x.device())).tril(0),
+            };
+            codeword_bias(s, c, Some(&own)).to_kind(q.kind())
+        });
         if let Some(kv) = remote_kv {
-            let d = k.size()[2];
-            k = Tensor::cat(&[k, kv.narrow(2, 0, d).to_kind(q.kind())], 1);
-            v = Tensor::cat(&[v, kv.narrow(2, d, d).to_kind(q.kind())], 1);
+            (k, v) = append_remote(k, v, kv, q.kind());
         }
-        self.finish(x, &q, &k, &v, mask.map_or(Sight::Causal, Sight::Mask))
-    }
-
-    /// [`Self::forward_kv`] with the remote keys/values `kv` [B, U, 2D] distinct codewords
-    /// standing for that many tokens each (`log_count` [B, U]), every one visible to every own
-    /// token; the own tokens see each other as `mask`'s first S columns say (causally without).
-    pub fn forward_codewords(
-        &self,
-        x: &Tensor,
-        kv: &Tensor,
-        log_count: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> Tensor {
-        let (q, k, v) = self.qkv(x);
-        let s = k.size()[1];
-        let own = match mask {
-            Some(m) => m.narrow(1, 0, s),
-            None => Tensor::ones([s, s], (Kind::Bool, x.device())).tril(0),
+        let sight = match (&bias, mask) {
+            (Some(b), _) => Sight::Bias(b),
+            (None, Some(m)) => Sight::Mask(m),
+            (None, None) => Sight::Causal,
         };
-        let bias = codeword_bias(s, log_count, Some(&own)).to_kind(q.kind());
-        let d = k.size()[2];
-        let k = Tensor::cat(&[k, kv.narrow(2, 0, d).to_kind(q.kind())], 1);
-        let v = Tensor::cat(&[v, kv.narrow(2, d, d).to_kind(q.kind())], 1);
-        self.finish(x, &q, &k, &v, Sight::Bias(&bias))
+        self.finish(x, &q, &k, &v, sight)
     }
 }
 
@@ -343,8 +336,10 @@ impl AstraModel for Gpt2 {
         match remote {
             Remote::Nothing => blk.forward(x, None, Sight::Causal),
             Remote::Tokens(e) => blk.forward(x, Some(e), mask.map_or(Sight::Causal, Sight::Mask)),
-            Remote::KeysValues(kv) => blk.forward_kv(x, Some(kv), mask),
-            Remote::Codewords { kv, log_count } => blk.forward_codewords(x, kv, log_count, mask),
+            Remote::KeysValues(kv) => blk.forward_kv(x, Some(kv), mask, None),
+            Remote::Codewords { kv, log_count } => {
+                blk.forward_kv(x, Some(kv), mask, Some(log_count))
+            }
         }
     }
     fn codeword_kv(&self, l: usize, codebook: &Tensor) -> Option<CodewordKv> {

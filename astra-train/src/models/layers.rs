@@ -199,6 +199,16 @@ pub fn codeword_bias(own: i64, log_count: &Tensor, sees: Option<&Tensor>) -> Ten
     }
 }
 
+/// Own keys `k` and values `v` [B, S, D] followed by the remote ones in `kv` [B, T_r, 2D] (keys
+/// first), in the queries' type `kind`: the keys and values a device's block attends over.
+pub fn append_remote(k: Tensor, v: Tensor, kv: &Tensor, kind: tch::Kind) -> (Tensor, Tensor) {
+    let d = k.size()[2];
+    (
+        Tensor::cat(&[k, kv.narrow(2, 0, d).to_kind(kind)], 1),
+        Tensor::cat(&[v, kv.narrow(2, d, d).to_kind(kind)], 1),
+    )
+}
+
 /// Multi-head attention of queries q [B, S, D] over keys/values [B, Sk, D], as `sight` says.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, sight: Sight<'_>) -> Tensor {
     let (b, s, d) = q.size3().expect("q is [B, S, D]");

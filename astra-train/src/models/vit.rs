@@ -6,7 +6,7 @@ use tch::{Kind, Tensor};
 
 use super::fast_kv::CodewordKv;
 use super::layers::{
-    activate, attend, codeword_bias, linear, linears, stacked_rows, Linear, Sight,
+    activate, append_remote, attend, codeword_bias, linear, linears, stacked_rows, Linear, Sight,
 };
 use super::mpa::Layout;
 use super::{Astra, AstraOutput, ClsMode};
@@ -119,9 +119,7 @@ impl VitBlock {
         let (mut k, mut v) = (h.apply(&self.key), h.apply(&self.value));
         let bias = log_count.map(|c| codeword_bias(k.size()[1], c, None).to_kind(q.kind()));
         if let Some(kv) = remote_kv {
-            let d = k.size()[2];
-            k = Tensor::cat(&[k, kv.narrow(2, 0, d).to_kind(q.kind())], 1);
-            v = Tensor::cat(&[v, kv.narrow(2, d, d).to_kind(q.kind())], 1);
+            (k, v) = append_remote(k, v, kv, q.kind());
         }
         let sight = bias.as_ref().map_or(Sight::All, Sight::Bias);
         let x = x + attend(&q, &k, &v, self.heads, sight).apply(&self.out);
