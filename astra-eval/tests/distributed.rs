@@ -1126,6 +1126,14 @@ fn multicast_puts_each_message_on_the_wire_once_and_masks_what_is_lost() {
         .map(|&t| 3 * (frame(t) + 24 + 2 * 25))
         .collect();
     assert_eq!(s["sent_bytes"], serde_json::json!(sent), "{s}");
+    // Each block step attended to the other two devices' tokens (G = 4: no distinct codewords).
+    let every = |k: u32| vec![k; 3];
+    assert_eq!(
+        s["remote_keys"],
+        serde_json::json!([every(10), every(11), every(11)]),
+        "{s}"
+    );
+    assert!(out.contains("worker 0: compute") && out.contains("10 remote keys a block"));
     // astra-sim learns the multicast from the run's trace: per block one multicast out and one in
     // from each of the 2 others, and after its own the 25-byte TCP announcement to each peer,
     // which takes its time on the same uplink (a segment of its own: 66 bytes of headers, counted
@@ -1228,6 +1236,7 @@ fn multicast_puts_each_message_on_the_wire_once_and_masks_what_is_lost() {
     let (out, s) = three(&[MC, "--links", "1000,0,100", "--shaper", "user"]);
     assert!(out.contains("100.00% of the index messages lost"), "{out}");
     assert_eq!(s["lost_messages"], serde_json::json!([6, 6, 6]), "{s}");
+    assert_eq!(s["remote_keys"], serde_json::json!([[0; 3]; 3]), "{s}");
     assert_eq!(s["late_messages"], 0, "dropped messages never arrive: {s}");
     let reference = all_lost_reference(&m, &x, 3);
     let got = Tensor::read_npy(&d).unwrap();

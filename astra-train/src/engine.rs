@@ -191,6 +191,17 @@ pub enum Expanded {
 }
 
 impl Expanded {
+    /// How many remote keys a block step attends to: the remote tokens, or the distinct
+    /// codewords standing in for them.
+    pub fn keys(&self) -> i64 {
+        match self {
+            Expanded::Nothing => 0,
+            Expanded::Tokens(t) | Expanded::KeysValues(t) | Expanded::Codewords { kv: t, .. } => {
+                t.size()[1]
+            }
+        }
+    }
+
     pub fn as_remote(&self) -> Remote<'_> {
         match self {
             Expanded::Nothing => Remote::Nothing,
@@ -206,6 +217,13 @@ impl Expanded {
 fn distinct_codewords_default() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("ASTRA_DISTINCT_CODEWORDS").map_or(true, |v| v != "off"))
+}
+
+/// One device's block: its new states, and how many remote keys its queries attended to (the
+/// remote tokens, or their distinct codewords; 0 without remote tokens).
+pub struct BlockOutput {
+    pub states: Tensor,
+    pub remote_keys: i64,
 }
 
 /// How a receiver turns remote indices into keys and values.
@@ -423,6 +441,11 @@ impl<'m> DeviceShare<'m> {
 
     /// Block `l` on this device, given its sources' payloads in rank order.
     pub fn block(&self, l: usize, local: &Tensor, received: &[&Payload]) -> Tensor {
+        self.block_counted(l, local, received).states
+    }
+
+    /// [`Self::block`], with how many remote keys it attended to.
+    fn block_counted(&self, l: usize, local: &Tensor, received: &[&Payload]) -> BlockOutput {
         self.step(
             l,
             local,
@@ -436,7 +459,12 @@ impl<'m> DeviceShare<'m> {
     /// Block `l` when some sources' payloads never arrived (None, in source order; a lossy
     /// transport): their tokens are left out of the keys and values, which is exactly what
     /// masking them does (the softmax runs over the keys that remain).
-    pub fn block_partial(&self, l: usize, local: &Tensor, received: &[Option<&Payload>]) -> Tensor {
+    pub fn block_partial(
+        &self,
+        l: usize,
+        local: &Tensor,
+        received: &[Option<&Payload>],
+    ) -> BlockOutput {
         if received.len() != self.sources.len() {
             panic!(
                 "block {l}: {} payload slots for {} sources",
@@ -446,7 +474,7 @@ impl<'m> DeviceShare<'m> {
         }
         let present: Vec<&Payload> = received.iter().flatten().copied().collect();
         if present.len() == received.len() {
-            return self.block(l, local, &present);
+            return self.block_counted(l, local, &present);
         }
         let device = self.mine.device();
         let remote: Vec<Tensor> = self
@@ -483,7 +511,7 @@ impl<'m> DeviceShare<'m> {
         at: Positions<'_>,
         mask: Option<&Tensor>,
         visible: bool,
-    ) -> Tensor {
+    ) -> BlockOutput {
         let expanded = match self.distinct(l, received, visible) {
             Some(codewords) => codewords,
             None => self.expand(l, received, local.kind()),
@@ -493,13 +521,10 @@ impl<'m> DeviceShare<'m> {
             Remote::Nothing => None,
             _ => mask,
         };
-        self.model.block_step(l, local, at, remote, mask)
-    }
-
-    /// Block `l`'s sources' tokens (all of them, in rank order) as the distinct codewords a block
-    /// step attends to, or None where it attends to every remote token (see `distinct`).
-    pub fn distinct_codewords_of(&self, l: usize, received: &[&Payload]) -> Option<Expanded> {
-        self.distinct(l, received, self.remote_visible)
+        BlockOutput {
+            states: self.model.block_step(l, local, at, remote, mask),
+            remote_keys: expanded.keys(),
+        }
     }
 
     /// The sources' tokens of block `l` as their distinct codewords with counts, where that is

@@ -273,8 +273,8 @@ fn run_with_losses(
 
 /// N engines in memory (per-codeword tables), attending to distinct remote codewords where they
 /// can or (`distinct` false) to every remote token, with the messages `lost` says never
-/// arrived; the combined logits and how many (device, block) steps with every message attended
-/// to fewer remote keys than tokens.
+/// arrived; the combined logits and how many (device, block) steps attended to fewer remote keys
+/// than remote tokens (each step's count checked: its distinct codewords, else every token).
 fn run_engines(
     m: &Model,
     input: &Tensor,
@@ -311,10 +311,15 @@ fn run_engines(
                     .iter()
                     .map(|&e| (!lost(l, s.rank as u32, e)).then(|| &sent[e as usize]))
                     .collect();
-                if let Some(all) = got.iter().copied().collect::<Option<Vec<_>>>() {
-                    fewer += usize::from(s.distinct_codewords_of(l, &all).is_some());
+                let out = s.block_partial(l, x, &got);
+                let (tokens, distinct_ids) = remote_tokens_and_codewords(&got);
+                if out.remote_keys < tokens {
+                    assert_eq!(out.remote_keys, distinct_ids, "block {l}, rank {}", s.rank);
+                    fewer += 1;
+                } else {
+                    assert_eq!(out.remote_keys, tokens, "block {l}, rank {}", s.rank);
                 }
-                s.block_partial(l, x, &got)
+                out.states
             })
             .collect();
     }
@@ -324,6 +329,21 @@ fn run_engines(
         .filter_map(|(s, x)| s.finish(x, false))
         .collect();
     (combine(m.astra_model(), p, &parts), fewer)
+}
+
+/// The remote tokens among the payloads that arrived, and the distinct indices they carry (all
+/// batch items together, as a block step on distinct codewords counts them).
+fn remote_tokens_and_codewords(got: &[Option<&Payload>]) -> (i64, i64) {
+    let tokens = got.iter().flatten().map(|p| p.tensor().size()[1]).sum();
+    let ids: std::collections::BTreeSet<i64> = got
+        .iter()
+        .flatten()
+        .flat_map(|p| match p {
+            Payload::Indices(t) => Vec::<i64>::try_from(t.reshape([-1])).unwrap(),
+            Payload::Embeddings(_) => vec![],
+        })
+        .collect();
+    (tokens, ids.len() as i64)
 }
 
 /// Attending to each distinct remote codeword once, its score raised by the log of how many
@@ -463,7 +483,7 @@ fn lost_index_messages_are_masked_out() {
             .collect();
         let dev = &shares[2];
         assert_eq!(dev.sources, vec![0, 1]);
-        let partial = dev.block_partial(1, &x[2], &[None, Some(&sent[1])]);
+        let partial = dev.block_partial(1, &x[2], &[None, Some(&sent[1])]).states;
         let all: Vec<&Payload> = vec![&sent[0], &sent[1]];
         let expanded = dev.expand(1, &all, Kind::Float);
         let mine =

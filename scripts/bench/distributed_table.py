@@ -23,6 +23,14 @@ def latency(path: Path) -> float:
     return float(rows[0]["latency_ms"])
 
 
+def remote_keys(summary: dict) -> str:
+    """How many remote keys a block step attended to (its sources' tokens, or their distinct
+    codewords at G = 1), mean over the blocks, on the worker with the most (a causal model's first
+    worker has none); – where the run did not report them."""
+    workers = [w for w in summary.get("remote_keys", []) if w]
+    return f"{max(sum(w) / len(w) for w in workers):.0f}" if workers else "–"
+
+
 def main() -> None:
     out, prefix, n, threads = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     tokens, rates, sp_rates, groups, mc_groups = (s.split() for s in sys.argv[5:10])
@@ -47,10 +55,10 @@ def main() -> None:
     print(f"{where}; uplinks shaped by {shaped}; batch 1, median of the timed runs.\n")
     print(
         "| T | Mbit/s | method | transport | measured (ms) | speedup vs single | compute, slowest worker (ms) "
-        "| waiting, slowest (ms) | sent, busiest worker (KB) | lost | astra-sim alpha-beta (ms) | error "
+        "| waiting, slowest (ms) | sent, busiest worker (KB) | lost | remote keys a block, most (mean) | astra-sim alpha-beta (ms) | error "
         "| paper model (ms) |" + (f" speedup vs single beside {n - 1} {'copy' if n == 2 else 'copies'} |" if beside else "")
     )
-    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if beside else ""))
+    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if beside else ""))
     errors = []
     for t in tokens:
         base = f"{prefix}{t}-n{n}"
@@ -63,12 +71,12 @@ def main() -> None:
         extra = lambda ms: (f" {b_ms / ms:.2f} |" if b_ms else " – |") if beside else ""
         print(
             f"| {t} | – | single | – | {s_ms:.1f} | 1.00 | {max(single['compute_ms']):.1f} "
-            "| – | – | – | – | – | – |" + extra(s_ms)
+            "| – | – | – | – | – | – | – |" + extra(s_ms)
         )
         if b_ms:
             print(
                 f"| {t} | – | single, {n} copies at once | – | {b_ms:.1f} | {s_ms / b_ms:.2f} "
-                f"| {max(b['compute_ms']):.1f} | – | – | – | – | – | – |" + extra(b_ms)
+                f"| {max(b['compute_ms']):.1f} | – | – | – | – | – | – | – |" + extra(b_ms)
             )
         rows = sorted(
             {int(r) for r in rates} | {int(r) for r in sp_rates}
@@ -97,7 +105,7 @@ def main() -> None:
                 print(
                     f"| {t} | {r} | {label} | {transport} | {m:.1f} | {s_ms / m:.2f} "
                     f"| {max(s['compute_ms']):.1f} | {max(s['wait_ms']):.1f} "
-                    f"| {max(s['sent_bytes']) / 1000:.1f} | {lost} | {ab:.1f} | {err:+.1f}% | {paper:.1f} |"
+                    f"| {max(s['sent_bytes']) / 1000:.1f} | {lost} | {remote_keys(s)} | {ab:.1f} | {err:+.1f}% | {paper:.1f} |"
                     + extra(m)
                 )
     if errors:

@@ -137,6 +137,9 @@ pub struct Summary {
     /// Per worker (median run): ms it spent handling its sources' messages (checking frames,
     /// unpacking indices), part of its waiting.
     pub handling_ms: Vec<f64>,
+    /// Per worker (median run), per block: how many remote keys its queries attended to — its
+    /// sources' tokens, or fewer where it attended to their distinct codewords (G = 1).
+    pub remote_keys: Vec<Vec<u32>>,
     /// Per worker (median run): bytes of the frames it sent to its peers and received from them
     /// (headers included; SP: fp32 embeddings, ASTRA: packed indices).
     pub sent_bytes: Vec<u64>,
@@ -350,6 +353,8 @@ struct RunResult {
     sent_at: Vec<Vec<f64>>,
     received_at: Vec<Vec<f64>>,
     handled_ms: Vec<Vec<f64>>,
+    /// Per worker and block: the remote keys its block step attended to.
+    remote_keys: Vec<Vec<u32>>,
     /// (sent, received) bytes per worker.
     bytes: Vec<(u64, u64)>,
     /// Messages each worker never got, and of those the ones that came too late.
@@ -456,6 +461,7 @@ pub fn distributed_with_summary(a: &DistributedRun<'_>) -> Result<(Summary, Stri
             .iter()
             .map(|h| h.iter().filter(|x| x.is_finite()).fold(0.0, |a, x| a + x))
             .collect(),
+        remote_keys: run.remote_keys.clone(),
         sent_bytes: run.bytes.iter().map(|b| b.0).collect(),
         received_bytes: run.bytes.iter().map(|b| b.1).collect(),
         lost_messages: run.lost.clone(),
@@ -751,12 +757,14 @@ fn timed_runs(
             let (mut lost, mut late) = (Vec::new(), Vec::new());
             let (mut sent_at, mut received_at, mut handled_ms) =
                 (Vec::new(), Vec::new(), Vec::new());
+            let mut remote_keys = Vec::new();
             for r in got {
                 states.push(r.state);
                 timings.push(r.timings);
                 sent_at.push(r.sent_at);
                 received_at.push(r.received_at);
                 handled_ms.push(r.handled_ms);
+                remote_keys.push(r.remote_keys);
                 bytes.push(r.bytes);
                 lost.push(r.lost);
                 late.push(r.late);
@@ -767,6 +775,7 @@ fn timed_runs(
                 sent_at,
                 received_at,
                 handled_ms,
+                remote_keys,
                 bytes,
                 lost,
                 late,
@@ -825,6 +834,7 @@ struct WorkerResult {
     sent_at: Vec<f64>,
     received_at: Vec<f64>,
     handled_ms: Vec<f64>,
+    remote_keys: Vec<u32>,
     bytes: (u64, u64),
     lost: u32,
     late: u32,
@@ -843,6 +853,7 @@ fn result_of(r: usize, f: Frame, blocks: usize, devices: usize) -> Result<Option
         sent_at,
         received_at,
         handled_ms,
+        remote_keys,
         ..
     } = f
     else {
@@ -864,6 +875,12 @@ fn result_of(r: usize, f: Frame, blocks: usize, devices: usize) -> Result<Option
             tables.map(|t| t.len())
         );
     }
+    if remote_keys.len() != blocks {
+        fail!(
+            "worker {r} sent remote-key counts for {} blocks, not {blocks}",
+            remote_keys.len()
+        );
+    }
     let numel: i64 = shape.iter().product();
     if numel != data.len() as i64 {
         fail!("worker {r} sent {} values for shape {shape:?}", data.len());
@@ -875,6 +892,7 @@ fn result_of(r: usize, f: Frame, blocks: usize, devices: usize) -> Result<Option
         sent_at,
         received_at,
         handled_ms,
+        remote_keys,
         bytes: (sent_bytes, received_bytes),
         lost,
         late,
@@ -927,8 +945,16 @@ fn report_text(a: &DistributedRun<'_>, s: &Summary, logits: &Tensor, blocks: usi
             ),
             _ => String::new(),
         };
+        let keys = &s.remote_keys[r];
+        let keys = match keys.iter().max() {
+            Some(&most) if most > 0 => format!(
+                "; {:.0} remote keys a block (mean; at most {most})",
+                keys.iter().map(|&k| k as f64).sum::<f64>() / keys.len() as f64
+            ),
+            _ => String::new(),
+        };
         report += &format!(
-            "worker {r}: compute {:.1} ms, waiting {:.1} ms over {blocks} blocks{latency}\n",
+            "worker {r}: compute {:.1} ms, waiting {:.1} ms over {blocks} blocks{keys}{latency}\n",
             s.compute_ms[r], s.wait_ms[r]
         );
     }

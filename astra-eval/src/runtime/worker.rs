@@ -192,6 +192,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         received: 0,
         lost: 0,
         late: 0,
+        remote_keys: Vec::new(),
         last_states: None,
         clock: MessageClock::new(
             model.layers() as usize,
@@ -235,6 +236,7 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
             sent_at: ex.clock.sent_at.clone(),
             received_at: ex.clock.received_at.clone(),
             handled_ms: ex.clock.handled_ms.clone(),
+            remote_keys: ex.remote_keys.clone(),
         })?;
         if let Some(per_block) = ex.captured.as_mut().map(std::mem::take) {
             let last = ex.last_states.take().expect("captured with the prefill");
@@ -450,6 +452,8 @@ struct Exchange<'a> {
     lost: u32,
     /// Messages taken as lost that arrived whole afterwards.
     late: u32,
+    /// Per block of this run: how many remote keys the block step attended to.
+    remote_keys: Vec<u32>,
     /// The decoding device: per block its states before the block and the payloads it
     /// received in the last run, and its final states (None on the other devices).
     captured: Option<Vec<(Tensor, Vec<Payload>)>>,
@@ -473,6 +477,7 @@ impl Exchange<'_> {
         self.masked.clear();
         self.clock.start(self.run);
         (self.sent, self.received, self.lost, self.late) = (0, 0, 0, 0);
+        self.remote_keys.clear();
         let mut local = self.dev.start(input)?;
         let mut embed = t_start.elapsed();
         let mut timings = Vec::with_capacity(3 * self.blocks);
@@ -510,7 +515,9 @@ impl Exchange<'_> {
                 ));
             }
             let received: Vec<Option<&Payload>> = received.iter().map(Option::as_ref).collect();
-            local = self.dev.block_partial(l, &local, &received);
+            let out = self.dev.block_partial(l, &local, &received);
+            local = out.states;
+            self.remote_keys.push(out.remote_keys as u32);
             // The block's kernels run asynchronously on a GPU: its time is when they are done.
             if let Device::Cuda(i) = self.device {
                 tch::Cuda::synchronize(i as i64);

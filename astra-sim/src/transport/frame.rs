@@ -57,6 +57,9 @@ pub enum Frame {
         received_at: Vec<f64>,
         /// [block × devices]: ms the worker spent handling each rank's message (NaN: none).
         handled_ms: Vec<f64>,
+        /// Per block: how many remote keys the worker's queries attended to (its sources'
+        /// tokens, or their distinct codewords).
+        remote_keys: Vec<u32>,
     },
     /// Worker → coordinator: what went wrong.
     Error(String),
@@ -142,6 +145,15 @@ impl Cursor<'_> {
             .map(|b| f64::from_le_bytes(b.try_into().expect("8")))
             .collect())
     }
+    /// A u32 count, then that many u32s.
+    fn u32s(&mut self) -> Result<Vec<u32>, FrameError> {
+        let n = self.u32()? as usize;
+        let raw = self.take(n.checked_mul(4).ok_or_else(|| bad("size overflow"))?)?;
+        Ok(raw
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
+            .collect())
+    }
     fn bytes(&mut self) -> Result<Vec<u8>, FrameError> {
         let n = self.u32()? as usize;
         Ok(self.take(n)?.to_vec())
@@ -157,6 +169,13 @@ impl Cursor<'_> {
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
     out.extend_from_slice(b);
+}
+
+fn put_u32s(out: &mut Vec<u8>, v: &[u32]) {
+    out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
 }
 
 fn put_f64s(out: &mut Vec<u8>, v: &[f64]) {
@@ -283,6 +302,7 @@ impl Frame {
                 sent_at,
                 received_at,
                 handled_ms,
+                remote_keys,
             } => {
                 p.extend_from_slice(&from.to_le_bytes());
                 p.extend_from_slice(&(shape.len() as u32).to_le_bytes());
@@ -301,6 +321,7 @@ impl Frame {
                 put_f64s(&mut p, sent_at);
                 put_f64s(&mut p, received_at);
                 put_f64s(&mut p, handled_ms);
+                put_u32s(&mut p, remote_keys);
             }
         }
         p
@@ -408,6 +429,7 @@ impl Frame {
                     sent_at: c.f64s()?,
                     received_at: c.f64s()?,
                     handled_ms: c.f64s()?,
+                    remote_keys: c.u32s()?,
                 }
             }
             5 => Frame::Error(text(&mut c)?),
@@ -526,6 +548,7 @@ mod tests {
                 sent_at: vec![0.0, 1.25e9],
                 received_at: vec![7.5],
                 handled_ms: vec![0.125, 3.0],
+                remote_keys: vec![768, 412, 0],
             },
             Frame::Error("boom".into()),
             Frame::Embeddings {
