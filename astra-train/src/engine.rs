@@ -212,11 +212,34 @@ impl Expanded {
     }
 }
 
-/// Whether block steps attend to each distinct remote codeword once ([`Remote::Codewords`]):
-/// on unless `ASTRA_DISTINCT_CODEWORDS=off` (read once; benchmarks compare the two).
-fn distinct_codewords_default() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ASTRA_DISTINCT_CODEWORDS").map_or(true, |v| v != "off"))
+/// Whether block steps on `device` attend to each distinct remote codeword once
+/// ([`Remote::Codewords`]): `ASTRA_DISTINCT_CODEWORDS` = `on`, `off`, or `auto` (the default: on
+/// the CPU only). Measured (results/distributed-real.md, stops 43 and 44): on CPU workers it takes
+/// a fifth off ViT's block steps; on GPU workers sharing an H200 it added 2–5 ms a run, since
+/// attention there costs little and counting the codewords waits for the GPU once a block.
+fn distinct_codewords_default(device: Device) -> bool {
+    static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let mode = MODE.get_or_init(|| {
+        let v = std::env::var("ASTRA_DISTINCT_CODEWORDS").ok();
+        distinct_mode(v.as_deref()).unwrap_or_else(|bad| {
+            eprintln!(
+                "warning: ASTRA_DISTINCT_CODEWORDS={bad:?} is not on, off or auto; using auto"
+            );
+            None
+        })
+    });
+    mode.unwrap_or(device == Device::Cpu)
+}
+
+/// `ASTRA_DISTINCT_CODEWORDS`'s value as forced on or off, or None for auto (also when unset);
+/// Err: not a value it takes.
+fn distinct_mode(v: Option<&str>) -> std::result::Result<Option<bool>, &str> {
+    match v {
+        Some("on") => Ok(Some(true)),
+        Some("off") => Ok(Some(false)),
+        None | Some("auto") => Ok(None),
+        Some(bad) => Err(bad),
+    }
 }
 
 /// One device's block: its new states, and how many remote keys its queries attended to (the
@@ -257,7 +280,8 @@ pub struct DeviceShare<'m> {
     /// Causal models: which keys [own | sources' tokens, in rank order] each own query may see.
     mask: Option<Tensor>,
     /// Block steps attend to each distinct remote codeword once, weighted by its count, where
-    /// that is exact (per-codeword tables, every remote token visible to every own query).
+    /// that is exact (per-codeword tables, every remote token visible to every own query); by
+    /// default on the CPU only (see `distinct_codewords_default`).
     pub distinct_codewords: bool,
     /// Every own query may see every remote token (no causal mask, or one whose remote columns
     /// are all true): checked once here rather than in every block.
@@ -366,7 +390,7 @@ impl<'m> DeviceShare<'m> {
             tables,
             sources,
             sinks,
-            distinct_codewords: distinct_codewords_default(),
+            distinct_codewords: distinct_codewords_default(device),
             remote_visible: remote_visible(mask.as_ref()),
             mask,
         })
@@ -742,4 +766,18 @@ pub fn run_devices<'m>(
 /// Float32 on the CPU, the runtime's wire form of embeddings.
 pub fn wire_embeddings(t: &Tensor) -> Tensor {
     t.to_kind(Kind::Float).to_device(Device::Cpu).contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distinct_codewords_are_forced_on_or_off_or_left_to_the_device() {
+        assert_eq!(distinct_mode(Some("on")), Ok(Some(true)));
+        assert_eq!(distinct_mode(Some("off")), Ok(Some(false)));
+        assert_eq!(distinct_mode(Some("auto")), Ok(None));
+        assert_eq!(distinct_mode(None), Ok(None));
+        assert_eq!(distinct_mode(Some("yes")), Err("yes"));
+    }
 }

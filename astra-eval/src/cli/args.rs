@@ -365,9 +365,9 @@ pub struct ProfileArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
-    /// ASTRA's remote keys/values from per-codeword tables (the fast inference path; at G = 1
-    /// each distinct remote codeword attended once, weighted by its count; the remote indices
-    /// are uniform random, so real data with fewer distinct codewords computes less).
+    /// ASTRA's remote keys/values from per-codeword tables (the fast inference path; at G = 1 on
+    /// the CPU each distinct remote codeword attended once, weighted by its count; the remote
+    /// indices are uniform random, so real data with fewer distinct codewords computes less).
     #[arg(long)]
     pub fast: bool,
     /// The linear layers' compute: fp32, or int8 (fbgemm's dynamic int8 linear on the CPU, what
