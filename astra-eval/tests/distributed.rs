@@ -871,6 +871,15 @@ fn workers_guard_their_session() {
     let (w, mut s) = worker_and_client("right-key");
     s.write_all(&coordinator_hello("")).unwrap();
     refused_with(w, "wrong session key");
+    // The right key from a build whose frames differ: refused by name, before any plan is read.
+    let (w, mut s) = worker_and_client("right-key");
+    let old = astra_sim::transport::Frame::Hello {
+        session: "right-key".into(),
+        rank: u32::MAX,
+        protocol: 1,
+    };
+    s.write_all(&old.to_bytes()).unwrap();
+    refused_with(w, "the coordinator speaks wire protocol 1");
 }
 
 #[test]
@@ -959,6 +968,7 @@ fn coordinator_hello(key: &str) -> Vec<u8> {
     astra_sim::transport::Frame::Hello {
         session: key.into(),
         rank: u32::MAX,
+        protocol: astra_sim::transport::PROTOCOL,
     }
     .to_bytes()
 }
@@ -1017,6 +1027,8 @@ fn llama_prefill_over_tcp_equals_the_per_device_path() {
     );
     // Decoding on the worker holding the last token, after the prefill over TCP: the same tokens
     // as in-process generation with the same codebooks (its cache holds the indices it received).
+    // Worker 0 sends its results 1.5 s late, so the decoded tokens (sent right after the last
+    // worker's result) come before them.
     let json = path("dec.json");
     let out = ok(&eval(
         &[
@@ -1034,7 +1046,7 @@ fn llama_prefill_over_tcp_equals_the_per_device_path() {
             "--out",
             path("dec.npy").to_str().unwrap(),
         ],
-        None,
+        Some(("ASTRA_FAULT", "late:0:1500")),
     ));
     assert!(out.contains("decoded by worker 2: 5 token(s)"), "{out}");
     let s: serde_json::Value =

@@ -17,7 +17,7 @@ use astra_train::models::DevicePartition;
 use serde::Serialize;
 use tch::{Device, Tensor};
 
-use super::frame::{Frame, FrameError};
+use super::frame::{Frame, FrameError, PROTOCOL};
 use super::net::{configure, connect_by, read_frames, session_key, Tagged};
 use super::{message_clock, Plan, Shaper, Transport, COORDINATOR};
 
@@ -279,6 +279,17 @@ fn connect_remote(a: &DistributedRun<'_>) -> Result<WorkerLinks> {
     })
 }
 
+/// What [`gather`] makes of a worker's frame.
+enum Taken<T> {
+    /// The frame it waits for.
+    Got(T),
+    /// A later frame of that worker's, which the caller holds: the decoded tokens the last
+    /// worker sends right after its result may overtake another worker's result.
+    Held,
+    /// Anything else: an error that names the frame.
+    Unexpected,
+}
+
 /// Waits until every worker has sent `want` (checked by `take`), with a deadline. A worker's
 /// error ends the wait with its message; a worker that vanished gives the others a moment to
 /// report which peer and block broke, so the message names them.
@@ -288,7 +299,7 @@ fn gather<T>(
     deadline: Instant,
     grace: Duration,
     what: &str,
-    mut take: impl FnMut(usize, Frame) -> Result<Option<T>>,
+    mut take: impl FnMut(usize, Frame) -> Result<Taken<T>>,
 ) -> Result<Vec<T>> {
     let mut got: Vec<Option<T>> = (0..n).map(|_| None).collect();
     let mut vanished: Option<(usize, Instant)> = None;
@@ -314,8 +325,9 @@ fn gather<T>(
             Ok((r, Ok(f))) => {
                 let name = f.name();
                 match take(r, f)? {
-                    Some(v) => got[r] = Some(v),
-                    None => fail!(
+                    Taken::Got(v) => got[r] = Some(v),
+                    Taken::Held => {}
+                    Taken::Unexpected => fail!(
                         "worker {r} sent a {name} frame while the coordinator waited for {what}"
                     ),
                 }
@@ -693,6 +705,7 @@ fn send_plans(
         let hello = Frame::Hello {
             session: session.into(),
             rank: COORDINATOR,
+            protocol: PROTOCOL,
         };
         for f in [hello, Frame::Plan(serde_json::to_string(&plan)?)] {
             f.write_to(w).map_err(|e| invalid!("worker {r}: {e}"))?;
@@ -704,7 +717,12 @@ fn send_plans(
         Instant::now() + a.startup(),
         a.timeout() + Duration::from_secs(1),
         "ready",
-        |_, f| Ok(matches!(f, Frame::Ready { .. }).then_some(())),
+        |_, f| {
+            Ok(match f {
+                Frame::Ready { .. } => Taken::Got(()),
+                _ => Taken::Unexpected,
+            })
+        },
     )?;
     Ok(())
 }
@@ -737,6 +755,8 @@ fn timed_runs(
                 .map_err(|e| invalid!("worker {r}: {e}"))?;
         }
         let t0 = Instant::now();
+        let decoding = (a.args.decode > 0).then_some(a.devices - 1);
+        let mut early = None;
         // A worker reports a failing peer within one timeout of the fault; a run itself may take
         // longer than that, so the wait allows for both.
         let got = gather(
@@ -745,11 +765,17 @@ fn timed_runs(
             t0 + a.startup() + a.timeout() * 3,
             a.timeout() + Duration::from_secs(1),
             "a result",
-            |r, f| result_of(r, f, blocks, a.devices),
+            |r, f| match f {
+                Frame::Decoded { .. } if decoding == Some(r) && early.is_none() => {
+                    early = Some(f);
+                    Ok(Taken::Held)
+                }
+                f => result_of(r, f, blocks, a.devices),
+            },
         )?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
-        let decoded = (a.args.decode > 0)
-            .then(|| decoded_of(links, a, t0))
+        let decoded = decoding
+            .map(|_| decoded_of(links, a, t0, early))
             .transpose()?;
         if run >= a.args.warmup {
             runs_ms.push(ms);
@@ -787,17 +813,22 @@ fn timed_runs(
 }
 
 /// The decoding worker's tokens after a run's prefill (the last device sends them after its
-/// result), checked.
+/// result; `early`: they came while other results were awaited), checked.
 fn decoded_of(
     links: &WorkerLinks,
     a: &DistributedRun<'_>,
     t0: Instant,
+    early: Option<Frame>,
 ) -> Result<(Vec<Vec<i64>>, Vec<f64>)> {
     let last = a.devices - 1;
     let new = a.args.decode as usize;
     let deadline = t0 + a.startup() + a.timeout() * (3 + new as u32);
     let left = deadline.saturating_duration_since(Instant::now());
-    match links.rx.recv_timeout(left) {
+    let next = match early {
+        Some(f) => Ok((last, Ok(f))),
+        None => links.rx.recv_timeout(left),
+    };
+    match next {
         Ok((
             r,
             Ok(Frame::Decoded {
@@ -841,7 +872,7 @@ struct WorkerResult {
 }
 
 /// A worker's result frame, checked.
-fn result_of(r: usize, f: Frame, blocks: usize, devices: usize) -> Result<Option<WorkerResult>> {
+fn result_of(r: usize, f: Frame, blocks: usize, devices: usize) -> Result<Taken<WorkerResult>> {
     let Frame::Result {
         shape,
         data,
@@ -857,7 +888,7 @@ fn result_of(r: usize, f: Frame, blocks: usize, devices: usize) -> Result<Option
         ..
     } = f
     else {
-        return Ok(None);
+        return Ok(Taken::Unexpected);
     };
     // Three per block (before the exchange, waiting, after it), then the head.
     if timings.len() != 3 * blocks + 1 {
@@ -886,7 +917,7 @@ fn result_of(r: usize, f: Frame, blocks: usize, devices: usize) -> Result<Option
         fail!("worker {r} sent {} values for shape {shape:?}", data.len());
     }
     let state = (!data.is_empty()).then(|| Tensor::from_slice(&data).view(shape.as_slice()));
-    Ok(Some(WorkerResult {
+    Ok(Taken::Got(WorkerResult {
         state,
         timings,
         sent_at,

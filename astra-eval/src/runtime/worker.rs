@@ -17,7 +17,7 @@ use astra_sim::transport::shaper::Uplink;
 use astra_train::model::Model;
 use tch::{Device, Kind, Tensor};
 
-use super::frame::{self, Frame};
+use super::frame::{self, protocol_mismatch, Frame, PROTOCOL};
 use super::message_clock::{now_ms, MessageClock, SenderClock, Sent};
 use super::multicast::{self as group, Group, GroupSender, Inbound, Outlet, Queued};
 use super::net::{self, accept_by, configure, read_frames_as, same_key, Control, MeshMember};
@@ -72,7 +72,18 @@ pub fn serve(
         }
     };
     match hello {
-        Ok(Frame::Hello { session: s, rank }) if same_key(&s, session) && rank == COORDINATOR => {}
+        Ok(Frame::Hello {
+            session: s,
+            rank,
+            protocol,
+        }) if same_key(&s, session) && rank == COORDINATOR => {
+            if protocol != PROTOCOL {
+                let why = protocol_mismatch("the coordinator", protocol);
+                let _ = control.send(&Frame::Error(why.clone()));
+                let _ = control.recv(Some(Duration::from_millis(300)));
+                fail!("{why}")
+            }
+        }
         Ok(Frame::Hello { .. }) => {
             let _ = control.send(&Frame::Error(REJECTED_KEY.into()));
             // Let the reader take the plan that follows, so closing does not reset the
@@ -224,6 +235,9 @@ fn work(listener: &TcpListener, plan: &Plan, session: &str, control: &mut Contro
         // The head and the copy of its output to the host: device work after the last block
         // (GPT-2's next-token logits are 50,257 values), which the trace replays too.
         timings.push(head_ms);
+        if let Some(Fault::LateResult(ms)) = injected_fault(plan.rank) {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         control.send(&Frame::Result {
             from: plan.rank,
             shape,
@@ -785,13 +799,15 @@ fn upload(received: Vec<Option<Payload>>, device: Device) -> Vec<Option<Payload>
 }
 
 /// Faults the tests inject through `ASTRA_FAULT=die:RANK:BLOCK` (the process exits),
-/// `silent:RANK:BLOCK` (it stops sending but stays alive) or `twice:RANK:BLOCK` (it sends that
-/// block's message twice, as a replaying peer would).
+/// `silent:RANK:BLOCK` (it stops sending but stays alive), `twice:RANK:BLOCK` (it sends that
+/// block's message twice, as a replaying peer would) or `late:RANK:MS` (it sends each result MS
+/// ms late, as a slow machine would).
 #[derive(Clone, Copy)]
 enum Fault {
     Die(usize),
     Silent(usize),
     Twice(usize),
+    LateResult(u64),
 }
 
 fn injected_fault(rank: u32) -> Option<Fault> {
@@ -809,6 +825,7 @@ fn injected_fault(rank: u32) -> Option<Fault> {
         "die" => Some(Fault::Die(b)),
         "silent" => Some(Fault::Silent(b)),
         "twice" => Some(Fault::Twice(b)),
+        "late" => Some(Fault::LateResult(b as u64)),
         _ => None,
     }
 }

@@ -7,6 +7,19 @@ use std::io::{Read, Write};
 
 const MAGIC: u32 = 0x4153_5452; // "ASTR"
 
+/// The frames' layout, sent in every hello: bump it whenever a frame's fields change, so that
+/// processes of different builds are refused by name at the hello rather than failing on the
+/// first frame they cannot read. 1: builds before the hello carried it (their hello ends after
+/// the rank); 2: results carry each block's remote keys.
+pub const PROTOCOL: u32 = 2;
+
+/// Why a hello from `who` speaking `protocol` is refused (this build speaks [`PROTOCOL`]).
+pub fn protocol_mismatch(who: &str, protocol: u32) -> String {
+    format!(
+        "{who} speaks wire protocol {protocol}, this build {PROTOCOL}: run one build of astra-eval on every machine"
+    )
+}
+
 /// Largest payload accepted (index frames are a few kB; results a few MB).
 pub const MAX_PAYLOAD: usize = 256 << 20;
 /// Largest hello (session key and rank) read from a connection not yet authenticated.
@@ -24,9 +37,13 @@ fn read_head(r: &mut impl Read) -> Result<[u8; 9], FrameError> {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Frame {
-    /// First frame on every connection: the run's session key and the sender's rank
-    /// (u32::MAX: the coordinator).
-    Hello { session: String, rank: u32 },
+    /// First frame on every connection: the run's session key, the sender's rank (u32::MAX: the
+    /// coordinator), and the frame layout it speaks ([`PROTOCOL`]).
+    Hello {
+        session: String,
+        rank: u32,
+        protocol: u32,
+    },
     /// Coordinator → worker: the work, as JSON.
     Plan(String),
     /// Worker → worker: a block's bit-packed VQ indices of the sender's tokens.
@@ -224,9 +241,14 @@ impl Frame {
     fn payload(&self) -> Vec<u8> {
         let mut p = Vec::new();
         match self {
-            Frame::Hello { session, rank } => {
+            Frame::Hello {
+                session,
+                rank,
+                protocol,
+            } => {
                 put_bytes(&mut p, session.as_bytes());
                 p.extend_from_slice(&rank.to_le_bytes());
+                p.extend_from_slice(&protocol.to_le_bytes());
             }
             Frame::Plan(s) | Frame::Error(s) => put_bytes(&mut p, s.as_bytes()),
             Frame::Ready { rank: v } | Frame::Go { run: v } => {
@@ -387,10 +409,13 @@ impl Frame {
         };
         let f = match head[4] {
             1 => {
-                let session = text(&mut c)?;
+                let (session, rank) = (text(&mut c)?, c.u32()?);
+                // A build before the protocol was sent ends its hello here.
+                let protocol = if c.at == c.b.len() { 1 } else { c.u32()? };
                 Frame::Hello {
                     session,
-                    rank: c.u32()?,
+                    rank,
+                    protocol,
                 }
             }
             2 => Frame::Plan(text(&mut c)?),
@@ -493,9 +518,23 @@ mod tests {
         let hello = Frame::Hello {
             session: "k3y".into(),
             rank: 2,
+            protocol: PROTOCOL,
         };
         let bytes = hello.to_bytes();
         assert_eq!(Frame::read_hello(&mut bytes.as_slice()).unwrap(), hello);
+        // An older build's hello (no protocol after the rank) reads as protocol 1; the length
+        // field (bytes 5..9) shrinks with it.
+        let mut old = bytes[..bytes.len() - 4].to_vec();
+        let len = u32::from_le_bytes(old[5..9].try_into().unwrap()) - 4;
+        old[5..9].copy_from_slice(&len.to_le_bytes());
+        assert_eq!(
+            Frame::read_hello(&mut old.as_slice()).unwrap(),
+            Frame::Hello {
+                session: "k3y".into(),
+                rank: 2,
+                protocol: 1,
+            }
+        );
         let plan = Frame::Plan("x".repeat(10)).to_bytes();
         let e = Frame::read_hello(&mut plan.as_slice())
             .unwrap_err()
@@ -522,6 +561,7 @@ mod tests {
             Frame::Hello {
                 session: "k3y".into(),
                 rank: 2,
+                protocol: 7,
             },
             Frame::Plan("{}".into()),
             Frame::Bytes {

@@ -10,4 +10,4 @@ pub mod multicast;
 pub mod net;
 pub mod shaper;
 
-pub use frame::{Frame, FrameError};
+pub use frame::{Frame, FrameError, PROTOCOL};

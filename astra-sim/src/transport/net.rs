@@ -28,7 +28,7 @@ macro_rules! refuse {
     };
 }
 
-use super::frame::{Frame, FrameError};
+use super::frame::{protocol_mismatch, Frame, FrameError, PROTOCOL};
 
 pub fn configure(s: &TcpStream, timeout: Duration) -> Result<()> {
     s.set_nodelay(true)?;
@@ -202,6 +202,7 @@ pub fn mesh(
         Frame::Hello {
             session: me.session.into(),
             rank: me.rank,
+            protocol: PROTOCOL,
         }
         .write_to(&mut s)?;
         streams.insert(j, s);
@@ -210,9 +211,16 @@ pub fn mesh(
         let mut s = accept_by(listener, deadline, "a peer")?;
         configure(&s, me.timeout)?;
         match Frame::read_hello(&mut s)? {
-            Frame::Hello { session: k, rank } if same_key(&k, me.session) => {
+            Frame::Hello {
+                session: k,
+                rank,
+                protocol,
+            } if same_key(&k, me.session) => {
                 if rank <= me.rank || rank >= devices || streams.contains_key(&rank) {
                     refuse!("a peer announced rank {rank}, which is not expected here");
+                }
+                if protocol != PROTOCOL {
+                    refuse!("{}", protocol_mismatch(&format!("peer {rank}"), protocol));
                 }
                 streams.insert(rank, s);
             }
