@@ -146,6 +146,8 @@ pub trait Decoder {
     ) -> Option<(Tensor, Tensor)>;
     /// Block `l` for one new token `x` [B, 1, D] at `position` [1] that attends to `keys` and
     /// `values` [B, S, W] (every earlier token) and to itself: (output, its key, its value).
+    /// `remote_log_count` [B, U]: the first U keys are distinct remote codewords, each weighed
+    /// by its count (models with per-codeword tables; see `DeviceShare::distinct_remote`).
     fn decode_step(
         &self,
         l: usize,
@@ -153,6 +155,7 @@ pub trait Decoder {
         position: &Tensor,
         keys: &Tensor,
         values: &Tensor,
+        remote_log_count: Option<&Tensor>,
     ) -> (Tensor, Tensor, Tensor);
     /// Positions the model can attend over.
     fn max_positions(&self) -> i64;
@@ -240,6 +243,14 @@ fn distinct_mode(v: Option<&str>) -> std::result::Result<Option<bool>, &str> {
         None | Some("auto") => Ok(None),
         Some(bad) => Err(bad),
     }
+}
+
+/// The distinct codewords among a block's remote tokens (G = 1): their indices `used` [U], and
+/// per batch item the log of how many of its remote tokens chose each, `log_count` [B, U] (−∞:
+/// none of its tokens did).
+pub struct DistinctCodewords {
+    pub used: Tensor,
+    pub log_count: Tensor,
 }
 
 /// One device's block: its new states, and how many remote keys its queries attended to (the
@@ -551,14 +562,43 @@ impl<'m> DeviceShare<'m> {
         }
     }
 
-    /// The sources' tokens of block `l` as their distinct codewords with counts, where that is
-    /// exact and saves keys: one index per token (G = 1, so equal indices are equal tokens)
-    /// looked up in per-codeword tables, every remote token `visible` to every own query, and
-    /// fewer distinct codewords than remote tokens. None otherwise (the block then
-    /// attends to every remote token). Counting is one bincount over the K codewords, O(T_r + K).
+    /// The sources' tokens of block `l` as their distinct codewords' keys and values with
+    /// counts, where that is exact and saves keys (see `distinct_counts`); None otherwise (the
+    /// block then attends to every remote token).
     fn distinct(&self, l: usize, received: &[&Payload], visible: bool) -> Option<Expanded> {
-        let table = self
-            .tables
+        let d = self.distinct_counts(l, received, visible)?;
+        Some(self.codewords(l, &d))
+    }
+
+    /// For a query that sees every remote token (a decode step's): block `l`'s remote tokens as
+    /// their distinct codewords, where that is exact and saves keys (see `distinct_counts`).
+    pub fn distinct_remote(&self, l: usize, received: &[&Payload]) -> Option<DistinctCodewords> {
+        self.distinct_counts(l, received, true)
+    }
+
+    /// The keys and values of distinct codewords `d` of block `l`, from its table.
+    pub fn codewords(&self, l: usize, d: &DistinctCodewords) -> Expanded {
+        let (b, u) = (d.log_count.size()[0], d.used.size()[0]);
+        Expanded::Codewords {
+            kv: self.tables[l]
+                .kv(&d.used.view([1, u, 1]))
+                .expand([b, u, -1], false),
+            log_count: d.log_count.shallow_clone(),
+        }
+    }
+
+    /// The distinct codewords among the sources' tokens of block `l` and their counts, where
+    /// that is exact and saves keys: one index per token (G = 1, so equal indices are equal
+    /// tokens) looked up in per-codeword tables, every remote token `visible` to every query,
+    /// and fewer distinct codewords than remote tokens. Counting is one bincount over the K
+    /// codewords, O(T_r + K).
+    fn distinct_counts(
+        &self,
+        l: usize,
+        received: &[&Payload],
+        visible: bool,
+    ) -> Option<DistinctCodewords> {
+        self.tables
             .get(l)
             .filter(|_| self.distinct_codewords && visible)?;
         let q = match self.block_quantizers(l) {
@@ -592,9 +632,9 @@ impl<'m> DeviceShare<'m> {
         if u >= t_r {
             return None;
         }
-        Some(Expanded::Codewords {
-            kv: table.kv(&used.view([1, u, 1])).expand([b, u, -1], false),
+        Some(DistinctCodewords {
             log_count: counts.index_select(1, &used).to_kind(Kind::Float).log(),
+            used,
         })
     }
 

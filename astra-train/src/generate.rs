@@ -4,12 +4,17 @@
 //! devices' tokens as the VQ indices it received, bit-packed at log2 K bits and expanded on use
 //! (per-codeword tables for GPT-2's projected keys/values, direct look-up and rotation for
 //! Llama's key/value codebooks). New tokens are its own. Without codebooks the remote tokens'
-//! keys and values are kept as computed; with one device there are none.
+//! keys and values are kept as computed; with one device there are none. Where a prefill block
+//! step would attend to distinct codewords (G = 1 with tables; see
+//! `DeviceShare::distinct_remote`), the cache keeps those codewords and their counts instead,
+//! and each decode step attends to every distinct codeword once, weighed by its count.
 
 use astra_quant::bitpack;
 use tch::{Kind, Tensor};
 
-use crate::engine::{run_devices, AstraModel, Decoder, DeviceShare, Expanded, Payload, RemoteKv};
+use crate::engine::{
+    run_devices, AstraModel, Decoder, DeviceShare, DistinctCodewords, Expanded, Payload, RemoteKv,
+};
 use crate::error::{Result, TrainError};
 use crate::model::Model;
 use crate::models::{ClsMode, DevicePartition, GroupedVq};
@@ -72,7 +77,13 @@ enum RemoteCache {
     },
     /// Keys and values [B, T_r, W] as computed (no codebooks).
     KeysValues(Tensor, Tensor),
+    /// The distinct codewords among the remote tokens and their log-counts (G = 1, tables).
+    Codewords(DistinctCodewords),
 }
+
+/// A block's remote keys and values [B, R, W] for a decode step, and, where they are distinct
+/// codewords, their log-counts [B, R].
+type RemoteKeys = Option<(Tensor, Tensor, Option<Tensor>)>;
 
 struct BlockCache {
     keys: Tensor,
@@ -85,7 +96,8 @@ struct BlockCache {
 pub struct CacheBytes {
     /// Its own tokens' keys and values (full precision).
     pub local: usize,
-    /// The remote tokens: packed indices, or keys and values without codebooks.
+    /// The remote tokens: packed indices, or keys and values without codebooks, or distinct
+    /// codewords (their int64 indices and fp32 log-counts).
     pub remote: usize,
 }
 
@@ -173,22 +185,10 @@ impl<'m> Generator<'m> {
         let received: Vec<&Payload> = received.iter().collect();
         let remote = match received.first() {
             None => RemoteCache::None,
-            Some(Payload::Indices(_)) => {
-                let parts: Vec<&Tensor> = received.iter().map(|p| p.tensor()).collect();
-                let idx = Tensor::cat(&parts, 1);
-                let k = self.share.index_columns(l).into_iter().max().unwrap_or(1);
-                let bits = bitpack::bits_for(k as usize);
-                let flat: Vec<u16> = Vec::<i64>::try_from(idx.reshape([-1]))?
-                    .into_iter()
-                    .map(|v| v as u16)
-                    .collect();
-                let s = idx.size();
-                RemoteCache::Indices {
-                    packed: bitpack::pack(&flat, bits)?,
-                    shape: [s[0], s[1], s[2]],
-                    bits,
-                }
-            }
+            Some(Payload::Indices(_)) => match self.share.distinct_remote(l, &received) {
+                Some(d) => RemoteCache::Codewords(d),
+                None => Self::packed(&self.share, l, &received)?,
+            },
             Some(Payload::Embeddings(_)) => {
                 let e = self.share.expand(l, &received, states.kind());
                 let (k, v) = self
@@ -205,11 +205,36 @@ impl<'m> Generator<'m> {
         })
     }
 
+    /// Block `l`'s received indices, bit-packed.
+    fn packed(share: &DeviceShare<'_>, l: usize, received: &[&Payload]) -> Result<RemoteCache> {
+        let parts: Vec<&Tensor> = received.iter().map(|p| p.tensor()).collect();
+        let idx = Tensor::cat(&parts, 1);
+        let k = share.index_columns(l).into_iter().max().unwrap_or(1);
+        let bits = bitpack::bits_for(k as usize);
+        let flat: Vec<u16> = Vec::<i64>::try_from(idx.reshape([-1]))?
+            .into_iter()
+            .map(|v| v as u16)
+            .collect();
+        let s = idx.size();
+        Ok(RemoteCache::Indices {
+            packed: bitpack::pack(&flat, bits)?,
+            shape: [s[0], s[1], s[2]],
+            bits,
+        })
+    }
+
     /// Remote keys and values of block `l`, expanded from the cache.
-    fn remote_kv(&self, l: usize, kind: Kind) -> Result<Option<(Tensor, Tensor)>> {
+    fn remote_kv(&self, l: usize, kind: Kind) -> Result<RemoteKeys> {
+        let remote = self.share.positions().remote;
+        let with_counts = |(k, v)| (k, v, None);
         Ok(match &self.blocks[l].remote {
             RemoteCache::None => None,
-            RemoteCache::KeysValues(k, v) => Some((k.shallow_clone(), v.shallow_clone())),
+            RemoteCache::KeysValues(k, v) => Some((k.shallow_clone(), v.shallow_clone(), None)),
+            RemoteCache::Codewords(d) => {
+                let e = self.share.codewords(l, d);
+                let counts = d.log_count.shallow_clone();
+                (self.dec.remote_kv(l, e.as_remote(), remote)).map(|(k, v)| (k, v, Some(counts)))
+            }
             RemoteCache::Indices {
                 packed,
                 shape,
@@ -225,7 +250,8 @@ impl<'m> Generator<'m> {
                 let payload = Payload::Indices(idx);
                 let e: Expanded = self.share.expand(l, &[&payload], kind);
                 self.dec
-                    .remote_kv(l, e.as_remote(), self.share.positions().remote)
+                    .remote_kv(l, e.as_remote(), remote)
+                    .map(with_counts)
             }
         })
     }
@@ -251,14 +277,17 @@ impl<'m> Generator<'m> {
         for l in 0..self.blocks.len() {
             let remote = self.remote_kv(l, x.kind())?;
             let b = &self.blocks[l];
-            let (keys, values) = match remote {
-                Some((rk, rv)) => (
+            let (keys, values, counts) = match remote {
+                Some((rk, rv, counts)) => (
                     Tensor::cat(&[&rk.to_kind(b.keys.kind()), &b.keys], 1),
                     Tensor::cat(&[&rv.to_kind(b.values.kind()), &b.values], 1),
+                    counts,
                 ),
-                None => (b.keys.shallow_clone(), b.values.shallow_clone()),
+                None => (b.keys.shallow_clone(), b.values.shallow_clone(), None),
             };
-            let (out, k, v) = self.dec.decode_step(l, &x, &pos, &keys, &values);
+            let (out, k, v) = self
+                .dec
+                .decode_step(l, &x, &pos, &keys, &values, counts.as_ref());
             let b = &mut self.blocks[l];
             b.keys = Tensor::cat(&[&b.keys, &k.to_kind(b.keys.kind())], 1);
             b.values = Tensor::cat(&[&b.values, &v.to_kind(b.values.kind())], 1);
@@ -285,9 +314,24 @@ impl<'m> Generator<'m> {
                 RemoteCache::None => 0,
                 RemoteCache::Indices { packed, .. } => packed.len(),
                 RemoteCache::KeysValues(k, v) => bytes(k) + bytes(v),
+                RemoteCache::Codewords(d) => bytes(&d.used) + bytes(&d.log_count),
             };
         }
         c
+    }
+
+    /// Per block, how many remote keys a decode step attends to: the remote tokens, or their
+    /// distinct codewords.
+    pub fn remote_keys(&self) -> Vec<i64> {
+        self.blocks
+            .iter()
+            .map(|b| match &b.remote {
+                RemoteCache::None => 0,
+                RemoteCache::Indices { shape, .. } => shape[1],
+                RemoteCache::KeysValues(k, _) => k.size()[1],
+                RemoteCache::Codewords(d) => d.used.size()[0],
+            })
+            .collect()
     }
 
     /// The next position (prompt length + tokens fed so far).

@@ -135,24 +135,33 @@ fn fitted(m: &Model, ids: &Tensor, groups: usize) -> Vec<GroupedVq> {
         .collect()
 }
 
+/// GPT-2 with G = 1 keeps the distinct remote codewords in its cache (8 codewords, 11 remote
+/// tokens on the decoding device): each decode step attends to each once, weighed by its count.
 #[test]
 fn cached_decoding_equals_recomputing_the_masked_forward() {
-    for llama in [false, true] {
+    for (llama, groups) in [(false, 2), (false, 1), (true, 2)] {
         let m = tiny(llama);
         let ids = Tensor::randint(40, [2, 24], (Kind::Int64, Device::Cpu));
-        let mut vq = fitted(&m, &ids, 2);
-        let prompt = ids.narrow(1, 0, 11);
-        let shares = DevicePartition::contiguous(11, 3).unwrap();
+        let mut vq = fitted(&m, &ids, groups);
+        let prompt = ids.narrow(1, 0, 16);
+        let shares = DevicePartition::contiguous(16, 3).unwrap();
         let sizes: Vec<usize> = (0..3).map(|d| shares.tokens_of(d).len()).collect();
         let mut steps = Vec::new();
         let got = decode_with(&m, &prompt, 3, &vq, 7, &mut |l| {
             steps.push(l.shallow_clone());
             l.argmax(-1, false)
         });
+        let (g, _) = tch::no_grad(|| Generator::prefill(&m, &prompt, &shares, &vq)).unwrap();
+        let keys = g.remote_keys();
+        if !llama && groups == 1 {
+            assert!(keys.iter().all(|&k| k <= 8), "distinct codewords: {keys:?}");
+        } else {
+            assert_eq!(keys, vec![11; 2], "every remote token");
+        }
         // Without a cache: the whole sequence so far, the last device's share grown by the new
         // tokens, through the masked training formulation (remote tokens quantized).
         for (i, step) in steps.iter().enumerate() {
-            let len = 11 + i;
+            let len = 16 + i;
             let mut s = sizes.clone();
             s[2] += i;
             let p = DevicePartition::sizes(&s).unwrap();

@@ -394,13 +394,11 @@ impl Decoder for Gpt2 {
     ) -> Option<(Tensor, Tensor)> {
         match remote {
             Remote::Tokens(e) => Some(self.blocks[l].kv(e)),
-            Remote::KeysValues(kv) => {
+            Remote::Nothing => None,
+            // The log-counts of distinct codewords travel beside, to the decode step.
+            Remote::KeysValues(kv) | Remote::Codewords { kv, .. } => {
                 let d = self.cfg.n_embd;
                 Some((kv.narrow(2, 0, d), kv.narrow(2, d, d)))
-            }
-            Remote::Nothing => None,
-            Remote::Codewords { .. } => {
-                unreachable!("a key/value cache holds every token: it is built by expand")
             }
         }
     }
@@ -411,12 +409,20 @@ impl Decoder for Gpt2 {
         _position: &Tensor,
         keys: &Tensor,
         values: &Tensor,
+        remote_log_count: Option<&Tensor>,
     ) -> (Tensor, Tensor, Tensor) {
         let blk = &self.blocks[l];
         let (q, k, v) = blk.qkv(x);
         let keys = Tensor::cat(&[keys, &k.to_kind(keys.kind())], 1);
         let values = Tensor::cat(&[values, &v.to_kind(values.kind())], 1);
-        (blk.finish(x, &q, &keys, &values, Sight::All), k, v)
+        // The remote codewords first, then every own key (cached and new) at weight 1.
+        let bias = remote_log_count.map(|c| {
+            let (b, u) = (c.size()[0], c.size()[1]);
+            let own = Tensor::zeros([b, 1, 1, keys.size()[1] - u], (c.kind(), c.device()));
+            Tensor::cat(&[&c.view([b, 1, 1, u]), &own], -1).to_kind(q.kind())
+        });
+        let sight = bias.as_ref().map_or(Sight::All, Sight::Bias);
+        (blk.finish(x, &q, &keys, &values, sight), k, v)
     }
     fn max_positions(&self) -> i64 {
         self.cfg.n_positions

@@ -625,7 +625,11 @@ impl Decoder for Llama {
         position: &Tensor,
         keys: &Tensor,
         values: &Tensor,
+        remote_log_count: Option<&Tensor>,
     ) -> (Tensor, Tensor, Tensor) {
+        if remote_log_count.is_some() {
+            unreachable!("{NO_CODEWORDS}");
+        }
         let blk = &self.blocks[l];
         let cs = self.rotary.cos_sin(position);
         let h = x.apply(&blk.input_layernorm);
