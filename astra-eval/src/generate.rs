@@ -30,6 +30,10 @@ pub struct Summary {
     pub decode_tokens_per_s: Option<f64>,
     /// The decoding device's cache (in process; a runtime worker's is not reported back).
     pub cache_bytes: Option<CacheBytes>,
+    /// Per block, the remote keys each decode step attended to: the remote tokens, or their
+    /// distinct codewords (in process; empty from the runtime).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub remote_keys: Vec<i64>,
     /// "in process", or the runtime's network ("shaped 10 Mbit/s …", "remote").
     pub network: String,
 }
@@ -197,6 +201,7 @@ pub fn run(a: &GenerateArgs) -> Result<Summary> {
         decode_tokens_per_s: (a.max_new_tokens > 1)
             .then(|| (a.max_new_tokens - 1) as f64 / decode_s.max(1e-9)),
         cache_bytes: Some(g.cache_bytes()),
+        remote_keys: g.remote_keys(),
         network: "in process".into(),
     };
     write_summary(a, &summary)?;
@@ -292,6 +297,7 @@ fn over_runtime(
         time_to_first_token_ms: s.median_ms,
         decode_tokens_per_s: s.decode_tokens_per_s,
         cache_bytes: None,
+        remote_keys: Vec::new(),
         network: s.network.clone(),
     })
 }
