@@ -218,8 +218,9 @@ impl Expanded {
 /// Whether block steps on `device` attend to each distinct remote codeword once
 /// ([`Remote::Codewords`]): `ASTRA_DISTINCT_CODEWORDS` = `on`, `off`, or `auto` (the default: on
 /// the CPU only). Measured (results/distributed-real.md, stops 43 and 44): on CPU workers it takes
-/// a fifth off ViT's block steps; on GPU workers sharing an H200 it added 2–5 ms a run, since
-/// attention there costs little and counting the codewords waits for the GPU once a block.
+/// a fifth off ViT's latency; on GPU workers sharing an H200 it added 0.7–4.4 ms of compute a
+/// run, since attention there costs little and counting the codewords waits for the GPU once
+/// a block.
 fn distinct_codewords_default(device: Device) -> bool {
     static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
     let mode = MODE.get_or_init(|| {
@@ -576,7 +577,8 @@ impl<'m> DeviceShare<'m> {
         self.distinct_counts(l, received, true)
     }
 
-    /// The keys and values of distinct codewords `d` of block `l`, from its table.
+    /// The keys and values of distinct codewords `d` of block `l` (as `distinct_remote` found
+    /// them, so the block has a table), from its table.
     pub fn codewords(&self, l: usize, d: &DistinctCodewords) -> Expanded {
         let (b, u) = (d.log_count.size()[0], d.used.size()[0]);
         Expanded::Codewords {
