@@ -247,11 +247,11 @@ fn distinct_mode(v: Option<&str>) -> std::result::Result<Option<bool>, &str> {
 }
 
 /// The distinct codewords among a block's remote tokens (G = 1): their indices `used` [U], and
-/// per batch item the log of how many of its remote tokens chose each, `log_count` [B, U] (−∞:
-/// none of its tokens did).
+/// per batch item how many of its remote tokens chose each, `count` [B, U] (int64; 0: none of
+/// its tokens did).
 pub struct DistinctCodewords {
     pub used: Tensor,
-    pub log_count: Tensor,
+    pub count: Tensor,
 }
 
 /// One device's block: its new states, and how many remote keys its queries attended to (the
@@ -580,12 +580,12 @@ impl<'m> DeviceShare<'m> {
     /// The keys and values of distinct codewords `d` of block `l` (as `distinct_remote` found
     /// them, so the block has a table), from its table.
     pub fn codewords(&self, l: usize, d: &DistinctCodewords) -> Expanded {
-        let (b, u) = (d.log_count.size()[0], d.used.size()[0]);
+        let (b, u) = (d.count.size()[0], d.used.size()[0]);
         Expanded::Codewords {
             kv: self.tables[l]
                 .kv(&d.used.view([1, u, 1]))
                 .expand([b, u, -1], false),
-            log_count: d.log_count.shallow_clone(),
+            log_count: d.count.to_kind(Kind::Float).log(),
         }
     }
 
@@ -635,7 +635,7 @@ impl<'m> DeviceShare<'m> {
             return None;
         }
         Some(DistinctCodewords {
-            log_count: counts.index_select(1, &used).to_kind(Kind::Float).log(),
+            count: counts.index_select(1, &used),
             used,
         })
     }

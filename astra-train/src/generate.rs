@@ -77,8 +77,16 @@ enum RemoteCache {
     },
     /// Keys and values [B, T_r, W] as computed (no codebooks).
     KeysValues(Tensor, Tensor),
-    /// The distinct codewords among the remote tokens and their log-counts (G = 1, tables).
-    Codewords(DistinctCodewords),
+    /// The distinct codewords among the remote tokens (G = 1, tables): their U indices at
+    /// `bits` each and per sequence how many remote tokens chose each [B, U] at `count_bits`,
+    /// bit-packed.
+    Codewords {
+        used: Vec<u8>,
+        bits: u32,
+        count: Vec<u8>,
+        count_bits: u32,
+        shape: [i64; 2],
+    },
 }
 
 /// A block's remote keys and values [B, R, W] for a decode step, and, where they are distinct
@@ -97,7 +105,7 @@ pub struct CacheBytes {
     /// Its own tokens' keys and values (full precision).
     pub local: usize,
     /// The remote tokens: packed indices, or keys and values without codebooks, or distinct
-    /// codewords (their int64 indices and fp32 log-counts).
+    /// codewords (their packed indices and counts).
     pub remote: usize,
 }
 
@@ -185,8 +193,13 @@ impl<'m> Generator<'m> {
         let received: Vec<&Payload> = received.iter().collect();
         let remote = match received.first() {
             None => RemoteCache::None,
-            Some(Payload::Indices(_)) => match self.share.distinct_remote(l, &received) {
-                Some(d) => RemoteCache::Codewords(d),
+            // Counts are packed at ≤ 16 bits: at most 65,535 remote tokens.
+            Some(Payload::Indices(_)) => match self
+                .share
+                .distinct_remote(l, &received)
+                .filter(|_| at.remote.size()[0] < 1 << 16)
+            {
+                Some(d) => Self::packed_codewords(&self.share, l, &d)?,
                 None => Self::packed(&self.share, l, &received)?,
             },
             Some(Payload::Embeddings(_)) => {
@@ -202,6 +215,34 @@ impl<'m> Generator<'m> {
             keys,
             values,
             remote,
+        })
+    }
+
+    /// Distinct codewords `d` of block `l`, bit-packed: their indices at log2 K bits, and their
+    /// counts at the bits the largest possible count (every remote token) needs.
+    fn packed_codewords(
+        share: &DeviceShare<'_>,
+        l: usize,
+        d: &DistinctCodewords,
+    ) -> Result<RemoteCache> {
+        let k = share.index_columns(l).into_iter().max().unwrap_or(1);
+        let remote = share.positions().remote.size()[0];
+        let (bits, count_bits) = (
+            bitpack::bits_for(k as usize),
+            bitpack::bits_for(remote as usize + 1),
+        );
+        let to_u16 = |t: &Tensor| -> Result<Vec<u16>> {
+            Ok(Vec::<i64>::try_from(t.reshape([-1]))?
+                .into_iter()
+                .map(|v| v as u16)
+                .collect())
+        };
+        Ok(RemoteCache::Codewords {
+            used: bitpack::pack(&to_u16(&d.used)?, bits)?,
+            bits,
+            count: bitpack::pack(&to_u16(&d.count)?, count_bits)?,
+            count_bits,
+            shape: [d.count.size()[0], d.count.size()[1]],
         })
     }
 
@@ -230,9 +271,30 @@ impl<'m> Generator<'m> {
         Ok(match &self.blocks[l].remote {
             RemoteCache::None => None,
             RemoteCache::KeysValues(k, v) => Some((k.shallow_clone(), v.shallow_clone(), None)),
-            RemoteCache::Codewords(d) => {
-                let e = self.share.codewords(l, d);
-                let counts = d.log_count.shallow_clone();
+            RemoteCache::Codewords {
+                used,
+                bits,
+                count,
+                count_bits,
+                shape,
+            } => {
+                let device = self.blocks[l].keys.device();
+                let unpacked = |packed: &[u8], n: i64, bits: u32| -> Result<Tensor> {
+                    let v: Vec<i64> = bitpack::unpack(packed, n as usize, bits)?
+                        .into_iter()
+                        .map(i64::from)
+                        .collect();
+                    Ok(Tensor::from_slice(&v).to_device(device))
+                };
+                let d = DistinctCodewords {
+                    used: unpacked(used, shape[1], *bits)?,
+                    count: unpacked(count, shape[0] * shape[1], *count_bits)?.view(*shape),
+                };
+                let e = self.share.codewords(l, &d);
+                let Expanded::Codewords { log_count, .. } = &e else {
+                    unreachable!("distinct codewords expand to codewords")
+                };
+                let counts = log_count.shallow_clone();
                 (self.dec.remote_kv(l, e.as_remote(), remote)).map(|(k, v)| (k, v, Some(counts)))
             }
             RemoteCache::Indices {
@@ -314,7 +376,7 @@ impl<'m> Generator<'m> {
                 RemoteCache::None => 0,
                 RemoteCache::Indices { packed, .. } => packed.len(),
                 RemoteCache::KeysValues(k, v) => bytes(k) + bytes(v),
-                RemoteCache::Codewords(d) => bytes(&d.used) + bytes(&d.log_count),
+                RemoteCache::Codewords { used, count, .. } => used.len() + count.len(),
             };
         }
         c
@@ -329,7 +391,7 @@ impl<'m> Generator<'m> {
                 RemoteCache::None => 0,
                 RemoteCache::Indices { shape, .. } => shape[1],
                 RemoteCache::KeysValues(k, _) => k.size()[1],
-                RemoteCache::Codewords(d) => d.used.size()[0],
+                RemoteCache::Codewords { shape, .. } => shape[1],
             })
             .collect()
     }

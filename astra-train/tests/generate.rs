@@ -155,6 +155,13 @@ fn cached_decoding_equals_recomputing_the_masked_forward() {
         let keys = g.remote_keys();
         if !llama && groups == 1 {
             assert!(keys.iter().all(|&k| k <= 8), "distinct codewords: {keys:?}");
+            // Per block the U codeword indices at 3 bits (K = 8) and 2 × U counts at 4 bits
+            // (at most 11 remote tokens).
+            let packed: usize = keys
+                .iter()
+                .map(|&u| (u as usize * 3).div_ceil(8) + (2 * u as usize * 4).div_ceil(8))
+                .sum();
+            assert_eq!(g.cache_bytes().remote, packed);
         } else {
             assert_eq!(keys, vec![11; 2], "every remote token");
         }
