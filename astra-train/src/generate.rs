@@ -231,16 +231,10 @@ impl<'m> Generator<'m> {
             bitpack::bits_for(k as usize),
             bitpack::bits_for(remote as usize + 1),
         );
-        let to_u16 = |t: &Tensor| -> Result<Vec<u16>> {
-            Ok(Vec::<i64>::try_from(t.reshape([-1]))?
-                .into_iter()
-                .map(|v| v as u16)
-                .collect())
-        };
         Ok(RemoteCache::Codewords {
-            used: bitpack::pack(&to_u16(&d.used)?, bits)?,
+            used: pack(&d.used, bits)?,
             bits,
-            count: bitpack::pack(&to_u16(&d.count)?, count_bits)?,
+            count: pack(&d.count, count_bits)?,
             count_bits,
             shape: [d.count.size()[0], d.count.size()[1]],
         })
@@ -252,13 +246,9 @@ impl<'m> Generator<'m> {
         let idx = Tensor::cat(&parts, 1);
         let k = share.index_columns(l).into_iter().max().unwrap_or(1);
         let bits = bitpack::bits_for(k as usize);
-        let flat: Vec<u16> = Vec::<i64>::try_from(idx.reshape([-1]))?
-            .into_iter()
-            .map(|v| v as u16)
-            .collect();
         let s = idx.size();
         Ok(RemoteCache::Indices {
-            packed: bitpack::pack(&flat, bits)?,
+            packed: pack(&idx, bits)?,
             shape: [s[0], s[1], s[2]],
             bits,
         })
@@ -279,16 +269,9 @@ impl<'m> Generator<'m> {
                 shape,
             } => {
                 let device = self.blocks[l].keys.device();
-                let unpacked = |packed: &[u8], n: i64, bits: u32| -> Result<Tensor> {
-                    let v: Vec<i64> = bitpack::unpack(packed, n as usize, bits)?
-                        .into_iter()
-                        .map(i64::from)
-                        .collect();
-                    Ok(Tensor::from_slice(&v).to_device(device))
-                };
                 let d = DistinctCodewords {
-                    used: unpacked(used, shape[1], *bits)?,
-                    count: unpacked(count, shape[0] * shape[1], *count_bits)?.view(*shape),
+                    used: unpack(used, &[shape[1]], *bits, device)?,
+                    count: unpack(count, shape, *count_bits, device)?,
                 };
                 let e = self.share.codewords(l, &d);
                 let Expanded::Codewords { log_count, .. } = &e else {
@@ -302,14 +285,8 @@ impl<'m> Generator<'m> {
                 shape,
                 bits,
             } => {
-                let n = shape.iter().product::<i64>() as usize;
-                let vals: Vec<i64> = bitpack::unpack(packed, n, *bits)?
-                    .into_iter()
-                    .map(i64::from)
-                    .collect();
                 let device = self.blocks[l].keys.device();
-                let idx = Tensor::from_slice(&vals).view(*shape).to_device(device);
-                let payload = Payload::Indices(idx);
+                let payload = Payload::Indices(unpack(packed, shape, *bits, device)?);
                 let e: Expanded = self.share.expand(l, &[&payload], kind);
                 self.dec
                     .remote_kv(l, e.as_remote(), remote)
@@ -400,6 +377,25 @@ impl<'m> Generator<'m> {
     pub fn position(&self) -> i64 {
         self.position
     }
+}
+
+/// An int64 tensor of values below 2^`bits` (indices, counts), bit-packed.
+fn pack(t: &Tensor, bits: u32) -> Result<Vec<u8>> {
+    let flat: Vec<u16> = Vec::<i64>::try_from(t.reshape([-1]))?
+        .into_iter()
+        .map(|v| v as u16)
+        .collect();
+    Ok(bitpack::pack(&flat, bits)?)
+}
+
+/// What `pack` made, back as an int64 tensor of `shape` on `device`.
+fn unpack(packed: &[u8], shape: &[i64], bits: u32, device: tch::Device) -> Result<Tensor> {
+    let n = shape.iter().product::<i64>() as usize;
+    let v: Vec<i64> = bitpack::unpack(packed, n, bits)?
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    Ok(Tensor::from_slice(&v).view(shape).to_device(device))
 }
 
 /// A payload handle (the tensors are shared, not copied).
